@@ -1,0 +1,33 @@
+# Inferswarm: `make run` (the demo) and `make test` (the whole suite) work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_HOME ?= .demo/node
+export INFERSWARM_PASSPHRASE ?= inferswarm-demo
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The main job. For now: a demo node home under .demo/ (created once) and its identity.
+run: install
+	$(VENV)/bin/node init --home $(DEMO_HOME) --exist-ok
+	$(VENV)/bin/node id --home $(DEMO_HOME) --json
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .hypothesis

@@ -1,0 +1,433 @@
+"""Every message kind on the wire, as frozen dataclasses with explicit, versioned field maps.
+
+The field order below is the wire order; changing a field map means registering a new
+version, never editing one in place. Amounts are integer micro-credits, times are integer
+unix seconds, sampling knobs are integer thousandths: no floats anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._codec import DEFAULT_MAX_MESSAGE, Bool, Bytes, ListOf, Nested, Optional, PeerId, Str, UInt, message, record, wire
+from ._pricing import Price
+
+__all__ = [
+    "PROVIDER_TYPES",
+    "REJECT_REASONS",
+    "CALL_ERROR_REASONS",
+    "CLOSE_REASONS",
+    "FINISH_REASONS",
+    "ZERO_HASH",
+    "Gpu",
+    "Hardware",
+    "ModelOffer",
+    "Listing",
+    "ChannelGrant",
+    "Open",
+    "Accept",
+    "Reject",
+    "ChatMessage",
+    "Request",
+    "Chunk",
+    "CallError",
+    "Receipt",
+    "CounterSign",
+    "Close",
+    "Balance",
+    "ChannelState",
+    "EscrowMint",
+    "EscrowOpen",
+    "EscrowTopUp",
+    "EscrowClaim",
+    "EscrowClose",
+    "EscrowRefund",
+    "EscrowWithdraw",
+    "EscrowBudgetCreate",
+    "EscrowBudgetRefund",
+    "EscrowQuery",
+    "EscrowResponse",
+]
+
+PROVIDER_TYPES = ("self_hosted", "cloud", "decentralized")
+REJECT_REASONS = (
+    "price_changed",
+    "unknown_model",
+    "capacity",
+    "rate_limited",
+    "escrow_not_accepted",
+    "escrow_invalid",
+    "over_budget",
+    "unavailable",
+    "bad_request",
+    "internal",
+)
+CALL_ERROR_REASONS = (
+    "over_budget",
+    "context_too_long",
+    "max_tokens_too_large",
+    "rate_limited",
+    "capacity",
+    "backend_error",
+    "timeout",
+    "expired",
+    "bad_request",
+)
+CLOSE_REASONS = ("done", "expired", "error", "shutdown", "protocol_error")
+FINISH_REASONS = ("stop", "length")
+ZERO_HASH = bytes(32)
+
+_SIG = Bytes(max_len=64)  # empty until signed; verification demands exactly 64 bytes
+_ID = Bytes(16)
+_HASH = Bytes(32)
+_T = UInt()  # unix seconds
+_AMOUNT = UInt(10**15)  # a billion credits: a bound on any amount
+_MODEL = Str(128, min_bytes=1)
+
+
+# ---- market -------------------------------------------------------------------------------
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gpu:
+    name: str = wire(Str(128))
+    memory_total_mb: int = wire(UInt())
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hardware:
+    gpus: tuple[Gpu, ...] = wire(ListOf(Nested(Gpu), 16), default=())
+    cpu_count: int = wire(UInt(4096), default=0)
+    ram_mb: int = wire(UInt(), default=0)
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelOffer:
+    name: str = wire(_MODEL)
+    price: Price = wire(Nested(Price))
+    max_context: int = wire(UInt(1 << 24))
+    features: tuple[str, ...] = wire(ListOf(Str(32), 16), default=("streaming",))
+
+
+@message("listing", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class Listing:
+    """A provider's signed offer; newer ``seq`` replaces older, nothing lives past ``expires_at``."""
+
+    provider: str = wire(PeerId())
+    addrs: tuple[str, ...] = wire(ListOf(Str(256), 16))
+    seq: int = wire(UInt())
+    issued_at: int = wire(_T)
+    expires_at: int = wire(_T)
+    provider_type: str = wire(Str(choices=PROVIDER_TYPES))
+    models: tuple[ModelOffer, ...] = wire(ListOf(Nested(ModelOffer), 32))
+    rate_limit_rpm: int = wire(UInt(1 << 20))  # 0: no limit
+    max_concurrent: int = wire(UInt(1 << 16))
+    escrow_agents: tuple[str, ...] = wire(ListOf(PeerId(), 16))
+    hardware: Hardware = wire(Nested(Hardware))
+    sig: bytes = wire(_SIG, default=b"")
+
+
+# ---- sessions -------------------------------------------------------------------------------
+
+
+@message("channel", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelGrant:
+    """An escrow channel as the agent signed it: ``cap`` µc locked for one provider until expiry."""
+
+    agent: str = wire(PeerId())
+    channel_id: bytes = wire(_ID)
+    consumer: str = wire(PeerId())
+    provider: str = wire(PeerId())
+    cap: int = wire(_AMOUNT)
+    expires_at: int = wire(_T)
+    budget_id: bytes | None = wire(Optional(_ID), default=None)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@message("session_open", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class Open:
+    session_id: bytes = wire(_ID)
+    consumer: str = wire(PeerId())
+    provider: str = wire(PeerId())
+    model: str = wire(_MODEL)
+    listing_seq: int = wire(UInt())
+    price: Price = wire(Nested(Price))
+    channel: ChannelGrant = wire(Nested(ChannelGrant))
+    spend_limit: int = wire(_AMOUNT)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@message("session_accept", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class Accept:
+    """The provider's signed terms: these prices hold for the whole session."""
+
+    session_id: bytes = wire(_ID)
+    provider: str = wire(PeerId())
+    model: str = wire(_MODEL)
+    price: Price = wire(Nested(Price))
+    max_context: int = wire(UInt(1 << 24))
+    spend_cap: int = wire(_AMOUNT)
+    accepted_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@message("session_reject", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reject:
+    session_id: bytes = wire(_ID)
+    reason: str = wire(Str(choices=REJECT_REASONS))
+    detail: str = wire(Str(512), default="")
+    retry_after_s: int = wire(UInt(86400), default=0)
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str = wire(Str(choices=("system", "user", "assistant", "tool")))
+    content: str = wire(Str(DEFAULT_MAX_MESSAGE))
+
+
+@message("call_request", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    messages: tuple[ChatMessage, ...] = wire(ListOf(Nested(ChatMessage), 1024))
+    max_tokens: int = wire(UInt(1 << 24))
+    temperature_milli: int = wire(UInt(2000), default=1000)
+    top_p_milli: int = wire(UInt(1000), default=1000)
+    stop: tuple[str, ...] = wire(ListOf(Str(64), 4), default=())
+    stream: bool = wire(Bool(), default=True)
+
+
+@message("call_chunk", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    index: int = wire(UInt())
+    text: str = wire(Str(DEFAULT_MAX_MESSAGE))
+    tokens: int = wire(UInt(1 << 24))
+
+
+@message("call_error", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallError:
+    """The provider could not (or would not) complete a call: no receipt, nothing charged."""
+
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    reason: str = wire(Str(choices=CALL_ERROR_REASONS))
+    detail: str = wire(Str(512), default="")
+
+
+@message("receipt", 1, signatures=("provider_sig", "consumer_sig"))
+@dataclasses.dataclass(frozen=True, slots=True)
+class Receipt:
+    """One call's usage. Signed by the provider, counter-signed by the consumer; the doubly-signed
+    receipt is the consumer's voucher for ``cumulative`` µc on ``channel_id``."""
+
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    model: str = wire(_MODEL)
+    provider: str = wire(PeerId())
+    consumer: str = wire(PeerId())
+    agent: str = wire(PeerId())
+    channel_id: bytes = wire(_ID)
+    input_hash: bytes = wire(_HASH)
+    output_hash: bytes = wire(_HASH)
+    tokens_in: int = wire(UInt(1 << 24))
+    tokens_out: int = wire(UInt(1 << 24))
+    finish_reason: str = wire(Str(choices=FINISH_REASONS))
+    price: Price = wire(Nested(Price))
+    cost: int = wire(_AMOUNT)
+    cumulative: int = wire(_AMOUNT)
+    prev_hash: bytes = wire(_HASH)
+    issued_at: int = wire(_T)
+    provider_sig: bytes = wire(_SIG, default=b"")
+    consumer_sig: bytes = wire(_SIG, default=b"")
+
+
+@message("receipt_countersign", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class CounterSign:
+    """The consumer's signature (role ``consumer``) over the receipt named by ``receipt_hash``."""
+
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    receipt_hash: bytes = wire(_HASH)
+    consumer_sig: bytes = wire(Bytes(64))
+
+
+@message("session_close", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class Close:
+    session_id: bytes = wire(_ID)
+    by: str = wire(PeerId())
+    reason: str = wire(Str(choices=CLOSE_REASONS))
+    last_receipt_hash: bytes = wire(_HASH)
+    cumulative: int = wire(_AMOUNT)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+# ---- escrow (each request signed by the party it acts for; answers signed by the agent) ------
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class Balance:
+    available: int = wire(_AMOUNT)
+    locked: int = wire(_AMOUNT)
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelState:
+    channel: ChannelGrant = wire(Nested(ChannelGrant))
+    claimed: int = wire(_AMOUNT)
+    status: str = wire(Str(choices=("open", "closed", "refunded")))
+
+
+def _escrow_request(kind: str, signatures: tuple[str, ...] = ("sig",)):
+    return message(f"escrow_{kind}", 1, signatures=signatures)
+
+
+@_escrow_request("mint")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowMint:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the agent's operator
+    to: str = wire(PeerId())
+    amount: int = wire(_AMOUNT)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("open")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowOpen:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the consumer
+    provider: str = wire(PeerId())
+    cap: int = wire(_AMOUNT)
+    expires_at: int = wire(_T)
+    budget_id: bytes | None = wire(Optional(_ID), default=None)
+    issued_at: int = wire(_T, default=0)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("topup")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowTopUp:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the consumer
+    channel_id: bytes = wire(_ID)
+    add: int = wire(_AMOUNT)
+    expires_at: int = wire(_T)  # new expiry; never earlier than the current one
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("claim")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowClaim:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the provider
+    receipt: Receipt = wire(Nested(Receipt))
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("close", signatures=("consumer_sig", "provider_sig"))
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowClose:
+    """Cooperative close: both parties sign; the agent settles ``receipt`` and refunds the rest."""
+
+    request_id: bytes = wire(_ID)
+    channel_id: bytes = wire(_ID)
+    receipt: Receipt | None = wire(Optional(Nested(Receipt)))
+    issued_at: int = wire(_T)
+    consumer_sig: bytes = wire(_SIG, default=b"")
+    provider_sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("refund")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowRefund:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the consumer, after expiry
+    channel_id: bytes = wire(_ID)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("withdraw")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowWithdraw:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())
+    amount: int = wire(_AMOUNT)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("budget_create")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowBudgetCreate:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the funder
+    amount: int = wire(_AMOUNT)
+    whitelist: tuple[str, ...] = wire(ListOf(PeerId(), 1024))
+    per_session_limit: int = wire(_AMOUNT)
+    expires_at: int = wire(_T)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("budget_refund")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowBudgetRefund:
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())  # the funder
+    budget_id: bytes = wire(_ID)
+    issued_at: int = wire(_T)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("query")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowQuery:
+    """A party asks its balance and channels, or (``channel_id``) one channel's state."""
+
+    request_id: bytes = wire(_ID)
+    party: str = wire(PeerId())
+    channel_id: bytes | None = wire(Optional(_ID), default=None)
+    issued_at: int = wire(_T, default=0)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@_escrow_request("response")
+@dataclasses.dataclass(frozen=True, slots=True)
+class EscrowResponse:
+    """The agent's signed answer to the request ``request_id``."""
+
+    request_id: bytes = wire(_ID)
+    agent: str = wire(PeerId())
+    ok: bool = wire(Bool())
+    error: str = wire(Str(64), default="")
+    detail: str = wire(Str(512), default="")
+    balance: Balance | None = wire(Optional(Nested(Balance)), default=None)
+    channels: tuple[ChannelState, ...] = wire(ListOf(Nested(ChannelState), 1024), default=())
+    paid: int = wire(_AMOUNT, default=0)
+    budget_id: bytes | None = wire(Optional(_ID), default=None)
+    issued_at: int = wire(_T, default=0)
+    sig: bytes = wire(_SIG, default=b"")

@@ -1,0 +1,150 @@
+"""Shared test helpers: deterministic identities, hypothesis strategies derived from the wire
+field maps, and two session machines joined by an in-memory link."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from hypothesis import strategies as st
+
+import protocol
+from protocol import _codec
+from wallet import Identity
+
+
+def identity(name: str) -> Identity:
+    """A deterministic identity per name (tests stay reproducible)."""
+    return Identity(hashlib.sha256(name.encode()).digest())
+
+
+CONSUMER = identity("consumer")
+PROVIDER = identity("provider")
+AGENT = identity("agent")
+MALLORY = identity("mallory")
+
+_PEERS = [identity(f"peer-{i}").peer_id for i in range(8)]
+
+
+def strategy_for(kind: _codec.WireType) -> st.SearchStrategy[Any]:
+    """Valid values of one wire type."""
+    if isinstance(kind, _codec.UInt):
+        return st.integers(0, kind.max)
+    if isinstance(kind, _codec.Str):
+        if kind.choices:
+            return st.sampled_from(kind.choices)
+        return st.text(min_size=kind.min_bytes, max_size=min(24, kind.max_bytes // 4))
+    if isinstance(kind, _codec.Bytes):
+        if kind.size is not None:
+            return st.binary(min_size=kind.size, max_size=kind.size)
+        return st.binary(max_size=min(64, kind.max_len))
+    if isinstance(kind, _codec.Bool):
+        return st.booleans()
+    if isinstance(kind, _codec.PeerId):
+        return st.sampled_from(_PEERS)
+    if isinstance(kind, _codec.ListOf):
+        return st.lists(strategy_for(kind.item), max_size=min(3, kind.max_items)).map(tuple)
+    if isinstance(kind, _codec.Optional):
+        return st.none() | strategy_for(kind.inner)
+    if isinstance(kind, _codec.Nested):
+        return instances_of(kind.cls)
+    raise TypeError(kind)
+
+
+def instances_of(cls: type) -> st.SearchStrategy[Any]:
+    """Valid instances of a message or record class."""
+    return st.fixed_dictionaries({name: strategy_for(k) for name, k in cls._WIRE}).map(lambda d: cls(**d))
+
+
+MESSAGE_CLASSES = sorted(
+    {cls for versions in _codec._REGISTRY.values() for cls in versions.values()}, key=lambda c: c.KIND
+)
+any_message = st.sampled_from(MESSAGE_CLASSES).flatmap(instances_of)
+
+PRICE = protocol.Price(input_per_1k=500_000, output_per_1k=1_500_000, min_charge=0)
+
+
+def channel(cap: int = 10_000_000, expires_at: int = 10_000, consumer: Identity = CONSUMER) -> protocol.ChannelGrant:
+    grant = protocol.ChannelGrant(
+        agent=AGENT.peer_id,
+        channel_id=b"c" * 16,
+        consumer=consumer.peer_id,
+        provider=PROVIDER.peer_id,
+        cap=cap,
+        expires_at=expires_at,
+    )
+    return protocol.sign(grant, "sig", AGENT)
+
+
+class Pair:
+    """A consumer and a provider machine joined by an in-memory link that encodes and decodes
+    every message, as the real stream does."""
+
+    def __init__(self, price: protocol.Price = PRICE, cap: int = 10_000_000, spend_limit: int | None = None,
+                 max_context: int = 4096) -> None:
+        self.now = 100
+        self.price = price
+        self.max_context = max_context
+        self.consumer = protocol.ConsumerSession(
+            CONSUMER,
+            session_id=b"s" * 16,
+            provider=PROVIDER.peer_id,
+            model="tiny",
+            listing_seq=1,
+            price=price,
+            channel=channel(cap),
+            spend_limit=cap if spend_limit is None else spend_limit,
+        )
+        self.provider = protocol.ProviderSession(PROVIDER)
+        self.provider_events: list[Any] = []
+        self.consumer_events: list[Any] = []
+
+    @staticmethod
+    def _wire(msg: Any) -> Any:
+        data = protocol.frame(protocol.encode(msg))
+        (payload,) = protocol.FrameReader().feed(data)
+        return protocol.decode(payload)
+
+    def to_provider(self) -> list[Any]:
+        events = []
+        for msg in self.consumer.outgoing():
+            events += self.provider.receive(self._wire(msg), self.now)
+        self.provider_events += events
+        return events
+
+    def to_consumer(self) -> list[Any]:
+        events = []
+        for msg in self.provider.outgoing():
+            events += self.consumer.receive(self._wire(msg), self.now)
+        self.consumer_events += events
+        return events
+
+    def open(self) -> None:
+        self.consumer.open(self.now)
+        (ev,) = self.to_provider()
+        assert isinstance(ev, protocol.OpenReceived)
+        self.provider.accept_open(self.price, self.max_context, self.now)
+        (ev,) = self.to_consumer()
+        assert isinstance(ev, protocol.Accepted)
+
+    def call(self, prompt: str, pieces: list[tuple[str, int]], tokens_in: int = 10, max_tokens: int = 64) -> Any:
+        """One full call; returns the consumer's ReceiptSettled (or CallFailed) event."""
+        msgs = (protocol.ChatMessage(role="user", content=prompt),)
+        self.consumer.request(msgs, max_tokens)
+        (ev,) = self.to_provider()
+        assert isinstance(ev, protocol.CallRequested)
+        limit = self.provider.start_call(tokens_in, self.now)
+        if limit is None:
+            (failed,) = self.to_consumer()
+            return failed
+        for text, tokens in pieces:
+            if tokens > limit:
+                break
+            limit -= tokens
+            self.provider.chunk(text, tokens)
+        self.provider.finish_call("stop", self.now)
+        events = self.to_consumer()
+        settled = events[-1]
+        (countersigned,) = self.to_provider()
+        assert isinstance(countersigned, protocol.Countersigned)
+        return settled
