@@ -8,6 +8,8 @@ This module only converts; it never trusts an id it has not parsed.
 
 from __future__ import annotations
 
+import functools
+
 from ._errors import WrongFieldType
 
 __all__ = ["peer_id_from_public_key", "public_key_from_peer_id"]
@@ -48,6 +50,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return _b58encode(_MULTIHASH_PREFIX + _PROTO_PREFIX + public_key)
 
 
+@functools.lru_cache(maxsize=4096)  # peers recur in every message; parsing is the codec's hot spot
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """The raw Ed25519 public key inside a peer id.
 
