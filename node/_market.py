@@ -1,0 +1,278 @@
+"""The market service: signed listings over the Kademlia DHT (source of truth) and GossipSub
+(the fast path), feeding a validated ``MarketView``.
+
+Rules:
+- A listing lives in the DHT under ``listing_key(provider)``; our DHT validator accepts
+  it only if it decodes strictly, is signed by that provider, is not expired and is small;
+  between two records the higher ``seq`` wins. For every model a provider serves it announces
+  a provider record under ``model_key(model)``, so a consumer finds providers by model.
+- Gossip on ``inferswarm/listings/1`` (1 s heartbeat) with a topic validator that runs the same
+  checks and files every refusal in the view's counters; refused messages are not relayed.
+- Our own listing is re-signed with a new ``seq`` and republished at half its TTL and on every
+  change, at most once per ``publish_interval_s`` (gossip drops bursts silently).
+- The subscription is drained continuously (py-libp2p drops on a full buffer).
+Every task lives in the nursery of ``open_market``; leaving the block stops them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+import protocol
+from protocol import Listing
+from wallet import Identity
+
+from ._market_view import MarketView
+
+__all__ = ["LISTING_TOPIC", "MarketConfig", "Market", "open_market", "listing_key", "model_key"]
+
+LISTING_TOPIC = "inferswarm/listings/1"
+DHT_NAMESPACE = "isw"
+_logger = logging.getLogger(__name__)
+
+
+# py-libp2p's DHT server ignores FIND_NODE for keys that are neither a multihash nor at most
+# 50 bytes, so a lookup of a longer key never leaves the first peer: both keys stay short.
+
+
+def listing_key(peer_id: str) -> str:
+    """The DHT key of a provider's listing (45 bytes): ``/isw/`` + 160 bits of sha256(peer id)."""
+    return f"/{DHT_NAMESPACE}/" + hashlib.sha256(b"inferswarm/listing/" + peer_id.encode()).hexdigest()[:40]
+
+
+def model_key(model: str) -> str:
+    """The DHT provider-record key of a model name: a sha256 multihash, hex-encoded."""
+    return "1220" + hashlib.sha256(b"inferswarm/model/" + model.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class MarketConfig:
+    listing_ttl_s: int = 300
+    heartbeat_s: int = 1
+    publish_interval_s: float = 0.25
+    expire_interval_s: float = 1.0
+    routing_interval_s: float = 1.0
+    # Kademlia's per-subnet cap (2) is a Sybil defence on the internet; on loopback or one LAN
+    # every peer shares a subnet, so tests and local swarms turn it off (0).
+    max_peers_per_subnet: int | None = None
+    subscribe: bool = True
+
+
+class _ListingValidator(Validator):
+    """The DHT's view of our namespace: strict decode, provider signature, expiry, size."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+
+    def validate(self, key: str, value: bytes) -> None:
+        listing = protocol.decode_listing(value, int(self._clock()))
+        if key != listing_key(listing.provider):
+            raise protocol.TermsMismatch(f"listing of {listing.provider} stored under {key}")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        best, best_seq = 0, -1
+        for i, value in enumerate(values):
+            try:
+                listing = protocol.decode(value, max_size=protocol.MAX_LISTING_BYTES, expect=(Listing,))
+                protocol.verify(listing, "sig", protocol.public_key_from_peer_id(listing.provider))
+            except protocol.ProtocolError:
+                continue
+            if listing.seq > best_seq:
+                best, best_seq = i, listing.seq
+        return best
+
+
+class Market:
+    """A node's handle on the market. Create with ``open_market``."""
+
+    def __init__(
+        self,
+        host: IHost,
+        identity: Identity,
+        dht: KadDHT,
+        pubsub: Pubsub,
+        view: MarketView,
+        config: MarketConfig,
+        clock: Callable[[], float],
+    ) -> None:
+        self.host = host
+        self.identity = identity
+        self.dht = dht
+        self.pubsub = pubsub
+        self.view = view
+        self.config = config
+        self._clock = clock
+        self._own: Listing | None = None  # the template of our listing (unsigned, no times)
+        self._published: Listing | None = None
+        self._changed = trio.Event()
+        self.published_count = 0
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    @property
+    def own_listing(self) -> Listing | None:
+        """The listing we last signed and published, if any."""
+        return self._published
+
+    def set_listing(self, listing: Listing | None) -> None:
+        """Publish ``listing`` (its seq, times and signature are filled in) soon, and keep it
+        fresh; ``None`` or no models withdraws it (it then expires everywhere)."""
+        self._own = listing if listing is not None and listing.models else None
+        self._changed.set()
+
+    def _sign(self, template: Listing) -> Listing:
+        now = self.now()
+        prev_seq = self._published.seq if self._published is not None else 0
+        seq = max(prev_seq + 1, int(self._clock() * 1000))  # survives restarts: time-based
+        listing = dataclasses.replace(
+            template,
+            provider=self.identity.peer_id,
+            seq=seq,
+            issued_at=now,
+            expires_at=now + self.config.listing_ttl_s,
+            sig=b"",
+        )
+        return protocol.sign(listing, "sig", self.identity)
+
+    async def _publish_once(self, template: Listing) -> None:
+        listing = self._sign(template)
+        data = protocol.encode(listing, max_size=protocol.MAX_LISTING_BYTES)
+        self._published = listing
+        self.view.offer(data, self.now())
+        await self.pubsub.publish(LISTING_TOPIC, data)
+        self.published_count += 1
+        # the DHT write walks the network; the gossip above is the fast path and must not wait
+        with trio.move_on_after(30):
+            try:
+                await self.dht.put_value(listing_key(listing.provider), data)
+                for offer in listing.models:
+                    await self.dht.provide(model_key(offer.name))
+            except Exception as exc:  # a lookup failing on a half-built network is retried later
+                _logger.info("DHT publish of listing seq %s incomplete: %s", listing.seq, exc)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            if self._own is None:
+                self._published = None
+                await self._changed.wait()
+                self._changed = trio.Event()
+                continue
+            await self._publish_once(self._own)
+            # republish at half the TTL, or sooner on change, but never faster than the pace
+            await trio.sleep(self.config.publish_interval_s)
+            with trio.move_on_after(max(1.0, self.config.listing_ttl_s / 2 - self.config.publish_interval_s)):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+    def _gossip_validator(self, forwarder: ID, msg: object) -> bool:
+        return self.view.is_acceptable(getattr(msg, "data", b""), self.now())
+
+    async def _drain_loop(self, subscription: object) -> None:
+        async for _ in subscription:  # type: ignore[attr-defined]
+            pass  # the topic validator already took each message in
+
+    async def _routing_loop(self) -> None:
+        """Fold connected peers into the DHT routing table (py-libp2p does not on its own)."""
+        known: set[ID] = set()
+        while True:
+            for peer in self.host.get_connected_peers():
+                if peer not in known:
+                    try:
+                        if await self.dht.add_peer(peer):
+                            known.add(peer)
+                    except Exception as exc:  # a peer that went away meanwhile
+                        _logger.debug("routing table add of %s failed: %s", peer, exc)
+            known &= set(self.host.get_connected_peers())
+            await trio.sleep(self.config.routing_interval_s)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            self.view.expire(self.now())
+            await trio.sleep(self.config.expire_interval_s)
+
+    async def fetch_listing(self, provider: str) -> Listing | None:
+        """Read a provider's listing from the DHT into the view."""
+        with trio.move_on_after(15):
+            try:
+                data = await self.dht.get_value(listing_key(provider))
+            except Exception as exc:
+                _logger.info("DHT get of %s failed: %s", provider, exc)
+                return None
+            if data is not None:
+                self.view.offer(data, self.now())
+                return self.view.listing(provider, self.now())
+        return None
+
+    async def lookup(self, model: str, count: int = 20) -> list[Listing]:
+        """Find the providers of ``model`` through the DHT alone and take their listings in.
+
+        Returns:
+            The valid listings found that offer ``model``.
+        """
+        try:
+            with trio.move_on_after(15):
+                infos = await self.dht.find_providers(model_key(model), count)
+        except Exception as exc:
+            _logger.info("DHT provider lookup of %s failed: %s", model, exc)
+            return []
+        peers = list(dict.fromkeys(info.peer_id.to_base58() for info in infos))  # dedupe, keep order
+        found: list[Listing] = []
+        for peer in peers:
+            listing = self.view.listing(peer, self.now()) or await self.fetch_listing(peer)
+            if listing is not None and any(m.name == model for m in listing.models):
+                found.append(listing)
+        return found
+
+
+@asynccontextmanager
+async def open_market(
+    host: IHost,
+    identity: Identity,
+    config: MarketConfig = MarketConfig(),
+    view: MarketView | None = None,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Market]:
+    """Run the DHT, gossip and the market's loops on ``host`` for the duration of the block."""
+    view = view if view is not None else MarketView()
+    dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=config.max_peers_per_subnet)
+    dht.register_validator(DHT_NAMESPACE, _ListingValidator(clock))
+    gossipsub = GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=config.heartbeat_s,
+        time_to_live=30,
+    )
+    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    market = Market(host, identity, dht, pubsub, view, config, clock)
+    pubsub.set_topic_validator(LISTING_TOPIC, market._gossip_validator, False)
+    async with background_trio_service(dht), background_trio_service(pubsub), background_trio_service(gossipsub):
+        await pubsub.wait_until_ready()
+        async with trio.open_nursery() as nursery:
+            if config.subscribe:
+                subscription = await pubsub.subscribe(LISTING_TOPIC)
+                nursery.start_soon(market._drain_loop, subscription)
+            nursery.start_soon(market._publish_loop)
+            nursery.start_soon(market._routing_loop)
+            nursery.start_soon(market._expire_loop)
+            try:
+                yield market
+            finally:
+                nursery.cancel_scope.cancel()
