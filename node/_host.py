@@ -33,6 +33,13 @@ __all__ = ["open_host", "parse_peer_addr", "peer_addrs", "ID", "PeerInfo", "IHos
 _libp2p_fixes.apply()
 
 
+# One connection per peer; the auto-connector keeps a modest floor (py-libp2p's default of 50
+# has every node dial 200 stale peerstore entries every 30 s).
+_CONNECTIONS = ConnectionConfig(
+    max_connections_per_peer=1, min_connections=8, low_watermark=16, high_watermark=200, max_connections=256
+)
+
+
 def _build_host(identity: Identity) -> IHost:
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
@@ -40,7 +47,7 @@ def _build_host(identity: Identity) -> IHost:
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        connection_config=_CONNECTIONS,
     )
 
 

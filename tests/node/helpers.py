@@ -1,0 +1,92 @@
+"""Helpers for networked tests: in-process swarms on 127.0.0.1, port 0, and deadline polling."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable
+
+import trio
+
+import protocol
+from node._host import open_host, parse_peer_addr, peer_addrs
+from node._market import Market, MarketConfig, open_market
+from tests.support import AGENT, PRICE, identity
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> float:
+    """Poll ``predicate`` until it holds; return the seconds it took. Fails after ``timeout``."""
+    start = time.monotonic()
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return time.monotonic() - start
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def wait_until_async(probe: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> float:
+    """``wait_until`` for a probe that must itself do I/O (a DHT lookup)."""
+    start = time.monotonic()
+    with trio.move_on_after(timeout):
+        while not await probe():
+            await trio.sleep(0.05)
+        return time.monotonic() - start
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def listing_template(models: tuple[str, ...] = ("tiny",), price: protocol.Price = PRICE) -> protocol.Listing:
+    return protocol.Listing(
+        provider=AGENT.peer_id,  # replaced by the market with the publisher's id
+        addrs=(),
+        seq=0,
+        issued_at=0,
+        expires_at=0,
+        provider_type="self_hosted",
+        models=tuple(protocol.ModelOffer(name=m, price=price, max_context=2048) for m in models),
+        rate_limit_rpm=0,
+        max_concurrent=4,
+        escrow_agents=(AGENT.peer_id,),
+        hardware=protocol.Hardware(),
+    )
+
+
+class Clock:
+    """A wall clock that tests can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@asynccontextmanager
+async def market_swarm(
+    n: int, clock: Callable[[], float] = time.time, prefix: str = "node"
+) -> AsyncIterator[tuple[AsyncExitStack, list[Market]]]:
+    """``n`` market nodes in this process; node i dials node 0 and node i-1."""
+    config = MarketConfig(max_peers_per_subnet=0)
+    async with AsyncExitStack() as stack:
+        markets: list[Market] = []
+        for i in range(n):
+            ident = identity(f"{prefix}-{i}")
+            host = await stack.enter_async_context(open_host(ident, LOOPBACK))
+            market = await stack.enter_async_context(open_market(host, ident, config, clock=clock))
+            for j in sorted({0, i - 1}) if i else []:
+                await host.connect(parse_peer_addr(peer_addrs(markets[j].host)[0]))
+            markets.append(market)
+        yield stack, markets
+
+
+async def join(stack: AsyncExitStack, name: str, via: Market, subscribe: bool = True,
+               clock: Callable[[], float] = time.time) -> Market:
+    """Start one more market node connected to ``via``."""
+    ident = identity(name)
+    host = await stack.enter_async_context(open_host(ident, LOOPBACK))
+    market = await stack.enter_async_context(
+        open_market(host, ident, MarketConfig(max_peers_per_subnet=0, subscribe=subscribe), clock=clock)
+    )
+    await host.connect(parse_peer_addr(peer_addrs(via.host)[0]))
+    return market
