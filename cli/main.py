@@ -6,52 +6,16 @@ Exit status: 0 success, 1 a clear one-line error on stderr, 2 a usage error (cli
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
-from typing import Any, Callable, TypeVar
 
 import click
 
 import wallet
 from node import ConfigError, Home, init_home, resolve_home
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_HOME_HELP = "node home directory (default: $INFERSWARM_HOME, else the user data dir)"
-
-
-def home_option(fn: F) -> F:
-    return click.option("--home", "home", type=click.Path(file_okay=False), default=None, help=_HOME_HELP)(fn)
-
-
-def json_option(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="print one JSON document")(fn)
-
-
-def emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=False))
-
-
-class CliError(click.ClickException):
-    """A clear one-line error, exit status 1."""
-
-
-def _fail_on(*errors: type[BaseException]) -> Callable[[F], F]:
-    """Turn the listed exceptions into one-line CLI errors (exit 1)."""
-
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except errors as exc:
-                raise CliError(str(exc)) from exc
-
-        return wrapper  # type: ignore[return-value]
-
-    return deco
-
+from ._common import CliError, emit_json, home_option, json_option
+from ._common import fail_on as _fail_on
+from ._market import COMMANDS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inferswarm", prog_name="node")
@@ -97,6 +61,10 @@ def id_(home: str | None, as_json: bool) -> None:
         emit_json({"peer_id": peer_id, "public_key": public_key.hex()})
     else:
         click.echo(peer_id)
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -109,6 +109,8 @@ class ModelOffer:
     name: str = wire(_MODEL)
     price: Price = wire(Nested(Price))
     max_context: int = wire(UInt(1 << 24))
+    rate_limit_rpm: int = wire(UInt(1 << 20), default=0)  # requests/min per consumer; 0: no limit
+    max_concurrent: int = wire(UInt(1 << 16), default=1)  # sessions at once
     features: tuple[str, ...] = wire(ListOf(Str(32), 16), default=("streaming",))
 
 
@@ -124,8 +126,6 @@ class Listing:
     expires_at: int = wire(_T)
     provider_type: str = wire(Str(choices=PROVIDER_TYPES))
     models: tuple[ModelOffer, ...] = wire(ListOf(Nested(ModelOffer), 32))
-    rate_limit_rpm: int = wire(UInt(1 << 20))  # 0: no limit
-    max_concurrent: int = wire(UInt(1 << 16))
     escrow_agents: tuple[str, ...] = wire(ListOf(PeerId(), 16))
     hardware: Hardware = wire(Nested(Hardware))
     sig: bytes = wire(_SIG, default=b"")

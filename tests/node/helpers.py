@@ -45,8 +45,6 @@ def listing_template(models: tuple[str, ...] = ("tiny",), price: protocol.Price 
         expires_at=0,
         provider_type="self_hosted",
         models=tuple(protocol.ModelOffer(name=m, price=price, max_context=2048) for m in models),
-        rate_limit_rpm=0,
-        max_concurrent=4,
         escrow_agents=(AGENT.peer_id,),
         hardware=protocol.Hardware(),
     )

@@ -19,8 +19,6 @@ def listing(seq=1, issued=1000, ttl=600, **changes):
         expires_at=issued + ttl,
         provider_type="self_hosted",
         models=(protocol.ModelOffer(name="tiny", price=PRICE, max_context=2048),),
-        rate_limit_rpm=60,
-        max_concurrent=4,
         escrow_agents=(AGENT.peer_id,),
         hardware=protocol.Hardware(gpus=(protocol.Gpu(name="H100", memory_total_mb=81559),), cpu_count=16, ram_mb=1 << 17),
     )

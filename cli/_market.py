@@ -1,0 +1,173 @@
+"""``node start``, ``node status``, ``node offer …``, ``node providers``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+import trio
+from rich.console import Console
+from rich.table import Table
+
+import protocol
+import wallet
+from node import ConfigError, Home, resolve_home
+
+from ._common import DaemonClient, emit_json, fail_on, home_option, json_option
+
+
+def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return protocol.parse_credits(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command()
+@home_option
+@click.option("--listen", multiple=True, metavar="MADDR", help="libp2p listen address (repeatable)")
+@click.option("--bootstrap", multiple=True, metavar="MADDR", help="peer to join through, …/p2p/<id> (repeatable)")
+@click.option("--api", metavar="HOST:PORT", help="local API address (loopback)")
+@click.option("--accept-escrow", multiple=True, metavar="PEER", help="escrow agent this node's offers accept")
+@click.option("-v", "--verbose", is_flag=True, help="log progress to stderr")
+@fail_on(wallet.WalletError, ConfigError, ValueError, OSError)
+def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str | None,
+          accept_escrow: tuple[str, ...], verbose: bool) -> None:
+    """Run the node in the foreground until SIGINT/SIGTERM (then exit 0)."""
+    from node._daemon import run_daemon
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    h = Home(resolve_home(home))
+    keystore = wallet.Keystore.open(h.keystore, wallet.resolve_passphrase())
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(
+                    lambda task_status: run_daemon(h, keystore.identity, listen=listen or None, bootstrap=bootstrap,
+                                                   api=api, accept_escrow=accept_escrow, task_status=task_status)
+                )
+                click.echo(f"node {info['peer_id']} ready; API {info['api_url']}", err=True)
+                for addr in info["addrs"]:
+                    click.echo(f"  listening on {addr}", err=True)
+                async for _ in signals:
+                    click.echo("stopping…", err=True)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+
+
+@click.command()
+@home_option
+@json_option
+def status(home: str | None, as_json: bool) -> None:
+    """Show the running node: identity, addresses, peers, market, capabilities."""
+    doc = DaemonClient(home).request("GET", "/api/v1/status")
+    if as_json:
+        emit_json(doc)
+        return
+    caps = doc["capabilities"]
+    gpus = ", ".join(f"{g['name']} ({g['memory_total_mb']} MiB)" for g in caps["gpus"]) or "none"
+    click.echo(f"peer id:         {doc['peer_id']}")
+    click.echo(f"api:             {doc['api_url']}")
+    for addr in doc["addrs"]:
+        click.echo(f"listening:       {addr}")
+    click.echo(f"connected peers: {doc['connected_peers']}")
+    click.echo(f"listings known:  {doc['listings_known']}")
+    click.echo(f"offers:          {doc['offers']}")
+    click.echo(f"uptime:          {doc['uptime_s']} s")
+    click.echo(f"hardware:        {caps['cpu_count']} CPUs, {caps['ram_mb']} MiB RAM, GPUs: {gpus}")
+
+
+@click.group()
+def offer() -> None:
+    """Manage the models this node sells (persisted in the config, republished at once)."""
+
+
+@offer.command("add")
+@home_option
+@json_option
+@click.option("--model", required=True, help="model name consumers ask for")
+@click.option("--backend", required=True, metavar="SPEC", help="builtin | transformers:PATH | openai:BASE_URL[#KEYNAME] | llamacpp:PATH")
+@click.option("--input-price", required=True, callback=_credits, metavar="CREDITS", help="credits per 1K prompt tokens, e.g. 0.50")
+@click.option("--output-price", required=True, callback=_credits, metavar="CREDITS", help="credits per 1K completion tokens")
+@click.option("--max-context", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--min-charge", callback=_credits, default="0", metavar="CREDITS", help="least a call costs")
+@click.option("--rate-limit", type=click.IntRange(0), default=0, metavar="RPM", help="requests/min per consumer (0: none)")
+@click.option("--max-concurrent", type=click.IntRange(1), default=4, show_default=True, help="sessions at once")
+def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_price: int, output_price: int,
+              max_context: int, min_charge: int, rate_limit: int, max_concurrent: int) -> None:
+    """Sell a model (replaces an existing offer for the same model)."""
+    doc = DaemonClient(home).request("POST", "/api/v1/offers", json={
+        "model": model, "backend": backend, "input_price": input_price, "output_price": output_price,
+        "max_context": max_context, "min_charge": min_charge, "rate_limit": rate_limit, "max_concurrent": max_concurrent,
+    })
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"offering {doc['model']} at {protocol.format_credits(doc['input_price'])} / "
+                   f"{protocol.format_credits(doc['output_price'])} credits per 1K tokens (in/out)")
+
+
+@offer.command("ls")
+@home_option
+@json_option
+def offer_ls(home: str | None, as_json: bool) -> None:
+    """List this node's offers."""
+    doc = DaemonClient(home).request("GET", "/api/v1/offers")
+    if as_json:
+        emit_json(doc)
+        return
+    table = Table("model", "backend", "in/1K", "out/1K", "context", "min charge", "rpm", "sessions")
+    for o in doc:
+        table.add_row(o["model"], o["backend"], protocol.format_credits(o["input_price"]),
+                      protocol.format_credits(o["output_price"]), str(o["max_context"]),
+                      protocol.format_credits(o["min_charge"]), str(o["rate_limit"] or "-"), str(o["max_concurrent"]))
+    Console().print(table)
+
+
+@offer.command("rm")
+@home_option
+@click.option("--model", required=True)
+def offer_rm(home: str | None, model: str) -> None:
+    """Stop selling a model."""
+    DaemonClient(home).request("DELETE", f"/api/v1/offers/{model}")
+    click.echo(f"removed {model}")
+
+
+@click.command()
+@home_option
+@json_option
+@click.option("--model", help="only this model (also asks the DHT)")
+@click.option("--sort", type=click.Choice(["cheapest", "fastest", "best_trust"]), default="cheapest", show_default=True)
+def providers(home: str | None, as_json: bool, model: str | None, sort: str) -> None:
+    """List the providers this node knows of on the market."""
+    params = {"sort": sort, **({"model": model} if model else {})}
+    rows = DaemonClient(home).request("GET", "/api/v1/providers", params=params)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no providers known" + (f" for {model}" if model else ""), err=True)
+        return
+    table = Table("provider", "model", "in/1K", "out/1K", "context", "trust", "latency", "GPUs", "expires in")
+    now = time.time()
+    for r in rows:
+        gpus = ", ".join(g["name"] for g in r["gpus"]) or "-"
+        table.add_row(r["peer_id"][:8] + "…" + r["peer_id"][-6:], r["model"], protocol.format_credits(r["input_price"]),
+                      protocol.format_credits(r["output_price"]), str(r["max_context"]),
+                      "-" if r["trust"] is None else str(r["trust"]),
+                      "-" if r["latency_ms"] is None else f"{r['latency_ms']} ms", gpus,
+                      f"{max(0, int(r['expires_at'] - now))} s")
+    Console().print(table)
+
+
+COMMANDS = [start, status, offer, providers]

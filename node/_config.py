@@ -1,0 +1,153 @@
+"""The node's settings: ``config.toml`` in the home, read at start and edited by the daemon
+when offers change (comments and layout are kept by tomlkit).
+
+Rules: money in the file is integer micro-credits (``input_price = 500000`` is 0.50 credits
+per 1K tokens); every value is checked when read and a wrong one is a ``ConfigError`` naming
+the key; the file is replaced atomically and stays mode 0600.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+import protocol
+
+from ._home import ConfigError
+
+__all__ = ["Offer", "NodeConfig", "load_config", "save_offers", "parse_backend"]
+
+_BACKEND = re.compile(r"^(builtin|transformers:.+|openai:https?://[^#\s]+(#[A-Za-z0-9_.-]+)?|llamacpp:.+)$")
+
+
+def parse_backend(spec: str) -> str:
+    """Check a backend SPEC (builtin | transformers:PATH | openai:BASE_URL[#KEYNAME] | llamacpp:PATH).
+
+    Raises:
+        ValueError: not one of those forms.
+    """
+    if not _BACKEND.match(spec):
+        raise ValueError(
+            f"backend {spec!r} is not one of: builtin, transformers:PATH, openai:BASE_URL[#KEYNAME], llamacpp:PATH"
+        )
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """One model this node sells, as the operator configured it (prices in µc per 1K tokens)."""
+
+    model: str
+    backend: str
+    input_price: int
+    output_price: int
+    max_context: int = 4096
+    min_charge: int = 0
+    rate_limit: int = 0  # requests per minute per consumer; 0: no limit
+    max_concurrent: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.model or len(self.model.encode()) > 128:
+            raise ValueError("a model name is 1 to 128 bytes")
+        parse_backend(self.backend)
+        for name in ("input_price", "output_price", "max_context", "min_charge", "rate_limit", "max_concurrent"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.max_context < 1 or self.max_concurrent < 1:
+            raise ValueError("max_context and max_concurrent are at least 1")
+
+    def to_model_offer(self) -> protocol.ModelOffer:
+        return protocol.ModelOffer(
+            name=self.model,
+            price=protocol.Price(
+                input_per_1k=self.input_price, output_per_1k=self.output_price, min_charge=self.min_charge
+            ),
+            max_context=self.max_context,
+            rate_limit_rpm=self.rate_limit,
+            max_concurrent=self.max_concurrent,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    api: str = "127.0.0.1:0"
+    accept_escrow: tuple[str, ...] = ()
+    offers: tuple[Offer, ...] = ()
+
+
+def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = node.get(key, list(default))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"[node] {key} must be a list of strings")
+    return tuple(value)
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and check ``config.toml`` (defaults where it is absent).
+
+    Raises:
+        ConfigError: unreadable TOML or a value of the wrong shape, naming the key.
+    """
+    try:
+        data = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap()
+    except FileNotFoundError:
+        return NodeConfig()
+    except (tomlkit.exceptions.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    node = data.get("node", {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: [node] must be a table")
+    api = node.get("api", "127.0.0.1:0")
+    if not isinstance(api, str):
+        raise ConfigError(f"{path}: [node] api must be HOST:PORT")
+    offers = []
+    for i, raw in enumerate(data.get("offers", [])):
+        try:
+            offers.append(Offer(**raw))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: [[offers]] #{i + 1}: {exc}") from exc
+    for escrow in _strings(node, "accept_escrow", ()):
+        try:
+            protocol.public_key_from_peer_id(escrow)
+        except protocol.WrongFieldType as exc:
+            raise ConfigError(f"{path}: [node] accept_escrow: {exc}") from exc
+    return NodeConfig(
+        listen=_strings(node, "listen", NodeConfig.listen),
+        bootstrap=_strings(node, "bootstrap", ()),
+        api=api,
+        accept_escrow=_strings(node, "accept_escrow", ()),
+        offers=tuple(offers),
+    )
+
+
+def save_offers(path: Path, offers: tuple[Offer, ...]) -> None:
+    """Replace the ``[[offers]]`` of ``config.toml``, keeping everything else as written."""
+    try:
+        doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        doc = tomlkit.document()
+    table = tomlkit.aot()
+    for offer in offers:
+        table.append(tomlkit.item(offer.to_json()))
+    if "offers" in doc:
+        del doc["offers"]
+    if offers:
+        doc["offers"] = table
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(tomlkit.dumps(doc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
