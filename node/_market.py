@@ -119,7 +119,10 @@ class Market:
         self._own: Listing | None = None  # the template of our listing (unsigned, no times)
         self._published: Listing | None = None
         self._changed = trio.Event()
+        self._dht_wake = trio.Event()
+        self._dht_pending: tuple[Listing, bytes] | None = None
         self.published_count = 0
+        self.dht_written_seq = 0  # the newest of our listings the DHT holds
 
     def now(self) -> int:
         return int(self._clock())
@@ -156,14 +159,27 @@ class Market:
         self.view.offer(data, self.now())
         await self.pubsub.publish(LISTING_TOPIC, data)
         self.published_count += 1
-        # the DHT write walks the network; the gossip above is the fast path and must not wait
-        with trio.move_on_after(30):
-            try:
-                await self.dht.put_value(listing_key(listing.provider), data)
-                for offer in listing.models:
-                    await self.dht.provide(model_key(offer.name))
-            except Exception as exc:  # a lookup failing on a half-built network is retried later
-                _logger.info("DHT publish of listing seq %s incomplete: %s", listing.seq, exc)
+        # the DHT write walks the network: it runs beside gossip, never in front of it
+        self._dht_pending = (listing, data)
+        self._dht_wake.set()
+
+    async def _dht_loop(self) -> None:
+        """Write the newest published listing (and its model provider records) to the DHT."""
+        while True:
+            await self._dht_wake.wait()
+            self._dht_wake = trio.Event()
+            pending, self._dht_pending = self._dht_pending, None
+            if pending is None:
+                continue
+            listing, data = pending
+            with trio.move_on_after(30):
+                try:
+                    await self.dht.put_value(listing_key(listing.provider), data)
+                    for offer in listing.models:
+                        await self.dht.provide(model_key(offer.name))
+                    self.dht_written_seq = listing.seq
+                except Exception as exc:  # a half-built network: the next republish retries
+                    _logger.info("DHT publish of listing seq %s incomplete: %s", listing.seq, exc)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -270,6 +286,7 @@ async def open_market(
                 subscription = await pubsub.subscribe(LISTING_TOPIC)
                 nursery.start_soon(market._drain_loop, subscription)
             nursery.start_soon(market._publish_loop)
+            nursery.start_soon(market._dht_loop)
             nursery.start_soon(market._routing_loop)
             nursery.start_soon(market._expire_loop)
             try:
