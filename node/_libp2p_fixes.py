@@ -8,7 +8,15 @@ is a deliberate act that re-checks every trap.
    ``manager.wait_finished()`` (the whole swarm's life), holding an inbound-limiter slot and a
    task per connection ever accepted; after ~250 the daemon refuses everyone. The handler now
    waits only until *its* connection shuts down.
-2. The ``libp2p`` logger is noisy at WARNING (normal disconnects print blocks): ERROR by default.
+2. One malformed frame crashes the whole host: a protobuf decode error from a 6-byte garbage
+   frame on meshsub escapes the pubsub stream handler, then ``host.run()`` — a remote denial of
+   service. Every inbound stream handler now runs behind a guard: an exception from a handler
+   resets that one stream and is logged; the node keeps serving everyone else.
+3. Yamux corrupts writes over ~64 KiB: ``YamuxStream.write`` splits a large write into frames
+   and takes the stream's write lock per frame, so a concurrent write to the same stream (a
+   control message, a gossip replay) lands between them and the peer reads a garbled length.
+   Each stream now has one lock held across a whole ``write``.
+4. The ``libp2p`` logger is noisy at WARNING (normal disconnects print blocks): ERROR by default.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from typing import Any
 
 import trio
 from libp2p.abc import IMuxedConn
+from libp2p.host.basic_host import BasicHost
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 __all__ = ["apply", "PINNED_LIBP2P"]
 
@@ -76,6 +86,35 @@ async def _close_quietly(conn: Any) -> None:
         pass
 
 
+_original_stream_handler = BasicHost._swarm_stream_handler
+
+
+async def _guarded_stream_handler(self: BasicHost, net_stream: Any) -> None:
+    """Dispatch an inbound stream; a handler's failure costs only that stream."""
+    try:
+        await _original_stream_handler(self, net_stream)
+    except Exception as exc:  # whatever a peer's bytes made a handler raise
+        peer = getattr(getattr(net_stream, "muxed_conn", None), "peer_id", "?")
+        protocol = getattr(net_stream, "get_protocol", lambda: "?")()
+        _logger.info("stream from %s on %s failed, reset: %r", peer, protocol, exc)
+        try:
+            await net_stream.reset()
+        except Exception:  # already gone
+            pass
+
+
+_original_yamux_write = YamuxStream.write
+
+
+async def _whole_yamux_write(self: YamuxStream, data: bytes) -> None:
+    """Write ``data`` as one uninterrupted run of frames on this stream."""
+    lock = self.__dict__.get("_inferswarm_write_lock")
+    if lock is None:
+        lock = self.__dict__["_inferswarm_write_lock"] = trio.StrictFIFOLock()
+    async with lock:
+        await _original_yamux_write(self, data)
+
+
 def apply() -> None:
     """Apply every fix (idempotent).
 
@@ -89,5 +128,7 @@ def apply() -> None:
     if installed != PINNED_LIBP2P:
         raise RuntimeError(f"libp2p {installed} installed; node/ is checked against {PINNED_LIBP2P} only")
     Swarm._do_handle_inbound_connection = _do_handle_inbound_connection  # type: ignore[method-assign]
+    BasicHost._swarm_stream_handler = _guarded_stream_handler  # type: ignore[method-assign]
+    YamuxStream.write = _whole_yamux_write  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     _applied = True
