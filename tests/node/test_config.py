@@ -1,0 +1,67 @@
+"""config.toml: offers round-trip with comments kept; bad values are named."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from node import ConfigError, Home, init_home
+from node._config import Offer, load_config, parse_backend, save_offers
+
+
+@pytest.fixture
+def home(tmp_path):
+    import nacl.pwhash
+
+    init_home(tmp_path, "pw", opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN, memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN)
+    return Home(tmp_path)
+
+
+def test_offers_round_trip_and_comments_survive(home):
+    offers = (Offer(model="tiny", backend="builtin", input_price=500_000, output_price=1_500_000),
+              Offer(model="big", backend="openai:http://127.0.0.1:8000/v1#up", input_price=1, output_price=2,
+                    max_context=8192, min_charge=3, rate_limit=60, max_concurrent=2))
+    save_offers(home.config, offers)
+    assert load_config(home.config).offers == offers
+    text = home.config.read_text()
+    assert "# Inferswarm node configuration" in text and "# escrow agents" in text
+    assert stat.S_IMODE(home.config.stat().st_mode) == 0o600
+    save_offers(home.config, ())
+    assert load_config(home.config).offers == ()
+    assert "# libp2p listen addresses" in home.config.read_text()
+
+
+@pytest.mark.parametrize("spec", ["builtin", "transformers:/models/x", "openai:https://api.example/v1#key",
+                                  "openai:http://127.0.0.1:8000/v1", "llamacpp:/m.gguf"])
+def test_backend_specs(spec):
+    assert parse_backend(spec) == spec
+
+
+@pytest.mark.parametrize("spec", ["", "gpt", "openai:ftp://x", "transformers:", "builtin:x"])
+def test_bad_backend_specs(spec):
+    with pytest.raises(ValueError, match="backend"):
+        parse_backend(spec)
+
+
+@pytest.mark.parametrize("field,value", [("input_price", -1), ("input_price", 0.5), ("max_context", 0), ("model", "")])
+def test_bad_offer_values(field, value):
+    fields = dict(model="m", backend="builtin", input_price=1, output_price=1)
+    fields[field] = value
+    with pytest.raises(ValueError):
+        Offer(**fields)
+
+
+def test_bad_config_names_the_key(home):
+    home.config.write_text('[node]\nlisten = "not a list"\n')
+    with pytest.raises(ConfigError, match="listen"):
+        load_config(home.config)
+    home.config.write_text('[[offers]]\nmodel = "m"\nbackend = "builtin"\ninput_price = 0.5\noutput_price = 1\n')
+    with pytest.raises(ConfigError, match="offers"):
+        load_config(home.config)
+    home.config.write_text("[node\n")
+    with pytest.raises(ConfigError):
+        load_config(home.config)
+    home.config.write_text('[node]\naccept_escrow = ["not-a-peer"]\n')
+    with pytest.raises(ConfigError, match="accept_escrow"):
+        load_config(home.config)
