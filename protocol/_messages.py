@@ -36,6 +36,7 @@ __all__ = [
     "Close",
     "Balance",
     "ChannelState",
+    "BudgetState",
     "EscrowMint",
     "EscrowOpen",
     "EscrowTopUp",
@@ -297,6 +298,19 @@ class ChannelState:
     status: str = wire(Str(choices=("open", "closed", "refunded")))
 
 
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class BudgetState:
+    budget_id: bytes = wire(_ID)
+    funder: str = wire(PeerId())
+    amount: int = wire(_AMOUNT)  # funded in total
+    remaining: int = wire(_AMOUNT)  # not yet drawn into channels
+    whitelist: tuple[str, ...] = wire(ListOf(PeerId(), 1024))
+    per_session_limit: int = wire(_AMOUNT)
+    expires_at: int = wire(_T)
+    status: str = wire(Str(choices=("active", "refunded")))
+
+
 def _escrow_request(kind: str, signatures: tuple[str, ...] = ("sig",)):
     return message(f"escrow_{kind}", 1, signatures=signatures)
 
@@ -427,6 +441,7 @@ class EscrowResponse:
     detail: str = wire(Str(512), default="")
     balance: Balance | None = wire(Optional(Nested(Balance)), default=None)
     channels: tuple[ChannelState, ...] = wire(ListOf(Nested(ChannelState), 1024), default=())
+    budgets: tuple[BudgetState, ...] = wire(ListOf(Nested(BudgetState), 256), default=())
     paid: int = wire(_AMOUNT, default=0)
     budget_id: bytes | None = wire(Optional(_ID), default=None)
     issued_at: int = wire(_T, default=0)
