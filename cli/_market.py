@@ -35,10 +35,11 @@ def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
 @click.option("--bootstrap", multiple=True, metavar="MADDR", help="peer to join through, …/p2p/<id> (repeatable)")
 @click.option("--api", metavar="HOST:PORT", help="local API address (loopback)")
 @click.option("--accept-escrow", multiple=True, metavar="PEER", help="escrow agent this node's offers accept")
+@click.option("--escrow", is_flag=True, help="also run the escrow agent role (ledger in HOME/escrow.db)")
 @click.option("-v", "--verbose", is_flag=True, help="log progress to stderr")
 @fail_on(wallet.WalletError, ConfigError, ValueError, OSError)
 def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str | None,
-          accept_escrow: tuple[str, ...], verbose: bool) -> None:
+          accept_escrow: tuple[str, ...], escrow: bool, verbose: bool) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM (then exit 0)."""
     from node._daemon import run_daemon
 
@@ -52,7 +53,8 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
             async with trio.open_nursery() as nursery:
                 info = await nursery.start(
                     lambda task_status: run_daemon(h, keystore.identity, listen=listen or None, bootstrap=bootstrap,
-                                                   api=api, accept_escrow=accept_escrow, task_status=task_status)
+                                                   api=api, accept_escrow=accept_escrow, escrow=escrow,
+                                                   task_status=task_status)
                 )
                 click.echo(f"node {info['peer_id']} ready; API {info['api_url']}", err=True)
                 for addr in info["addrs"]:

@@ -15,6 +15,7 @@ from node import ConfigError, Home, init_home, resolve_home
 
 from ._common import CliError, emit_json, home_option, json_option
 from ._common import fail_on as _fail_on
+from ._escrow import COMMANDS as ESCROW_COMMANDS
 from ._market import COMMANDS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,7 +64,7 @@ def id_(home: str | None, as_json: bool) -> None:
         click.echo(peer_id)
 
 
-for _command in COMMANDS:
+for _command in COMMANDS + ESCROW_COMMANDS:
     cli.add_command(_command)
 
 

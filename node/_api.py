@@ -2,7 +2,8 @@
 
 Rules: loopback only; every request carries ``Authorization: Bearer <token>`` with the token
 kept in the home (``api.token``, mode 0600), compared in constant time; errors are JSON
-``{"error": {"message", "type", "code"}}`` with a meaningful status; amounts are integer µc.
+``{"error": {"message", "type", "code"}}`` with a meaningful status (400 bad input, 401 no
+token, 404 unknown, 409 refused by an escrow agent, 502 agent unreachable); amounts are µc.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._escrow_ops import EscrowRefused
+from ._escrow_service import EscrowUnreachable
+
 if TYPE_CHECKING:
     from ._daemon import NodeService
 
 __all__ = ["build_app", "ApiError"]
 
 SORTS = ("cheapest", "fastest", "best_trust")
+Handler = Callable[[Request], Awaitable[Any]]
 
 
 class ApiError(Exception):
@@ -34,30 +39,26 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> JSO
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
 
-def build_app(service: "NodeService", token: str) -> Starlette:
-    """The ASGI app of the control API, bound to one running node."""
+async def body(request: Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await request.body() or b"{}")
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return data
 
-    def endpoint(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _error(401, "missing or wrong bearer token (see api.token in the node home)", "authentication_error")
-            try:
-                return JSONResponse(await fn(request))
-            except ApiError as exc:
-                return _error(exc.status, exc.message, exc.kind, exc.code)
 
-        return handler
+def _field(data: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    value = data.get(name, default)
+    if value is ...:
+        raise ApiError(400, f"missing field {name!r}")
+    if value is not None and value is not default and (type(value) is not kind):
+        raise ApiError(400, f"field {name!r} must be {kind.__name__}")
+    return value
 
-    async def body(request: Request) -> dict[str, Any]:
-        try:
-            data = json.loads(await request.body() or b"{}")
-        except ValueError as exc:
-            raise ApiError(400, f"request body is not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return data
 
+def _market_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     async def status(request: Request) -> Any:
         return service.status()
 
@@ -65,10 +66,7 @@ def build_app(service: "NodeService", token: str) -> Starlette:
         return [o.to_json() for o in service.offers()]
 
     async def add_offer(request: Request) -> Any:
-        try:
-            return service.add_offer(await body(request)).to_json()
-        except (TypeError, ValueError) as exc:
-            raise ApiError(400, str(exc)) from exc
+        return service.add_offer(await body(request)).to_json()
 
     async def remove_offer(request: Request) -> Any:
         model = request.path_params["model"]
@@ -85,13 +83,107 @@ def build_app(service: "NodeService", token: str) -> Starlette:
     async def market(request: Request) -> Any:
         return service.market_stats()
 
-    return Starlette(
-        routes=[
-            Route("/api/v1/status", endpoint(status), methods=["GET"]),
-            Route("/api/v1/offers", endpoint(offers), methods=["GET"]),
-            Route("/api/v1/offers", endpoint(add_offer), methods=["POST"]),
-            Route("/api/v1/offers/{model:path}", endpoint(remove_offer), methods=["DELETE"]),
-            Route("/api/v1/providers", endpoint(providers), methods=["GET"]),
-            Route("/api/v1/market", endpoint(market), methods=["GET"]),
-        ]
-    )
+    return [
+        ("GET", "/api/v1/status", status),
+        ("GET", "/api/v1/offers", offers),
+        ("POST", "/api/v1/offers", add_offer),
+        ("DELETE", "/api/v1/offers/{model:path}", remove_offer),
+        ("GET", "/api/v1/providers", providers),
+        ("GET", "/api/v1/market", market),
+    ]
+
+
+def _escrow_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
+    ops = service.escrow
+
+    def agent(data: dict[str, Any] | Any) -> str | None:
+        value = data.get("escrow")
+        if value is not None and type(value) is not str:
+            raise ApiError(400, "escrow must be a peer id or a /p2p/ address")
+        return value or None
+
+    async def balance(request: Request) -> Any:
+        return await ops.balance(agent(request.query_params))
+
+    async def budgets(request: Request) -> Any:
+        return await ops.budgets(agent(request.query_params))
+
+    async def channel(request: Request) -> Any:
+        return await ops.channel(agent(request.query_params), request.path_params["channel_id"])
+
+    async def mint(request: Request) -> Any:
+        d = await body(request)
+        return await ops.mint(agent(d), _field(d, "to", str), _field(d, "amount", int))
+
+    async def withdraw(request: Request) -> Any:
+        d = await body(request)
+        return await ops.withdraw(agent(d), _field(d, "amount", int))
+
+    async def open_(request: Request) -> Any:
+        d = await body(request)
+        return await ops.open(agent(d), _field(d, "provider", str), _field(d, "amount", int),
+                              _field(d, "expires_s", int), _field(d, "budget_id", str, None))
+
+    async def claim(request: Request) -> Any:
+        d = await body(request)
+        return await ops.claim(agent(d), _field(d, "receipt", str))
+
+    async def close(request: Request) -> Any:
+        d = await body(request)
+        return await ops.close(agent(d), _field(d, "channel_id", str), _field(d, "receipt", str, None),
+                               _field(d, "partial", str, None), bool(d.get("sign_only", False)))
+
+    async def refund(request: Request) -> Any:
+        d = await body(request)
+        return await ops.refund(agent(d), _field(d, "channel_id", str))
+
+    async def budget_create(request: Request) -> Any:
+        d = await body(request)
+        whitelist = _field(d, "whitelist", list)
+        if not all(isinstance(w, str) for w in whitelist):
+            raise ApiError(400, "whitelist is a list of peer ids")
+        return await ops.budget_create(agent(d), _field(d, "amount", int), whitelist,
+                                       _field(d, "per_session_limit", int), _field(d, "expires_s", int))
+
+    async def budget_refund(request: Request) -> Any:
+        d = await body(request)
+        return await ops.budget_refund(agent(d), _field(d, "budget_id", str))
+
+    return [
+        ("GET", "/api/v1/wallet/balance", balance),
+        ("POST", "/api/v1/wallet/withdraw", withdraw),
+        ("GET", "/api/v1/escrow/channels/{channel_id}", channel),
+        ("POST", "/api/v1/escrow/mint", mint),
+        ("POST", "/api/v1/escrow/open", open_),
+        ("POST", "/api/v1/escrow/claim", claim),
+        ("POST", "/api/v1/escrow/close", close),
+        ("POST", "/api/v1/escrow/refund", refund),
+        ("GET", "/api/v1/escrow/budgets", budgets),
+        ("POST", "/api/v1/escrow/budgets", budget_create),
+        ("POST", "/api/v1/escrow/budgets/refund", budget_refund),
+    ]
+
+
+def build_app(service: "NodeService", token: str) -> Starlette:
+    """The ASGI app of the control API, bound to one running node."""
+    expected = f"Bearer {token}".encode()
+
+    def endpoint(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+                return _error(401, "missing or wrong bearer token (see api.token in the node home)", "authentication_error")
+            try:
+                return JSONResponse(await fn(request))
+            except ApiError as exc:
+                return _error(exc.status, exc.message, exc.kind, exc.code)
+            except EscrowRefused as exc:
+                return _error(409, f"the escrow agent refused: {exc}", "escrow_error", exc.code)
+            except EscrowUnreachable as exc:
+                return _error(502, str(exc), "escrow_unreachable")
+            except (ValueError, TypeError) as exc:
+                return _error(400, str(exc), "invalid_request_error")
+
+        return handler
+
+    routes = _market_routes(service) + _escrow_routes(service)
+    return Starlette(routes=[Route(path, endpoint(fn), methods=[method]) for method, path, fn in routes])

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import hypercorn.config
@@ -23,12 +22,14 @@ import multiaddr
 import trio
 
 import protocol
-from wallet import Identity
+from wallet import EscrowAgent, Identity, Ledger
 
 from ._api import build_app
 from ._capabilities import hardware_of, probe_capabilities
 from ._config import NodeConfig, Offer, load_config, save_offers
 from ._daemon_files import api_token, daemon_info_path, write_private
+from ._escrow_ops import EscrowOps
+from ._escrow_service import EscrowClient, serve_escrow
 from ._home import Home
 from ._host import open_host, parse_peer_addr, peer_addrs
 from ._market import Market, MarketConfig, open_market
@@ -49,8 +50,11 @@ def _all_loopback(addrs: tuple[str, ...]) -> bool:
 class NodeService:
     """What the API and CLI see of a running node."""
 
-    def __init__(self, home: Home, identity: Identity, market: Market, config: NodeConfig, capabilities: dict[str, Any]):
+    def __init__(self, home: Home, identity: Identity, market: Market, config: NodeConfig, capabilities: dict[str, Any],
+                 escrow_agent: EscrowAgent | None = None):
         self.home = home
+        self.escrow_agent = escrow_agent
+        self.escrow = EscrowOps(identity, EscrowClient(market.host, escrow_agent, market.dht), time.time)
         self.identity = identity
         self.market = market
         self.host = market.host
@@ -114,6 +118,7 @@ class NodeService:
             "listings_known": len(self.market.view.listings(now)),
             "offers": len(self._offers),
             "uptime_s": int(time.monotonic() - self._started),
+            "escrow_agent": self.escrow_agent is not None,
             "capabilities": self.capabilities,
         }
 
@@ -203,6 +208,7 @@ async def run_daemon(
     bootstrap: tuple[str, ...] = (),
     api: str | None = None,
     accept_escrow: tuple[str, ...] = (),
+    escrow: bool = False,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node until cancelled. ``task_status.started`` receives the daemon info.
@@ -219,24 +225,36 @@ async def run_daemon(
         accept_escrow=tuple(dict.fromkeys(config.accept_escrow + tuple(accept_escrow))),
     )
     _check_loopback_api(config.api)
-    for escrow in config.accept_escrow:
-        protocol.public_key_from_peer_id(escrow)
+    for agent_id in config.accept_escrow:
+        protocol.public_key_from_peer_id(agent_id)
     market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
     capabilities = probe_capabilities()
     token = api_token(home, create=True)
+    agent = EscrowAgent(Ledger(home.path / "escrow.db"), identity) if escrow else None
+    try:
+        async with open_host(identity, config.listen) as host, open_market(host, identity, market_config) as market:
+            service = NodeService(home, identity, market, config, capabilities, agent)
+            await _serve(service, config, token, task_status)
+    finally:
+        if agent is not None:
+            agent.ledger.close()
+
+
+async def _serve(service: NodeService, config: NodeConfig, token: str, task_status: Any) -> None:
+    home, identity, market, host = service.home, service.identity, service.market, service.host
     info_path = daemon_info_path(home)
-    async with open_host(identity, config.listen) as host, open_market(host, identity, market_config) as market:
-        service = NodeService(home, identity, market, config, capabilities)
-        service.publish()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_bootstrap, market, config.bootstrap)
-            binds = await nursery.start(_serve_api, service, config.api, token)
-            service.api_url = binds[0]
-            info = {"peer_id": identity.peer_id, "addrs": peer_addrs(host), "api_url": service.api_url, "pid": os.getpid()}
-            write_private(info_path, json.dumps(info, indent=2).encode() + b"\n")
-            try:
-                task_status.started(info)
-                await trio.sleep_forever()
-            finally:
-                info_path.unlink(missing_ok=True)
-                nursery.cancel_scope.cancel()
+    service.publish()
+    async with trio.open_nursery() as nursery:
+        if service.escrow_agent is not None:
+            nursery.start_soon(serve_escrow, host, service.escrow_agent)
+        nursery.start_soon(_bootstrap, market, config.bootstrap)
+        binds = await nursery.start(_serve_api, service, config.api, token)
+        service.api_url = binds[0]
+        info = {"peer_id": identity.peer_id, "addrs": peer_addrs(host), "api_url": service.api_url, "pid": os.getpid()}
+        write_private(info_path, json.dumps(info, indent=2).encode() + b"\n")
+        try:
+            task_status.started(info)
+            await trio.sleep_forever()
+        finally:
+            info_path.unlink(missing_ok=True)
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,244 @@
+"""``node wallet …`` and ``node escrow …``: talk to escrow agents through the running node."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import protocol
+
+from ._common import DaemonClient, emit_json, home_option, json_option
+
+_DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return protocol.parse_credits(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _duration(_ctx: Any, _param: Any, value: str | None) -> int | None:
+    if value is None:
+        return None
+    m = _DURATION.match(value.strip())
+    if not m or int(m.group(1)) == 0:
+        raise click.BadParameter(f"{value!r} is not a duration such as 90s, 30m, 2h or 7d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _read_hex(path: str) -> str:
+    """A message file: hex text (as `node` writes them) or the raw encoded bytes."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("ascii").strip()
+        bytes.fromhex(text)
+        return text
+    except (UnicodeDecodeError, ValueError):
+        return data.hex()
+
+
+escrow_option = click.option("--escrow", metavar="PEER", help="the escrow agent (peer id or /p2p/ address; "
+                                                               "default: this node's own agent)")
+
+
+def _show_channels(channels: list[dict[str, Any]]) -> None:
+    if not channels:
+        click.echo("no channels", err=True)
+        return
+    table = Table("channel", "consumer", "provider", "cap", "claimed", "status", "expires")
+    for c in channels:
+        table.add_row(c["channel_id"], c["consumer"][-8:], c["provider"][-8:], protocol.format_credits(c["cap"]),
+                      protocol.format_credits(c["claimed"]), c["status"], str(c["expires_at"]))
+    Console().print(table)
+
+
+@click.group()
+def wallet() -> None:
+    """Balances held at escrow agents."""
+
+
+@wallet.command("balance")
+@home_option
+@json_option
+@escrow_option
+def wallet_balance(home: str | None, as_json: bool, escrow: str | None) -> None:
+    """This node's available and locked credits at an escrow agent, and its channels."""
+    doc = DaemonClient(home).request("GET", "/api/v1/wallet/balance", params={"escrow": escrow} if escrow else {})
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"escrow:    {doc['escrow']}")
+    click.echo(f"available: {protocol.format_credits(doc['available'])}")
+    click.echo(f"locked:    {protocol.format_credits(doc['locked'])}")
+    _show_channels(doc["channels"])
+
+
+@wallet.command("withdraw")
+@home_option
+@json_option
+@escrow_option
+@click.option("--amount", required=True, callback=_credits, metavar="CREDITS")
+def wallet_withdraw(home: str | None, as_json: bool, escrow: str | None, amount: int) -> None:
+    """Take credits out of the escrow system."""
+    doc = DaemonClient(home).request("POST", "/api/v1/wallet/withdraw", json={"escrow": escrow, "amount": amount})
+    emit_json(doc) if as_json else click.echo(f"withdrew {protocol.format_credits(doc['withdrawn'])}")
+
+
+@click.group()
+def escrow() -> None:
+    """Escrow channels and budgets (DESIGN.md, "Escrow")."""
+
+
+def _emit(doc: Any, as_json: bool, line: str) -> None:
+    emit_json(doc) if as_json else click.echo(line)
+
+
+@escrow.command("mint")
+@home_option
+@json_option
+@escrow_option
+@click.option("--to", "to", required=True, metavar="PEER")
+@click.option("--amount", required=True, callback=_credits, metavar="CREDITS")
+def escrow_mint(home: str | None, as_json: bool, escrow: str | None, to: str, amount: int) -> None:
+    """Credit PEER at the agent (the agent's operator only; a devnet rail)."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/mint", json={"escrow": escrow, "to": to, "amount": amount})
+    _emit(doc, as_json, f"minted {protocol.format_credits(doc['minted'])} to {to}")
+
+
+@escrow.command("open")
+@home_option
+@json_option
+@escrow_option
+@click.option("--provider", required=True, metavar="PEER")
+@click.option("--amount", required=True, callback=_credits, metavar="CREDITS", help="the channel's cap")
+@click.option("--expires", required=True, callback=_duration, metavar="DURATION", help="e.g. 1h, 7d")
+@click.option("--budget", metavar="ID", help="draw on a budget this node is whitelisted for")
+def escrow_open(home: str | None, as_json: bool, escrow: str | None, provider: str, amount: int, expires: int,
+                budget: str | None) -> None:
+    """Lock credits in a channel to one provider."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/open", json={
+        "escrow": escrow, "provider": provider, "amount": amount, "expires_s": expires, "budget_id": budget})
+    if as_json:
+        emit_json({"channel_id": doc["channel_id"], "cap": doc["cap"], "expires_at": doc["expires_at"]})
+    else:
+        click.echo(f"channel {doc['channel_id']}: {protocol.format_credits(doc['cap'])} until {doc['expires_at']}")
+
+
+@escrow.command("ls")
+@home_option
+@json_option
+@escrow_option
+def escrow_ls(home: str | None, as_json: bool, escrow: str | None) -> None:
+    """This node's channels (as consumer or provider)."""
+    doc = DaemonClient(home).request("GET", "/api/v1/wallet/balance", params={"escrow": escrow} if escrow else {})
+    emit_json(doc["channels"]) if as_json else _show_channels(doc["channels"])
+
+
+@escrow.command("claim")
+@home_option
+@json_option
+@escrow_option
+@click.option("--receipt", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="file with the doubly-signed receipt (hex)")
+def escrow_claim(home: str | None, as_json: bool, escrow: str | None, receipt: str) -> None:
+    """Be paid what a doubly-signed receipt proves (as the channel's provider)."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/claim", json={"escrow": escrow, "receipt": _read_hex(receipt)})
+    _emit(doc, as_json, f"paid {protocol.format_credits(doc['paid'])}; claimed "
+                        f"{protocol.format_credits(doc['channel']['claimed'])} of {protocol.format_credits(doc['channel']['cap'])}")
+
+
+@escrow.command("close")
+@home_option
+@json_option
+@escrow_option
+@click.option("--channel", required=True, metavar="ID")
+@click.option("--receipt", type=click.Path(exists=True, dir_okay=False), help="final doubly-signed receipt (hex)")
+@click.option("--sign-only", is_flag=True, help="print this party's signed half for the other party (valid 5 min)")
+@click.option("--with", "partial", type=click.Path(exists=True, dir_okay=False),
+              help="the other party's signed half: add ours and submit")
+def escrow_close(home: str | None, as_json: bool, escrow: str | None, channel: str, receipt: str | None,
+                 sign_only: bool, partial: str | None) -> None:
+    """Cooperative close: settle the final receipt and refund the rest at once (both parties sign)."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/close", json={
+        "escrow": escrow, "channel_id": channel, "receipt": _read_hex(receipt) if receipt else None,
+        "partial": _read_hex(partial) if partial else None, "sign_only": sign_only})
+    if sign_only:
+        emit_json(doc) if as_json else click.echo(doc["partial"])
+    else:
+        _emit(doc, as_json, f"closed; paid {protocol.format_credits(doc['paid'])}, refunded the rest")
+
+
+@escrow.command("refund")
+@home_option
+@json_option
+@escrow_option
+@click.option("--channel", required=True, metavar="ID")
+def escrow_refund(home: str | None, as_json: bool, escrow: str | None, channel: str) -> None:
+    """Reclaim what an expired channel never paid out (as its consumer)."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/refund", json={"escrow": escrow, "channel_id": channel})
+    _emit(doc, as_json, f"channel {channel} {doc['channel']['status']}")
+
+
+@escrow.group("budget")
+def budget() -> None:
+    """Funded budgets that whitelisted consumers open channels from."""
+
+
+@budget.command("create")
+@home_option
+@json_option
+@escrow_option
+@click.option("--amount", required=True, callback=_credits, metavar="CREDITS")
+@click.option("--whitelist", required=True, multiple=True, metavar="PEER", help="consumer allowed to draw (repeatable)")
+@click.option("--per-session", required=True, callback=_credits, metavar="CREDITS", help="most one channel may hold")
+@click.option("--expires", required=True, callback=_duration, metavar="DURATION")
+def budget_create(home: str | None, as_json: bool, escrow: str | None, amount: int, whitelist: tuple[str, ...],
+                  per_session: int, expires: int) -> None:
+    """Fund a budget."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/budgets", json={
+        "escrow": escrow, "amount": amount, "whitelist": list(whitelist), "per_session_limit": per_session,
+        "expires_s": expires})
+    _emit(doc, as_json, f"budget {doc['budget_id']}: {protocol.format_credits(doc['amount'])}")
+
+
+@budget.command("ls")
+@home_option
+@json_option
+@escrow_option
+def budget_ls(home: str | None, as_json: bool, escrow: str | None) -> None:
+    """Budgets this node funds or may draw on."""
+    doc = DaemonClient(home).request("GET", "/api/v1/escrow/budgets", params={"escrow": escrow} if escrow else {})
+    if as_json:
+        emit_json(doc)
+        return
+    table = Table("budget", "funder", "amount", "remaining", "per session", "status", "expires")
+    for b in doc:
+        table.add_row(b["budget_id"], b["funder"][-8:], protocol.format_credits(b["amount"]),
+                      protocol.format_credits(b["remaining"]), protocol.format_credits(b["per_session_limit"]),
+                      b["status"], str(b["expires_at"]))
+    Console().print(table)
+
+
+@budget.command("refund")
+@home_option
+@json_option
+@escrow_option
+@click.option("--budget", "budget_id", required=True, metavar="ID")
+def budget_refund(home: str | None, as_json: bool, escrow: str | None, budget_id: str) -> None:
+    """Return a budget's undrawn credits to its funder now."""
+    doc = DaemonClient(home).request("POST", "/api/v1/escrow/budgets/refund",
+                                     json={"escrow": escrow, "budget_id": budget_id})
+    _emit(doc, as_json, f"budget {budget_id} {doc['status']}")
+
+
+COMMANDS = [wallet, escrow]

@@ -1,0 +1,139 @@
+"""The escrow agent role on ``/inferswarm/escrow/1.0.0``, and the client every node uses.
+
+Server: a stream carries signed requests, one frame each, and gets the agent's signed answer
+to each; a malformed frame resets the stream. The agent's rules run in a worker thread (SQLite
+fsyncs must not stall the event loop); expired channels and budgets are swept every second.
+Client: ``EscrowClient.call`` sends one request to an agent — itself when this node is the
+agent — and checks that the answer is signed by that agent and answers that request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+import protocol
+from wallet import ESCROW_REQUESTS, EscrowAgent
+
+from ._host import parse_peer_addr
+from ._streams import FramedStream, StreamClosed
+
+__all__ = ["ESCROW_PROTOCOL", "serve_escrow", "EscrowClient", "EscrowUnreachable"]
+
+ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
+_logger = logging.getLogger(__name__)
+
+
+class EscrowUnreachable(Exception):
+    """The escrow agent could not be reached or gave no valid answer."""
+
+
+async def serve_escrow(host: IHost, agent: EscrowAgent, clock: Callable[[], float] = time.time,
+                       sweep_interval_s: float = 1.0) -> None:
+    """Answer escrow requests on ``host`` until cancelled."""
+    lock = trio.Lock()  # one ledger transaction at a time, in order of arrival
+
+    async def run(request: Any) -> protocol.EscrowResponse:
+        async with lock:
+            return await trio.to_thread.run_sync(agent.handle, request, int(clock()))
+
+    async def handler(stream: Any) -> None:
+        framed = FramedStream(stream)
+        try:
+            while True:
+                try:
+                    request = await framed.receive(expect=ESCROW_REQUESTS)
+                except StreamClosed:
+                    return
+                await framed.send(await run(request))
+        except protocol.ProtocolError as exc:
+            _logger.info("escrow stream from %s refused: %s", stream.muxed_conn.peer_id, exc)
+            await framed.reset()
+            return
+        finally:
+            await framed.close()
+
+    host.set_stream_handler(ESCROW_PROTOCOL, handler)
+    while True:
+        async with lock:
+            await trio.to_thread.run_sync(agent.sweep, int(clock()))
+        await trio.sleep(sweep_interval_s)
+
+
+class EscrowClient:
+    """Sends this node's signed escrow requests to agents."""
+
+    def __init__(self, host: IHost, local_agent: EscrowAgent | None = None, dht: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.host = host
+        self.local_agent = local_agent
+        self.dht = dht
+        self.clock = clock
+        self._local_lock = trio.Lock()
+
+    def resolve(self, agent: str | None) -> tuple[str, PeerInfo | None]:
+        """``(peer id, dialable info or None)`` of an agent given as a peer id or a …/p2p/ address;
+        ``None`` means this node's own agent.
+
+        Raises:
+            ValueError: no agent named and this node runs none; or a malformed peer.
+        """
+        if agent is None:
+            if self.local_agent is None:
+                raise ValueError("name the escrow agent (--escrow PEER): this node does not run one")
+            return self.local_agent.identity.peer_id, None
+        if agent.startswith("/"):
+            info = parse_peer_addr(agent)
+            return info.peer_id.to_base58(), info
+        protocol.public_key_from_peer_id(agent)
+        return agent, None
+
+    async def call(self, agent: str | None, request: Any, timeout: float = 30.0) -> protocol.EscrowResponse:
+        """Send ``request`` to ``agent`` and return its verified answer.
+
+        Raises:
+            EscrowUnreachable: no route, no answer, or an answer that is not the agent's.
+            ValueError: a malformed agent name.
+        """
+        peer_id, info = self.resolve(agent)
+        if self.local_agent is not None and peer_id == self.local_agent.identity.peer_id:
+            async with self._local_lock:
+                response = await trio.to_thread.run_sync(self.local_agent.handle, request, int(self.clock()))
+        else:
+            response = await self._remote(peer_id, info, request, timeout)
+        if response.request_id != request.request_id or response.agent != peer_id:
+            raise EscrowUnreachable("the answer is not for this request or not from this agent")
+        try:
+            protocol.verify(response, "sig", protocol.public_key_from_peer_id(peer_id))
+        except protocol.BadSignature as exc:
+            raise EscrowUnreachable("the answer is not signed by the agent") from exc
+        return response
+
+    async def _remote(self, peer_id: str, info: PeerInfo | None, request: Any, timeout: float) -> protocol.EscrowResponse:
+        pid = ID.from_base58(peer_id)
+        try:
+            with trio.fail_after(timeout):
+                if pid not in self.host.get_connected_peers():
+                    if info is None and not self.host.get_peerstore().addrs(pid) and self.dht is not None:
+                        info = await self.dht.find_peer(pid)
+                    if info is None:
+                        info = PeerInfo(pid, self.host.get_peerstore().addrs(pid))
+                    await self.host.connect(info)
+                framed = FramedStream(await self.host.new_stream(pid, [ESCROW_PROTOCOL]))
+                try:
+                    await framed.send(request)
+                    return await framed.receive(expect=(protocol.EscrowResponse,))
+                finally:
+                    await framed.close()
+        except trio.TooSlowError as exc:
+            raise EscrowUnreachable(f"escrow agent {peer_id} did not answer within {timeout:.0f}s") from exc
+        except (StreamClosed, protocol.ProtocolError) as exc:
+            raise EscrowUnreachable(f"escrow agent {peer_id} gave no valid answer: {exc}") from exc
+        except Exception as exc:  # libp2p dial errors come in many types
+            raise EscrowUnreachable(f"escrow agent {peer_id} unreachable: {exc}") from exc
