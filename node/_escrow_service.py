@@ -119,21 +119,32 @@ class EscrowClient:
         pid = ID.from_base58(peer_id)
         try:
             with trio.fail_after(timeout):
-                if pid not in self.host.get_connected_peers():
-                    if info is None and not self.host.get_peerstore().addrs(pid) and self.dht is not None:
-                        info = await self.dht.find_peer(pid)
-                    if info is None:
-                        info = PeerInfo(pid, self.host.get_peerstore().addrs(pid))
-                    await self.host.connect(info)
-                framed = FramedStream(await self.host.new_stream(pid, [ESCROW_PROTOCOL]))
+                if info is not None:  # an explicit address replaces what we knew (the agent may have restarted)
+                    self.host.get_peerstore().clear_addrs(pid)
+                    self.host.get_peerstore().add_addrs(pid, info.addrs, 3600)
+                    self.host.get_network().unblock_peer(pid)  # forget failed dials to its old address
                 try:
-                    await framed.send(request)
-                    return await framed.receive(expect=(protocol.EscrowResponse,))
-                finally:
-                    await framed.close()
+                    return await self._exchange(pid, info, request)
+                except (StreamClosed, protocol.ProtocolError):
+                    raise
+                except Exception:  # a connection that died under us: dial afresh, once
+                    await self.host.disconnect(pid)
+                    return await self._exchange(pid, info, request)
         except trio.TooSlowError as exc:
             raise EscrowUnreachable(f"escrow agent {peer_id} did not answer within {timeout:.0f}s") from exc
         except (StreamClosed, protocol.ProtocolError) as exc:
             raise EscrowUnreachable(f"escrow agent {peer_id} gave no valid answer: {exc}") from exc
         except Exception as exc:  # libp2p dial errors come in many types
             raise EscrowUnreachable(f"escrow agent {peer_id} unreachable: {exc}") from exc
+
+    async def _exchange(self, pid: ID, info: PeerInfo | None, request: Any) -> protocol.EscrowResponse:
+        if pid not in self.host.get_connected_peers():
+            if info is None and not self.host.get_peerstore().addrs(pid) and self.dht is not None:
+                info = await self.dht.find_peer(pid)
+            await self.host.connect(info or PeerInfo(pid, self.host.get_peerstore().addrs(pid)))
+        framed = FramedStream(await self.host.new_stream(pid, [ESCROW_PROTOCOL]))
+        try:
+            await framed.send(request)
+            return await framed.receive(expect=(protocol.EscrowResponse,))
+        finally:
+            await framed.close()

@@ -43,21 +43,34 @@ class Daemon:
 
     def __init__(self, home: Path, *extra: str) -> None:
         self.home = home
+        self.extra = extra
         node("init", "--home", str(home))
-        self.log = open(home / "daemon.log", "w")
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart) the daemon on its home and wait until it is ready."""
+        self.log = open(self.home / "daemon.log", "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "start", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0", *extra],
+            [sys.executable, "-m", "cli.main", "start", "--home", str(self.home), "--listen", "/ip4/127.0.0.1/tcp/0",
+             *self.extra],
             cwd=ROOT, env=node_env(), stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        self.info = poll(self._ready, 60, f"daemon in {home} to be ready")
+        self.info = poll(self._ready, 60, f"daemon in {self.home} to be ready")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind (daemon.json stays behind, as after a crash)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
 
     def _ready(self):
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}: {(self.home / 'daemon.log').read_text()}")
         try:
-            return json.loads((self.home / "daemon.json").read_text())
+            info = json.loads((self.home / "daemon.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return info if info.get("pid") == self.proc.pid else None  # not a crashed predecessor's file
 
     @property
     def addr(self) -> str:
@@ -75,5 +88,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
         return self.proc.returncode
