@@ -54,7 +54,7 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                 info = await nursery.start(
                     lambda task_status: run_daemon(h, keystore.identity, listen=listen or None, bootstrap=bootstrap,
                                                    api=api, accept_escrow=accept_escrow, escrow=escrow,
-                                                   task_status=task_status)
+                                                   api_key=keystore.api_key, task_status=task_status)
                 )
                 click.echo(f"node {info['peer_id']} ready; API {info['api_url']}", err=True)
                 for addr in info["addrs"]:

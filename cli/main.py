@@ -17,6 +17,7 @@ from ._common import CliError, emit_json, home_option, json_option
 from ._common import fail_on as _fail_on
 from ._escrow import COMMANDS as ESCROW_COMMANDS
 from ._market import COMMANDS
+from ._renting import COMMANDS as RENTING_COMMANDS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inferswarm", prog_name="node")
@@ -64,7 +65,7 @@ def id_(home: str | None, as_json: bool) -> None:
         click.echo(peer_id)
 
 
-for _command in COMMANDS + ESCROW_COMMANDS:
+for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS:
     cli.add_command(_command)
 
 

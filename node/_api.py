@@ -12,13 +12,18 @@ import hmac
 import json
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import protocol
+
 from ._escrow_ops import EscrowRefused
 from ._escrow_service import EscrowUnreachable
+from ._renting import RentError
+from ._session_client import CallRefused, SessionError, SessionRejected
 
 if TYPE_CHECKING:
     from ._daemon import NodeService
@@ -164,6 +169,91 @@ def _escrow_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     ]
 
 
+def _error_of(exc: Exception) -> tuple[int, str, str, str | None] | None:
+    """(status, message, type, code) of an exception the API reports, or None."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.message, exc.kind, exc.code
+    if isinstance(exc, EscrowRefused):
+        return 409, f"the escrow agent refused: {exc}", "escrow_error", exc.code
+    if isinstance(exc, EscrowUnreachable):
+        return 502, str(exc), "escrow_unreachable", None
+    if isinstance(exc, RentError):
+        return 404, str(exc), "no_provider", "no_provider"
+    if isinstance(exc, (SessionRejected, CallRefused)):
+        return 409, str(exc), "provider_refused", exc.reason
+    if isinstance(exc, SessionError):
+        return 502, str(exc), "provider_error", getattr(exc, "code", None)
+    if isinstance(exc, protocol.SpendLimitReached):
+        return 402, str(exc), "budget_exhausted", "spend_limit_reached"
+    if isinstance(exc, (ValueError, TypeError)):
+        return 400, str(exc), "invalid_request_error", None
+    return None
+
+
+class NDJSONStream:
+    """An ASGI response that runs ``produce(emit)`` and sends each emitted document as one JSON
+    line as soon as it is emitted (no generator holds a nursery open across a yield)."""
+
+    def __init__(self, produce: Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]) -> None:
+        self.produce = produce
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]})
+
+        async def emit(doc: Any) -> None:
+            await send({"type": "http.response.body", "body": json.dumps(doc).encode() + b"\n", "more_body": True})
+
+        try:
+            await self.produce(emit)
+        except Exception as exc:
+            err = _error_of(exc)
+            if err is None:
+                raise
+            await emit({"error": {"message": err[1], "type": err[2], "code": err[3]}, "status": err[0]})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
+    async def run(request: Request) -> Any:
+        d = await body(request)
+        messages = d.get("messages")
+        if messages is None:
+            messages = [{"role": "user", "content": _field(d, "prompt", str)}]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ApiError(400, "messages must be a non-empty list of {role, content}")
+        kwargs = dict(
+            max_tokens=_field(d, "max_tokens", int, 256),
+            temperature_milli=_field(d, "temperature_milli", int, 1000),
+            provider=_field(d, "provider", str, None),
+            budget=_field(d, "budget", int, None),
+            escrow=_field(d, "escrow", str, None),
+        )
+        model = _field(d, "model", str)
+        if not d.get("stream"):
+            return await service.renter.run(model, messages, **kwargs)
+
+        async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
+            async def on_text(text: str) -> None:
+                await emit({"delta": text})
+
+            await emit({"result": await service.renter.run(model, messages, on_text=on_text, **kwargs)})
+
+        return NDJSONStream(produce)
+
+    async def receipts(request: Request) -> Any:
+        session = request.query_params.get("session")
+        try:
+            sid = bytes.fromhex(session) if session else None
+        except ValueError as exc:
+            raise ApiError(400, "session must be hex") from exc
+        return await trio.to_thread.run_sync(service.receipts.list, sid)
+
+    return [("POST", "/api/v1/run", run), ("GET", "/api/v1/receipts", receipts)]
+
+
 def build_app(service: "NodeService", token: str) -> Starlette:
     """The ASGI app of the control API, bound to one running node."""
     expected = f"Bearer {token}".encode()
@@ -173,17 +263,15 @@ def build_app(service: "NodeService", token: str) -> Starlette:
             if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
                 return _error(401, "missing or wrong bearer token (see api.token in the node home)", "authentication_error")
             try:
-                return JSONResponse(await fn(request))
-            except ApiError as exc:
-                return _error(exc.status, exc.message, exc.kind, exc.code)
-            except EscrowRefused as exc:
-                return _error(409, f"the escrow agent refused: {exc}", "escrow_error", exc.code)
-            except EscrowUnreachable as exc:
-                return _error(502, str(exc), "escrow_unreachable")
-            except (ValueError, TypeError) as exc:
-                return _error(400, str(exc), "invalid_request_error")
+                result = await fn(request)
+            except Exception as exc:
+                err = _error_of(exc)
+                if err is None:
+                    raise
+                return _error(*err)
+            return result if isinstance(result, NDJSONStream) else JSONResponse(result)
 
         return handler
 
-    routes = _market_routes(service) + _escrow_routes(service)
+    routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
     return Starlette(routes=[Route(path, endpoint(fn), methods=[method]) for method, path, fn in routes])

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import hypercorn.config
 import hypercorn.trio
@@ -28,8 +28,12 @@ from ._api import build_app
 from ._capabilities import hardware_of, probe_capabilities
 from ._config import NodeConfig, Offer, load_config, save_offers
 from ._daemon_files import api_token, daemon_info_path, write_private
+from ._backends import Backend, open_backend
 from ._escrow_ops import EscrowOps
 from ._escrow_service import EscrowClient, serve_escrow
+from ._receipts import ReceiptStore
+from ._renting import Renter
+from ._session_service import SESSION_PROTOCOL, ProviderService
 from ._home import Home
 from ._host import open_host, parse_peer_addr, peer_addrs
 from ._market import Market, MarketConfig, open_market
@@ -51,10 +55,19 @@ class NodeService:
     """What the API and CLI see of a running node."""
 
     def __init__(self, home: Home, identity: Identity, market: Market, config: NodeConfig, capabilities: dict[str, Any],
-                 escrow_agent: EscrowAgent | None = None):
+                 escrow_agent: EscrowAgent | None = None, receipts: ReceiptStore | None = None,
+                 api_key: Callable[[str], str] | None = None):
         self.home = home
         self.escrow_agent = escrow_agent
-        self.escrow = EscrowOps(identity, EscrowClient(market.host, escrow_agent, market.dht), time.time)
+        client = EscrowClient(market.host, escrow_agent, market.dht)
+        self.escrow = EscrowOps(identity, client, time.time)
+        self.receipts = receipts if receipts is not None else ReceiptStore(home.path / "receipts.db")
+        self._api_key = api_key
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self._backend_lock = trio.Lock()
+        self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
+                                        client, self.receipts)
+        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts)
         self.identity = identity
         self.market = market
         self.host = market.host
@@ -63,6 +76,24 @@ class NodeService:
         self._offers = {o.model: o for o in config.offers}
         self._started = time.monotonic()
         self.api_url = ""
+
+    def accepted_agents(self) -> set[str]:
+        """Escrow agents this node's offers accept: the configured ones, and itself if it is one."""
+        own = {self.identity.peer_id} if self.escrow_agent is not None else set()
+        return set(self.config.accept_escrow) | own
+
+    async def backend_for(self, offer: Offer) -> Backend:
+        """The started backend serving ``offer`` (started on first use, then kept)."""
+        key = (offer.backend, offer.model)
+        async with self._backend_lock:
+            if key not in self._backends:
+                self._backends[key] = await open_backend(offer.backend, self.home.path, offer.model, self._api_key)
+            return self._backends[key]
+
+    async def aclose(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+        self.receipts.close()
 
     def offers(self) -> list[Offer]:
         return list(self._offers.values())
@@ -78,7 +109,7 @@ class NodeService:
             expires_at=0,
             provider_type="self_hosted",
             models=tuple(o.to_model_offer() for o in self._offers.values()),
-            escrow_agents=self.config.accept_escrow,
+            escrow_agents=tuple(sorted(self.accepted_agents()))[:16],
             hardware=hardware_of(self.capabilities),
         )
 
@@ -209,6 +240,7 @@ async def run_daemon(
     api: str | None = None,
     accept_escrow: tuple[str, ...] = (),
     escrow: bool = False,
+    api_key: Callable[[str], str] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node until cancelled. ``task_status.started`` receives the daemon info.
@@ -233,8 +265,12 @@ async def run_daemon(
     agent = EscrowAgent(Ledger(home.path / "escrow.db"), identity) if escrow else None
     try:
         async with open_host(identity, config.listen) as host, open_market(host, identity, market_config) as market:
-            service = NodeService(home, identity, market, config, capabilities, agent)
-            await _serve(service, config, token, task_status)
+            service = NodeService(home, identity, market, config, capabilities, agent, api_key=api_key)
+            try:
+                await _serve(service, config, token, task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await service.aclose()
     finally:
         if agent is not None:
             agent.ledger.close()
@@ -244,6 +280,7 @@ async def _serve(service: NodeService, config: NodeConfig, token: str, task_stat
     home, identity, market, host = service.home, service.identity, service.market, service.host
     info_path = daemon_info_path(home)
     service.publish()
+    host.set_stream_handler(SESSION_PROTOCOL, service.provider.handle)
     async with trio.open_nursery() as nursery:
         if service.escrow_agent is not None:
             nursery.start_soon(serve_escrow, host, service.escrow_agent)

@@ -123,6 +123,11 @@ class EscrowOps:
         return {"channel_id": ch.channel_id.hex(), "cap": ch.cap, "expires_at": ch.expires_at, "escrow": r.agent,
                 "provider": ch.provider, "budget_id": budget_id}
 
+    async def open_grant(self, agent: str | None, provider: str, cap: int, ttl_s: int) -> protocol.ChannelGrant:
+        """Open a channel and return the agent-signed grant a session carries."""
+        r = await self._call(agent, self._signed(EscrowOpen, provider=provider, cap=cap, expires_at=self.now() + ttl_s))
+        return r.channels[0].channel
+
     async def claim(self, agent: str | None, receipt_hex: str) -> dict[str, Any]:
         receipt = _decode_hex(receipt_hex, protocol.Receipt, "receipt")
         r = await self._call(agent or receipt.agent, self._signed(EscrowClaim, receipt=receipt))

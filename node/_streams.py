@@ -25,7 +25,20 @@ class FramedStream:
         self._frames: list[bytes] = []
 
     async def send(self, msg: Any) -> None:
-        await self.stream.write(protocol.frame(protocol.encode(msg, self.max_size), self.max_size))
+        """Send one message.
+
+        Raises:
+            StreamClosed: the peer is gone. protocol.LocalProtocolError: the message is invalid.
+        """
+        data = protocol.frame(protocol.encode(msg, self.max_size), self.max_size)
+        try:
+            await self.stream.write(data)
+        except Exception as exc:  # libp2p's closed/reset/connection errors
+            raise StreamClosed(str(exc) or type(exc).__name__) from exc
+
+    async def send_all(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            await self.send(msg)
 
     async def receive(self, expect: tuple[type, ...] | None = None) -> Any:
         """The next message.

@@ -268,18 +268,6 @@ class CounterSign:
     consumer_sig: bytes = wire(Bytes(64))
 
 
-@message("session_close", 1, signatures=("sig",))
-@dataclasses.dataclass(frozen=True, slots=True)
-class Close:
-    session_id: bytes = wire(_ID)
-    by: str = wire(PeerId())
-    reason: str = wire(Str(choices=CLOSE_REASONS))
-    last_receipt_hash: bytes = wire(_HASH)
-    cumulative: int = wire(_AMOUNT)
-    issued_at: int = wire(_T)
-    sig: bytes = wire(_SIG, default=b"")
-
-
 # ---- escrow (each request signed by the party it acts for; answers signed by the agent) ------
 
 
@@ -445,4 +433,22 @@ class EscrowResponse:
     paid: int = wire(_AMOUNT, default=0)
     budget_id: bytes | None = wire(Optional(_ID), default=None)
     issued_at: int = wire(_T, default=0)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+# ---- session close (after the escrow messages it can carry) --------------------------------
+
+
+@message("session_close", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class Close:
+    session_id: bytes = wire(_ID)
+    by: str = wire(PeerId())
+    reason: str = wire(Str(choices=CLOSE_REASONS))
+    last_receipt_hash: bytes = wire(_HASH)
+    cumulative: int = wire(_AMOUNT)
+    issued_at: int = wire(_T)
+    # the consumer's half of a cooperative escrow close (final receipt included): the provider
+    # adds its signature and submits it, settling the channel at once
+    escrow_close: "EscrowClose | None" = wire(Optional(Nested(EscrowClose)), default=None)
     sig: bytes = wire(_SIG, default=b"")

@@ -43,6 +43,7 @@ from ._messages import (
     Chunk,
     Close,
     CounterSign,
+    EscrowClose,
     Open,
     Receipt,
     Reject,
@@ -262,6 +263,13 @@ class ConsumerSession(_Machine):
         """µc still spendable in this session."""
         return self.cap - self.cumulative
 
+    def escrow_close_half(self, request_id: bytes, now: int) -> EscrowClose:
+        """This consumer's signature on a cooperative close of the channel, settling the last
+        doubly-signed receipt (if any): the provider adds its half and submits it."""
+        final = self.receipts[-1] if self.receipts else None
+        msg = EscrowClose(request_id=request_id, channel_id=self.channel.channel_id, receipt=final, issued_at=now)
+        return sign(msg, "consumer_sig", self._signer)
+
     @_guarded
     def open(self, now: int) -> Open:
         """Queue the signed ``Open``.
@@ -326,8 +334,13 @@ class ConsumerSession(_Machine):
         return msg
 
     @_guarded
-    def close(self, now: int, reason: str = "done") -> Close:
-        """Queue a signed ``Close``; an unfinished call is abandoned and never paid."""
+    def close(self, now: int, reason: str = "done", escrow_close: EscrowClose | None = None) -> Close:
+        """Queue a signed ``Close``; an unfinished call is abandoned and never paid.
+
+        Args:
+            escrow_close: optionally, this consumer's signed half of a cooperative channel close,
+                for the provider to complete and submit (see ``escrow_close_half``).
+        """
         self._expect(ConsumerState.IDLE, ConsumerState.OPENING, ConsumerState.READY, ConsumerState.IN_CALL)
         msg = sign(
             Close(
@@ -337,6 +350,7 @@ class ConsumerSession(_Machine):
                 last_receipt_hash=self.last_hash,
                 cumulative=self.cumulative,
                 issued_at=now,
+                escrow_close=escrow_close,
             ),
             "sig",
             self._signer,
@@ -646,10 +660,19 @@ class ProviderSession(_Machine):
         return msg
 
     @_guarded
-    def finish_call(self, finish_reason: str, now: int) -> Receipt:
-        """Queue the provider-signed receipt of the running call."""
+    def finish_call(self, finish_reason: str, now: int, tokens_in: int | None = None) -> Receipt:
+        """Queue the provider-signed receipt of the running call.
+
+        Args:
+            tokens_in: the prompt's actual token count when the admitted one was an upper bound
+                (an upstream server's usage); never more than what ``start_call`` admitted.
+        """
         self._expect(ProviderState.IN_CALL)
         assert self._request is not None and self.accept is not None and self.open_msg is not None
+        if tokens_in is not None:
+            if tokens_in > self._tokens_in:
+                raise SpendLimitReached(f"billing {tokens_in} prompt tokens, {self._tokens_in} were admitted")
+            self._tokens_in = tokens_in
         cost = call_cost(self.accept.price, self._tokens_in, self._tokens_out)
         receipt = Receipt(
             session_id=self.session_id,

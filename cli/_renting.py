@@ -1,0 +1,154 @@
+"""``node run``, ``node chat``, ``node receipts``, ``node key``: renting and its records."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import protocol
+import wallet
+from node import Home, resolve_home
+
+from ._common import CliError, DaemonClient, emit_json, fail_on, home_option, json_option
+
+
+def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return protocol.parse_credits(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _temperature(_ctx: Any, _param: Any, value: str | None) -> int:
+    """Temperature as integer thousandths (the wire carries no floats), parsed exactly."""
+    try:
+        whole, _, frac = (value or "1").strip().partition(".")
+        milli = int(whole or "0") * 1000 + int((frac + "000")[:3] or "0")
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a temperature such as 0.7") from exc
+    if not 0 <= milli <= 2000 or len(frac) > 3:
+        raise click.BadParameter("temperature is 0 to 2 with at most 3 decimals")
+    return milli
+
+
+def _stream_run(client: DaemonClient, payload: dict[str, Any], echo_text: bool) -> dict[str, Any]:
+    result = None
+    try:
+        with client._http.stream("POST", "/api/v1/run", json=payload) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise CliError(response.json().get("error", {}).get("message", f"HTTP {response.status_code}"))
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                doc = json.loads(line)
+                if "delta" in doc and echo_text:
+                    sys.stdout.write(doc["delta"])
+                    sys.stdout.flush()
+                elif "error" in doc:
+                    raise CliError(doc["error"]["message"])
+                elif "result" in doc:
+                    result = doc["result"]
+    except (OSError, ValueError) as exc:
+        raise CliError(f"the node's answer broke off: {exc}") from exc
+    if result is None:
+        raise CliError("the node ended the stream without a result")
+    return result
+
+
+@click.command()
+@home_option
+@json_option
+@click.option("--model", required=True)
+@click.option("--strategy", type=click.Choice(["cheapest"]), default="cheapest", show_default=True,
+              help="how to pick the provider (more strategies come with routing)")
+@click.option("--provider", metavar="PEER", help="rent from this provider only")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", callback=_temperature, default="1.0", show_default=True)
+@click.option("--budget", callback=_credits, metavar="CREDITS", help="most this call may cost (default: its worst case)")
+@click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
+@click.option("--stream", is_flag=True, help="print the completion as it arrives")
+@click.argument("prompt")
+def run(home: str | None, as_json: bool, model: str, strategy: str, provider: str | None, max_tokens: int,
+        temperature: int, budget: int | None, escrow: str | None, stream: bool, prompt: str) -> None:
+    """One paid completion: open a channel, run one call, settle, print the result."""
+    client = DaemonClient(home)
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
+               "provider": provider, "budget": budget, "escrow": escrow, "stream": stream}
+    if stream:
+        doc = _stream_run(client, payload, echo_text=not as_json)
+        if not as_json:
+            click.echo()
+    else:
+        doc = client.request("POST", "/api/v1/run", json=payload)
+    if as_json:
+        emit_json(doc)
+        return
+    if not stream:
+        click.echo(doc["choices"][0]["message"]["content"])
+    usage, cost = doc["usage"], doc["cost"]
+    click.echo(f"[{doc['provider'][:8]}…{doc['provider'][-6:]} · {usage['prompt_tokens']}+{usage['completion_tokens']} "
+               f"tokens · {protocol.format_credits(cost['amount'])} credits · {doc['latency_ms']} ms · "
+               f"receipt {cost['receipt_id'][:16]}…]", err=True)
+
+
+@click.command()
+@home_option
+@json_option
+@click.argument("session", required=False)
+def receipts(home: str | None, as_json: bool, session: str | None) -> None:
+    """Every receipt this node keeps, with both signatures and its chain link."""
+    rows = DaemonClient(home).request("GET", "/api/v1/receipts", params={"session": session} if session else {})
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no receipts", err=True)
+        return
+    table = Table("receipt", "session", "#", "role", "model", "tokens", "cost", "cumulative", "prev")
+    for r in rows:
+        table.add_row(r["receipt_id"][:12], r["session_id"][:8], str(r["call_seq"]), r["role"], r["model"],
+                      f"{r['tokens_in']}+{r['tokens_out']}", protocol.format_credits(r["cost"]),
+                      protocol.format_credits(r["cumulative"]), r["prev_hash"][:8])
+    Console().print(table)
+
+
+@click.group()
+def key() -> None:
+    """Upstream API keys kept encrypted in the keystore (for openai: backends)."""
+
+
+@key.command("add")
+@home_option
+@click.argument("name")
+@fail_on(wallet.WalletError, ValueError)
+def key_add(home: str | None, name: str) -> None:
+    """Store an API key under NAME (value from $INFERSWARM_API_KEY, else a hidden prompt)."""
+    value = os.environ.get("INFERSWARM_API_KEY") or (click.prompt("API key", hide_input=True) if sys.stdin.isatty()
+                                                     else None)
+    if not value:
+        raise CliError("set INFERSWARM_API_KEY or run on a terminal to enter the key")
+    ks = wallet.Keystore.open(Home(resolve_home(home)).keystore, wallet.resolve_passphrase())
+    ks.set_api_key(name, value)
+    click.echo(f"stored API key {name!r} (restart the node to use it)")
+
+
+@key.command("ls")
+@home_option
+@fail_on(wallet.WalletError)
+def key_ls(home: str | None) -> None:
+    """Names of the stored API keys (never their values)."""
+    ks = wallet.Keystore.open(Home(resolve_home(home)).keystore, wallet.resolve_passphrase())
+    for name in ks.api_key_names():
+        click.echo(name)
+
+
+COMMANDS = [run, receipts, key]

@@ -1,0 +1,228 @@
+"""Inference backends: generate a stream of text pieces with exact token counts, and count
+prompt tokens. Model compute never runs on the trio event loop (worker threads).
+
+    builtin                    the embedded tiny model, built into the home on first use
+    transformers:PATH          any local Hugging Face model folder (CUDA when torch sees a GPU)
+    openai:BASE_URL[#KEYNAME]  an upstream OpenAI-compatible server; the key stays in the keystore
+    llamacpp:PATH              a GGUF file through llama-cpp-python (optional extra)
+
+torch and transformers are imported only by the backends that need them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence
+
+import trio
+
+from ._builtin_model import BUILTIN_MODEL, ensure_builtin_model
+
+__all__ = ["Backend", "BackendError", "Generation", "OnPiece", "open_backend", "BUILTIN_MODEL"]
+
+_logger = logging.getLogger(__name__)
+OnPiece = Callable[[str, int], Awaitable[None]]
+
+
+class BackendError(Exception):
+    """The backend could not serve the request (load failure, upstream error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    finish_reason: str  # "stop" | "length"
+    tokens_out: int
+    tokens_in: int | None = None  # the backend's own prompt count, when it differs from the estimate
+
+
+class Backend(abc.ABC):
+    """One model served by this node."""
+
+    spec: str
+
+    async def start(self) -> None:
+        """Load what the backend needs (in a worker thread)."""
+
+    async def aclose(self) -> None:
+        """Release what ``start`` took."""
+
+    @abc.abstractmethod
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        """Tokens the prompt will cost (exact, or an upper bound for upstream servers)."""
+
+    @abc.abstractmethod
+    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+        """Generate at most ``max_tokens`` tokens, calling ``on_piece(text, tokens)`` as text is ready.
+
+        Raises:
+            BackendError: the model failed.
+        """
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class TransformersBackend(Backend):
+    """A local Hugging Face model folder, loaded with ``from_pretrained(..., local_files_only=True)``."""
+
+    def __init__(self, spec: str, folder: Path) -> None:
+        self.spec = spec
+        self.folder = folder
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._device = "cpu"
+        self._lock = trio.Lock()  # one generation at a time on this model
+
+    async def start(self) -> None:
+        def load() -> None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+            self._model = AutoModelForCausalLM.from_pretrained(self.folder, local_files_only=True).to(self._device)
+            self._model.eval()
+
+        try:
+            await trio.to_thread.run_sync(load)
+        except Exception as exc:
+            raise BackendError(f"cannot load a model from {self.folder}: {exc}") from exc
+
+    def _prompt_ids(self, messages: Sequence[dict[str, str]]) -> Any:
+        encoded = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
+                                                      return_dict=True)
+        return encoded["input_ids"]
+
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        ids = await trio.to_thread.run_sync(self._prompt_ids, messages)
+        return int(ids.shape[1])
+
+    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+        if max_tokens <= 0:
+            return Generation("length", 0)
+        async with self._lock:
+            return await self._generate(messages, max_tokens, temperature_milli, top_p_milli, stop, on_piece)
+
+    async def _generate(self, messages: Sequence[dict[str, str]], max_tokens: int, temperature_milli: int,
+                        top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        tokenizer, cancel = self._tokenizer, threading.Event()
+        state = {"ids": [], "sent_text": "", "sent_tokens": 0, "stopped": False}
+        send, receive = trio.open_memory_channel[tuple[str, int] | None](max_buffer_size=1024)
+        token = trio.lowlevel.current_trio_token()
+
+        def emit(final: bool) -> None:
+            text = tokenizer.decode(state["ids"], skip_special_tokens=True)
+            for s in stop:
+                at = text.find(s, max(0, len(state["sent_text"]) - len(s)))
+                if at >= 0:
+                    text, state["stopped"] = text[:at], True
+                    cancel.set()
+            if not final and not state["stopped"] and text.endswith("\ufffd"):
+                return  # an unfinished multi-byte character: wait for its other bytes
+            new = text[len(state["sent_text"]):]
+            tokens = len(state["ids"]) - state["sent_tokens"]
+            if new or tokens:
+                state["sent_text"], state["sent_tokens"] = text, len(state["ids"])
+                trio.from_thread.run_sync(send.send_nowait, (new, tokens), trio_token=token)
+
+        class Streamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                if cancel.is_set():
+                    raise _Cancelled
+                state["ids"].extend(int(t) for t in value.reshape(-1).tolist() if int(t) not in eos_ids)
+                emit(final=False)
+
+            def end(self) -> None:
+                pass
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        eos = self._model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+        def run() -> str:
+            ids = self._prompt_ids(messages).to(self._device)
+            sampling = temperature_milli > 0
+            kwargs: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_tokens}
+            if sampling:
+                kwargs.update(temperature=temperature_milli / 1000, top_p=top_p_milli / 1000)
+            else:
+                kwargs.update(temperature=None, top_p=None)
+            try:
+                with torch.inference_mode():
+                    out = self._model.generate(ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
+                                               stopping_criteria=StoppingCriteriaList([Stop()]), **kwargs)
+            except _Cancelled:
+                return "stop"
+            finally:
+                emit(final=True)
+                trio.from_thread.run_sync(send.send_nowait, None, trio_token=token)
+            generated = out.shape[1] - ids.shape[1]
+            ended_on_eos = generated > 0 and int(out[0, -1]) in eos_ids
+            return "stop" if state["stopped"] or ended_on_eos or generated < max_tokens else "length"
+
+        result: dict[str, Any] = {}
+
+        async def worker() -> None:
+            try:
+                result["finish"] = await trio.to_thread.run_sync(run)
+            except Exception as exc:  # torch raises many types
+                result["error"] = exc
+                send.send_nowait(None)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker)
+                async for item in receive:
+                    if item is None:
+                        break
+                    await on_piece(*item)
+        finally:
+            cancel.set()  # if the consumer went away, stop the model at its next token
+        if "error" in result:
+            raise BackendError(f"generation failed: {result['error']}") from result["error"]
+        return Generation(result["finish"], state["sent_tokens"])
+
+
+async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable[[str], str] | None = None) -> Backend:
+    """A started backend for a backend SPEC.
+
+    Raises:
+        BackendError: it cannot be started (missing folder, missing extra, bad key name).
+    """
+    if spec == "builtin":
+        folder = await trio.to_thread.run_sync(ensure_builtin_model, home / "models")
+        backend: Backend = TransformersBackend(spec, folder)
+    elif spec.startswith("transformers:"):
+        folder = Path(spec.split(":", 1)[1]).expanduser()
+        if not folder.is_dir():
+            raise BackendError(f"no model folder at {folder}")
+        backend = TransformersBackend(spec, folder)
+    elif spec.startswith("openai:"):
+        from ._backend_openai import OpenAIBackend
+
+        backend = OpenAIBackend.from_spec(spec, api_key, model)
+    elif spec.startswith("llamacpp:"):
+        raise BackendError("the llamacpp backend needs the optional llama-cpp-python extra, not installed here")
+    else:
+        raise BackendError(f"unknown backend {spec!r}")
+    await backend.start()
+    return backend

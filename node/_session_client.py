@@ -1,0 +1,205 @@
+"""The consumer side of ``/inferswarm/session/1.0.0``: moves the frames of
+``protocol.ConsumerSession`` over a stream to the provider and back.
+
+The machine checks every receipt (hashes it computes itself, pinned prices, the chain, the cap,
+the provider's signature) before this side counter-signs it; a provider that lies gets no
+counter-signature and so is never paid for that call. Ending the session sends this consumer's
+half of a cooperative channel close, so the provider can settle and the rest is refunded at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+import multiaddr
+import protocol
+from protocol import (Accepted, CallFailed, ChannelGrant, ChatMessage, ChunkReceived, ConsumerSession, Price,
+                      ReceiptSettled, Rejected, SessionClosed)
+from wallet import Identity
+
+from ._receipts import ReceiptStore
+from ._session_service import SESSION_PROTOCOL
+from ._streams import FramedStream, StreamClosed
+
+__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult",
+           "ConsumerSessionHandle", "open_session"]
+
+
+class SessionError(Exception):
+    """Renting failed; nothing was paid for the call that failed."""
+
+
+class SessionRejected(SessionError):
+    def __init__(self, reason: str, detail: str, retry_after_s: int = 0) -> None:
+        super().__init__(f"the provider refused the session: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason, self.detail, self.retry_after_s = reason, detail, retry_after_s
+
+
+class CallRefused(SessionError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"the provider refused the call: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason, self.detail = reason, detail
+
+
+class ProviderFailed(SessionError):
+    """The provider went away or stopped answering; the unfinished call is not paid."""
+
+
+class ProviderMisbehaved(SessionError):
+    """The provider broke the protocol (a bad receipt, a wrong chunk): it was not counter-signed."""
+
+    def __init__(self, exc: protocol.ProtocolError) -> None:
+        super().__init__(f"the provider broke the protocol ({exc.code}): {exc}; nothing was counter-signed for it")
+        self.code = exc.code
+
+
+@dataclasses.dataclass(frozen=True)
+class CallResult:
+    text: str
+    finish_reason: str
+    receipt: protocol.Receipt
+    ttft_s: float
+    duration_s: float
+
+
+class ConsumerSessionHandle:
+    def __init__(self, machine: ConsumerSession, framed: FramedStream, receipts: ReceiptStore | None,
+                 clock: Callable[[], float], idle_timeout_s: float) -> None:
+        self.machine = machine
+        self._framed = framed
+        self._receipts = receipts
+        self._clock = clock
+        self._idle = idle_timeout_s
+        self._lock = trio.Lock()
+
+    @property
+    def provider(self) -> str:
+        return self.machine.provider
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    async def _next(self) -> list[Any]:
+        try:
+            with trio.fail_after(self._idle):
+                msg = await self._framed.receive()
+        except trio.TooSlowError as exc:
+            raise ProviderFailed(f"the provider sent nothing for {self._idle:.0f}s") from exc
+        except StreamClosed as exc:
+            raise ProviderFailed(f"the provider closed the session ({exc})") from exc
+        except protocol.DecodeError as exc:
+            raise ProviderMisbehaved(exc) from exc
+        try:
+            events = self.machine.receive(msg, self.now())
+        except protocol.RemoteProtocolError as exc:
+            raise ProviderMisbehaved(exc) from exc
+        await self._framed.send_all(self.machine.outgoing())
+        return events
+
+    async def call(self, messages: list[dict[str, str]], max_tokens: int, *, temperature_milli: int = 1000,
+                   top_p_milli: int = 1000, stop: tuple[str, ...] = (),
+                   on_text: Callable[[str], Awaitable[None]] | None = None) -> CallResult:
+        """Run one call; return the completion and its doubly-signed receipt.
+
+        Raises:
+            CallRefused: the provider refused this call (reason code); nothing is charged.
+            ProviderFailed, ProviderMisbehaved: the call failed; nothing was counter-signed for it.
+            protocol.SpendLimitReached: the session's budget is spent.
+        """
+        async with self._lock:
+            chat = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+            self.machine.request(chat, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
+                                 stop=stop)
+            start = time.monotonic()
+            first: float | None = None
+            try:
+                await self._framed.send_all(self.machine.outgoing())
+            except StreamClosed as exc:
+                raise ProviderFailed(f"the provider closed the session ({exc})") from exc
+            while True:
+                for event in await self._next():
+                    if isinstance(event, ChunkReceived):
+                        if first is None:
+                            first = time.monotonic() - start
+                        if on_text is not None and event.chunk.text:
+                            await on_text(event.chunk.text)
+                    elif isinstance(event, CallFailed):
+                        raise CallRefused(event.error.reason, event.error.detail)
+                    elif isinstance(event, ReceiptSettled):
+                        if self._receipts is not None:
+                            await self._receipts.put(event.receipt, "consumer")
+                        duration = time.monotonic() - start
+                        return CallResult(event.text, event.receipt.finish_reason, event.receipt,
+                                          first if first is not None else duration, duration)
+                    elif isinstance(event, SessionClosed):
+                        raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
+
+    async def close(self, settle_escrow: bool = True) -> None:
+        """End the session; with ``settle_escrow`` the channel is settled and refunded at once."""
+        if self.machine.state.name in ("CLOSED", "ERROR"):
+            return
+        half = self.machine.escrow_close_half(secrets.token_bytes(16), self.now()) if settle_escrow else None
+        self.machine.close(self.now(), escrow_close=half)
+        try:
+            await self._framed.send_all(self.machine.outgoing())
+            with trio.move_on_after(30):  # the provider settles, then ends the stream
+                while True:
+                    await self._framed.receive()
+        except (StreamClosed, protocol.ProtocolError):
+            pass
+
+
+@asynccontextmanager
+async def open_session(
+    host: IHost,
+    identity: Identity,
+    *,
+    provider: str,
+    addrs: tuple[str, ...],
+    model: str,
+    price: Price,
+    listing_seq: int,
+    channel: ChannelGrant,
+    spend_limit: int,
+    receipts: ReceiptStore | None = None,
+    clock: Callable[[], float] = time.time,
+    connect_timeout_s: float = 20.0,
+    idle_timeout_s: float = 120.0,
+) -> AsyncIterator[ConsumerSessionHandle]:
+    """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
+
+    Raises:
+        SessionRejected: the provider said no (reason code). ProviderFailed: unreachable.
+    """
+    pid = ID.from_base58(provider)
+    try:
+        with trio.fail_after(connect_timeout_s):
+            if pid not in host.get_connected_peers():
+                await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in addrs]))
+            stream = await host.new_stream(pid, [SESSION_PROTOCOL])
+    except Exception as exc:  # libp2p's dial errors, and the timeout
+        raise ProviderFailed(f"cannot reach provider {provider}: {exc}") from exc
+    framed = FramedStream(stream)
+    machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
+                              listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit)
+    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s)
+    try:
+        machine.open(handle.now())
+        await framed.send_all(machine.outgoing())
+        for event in await handle._next():
+            if isinstance(event, Rejected):
+                raise SessionRejected(event.reject.reason, event.reject.detail, event.reject.retry_after_s)
+            assert isinstance(event, Accepted)
+        yield handle
+        await handle.close()
+    finally:
+        await framed.close()
