@@ -283,7 +283,7 @@ async def _serve(service: NodeService, config: NodeConfig, token: str, task_stat
     host.set_stream_handler(SESSION_PROTOCOL, service.provider.handle)
     async with trio.open_nursery() as nursery:
         if service.escrow_agent is not None:
-            nursery.start_soon(serve_escrow, host, service.escrow_agent)
+            await nursery.start(serve_escrow, host, service.escrow_agent)
         nursery.start_soon(_bootstrap, market, config.bootstrap)
         binds = await nursery.start(_serve_api, service, config.api, token)
         service.api_url = binds[0]

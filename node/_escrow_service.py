@@ -35,7 +35,7 @@ class EscrowUnreachable(Exception):
 
 
 async def serve_escrow(host: IHost, agent: EscrowAgent, clock: Callable[[], float] = time.time,
-                       sweep_interval_s: float = 1.0) -> None:
+                       sweep_interval_s: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Answer escrow requests on ``host`` until cancelled."""
     lock = trio.Lock()  # one ledger transaction at a time, in order of arrival
 
@@ -60,6 +60,7 @@ async def serve_escrow(host: IHost, agent: EscrowAgent, clock: Callable[[], floa
             await framed.close()
 
     host.set_stream_handler(ESCROW_PROTOCOL, handler)
+    task_status.started()
     while True:
         async with lock:
             await trio.to_thread.run_sync(agent.sweep, int(clock()))

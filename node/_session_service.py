@@ -83,6 +83,10 @@ class ProviderService:
     def now(self) -> int:
         return int(self.clock())
 
+    async def _send(self, framed: FramedStream, msgs: list[Any]) -> None:
+        """Every message to the consumer leaves through here."""
+        await framed.send_all(msgs)
+
     async def handle(self, stream: Any) -> None:
         """One session on one stream, start to end."""
         framed = FramedStream(stream)
@@ -96,7 +100,7 @@ class ProviderService:
     async def _reject(self, framed: FramedStream, machine: ProviderSession, reason: str, detail: str,
                       retry_after_s: int = 0) -> None:
         machine.reject_open(reason, detail[:512], retry_after_s)
-        await framed.send_all(machine.outgoing())
+        await self._send(framed, machine.outgoing())
 
     async def _session(self, framed: FramedStream) -> None:
         machine = ProviderSession(self.identity)
@@ -105,7 +109,7 @@ class ProviderService:
             machine.receive(first, self.now())
         except protocol.RemoteProtocolError as exc:
             reason = "escrow_invalid" if isinstance(exc, (protocol.Expired, protocol.BadSignature)) else "bad_request"
-            await framed.send(Reject(session_id=first.session_id, reason=reason, detail=str(exc)[:512]))
+            await self._send(framed, [Reject(session_id=first.session_id, reason=reason, detail=str(exc)[:512])])
             return
         offer = self._offers().get(first.model)
         refusal = await self._check_open(first, offer)
@@ -123,7 +127,7 @@ class ProviderService:
         close = None
         try:
             machine.accept_open(offer.to_model_offer().price, offer.max_context, self.now())
-            await framed.send_all(machine.outgoing())
+            await self._send(framed, machine.outgoing())
             async with trio.open_nursery() as nursery:
                 close = await self._serve(framed, machine, offer, backend, state, nursery)
                 nursery.cancel_scope.cancel()
@@ -183,7 +187,7 @@ class ProviderService:
                         nursery.start_soon(self._claim, event.receipt, state)
                 elif isinstance(event, SessionClosed):
                     return event.close
-            await framed.send_all(machine.outgoing())
+            await self._send(framed, machine.outgoing())
 
     async def _call(self, framed: FramedStream, machine: ProviderSession, offer: Offer, backend: Backend,
                     request: protocol.Request) -> None:
@@ -202,13 +206,13 @@ class ProviderService:
             limit = machine.start_call(tokens_in, self.now()) if tokens_in is not None else None
             if limit is not None:
                 await self._generate(framed, machine, backend, request, messages, limit, tokens_in)
-        await framed.send_all(machine.outgoing())
+        await self._send(framed, machine.outgoing())
 
     async def _generate(self, framed: FramedStream, machine: ProviderSession, backend: Backend,
                         request: protocol.Request, messages: list[dict[str, str]], limit: int, tokens_in: int) -> None:
         async def on_piece(text: str, tokens: int) -> None:
             machine.chunk(text, tokens)
-            await framed.send_all(machine.outgoing())
+            await self._send(framed, machine.outgoing())
 
         try:
             result = await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,

@@ -1,0 +1,65 @@
+"""Three real daemons — an escrow agent, a provider serving `builtin`, a consumer — and `node run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import protocol
+from tests.e2e.daemons import Daemon, poll
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    started: list[Daemon] = []
+    yield tmp_path, started
+    for d in started:
+        d.stop()
+
+
+def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
+    tmp_path, started = daemons
+    agent = Daemon(tmp_path / "agent", "--escrow")
+    started.append(agent)
+    aid = agent.info["peer_id"]
+    provider = Daemon(tmp_path / "provider", "--bootstrap", agent.addr, "--accept-escrow", aid)
+    started.append(provider)
+    consumer = Daemon(tmp_path / "consumer", "--bootstrap", agent.addr)
+    started.append(consumer)
+    cid, pid = consumer.info["peer_id"], provider.info["peer_id"]
+    agent.cli("escrow", "mint", "--to", cid, "--amount", "2")
+    provider.cli("offer", "add", "--model", "tiny", "--backend", "builtin", "--input-price", "0.50",
+                 "--output-price", "1.50", "--max-context", "2048")
+    poll(lambda: json.loads(consumer.cli("providers", "--model", "tiny", "--json").stdout), 20, "the listing")
+
+    doc = json.loads(consumer.cli("run", "--model", "tiny", "--max-tokens", "32", "--escrow", aid, "--budget", "0.5",
+                                  "--json", "Hello there").stdout)
+    assert {"id", "provider", "model", "choices", "usage", "cost", "latency_ms"} <= set(doc)
+    assert doc["provider"] == pid and doc["model"] == "tiny"
+    choice = doc["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    usage = doc["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 < usage["completion_tokens"] <= 32
+    cost = doc["cost"]["amount"]
+    price = protocol.Price(input_per_1k=500_000, output_per_1k=1_500_000)
+    assert cost == protocol.call_cost(price, usage["prompt_tokens"], usage["completion_tokens"])
+
+    (stored,) = json.loads(consumer.cli("receipts", "--json").stdout)
+    receipt = protocol.decode(bytes.fromhex(stored["encoded"]), expect=(protocol.Receipt,))
+    assert protocol.receipt_hash(receipt).hex() == doc["cost"]["receipt_id"]
+    protocol.verify(receipt, "provider_sig", protocol.public_key_from_peer_id(pid))
+    protocol.verify(receipt, "consumer_sig", protocol.public_key_from_peer_id(cid))
+    assert receipt.output_hash == protocol.output_hash(choice["message"]["content"])
+
+    consumer_wallet = json.loads(consumer.cli("wallet", "balance", "--escrow", aid, "--json").stdout)
+    provider_wallet = json.loads(provider.cli("wallet", "balance", "--escrow", aid, "--json").stdout)
+    assert provider_wallet["available"] == cost
+    assert (consumer_wallet["available"], consumer_wallet["locked"]) == (2_000_000 - cost, 0)
+    assert consumer_wallet["channels"][0]["status"] == "closed"
+
+    streamed = consumer.cli("run", "--model", "tiny", "--max-tokens", "16", "--escrow", aid, "--stream", "Hi")
+    assert "credits" in streamed.stderr and streamed.stdout.strip() != ""
+    for d in started:
+        assert d.stop() == 0

@@ -1,0 +1,144 @@
+"""An in-process market for session tests: an escrow agent, a provider and a consumer, each a
+real libp2p host on 127.0.0.1, talking the real protocols."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import trio
+
+import protocol
+from node._backends import Backend, Generation, OnPiece, TransformersBackend
+from node._builtin_model import ensure_builtin_model
+from node._config import Offer
+from node._escrow_ops import EscrowOps
+from node._escrow_service import EscrowClient, serve_escrow
+from node._host import open_host, parse_peer_addr, peer_addrs
+from node._receipts import ReceiptStore
+from node._session_client import open_session
+from node._session_service import SESSION_PROTOCOL, ProviderService
+from tests.node.helpers import LOOPBACK
+from tests.support import identity
+from wallet import EscrowAgent, Ledger
+
+_MODELS = Path(tempfile.gettempdir()) / "inferswarm-test-models"
+
+
+def builtin_backend() -> TransformersBackend:
+    return TransformersBackend("builtin", ensure_builtin_model(_MODELS))
+
+
+class ScriptedBackend(Backend):
+    """A backend that streams given pieces (text, tokens); prompt tokens = characters of content."""
+
+    spec = "scripted"
+
+    def __init__(self, pieces: Sequence[tuple[str, int]] = (("Hello", 2), (" world", 2)), hang: bool = False) -> None:
+        self.pieces = list(pieces)
+        self.hang = hang
+        self.started = trio.Event()
+
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        return sum(len(m["content"]) for m in messages)
+
+    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+        sent = 0
+        for text, tokens in self.pieces:
+            if sent + tokens > max_tokens:
+                return Generation("length", sent)
+            await on_piece(text, tokens)
+            sent += tokens
+            self.started.set()
+            if self.hang:
+                await trio.sleep_forever()
+        return Generation("stop", sent)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@dataclasses.dataclass
+class Rig:
+    agent: EscrowAgent
+    agent_addr: str
+    provider_service: ProviderService
+    provider_host: Any
+    consumer_host: Any
+    consumer_ops: EscrowOps
+    consumer_receipts: ReceiptStore
+    offers: dict[str, Offer]
+    clock: Clock
+
+    @property
+    def provider_id(self) -> str:
+        return self.provider_service.identity.peer_id
+
+    def balance(self, who: str) -> protocol.Balance:
+        return self.agent.balance(who)
+
+    async def open_channel(self, cap: int, ttl: int = 3600) -> protocol.ChannelGrant:
+        return await self.consumer_ops.open_grant(self.agent_addr, self.provider_id, cap, ttl)
+
+    def session(self, channel: protocol.ChannelGrant, model: str = "m", price: protocol.Price | None = None,
+                spend_limit: int | None = None) -> Any:
+        offer = self.offers.get(model)
+        price = price or (offer.to_model_offer().price if offer else protocol.Price(input_per_1k=1, output_per_1k=1))
+        return open_session(self.consumer_host, self.consumer_ops.identity, provider=self.provider_id,
+                            addrs=tuple(peer_addrs(self.provider_host)), model=model, price=price, listing_seq=1,
+                            channel=channel, spend_limit=spend_limit if spend_limit is not None else channel.cap,
+                            receipts=self.consumer_receipts, clock=self.clock, idle_timeout_s=30)
+
+
+@asynccontextmanager
+async def session_rig(offers: dict[str, Offer], backends: dict[str, Backend], *, accept: bool = True,
+                      provider_cls: type[ProviderService] = ProviderService, mint: int = 10_000_000,
+                      tag: str = "rig") -> AsyncIterator[Rig]:
+    clock = Clock()
+    agent_id, provider_id, consumer_id = identity(f"{tag}-agent"), identity(f"{tag}-provider"), identity(f"{tag}-consumer")
+    with tempfile.TemporaryDirectory() as tmp:
+        async with AsyncExitStack() as stack:
+            agent_host = await stack.enter_async_context(open_host(agent_id, LOOPBACK))
+            provider_host = await stack.enter_async_context(open_host(provider_id, LOOPBACK))
+            consumer_host = await stack.enter_async_context(open_host(consumer_id, LOOPBACK))
+            ledger = Ledger(Path(tmp) / "escrow.db")
+            stack.callback(ledger.close)
+            agent = EscrowAgent(ledger, agent_id)
+            now = int(clock())
+            agent.handle(protocol.sign(protocol.EscrowMint(request_id=b"m" * 16, party=agent_id.peer_id,
+                                                           to=consumer_id.peer_id, amount=mint, issued_at=now),
+                                       "sig", agent_id), now)
+            agent_addr = peer_addrs(agent_host)[0]
+            provider_receipts = ReceiptStore(Path(tmp) / "provider-receipts.db")
+            consumer_receipts = ReceiptStore(Path(tmp) / "consumer-receipts.db")
+            stack.callback(provider_receipts.close)
+            stack.callback(consumer_receipts.close)
+
+            started: set[str] = set()
+
+            async def backend_for(offer: Offer) -> Backend:
+                if offer.model not in started:
+                    await backends[offer.model].start()
+                    started.add(offer.model)
+                return backends[offer.model]
+
+            service = provider_cls(provider_id, lambda: offers, lambda: {agent_id.peer_id} if accept else set(),
+                                   backend_for, EscrowClient(provider_host), provider_receipts, clock)
+            provider_host.set_stream_handler(SESSION_PROTOCOL, service.handle)
+            await provider_host.connect(parse_peer_addr(agent_addr))
+            await consumer_host.connect(parse_peer_addr(agent_addr))
+            ops = EscrowOps(consumer_id, EscrowClient(consumer_host), clock)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_escrow, agent_host, agent, clock)
+                yield Rig(agent, agent_addr, service, provider_host, consumer_host, ops, consumer_receipts, offers, clock)
+                nursery.cancel_scope.cancel()

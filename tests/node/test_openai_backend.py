@@ -1,0 +1,99 @@
+"""The openai: backend against a real OpenAI-compatible server (`transformers serve` on the
+builtin model's folder, loopback); its API key never leaves the provider's backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import protocol
+from node._backend_openai import OpenAIBackend
+from node._builtin_model import ensure_builtin_model
+from node._config import Offer
+from tests.node.session_rig import _MODELS, session_rig
+
+SECRET = "sk-test-1f8e1d2c3b4a59687766554433221100"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def upstream():
+    folder = ensure_builtin_model(_MODELS)
+    port = _free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise AssertionError(f"transformers serve exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("transformers serve did not become healthy")
+        yield f"http://127.0.0.1:{port}/v1", str(folder)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_openai_backend_meters_from_upstream_and_keeps_its_key(upstream, caplog):
+    base_url, model = upstream
+    caplog.set_level(logging.DEBUG)
+    spec = f"openai:{base_url}#upstream"
+    backend = OpenAIBackend.from_spec(spec, lambda name: {"upstream": SECRET}[name], model=model)
+    assert SECRET not in repr(backend)
+    the_offer = Offer(model=model, backend=spec, input_price=1_000_000, output_price=2_000_000, max_context=4096)
+    listing_bytes = protocol.encode(protocol.sign(protocol.Listing(
+        provider=protocol.peer_id_from_public_key(b"\x01" * 32), addrs=(), seq=1, issued_at=1, expires_at=2,
+        provider_type="cloud", models=(the_offer.to_model_offer(),), escrow_agents=(), hardware=protocol.Hardware()),
+        "sig", _Signer()))
+    assert SECRET.encode() not in listing_bytes
+    async with session_rig({model: the_offer}, {model: backend}, tag="openai") as rig:
+        channel = await rig.open_channel(cap=1_000_000)
+        seen: list[bytes] = []
+        async with rig.session(channel, model=model) as session:
+            receive = session._framed.receive
+
+            async def recording_receive(expect=None):
+                msg = await receive(expect)
+                seen.append(protocol.encode(msg))
+                return msg
+
+            session._framed.receive = recording_receive
+            result = await session.call([{"role": "user", "content": "Hello upstream"}], 12)
+        r = result.receipt
+        assert 0 < r.tokens_out <= 12 and r.output_hash == protocol.output_hash(result.text)
+        assert r.cost == protocol.call_cost(the_offer.to_model_offer().price, r.tokens_in, r.tokens_out)
+        assert seen and all(SECRET.encode() not in m for m in seen)
+    assert all(SECRET not in record.getMessage() for record in caplog.records)
+    await backend.aclose()
+
+
+class _Signer:
+    public_key = b"\x01" * 32
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        return b"\x00" * 64
