@@ -62,6 +62,10 @@ class DaemonClient:
         self.info = info
         self._http = httpx.Client(base_url=info["api_url"], headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
+    def stream(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A streaming request (a context manager yielding the response)."""
+        return self._http.stream(method, path, **kwargs)
+
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)

@@ -39,10 +39,11 @@ def _temperature(_ctx: Any, _param: Any, value: str | None) -> int:
     return milli
 
 
-def _stream_run(client: DaemonClient, payload: dict[str, Any], echo_text: bool) -> dict[str, Any]:
+def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_text: bool = True) -> dict[str, Any]:
+    """POST a streaming call; print text as it arrives; return the final result document."""
     result = None
     try:
-        with client._http.stream("POST", "/api/v1/run", json=payload) as response:
+        with client.stream("POST", path, json=payload) as response:
             if response.status_code >= 400:
                 response.read()
                 raise CliError(response.json().get("error", {}).get("message", f"HTTP {response.status_code}"))
@@ -84,7 +85,7 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
                "provider": provider, "budget": budget, "escrow": escrow, "stream": stream}
     if stream:
-        doc = _stream_run(client, payload, echo_text=not as_json)
+        doc = _stream_call(client, "/api/v1/run", payload, echo_text=not as_json)
         if not as_json:
             click.echo()
     else:
@@ -152,3 +153,49 @@ def key_ls(home: str | None) -> None:
 
 
 COMMANDS = [run, receipts, key]
+
+
+@click.command()
+@home_option
+@click.option("--model", required=True)
+@click.option("--provider", metavar="PEER", help="rent from this provider only")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="per turn")
+@click.option("--temperature", callback=_temperature, default="1.0", show_default=True)
+@click.option("--budget", callback=_credits, default="1", show_default=True, metavar="CREDITS",
+              help="what the session's channel locks (the unspent rest comes back at the end)")
+@click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
+def chat(home: str | None, model: str, provider: str | None, max_tokens: int, temperature: int, budget: int,
+         escrow: str | None) -> None:
+    """Interactive chat: one escrow channel for the session, one receipt per turn, streamed replies.
+
+    Type a message and Enter; an empty line, "exit" or end of input ends the session."""
+    client = DaemonClient(home)
+    opened = client.request("POST", "/api/v1/sessions", json={"model": model, "provider": provider, "escrow": escrow,
+                                                               "budget": budget})
+    sid = opened["session_id"]
+    interactive = sys.stdin.isatty()
+    click.echo(f"session with {opened['provider']} ({model}); budget {protocol.format_credits(opened['cap'])} credits",
+               err=True)
+    history: list[dict[str, str]] = []
+    try:
+        while True:
+            if interactive:
+                click.echo("you> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("", "exit", "quit"):
+                break
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            payload = {"messages": history, "max_tokens": max_tokens, "temperature_milli": temperature, "stream": True}
+            doc = _stream_call(client, f"/api/v1/sessions/{sid}/calls", payload)
+            click.echo()
+            history.append({"role": "assistant", "content": doc["choices"][0]["message"]["content"]})
+            click.echo(f"[{doc['usage']['prompt_tokens']}+{doc['usage']['completion_tokens']} tokens · "
+                       f"{protocol.format_credits(doc['cost']['amount'])} credits · session "
+                       f"{protocol.format_credits(doc['cost']['cumulative'])}]", err=True)
+    finally:
+        closed = client.request("DELETE", f"/api/v1/sessions/{sid}")
+        click.echo(f"session closed: {closed['calls']} turns, {protocol.format_credits(closed['cumulative'])} credits",
+                   err=True)
+
+
+COMMANDS.append(chat)

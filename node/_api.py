@@ -22,6 +22,7 @@ import protocol
 
 from ._escrow_ops import EscrowRefused
 from ._escrow_service import EscrowUnreachable
+from ._held_sessions import UnknownSession
 from ._renting import RentError
 from ._session_client import CallRefused, SessionError, SessionRejected
 
@@ -185,6 +186,8 @@ def _error_of(exc: Exception) -> tuple[int, str, str, str | None] | None:
         return 502, str(exc), "provider_error", getattr(exc, "code", None)
     if isinstance(exc, protocol.SpendLimitReached):
         return 402, str(exc), "budget_exhausted", "spend_limit_reached"
+    if isinstance(exc, UnknownSession):
+        return 404, str(exc.args[0]), "invalid_request_error", "unknown_session"
     if isinstance(exc, (ValueError, TypeError)):
         return 400, str(exc), "invalid_request_error", None
     return None
@@ -215,22 +218,21 @@ class NDJSONStream:
 
 
 def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
-    async def run(request: Request) -> Any:
-        d = await body(request)
+    def call_args(d: dict[str, Any]) -> tuple[list[dict[str, str]], int, int]:
         messages = d.get("messages")
-        if messages is None:
-            messages = [{"role": "user", "content": _field(d, "prompt", str)}]
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise ApiError(400, "messages must be a non-empty list of {role, content}")
-        kwargs = dict(
-            max_tokens=_field(d, "max_tokens", int, 256),
-            temperature_milli=_field(d, "temperature_milli", int, 1000),
-            provider=_field(d, "provider", str, None),
-            budget=_field(d, "budget", int, None),
-            escrow=_field(d, "escrow", str, None),
-        )
+        return messages, _field(d, "max_tokens", int, 256), _field(d, "temperature_milli", int, 1000)
+
+    async def run(request: Request) -> Any:
+        d = await body(request)
+        if "messages" not in d:
+            d["messages"] = [{"role": "user", "content": _field(d, "prompt", str)}]
+        messages, max_tokens, temperature = call_args(d)
+        kwargs = dict(max_tokens=max_tokens, temperature_milli=temperature, provider=_field(d, "provider", str, None),
+                      budget=_field(d, "budget", int, None), escrow=_field(d, "escrow", str, None))
         model = _field(d, "model", str)
         if not d.get("stream"):
             return await service.renter.run(model, messages, **kwargs)
@@ -243,6 +245,30 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
 
         return NDJSONStream(produce)
 
+    async def open_session(request: Request) -> Any:
+        d = await body(request)
+        return await service.sessions.open(_field(d, "model", str), budget=_field(d, "budget", int),
+                                           provider=_field(d, "provider", str, None), escrow=_field(d, "escrow", str, None))
+
+    async def session_call(request: Request) -> Any:
+        sid = request.path_params["session_id"]
+        d = await body(request)
+        messages, max_tokens, temperature = call_args(d)
+        if not d.get("stream"):
+            return await service.sessions.call(sid, messages, max_tokens=max_tokens, temperature_milli=temperature)
+
+        async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
+            async def on_text(text: str) -> None:
+                await emit({"delta": text})
+
+            await emit({"result": await service.sessions.call(sid, messages, max_tokens=max_tokens,
+                                                              temperature_milli=temperature, on_text=on_text)})
+
+        return NDJSONStream(produce)
+
+    async def close_session(request: Request) -> Any:
+        return await service.sessions.close(request.path_params["session_id"])
+
     async def receipts(request: Request) -> Any:
         session = request.query_params.get("session")
         try:
@@ -251,7 +277,13 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
             raise ApiError(400, "session must be hex") from exc
         return await trio.to_thread.run_sync(service.receipts.list, sid)
 
-    return [("POST", "/api/v1/run", run), ("GET", "/api/v1/receipts", receipts)]
+    return [
+        ("POST", "/api/v1/run", run),
+        ("GET", "/api/v1/receipts", receipts),
+        ("POST", "/api/v1/sessions", open_session),
+        ("POST", "/api/v1/sessions/{session_id}/calls", session_call),
+        ("DELETE", "/api/v1/sessions/{session_id}", close_session),
+    ]
 
 
 def build_app(service: "NodeService", token: str) -> Starlette:

@@ -32,6 +32,7 @@ from ._backends import Backend, open_backend
 from ._escrow_ops import EscrowOps
 from ._escrow_service import EscrowClient, serve_escrow
 from ._receipts import ReceiptStore
+from ._held_sessions import HeldSessions
 from ._renting import Renter
 from ._session_service import SESSION_PROTOCOL, ProviderService
 from ._home import Home
@@ -68,6 +69,7 @@ class NodeService:
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
                                         client, self.receipts)
         self.renter = Renter(market, self.escrow, escrow_agent, self.receipts)
+        self.sessions = HeldSessions(self.renter)
         self.identity = identity
         self.market = market
         self.host = market.host
@@ -285,6 +287,7 @@ async def _serve(service: NodeService, config: NodeConfig, token: str, task_stat
         if service.escrow_agent is not None:
             await nursery.start(serve_escrow, host, service.escrow_agent)
         nursery.start_soon(_bootstrap, market, config.bootstrap)
+        await nursery.start(service.sessions.serve)
         binds = await nursery.start(_serve_api, service, config.api, token)
         service.api_url = binds[0]
         info = {"peer_id": identity.peer_id, "addrs": peer_addrs(host), "api_url": service.api_url, "pid": os.getpid()}

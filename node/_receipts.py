@@ -74,7 +74,7 @@ class ReceiptStore:
         if session_id is not None:
             query += " WHERE session_id = ?"
             args = (session_id,)
-        query += " ORDER BY stored_at, session_id, call_seq LIMIT ?"
+        query += " ORDER BY rowid LIMIT ?"  # the order they were stored in
         with self._lock:
             rows = self.db.execute(query, args + (limit,)).fetchall()
         out = []

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import protocol
 from protocol import Listing, ModelOffer
@@ -15,9 +16,9 @@ from wallet import EscrowAgent
 from ._escrow_ops import EscrowOps
 from ._market import Market
 from ._receipts import ReceiptStore
-from ._session_client import open_session
+from ._session_client import CallResult, ConsumerSessionHandle, open_session
 
-__all__ = ["RentError", "Renter", "estimate_prompt_tokens"]
+__all__ = ["RentError", "Renter", "estimate_prompt_tokens", "completion_json"]
 
 _HOUR = 3600
 
@@ -60,6 +61,34 @@ class Renter:
             raise RentError(f"provider {listing.provider} names no escrow agent it accepts")
         return listing.escrow_agents[0]
 
+    async def choose(self, model: str, prompt_tokens: int, max_tokens: int,
+                     provider: str | None = None) -> tuple[Listing, ModelOffer]:
+        """The listing to rent from: ``provider`` if given, else the cheapest for this request.
+
+        Raises:
+            RentError: nobody offers the model (or not that provider).
+        """
+        candidates = await self.candidates(model)
+        if provider is not None:
+            candidates = [c for c in candidates if c[0].provider == provider]
+        if not candidates:
+            raise RentError(f"no provider offers {model!r}" + (f" as {provider}" if provider else ""))
+        return min(candidates, key=lambda c: (protocol.call_cost(c[1].price, prompt_tokens, max_tokens), c[0].provider))
+
+    @asynccontextmanager
+    async def session(self, model: str, *, budget: int, provider: str | None = None, escrow: str | None = None,
+                      prompt_tokens: int = 0, max_tokens: int = 0, ttl_s: int = _HOUR
+                      ) -> AsyncIterator[tuple[ConsumerSessionHandle, Listing, protocol.ChannelGrant]]:
+        """A session with one escrow channel of ``budget`` µc; settled when the block ends."""
+        listing, offer = await self.choose(model, prompt_tokens, max_tokens, provider)
+        agent = self._agent_for(listing, escrow)
+        channel = await self.escrow.open_grant(agent, listing.provider, max(1, budget), ttl_s)
+        async with open_session(self.market.host, self.market.identity, provider=listing.provider,
+                                addrs=listing.addrs, model=model, price=offer.price, listing_seq=listing.seq,
+                                channel=channel, spend_limit=channel.cap, receipts=self.receipts,
+                                clock=self.clock) as handle:
+            yield handle, listing, channel
+
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                   provider: str | None = None, budget: int | None = None, escrow: str | None = None,
                   on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
@@ -70,33 +99,29 @@ class Renter:
             EscrowRefused / EscrowUnreachable: the channel could not be opened.
         """
         started = time.monotonic()
-        candidates = await self.candidates(model)
-        if provider is not None:
-            candidates = [c for c in candidates if c[0].provider == provider]
-        if not candidates:
-            raise RentError(f"no provider offers {model!r}" + (f" as {provider}" if provider else ""))
         prompt = estimate_prompt_tokens(messages)
-        listing, offer = min(candidates, key=lambda c: (protocol.call_cost(c[1].price, prompt, max_tokens),
-                                                        c[0].provider))
-        worst = protocol.call_cost(offer.price, min(prompt, offer.max_context), max_tokens)
-        cap = max(1, budget if budget is not None else worst)
-        agent = self._agent_for(listing, escrow)
-        channel = await self.escrow.open_grant(agent, listing.provider, cap, _HOUR)
-        async with open_session(self.market.host, self.market.identity, provider=listing.provider,
-                                addrs=listing.addrs, model=model, price=offer.price, listing_seq=listing.seq,
-                                channel=channel, spend_limit=cap, receipts=self.receipts,
-                                clock=self.clock) as session:
+        if budget is None:
+            _, offer = await self.choose(model, prompt, max_tokens, provider)
+            budget = protocol.call_cost(offer.price, min(prompt, offer.max_context), max_tokens)
+        async with self.session(model, budget=budget, provider=provider, escrow=escrow, prompt_tokens=prompt,
+                                max_tokens=max_tokens) as (session, listing, channel):
             result = await session.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
-        r = result.receipt
-        return {
-            "id": "isw-" + secrets.token_hex(12),
-            "provider": listing.provider,
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason}],
-            "usage": {"prompt_tokens": r.tokens_in, "completion_tokens": r.tokens_out,
-                      "total_tokens": r.tokens_in + r.tokens_out},
-            "cost": {"amount": r.cost, "receipt_id": protocol.receipt_hash(r).hex()},
-            "latency_ms": int((time.monotonic() - started) * 1000),
-            "escrow": {"agent": agent, "channel_id": channel.channel_id.hex(), "cap": channel.cap},
-        }
+            agent = channel.agent
+        return completion_json(result, listing.provider, model, started) | {
+            "escrow": {"agent": agent, "channel_id": channel.channel_id.hex(), "cap": channel.cap}}
+
+
+def completion_json(result: CallResult, provider: str, model: str, started: float) -> dict[str, Any]:
+    """A call's result in the shape of the CLI contract (and OpenAI's chat completion)."""
+    r = result.receipt
+    return {
+        "id": "isw-" + secrets.token_hex(12),
+        "provider": provider,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason}],
+        "usage": {"prompt_tokens": r.tokens_in, "completion_tokens": r.tokens_out,
+                  "total_tokens": r.tokens_in + r.tokens_out},
+        "cost": {"amount": r.cost, "receipt_id": protocol.receipt_hash(r).hex(), "cumulative": r.cumulative},
+        "latency_ms": int((time.monotonic() - started) * 1000),
+    }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 import protocol
-from tests.e2e.daemons import Daemon, poll
+from tests.e2e.daemons import ROOT, Daemon, node_env, poll
 
 
 @pytest.fixture
@@ -61,5 +63,16 @@ def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
 
     streamed = consumer.cli("run", "--model", "tiny", "--max-tokens", "16", "--escrow", aid, "--stream", "Hi")
     assert "credits" in streamed.stderr and streamed.stdout.strip() != ""
+
+    # node chat: one channel for the whole conversation, one receipt per turn
+    chat = subprocess.run([sys.executable, "-m", "cli.main", "chat", "--home", str(consumer.home), "--model", "tiny",
+                           "--escrow", aid, "--max-tokens", "8", "--budget", "0.2"], input="Hello\nAnd again\n",
+                          capture_output=True, text=True, cwd=ROOT, env=node_env(), timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert "session closed: 2 turns" in chat.stderr
+    rows = json.loads(consumer.cli("receipts", "--json").stdout)
+    chat_session = rows[-1]["session_id"]
+    turns = [r for r in rows if r["session_id"] == chat_session]
+    assert [r["call_seq"] for r in turns] == [0, 1] and turns[1]["prev_hash"] == turns[0]["receipt_id"]
     for d in started:
         assert d.stop() == 0

@@ -4,59 +4,22 @@ builtin model's folder, loopback); its API key never leaves the provider's backe
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 import protocol
 from node._backend_openai import OpenAIBackend
-from node._builtin_model import ensure_builtin_model
 from node._config import Offer
-from tests.node.session_rig import _MODELS, session_rig
+from tests.node.session_rig import session_rig
+from tests.node.upstream import transformers_serve
 
 SECRET = "sk-test-1f8e1d2c3b4a59687766554433221100"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def upstream():
-    folder = ensure_builtin_model(_MODELS)
-    port = _free_port()
-    exe = Path(sys.executable).parent / "transformers"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL)
-    try:
-        end = time.monotonic() + 90
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise AssertionError(f"transformers serve exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("transformers serve did not become healthy")
-        yield f"http://127.0.0.1:{port}/v1", str(folder)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with transformers_serve() as server:
+        yield server
 
 
 async def test_openai_backend_meters_from_upstream_and_keeps_its_key(upstream, caplog):

@@ -177,3 +177,21 @@ async def test_limits_are_refused_with_their_reason_and_no_charge():
         assert escrow.value.reason == "escrow_not_accepted"
         assert rig.balance(rig.consumer_ops.identity.peer_id).available == 10_000_000 - 1_000
     assert consumer
+
+
+class EagerClaims(ProviderService):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.claim_interval_s = 0.0  # claim after every counter-signed receipt
+
+
+async def test_the_provider_claims_during_a_long_session_not_only_at_close():
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, provider_cls=EagerClaims, tag="eager") as rig:
+        channel = await rig.open_channel(cap=100_000)
+        async with rig.session(channel) as session:
+            first = await session.call(USER, 8)
+            await _wait_paid(rig, first.receipt.cumulative)  # paid while the session is still open
+            second = await session.call(USER, 8)
+            await _wait_paid(rig, second.receipt.cumulative)
+            assert session.machine.state.name == "READY"
+        assert rig.balance(rig.provider_id).available == second.receipt.cumulative
