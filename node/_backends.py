@@ -82,7 +82,11 @@ class TransformersBackend(Backend):
     async def start(self) -> None:
         def load() -> None:
             import torch
+            import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
 
             self._device = "cuda" if torch.cuda.is_available() else "cpu"
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
@@ -221,7 +225,12 @@ async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable
 
         backend = OpenAIBackend.from_spec(spec, api_key, model)
     elif spec.startswith("llamacpp:"):
-        raise BackendError("the llamacpp backend needs the optional llama-cpp-python extra, not installed here")
+        from ._backend_llamacpp import LlamaCppBackend
+
+        path = Path(spec.split(":", 1)[1]).expanduser()
+        if not path.is_file():
+            raise BackendError(f"no GGUF file at {path}")
+        backend = LlamaCppBackend(spec, path)
     else:
         raise BackendError(f"unknown backend {spec!r}")
     await backend.start()

@@ -31,10 +31,13 @@ _logger = logging.getLogger(__name__)
 
 def _build(folder: Path, seed: int) -> None:
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     alphabet = ByteLevel.alphabet()  # the 256 byte symbols
     byte_of = {c: b for b, c in _byte_to_unicode().items()}
     vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
