@@ -16,8 +16,12 @@ def write_tiny_gguf(hf_folder: Path, out: Path) -> Path:
     tokenizer = json.loads((hf_folder / "tokenizer.json").read_text())
     template = (hf_folder / "chat_template.jinja").read_text()
     weights = load_file(str(hf_folder / "model.safetensors"))
-    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda kv: kv[1])
-    specials = {t["content"] for t in tokenizer["added_tokens"]}
+    specials = sorted((t["id"], t["content"]) for t in tokenizer["added_tokens"])
+    n_special = len(specials)
+    # llama.cpp's sentencepiece-style vocabulary with byte tokens: row 3+b of the embedding is byte b,
+    # exactly as in the byte-level BPE vocabulary the model was built with
+    tokens = [content for _, content in specials] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.CONTROL] * n_special + [gguf.TokenType.BYTE] * 256
 
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_context_length(config["max_position_embeddings"])
@@ -28,12 +32,12 @@ def write_tiny_gguf(hf_folder: Path, out: Path) -> Path:
     w.add_head_count_kv(config["num_key_value_heads"])
     w.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_vocab_size(len(vocab))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([tok for tok, _ in vocab])
-    w.add_token_types([gguf.TokenType.CONTROL if tok in specials else gguf.TokenType.NORMAL for tok, _ in vocab])
-    w.add_token_merges([])
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_add_space_prefix(False)
     w.add_eos_token_id(config["eos_token_id"])
     w.add_bos_token_id(config["eos_token_id"])
     w.add_add_bos_token(False)
