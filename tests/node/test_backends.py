@@ -1,0 +1,38 @@
+"""Backend selection and the transformers loader on a local folder (the one real models use)."""
+
+from __future__ import annotations
+
+import pytest
+
+from node._backends import BackendError, open_backend
+from node._builtin_model import ensure_builtin_model
+from tests.node.session_rig import _MODELS
+
+
+async def test_transformers_path_loads_a_local_folder_and_counts_exactly(tmp_path):
+    folder = ensure_builtin_model(_MODELS)
+    backend = await open_backend(f"transformers:{folder}", tmp_path)
+    messages = [{"role": "user", "content": "abc"}]
+    # ChatML: "<|im_start|>user\nabc<|im_end|>\n<|im_start|>assistant\n" with one token per byte
+    assert await backend.count_prompt_tokens(messages) == 1 + len("user\nabc") + 1 + 1 + 1 + len("assistant\n")
+    pieces = []
+
+    async def on_piece(text, tokens):
+        pieces.append((text, tokens))
+
+    result = await backend.generate(messages, max_tokens=10, temperature_milli=0, top_p_milli=1000, stop=(),
+                                    on_piece=on_piece)
+    assert result.tokens_out == sum(t for _, t in pieces) <= 10
+    assert "".join(p for p, _ in pieces).isascii()
+
+
+@pytest.mark.parametrize("spec,match", [("transformers:/no/such/folder", "no model folder"),
+                                        ("llamacpp:/no/such.gguf", "no GGUF file|optional extra"),
+                                        ("carrier-pigeon", "unknown backend"),
+                                        ("openai:http://127.0.0.1:9/v1#missing", "no API key named")])
+async def test_bad_backends_fail_clearly(tmp_path, spec, match):
+    def no_keys(name):
+        raise KeyError(name)
+
+    with pytest.raises(BackendError, match=match):
+        await open_backend(spec, tmp_path, "m", no_keys)
