@@ -27,7 +27,7 @@ from ._renting import RentError
 from ._session_client import CallRefused, SessionError, SessionRejected
 
 if TYPE_CHECKING:
-    from ._daemon import NodeService
+    from ._node import NodeService
 
 __all__ = ["build_app", "ApiError"]
 
@@ -286,7 +286,7 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     ]
 
 
-def build_app(service: "NodeService", token: str) -> Starlette:
+def build_app(service: "NodeService", token: str, openai_keyless: bool = False) -> Starlette:
     """The ASGI app of the control API, bound to one running node."""
     expected = f"Bearer {token}".encode()
 

@@ -207,7 +207,7 @@ class TransformersBackend(Backend):
 
 
 async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable[[str], str] | None = None) -> Backend:
-    """A started backend for a backend SPEC.
+    """A started backend for a backend SPEC (``builtin`` is built under ``home/models``).
 
     Raises:
         BackendError: it cannot be started (missing folder, missing extra, bad key name).

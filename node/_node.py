@@ -1,0 +1,266 @@
+"""A running node: host, market, escrow role, provider and renter, held sessions — everything
+but the HTTP face. ``open_node`` runs one for the duration of a block; the daemon, the demo and
+the library (``open_swarm``) all build on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import multiaddr
+import trio
+
+import protocol
+from wallet import EscrowAgent, Identity, Ledger
+
+from ._backends import Backend, open_backend
+from ._capabilities import hardware_of, probe_capabilities
+from ._config import NodeConfig, Offer, load_config, save_offers
+from ._escrow_ops import EscrowOps
+from ._escrow_service import EscrowClient, serve_escrow
+from ._held_sessions import HeldSessions
+from ._home import Home
+from ._host import open_host, parse_peer_addr, peer_addrs
+from ._market import Market, MarketConfig, open_market
+from ._receipts import ReceiptStore
+from ._renting import Renter
+from ._session_service import SESSION_PROTOCOL, ProviderService
+
+__all__ = ["NodeService", "open_node", "resolve_config"]
+
+_logger = logging.getLogger(__name__)
+
+
+def _all_loopback(addrs: tuple[str, ...]) -> bool:
+    try:
+        hosts = [multiaddr.Multiaddr(a).value_for_protocol("ip4") for a in addrs]
+        return bool(hosts) and all(h is not None and ipaddress.ip_address(h).is_loopback for h in hosts)
+    except Exception:
+        return False
+
+
+class NodeService:
+    """What the API and CLI see of a running node."""
+
+    def __init__(self, home: Home, identity: Identity, market: Market, config: NodeConfig, capabilities: dict[str, Any],
+                 escrow_agent: EscrowAgent | None = None, receipts: ReceiptStore | None = None,
+                 api_key: Callable[[str], str] | None = None, models_dir: Path | None = None):
+        self.home = home
+        self.escrow_agent = escrow_agent
+        client = EscrowClient(market.host, escrow_agent, market.dht)
+        self.escrow = EscrowOps(identity, client, time.time)
+        self.receipts = receipts if receipts is not None else ReceiptStore(home.path / "receipts.db")
+        self._api_key = api_key
+        self.models_dir = models_dir or home.path
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self._backend_lock = trio.Lock()
+        self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
+                                        client, self.receipts)
+        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts)
+        self.sessions = HeldSessions(self.renter)
+        self.identity = identity
+        self.market = market
+        self.host = market.host
+        self.config = config
+        self.capabilities = capabilities
+        self._offers = {o.model: o for o in config.offers}
+        self._started = time.monotonic()
+        self.api_url = ""
+
+    def accepted_agents(self) -> set[str]:
+        """Escrow agents this node's offers accept: the configured ones, and itself if it is one."""
+        own = {self.identity.peer_id} if self.escrow_agent is not None else set()
+        return set(self.config.accept_escrow) | own
+
+    async def backend_for(self, offer: Offer) -> Backend:
+        """The started backend serving ``offer`` (started on first use, then kept)."""
+        key = (offer.backend, offer.model)
+        async with self._backend_lock:
+            if key not in self._backends:
+                self._backends[key] = await open_backend(offer.backend, self.models_dir, offer.model, self._api_key)
+            return self._backends[key]
+
+    async def aclose(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+        self.receipts.close()
+
+    def offers(self) -> list[Offer]:
+        return list(self._offers.values())
+
+    def _listing_template(self) -> protocol.Listing | None:
+        if not self._offers:
+            return None
+        return protocol.Listing(
+            provider=self.identity.peer_id,
+            addrs=tuple(peer_addrs(self.host))[:16],
+            seq=0,
+            issued_at=0,
+            expires_at=0,
+            provider_type="self_hosted",
+            models=tuple(o.to_model_offer() for o in self._offers.values()),
+            escrow_agents=tuple(sorted(self.accepted_agents()))[:16],
+            hardware=hardware_of(self.capabilities),
+        )
+
+    def publish(self) -> None:
+        self.market.set_listing(self._listing_template())
+
+    def _persist(self) -> None:
+        save_offers(self.home.config, tuple(self._offers.values()))
+        self.publish()
+
+    def add_offer(self, fields: dict[str, Any]) -> Offer:
+        """Add or replace the offer for a model; persisted and republished at once.
+
+        Raises:
+            ValueError, TypeError: a missing or invalid field.
+        """
+        offer = Offer(**fields)
+        if len(self._offers) >= 32 and offer.model not in self._offers:
+            raise ValueError("a node lists at most 32 models")
+        self._offers[offer.model] = offer
+        self._persist()
+        return offer
+
+    def remove_offer(self, model: str) -> bool:
+        if self._offers.pop(model, None) is None:
+            return False
+        self._persist()
+        return True
+
+    def status(self) -> dict[str, Any]:
+        now = self.market.now()
+        return {
+            "peer_id": self.identity.peer_id,
+            "addrs": peer_addrs(self.host),
+            "api_url": self.api_url,
+            "connected_peers": len(self.host.get_connected_peers()),
+            "listings_known": len(self.market.view.listings(now)),
+            "offers": len(self._offers),
+            "uptime_s": int(time.monotonic() - self._started),
+            "escrow_agent": self.escrow_agent is not None,
+            "capabilities": self.capabilities,
+        }
+
+    def market_stats(self) -> dict[str, Any]:
+        return {**self.market.view.stats(), "published": self.market.published_count}
+
+    async def providers(self, model: str | None, sort: str) -> list[dict[str, Any]]:
+        """Market rows (the CLI contract's shape); with ``model``, the DHT is asked too."""
+        if model is not None:
+            await self.market.lookup(model)
+        now = self.market.now()
+        rows = []
+        for row in self.market.view.rows(now, model):
+            lst, offer = row.listing, row.offer
+            rows.append(
+                {
+                    "peer_id": lst.provider,
+                    "model": offer.name,
+                    "input_price": offer.price.input_per_1k,
+                    "output_price": offer.price.output_per_1k,
+                    "max_context": offer.max_context,
+                    "min_charge": offer.price.min_charge,
+                    "rate_limit": offer.rate_limit_rpm,
+                    "max_concurrent": offer.max_concurrent,
+                    "trust": None,  # no trust score is kept yet: unknown, not a made-up number
+                    "latency_ms": None,  # nor latency measurements
+                    "escrows": list(lst.escrow_agents),
+                    "gpus": [{"name": g.name, "memory_total_mb": g.memory_total_mb} for g in lst.hardware.gpus],
+                    "addrs": list(lst.addrs),
+                    "expires_at": lst.expires_at,
+                }
+            )
+        if sort == "cheapest":
+            rows.sort(key=lambda r: (r["input_price"] + r["output_price"], r["peer_id"]))
+        elif sort == "fastest":  # unmeasured providers last, then cheapest
+            rows.sort(key=lambda r: (r["latency_ms"] is None, r["latency_ms"] or 0, r["input_price"] + r["output_price"]))
+        else:
+            rows.sort(key=lambda r: (r["trust"] is None, -(r["trust"] or 0), r["input_price"] + r["output_price"]))
+        return rows
+
+
+async def _bootstrap(market: Market, addrs: tuple[str, ...]) -> None:
+    """Dial each bootstrap peer until connected, backing off to 30 s between attempts."""
+
+    async def one(addr: str) -> None:
+        info = parse_peer_addr(addr)
+        delay = 0.5
+        while True:
+            try:
+                await market.host.connect(info)
+                _logger.info("connected to bootstrap peer %s", addr)
+                return
+            except Exception as exc:  # unreachable for now: keep trying, quietly
+                _logger.info("bootstrap peer %s unreachable (%s); retrying in %.0fs", addr, exc, delay)
+            await trio.sleep(delay)
+            delay = min(30.0, delay * 2)
+
+    async with trio.open_nursery() as nursery:
+        for addr in addrs:
+            nursery.start_soon(one, addr)
+
+
+def resolve_config(home: Home, listen: tuple[str, ...] | None = None, bootstrap: tuple[str, ...] = (),
+                   api: str | None = None, accept_escrow: tuple[str, ...] = ()) -> NodeConfig:
+    """The config file with command-line overrides applied, checked.
+
+    Raises:
+        ConfigError, ValueError: a bad file or a bad value.
+    """
+    config = load_config(home.config)
+    config = dataclasses.replace(
+        config,
+        listen=tuple(listen) if listen else config.listen,
+        bootstrap=tuple(dict.fromkeys(config.bootstrap + tuple(bootstrap))),
+        api=api or config.api,
+        accept_escrow=tuple(dict.fromkeys(config.accept_escrow + tuple(accept_escrow))),
+    )
+    for agent_id in config.accept_escrow:
+        protocol.public_key_from_peer_id(agent_id)
+    return config
+
+
+@asynccontextmanager
+async def open_node(
+    home: Home,
+    identity: Identity,
+    config: NodeConfig,
+    *,
+    escrow: bool = False,
+    api_key: Callable[[str], str] | None = None,
+    models_dir: Path | None = None,
+) -> AsyncIterator["NodeService"]:
+    """Run a node (without its HTTP API) for the duration of the block."""
+    market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
+    capabilities = probe_capabilities()
+    agent = EscrowAgent(Ledger(home.path / "escrow.db"), identity) if escrow else None
+    try:
+        async with open_host(identity, config.listen) as host, open_market(host, identity, market_config) as market:
+            service = NodeService(home, identity, market, config, capabilities, agent, api_key=api_key,
+                                  models_dir=models_dir)
+            try:
+                async with trio.open_nursery() as nursery:
+                    if agent is not None:
+                        await nursery.start(serve_escrow, host, agent)
+                    host.set_stream_handler(SESSION_PROTOCOL, service.provider.handle)
+                    await nursery.start(service.sessions.serve)
+                    nursery.start_soon(_bootstrap, market, config.bootstrap)
+                    service.publish()
+                    try:
+                        yield service
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await service.aclose()
+    finally:
+        if agent is not None:
+            agent.ledger.close()
