@@ -69,8 +69,8 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
 @home_option
 @json_option
 @click.option("--model", required=True)
-@click.option("--strategy", type=click.Choice(["cheapest"]), default="cheapest", show_default=True,
-              help="how to pick the provider (more strategies come with routing)")
+@click.option("--strategy", type=click.Choice(["cheapest", "fastest", "best_trust"]), default="cheapest",
+              show_default=True, help="how to rank providers (failover follows the same order)")
 @click.option("--provider", metavar="PEER", help="rent from this provider only")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temperature", callback=_temperature, default="1.0", show_default=True)
@@ -83,7 +83,7 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
     """One paid completion: open a channel, run one call, settle, print the result."""
     client = DaemonClient(home)
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
-               "provider": provider, "budget": budget, "escrow": escrow, "stream": stream}
+               "provider": provider, "budget": budget, "escrow": escrow, "stream": stream, "sort": strategy}
     if stream:
         doc = _stream_call(client, "/api/v1/run", payload, echo_text=not as_json)
         if not as_json:

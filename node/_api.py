@@ -24,6 +24,7 @@ from ._escrow_ops import EscrowRefused
 from ._escrow_service import EscrowUnreachable
 from ._held_sessions import UnknownSession
 from ._renting import RentError
+from ._routing import SORTS, Preferences
 from ._session_client import CallRefused, SessionError, SessionRejected
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["build_app", "ApiError"]
 
-SORTS = ("cheapest", "fastest", "best_trust")
 Handler = Callable[[Request], Awaitable[Any]]
 
 
@@ -231,7 +231,9 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
         if "messages" not in d:
             d["messages"] = [{"role": "user", "content": _field(d, "prompt", str)}]
         messages, max_tokens, temperature = call_args(d)
-        kwargs = dict(max_tokens=max_tokens, temperature_milli=temperature, provider=_field(d, "provider", str, None),
+        provider = _field(d, "provider", str, None)
+        prefs = Preferences(sort=_field(d, "sort", str, "cheapest"), only=(provider,) if provider else ())
+        kwargs = dict(max_tokens=max_tokens, temperature_milli=temperature, prefs=prefs,
                       budget=_field(d, "budget", int, None), escrow=_field(d, "escrow", str, None))
         model = _field(d, "model", str)
         if not d.get("stream"):
@@ -247,8 +249,10 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
 
     async def open_session(request: Request) -> Any:
         d = await body(request)
-        return await service.sessions.open(_field(d, "model", str), budget=_field(d, "budget", int),
-                                           provider=_field(d, "provider", str, None), escrow=_field(d, "escrow", str, None))
+        provider = _field(d, "provider", str, None)
+        prefs = Preferences(sort=_field(d, "sort", str, "cheapest"), only=(provider,) if provider else ())
+        return await service.sessions.open(_field(d, "model", str), budget=_field(d, "budget", int), prefs=prefs,
+                                           escrow=_field(d, "escrow", str, None))
 
     async def session_call(request: Request) -> Any:
         sid = request.path_params["session_id"]

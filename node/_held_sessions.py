@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from ._renting import Renter, completion_json
+from ._routing import Preferences
 from ._session_client import SessionError
 
 __all__ = ["HeldSessions", "UnknownSession"]
@@ -41,16 +42,16 @@ class HeldSessions:
             task_status.started()
             await trio.sleep_forever()
 
-    async def open(self, model: str, *, budget: int, provider: str | None, escrow: str | None,
+    async def open(self, model: str, *, budget: int, prefs: Preferences, escrow: str | None,
                    ttl_s: int = 3600) -> dict[str, Any]:
         assert self._nursery is not None
-        return await self._nursery.start(self._hold, model, budget, provider, escrow, ttl_s)
+        return await self._nursery.start(self._hold, model, budget, prefs, escrow, ttl_s)
 
-    async def _hold(self, model: str, budget: int, provider: str | None, escrow: str | None, ttl_s: int,
+    async def _hold(self, model: str, budget: int, prefs: Preferences, escrow: str | None, ttl_s: int,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         held: _Held | None = None
         try:
-            async with self.renter.session(model, budget=budget, provider=provider, escrow=escrow,
+            async with self.renter.session(model, budget=budget, prefs=prefs, escrow=escrow,
                                            ttl_s=ttl_s) as (handle, listing, channel):
                 held = _Held(handle, listing, channel)
                 sid = handle.machine.session_id.hex()
@@ -78,7 +79,13 @@ class HeldSessions:
                    on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
         held = self._get(sid)
         started = time.monotonic()
-        result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
+        provider = held.listing.provider
+        try:
+            result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
+        except SessionError as exc:
+            self.renter._learn_failure(provider, exc)
+            raise
+        self.renter.learn_success(provider, result)
         return completion_json(result, held.listing.provider, held.handle.machine.model, started) | {"session_id": sid}
 
     async def close(self, sid: str) -> dict[str, Any]:

@@ -30,7 +30,9 @@ from ._host import open_host, parse_peer_addr, peer_addrs
 from ._market import Market, MarketConfig, open_market
 from ._receipts import ReceiptStore
 from ._renting import Renter
+from ._routing import Preferences, rank
 from ._session_service import SESSION_PROTOCOL, ProviderService
+from ._trust import TrustBook
 
 __all__ = ["NodeService", "open_node", "resolve_config"]
 
@@ -62,7 +64,8 @@ class NodeService:
         self._backend_lock = trio.Lock()
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
                                         client, self.receipts)
-        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts)
+        self.trust = TrustBook(home.path / "trust.db")
+        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust)
         self.sessions = HeldSessions(self.renter)
         self.identity = identity
         self.market = market
@@ -90,6 +93,15 @@ class NodeService:
         for backend in self._backends.values():
             await backend.aclose()
         self.receipts.close()
+        self.trust.close()
+
+    async def observe_uptime(self, interval_s: float = 30.0) -> None:
+        """Credit providers whose listings stay alive (trust's uptime term)."""
+        while True:
+            now = self.market.now()
+            alive = [lst.provider for lst in self.market.view.listings(now) if lst.provider != self.identity.peer_id]
+            await trio.to_thread.run_sync(self.trust.observe_alive, alive, now)
+            await trio.sleep(interval_s)
 
     def offers(self) -> list[Offer]:
         return list(self._offers.values())
@@ -153,14 +165,18 @@ class NodeService:
         return {**self.market.view.stats(), "published": self.market.published_count}
 
     async def providers(self, model: str | None, sort: str) -> list[dict[str, Any]]:
-        """Market rows (the CLI contract's shape); with ``model``, the DHT is asked too."""
+        """Market rows (the CLI contract's shape), ordered by ``sort``; with ``model`` the DHT is
+        asked too. Every listed provider is shown, whatever its trust."""
         if model is not None:
             await self.market.lookup(model)
         now = self.market.now()
-        rows = []
-        for row in self.market.view.rows(now, model):
-            lst, offer = row.listing, row.offer
-            rows.append(
+        rows = [(r.listing, r.offer) for r in self.market.view.rows(now, model)]
+        ranked = rank(rows, Preferences(sort=sort, trust_floor=-1.0, explore=0.0), prompt_tokens=1000,
+                      max_tokens=1000, stats=self.trust.get, agent_for=lambda lst: "")
+        out = []
+        for c in ranked:
+            lst, offer, s = c.listing, c.offer, c.stats
+            out.append(
                 {
                     "peer_id": lst.provider,
                     "model": offer.name,
@@ -170,21 +186,16 @@ class NodeService:
                     "min_charge": offer.price.min_charge,
                     "rate_limit": offer.rate_limit_rpm,
                     "max_concurrent": offer.max_concurrent,
-                    "trust": None,  # no trust score is kept yet: unknown, not a made-up number
-                    "latency_ms": None,  # nor latency measurements
+                    "trust": round(s.score, 1),
+                    "latency_ms": None if s.ttft_s is None else int(s.ttft_s * 1000),
+                    "tokens_per_s": None if s.tps is None else round(s.tps, 1),
                     "escrows": list(lst.escrow_agents),
                     "gpus": [{"name": g.name, "memory_total_mb": g.memory_total_mb} for g in lst.hardware.gpus],
                     "addrs": list(lst.addrs),
                     "expires_at": lst.expires_at,
                 }
             )
-        if sort == "cheapest":
-            rows.sort(key=lambda r: (r["input_price"] + r["output_price"], r["peer_id"]))
-        elif sort == "fastest":  # unmeasured providers last, then cheapest
-            rows.sort(key=lambda r: (r["latency_ms"] is None, r["latency_ms"] or 0, r["input_price"] + r["output_price"]))
-        else:
-            rows.sort(key=lambda r: (r["trust"] is None, -(r["trust"] or 0), r["input_price"] + r["output_price"]))
-        return rows
+        return out
 
 
 async def _bootstrap(market: Market, addrs: tuple[str, ...]) -> None:
@@ -253,6 +264,7 @@ async def open_node(
                     host.set_stream_handler(SESSION_PROTOCOL, service.provider.handle)
                     await nursery.start(service.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
+                    nursery.start_soon(service.observe_uptime)
                     service.publish()
                     try:
                         yield service

@@ -1,9 +1,14 @@
-"""Renting from the market on this node's behalf: pick a listing, open an escrow channel with an
-agent the provider accepts, run a session, settle. (Routing strategies, failover and trust come
-with the routing work; today: an explicit provider, else the cheapest for this request.)"""
+"""Renting from the market on this node's behalf: rank the providers of a model (``_routing``),
+open an escrow channel with an agent the chosen provider accepts, run the session, settle, and
+learn (``_trust``). A refused, failed or timed-out call moves on to the next candidate within
+the same request (``allow_fallbacks``); a failed attempt is never paid — nothing was
+counter-signed — and its channel returns to this node when it expires (run channels live ten
+minutes, so that is soon)."""
 
 from __future__ import annotations
 
+import logging
+import random
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -16,15 +21,25 @@ from wallet import EscrowAgent
 from ._escrow_ops import EscrowOps
 from ._market import Market
 from ._receipts import ReceiptStore
-from ._session_client import CallResult, ConsumerSessionHandle, open_session
+from ._routing import Candidate, Preferences, rank
+from ._session_client import (CallRefused, CallResult, ConsumerSessionHandle, ProviderFailed, ProviderMisbehaved,
+                              SessionError, SessionRejected, open_session)
+from ._trust import TrustBook
 
 __all__ = ["RentError", "Renter", "estimate_prompt_tokens", "completion_json"]
 
-_HOUR = 3600
+_logger = logging.getLogger(__name__)
+_RUN_CHANNEL_S = 600
+_SESSION_CHANNEL_S = 3600
+_MAX_ATTEMPTS = 3
 
 
 class RentError(Exception):
     """No provider could be rented for this request (the message says why)."""
+
+    def __init__(self, message: str, attempts: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.attempts = attempts or []
 
 
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
@@ -34,14 +49,17 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 class Renter:
     def __init__(self, market: Market, escrow: EscrowOps, local_agent: EscrowAgent | None,
-                 receipts: ReceiptStore, clock: Callable[[], float] = time.time) -> None:
+                 receipts: ReceiptStore, trust: TrustBook, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
         self.market = market
         self.escrow = escrow
         self.local_agent = local_agent
         self.receipts = receipts
+        self.trust = trust
         self.clock = clock
+        self.rng = rng or random.Random()
 
-    async def candidates(self, model: str) -> list[tuple[Listing, ModelOffer]]:
+    async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
         rows = self.market.view.rows(self.market.now(), model)
         if not rows:
             await self.market.lookup(model)
@@ -49,66 +67,122 @@ class Renter:
         me = self.market.identity.peer_id
         return [(r.listing, r.offer) for r in rows if r.listing.provider != me]
 
-    def _agent_for(self, listing: Listing, escrow: str | None) -> str:
-        if escrow is not None:
-            agent = self.escrow.agent_id(escrow)
-            if agent not in listing.escrow_agents:
-                raise RentError(f"provider {listing.provider} does not accept escrow agent {agent}")
-            return agent
-        if self.local_agent is not None and self.local_agent.identity.peer_id in listing.escrow_agents:
-            return self.local_agent.identity.peer_id
-        if not listing.escrow_agents:
-            raise RentError(f"provider {listing.provider} names no escrow agent it accepts")
-        return listing.escrow_agents[0]
+    def _agent_picker(self, escrow: str | None) -> Callable[[Listing], str | None]:
+        wanted = self.escrow.agent_id(escrow) if escrow is not None else None
+        own = self.local_agent.identity.peer_id if self.local_agent is not None else None
 
-    async def choose(self, model: str, prompt_tokens: int, max_tokens: int,
-                     provider: str | None = None) -> tuple[Listing, ModelOffer]:
-        """The listing to rent from: ``provider`` if given, else the cheapest for this request.
+        def pick(listing: Listing) -> str | None:
+            if wanted is not None:
+                return wanted if wanted in listing.escrow_agents else None
+            if own is not None and own in listing.escrow_agents:
+                return own
+            return listing.escrow_agents[0] if listing.escrow_agents else None
+
+        return pick
+
+    async def candidates(self, model: str, prefs: Preferences, *, prompt_tokens: int, max_tokens: int,
+                         escrow: str | None = None) -> list[Candidate]:
+        """Ranked candidates for a request.
 
         Raises:
-            RentError: nobody offers the model (or not that provider).
+            RentError: nobody offers the model within the preferences.
         """
-        candidates = await self.candidates(model)
-        if provider is not None:
-            candidates = [c for c in candidates if c[0].provider == provider]
-        if not candidates:
-            raise RentError(f"no provider offers {model!r}" + (f" as {provider}" if provider else ""))
-        return min(candidates, key=lambda c: (protocol.call_cost(c[1].price, prompt_tokens, max_tokens), c[0].provider))
+        ranked = rank(await self.rows(model), prefs, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                      stats=self.trust.get, agent_for=self._agent_picker(escrow), rng=self.rng)
+        if not ranked:
+            raise RentError(f"no provider offers {model!r} within the routing preferences "
+                            "(price, trust floor, escrow agents, only/ignore)")
+        return ranked
 
     @asynccontextmanager
-    async def session(self, model: str, *, budget: int, provider: str | None = None, escrow: str | None = None,
-                      prompt_tokens: int = 0, max_tokens: int = 0, ttl_s: int = _HOUR
-                      ) -> AsyncIterator[tuple[ConsumerSessionHandle, Listing, protocol.ChannelGrant]]:
-        """A session with one escrow channel of ``budget`` µc; settled when the block ends."""
-        listing, offer = await self.choose(model, prompt_tokens, max_tokens, provider)
-        agent = self._agent_for(listing, escrow)
-        channel = await self.escrow.open_grant(agent, listing.provider, max(1, budget), ttl_s)
-        async with open_session(self.market.host, self.market.identity, provider=listing.provider,
-                                addrs=listing.addrs, model=model, price=offer.price, listing_seq=listing.seq,
-                                channel=channel, spend_limit=channel.cap, receipts=self.receipts,
-                                clock=self.clock) as handle:
-            yield handle, listing, channel
+    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int
+                       ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
+        channel = await self.escrow.open_grant(c.agent, c.provider, max(1, budget), ttl_s)
+        async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
+                                model=model, price=c.offer.price, listing_seq=c.listing.seq, channel=channel,
+                                spend_limit=channel.cap, receipts=self.receipts, clock=self.clock) as handle:
+            yield handle, channel
+
+    def _learn_failure(self, provider: str, exc: SessionError) -> None:
+        if isinstance(exc, ProviderMisbehaved):
+            self.trust.violated(provider)
+        elif isinstance(exc, (SessionRejected, CallRefused)):
+            self.trust.refused(provider, exc.reason)
+        else:
+            self.trust.failed(provider)
+
+    def learn_success(self, provider: str, result: CallResult) -> None:
+        self.trust.completed(provider, result.ttft_s, result.receipt.tokens_out, result.duration_s)
 
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                  provider: str | None = None, budget: int | None = None, escrow: str | None = None,
+                  prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,
+                  top_p_milli: int = 1000, stop: tuple[str, ...] = (),
                   on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
-        """One paid call, start to settlement. Returns the CLI contract's JSON for ``node run``.
+        """One paid call with failover, start to settlement; the CLI contract's JSON for ``node run``.
 
         Raises:
-            RentError: nobody to rent from. SessionError: the session or call failed (not paid).
-            EscrowRefused / EscrowUnreachable: the channel could not be opened.
+            RentError: nobody could serve it (with every attempt's error).
+            EscrowRefused / EscrowUnreachable: no channel could be opened (e.g. not enough credits).
+            protocol.SpendLimitReached: ``budget`` is below what one call may cost.
         """
         started = time.monotonic()
         prompt = estimate_prompt_tokens(messages)
-        if budget is None:
-            _, offer = await self.choose(model, prompt, max_tokens, provider)
-            budget = protocol.call_cost(offer.price, min(prompt, offer.max_context), max_tokens)
-        async with self.session(model, budget=budget, provider=provider, escrow=escrow, prompt_tokens=prompt,
-                                max_tokens=max_tokens) as (session, listing, channel):
-            result = await session.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
-            agent = channel.agent
-        return completion_json(result, listing.provider, model, started) | {
-            "escrow": {"agent": agent, "channel_id": channel.channel_id.hex(), "cap": channel.cap}}
+        ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow)
+        attempts: list[dict[str, Any]] = []
+        for c in ranked[:_MAX_ATTEMPTS]:
+            streamed = False
+
+            async def relay(text: str) -> None:
+                nonlocal streamed
+                streamed = True
+                if on_text is not None:
+                    await on_text(text)
+
+            try:
+                async with self._session(c, model, budget if budget is not None else c.expected_cost,
+                                         _RUN_CHANNEL_S) as (session, channel):
+                    result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
+                                                top_p_milli=top_p_milli, stop=stop, on_text=relay)
+            except SessionError as exc:
+                self._learn_failure(c.provider, exc)
+                attempts.append({"provider": c.provider, "error": str(exc)})
+                _logger.info("call to %s failed (%s); %s", c.provider, exc,
+                             "trying the next provider" if not streamed else "not retried: text was already streamed")
+                if streamed:  # the caller has seen part of an answer: starting over elsewhere would mix two
+                    raise RentError(f"the provider failed mid-answer: {exc}", attempts) from exc
+                continue
+            self.learn_success(c.provider, result)
+            return completion_json(result, c.provider, model, started) | {
+                "escrow": {"agent": channel.agent, "channel_id": channel.channel_id.hex(), "cap": channel.cap},
+                "attempts": attempts + [{"provider": c.provider, "error": None}],
+            }
+        raise RentError(f"every provider of {model!r} failed: " + "; ".join(a["error"] for a in attempts), attempts)
+
+    @asynccontextmanager
+    async def session(self, model: str, *, budget: int, prefs: Preferences = Preferences(), escrow: str | None = None,
+                      ttl_s: int = _SESSION_CHANNEL_S
+                      ) -> AsyncIterator[tuple[ConsumerSessionHandle, Listing, protocol.ChannelGrant]]:
+        """A multi-call session with the best candidate that accepts it (one channel of ``budget`` µc);
+        settled when the block ends."""
+        ranked = await self.candidates(model, prefs, prompt_tokens=0, max_tokens=0, escrow=escrow)
+        errors = []
+        for c in ranked[:_MAX_ATTEMPTS]:
+            try:
+                cm = self._session(c, model, budget, ttl_s)
+                handle, channel = await cm.__aenter__()
+            except SessionError as exc:
+                self._learn_failure(c.provider, exc)
+                errors.append(f"{c.provider}: {exc}")
+                continue
+            try:
+                yield handle, c.listing, channel
+            except BaseException as exc:
+                if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+                    raise
+            else:
+                await cm.__aexit__(None, None, None)
+            return
+        raise RentError(f"no provider of {model!r} accepted a session: " + "; ".join(errors))
 
 
 def completion_json(result: CallResult, provider: str, model: str, started: float) -> dict[str, Any]:
@@ -125,3 +199,4 @@ def completion_json(result: CallResult, provider: str, model: str, started: floa
         "cost": {"amount": r.cost, "receipt_id": protocol.receipt_hash(r).hex(), "cumulative": r.cumulative},
         "latency_ms": int((time.monotonic() - started) * 1000),
     }
+

@@ -50,8 +50,9 @@ def test_three_daemons_offer_and_providers(daemons):
             "min_charge": 0,
             "rate_limit": 0,
             "max_concurrent": 4,
-            "trust": None,
+            "trust": 100.0,  # a provider this node has no experience with yet
             "latency_ms": None,
+            "tokens_per_s": None,
             "escrows": [],
             "gpus": [],
             "addrs": second.info["addrs"],

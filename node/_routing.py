@@ -1,0 +1,111 @@
+"""Routing: which providers to try for a request, in which order. Pure: no I/O; the market rows,
+this node's trust stats and a random source come in as arguments.
+
+Filters: the model, ``only``/``ignore``, a maximum price per 1K tokens (input and/or output),
+an escrow agent this node can pay through, and the trust floor. Orders:
+- ``cheapest``: expected cost of this request (prompt size and max_tokens at the listed prices);
+- ``fastest``: expected duration from this node's EWMA of time-to-first-token and tokens/s;
+  unmeasured providers come after measured ones, except that with probability ``explore`` one
+  unmeasured provider is tried first, so new providers get measured;
+- ``best_trust``: trust score, then cost.
+Ties fall back to cost, then peer id, so the order is stable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Iterable
+
+import protocol
+from protocol import Listing, ModelOffer
+
+from ._trust import FLOOR, ProviderStats
+
+__all__ = ["SORTS", "Preferences", "Candidate", "rank"]
+
+SORTS = ("cheapest", "fastest", "best_trust")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preferences:
+    sort: str = "cheapest"
+    max_input_price: int | None = None  # µc per 1K tokens
+    max_output_price: int | None = None
+    only: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    allow_fallbacks: bool = True
+    trust_floor: float = FLOOR
+    explore: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.sort not in SORTS:
+            raise ValueError(f"sort must be one of {', '.join(SORTS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    listing: Listing
+    offer: ModelOffer
+    agent: str
+    expected_cost: int
+    stats: ProviderStats
+
+    @property
+    def provider(self) -> str:
+        return self.listing.provider
+
+    def expected_seconds(self, max_tokens: int) -> float | None:
+        if self.stats.ttft_s is None:
+            return None
+        return self.stats.ttft_s + (max_tokens / self.stats.tps if self.stats.tps else 0.0)
+
+
+def rank(
+    rows: Iterable[tuple[Listing, ModelOffer]],
+    prefs: Preferences,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    stats: Callable[[str], ProviderStats],
+    agent_for: Callable[[Listing], str | None],
+    rng: random.Random | None = None,
+) -> list[Candidate]:
+    """The providers to try, best first (only the first when fallbacks are off)."""
+    out = []
+    for listing, offer in rows:
+        if prefs.only and listing.provider not in prefs.only:
+            continue
+        if listing.provider in prefs.ignore:
+            continue
+        if prefs.max_input_price is not None and offer.price.input_per_1k > prefs.max_input_price:
+            continue
+        if prefs.max_output_price is not None and offer.price.output_per_1k > prefs.max_output_price:
+            continue
+        agent = agent_for(listing)
+        if agent is None:
+            continue
+        s = stats(listing.provider)
+        if s.score < prefs.trust_floor:
+            continue
+        cost = protocol.call_cost(offer.price, min(prompt_tokens, offer.max_context), max_tokens)
+        out.append(Candidate(listing, offer, agent, cost, s))
+
+    def by_cost(c: Candidate) -> tuple[int, str]:
+        return c.expected_cost, c.provider
+
+    if prefs.sort == "cheapest":
+        out.sort(key=lambda c: (by_cost(c), -c.stats.score))
+    elif prefs.sort == "best_trust":
+        out.sort(key=lambda c: (-c.stats.score, by_cost(c)))
+    else:
+        measured = sorted((c for c in out if c.stats.measured),
+                          key=lambda c: (c.expected_seconds(max_tokens), by_cost(c)))
+        unmeasured = sorted((c for c in out if not c.stats.measured), key=by_cost)
+        if unmeasured and (not measured or (rng or random.Random()).random() < prefs.explore):
+            pick = (rng or random.Random()).randrange(len(unmeasured))
+            unmeasured.insert(0, unmeasured.pop(pick))
+            out = unmeasured[:1] + measured + unmeasured[1:]
+        else:
+            out = measured + unmeasured
+    return out if prefs.allow_fallbacks else out[:1]
