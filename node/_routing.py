@@ -95,7 +95,7 @@ def rank(
         return c.expected_cost, c.provider
 
     if prefs.sort == "cheapest":
-        out.sort(key=lambda c: (by_cost(c), -c.stats.score))
+        out.sort(key=lambda c: (c.expected_cost, -c.stats.score, c.provider))
     elif prefs.sort == "best_trust":
         out.sort(key=lambda c: (-c.stats.score, by_cost(c)))
     else:
