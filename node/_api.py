@@ -23,6 +23,7 @@ import protocol
 from ._escrow_ops import EscrowRefused
 from ._escrow_service import EscrowUnreachable
 from ._held_sessions import UnknownSession
+from ._openai_api import openai_routes
 from ._renting import RentError
 from ._routing import SORTS, Preferences
 from ._session_client import CallRefused, SessionError, SessionRejected
@@ -310,4 +311,5 @@ def build_app(service: "NodeService", token: str, openai_keyless: bool = False) 
         return handler
 
     routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
-    return Starlette(routes=[Route(path, endpoint(fn), methods=[method]) for method, path, fn in routes])
+    return Starlette(routes=[Route(path, endpoint(fn), methods=[method]) for method, path, fn in routes]
+                     + openai_routes(service, token, openai_keyless))
