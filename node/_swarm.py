@@ -1,0 +1,127 @@
+"""The embeddable swarm: ``async with open_swarm(home) as swarm`` runs a full node inside a trio
+program — market, sessions, escrow client (and agent, with ``escrow=True``) — without the HTTP API.
+Amounts are integer micro-credits, prices µc per 1K tokens, as everywhere in the API."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+
+import wallet
+
+from ._config import Offer
+from ._home import Home, init_home, resolve_home
+from ._node import NodeService, open_node, resolve_config
+from ._routing import Preferences
+
+__all__ = ["open_swarm", "Swarm", "SwarmSession"]
+
+
+def _messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+class SwarmSession:
+    """A multi-call session: one provider, one escrow channel, one receipt per call."""
+
+    def __init__(self, swarm: "Swarm", session_id: str) -> None:
+        self._swarm, self.session_id = swarm, session_id
+
+    async def call(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,
+                   temperature: float = 1.0) -> dict[str, Any]:
+        return await self._swarm.service.sessions.call(self.session_id, _messages(prompt), max_tokens=max_tokens,
+                                                       temperature_milli=int(round(temperature * 1000)))
+
+
+class Swarm:
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+
+    @property
+    def peer_id(self) -> str:
+        return self.service.identity.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        """Where other nodes reach this one (…/p2p/<peer id>): pass as ``bootstrap``."""
+        return [str(a) for a in self.service.host.get_addrs()]
+
+    async def providers(self, model: str | None = None, sort: str = "cheapest") -> list[dict[str, Any]]:
+        return await self.service.providers(model, sort)
+
+    async def wait_for(self, model: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The providers of ``model`` once at least one is known (gossip or DHT).
+
+        Raises:
+            TimeoutError: none appeared in time.
+        """
+        with trio.move_on_after(timeout):
+            while not (rows := await self.providers(model)):
+                await trio.sleep(0.2)
+            return rows
+        raise TimeoutError(f"no provider of {model!r} appeared within {timeout:.0f}s")
+
+    def offer(self, model: str, *, backend: str = "builtin", input_price: int, output_price: int,
+              **limits: int) -> Offer:
+        """Sell ``model`` (persisted in the home's config and published at once)."""
+        return self.service.add_offer({"model": model, "backend": backend, "input_price": input_price,
+                                       "output_price": output_price, **limits})
+
+    async def run(self, model: str, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,
+                  temperature: float = 1.0, sort: str = "cheapest", provider: str | None = None,
+                  budget: int | None = None, escrow: str | None = None) -> dict[str, Any]:
+        """One paid completion (with failover); the same document as ``node run --json``."""
+        prefs = Preferences(sort=sort, only=(provider,) if provider else ())
+        return await self.service.renter.run(model, _messages(prompt), max_tokens=max_tokens,
+                                             temperature_milli=int(round(temperature * 1000)), prefs=prefs,
+                                             budget=budget, escrow=escrow)
+
+    @asynccontextmanager
+    async def session(self, model: str, *, budget: int, sort: str = "cheapest", provider: str | None = None,
+                      escrow: str | None = None) -> AsyncIterator[SwarmSession]:
+        """A multi-call session whose channel locks ``budget`` µc; settled (the rest refunded) at the end."""
+        prefs = Preferences(sort=sort, only=(provider,) if provider else ())
+        opened = await self.service.sessions.open(model, budget=budget, prefs=prefs, escrow=escrow)
+        try:
+            yield SwarmSession(self, opened["session_id"])
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.service.sessions.close(opened["session_id"])
+
+    async def balance(self, escrow: str | None = None) -> dict[str, Any]:
+        return await self.service.escrow.balance(escrow)
+
+    async def mint(self, to: str, amount: int, escrow: str | None = None) -> dict[str, Any]:
+        """Credit ``to`` (only an agent's operator may: a devnet rail)."""
+        return await self.service.escrow.mint(escrow, to, amount)
+
+
+@asynccontextmanager
+async def open_swarm(
+    home: str | Path | None = None,
+    *,
+    passphrase: str | None = None,
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",),
+    bootstrap: tuple[str, ...] | list[str] = (),
+    escrow: bool = False,
+    accept_escrow: tuple[str, ...] = (),
+) -> AsyncIterator[Swarm]:
+    """Run a node from its home (created if new) for the duration of the block.
+
+    Args:
+        home: the node home (default: $INFERSWARM_HOME, else the user data dir).
+        passphrase: the keystore's (default: $INFERSWARM_PASSPHRASE, else a terminal prompt).
+        listen, bootstrap: libp2p addresses. escrow: also run the escrow agent role.
+        accept_escrow: escrow agents this node's offers accept (besides itself when ``escrow``).
+    """
+    h = Home(resolve_home(home))
+    secret = passphrase or wallet.resolve_passphrase()
+    keystore = (wallet.Keystore.open(h.keystore, secret) if h.is_initialised() else init_home(h.path, secret))
+    config = resolve_config(h, tuple(listen), tuple(bootstrap), None, tuple(accept_escrow))
+    async with open_node(h, keystore.identity, dataclasses.replace(config), escrow=escrow,
+                         api_key=keystore.api_key) as service:
+        yield Swarm(service)
