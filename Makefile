@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO_HOME ?= .demo/node
 export INFERSWARM_PASSPHRASE ?= inferswarm-demo
 
 .PHONY: install run test bench clean
@@ -18,10 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,inference]' 'torch==2.13.0'
 	touch $(STAMP)
 
-# The main job. For now: a demo node home under .demo/ (created once) and its identity.
+# The main job: a local market on loopback (escrow agent, three providers, a consumer), a paid
+# chat, its receipts and balances; then the consumer's OpenAI-compatible API until Ctrl-C.
 run: install
-	$(VENV)/bin/node init --home $(DEMO_HOME) --exist-ok
-	$(VENV)/bin/node id --home $(DEMO_HOME) --json
+	$(VENV)/bin/node demo --home .demo
 
 test: install
 	$(PY) -m pytest -q

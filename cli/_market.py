@@ -176,3 +176,36 @@ def providers(home: str | None, as_json: bool, model: str | None, sort: str) -> 
 
 
 COMMANDS = [start, status, offer, providers]
+
+
+@click.command()
+@click.option("--home", "home", type=click.Path(file_okay=False), default=".demo", show_default=True,
+              help="folder for the demo nodes' homes (kept between runs)")
+@click.option("--providers", type=click.IntRange(1, 5), default=3, show_default=True)
+@click.option("--once", is_flag=True, help="exit after the summary instead of serving the OpenAI API")
+@fail_on(wallet.WalletError, ConfigError, OSError)
+def demo(home: str, providers: int, once: bool) -> None:
+    """A local market on loopback: escrow agent, providers, consumer, a paid chat, receipts, balances."""
+    from pathlib import Path
+
+    from node._demo import run_demo
+
+    logging.basicConfig(level=logging.ERROR)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                async def body() -> None:
+                    await run_demo(Path(home), providers=providers, once=once)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(body)
+                async for _ in signals:
+                    click.echo("stopping…", err=True)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+
+
+COMMANDS.append(demo)

@@ -164,7 +164,8 @@ class Renter:
                       ) -> AsyncIterator[tuple[ConsumerSessionHandle, Listing, protocol.ChannelGrant]]:
         """A multi-call session with the best candidate that accepts it (one channel of ``budget`` µc);
         settled when the block ends."""
-        ranked = await self.candidates(model, prefs, prompt_tokens=0, max_tokens=0, escrow=escrow)
+        # a session's calls are unknown yet: rank by a nominal call of 1K tokens in and 1K out
+        ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow)
         errors = []
         for c in ranked[:_MAX_ATTEMPTS]:
             try:

@@ -1,0 +1,161 @@
+"""``node demo``: a whole market on loopback in one process — an escrow agent, providers with
+different prices serving the builtin model, and a consumer — then a paid chat with ``cheapest``,
+its receipts and the balances before and after. The consumer keeps serving its OpenAI-compatible
+API (keyless, loopback) until Ctrl-C, unless ``once``."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+import protocol
+import wallet
+
+from ._builtin_model import BUILTIN_MODEL, ensure_builtin_model
+from ._config import Offer
+from ._daemon import serve_node_api
+from ._home import Home, init_home
+from ._node import NodeService, open_node, resolve_config
+from ._routing import Preferences
+
+__all__ = ["run_demo", "DEMO_PASSPHRASE"]
+
+DEMO_PASSPHRASE = "inferswarm-demo"
+MODEL = "tiny"
+# (input, output) credits per 1K tokens: provider 2 is the cheapest
+PRICES = [("0.30", "0.90"), ("0.20", "0.60"), ("0.50", "1.50"), ("0.40", "1.20"), ("0.25", "0.75")]
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+TURNS = ("Hello! Who are you?", "Tell me something about peer-to-peer markets.")
+
+
+def _fmt(micro: int) -> str:
+    return protocol.format_credits(micro)
+
+
+async def _start(stack: AsyncExitStack, path: Path, passphrase: str, *, escrow: bool = False,
+                 bootstrap: tuple[str, ...] = (), accept: tuple[str, ...] = (), models: Path) -> NodeService:
+    home = Home(path)
+    ks = (wallet.Keystore.open(home.keystore, passphrase) if home.is_initialised() else init_home(path, passphrase))
+    config = resolve_config(home, LOOPBACK, bootstrap, "127.0.0.1:0", accept)
+    service = await stack.enter_async_context(open_node(home, ks.identity, config, escrow=escrow, api_key=ks.api_key,
+                                                        models_dir=models))
+    with trio.fail_after(30):  # joined: connected to the agent it bootstrapped from
+        while bootstrap and not service.host.get_connected_peers():
+            await trio.sleep(0.02)
+    return service
+
+
+def _balances(console: Console, title: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("node", "available", "locked"):
+        table.add_column(col, justify="right" if col != "node" else "left")
+    for name, b in rows:
+        table.add_row(name, _fmt(b["available"]), _fmt(b["locked"]))
+    console.print(table)
+
+
+async def run_demo(base: Path, providers: int = 3, once: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Run the demo; returns its summary (for tests)."""
+    console = console or Console()
+    passphrase = os.environ.get(wallet.PASSPHRASE_ENV) or DEMO_PASSPHRASE
+    providers = max(1, min(providers, len(PRICES)))
+    models = base / "models"
+    with console.status("building the builtin model (first run only)…"):
+        folder = await trio.to_thread.run_sync(ensure_builtin_model, models / "models")
+    console.print(f"[green]✓[/] model [bold]{BUILTIN_MODEL}[/] ready in {folder}")
+    async with AsyncExitStack() as stack:
+        with console.status("starting the escrow agent…"):
+            agent = await _start(stack, base / "agent", passphrase, escrow=True, models=models)
+        aid = agent.identity.peer_id
+        boot = tuple(str(a) for a in agent.host.get_addrs())
+        console.print(f"[green]✓[/] escrow agent  {aid}")
+        sellers = []
+        for i in range(providers):
+            with console.status(f"starting provider {i + 1}…"):
+                p = await _start(stack, base / f"provider-{i + 1}", passphrase, bootstrap=boot, accept=(aid,),
+                                 models=models)
+            inp, out = PRICES[i]
+            p.add_offer(Offer(model=MODEL, backend="builtin", input_price=protocol.parse_credits(inp),
+                              output_price=protocol.parse_credits(out), max_context=2048).to_json())
+            sellers.append(p)
+            console.print(f"[green]✓[/] provider {i + 1}    {p.identity.peer_id}  ({inp} / {out} credits per 1K in/out)")
+        with console.status("starting the consumer…"):
+            consumer = await _start(stack, base / "consumer", passphrase, bootstrap=boot, models=models)
+        cid = consumer.identity.peer_id
+        console.print(f"[green]✓[/] consumer      {cid}")
+
+        before_c = await consumer.escrow.balance(aid)
+        if before_c["available"] < 5_000_000:
+            await agent.escrow.mint(None, cid, 10_000_000 - before_c["available"])
+            console.print(f"[green]✓[/] minted demo credits: the consumer holds {_fmt(10_000_000)} credits")
+        with console.status("waiting for every listing to reach the consumer…"), trio.fail_after(60):
+            while len(await consumer.providers(MODEL, "cheapest")) < providers:
+                await trio.sleep(0.2)
+        rows = await consumer.providers(MODEL, "cheapest")
+        table = Table(title=f"providers of {MODEL} (cheapest first)", title_justify="left")
+        for col in ("provider", "in/1K", "out/1K", "context", "trust", "escrows"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["peer_id"][:10] + "…" + r["peer_id"][-6:], _fmt(r["input_price"]), _fmt(r["output_price"]),
+                          str(r["max_context"]), str(r["trust"]), str(len(r["escrows"])))
+        console.print(table)
+
+        async def everyone() -> list[tuple[str, dict[str, Any]]]:
+            out = [("consumer", await consumer.escrow.balance(aid))]
+            for i, p in enumerate(sellers):
+                out.append((f"provider {i + 1}", await p.escrow.balance(aid)))
+            return out
+
+        before = await everyone()
+        _balances(console, "balances before (credits)", before)
+        console.print("[bold]paid chat[/] with [cyan]cheapest[/] (one escrow channel for the chat, one receipt per turn;"
+                      " the builtin model has random weights: its words are noise, its metering is real)")
+        history: list[dict[str, str]] = []
+        async with consumer.renter.session(MODEL, budget=1_000_000, prefs=Preferences(sort="cheapest"),
+                                           escrow=aid) as (session, listing, channel):
+            console.print(f"  provider {listing.provider}, channel {channel.channel_id.hex()} "
+                          f"locking {_fmt(channel.cap)} credits")
+            for turn in TURNS:
+                history.append({"role": "user", "content": turn})
+                result = await session.call(history, 48)
+                consumer.renter.learn_success(listing.provider, result)
+                history.append({"role": "assistant", "content": result.text})
+                console.print(f"  [bold]you[/]> {turn}")
+                console.print(f"  [bold]{MODEL}[/]> {result.text!r}")
+            receipts = list(session.machine.receipts)
+        table = Table(title="receipts (both signatures verified, chained)", title_justify="left")
+        for col in ("#", "tokens in+out", "cost", "cumulative", "receipt id", "prev"):
+            table.add_column(col)
+        for r in receipts:
+            protocol.verify(r, "provider_sig", protocol.public_key_from_peer_id(r.provider))
+            protocol.verify(r, "consumer_sig", protocol.public_key_from_peer_id(r.consumer))
+            table.add_row(str(r.call_seq), f"{r.tokens_in}+{r.tokens_out}", _fmt(r.cost), _fmt(r.cumulative),
+                          protocol.receipt_hash(r).hex()[:16] + "…", r.prev_hash.hex()[:8])
+        console.print(table)
+        after = await everyone()
+        _balances(console, "balances after (credits)", after)
+        spent = before[0][1]["available"] - after[0][1]["available"]
+        console.print(f"the chat cost {_fmt(spent)} credits = the last receipt's cumulative "
+                      f"{_fmt(receipts[-1].cumulative)}; the rest of the channel came back")
+        summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider}
+        if once:
+            return summary
+
+        async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            await serve_node_api(consumer, "127.0.0.1:0", "demo-unused", openai_keyless=True, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(serve)
+            console.print(f"\n[bold]OpenAI-compatible API[/] (keyless, loopback): {info['api_url']}/v1")
+            console.print(f"  curl {info['api_url']}/v1/chat/completions -H 'content-type: application/json' \\\n"
+                          f"       -d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", "
+                          f"\"content\": \"Hi\"}}], \"max_tokens\": 32}}'")
+            console.print("serving until Ctrl-C…")
+            await trio.sleep_forever()
+    return summary
