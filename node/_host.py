@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Sequence
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -68,7 +69,10 @@ async def open_host(identity: Identity, listen: Sequence[str]) -> AsyncIterator[
         try:
             yield host
         finally:
-            await host.close()
+            # even when cancelled (shutdown, an embedding program's cancel scope): close the sockets
+            # so peers see the connections end now, not at process exit
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await host.close()
 
 
 def parse_peer_addr(addr: str) -> PeerInfo:

@@ -172,7 +172,7 @@ async def open_session(
     spend_limit: int,
     receipts: ReceiptStore | None = None,
     clock: Callable[[], float] = time.time,
-    connect_timeout_s: float = 20.0,
+    connect_timeout_s: float = 5.0,
     idle_timeout_s: float = 120.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
