@@ -9,12 +9,23 @@ from typing import Any, Callable, TypeVar
 import click
 import httpx
 
+import protocol
 from node import Home, resolve_home
 from node._daemon_files import DaemonNotRunning, api_token, read_daemon_info
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _HOME_HELP = "node home directory (default: $INFERSWARM_HOME, else the user data dir)"
+
+
+def credits_option(_ctx: Any, _param: Any, value: str | None) -> int | None:
+    """A click callback: a decimal amount of credits on the command line, as exact micro-credits."""
+    if value is None:
+        return None
+    try:
+        return protocol.parse_credits(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 class CliError(click.ClickException):

@@ -12,19 +12,10 @@ from rich.table import Table
 
 import protocol
 
-from ._common import DaemonClient, emit_json, home_option, json_option
+from ._common import DaemonClient, credits_option, emit_json, home_option, json_option
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return protocol.parse_credits(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
 
 
 def _duration(_ctx: Any, _param: Any, value: str | None) -> int | None:
@@ -87,7 +78,7 @@ def wallet_balance(home: str | None, as_json: bool, escrow: str | None) -> None:
 @home_option
 @json_option
 @escrow_option
-@click.option("--amount", required=True, callback=_credits, metavar="CREDITS")
+@click.option("--amount", required=True, callback=credits_option, metavar="CREDITS")
 def wallet_withdraw(home: str | None, as_json: bool, escrow: str | None, amount: int) -> None:
     """Take credits out of the escrow system."""
     doc = DaemonClient(home).request("POST", "/api/v1/wallet/withdraw", json={"escrow": escrow, "amount": amount})
@@ -108,7 +99,7 @@ def _emit(doc: Any, as_json: bool, line: str) -> None:
 @json_option
 @escrow_option
 @click.option("--to", "to", required=True, metavar="PEER")
-@click.option("--amount", required=True, callback=_credits, metavar="CREDITS")
+@click.option("--amount", required=True, callback=credits_option, metavar="CREDITS")
 def escrow_mint(home: str | None, as_json: bool, escrow: str | None, to: str, amount: int) -> None:
     """Credit PEER at the agent (the agent's operator only; a devnet rail)."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/mint", json={"escrow": escrow, "to": to, "amount": amount})
@@ -120,7 +111,7 @@ def escrow_mint(home: str | None, as_json: bool, escrow: str | None, to: str, am
 @json_option
 @escrow_option
 @click.option("--provider", required=True, metavar="PEER")
-@click.option("--amount", required=True, callback=_credits, metavar="CREDITS", help="the channel's cap")
+@click.option("--amount", required=True, callback=credits_option, metavar="CREDITS", help="the channel's cap")
 @click.option("--expires", required=True, callback=_duration, metavar="DURATION", help="e.g. 1h, 7d")
 @click.option("--budget", metavar="ID", help="draw on a budget this node is whitelisted for")
 def escrow_open(home: str | None, as_json: bool, escrow: str | None, provider: str, amount: int, expires: int,
@@ -198,9 +189,9 @@ def budget() -> None:
 @home_option
 @json_option
 @escrow_option
-@click.option("--amount", required=True, callback=_credits, metavar="CREDITS")
+@click.option("--amount", required=True, callback=credits_option, metavar="CREDITS")
 @click.option("--whitelist", required=True, multiple=True, metavar="PEER", help="consumer allowed to draw (repeatable)")
-@click.option("--per-session", required=True, callback=_credits, metavar="CREDITS", help="most one channel may hold")
+@click.option("--per-session", required=True, callback=credits_option, metavar="CREDITS", help="most one channel may hold")
 @click.option("--expires", required=True, callback=_duration, metavar="DURATION")
 def budget_create(home: str | None, as_json: bool, escrow: str | None, amount: int, whitelist: tuple[str, ...],
                   per_session: int, expires: int) -> None:

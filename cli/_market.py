@@ -6,7 +6,6 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
 
 import click
 import trio
@@ -17,16 +16,14 @@ import protocol
 import wallet
 from node import ConfigError, Home, resolve_home
 
-from ._common import DaemonClient, emit_json, fail_on, home_option, json_option
-
-
-def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return protocol.parse_credits(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+from ._common import (
+    DaemonClient,
+    credits_option,
+    emit_json,
+    fail_on,
+    home_option,
+    json_option,
+)
 
 
 @click.command()
@@ -102,10 +99,10 @@ def offer() -> None:
 @json_option
 @click.option("--model", required=True, help="model name consumers ask for")
 @click.option("--backend", required=True, metavar="SPEC", help="builtin | transformers:PATH | openai:BASE_URL[#KEYNAME] | llamacpp:PATH")
-@click.option("--input-price", required=True, callback=_credits, metavar="CREDITS", help="credits per 1K prompt tokens, e.g. 0.50")
-@click.option("--output-price", required=True, callback=_credits, metavar="CREDITS", help="credits per 1K completion tokens")
+@click.option("--input-price", required=True, callback=credits_option, metavar="CREDITS", help="credits per 1K prompt tokens, e.g. 0.50")
+@click.option("--output-price", required=True, callback=credits_option, metavar="CREDITS", help="credits per 1K completion tokens")
 @click.option("--max-context", type=click.IntRange(1), default=4096, show_default=True)
-@click.option("--min-charge", callback=_credits, default="0", metavar="CREDITS", help="least a call costs")
+@click.option("--min-charge", callback=credits_option, default="0", metavar="CREDITS", help="least a call costs")
 @click.option("--rate-limit", type=click.IntRange(0), default=0, metavar="RPM", help="requests/min per consumer (0: none)")
 @click.option("--max-concurrent", type=click.IntRange(1), default=4, show_default=True, help="sessions at once")
 def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_price: int, output_price: int,

@@ -15,16 +15,15 @@ import protocol
 import wallet
 from node import Home, resolve_home
 
-from ._common import CliError, DaemonClient, emit_json, fail_on, home_option, json_option
-
-
-def _credits(_ctx: Any, _param: Any, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return protocol.parse_credits(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+from ._common import (
+    CliError,
+    DaemonClient,
+    credits_option,
+    emit_json,
+    fail_on,
+    home_option,
+    json_option,
+)
 
 
 def _temperature(_ctx: Any, _param: Any, value: str | None) -> int:
@@ -74,7 +73,7 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
 @click.option("--provider", metavar="PEER", help="rent from this provider only")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temperature", callback=_temperature, default="1.0", show_default=True)
-@click.option("--budget", callback=_credits, metavar="CREDITS", help="most this call may cost (default: its worst case)")
+@click.option("--budget", callback=credits_option, metavar="CREDITS", help="most this call may cost (default: its worst case)")
 @click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
 @click.option("--stream", is_flag=True, help="print the completion as it arrives")
 @click.argument("prompt")
@@ -161,7 +160,7 @@ COMMANDS = [run, receipts, key]
 @click.option("--provider", metavar="PEER", help="rent from this provider only")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="per turn")
 @click.option("--temperature", callback=_temperature, default="1.0", show_default=True)
-@click.option("--budget", callback=_credits, default="1", show_default=True, metavar="CREDITS",
+@click.option("--budget", callback=credits_option, default="1", show_default=True, metavar="CREDITS",
               help="what the session's channel locks (the unspent rest comes back at the end)")
 @click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
 def chat(home: str | None, model: str, provider: str | None, max_tokens: int, temperature: int, budget: int,

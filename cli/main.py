@@ -19,6 +19,7 @@ from ._escrow import COMMANDS as ESCROW_COMMANDS
 from ._market import COMMANDS
 from ._renting import COMMANDS as RENTING_COMMANDS
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inferswarm", prog_name="node")
 def cli() -> None:

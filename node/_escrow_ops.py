@@ -7,8 +7,19 @@ import secrets
 from typing import Any, Callable
 
 import protocol
-from protocol import (ChannelState, EscrowBudgetCreate, EscrowBudgetRefund, EscrowClaim, EscrowClose, EscrowMint,
-                      EscrowOpen, EscrowQuery, EscrowRefund, EscrowResponse, EscrowWithdraw)
+from protocol import (
+    ChannelState,
+    EscrowBudgetCreate,
+    EscrowBudgetRefund,
+    EscrowClaim,
+    EscrowClose,
+    EscrowMint,
+    EscrowOpen,
+    EscrowQuery,
+    EscrowRefund,
+    EscrowResponse,
+    EscrowWithdraw,
+)
 from wallet import Identity
 
 from ._escrow_service import EscrowClient

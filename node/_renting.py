@@ -22,8 +22,15 @@ from ._escrow_ops import EscrowOps
 from ._market import Market
 from ._receipts import ReceiptStore
 from ._routing import Candidate, Preferences, rank
-from ._session_client import (CallRefused, CallResult, ConsumerSessionHandle, ProviderFailed, ProviderMisbehaved,
-                              SessionError, SessionRejected, open_session)
+from ._session_client import (
+    CallRefused,
+    CallResult,
+    ConsumerSessionHandle,
+    ProviderMisbehaved,
+    SessionError,
+    SessionRejected,
+    open_session,
+)
 from ._trust import TrustBook
 
 __all__ = ["RentError", "Renter", "estimate_prompt_tokens", "completion_json"]

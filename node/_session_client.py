@@ -15,15 +15,25 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-import multiaddr
 import protocol
-from protocol import (Accepted, CallFailed, ChannelGrant, ChatMessage, ChunkReceived, ConsumerSession, Price,
-                      ReceiptSettled, Rejected, SessionClosed)
+from protocol import (
+    Accepted,
+    CallFailed,
+    ChannelGrant,
+    ChatMessage,
+    ChunkReceived,
+    ConsumerSession,
+    Price,
+    ReceiptSettled,
+    Rejected,
+    SessionClosed,
+)
 from wallet import Identity
 
 from ._receipts import ReceiptStore

@@ -21,7 +21,14 @@ from typing import Any, Callable
 import trio
 
 import protocol
-from protocol import Accept, CallRequested, Countersigned, Open, ProviderSession, Reject, SessionClosed
+from protocol import (
+    CallRequested,
+    Countersigned,
+    Open,
+    ProviderSession,
+    Reject,
+    SessionClosed,
+)
 from wallet import Identity
 
 from ._backends import Backend, BackendError

@@ -10,10 +10,24 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._framing import FrameReader, decode_varint, encode_varint, frame
 from ._identity import peer_id_from_public_key, public_key_from_peer_id
-from ._listing import CLOCK_SKEW_S, MAX_LISTING_BYTES, MAX_LISTING_TTL_S, check_listing, decode_listing, supersedes
+from ._listing import (
+    CLOCK_SKEW_S,
+    MAX_LISTING_BYTES,
+    MAX_LISTING_TTL_S,
+    check_listing,
+    decode_listing,
+    supersedes,
+)
 from ._messages import *  # noqa: F403
 from ._messages import __all__ as _messages_all
-from ._pricing import MICRO_PER_CREDIT, Price, call_cost, format_credits, max_output_tokens_within, parse_credits
+from ._pricing import (
+    MICRO_PER_CREDIT,
+    Price,
+    call_cost,
+    format_credits,
+    max_output_tokens_within,
+    parse_credits,
+)
 from ._session import *  # noqa: F403
 from ._session import __all__ as _session_all
 from ._signing import Signer, body_hash, domain_tag, sign, signed_bytes, verify

@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._codec import DEFAULT_MAX_MESSAGE, Bool, Bytes, ListOf, Nested, Optional, PeerId, Str, UInt, message, record, wire
+from ._codec import (
+    DEFAULT_MAX_MESSAGE,
+    Bool,
+    Bytes,
+    ListOf,
+    Nested,
+    Optional,
+    PeerId,
+    Str,
+    UInt,
+    message,
+    record,
+    wire,
+)
 from ._pricing import Price
 
 __all__ = [

@@ -26,7 +26,13 @@ import nacl.pwhash
 import nacl.secret
 import nacl.utils
 
-from ._errors import KeystoreCorrupt, KeystoreExists, KeystoreNotFound, PassphraseUnavailable, WrongPassphrase
+from ._errors import (
+    KeystoreCorrupt,
+    KeystoreExists,
+    KeystoreNotFound,
+    PassphraseUnavailable,
+    WrongPassphrase,
+)
 from ._keys import Identity
 
 __all__ = ["Keystore", "PASSPHRASE_ENV", "resolve_passphrase", "read_public_identity"]

@@ -91,3 +91,20 @@ class Daemon:
         if not self.log.closed:
             self.log.close()
         return self.proc.returncode
+
+
+def start_market(base: Path, started: list["Daemon"], mint: str = "2") -> tuple["Daemon", "Daemon", "Daemon", str]:
+    """An escrow agent, a provider selling `tiny` on `builtin` (0.50/1.50) that accepts it, and a
+    consumer holding ``mint`` credits there, with the listing already in the consumer's view."""
+    agent = Daemon(base / "agent", "--escrow")
+    started.append(agent)
+    aid = agent.info["peer_id"]
+    provider = Daemon(base / "provider", "--bootstrap", agent.addr, "--accept-escrow", aid)
+    started.append(provider)
+    consumer = Daemon(base / "consumer", "--bootstrap", agent.addr)
+    started.append(consumer)
+    agent.cli("escrow", "mint", "--to", consumer.info["peer_id"], "--amount", mint)
+    provider.cli("offer", "add", "--model", "tiny", "--backend", "builtin", "--input-price", "0.50",
+                 "--output-price", "1.50", "--max-context", "2048")
+    poll(lambda: json.loads(consumer.cli("providers", "--model", "tiny", "--json").stdout), 20, "the listing")
+    return agent, provider, consumer, aid

@@ -27,7 +27,6 @@ async def test_sigkill_during_a_stream_of_claims(tmp_path):
     rng = random.Random(seed)
     daemon = await trio.to_thread.run_sync(lambda: Daemon(tmp_path / "agent", "--escrow"))
     try:
-        agent_id = daemon.info["peer_id"]
         await trio.to_thread.run_sync(lambda: daemon.cli("escrow", "mint", "--to", CONSUMER.peer_id, "--amount", "1"))
         async with open_host(PROVIDER, ["/ip4/127.0.0.1/tcp/0"]) as host:
             client = EscrowClient(host)  # every answer is checked for the agent's signature

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import protocol
 import wallet
 from tests.e2e.daemons import PASSPHRASE, Daemon, poll
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    started: list[Daemon] = []
-    yield tmp_path, started
-    for d in started:
-        d.stop()
 
 
 def _identity(home) -> wallet.Identity:

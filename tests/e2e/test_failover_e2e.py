@@ -5,17 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.e2e.daemons import Daemon, poll
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    started: list[Daemon] = []
-    yield tmp_path, started
-    for d in started:
-        d.stop()
 
 
 def test_cheapest_provider_dies_and_the_next_one_serves(daemons):

@@ -5,17 +5,8 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 
 from tests.e2e.daemons import Daemon, poll
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    started: list[Daemon] = []
-    yield tmp_path, started
-    for d in started:
-        d.stop()
 
 
 def test_three_daemons_offer_and_providers(daemons):

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.e2e.daemons import Daemon, poll
+from tests.e2e.daemons import Daemon, start_market
 
 
 @pytest.fixture(scope="module")
@@ -15,17 +15,7 @@ def market(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai-api")
     started: list[Daemon] = []
     try:
-        agent = Daemon(tmp / "agent", "--escrow")
-        started.append(agent)
-        aid = agent.info["peer_id"]
-        provider = Daemon(tmp / "provider", "--bootstrap", agent.addr, "--accept-escrow", aid)
-        started.append(provider)
-        consumer = Daemon(tmp / "consumer", "--bootstrap", agent.addr)
-        started.append(consumer)
-        agent.cli("escrow", "mint", "--to", consumer.info["peer_id"], "--amount", "3")
-        provider.cli("offer", "add", "--model", "tiny", "--backend", "builtin", "--input-price", "0.50",
-                     "--output-price", "1.50")
-        poll(lambda: json.loads(consumer.cli("providers", "--model", "tiny", "--json").stdout), 20, "the listing")
+        agent, provider, consumer, aid = start_market(tmp, started, mint="3")
         token = (tmp / "consumer" / "api.token").read_text().strip()
         yield consumer, provider, aid, token
     finally:

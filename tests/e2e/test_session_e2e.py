@@ -6,34 +6,14 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 import protocol
-from tests.e2e.daemons import ROOT, Daemon, node_env, poll
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    started: list[Daemon] = []
-    yield tmp_path, started
-    for d in started:
-        d.stop()
+from tests.e2e.daemons import ROOT, node_env, start_market
 
 
 def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
     tmp_path, started = daemons
-    agent = Daemon(tmp_path / "agent", "--escrow")
-    started.append(agent)
-    aid = agent.info["peer_id"]
-    provider = Daemon(tmp_path / "provider", "--bootstrap", agent.addr, "--accept-escrow", aid)
-    started.append(provider)
-    consumer = Daemon(tmp_path / "consumer", "--bootstrap", agent.addr)
-    started.append(consumer)
+    agent, provider, consumer, aid = start_market(tmp_path, started)
     cid, pid = consumer.info["peer_id"], provider.info["peer_id"]
-    agent.cli("escrow", "mint", "--to", cid, "--amount", "2")
-    provider.cli("offer", "add", "--model", "tiny", "--backend", "builtin", "--input-price", "0.50",
-                 "--output-price", "1.50", "--max-context", "2048")
-    poll(lambda: json.loads(consumer.cli("providers", "--model", "tiny", "--json").stdout), 20, "the listing")
 
     doc = json.loads(consumer.cli("run", "--model", "tiny", "--max-tokens", "32", "--escrow", aid, "--budget", "0.5",
                                   "--json", "Hello there").stdout)

@@ -8,7 +8,14 @@ import pytest
 
 import protocol
 from node._market import LISTING_TOPIC, _ListingValidator, listing_key
-from tests.node.helpers import Clock, join, listing_template, market_swarm, wait_until, wait_until_async
+from tests.node.helpers import (
+    Clock,
+    join,
+    listing_template,
+    market_swarm,
+    wait_until,
+    wait_until_async,
+)
 from tests.support import MALLORY, PRICE, PROVIDER
 
 N = 10

@@ -10,7 +10,12 @@ import trio
 import protocol
 from node._config import Offer
 from node._escrow_ops import EscrowRefused
-from node._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionRejected
+from node._session_client import (
+    CallRefused,
+    ProviderFailed,
+    ProviderMisbehaved,
+    SessionRejected,
+)
 from node._session_service import ProviderService
 from tests.node.session_rig import ScriptedBackend, builtin_backend, session_rig
 

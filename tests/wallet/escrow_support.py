@@ -7,8 +7,8 @@ import itertools
 from typing import Any
 
 import protocol
-from wallet import EscrowAgent, Identity, Ledger
 from tests.support import identity
+from wallet import EscrowAgent, Identity, Ledger
 
 AGENT = identity("escrow-agent")
 _ids = itertools.count(1)

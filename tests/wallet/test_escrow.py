@@ -7,11 +7,28 @@ import dataclasses
 import pytest
 
 import protocol
-from protocol import (EscrowBudgetCreate, EscrowBudgetRefund, EscrowClaim, EscrowMint, EscrowOpen, EscrowQuery,
-                      EscrowRefund, EscrowTopUp, EscrowWithdraw)
+from protocol import (
+    EscrowBudgetCreate,
+    EscrowBudgetRefund,
+    EscrowClaim,
+    EscrowMint,
+    EscrowOpen,
+    EscrowQuery,
+    EscrowRefund,
+    EscrowTopUp,
+    EscrowWithdraw,
+)
 from tests.support import identity
-from tests.wallet.escrow_support import (AGENT, close_request, new_agent, ok, receipt, replace_sig, rid, signed,
-                                         snapshot)
+from tests.wallet.escrow_support import (
+    AGENT,
+    close_request,
+    new_agent,
+    ok,
+    receipt,
+    replace_sig,
+    signed,
+    snapshot,
+)
 
 NOW = 1_000_000
 ALICE, BOB, CAROL, FUNDER = identity("alice"), identity("bob"), identity("carol"), identity("funder")

@@ -11,8 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocol
-from protocol import (EscrowBudgetCreate, EscrowBudgetRefund, EscrowClaim, EscrowMint, EscrowOpen, EscrowRefund,
-                      EscrowTopUp, EscrowWithdraw)
+from protocol import (
+    EscrowBudgetCreate,
+    EscrowBudgetRefund,
+    EscrowClaim,
+    EscrowMint,
+    EscrowOpen,
+    EscrowRefund,
+    EscrowTopUp,
+    EscrowWithdraw,
+)
 from tests.support import identity
 from tests.wallet.escrow_support import AGENT, close_request, new_agent, receipt, signed
 
