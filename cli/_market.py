@@ -206,3 +206,46 @@ def demo(home: str, providers: int, once: bool) -> None:
 
 
 COMMANDS.append(demo)
+
+
+@click.command()
+@home_option
+@json_option
+@click.option("--period", default="30d", show_default=True, help="how far back: 90m, 12h, 30d…")
+@click.option("--by", type=click.Choice(["model", "client", "hour"]), default="model", show_default=True)
+def earnings(home: str | None, as_json: bool, period: str, by: str) -> None:
+    """What this node earned serving, claimed from escrow vs still pending."""
+    doc = DaemonClient(home).request("GET", "/api/v1/earnings", params={"period": period, "by": by})
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"last {doc['period']}: earned {protocol.format_credits(doc['total'])} credits "
+               f"(claimed {protocol.format_credits(doc['claimed'])}, pending {protocol.format_credits(doc['pending'])})")
+    table = Table(by, "earned")
+    for key, amount in doc["by"].items():
+        table.add_row(key, protocol.format_credits(amount))
+    Console().print(table)
+
+
+@click.command()
+@home_option
+@json_option
+def stats(home: str | None, as_json: bool) -> None:
+    """This node's totals as a provider, and the network it sees."""
+    doc = DaemonClient(home).request("GET", "/api/v1/stats")
+    if as_json:
+        emit_json(doc)
+        return
+    n = doc["node"]
+    click.echo(f"requests {n['requests']} · tokens served {n['tokens_served']} · earned "
+               f"{protocol.format_credits(n['earnings'])} credits · avg latency {n['avg_latency_ms']} ms · "
+               f"listed {n['uptime_score'] * 100:.1f}% of the time")
+    table = Table("model", "providers", "input /1K", "output /1K")
+    for name, m in doc["network"]["models"].items():
+        table.add_row(name, str(m["providers"]),
+                      f"{protocol.format_credits(m['min_input_price'])}–{protocol.format_credits(m['max_input_price'])}",
+                      f"{protocol.format_credits(m['min_output_price'])}–{protocol.format_credits(m['max_output_price'])}")
+    Console().print(table)
+
+
+COMMANDS += [earnings, stats]

@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +26,7 @@ from ._escrow_service import EscrowUnreachable
 from ._held_sessions import UnknownSession
 from ._openai_api import openai_routes
 from ._renting import RentError
+from ._reports import earnings, metrics_registry, stats
 from ._routing import SORTS, Preferences
 from ._session_client import CallRefused, SessionError, SessionRejected
 
@@ -274,6 +276,13 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     async def close_session(request: Request) -> Any:
         return await service.sessions.close(request.path_params["session_id"])
 
+    async def earnings_(request: Request) -> Any:
+        q = request.query_params
+        return await trio.to_thread.run_sync(earnings, service, q.get("period", "30d"), q.get("by", "model"))
+
+    async def stats_(request: Request) -> Any:
+        return await trio.to_thread.run_sync(stats, service)
+
     async def receipts(request: Request) -> Any:
         session = request.query_params.get("session")
         try:
@@ -285,6 +294,8 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     return [
         ("POST", "/api/v1/run", run),
         ("GET", "/api/v1/receipts", receipts),
+        ("GET", "/api/v1/earnings", earnings_),
+        ("GET", "/api/v1/stats", stats_),
         ("POST", "/api/v1/sessions", open_session),
         ("POST", "/api/v1/sessions/{session_id}/calls", session_call),
         ("DELETE", "/api/v1/sessions/{session_id}", close_session),
@@ -311,5 +322,12 @@ def build_app(service: "NodeService", token: str, openai_keyless: bool = False) 
         return handler
 
     routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
+    registry = metrics_registry(service)
+
+    async def metrics(request: Request) -> Response:
+        # readable without the token, as scrapers expect: counts and gauges only, no ids or secrets
+        body = await trio.to_thread.run_sync(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     return Starlette(routes=[Route(path, endpoint(fn), methods=[method]) for method, path, fn in routes]
-                     + openai_routes(service, token, openai_keyless))
+                     + openai_routes(service, token, openai_keyless) + [Route("/metrics", metrics, methods=["GET"])])

@@ -123,6 +123,9 @@ class Market:
         self._dht_pending: tuple[Listing, bytes] | None = None
         self.published_count = 0
         self.dht_written_seq = 0  # the newest of our listings the DHT holds
+        self._started = self._clock()
+        self._listed_s = 0.0  # seconds with a listing of ours alive, up to _listed_mark
+        self._listed_mark: float | None = None
 
     def now(self) -> int:
         return int(self._clock())
@@ -131,6 +134,12 @@ class Market:
     def own_listing(self) -> Listing | None:
         """The listing we last signed and published, if any."""
         return self._published
+
+    def listed_fraction(self) -> float:
+        """Share (0..1) of this node's running time during which it had a listing published."""
+        now = self._clock()
+        listed = self._listed_s + (now - self._listed_mark if self._listed_mark is not None else 0.0)
+        return round(listed / max(now - self._started, 1e-9), 4)
 
     def set_listing(self, listing: Listing | None) -> None:
         """Publish ``listing`` (its seq, times and signature are filled in) soon, and keep it
@@ -153,6 +162,8 @@ class Market:
         return protocol.sign(listing, "sig", self.identity)
 
     async def _publish_once(self, template: Listing) -> None:
+        if self._listed_mark is None:
+            self._listed_mark = self._clock()
         listing = self._sign(template)
         data = protocol.encode(listing, max_size=protocol.MAX_LISTING_BYTES)
         self._published = listing
@@ -185,6 +196,9 @@ class Market:
         while True:
             if self._own is None:
                 self._published = None
+                if self._listed_mark is not None:
+                    self._listed_s += self._clock() - self._listed_mark
+                    self._listed_mark = None
                 await self._changed.wait()
                 self._changed = trio.Event()
                 continue

@@ -156,10 +156,13 @@ class NodeService:
             "connected_peers": len(self.host.get_connected_peers()),
             "listings_known": len(self.market.view.listings(now)),
             "offers": len(self._offers),
-            "uptime_s": int(time.monotonic() - self._started),
+            "uptime_s": self.uptime_s(),
             "escrow_agent": self.escrow_agent is not None,
             "capabilities": self.capabilities,
         }
+
+    def uptime_s(self) -> int:
+        return int(time.monotonic() - self._started)
 
     def market_stats(self) -> dict[str, Any]:
         return {**self.market.view.stats(), "published": self.market.published_count}

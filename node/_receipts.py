@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     cumulative INTEGER NOT NULL,
     stored_at INTEGER NOT NULL,
     claimed INTEGER NOT NULL DEFAULT 0,
+    latency_ms INTEGER,            -- provider side: request received to receipt sent
     receipt BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_by_session ON receipts(session_id, call_seq);
@@ -50,18 +51,24 @@ class ReceiptStore:
     def close(self) -> None:
         self.db.close()
 
-    def _put(self, receipt: protocol.Receipt, role: str) -> None:
+    def _put(self, receipt: protocol.Receipt, role: str, latency_ms: int | None) -> None:
         peer = receipt.consumer if role == "provider" else receipt.provider
         with self._lock:
             self.db.execute(
                 "INSERT OR IGNORE INTO receipts(receipt_id, session_id, call_seq, role, peer, model, agent, channel_id, "
-                "tokens_in, tokens_out, cost, cumulative, stored_at, receipt) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "tokens_in, tokens_out, cost, cumulative, stored_at, latency_ms, receipt) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (protocol.receipt_hash(receipt), receipt.session_id, receipt.call_seq, role, peer, receipt.model,
                  receipt.agent, receipt.channel_id, receipt.tokens_in, receipt.tokens_out, receipt.cost,
-                 receipt.cumulative, int(time.time()), protocol.encode(receipt)))
+                 receipt.cumulative, int(time.time()), latency_ms, protocol.encode(receipt)))
 
-    async def put(self, receipt: protocol.Receipt, role: str) -> None:
-        await trio.to_thread.run_sync(self._put, receipt, role)
+    async def put(self, receipt: protocol.Receipt, role: str, latency_ms: int | None = None) -> None:
+        await trio.to_thread.run_sync(self._put, receipt, role, latency_ms)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read for reports (earnings, stats)."""
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
 
     def mark_claimed(self, receipt: protocol.Receipt) -> None:
         with self._lock:

@@ -185,10 +185,12 @@ class ProviderService:
                 return None
             for event in machine.receive(msg, self.now()):
                 if isinstance(event, CallRequested):
+                    started = time.monotonic()
                     await self._call(framed, machine, offer, backend, event.request)
+                    state["latency_ms"] = int((time.monotonic() - started) * 1000)
                 elif isinstance(event, Countersigned):
                     state["last"] = event.receipt
-                    await self.receipts.put(event.receipt, "provider")
+                    await self.receipts.put(event.receipt, "provider", state.pop("latency_ms", None))
                     if time.monotonic() - state["claimed_at"] >= self.claim_interval_s:
                         state["claimed_at"] = time.monotonic()
                         nursery.start_soon(self._claim, event.receipt, state)

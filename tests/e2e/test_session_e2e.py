@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import httpx
+
 import protocol
 from tests.e2e.daemons import ROOT, node_env, start_market
 
@@ -40,6 +42,19 @@ def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
     assert provider_wallet["available"] == cost
     assert (consumer_wallet["available"], consumer_wallet["locked"]) == (2_000_000 - cost, 0)
     assert consumer_wallet["channels"][0]["status"] == "closed"
+
+    # the provider's books: earnings equal its receipts, all claimed after the cooperative close
+    books = json.loads(provider.cli("earnings", "--period", "1h", "--by", "client", "--json").stdout)
+    assert books == {"period": "1h", "total": cost, "claimed": cost, "pending": 0, "by": {cid: cost}}
+    node_stats = json.loads(provider.cli("stats", "--json").stdout)
+    assert node_stats["node"]["requests"] == 1 and node_stats["node"]["earnings"] == cost
+    assert node_stats["node"]["tokens_served"] == usage["total_tokens"] and node_stats["node"]["avg_latency_ms"] >= 0
+    assert node_stats["network"]["models"]["tiny"]["min_input_price"] == 500_000
+    metrics = httpx.get(provider.info["api_url"] + "/metrics")  # no token: scrapers read it as is
+    assert metrics.status_code == 200
+    assert 'inferswarm_calls_served_total{model="tiny"} 1.0' in metrics.text
+    assert f'inferswarm_earnings_microcredits_total{{model="tiny"}} {float(cost)}' in metrics.text
+    assert (tmp_path / "provider" / "api.token").read_text().strip() not in metrics.text
 
     streamed = consumer.cli("run", "--model", "tiny", "--max-tokens", "16", "--escrow", aid, "--stream", "Hi")
     assert "credits" in streamed.stderr and streamed.stdout.strip() != ""
