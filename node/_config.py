@@ -19,6 +19,7 @@ import tomlkit
 import protocol
 
 from ._home import ConfigError
+from ._schedule import Schedule, parse_schedule
 
 __all__ = ["Offer", "NodeConfig", "load_config", "save_offers", "parse_backend"]
 
@@ -84,6 +85,7 @@ class NodeConfig:
     api: str = "127.0.0.1:0"
     accept_escrow: tuple[str, ...] = ()
     offers: tuple[Offer, ...] = ()
+    schedule: Schedule = Schedule()
 
 
 def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -122,7 +124,12 @@ def load_config(path: Path) -> NodeConfig:
             protocol.public_key_from_peer_id(escrow)
         except protocol.WrongFieldType as exc:
             raise ConfigError(f"{path}: [node] accept_escrow: {exc}") from exc
+    try:
+        schedule = parse_schedule(data.get("schedule"))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: [schedule]: {exc}") from exc
     return NodeConfig(
+        schedule=schedule,
         listen=_strings(node, "listen", NodeConfig.listen),
         bootstrap=_strings(node, "bootstrap", ()),
         api=api,

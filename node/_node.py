@@ -6,6 +6,7 @@ the library (``open_swarm``) all build on it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import logging
 import time
@@ -62,8 +63,9 @@ class NodeService:
         self.models_dir = models_dir or home.path
         self._backends: dict[tuple[str, str], Backend] = {}
         self._backend_lock = trio.Lock()
+        self._listed_available = True
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
-                                        client, self.receipts)
+                                        client, self.receipts, is_available=self.available)
         self.trust = TrustBook(home.path / "trust.db")
         self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust)
         self.sessions = HeldSessions(self.renter)
@@ -121,8 +123,22 @@ class NodeService:
             hardware=hardware_of(self.capabilities),
         )
 
+    def available(self) -> bool:
+        """Inside the operator's availability schedule right now."""
+        return self.config.schedule.available(datetime.datetime.now(datetime.timezone.utc))
+
     def publish(self) -> None:
-        self.market.set_listing(self._listing_template())
+        """(Re)publish the listing — or withdraw it when there is nothing to sell right now."""
+        self._listed_available = self.available()
+        self.market.set_listing(self._listing_template() if self._listed_available else None)
+
+    async def watch_schedule(self, interval_s: float = 15.0) -> None:
+        """Withdraw the listing when availability ends and republish when it starts again."""
+        while True:
+            await trio.sleep(interval_s)
+            if self.available() != self._listed_available:
+                _logger.warning("availability schedule: now %s", "open" if self.available() else "closed")
+                self.publish()
 
     def _persist(self) -> None:
         save_offers(self.home.config, tuple(self._offers.values()))
@@ -158,6 +174,7 @@ class NodeService:
             "offers": len(self._offers),
             "uptime_s": self.uptime_s(),
             "escrow_agent": self.escrow_agent is not None,
+            "available": self.available(),
             "capabilities": self.capabilities,
         }
 
@@ -268,6 +285,7 @@ async def open_node(
                     await nursery.start(service.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
                     nursery.start_soon(service.observe_uptime)
+                    nursery.start_soon(service.watch_schedule)
                     service.publish()
                     try:
                         yield service

@@ -75,6 +75,7 @@ class ProviderService:
         receipts: ReceiptStore,
         clock: Callable[[], float] = time.time,
         claim_interval_s: float = 30.0,
+        is_available: Callable[[], bool] = lambda: True,
     ) -> None:
         self.identity = identity
         self._offers = offers
@@ -84,6 +85,7 @@ class ProviderService:
         self.receipts = receipts
         self.clock = clock
         self.claim_interval_s = claim_interval_s
+        self.is_available = is_available
         self.rate = RateLimiter(clock)
         self.active: collections.Counter[str] = collections.Counter()
 
@@ -146,6 +148,8 @@ class ProviderService:
     async def _check_open(self, msg: Open, offer: Offer | None) -> tuple[str, str] | tuple[str, str, int] | None:
         if offer is None:
             return "unknown_model", f"this provider does not serve {msg.model!r}"
+        if not self.is_available():
+            return "unavailable", "outside this provider's availability schedule"
         price = offer.to_model_offer().price
         if msg.price != price:
             return ("price_changed", f"now {price.input_per_1k}/{price.output_per_1k} µc per 1K tokens (in/out), "

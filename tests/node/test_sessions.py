@@ -200,3 +200,22 @@ async def test_the_provider_claims_during_a_long_session_not_only_at_close():
             await _wait_paid(rig, second.receipt.cumulative)
             assert session.machine.state.name == "READY"
         assert rig.balance(rig.provider_id).available == second.receipt.cumulative
+
+
+async def test_outside_the_schedule_new_sessions_are_refused_and_running_ones_finish():
+    class Scheduled(ProviderService):
+        open_now = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.is_available = lambda: Scheduled.open_now
+
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, provider_cls=Scheduled, tag="sched") as rig:
+        channel = await rig.open_channel(cap=100_000)
+        async with rig.session(channel) as running:
+            Scheduled.open_now = False  # the schedule closes while a session runs
+            await running.call(USER, 8)  # it finishes its work
+            with pytest.raises(SessionRejected) as refused:
+                async with rig.session(await rig.open_channel(cap=1_000)):
+                    pass
+            assert refused.value.reason == "unavailable"
