@@ -19,6 +19,7 @@ import tomlkit
 import protocol
 
 from ._home import ConfigError
+from ._health import HealthConfig, parse_health
 from ._schedule import Schedule, parse_schedule
 
 __all__ = ["Offer", "NodeConfig", "load_config", "save_offers", "parse_backend"]
@@ -86,6 +87,7 @@ class NodeConfig:
     accept_escrow: tuple[str, ...] = ()
     offers: tuple[Offer, ...] = ()
     schedule: Schedule = Schedule()
+    health: HealthConfig = HealthConfig()
 
 
 def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -128,8 +130,13 @@ def load_config(path: Path) -> NodeConfig:
         schedule = parse_schedule(data.get("schedule"))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: [schedule]: {exc}") from exc
+    try:
+        health = parse_health(data.get("health"))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: [health]: {exc}") from exc
     return NodeConfig(
         schedule=schedule,
+        health=health,
         listen=_strings(node, "listen", NodeConfig.listen),
         bootstrap=_strings(node, "bootstrap", ()),
         api=api,

@@ -25,6 +25,7 @@ from ._capabilities import hardware_of, probe_capabilities
 from ._config import NodeConfig, Offer, load_config, save_offers
 from ._escrow_ops import EscrowOps
 from ._escrow_service import EscrowClient, serve_escrow
+from ._health import HealthMonitor
 from ._held_sessions import HeldSessions
 from ._home import Home
 from ._host import open_host, parse_peer_addr, peer_addrs
@@ -64,8 +65,11 @@ class NodeService:
         self._backends: dict[tuple[str, str], Backend] = {}
         self._backend_lock = trio.Lock()
         self._listed_available = True
+        self.health = HealthMonitor(config.health, lambda: list(self._offers), self._loaded_backend,
+                                    lambda: probe_capabilities()["gpus"], self.publish)
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
-                                        client, self.receipts, is_available=self.available)
+                                        client, self.receipts, is_available=self.available,
+                                        on_outcome=self.health.record)
         self.trust = TrustBook(home.path / "trust.db")
         self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust)
         self.sessions = HeldSessions(self.renter)
@@ -82,6 +86,10 @@ class NodeService:
         """Escrow agents this node's offers accept: the configured ones, and itself if it is one."""
         own = {self.identity.peer_id} if self.escrow_agent is not None else set()
         return set(self.config.accept_escrow) | own
+
+    def _loaded_backend(self, model: str) -> Backend | None:
+        offer = self._offers.get(model)
+        return self._backends.get((offer.backend, offer.model)) if offer else None
 
     async def backend_for(self, offer: Offer) -> Backend:
         """The started backend serving ``offer`` (started on first use, then kept)."""
@@ -118,7 +126,7 @@ class NodeService:
             issued_at=0,
             expires_at=0,
             provider_type="self_hosted",
-            models=tuple(o.to_model_offer() for o in self._offers.values()),
+            models=tuple(o.to_model_offer() for o in self._offers.values() if self.health.healthy(o.model)),
             escrow_agents=tuple(sorted(self.accepted_agents()))[:16],
             hardware=hardware_of(self.capabilities),
         )
@@ -175,6 +183,7 @@ class NodeService:
             "uptime_s": self.uptime_s(),
             "escrow_agent": self.escrow_agent is not None,
             "available": self.available(),
+            "unhealthy": dict(self.health.unhealthy),
             "capabilities": self.capabilities,
         }
 
@@ -286,6 +295,7 @@ async def open_node(
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
                     nursery.start_soon(service.observe_uptime)
                     nursery.start_soon(service.watch_schedule)
+                    nursery.start_soon(service.health.run)
                     service.publish()
                     try:
                         yield service

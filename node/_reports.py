@@ -110,6 +110,13 @@ class _NodeCollector(Collector):
                                 value=len(s.host.get_connected_peers()))
         yield GaugeMetricFamily("inferswarm_uptime_seconds", "Seconds since the node started", value=s.uptime_s())
         yield GaugeMetricFamily("inferswarm_offers", "Models this node offers", value=len(s.offers()))
+        healthy = GaugeMetricFamily("inferswarm_model_healthy", "1 if the model passes its health checks",
+                                    labels=["model"])
+        for offer in s.offers():
+            healthy.add_metric([offer.model], 1 if s.health.healthy(offer.model) else 0)
+        yield healthy
+        yield CounterMetricFamily("inferswarm_health_alerts", "Health changes (withdrawals and recoveries)",
+                                  value=s.health.alerts)
 
 
 def metrics_registry(service: "NodeService") -> CollectorRegistry:

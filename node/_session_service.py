@@ -76,6 +76,7 @@ class ProviderService:
         clock: Callable[[], float] = time.time,
         claim_interval_s: float = 30.0,
         is_available: Callable[[], bool] = lambda: True,
+        on_outcome: Callable[[str, bool], None] = lambda model, ok: None,
     ) -> None:
         self.identity = identity
         self._offers = offers
@@ -86,6 +87,7 @@ class ProviderService:
         self.clock = clock
         self.claim_interval_s = claim_interval_s
         self.is_available = is_available
+        self.on_outcome = on_outcome
         self.rate = RateLimiter(clock)
         self.active: collections.Counter[str] = collections.Counter()
 
@@ -232,8 +234,10 @@ class ProviderService:
                                             top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
         except BackendError as exc:
             _logger.warning("backend %s failed: %s", backend.spec, exc)
+            self.on_outcome(machine.accept.model, False)  # type: ignore[union-attr]
             machine.fail_call("backend_error", str(exc)[:512])
             return
+        self.on_outcome(machine.accept.model, True)  # type: ignore[union-attr]
         actual_in = min(result.tokens_in, tokens_in) if result.tokens_in is not None else None
         machine.finish_call(result.finish_reason, self.now(), tokens_in=actual_in)
 
