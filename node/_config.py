@@ -20,6 +20,7 @@ import protocol
 
 from ._home import ConfigError
 from ._health import HealthConfig, parse_health
+from ._pricing_models import DynamicPricing, parse_dynamic
 from ._schedule import Schedule, parse_schedule
 
 __all__ = ["Offer", "NodeConfig", "load_config", "save_offers", "parse_backend"]
@@ -88,6 +89,7 @@ class NodeConfig:
     offers: tuple[Offer, ...] = ()
     schedule: Schedule = Schedule()
     health: HealthConfig = HealthConfig()
+    dynamic_pricing: DynamicPricing | None = None
 
 
 def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -134,9 +136,15 @@ def load_config(path: Path) -> NodeConfig:
         health = parse_health(data.get("health"))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: [health]: {exc}") from exc
+    try:
+        pricing = data.get("pricing") or {}
+        dynamic = parse_dynamic(pricing.get("dynamic") if isinstance(pricing, dict) else None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: [pricing.dynamic]: {exc}") from exc
     return NodeConfig(
         schedule=schedule,
         health=health,
+        dynamic_pricing=dynamic,
         listen=_strings(node, "listen", NodeConfig.listen),
         bootstrap=_strings(node, "bootstrap", ()),
         api=api,

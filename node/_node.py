@@ -69,7 +69,7 @@ class NodeService:
                                     lambda: probe_capabilities()["gpus"], self.publish)
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
                                         client, self.receipts, is_available=self.available,
-                                        on_outcome=self.health.record)
+                                        on_outcome=self.health.record, price_of=lambda o: self.current_offer(o).price)
         self.trust = TrustBook(home.path / "trust.db")
         self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust)
         self.sessions = HeldSessions(self.renter)
@@ -86,6 +86,31 @@ class NodeService:
         """Escrow agents this node's offers accept: the configured ones, and itself if it is one."""
         own = {self.identity.peer_id} if self.escrow_agent is not None else set()
         return set(self.config.accept_escrow) | own
+
+    def utilization(self, model: str) -> float:
+        offer = self._offers.get(model)
+        return self.provider.active[model] / offer.max_concurrent if offer else 0.0
+
+    def current_offer(self, offer: Offer) -> protocol.ModelOffer:
+        """The offer as listed now: the base price, or the dynamic price at current utilization."""
+        listed = offer.to_model_offer()
+        if self.config.dynamic_pricing is None:
+            return listed
+        price = self.config.dynamic_pricing.price(listed.price, self.utilization(offer.model))
+        return dataclasses.replace(listed, price=price)
+
+    async def adjust_prices(self) -> None:
+        """Re-evaluate dynamic prices every interval; republish when one moved."""
+        dynamic = self.config.dynamic_pricing
+        if dynamic is None:
+            return
+        listed = {}
+        while True:
+            now = {o.model: self.current_offer(o).price for o in self._offers.values()}
+            if now != listed:
+                listed = now
+                self.publish()
+            await trio.sleep(dynamic.adjustment_interval_s)
 
     def _loaded_backend(self, model: str) -> Backend | None:
         offer = self._offers.get(model)
@@ -126,7 +151,7 @@ class NodeService:
             issued_at=0,
             expires_at=0,
             provider_type="self_hosted",
-            models=tuple(o.to_model_offer() for o in self._offers.values() if self.health.healthy(o.model)),
+            models=tuple(self.current_offer(o) for o in self._offers.values() if self.health.healthy(o.model)),
             escrow_agents=tuple(sorted(self.accepted_agents()))[:16],
             hardware=hardware_of(self.capabilities),
         )
@@ -296,6 +321,7 @@ async def open_node(
                     nursery.start_soon(service.observe_uptime)
                     nursery.start_soon(service.watch_schedule)
                     nursery.start_soon(service.health.run)
+                    nursery.start_soon(service.adjust_prices)
                     service.publish()
                     try:
                         yield service

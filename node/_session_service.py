@@ -77,6 +77,7 @@ class ProviderService:
         claim_interval_s: float = 30.0,
         is_available: Callable[[], bool] = lambda: True,
         on_outcome: Callable[[str, bool], None] = lambda model, ok: None,
+        price_of: Callable[[Offer], protocol.Price] | None = None,
     ) -> None:
         self.identity = identity
         self._offers = offers
@@ -88,6 +89,7 @@ class ProviderService:
         self.claim_interval_s = claim_interval_s
         self.is_available = is_available
         self.on_outcome = on_outcome
+        self.price_of = price_of or (lambda offer: offer.to_model_offer().price)
         self.rate = RateLimiter(clock)
         self.active: collections.Counter[str] = collections.Counter()
 
@@ -123,7 +125,8 @@ class ProviderService:
             await self._send(framed, [Reject(session_id=first.session_id, reason=reason, detail=str(exc)[:512])])
             return
         offer = self._offers().get(first.model)
-        refusal = await self._check_open(first, offer)
+        price = self.price_of(offer) if offer is not None else None  # pinned now, before this session counts
+        refusal = await self._check_open(first, offer, price)
         if refusal is not None:
             await self._reject(framed, machine, *refusal)
             return
@@ -137,7 +140,7 @@ class ProviderService:
         state = {"last": None, "claimed": 0, "claimed_at": time.monotonic()}
         close = None
         try:
-            machine.accept_open(offer.to_model_offer().price, offer.max_context, self.now())
+            machine.accept_open(price, offer.max_context, self.now())
             await self._send(framed, machine.outgoing())
             async with trio.open_nursery() as nursery:
                 close = await self._serve(framed, machine, offer, backend, state, nursery)
@@ -147,12 +150,13 @@ class ProviderService:
             with trio.CancelScope(shield=True):
                 await self._settle(machine, state, close)
 
-    async def _check_open(self, msg: Open, offer: Offer | None) -> tuple[str, str] | tuple[str, str, int] | None:
+    async def _check_open(self, msg: Open, offer: Offer | None,
+                          price: protocol.Price | None) -> tuple[str, str] | tuple[str, str, int] | None:
         if offer is None:
             return "unknown_model", f"this provider does not serve {msg.model!r}"
         if not self.is_available():
             return "unavailable", "outside this provider's availability schedule"
-        price = offer.to_model_offer().price
+        assert price is not None
         if msg.price != price:
             return ("price_changed", f"now {price.input_per_1k}/{price.output_per_1k} µc per 1K tokens (in/out), "
                                      f"min charge {price.min_charge}")
