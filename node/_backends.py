@@ -50,6 +50,13 @@ class Backend(abc.ABC):
     async def aclose(self) -> None:
         """Release what ``start`` took."""
 
+    def footprint_mb(self) -> int | None:
+        """Memory one loaded copy of the model needs, if known (for deriving concurrency)."""
+        return None
+
+    def on_gpu(self) -> bool:
+        return False
+
     @abc.abstractmethod
     async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         """Tokens the prompt will cost (exact, or an upper bound for upstream servers)."""
@@ -102,6 +109,14 @@ class TransformersBackend(Backend):
         encoded = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
                                                       return_dict=True)
         return encoded["input_ids"]
+
+    def footprint_mb(self) -> int | None:
+        if self._model is None:
+            return None
+        return sum(p.numel() * p.element_size() for p in self._model.parameters()) // (1 << 20) + 1
+
+    def on_gpu(self) -> bool:
+        return self._device == "cuda"
 
     async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         ids = await trio.to_thread.run_sync(self._prompt_ids, messages)

@@ -11,7 +11,7 @@ from typing import Any
 
 import protocol
 
-__all__ = ["probe_capabilities", "hardware_of"]
+__all__ = ["probe_capabilities", "hardware_of", "derive_max_jobs"]
 
 _logger = logging.getLogger(__name__)
 
@@ -78,3 +78,15 @@ def hardware_of(capabilities: dict[str, Any]) -> protocol.Hardware:
         cpu_count=min(capabilities["cpu_count"], 4096),
         ram_mb=capabilities["ram_mb"],
     )
+
+
+def derive_max_jobs(capabilities: dict[str, Any], footprint_mb: int | None, on_gpu: bool) -> int | None:
+    """How many jobs of a model of ``footprint_mb`` the memory allows (each job needs the weights'
+    size again for activations and cache, a rule of thumb), or None when unknown."""
+    if not footprint_mb:
+        return None
+    if on_gpu and capabilities["gpus"]:
+        free = sum(g.get("memory_free_mb", g["memory_total_mb"]) for g in capabilities["gpus"])
+    else:
+        free = capabilities["ram_mb"] // 2  # leave half the RAM to the system
+    return max(1, (free - footprint_mb) // footprint_mb)

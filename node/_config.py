@@ -18,8 +18,8 @@ import tomlkit
 
 import protocol
 
-from ._home import ConfigError
 from ._health import HealthConfig, parse_health
+from ._home import ConfigError
 from ._pricing_models import DynamicPricing, parse_dynamic
 from ._schedule import Schedule, parse_schedule
 

@@ -60,12 +60,14 @@ class HealthMonitor:
         backend: Callable[[str], Any],
         gpus: Callable[[], list[dict[str, Any]]],
         on_change: Callable[[], None],
+        load_error: Callable[[str], str | None] = lambda model: None,
     ) -> None:
         self.config = config
         self._models = models
         self._backend = backend
         self._gpus = gpus
         self._on_change = on_change
+        self._load_error = load_error
         self.outcomes: dict[str, collections.deque[bool]] = {}
         self.unhealthy: dict[str, str] = {}  # model -> why
         self.alerts = 0
@@ -100,7 +102,7 @@ class HealthMonitor:
             if low:
                 gpu_problem = f"GPU {low[0]['name']} has {low[0].get('memory_free_mb')} MiB free"
         for model in self._models():
-            why = gpu_problem or await self._liveness(model)
+            why = gpu_problem or self._load_error(model) or await self._liveness(model)
             recent = self.outcomes.get(model)
             if why is None and recent and len(recent) >= min(5, self.config.window):
                 rate = sum(recent) / len(recent)

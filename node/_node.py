@@ -21,7 +21,7 @@ import protocol
 from wallet import EscrowAgent, Identity, Ledger
 
 from ._backends import Backend, open_backend
-from ._capabilities import hardware_of, probe_capabilities
+from ._capabilities import derive_max_jobs, hardware_of, probe_capabilities
 from ._config import NodeConfig, Offer, load_config, save_offers
 from ._escrow_ops import EscrowOps
 from ._escrow_service import EscrowClient, serve_escrow
@@ -65,8 +65,11 @@ class NodeService:
         self._backends: dict[tuple[str, str], Backend] = {}
         self._backend_lock = trio.Lock()
         self._listed_available = True
+        self.perf: dict[str, dict[str, int]] = {}
+        self._offers_changed = trio.Event()
+        self._load_errors: dict[str, str] = {}
         self.health = HealthMonitor(config.health, lambda: list(self._offers), self._loaded_backend,
-                                    lambda: probe_capabilities()["gpus"], self.publish)
+                                    lambda: probe_capabilities()["gpus"], self.publish, self._load_errors.get)
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
                                         client, self.receipts, is_available=self.available,
                                         on_outcome=self.health.record, price_of=lambda o: self.current_offer(o).price)
@@ -92,8 +95,15 @@ class NodeService:
         return self.provider.active[model] / offer.max_concurrent if offer else 0.0
 
     def current_offer(self, offer: Offer) -> protocol.ModelOffer:
-        """The offer as listed now: the base price, or the dynamic price at current utilization."""
+        """The offer as listed now: the dynamic price at current utilization (or the base price),
+        the measured tokens/s, and the concurrency the memory allows (never above the configured)."""
         listed = offer.to_model_offer()
+        perf = self.perf.get(offer.model)
+        if perf is not None:
+            jobs = perf["max_jobs"]
+            listed = dataclasses.replace(listed, tokens_per_s=min(perf["tokens_per_s"], 1 << 24),
+                                         max_concurrent=min(listed.max_concurrent, jobs) if jobs else
+                                         listed.max_concurrent)
         if self.config.dynamic_pricing is None:
             return listed
         price = self.config.dynamic_pricing.price(listed.price, self.utilization(offer.model))
@@ -111,6 +121,36 @@ class NodeService:
                 listed = now
                 self.publish()
             await trio.sleep(dynamic.adjustment_interval_s)
+
+    async def warm(self) -> None:
+        """Load each offered model once it is offered, benchmark it, and republish with the figures."""
+        while True:
+            for offer in list(self._offers.values()):
+                if offer.model in self.perf or offer.model in self._load_errors:
+                    continue
+                try:
+                    backend = await self.backend_for(offer)
+                    self.perf[offer.model] = await self._benchmark(backend)
+                except Exception as exc:  # any backend failure: unhealthy (not listed) until the offer changes
+                    self._load_errors[offer.model] = f"could not load: {exc}"
+                    await self.health.check_once()
+                self.publish()
+            await self._offers_changed.wait()
+            self._offers_changed = trio.Event()
+
+    async def _benchmark(self, backend: Backend) -> dict[str, int]:
+        tokens = 0
+
+        async def count(text: str, n: int) -> None:
+            nonlocal tokens
+            tokens += n
+
+        start = time.monotonic()
+        await backend.generate([{"role": "user", "content": "Benchmark."}], max_tokens=32, temperature_milli=0,
+                               top_p_milli=1000, stop=(), on_piece=count)
+        elapsed = max(time.monotonic() - start, 1e-6)
+        jobs = derive_max_jobs(self.capabilities, backend.footprint_mb(), backend.on_gpu())
+        return {"tokens_per_s": int(tokens / elapsed), "max_jobs": jobs or 0}
 
     def _loaded_backend(self, model: str) -> Backend | None:
         offer = self._offers.get(model)
@@ -175,6 +215,11 @@ class NodeService:
 
     def _persist(self) -> None:
         save_offers(self.home.config, tuple(self._offers.values()))
+        for model in list(self.perf):  # a changed offer is measured afresh
+            if model not in self._offers:
+                del self.perf[model]
+        self._load_errors.clear()
+        self._offers_changed.set()
         self.publish()
 
     def add_offer(self, fields: dict[str, Any]) -> Offer:
@@ -210,6 +255,7 @@ class NodeService:
             "available": self.available(),
             "unhealthy": dict(self.health.unhealthy),
             "capabilities": self.capabilities,
+            "models": {m: {"healthy": self.health.healthy(m), **self.perf.get(m, {})} for m in self._offers},
         }
 
     def uptime_s(self) -> int:
@@ -243,6 +289,7 @@ class NodeService:
                     "trust": round(s.score, 1),
                     "latency_ms": None if s.ttft_s is None else int(s.ttft_s * 1000),
                     "tokens_per_s": None if s.tps is None else round(s.tps, 1),
+                    "benchmark_tokens_per_s": offer.tokens_per_s or None,
                     "escrows": list(lst.escrow_agents),
                     "gpus": [{"name": g.name, "memory_total_mb": g.memory_total_mb} for g in lst.hardware.gpus],
                     "addrs": list(lst.addrs),
@@ -322,6 +369,7 @@ async def open_node(
                     nursery.start_soon(service.watch_schedule)
                     nursery.start_soon(service.health.run)
                     nursery.start_soon(service.adjust_prices)
+                    nursery.start_soon(service.warm)
                     service.publish()
                     try:
                         yield service

@@ -125,6 +125,7 @@ class ModelOffer:
     max_context: int = wire(UInt(1 << 24))
     rate_limit_rpm: int = wire(UInt(1 << 20), default=0)  # requests/min per consumer; 0: no limit
     max_concurrent: int = wire(UInt(1 << 16), default=1)  # sessions at once
+    tokens_per_s: int = wire(UInt(1 << 24), default=0)  # the provider's own benchmark; 0: not measured yet
     features: tuple[str, ...] = wire(ListOf(Str(32), 16), default=("streaming",))
 
 

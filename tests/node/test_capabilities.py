@@ -43,3 +43,32 @@ def test_gpus_through_nvml():
     assert nvml.shutdowns == [1]
     hw = hardware_of(caps)
     assert hw.gpus[0].name == "NVIDIA H100 80GB HBM3" and hw.gpus[0].memory_total_mb == 81920
+
+
+def test_max_jobs_from_memory():
+    from node._capabilities import derive_max_jobs
+
+    gpu = {"gpus": [{"name": "H100", "memory_total_mb": 81920, "memory_free_mb": 80000}], "cpu_count": 16,
+           "ram_mb": 131072}
+    assert derive_max_jobs(gpu, 16000, on_gpu=True) == 4  # (80000 - 16000) // 16000
+    assert derive_max_jobs(gpu, 16000, on_gpu=False) == 3  # half the RAM: (65536 - 16000) // 16000
+    assert derive_max_jobs(gpu, 100000, on_gpu=True) == 1  # never below one
+    assert derive_max_jobs(gpu, None, on_gpu=True) is None
+
+
+async def test_offered_models_are_benchmarked_and_published(tmp_path):
+    import trio
+
+    from node import open_swarm
+
+    async with open_swarm(tmp_path / "p", passphrase="pw") as swarm:
+        swarm.offer("tiny", input_price=1, output_price=1, max_concurrent=64)
+        swarm.offer("broken", backend="transformers:/no/such/folder", input_price=1, output_price=1)
+        with trio.fail_after(60):
+            while "tiny" not in swarm.service.perf or "broken" not in swarm.service.health.unhealthy:
+                await trio.sleep(0.05)
+        listed = {m.name: m for m in swarm.service.market._own.models}
+        assert set(listed) == {"tiny"}  # the model that cannot load is not sold
+        assert listed["tiny"].tokens_per_s > 0 and 1 <= listed["tiny"].max_concurrent <= 64
+        status = swarm.service.status()["models"]
+        assert status["tiny"]["healthy"] and not status["broken"]["healthy"]
