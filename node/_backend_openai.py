@@ -26,6 +26,8 @@ _PER_PROMPT = 16
 
 
 class OpenAIBackend(Backend):
+    parallel = None  # the upstream server batches: as many as the offer allows
+
     def __init__(self, spec: str, base_url: str, model: str, api_key: str | None) -> None:
         self.spec = spec
         self.base_url = base_url.rstrip("/")

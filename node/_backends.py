@@ -50,6 +50,9 @@ class Backend(abc.ABC):
     async def aclose(self) -> None:
         """Release what ``start`` took."""
 
+    #: generations this backend runs at once (None: as many as the offer's max_concurrent)
+    parallel: int | None = 1
+
     def footprint_mb(self) -> int | None:
         """Memory one loaded copy of the model needs, if known (for deriving concurrency)."""
         return None

@@ -30,6 +30,7 @@ from protocol import (
     ChunkReceived,
     ConsumerSession,
     Price,
+    Queued,
     ReceiptSettled,
     Rejected,
     SessionClosed,
@@ -117,7 +118,8 @@ class ConsumerSessionHandle:
 
     async def call(self, messages: list[dict[str, str]], max_tokens: int, *, temperature_milli: int = 1000,
                    top_p_milli: int = 1000, stop: tuple[str, ...] = (),
-                   on_text: Callable[[str], Awaitable[None]] | None = None) -> CallResult:
+                   on_text: Callable[[str], Awaitable[None]] | None = None,
+                   on_queue: Callable[[int], Awaitable[None]] | None = None) -> CallResult:
         """Run one call; return the completion and its doubly-signed receipt.
 
         Raises:
@@ -142,6 +144,9 @@ class ConsumerSessionHandle:
                             first = time.monotonic() - start
                         if on_text is not None and event.chunk.text:
                             await on_text(event.chunk.text)
+                    elif isinstance(event, Queued):
+                        if on_queue is not None:
+                            await on_queue(event.queued.position)
                     elif isinstance(event, CallFailed):
                         raise CallRefused(event.error.reason, event.error.detail)
                     elif isinstance(event, ReceiptSettled):

@@ -34,6 +34,7 @@ from wallet import Identity
 from ._backends import Backend, BackendError
 from ._config import Offer
 from ._escrow_service import EscrowClient, EscrowUnreachable
+from ._queue import JobQueue, QueueFull, QueueTimeout
 from ._receipts import ReceiptStore
 from ._streams import FramedStream, StreamClosed
 
@@ -78,6 +79,8 @@ class ProviderService:
         is_available: Callable[[], bool] = lambda: True,
         on_outcome: Callable[[str, bool], None] = lambda model, ok: None,
         price_of: Callable[[Offer], protocol.Price] | None = None,
+        max_waiting: int = 32,
+        job_timeout_s: float = 120.0,
     ) -> None:
         self.identity = identity
         self._offers = offers
@@ -90,6 +93,9 @@ class ProviderService:
         self.is_available = is_available
         self.on_outcome = on_outcome
         self.price_of = price_of or (lambda offer: offer.to_model_offer().price)
+        self.max_waiting = max_waiting
+        self.job_timeout_s = job_timeout_s
+        self.queues: dict[str, JobQueue] = {}
         self.rate = RateLimiter(clock)
         self.active: collections.Counter[str] = collections.Counter()
 
@@ -227,15 +233,35 @@ class ProviderService:
                 await self._generate(framed, machine, backend, request, messages, limit, tokens_in)
         await self._send(framed, machine.outgoing())
 
+    def queue_for(self, offer: Offer, backend: Backend) -> JobQueue:
+        q = self.queues.get(offer.model)
+        if q is None:
+            slots = backend.parallel or offer.max_concurrent
+            q = self.queues[offer.model] = JobQueue(slots, self.max_waiting, self.job_timeout_s)
+        return q
+
     async def _generate(self, framed: FramedStream, machine: ProviderSession, backend: Backend,
                         request: protocol.Request, messages: list[dict[str, str]], limit: int, tokens_in: int) -> None:
         async def on_piece(text: str, tokens: int) -> None:
             machine.chunk(text, tokens)
             await self._send(framed, machine.outgoing())
 
+        async def on_position(position: int) -> None:
+            machine.report_queue(position)
+            await self._send(framed, machine.outgoing())
+
+        offer = self._offers()[machine.accept.model]  # type: ignore[union-attr]
+        consumer = machine.open_msg.consumer  # type: ignore[union-attr]
         try:
-            result = await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
-                                            top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
+            async with self.queue_for(offer, backend).slot(consumer, 1.0, on_position):
+                result = await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
+                                                top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
+        except QueueFull as exc:
+            machine.fail_call("capacity", str(exc)[:512])
+            return
+        except QueueTimeout as exc:
+            machine.fail_call("timeout", str(exc)[:512])
+            return
         except BackendError as exc:
             _logger.warning("backend %s failed: %s", backend.spec, exc)
             self.on_outcome(machine.accept.model, False)  # type: ignore[union-attr]

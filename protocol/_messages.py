@@ -43,6 +43,7 @@ __all__ = [
     "ChatMessage",
     "Request",
     "Chunk",
+    "CallQueued",
     "CallError",
     "Receipt",
     "CounterSign",
@@ -231,6 +232,16 @@ class Chunk:
     index: int = wire(UInt())
     text: str = wire(Str(DEFAULT_MAX_MESSAGE))
     tokens: int = wire(UInt(1 << 24))
+
+
+@message("call_queued", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallQueued:
+    """The provider's queue holds the call: ``position`` 1 is next. Sent again when it moves."""
+
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    position: int = wire(UInt(1 << 20))
 
 
 @message("call_error", 1)

@@ -38,6 +38,7 @@ from ._messages import (
     ZERO_HASH,
     Accept,
     CallError,
+    CallQueued,
     ChannelGrant,
     ChatMessage,
     Chunk,
@@ -60,6 +61,7 @@ __all__ = [
     "Accepted",
     "Rejected",
     "ChunkReceived",
+    "Queued",
     "CallFailed",
     "ReceiptSettled",
     "SessionClosed",
@@ -115,6 +117,13 @@ class Rejected:
 @dataclasses.dataclass(frozen=True)
 class ChunkReceived:
     chunk: Chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """The provider queued the call; ``queued.position`` 1 is next."""
+
+    queued: CallQueued
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +390,11 @@ class ConsumerSession(_Machine):
             return [self._on_receipt(msg)]
         if isinstance(msg, Chunk) and self.state is ConsumerState.IN_CALL:
             return [self._on_chunk(msg)]
+        if isinstance(msg, CallQueued) and self.state is ConsumerState.IN_CALL:
+            self._check_session(msg, self.session_id)
+            if msg.call_seq != self.next_seq or self._next_chunk:
+                raise UnexpectedMessage("queue position for another call, or after the answer began")
+            return [Queued(msg)]
         if isinstance(msg, CallError) and self.state is ConsumerState.IN_CALL:
             self._check_session(msg, self.session_id)
             if msg.call_seq != self.next_seq:
@@ -633,6 +647,16 @@ class ProviderSession(_Machine):
         self._request = None
         self.state = ProviderState.READY
         return None
+
+    @_guarded
+    def report_queue(self, position: int) -> CallQueued:
+        """Tell the consumer where its admitted call waits (before any chunk)."""
+        self._expect(ProviderState.IN_CALL)
+        if self._text:
+            raise IllegalTransition("the answer has begun: no queue position any more")
+        msg = CallQueued(session_id=self.session_id, call_seq=self.next_seq, position=position)
+        self._outbox.append(msg)
+        return msg
 
     @_guarded
     def fail_call(self, reason: str, detail: str = "") -> CallError:

@@ -219,3 +219,42 @@ async def test_outside_the_schedule_new_sessions_are_refused_and_running_ones_fi
                 async with rig.session(await rig.open_channel(cap=1_000)):
                     pass
             assert refused.value.reason == "unavailable"
+
+
+async def test_a_waiting_call_hears_its_queue_position_and_a_full_queue_says_capacity():
+    backend = ScriptedBackend(pieces=[("slow", 1)], hang=True)
+    the_offer = offer(max_concurrent=8)
+
+    class SmallQueue(ProviderService):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, max_waiting=1, **kwargs)
+
+    async with session_rig({"m": the_offer}, {"m": backend}, provider_cls=SmallQueue, tag="queue") as rig:
+        positions: list[int] = []
+
+        async def record(position):
+            positions.append(position)
+
+        async with trio.open_nursery() as nursery:
+            async def hog():  # holds the model's only slot
+                async with rig.session(await rig.open_channel(cap=10_000)) as s:
+                    await s.call(USER, 8)
+
+            nursery.start_soon(hog)
+            await backend.started.wait()
+            async with rig.session(await rig.open_channel(cap=10_000)) as second, \
+                    rig.session(await rig.open_channel(cap=10_000)) as third:
+                async def waiter():
+                    with pytest.raises(Exception):
+                        await second.call(USER, 8, on_queue=record)
+
+                nursery.start_soon(waiter)
+                with trio.fail_after(10):
+                    while not positions:
+                        await trio.sleep(0.01)
+                assert positions == [1]
+                with pytest.raises(CallRefused) as full:
+                    await third.call(USER, 8)
+                assert full.value.reason == "capacity"
+                nursery.cancel_scope.cancel()
+        assert rig.balance(rig.provider_id).available == 0
