@@ -255,7 +255,8 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
         provider = _field(d, "provider", str, None)
         prefs = Preferences(sort=_field(d, "sort", str, "cheapest"), only=(provider,) if provider else ())
         return await service.sessions.open(_field(d, "model", str), budget=_field(d, "budget", int), prefs=prefs,
-                                           escrow=_field(d, "escrow", str, None))
+                                           escrow=_field(d, "escrow", str, None), tier=_field(d, "tier", str, ""),
+                                           batch_calls=_field(d, "batch_calls", int, 0))
 
     async def session_call(request: Request) -> Any:
         sid = request.path_params["session_id"]

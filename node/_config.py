@@ -53,20 +53,38 @@ class Offer:
     min_charge: int = 0
     rate_limit: int = 0  # requests per minute per consumer; 0: no limit
     max_concurrent: int = 4
+    # tiers: [{name: basic|premium|enterprise, input_price, output_price, max_concurrent, priority}]
+    tiers: tuple[dict[str, Any], ...] = ()
+    batch_min_calls: int = 0
+    batch_discount_permille: int = 0
 
     def __post_init__(self) -> None:
         if not self.model or len(self.model.encode()) > 128:
             raise ValueError("a model name is 1 to 128 bytes")
         parse_backend(self.backend)
-        for name in ("input_price", "output_price", "max_context", "min_charge", "rate_limit", "max_concurrent"):
+        for name in ("input_price", "output_price", "max_context", "min_charge", "rate_limit", "max_concurrent",
+                     "batch_min_calls", "batch_discount_permille"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.max_context < 1 or self.max_concurrent < 1:
             raise ValueError("max_context and max_concurrent are at least 1")
+        if self.batch_discount_permille > 1000 or self.batch_min_calls < 0:
+            raise ValueError("batch_discount_permille is 0..1000")
+        object.__setattr__(self, "tiers", tuple(dict(t) for t in self.tiers))
+        try:
+            self.to_model_offer()
+        except (KeyError, TypeError, protocol.ProtocolError) as exc:
+            raise ValueError(f"tiers need name, input_price, output_price, max_concurrent (priority): {exc}") from exc
 
     def to_model_offer(self) -> protocol.ModelOffer:
-        return protocol.ModelOffer(
+        tiers = tuple(
+            protocol.Tier(name=t["name"], price=protocol.Price(input_per_1k=t["input_price"],
+                                                               output_per_1k=t["output_price"],
+                                                               min_charge=self.min_charge),
+                          max_concurrent=t["max_concurrent"], priority=t.get("priority", 1))
+            for t in self.tiers)
+        offer = protocol.ModelOffer(
             name=self.model,
             price=protocol.Price(
                 input_per_1k=self.input_price, output_per_1k=self.output_price, min_charge=self.min_charge
@@ -74,10 +92,19 @@ class Offer:
             max_context=self.max_context,
             rate_limit_rpm=self.rate_limit,
             max_concurrent=self.max_concurrent,
+            tiers=tiers,
+            batch_min_calls=self.batch_min_calls,
+            batch_discount_permille=self.batch_discount_permille,
         )
+        protocol.encode(protocol.Listing(provider=protocol.peer_id_from_public_key(bytes(32)), addrs=(), seq=0,
+                                         issued_at=0, expires_at=1, provider_type="self_hosted", models=(offer,),
+                                         escrow_agents=(), hardware=protocol.Hardware()))  # every field in range
+        return offer
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(self)
+        doc["tiers"] = [dict(t) for t in self.tiers]
+        return doc
 
 
 @dataclasses.dataclass(frozen=True)

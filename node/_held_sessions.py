@@ -43,22 +43,24 @@ class HeldSessions:
             await trio.sleep_forever()
 
     async def open(self, model: str, *, budget: int, prefs: Preferences, escrow: str | None,
-                   ttl_s: int = 3600) -> dict[str, Any]:
+                   ttl_s: int = 3600, tier: str = "", batch_calls: int = 0) -> dict[str, Any]:
         assert self._nursery is not None
-        return await self._nursery.start(self._hold, model, budget, prefs, escrow, ttl_s)
+        return await self._nursery.start(self._hold, model, budget, prefs, escrow, ttl_s, tier, batch_calls)
 
     async def _hold(self, model: str, budget: int, prefs: Preferences, escrow: str | None, ttl_s: int,
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    tier: str, batch_calls: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         held: _Held | None = None
         try:
-            async with self.renter.session(model, budget=budget, prefs=prefs, escrow=escrow,
-                                           ttl_s=ttl_s) as (handle, listing, channel):
+            async with self.renter.session(model, budget=budget, prefs=prefs, escrow=escrow, ttl_s=ttl_s, tier=tier,
+                                           batch_calls=batch_calls) as (handle, listing, channel):
                 held = _Held(handle, listing, channel)
                 sid = handle.machine.session_id.hex()
                 self._sessions[sid] = held
                 task_status.started({"session_id": sid, "provider": listing.provider, "model": model,
                                      "channel_id": channel.channel_id.hex(), "cap": channel.cap,
-                                     "agent": channel.agent})
+                                     "agent": channel.agent, "tier": tier,
+                                     "price": {"input": handle.machine.price.input_per_1k,
+                                               "output": handle.machine.price.output_per_1k}})
                 await held.close_requested.wait()
         except SessionError as exc:
             if held is None:

@@ -102,12 +102,14 @@ class Renter:
         return ranked
 
     @asynccontextmanager
-    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int
+    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int, tier: str = "", batch_calls: int = 0
                        ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
+        price = protocol.session_price(c.offer, tier, batch_calls)
         channel = await self.escrow.open_grant(c.agent, c.provider, max(1, budget), ttl_s)
         async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
-                                model=model, price=c.offer.price, listing_seq=c.listing.seq, channel=channel,
-                                spend_limit=channel.cap, receipts=self.receipts, clock=self.clock) as handle:
+                                model=model, price=price, listing_seq=c.listing.seq, channel=channel,
+                                spend_limit=channel.cap, receipts=self.receipts, clock=self.clock, tier=tier,
+                                batch_calls=batch_calls) as handle:
             yield handle, channel
 
     def _learn_failure(self, provider: str, exc: SessionError) -> None:
@@ -167,16 +169,21 @@ class Renter:
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, prefs: Preferences = Preferences(), escrow: str | None = None,
-                      ttl_s: int = _SESSION_CHANNEL_S
+                      ttl_s: int = _SESSION_CHANNEL_S, tier: str = "", batch_calls: int = 0
                       ) -> AsyncIterator[tuple[ConsumerSessionHandle, Listing, protocol.ChannelGrant]]:
         """A multi-call session with the best candidate that accepts it (one channel of ``budget`` µc);
-        settled when the block ends."""
+        settled when the block ends. ``tier`` picks a provider's service tier (only providers offering
+        it are tried); ``batch_calls`` declares the calls to come, for a batch discount."""
         # a session's calls are unknown yet: rank by a nominal call of 1K tokens in and 1K out
         ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow)
+        if tier:
+            ranked = [c for c in ranked if any(t.name == tier for t in c.offer.tiers)]
+            if not ranked:
+                raise RentError(f"no provider of {model!r} offers a {tier} tier")
         errors = []
         for c in ranked[:_MAX_ATTEMPTS]:
             try:
-                cm = self._session(c, model, budget, ttl_s)
+                cm = self._session(c, model, budget, ttl_s, tier, batch_calls)
                 handle, channel = await cm.__aenter__()
             except SessionError as exc:
                 self._learn_failure(c.provider, exc)

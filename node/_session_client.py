@@ -187,6 +187,8 @@ async def open_session(
     spend_limit: int,
     receipts: ReceiptStore | None = None,
     clock: Callable[[], float] = time.time,
+    tier: str = "",
+    batch_calls: int = 0,
     connect_timeout_s: float = 5.0,
     idle_timeout_s: float = 120.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
@@ -205,7 +207,8 @@ async def open_session(
         raise ProviderFailed(f"cannot reach provider {provider}: {exc}") from exc
     framed = FramedStream(stream)
     machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
-                              listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit)
+                              listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit,
+                              tier=tier, batch_calls=batch_calls)
     handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s)
     try:
         machine.open(handle.now())

@@ -78,7 +78,7 @@ class ProviderService:
         claim_interval_s: float = 30.0,
         is_available: Callable[[], bool] = lambda: True,
         on_outcome: Callable[[str, bool], None] = lambda model, ok: None,
-        price_of: Callable[[Offer], protocol.Price] | None = None,
+        listed_of: Callable[[Offer], protocol.ModelOffer] | None = None,
         max_waiting: int = 32,
         job_timeout_s: float = 120.0,
     ) -> None:
@@ -92,7 +92,8 @@ class ProviderService:
         self.claim_interval_s = claim_interval_s
         self.is_available = is_available
         self.on_outcome = on_outcome
-        self.price_of = price_of or (lambda offer: offer.to_model_offer().price)
+        self.listed_of = listed_of or (lambda offer: offer.to_model_offer())  # the offer as listed right now
+        self.active_tiers: collections.Counter[tuple[str, str]] = collections.Counter()
         self.max_waiting = max_waiting
         self.job_timeout_s = job_timeout_s
         self.queues: dict[str, JobQueue] = {}
@@ -131,8 +132,13 @@ class ProviderService:
             await self._send(framed, [Reject(session_id=first.session_id, reason=reason, detail=str(exc)[:512])])
             return
         offer = self._offers().get(first.model)
-        price = self.price_of(offer) if offer is not None else None  # pinned now, before this session counts
-        refusal = await self._check_open(first, offer, price)
+        listed = self.listed_of(offer) if offer is not None else None  # priced now, before this session counts
+        try:
+            price = protocol.session_price(listed, first.tier, first.batch_calls) if listed is not None else None
+        except protocol.InvalidMessage as exc:
+            await self._reject(framed, machine, "bad_request", str(exc))
+            return
+        refusal = await self._check_open(first, offer, price, listed)
         if refusal is not None:
             await self._reject(framed, machine, *refusal)
             return
@@ -143,7 +149,9 @@ class ProviderService:
             await self._reject(framed, machine, "unavailable", str(exc))
             return
         self.active[offer.model] += 1
-        state = {"last": None, "claimed": 0, "claimed_at": time.monotonic()}
+        self.active_tiers[(offer.model, first.tier)] += 1
+        state = {"last": None, "claimed": 0, "claimed_at": time.monotonic(), "weight": next(
+            (t.priority for t in listed.tiers if t.name == first.tier), 1) if listed else 1}
         close = None
         try:
             machine.accept_open(price, offer.max_context, self.now())
@@ -153,11 +161,12 @@ class ProviderService:
                 nursery.cancel_scope.cancel()
         finally:
             self.active[offer.model] -= 1
+            self.active_tiers[(offer.model, first.tier)] -= 1
             with trio.CancelScope(shield=True):
                 await self._settle(machine, state, close)
 
-    async def _check_open(self, msg: Open, offer: Offer | None,
-                          price: protocol.Price | None) -> tuple[str, str] | tuple[str, str, int] | None:
+    async def _check_open(self, msg: Open, offer: Offer | None, price: protocol.Price | None,
+                          listed: protocol.ModelOffer | None) -> tuple[str, str] | tuple[str, str, int] | None:
         if offer is None:
             return "unknown_model", f"this provider does not serve {msg.model!r}"
         if not self.is_available():
@@ -168,8 +177,12 @@ class ProviderService:
                                      f"min charge {price.min_charge}")
         if msg.channel.agent not in self._accepted():
             return "escrow_not_accepted", f"escrow agent {msg.channel.agent} is not one this provider accepts"
-        if self.active[offer.model] >= offer.max_concurrent:
-            return "capacity", f"{offer.max_concurrent} sessions of {offer.model} already running"
+        assert listed is not None
+        if self.active[offer.model] >= listed.max_concurrent:
+            return "capacity", f"{listed.max_concurrent} sessions of {offer.model} already running"
+        tier = next((t for t in listed.tiers if t.name == msg.tier), None)
+        if tier is not None and self.active_tiers[(offer.model, msg.tier)] >= tier.max_concurrent:
+            return "capacity", f"{tier.max_concurrent} {msg.tier} sessions of {offer.model} already running"
         wait = self.rate.allow(msg.consumer, offer.rate_limit)
         if wait:
             return "rate_limited", f"over {offer.rate_limit} requests/min", int(wait) + 1
@@ -202,7 +215,7 @@ class ProviderService:
             for event in machine.receive(msg, self.now()):
                 if isinstance(event, CallRequested):
                     started = time.monotonic()
-                    await self._call(framed, machine, offer, backend, event.request)
+                    await self._call(framed, machine, offer, backend, event.request, state["weight"])
                     state["latency_ms"] = int((time.monotonic() - started) * 1000)
                 elif isinstance(event, Countersigned):
                     state["last"] = event.receipt
@@ -215,7 +228,7 @@ class ProviderService:
             await self._send(framed, machine.outgoing())
 
     async def _call(self, framed: FramedStream, machine: ProviderSession, offer: Offer, backend: Backend,
-                    request: protocol.Request) -> None:
+                    request: protocol.Request, weight: float = 1.0) -> None:
         consumer = machine.open_msg.consumer  # type: ignore[union-attr]
         if self.rate.allow(consumer, offer.rate_limit):
             machine.fail_call("rate_limited", f"over {offer.rate_limit} requests/min")
@@ -230,7 +243,7 @@ class ProviderService:
                 tokens_in = None
             limit = machine.start_call(tokens_in, self.now()) if tokens_in is not None else None
             if limit is not None:
-                await self._generate(framed, machine, backend, request, messages, limit, tokens_in)
+                await self._generate(framed, machine, backend, request, messages, limit, tokens_in, weight)
         await self._send(framed, machine.outgoing())
 
     def queue_for(self, offer: Offer, backend: Backend) -> JobQueue:
@@ -241,7 +254,8 @@ class ProviderService:
         return q
 
     async def _generate(self, framed: FramedStream, machine: ProviderSession, backend: Backend,
-                        request: protocol.Request, messages: list[dict[str, str]], limit: int, tokens_in: int) -> None:
+                        request: protocol.Request, messages: list[dict[str, str]], limit: int, tokens_in: int,
+                        weight: float = 1.0) -> None:
         async def on_piece(text: str, tokens: int) -> None:
             machine.chunk(text, tokens)
             await self._send(framed, machine.outgoing())
@@ -253,7 +267,7 @@ class ProviderService:
         offer = self._offers()[machine.accept.model]  # type: ignore[union-attr]
         consumer = machine.open_msg.consumer  # type: ignore[union-attr]
         try:
-            async with self.queue_for(offer, backend).slot(consumer, 1.0, on_position):
+            async with self.queue_for(offer, backend).slot(consumer, weight, on_position):
                 result = await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
                                                 top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
         except QueueFull as exc:

@@ -28,8 +28,8 @@ def _messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
 class SwarmSession:
     """A multi-call session: one provider, one escrow channel, one receipt per call."""
 
-    def __init__(self, swarm: "Swarm", session_id: str) -> None:
-        self._swarm, self.session_id = swarm, session_id
+    def __init__(self, swarm: "Swarm", opened: dict[str, Any]) -> None:
+        self._swarm, self.session_id, self.info = swarm, opened["session_id"], opened
 
     async def call(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,
                    temperature: float = 1.0) -> dict[str, Any]:
@@ -82,12 +82,14 @@ class Swarm:
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, sort: str = "cheapest", provider: str | None = None,
-                      escrow: str | None = None) -> AsyncIterator[SwarmSession]:
-        """A multi-call session whose channel locks ``budget`` µc; settled (the rest refunded) at the end."""
+                      escrow: str | None = None, tier: str = "", batch_calls: int = 0) -> AsyncIterator[SwarmSession]:
+        """A multi-call session whose channel locks ``budget`` µc; settled (the rest refunded) at the end.
+        ``tier`` chooses a provider's service tier; ``batch_calls`` declares calls for a batch discount."""
         prefs = Preferences(sort=sort, only=(provider,) if provider else ())
-        opened = await self.service.sessions.open(model, budget=budget, prefs=prefs, escrow=escrow)
+        opened = await self.service.sessions.open(model, budget=budget, prefs=prefs, escrow=escrow, tier=tier,
+                                                  batch_calls=batch_calls)
         try:
-            yield SwarmSession(self, opened["session_id"])
+            yield SwarmSession(self, opened)
         finally:
             with trio.CancelScope(shield=True):
                 await self.service.sessions.close(opened["session_id"])

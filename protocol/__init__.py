@@ -27,6 +27,7 @@ from ._pricing import (
     format_credits,
     max_output_tokens_within,
     parse_credits,
+    session_price,
 )
 from ._session import *  # noqa: F403
 from ._session import __all__ as _session_all
@@ -55,6 +56,7 @@ __all__ = [
     "max_output_tokens_within",
     "parse_credits",
     "format_credits",
+    "session_price",
     "Signer",
     "sign",
     "verify",

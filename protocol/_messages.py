@@ -34,6 +34,8 @@ __all__ = [
     "ZERO_HASH",
     "Gpu",
     "Hardware",
+    "TIERS",
+    "Tier",
     "ModelOffer",
     "Listing",
     "ChannelGrant",
@@ -118,6 +120,20 @@ class Hardware:
     ram_mb: int = wire(UInt(), default=0)
 
 
+TIERS = ("basic", "premium", "enterprise")
+
+
+@record
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tier:
+    """A service tier a consumer may choose at open: its own price, concurrency and queue weight."""
+
+    name: str = wire(Str(choices=TIERS))
+    price: Price = wire(Nested(Price))
+    max_concurrent: int = wire(UInt(1 << 16))
+    priority: int = wire(UInt(100), default=1)  # queue weight: 3 gets three times the share of 1
+
+
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelOffer:
@@ -128,6 +144,9 @@ class ModelOffer:
     max_concurrent: int = wire(UInt(1 << 16), default=1)  # sessions at once
     tokens_per_s: int = wire(UInt(1 << 24), default=0)  # the provider's own benchmark; 0: not measured yet
     features: tuple[str, ...] = wire(ListOf(Str(32), 16), default=("streaming",))
+    tiers: tuple[Tier, ...] = wire(ListOf(Nested(Tier), 3), default=())
+    batch_min_calls: int = wire(UInt(1 << 20), default=0)  # a session declaring this many calls or more…
+    batch_discount_permille: int = wire(UInt(1000), default=0)  # …pays this much less per token
 
 
 @message("listing", 1, signatures=("sig",))
@@ -177,6 +196,8 @@ class Open:
     channel: ChannelGrant = wire(Nested(ChannelGrant))
     spend_limit: int = wire(_AMOUNT)
     issued_at: int = wire(_T)
+    tier: str = wire(Str(choices=("",) + TIERS), default="")  # "": the offer's own price and queue
+    batch_calls: int = wire(UInt(1 << 20), default=0)  # calls the consumer declares it will make
     sig: bytes = wire(_SIG, default=b"")
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from ._codec import UInt, record, wire
 from ._errors import InvalidMessage
 
 __all__ = [
+    "session_price",
     "MICRO_PER_CREDIT",
     "Price",
     "call_cost",
@@ -81,3 +83,23 @@ def format_credits(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     whole, frac = divmod(abs(micro), MICRO_PER_CREDIT)
     return f"{sign}{whole}.{frac:06d}"
+
+
+def session_price(offer: "Any", tier: str = "", batch_calls: int = 0) -> Price:
+    """The price a session pins: the chosen tier's (else the offer's), less the batch discount
+    when the session declares at least the offer's batch size. Both sides compute it alike.
+
+    Raises:
+        InvalidMessage: the offer has no such tier.
+    """
+    price = offer.price
+    if tier:
+        match = [t for t in offer.tiers if t.name == tier]
+        if not match:
+            raise InvalidMessage(f"{offer.name} has no {tier} tier")
+        price = match[0].price
+    if offer.batch_min_calls and batch_calls >= offer.batch_min_calls and offer.batch_discount_permille:
+        keep = 1000 - offer.batch_discount_permille
+        price = Price(input_per_1k=-(-price.input_per_1k * keep // 1000),
+                      output_per_1k=-(-price.output_per_1k * keep // 1000), min_charge=price.min_charge)
+    return price

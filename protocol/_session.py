@@ -247,8 +247,11 @@ class ConsumerSession(_Machine):
         price: Price,
         channel: ChannelGrant,
         spend_limit: int,
+        tier: str = "",
+        batch_calls: int = 0,
     ) -> None:
         super().__init__(signer)
+        self.tier, self.batch_calls = tier, batch_calls
         if channel.consumer != self.me or channel.provider != provider:
             raise InvalidMessage("the channel is not from this consumer to this provider")
         self.state = ConsumerState.IDLE
@@ -300,6 +303,8 @@ class ConsumerSession(_Machine):
             channel=self.channel,
             spend_limit=self.spend_limit,
             issued_at=now,
+            tier=self.tier,
+            batch_calls=self.batch_calls,
         )
         msg = sign(msg, "sig", self._signer)
         self._outbox.append(msg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -55,7 +57,8 @@ async def test_the_price_rises_with_load_and_stays_pinned_for_running_sessions()
     class Surging(ProviderService):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            self.price_of = lambda o: surge.price(o.to_model_offer().price, self.active[o.model] / o.max_concurrent)
+            self.listed_of = lambda o: dataclasses.replace(
+                o.to_model_offer(), price=surge.price(o.to_model_offer().price, self.active[o.model] / o.max_concurrent))
 
     async with session_rig({"m": the_offer}, {"m": ScriptedBackend()}, provider_cls=Surging, tag="surge") as rig:
         idle_price = protocol.Price(input_per_1k=1000, output_per_1k=1000)

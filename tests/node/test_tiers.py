@@ -1,0 +1,53 @@
+"""Tiers chosen at open and batch discounts: the pinned price, tier capacity, unknown tiers."""
+
+from __future__ import annotations
+
+import pytest
+
+import protocol
+from node import open_swarm
+from node._renting import RentError
+from node._session_client import SessionRejected
+
+TIERS = [{"name": "basic", "input_price": 100_000, "output_price": 200_000, "max_concurrent": 4, "priority": 1},
+         {"name": "premium", "input_price": 300_000, "output_price": 600_000, "max_concurrent": 1, "priority": 3}]
+
+
+def test_session_price_is_computed_alike_by_both_sides():
+    offer = protocol.ModelOffer(name="m", price=protocol.Price(input_per_1k=1000, output_per_1k=2000), max_context=8,
+                                tiers=(protocol.Tier(name="premium", price=protocol.Price(input_per_1k=5000,
+                                                                                          output_per_1k=9000),
+                                                     max_concurrent=1, priority=3),),
+                                batch_min_calls=10, batch_discount_permille=250)
+    assert protocol.session_price(offer) == offer.price
+    assert protocol.session_price(offer, "premium").input_per_1k == 5000
+    assert protocol.session_price(offer, "", 9) == offer.price  # below the batch size
+    assert protocol.session_price(offer, "", 10) == protocol.Price(input_per_1k=750, output_per_1k=1500)
+    assert protocol.session_price(offer, "premium", 50) == protocol.Price(input_per_1k=3750, output_per_1k=6750)
+    with pytest.raises(protocol.InvalidMessage):
+        protocol.session_price(offer, "enterprise")
+
+
+async def test_tiers_and_batches_end_to_end(tmp_path):
+    async with open_swarm(tmp_path / "p", passphrase="pw", escrow=True) as provider:
+        provider.offer("tiny", input_price=200_000, output_price=400_000, max_concurrent=8, tiers=TIERS,
+                       batch_min_calls=5, batch_discount_permille=500)
+        async with open_swarm(tmp_path / "c", passphrase="pw", bootstrap=provider.addrs) as consumer:
+            await provider.mint(consumer.peer_id, 5_000_000)
+            await consumer.wait_for("tiny")
+            agent = provider.peer_id
+            async with consumer.session("tiny", budget=500_000, escrow=agent, tier="premium") as premium:
+                assert premium.info["price"] == {"input": 300_000, "output": 600_000}
+                reply = await premium.call("hi", max_tokens=4)
+                assert reply["cost"]["amount"] == protocol.call_cost(
+                    protocol.Price(input_per_1k=300_000, output_per_1k=600_000),
+                    reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"])
+                with pytest.raises((SessionRejected, RentError)) as busy:  # premium holds one session at a time
+                    async with consumer.session("tiny", budget=100_000, escrow=agent, tier="premium"):
+                        pass
+                assert "capacity" in str(busy.value)
+                async with consumer.session("tiny", budget=100_000, escrow=agent, batch_calls=5) as batch:
+                    assert batch.info["price"] == {"input": 100_000, "output": 200_000}  # half price
+            with pytest.raises(RentError, match="enterprise"):
+                async with consumer.session("tiny", budget=100_000, escrow=agent, tier="enterprise"):
+                    pass
