@@ -18,6 +18,7 @@ import tomlkit
 
 import protocol
 
+from ._contracts import Contract, parse_contracts
 from ._health import HealthConfig, parse_health
 from ._home import ConfigError
 from ._pricing_models import DynamicPricing, parse_dynamic
@@ -117,6 +118,8 @@ class NodeConfig:
     schedule: Schedule = Schedule()
     health: HealthConfig = HealthConfig()
     dynamic_pricing: DynamicPricing | None = None
+    contracts: tuple[Contract, ...] = ()  # as a provider (entries name a client) …
+    client_contracts: tuple[Contract, ...] = ()  # … and as a client (entries name a provider)
 
 
 def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -168,7 +171,15 @@ def load_config(path: Path) -> NodeConfig:
         dynamic = parse_dynamic(pricing.get("dynamic") if isinstance(pricing, dict) else None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: [pricing.dynamic]: {exc}") from exc
+    raw_contracts = data.get("contracts", [])
+    try:
+        contracts = parse_contracts([c for c in raw_contracts if "client" in c], "provider")
+        client_contracts = parse_contracts([c for c in raw_contracts if "client" not in c], "client")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: [[contracts]]: {exc}") from exc
     return NodeConfig(
+        contracts=contracts,
+        client_contracts=client_contracts,
         schedule=schedule,
         health=health,
         dynamic_pricing=dynamic,

@@ -72,9 +72,11 @@ class NodeService:
                                     lambda: probe_capabilities()["gpus"], self.publish, self._load_errors.get)
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
                                         client, self.receipts, is_available=self.available,
-                                        on_outcome=self.health.record, listed_of=self.current_offer)
+                                        on_outcome=self.health.record, listed_of=self.current_offer,
+                                        contracts=lambda: self.config.contracts)
         self.trust = TrustBook(home.path / "trust.db")
-        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust)
+        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust,
+                             contracts=config.client_contracts)
         self.sessions = HeldSessions(self.renter)
         self.identity = identity
         self.market = market

@@ -7,6 +7,8 @@ minutes, so that is soon)."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import random
 import secrets
@@ -18,6 +20,7 @@ import protocol
 from protocol import Listing, ModelOffer
 from wallet import EscrowAgent
 
+from ._contracts import Contract, active_contract
 from ._escrow_ops import EscrowOps
 from ._market import Market
 from ._receipts import ReceiptStore
@@ -57,7 +60,7 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 class Renter:
     def __init__(self, market: Market, escrow: EscrowOps, local_agent: EscrowAgent | None,
                  receipts: ReceiptStore, trust: TrustBook, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, contracts: tuple[Contract, ...] = ()) -> None:
         self.market = market
         self.escrow = escrow
         self.local_agent = local_agent
@@ -65,6 +68,7 @@ class Renter:
         self.trust = trust
         self.clock = clock
         self.rng = rng or random.Random()
+        self.contracts = contracts  # fixed-rate contracts this node holds as a client
 
     async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
         rows = self.market.view.rows(self.market.now(), model)
@@ -105,6 +109,10 @@ class Renter:
     async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int, tier: str = "", batch_calls: int = 0
                        ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
         price = protocol.session_price(c.offer, tier, batch_calls)
+        contract = active_contract(self.contracts, c.provider, model,
+                                   datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc))
+        if contract is not None:  # the agreed rate replaces the listed one
+            price = dataclasses.replace(contract.price, min_charge=c.offer.price.min_charge)
         channel = await self.escrow.open_grant(c.agent, c.provider, max(1, budget), ttl_s)
         async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
                                 model=model, price=price, listing_seq=c.listing.seq, channel=channel,

@@ -13,6 +13,8 @@ half of a cooperative close when it sends one (settling the channel at once), el
 from __future__ import annotations
 
 import collections
+import dataclasses
+import datetime
 import logging
 import secrets
 import time
@@ -33,6 +35,7 @@ from wallet import Identity
 
 from ._backends import Backend, BackendError
 from ._config import Offer
+from ._contracts import Contract, active_contract, reserved_slots
 from ._escrow_service import EscrowClient, EscrowUnreachable
 from ._queue import JobQueue, QueueFull, QueueTimeout
 from ._receipts import ReceiptStore
@@ -81,6 +84,7 @@ class ProviderService:
         listed_of: Callable[[Offer], protocol.ModelOffer] | None = None,
         max_waiting: int = 32,
         job_timeout_s: float = 120.0,
+        contracts: Callable[[], tuple[Contract, ...]] = lambda: (),
     ) -> None:
         self.identity = identity
         self._offers = offers
@@ -94,7 +98,9 @@ class ProviderService:
         self.on_outcome = on_outcome
         self.listed_of = listed_of or (lambda offer: offer.to_model_offer())  # the offer as listed right now
         self.active_tiers: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.active_by_client: collections.Counter[tuple[str, str]] = collections.Counter()
         self.max_waiting = max_waiting
+        self.contracts = contracts
         self.job_timeout_s = job_timeout_s
         self.queues: dict[str, JobQueue] = {}
         self.rate = RateLimiter(clock)
@@ -133,11 +139,15 @@ class ProviderService:
             return
         offer = self._offers().get(first.model)
         listed = self.listed_of(offer) if offer is not None else None  # priced now, before this session counts
+        now_dt = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+        contract = active_contract(self.contracts(), first.consumer, first.model, now_dt)
         try:
             price = protocol.session_price(listed, first.tier, first.batch_calls) if listed is not None else None
         except protocol.InvalidMessage as exc:
             await self._reject(framed, machine, "bad_request", str(exc))
             return
+        if contract is not None and listed is not None:
+            price = dataclasses.replace(contract.price, min_charge=listed.price.min_charge)
         refusal = await self._check_open(first, offer, price, listed)
         if refusal is not None:
             await self._reject(framed, machine, *refusal)
@@ -150,6 +160,7 @@ class ProviderService:
             return
         self.active[offer.model] += 1
         self.active_tiers[(offer.model, first.tier)] += 1
+        self.active_by_client[(first.consumer, offer.model)] += 1
         state = {"last": None, "claimed": 0, "claimed_at": time.monotonic(), "weight": next(
             (t.priority for t in listed.tiers if t.name == first.tier), 1) if listed else 1}
         close = None
@@ -162,6 +173,7 @@ class ProviderService:
         finally:
             self.active[offer.model] -= 1
             self.active_tiers[(offer.model, first.tier)] -= 1
+            self.active_by_client[(first.consumer, offer.model)] -= 1
             with trio.CancelScope(shield=True):
                 await self._settle(machine, state, close)
 
@@ -178,8 +190,15 @@ class ProviderService:
         if msg.channel.agent not in self._accepted():
             return "escrow_not_accepted", f"escrow agent {msg.channel.agent} is not one this provider accepts"
         assert listed is not None
-        if self.active[offer.model] >= listed.max_concurrent:
-            return "capacity", f"{listed.max_concurrent} sessions of {offer.model} already running"
+        now_dt = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+        reserved = reserved_slots(self.contracts(), offer.model, now_dt, except_peer=msg.consumer)
+        held_by_others = sum(1 for peer, n in self.active_by_client.items() if n and peer[1] == offer.model
+                             and peer[0] != msg.consumer and active_contract(self.contracts(), peer[0], offer.model,
+                                                                             now_dt) is not None)
+        usable = listed.max_concurrent - max(0, reserved - held_by_others)
+        if self.active[offer.model] >= usable:
+            return "capacity", (f"{listed.max_concurrent} sessions of {offer.model}, "
+                                f"{reserved} reserved by contract, all taken")
         tier = next((t for t in listed.tiers if t.name == msg.tier), None)
         if tier is not None and self.active_tiers[(offer.model, msg.tier)] >= tier.max_concurrent:
             return "capacity", f"{tier.max_concurrent} {msg.tier} sessions of {offer.model} already running"
