@@ -23,6 +23,7 @@ from ._health import HealthConfig, parse_health
 from ._home import ConfigError
 from ._pricing_models import DynamicPricing, parse_dynamic
 from ._schedule import Schedule, parse_schedule
+from ._sla import SlaConfig, parse_sla
 
 __all__ = ["Offer", "NodeConfig", "load_config", "save_offers", "parse_backend"]
 
@@ -118,6 +119,7 @@ class NodeConfig:
     schedule: Schedule = Schedule()
     health: HealthConfig = HealthConfig()
     dynamic_pricing: DynamicPricing | None = None
+    sla: SlaConfig = SlaConfig()
     contracts: tuple[Contract, ...] = ()  # as a provider (entries name a client) …
     client_contracts: tuple[Contract, ...] = ()  # … and as a client (entries name a provider)
 
@@ -177,7 +179,12 @@ def load_config(path: Path) -> NodeConfig:
         client_contracts = parse_contracts([c for c in raw_contracts if "client" not in c], "client")
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: [[contracts]]: {exc}") from exc
+    try:
+        sla = parse_sla(data.get("sla"))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: [sla]: {exc}") from exc
     return NodeConfig(
+        sla=sla,
         contracts=contracts,
         client_contracts=client_contracts,
         schedule=schedule,

@@ -34,6 +34,7 @@ from ._receipts import ReceiptStore
 from ._renting import Renter
 from ._routing import Preferences, rank
 from ._session_service import SESSION_PROTOCOL, ProviderService
+from ._sla import SlaTracker
 from ._trust import TrustBook
 
 __all__ = ["NodeService", "open_node", "resolve_config"]
@@ -73,7 +74,8 @@ class NodeService:
         self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
                                         client, self.receipts, is_available=self.available,
                                         on_outcome=self.health.record, listed_of=self.current_offer,
-                                        contracts=lambda: self.config.contracts)
+                                        contracts=lambda: self.config.contracts,
+                                        sla=SlaTracker(config.sla, market.listed_fraction))
         self.trust = TrustBook(home.path / "trust.db")
         self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust,
                              contracts=config.client_contracts)

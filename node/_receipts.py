@@ -112,6 +112,7 @@ def receipt_json(r: protocol.Receipt) -> dict[str, Any]:
         "input_hash": r.input_hash.hex(),
         "output_hash": r.output_hash.hex(),
         "issued_at": r.issued_at,
+        "discount_permille": r.discount_permille,
         "provider_sig": r.provider_sig.hex(),
         "consumer_sig": r.consumer_sig.hex(),
     }

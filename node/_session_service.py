@@ -39,6 +39,7 @@ from ._contracts import Contract, active_contract, reserved_slots
 from ._escrow_service import EscrowClient, EscrowUnreachable
 from ._queue import JobQueue, QueueFull, QueueTimeout
 from ._receipts import ReceiptStore
+from ._sla import SlaConfig, SlaTracker
 from ._streams import FramedStream, StreamClosed
 
 __all__ = ["SESSION_PROTOCOL", "ProviderService", "RateLimiter"]
@@ -85,6 +86,7 @@ class ProviderService:
         max_waiting: int = 32,
         job_timeout_s: float = 120.0,
         contracts: Callable[[], tuple[Contract, ...]] = lambda: (),
+        sla: SlaTracker | None = None,
     ) -> None:
         self.identity = identity
         self._offers = offers
@@ -101,6 +103,7 @@ class ProviderService:
         self.active_by_client: collections.Counter[tuple[str, str]] = collections.Counter()
         self.max_waiting = max_waiting
         self.contracts = contracts
+        self.sla = sla or SlaTracker(SlaConfig())
         self.job_timeout_s = job_timeout_s
         self.queues: dict[str, JobQueue] = {}
         self.rate = RateLimiter(clock)
@@ -275,7 +278,12 @@ class ProviderService:
     async def _generate(self, framed: FramedStream, machine: ProviderSession, backend: Backend,
                         request: protocol.Request, messages: list[dict[str, str]], limit: int, tokens_in: int,
                         weight: float = 1.0) -> None:
+        started = time.monotonic()
+        first: list[int] = []
+
         async def on_piece(text: str, tokens: int) -> None:
+            if not first:
+                first.append(int((time.monotonic() - started) * 1000))
             machine.chunk(text, tokens)
             await self._send(framed, machine.outgoing())
 
@@ -293,16 +301,20 @@ class ProviderService:
             machine.fail_call("capacity", str(exc)[:512])
             return
         except QueueTimeout as exc:
+            self.sla.record(offer.model, None, False)
             machine.fail_call("timeout", str(exc)[:512])
             return
         except BackendError as exc:
             _logger.warning("backend %s failed: %s", backend.spec, exc)
-            self.on_outcome(machine.accept.model, False)  # type: ignore[union-attr]
+            self.on_outcome(offer.model, False)
+            self.sla.record(offer.model, None, False)
             machine.fail_call("backend_error", str(exc)[:512])
             return
-        self.on_outcome(machine.accept.model, True)  # type: ignore[union-attr]
+        self.on_outcome(offer.model, True)
+        self.sla.record(offer.model, first[0] if first else None, True)
         actual_in = min(result.tokens_in, tokens_in) if result.tokens_in is not None else None
-        machine.finish_call(result.finish_reason, self.now(), tokens_in=actual_in)
+        machine.finish_call(result.finish_reason, self.now(), tokens_in=actual_in,
+                            discount_permille=self.sla.discount(offer.model))
 
     async def _claim(self, receipt: protocol.Receipt, state: dict[str, Any]) -> None:
         try:

@@ -299,6 +299,7 @@ class Receipt:
     cumulative: int = wire(_AMOUNT)
     prev_hash: bytes = wire(_HASH)
     issued_at: int = wire(_T)
+    discount_permille: int = wire(UInt(1000), default=0)  # e.g. an SLA penalty: cost is this much below price
     provider_sig: bytes = wire(_SIG, default=b"")
     consumer_sig: bytes = wire(_SIG, default=b"")
 

@@ -16,6 +16,7 @@ from ._errors import InvalidMessage
 
 __all__ = [
     "session_price",
+    "discounted",
     "MICRO_PER_CREDIT",
     "Price",
     "call_cost",
@@ -49,6 +50,13 @@ def call_cost(price: Price, tokens_in: int, tokens_out: int) -> int:
         raise InvalidMessage("token counts are never negative")
     raw = _ceil_div(tokens_in * price.input_per_1k + tokens_out * price.output_per_1k, 1000)
     return max(price.min_charge, raw)
+
+
+def discounted(cost: int, discount_permille: int) -> int:
+    """``cost`` less a discount of ``discount_permille`` thousandths, rounded down (in the payer's favour)."""
+    if not 0 <= discount_permille <= 1000:
+        raise InvalidMessage("a discount is 0 to 1000 thousandths")
+    return cost * (1000 - discount_permille) // 1000
 
 
 def max_output_tokens_within(price: Price, tokens_in: int, budget: int, ceiling: int) -> int:

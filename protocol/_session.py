@@ -50,7 +50,7 @@ from ._messages import (
     Reject,
     Request,
 )
-from ._pricing import Price, call_cost, max_output_tokens_within
+from ._pricing import Price, call_cost, discounted, max_output_tokens_within
 from ._signing import Signer, body_hash, sign, verify
 
 __all__ = [
@@ -460,8 +460,9 @@ class ConsumerSession(_Machine):
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens, {self._tokens_out} streamed")
         if r.tokens_in > self.accept.max_context:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the context")
-        if r.price != self.accept.price or r.cost != call_cost(self.accept.price, r.tokens_in, r.tokens_out):
-            raise ReceiptPriceMismatch("cost is not the pinned price of the billed tokens")
+        full = call_cost(self.accept.price, r.tokens_in, r.tokens_out)
+        if r.price != self.accept.price or r.cost != discounted(full, r.discount_permille):
+            raise ReceiptPriceMismatch("cost is not the pinned price of the billed tokens (less its discount)")
         if r.prev_hash != self.last_hash or r.cumulative != self.cumulative + r.cost:
             raise ReceiptChainBroken("receipt does not continue the chain")
         if r.cumulative > self.cap:
@@ -689,7 +690,8 @@ class ProviderSession(_Machine):
         return msg
 
     @_guarded
-    def finish_call(self, finish_reason: str, now: int, tokens_in: int | None = None) -> Receipt:
+    def finish_call(self, finish_reason: str, now: int, tokens_in: int | None = None,
+                    discount_permille: int = 0) -> Receipt:
         """Queue the provider-signed receipt of the running call.
 
         Args:
@@ -702,7 +704,7 @@ class ProviderSession(_Machine):
             if tokens_in > self._tokens_in:
                 raise SpendLimitReached(f"billing {tokens_in} prompt tokens, {self._tokens_in} were admitted")
             self._tokens_in = tokens_in
-        cost = call_cost(self.accept.price, self._tokens_in, self._tokens_out)
+        cost = discounted(call_cost(self.accept.price, self._tokens_in, self._tokens_out), discount_permille)
         receipt = Receipt(
             session_id=self.session_id,
             call_seq=self.next_seq,
@@ -721,6 +723,7 @@ class ProviderSession(_Machine):
             cumulative=self.cumulative + cost,
             prev_hash=self.last_hash,
             issued_at=now,
+            discount_permille=discount_permille,
         )
         if receipt.cumulative > self.cap:  # start_call's clamp makes this unreachable
             raise SpendLimitReached("receipt would pass the spend cap")

@@ -38,9 +38,11 @@ class ScriptedBackend(Backend):
 
     spec = "scripted"
 
-    def __init__(self, pieces: Sequence[tuple[str, int]] = (("Hello", 2), (" world", 2)), hang: bool = False) -> None:
+    def __init__(self, pieces: Sequence[tuple[str, int]] = (("Hello", 2), (" world", 2)), hang: bool = False,
+                 delay_s: float = 0.0) -> None:
         self.pieces = list(pieces)
         self.hang = hang
+        self.delay_s = delay_s
         self.started = trio.Event()
 
     async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
@@ -49,6 +51,7 @@ class ScriptedBackend(Backend):
     async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                        top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
         sent = 0
+        await trio.sleep(self.delay_s)  # a slow first token, when a test wants one
         for text, tokens in self.pieces:
             if sent + tokens > max_tokens:
                 return Generation("length", sent)
