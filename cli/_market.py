@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
 import click
 import trio
@@ -105,18 +106,37 @@ def offer() -> None:
 @click.option("--min-charge", callback=credits_option, default="0", metavar="CREDITS", help="least a call costs")
 @click.option("--rate-limit", type=click.IntRange(0), default=0, metavar="RPM", help="requests/min per consumer (0: none)")
 @click.option("--max-concurrent", type=click.IntRange(1), default=4, show_default=True, help="sessions at once")
+@click.option("--tier", "tiers", multiple=True, metavar="NAME:IN:OUT:SESSIONS[:PRIORITY]",
+              help="a service tier, prices in credits per 1K, e.g. premium:0.9:2.7:2:3 (repeatable)")
+@click.option("--batch", metavar="CALLS:PERCENT", help="batch discount, e.g. 100:20 (20% off for 100+ calls)")
 def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_price: int, output_price: int,
-              max_context: int, min_charge: int, rate_limit: int, max_concurrent: int) -> None:
+              max_context: int, min_charge: int, rate_limit: int, max_concurrent: int, tiers: tuple[str, ...],
+              batch: str | None) -> None:
     """Sell a model (replaces an existing offer for the same model)."""
+    try:
+        parsed_tiers = [_tier(t) for t in tiers]
+        batch_calls, percent = (int(x) for x in batch.split(":")) if batch else (0, 0)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
     doc = DaemonClient(home).request("POST", "/api/v1/offers", json={
         "model": model, "backend": backend, "input_price": input_price, "output_price": output_price,
         "max_context": max_context, "min_charge": min_charge, "rate_limit": rate_limit, "max_concurrent": max_concurrent,
+        "tiers": parsed_tiers, "batch_min_calls": batch_calls, "batch_discount_permille": percent * 10,
     })
     if as_json:
         emit_json(doc)
     else:
         click.echo(f"offering {doc['model']} at {protocol.format_credits(doc['input_price'])} / "
                    f"{protocol.format_credits(doc['output_price'])} credits per 1K tokens (in/out)")
+
+
+def _tier(text: str) -> dict[str, Any]:
+    parts = text.split(":")
+    if len(parts) not in (4, 5):
+        raise ValueError(f"tier {text!r} is not NAME:IN:OUT:SESSIONS[:PRIORITY]")
+    return {"name": parts[0], "input_price": protocol.parse_credits(parts[1]),
+            "output_price": protocol.parse_credits(parts[2]), "max_concurrent": int(parts[3]),
+            "priority": int(parts[4]) if len(parts) == 5 else 1}
 
 
 @offer.command("ls")

@@ -76,13 +76,15 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
 @click.option("--budget", callback=credits_option, metavar="CREDITS", help="most this call may cost (default: its worst case)")
 @click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
 @click.option("--stream", is_flag=True, help="print the completion as it arrives")
+@click.option("--tier", type=click.Choice(["basic", "premium", "enterprise"]), help="a provider service tier")
 @click.argument("prompt")
 def run(home: str | None, as_json: bool, model: str, strategy: str, provider: str | None, max_tokens: int,
-        temperature: int, budget: int | None, escrow: str | None, stream: bool, prompt: str) -> None:
+        temperature: int, budget: int | None, escrow: str | None, stream: bool, tier: str | None, prompt: str) -> None:
     """One paid completion: open a channel, run one call, settle, print the result."""
     client = DaemonClient(home)
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
-               "provider": provider, "budget": budget, "escrow": escrow, "stream": stream, "sort": strategy}
+               "provider": provider, "budget": budget, "escrow": escrow, "stream": stream, "sort": strategy,
+               "tier": tier or ""}
     if stream:
         doc = _stream_call(client, "/api/v1/run", payload, echo_text=not as_json)
         if not as_json:
@@ -163,14 +165,17 @@ COMMANDS = [run, receipts, key]
 @click.option("--budget", callback=credits_option, default="1", show_default=True, metavar="CREDITS",
               help="what the session's channel locks (the unspent rest comes back at the end)")
 @click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
+@click.option("--tier", type=click.Choice(["basic", "premium", "enterprise"]), help="a provider service tier")
+@click.option("--batch-calls", type=click.IntRange(0), default=0, help="calls you will make (batch discounts)")
 def chat(home: str | None, model: str, provider: str | None, max_tokens: int, temperature: int, budget: int,
-         escrow: str | None) -> None:
+         escrow: str | None, tier: str | None, batch_calls: int) -> None:
     """Interactive chat: one escrow channel for the session, one receipt per turn, streamed replies.
 
     Type a message and Enter; an empty line, "exit" or end of input ends the session."""
     client = DaemonClient(home)
     opened = client.request("POST", "/api/v1/sessions", json={"model": model, "provider": provider, "escrow": escrow,
-                                                               "budget": budget})
+                                                               "budget": budget, "tier": tier or "",
+                                                               "batch_calls": batch_calls})
     sid = opened["session_id"]
     interactive = sys.stdin.isatty()
     click.echo(f"session with {opened['provider']} ({model}); budget {protocol.format_credits(opened['cap'])} credits",

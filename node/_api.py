@@ -237,7 +237,8 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
         provider = _field(d, "provider", str, None)
         prefs = Preferences(sort=_field(d, "sort", str, "cheapest"), only=(provider,) if provider else ())
         kwargs = dict(max_tokens=max_tokens, temperature_milli=temperature, prefs=prefs,
-                      budget=_field(d, "budget", int, None), escrow=_field(d, "escrow", str, None))
+                      budget=_field(d, "budget", int, None), escrow=_field(d, "escrow", str, None),
+                      tier=_field(d, "tier", str, ""))
         model = _field(d, "model", str)
         if not d.get("stream"):
             return await service.renter.run(model, messages, **kwargs)

@@ -133,7 +133,7 @@ class Renter:
 
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                   prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,
-                  top_p_milli: int = 1000, stop: tuple[str, ...] = (),
+                  top_p_milli: int = 1000, stop: tuple[str, ...] = (), tier: str = "",
                   on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
         """One paid call with failover, start to settlement; the CLI contract's JSON for ``node run``.
 
@@ -145,6 +145,10 @@ class Renter:
         started = time.monotonic()
         prompt = estimate_prompt_tokens(messages)
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow)
+        if tier:
+            ranked = [c for c in ranked if any(t.name == tier for t in c.offer.tiers)]
+            if not ranked:
+                raise RentError(f"no provider of {model!r} offers a {tier} tier")
         attempts: list[dict[str, Any]] = []
         for c in ranked[:_MAX_ATTEMPTS]:
             streamed = False
@@ -156,8 +160,9 @@ class Renter:
                     await on_text(text)
 
             try:
-                async with self._session(c, model, budget if budget is not None else c.expected_cost,
-                                         _RUN_CHANNEL_S) as (session, channel):
+                budget_here = budget if budget is not None else protocol.call_cost(
+                    protocol.session_price(c.offer, tier), min(prompt, c.offer.max_context), max_tokens)
+                async with self._session(c, model, budget_here, _RUN_CHANNEL_S, tier) as (session, channel):
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
                                                 top_p_milli=top_p_milli, stop=stop, on_text=relay)
             except SessionError as exc:

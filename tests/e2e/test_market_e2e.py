@@ -55,6 +55,16 @@ def test_three_daemons_offer_and_providers(daemons):
     # persisted in the second's config, and removable
     assert "tiny" in (tmp_path / "b" / "config.toml").read_text()
     assert json.loads(second.cli("offer", "ls", "--json").stdout)[0]["model"] == "tiny"
+    second.cli("offer", "add", "--model", "big", "--backend", "builtin", "--input-price", "0.3", "--output-price",
+               "0.9", "--tier", "premium:0.9:2.7:2:3", "--batch", "100:20")
+    big = [o for o in json.loads(second.cli("offer", "ls", "--json").stdout) if o["model"] == "big"][0]
+    assert big["tiers"] == [{"name": "premium", "input_price": 900_000, "output_price": 2_700_000,
+                             "max_concurrent": 2, "priority": 3}]
+    assert (big["batch_min_calls"], big["batch_discount_permille"]) == (100, 200)
+    bad = second.cli("offer", "add", "--model", "x", "--backend", "builtin", "--input-price", "1", "--output-price",
+                     "1", "--tier", "gold:1:1:1", check=False)
+    assert bad.returncode == 1 and "tiers" in bad.stderr
+    second.cli("offer", "rm", "--model", "big")
     second.cli("offer", "rm", "--model", "tiny")
     assert json.loads(second.cli("offer", "ls", "--json").stdout) == []
     assert second.cli("offer", "rm", "--model", "tiny", check=False).returncode == 1
