@@ -62,6 +62,7 @@ async def run_daemon(
     escrow: bool = False,
     api_key: Callable[[str], str] | None = None,
     openai_keyless: bool = False,
+    mdns: bool = False,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node and its HTTP API until cancelled. ``task_status.started`` receives the daemon info.
@@ -72,7 +73,7 @@ async def run_daemon(
     config = resolve_config(home, listen, bootstrap, api, accept_escrow)
     _check_loopback_api(config.api)
     token = api_token(home, create=True)
-    async with open_node(home, identity, config, escrow=escrow, api_key=api_key) as service:
+    async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
         await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
                              task_status=task_status)
 

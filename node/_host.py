@@ -41,7 +41,7 @@ _CONNECTIONS = ConnectionConfig(
 )
 
 
-def _build_host(identity: Identity) -> IHost:
+def _build_host(identity: Identity, mdns: bool = False) -> IHost:
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     return new_host(
@@ -49,19 +49,21 @@ def _build_host(identity: Identity) -> IHost:
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
         connection_config=_CONNECTIONS,
+        enable_mDNS=mdns,
     )
 
 
 @asynccontextmanager
-async def open_host(identity: Identity, listen: Sequence[str]) -> AsyncIterator[IHost]:
-    """Run a host listening on ``listen`` (multiaddr strings) for the duration of the block.
+async def open_host(identity: Identity, listen: Sequence[str], mdns: bool = False) -> AsyncIterator[IHost]:
+    """Run a host listening on ``listen`` (multiaddr strings) for the duration of the block;
+    with ``mdns``, it announces itself and learns peers on the local network.
 
     Raises:
         ValueError: a listen address is not a valid multiaddr.
         OSError: no listen address could be bound.
     """
     addrs = [multiaddr.Multiaddr(a) for a in listen]
-    host = _build_host(identity)
+    host = _build_host(identity, mdns)
     async with host.run(listen_addrs=addrs):
         if listen and not host.get_addrs():
             await host.close()

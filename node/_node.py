@@ -28,7 +28,7 @@ from ._escrow_service import EscrowClient, serve_escrow
 from ._health import HealthMonitor
 from ._held_sessions import HeldSessions
 from ._home import Home
-from ._host import open_host, parse_peer_addr, peer_addrs
+from ._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
 from ._market import Market, MarketConfig, open_market
 from ._receipts import ReceiptStore
 from ._renting import Renter
@@ -324,6 +324,27 @@ async def _bootstrap(market: Market, addrs: tuple[str, ...]) -> None:
             nursery.start_soon(one, addr)
 
 
+async def _join_discovered(host: Any, interval_s: float = 1.0) -> None:
+    """Connect to peers that local discovery (mDNS) put in the peerstore; retry a failed one later."""
+    me, next_try = host.get_id(), {}
+    while True:
+        now = trio.current_time()
+        connected = set(host.get_connected_peers())
+        for peer in host.get_peerstore().peer_ids():
+            if peer == me or peer in connected or next_try.get(peer, 0) > now:
+                continue
+            addrs = host.get_peerstore().addrs(peer)
+            if not addrs:
+                continue
+            try:
+                with trio.move_on_after(5):
+                    await host.connect(PeerInfo(peer, addrs))
+            except Exception as exc:  # gone, or not one of us
+                _logger.debug("local peer %s unreachable: %s", peer, exc)
+                next_try[peer] = now + 30
+        await trio.sleep(interval_s)
+
+
 def resolve_config(home: Home, listen: tuple[str, ...] | None = None, bootstrap: tuple[str, ...] = (),
                    api: str | None = None, accept_escrow: tuple[str, ...] = ()) -> NodeConfig:
     """The config file with command-line overrides applied, checked.
@@ -353,13 +374,15 @@ async def open_node(
     escrow: bool = False,
     api_key: Callable[[str], str] | None = None,
     models_dir: Path | None = None,
+    mdns: bool = False,
 ) -> AsyncIterator["NodeService"]:
-    """Run a node (without its HTTP API) for the duration of the block."""
+    """Run a node (without its HTTP API) for the duration of the block; ``mdns`` also finds
+    (and joins) peers on the local network without bootstrap addresses."""
     market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
     capabilities = probe_capabilities()
     agent = EscrowAgent(Ledger(home.path / "escrow.db"), identity) if escrow else None
     try:
-        async with open_host(identity, config.listen) as host, open_market(host, identity, market_config) as market:
+        async with open_host(identity, config.listen, mdns) as host, open_market(host, identity, market_config) as market:
             service = NodeService(home, identity, market, config, capabilities, agent, api_key=api_key,
                                   models_dir=models_dir)
             try:
@@ -374,6 +397,8 @@ async def open_node(
                     nursery.start_soon(service.health.run)
                     nursery.start_soon(service.adjust_prices)
                     nursery.start_soon(service.warm)
+                    if mdns:
+                        nursery.start_soon(_join_discovered, host)
                     service.publish()
                     try:
                         yield service

@@ -111,6 +111,7 @@ async def open_swarm(
     bootstrap: tuple[str, ...] | list[str] = (),
     escrow: bool = False,
     accept_escrow: tuple[str, ...] = (),
+    mdns: bool = False,
 ) -> AsyncIterator[Swarm]:
     """Run a node from its home (created if new) for the duration of the block.
 
@@ -119,11 +120,12 @@ async def open_swarm(
         passphrase: the keystore's (default: $INFERSWARM_PASSPHRASE, else a terminal prompt).
         listen, bootstrap: libp2p addresses. escrow: also run the escrow agent role.
         accept_escrow: escrow agents this node's offers accept (besides itself when ``escrow``).
+        mdns: find and join peers on the local network without bootstrap addresses.
     """
     h = Home(resolve_home(home))
     secret = passphrase or wallet.resolve_passphrase()
     keystore = (wallet.Keystore.open(h.keystore, secret) if h.is_initialised() else init_home(h.path, secret))
     config = resolve_config(h, tuple(listen), tuple(bootstrap), None, tuple(accept_escrow))
     async with open_node(h, keystore.identity, dataclasses.replace(config), escrow=escrow,
-                         api_key=keystore.api_key) as service:
+                         api_key=keystore.api_key, mdns=mdns) as service:
         yield Swarm(service)
