@@ -6,6 +6,7 @@ signatures (``_signing``), integer pricing (``_pricing``), the market's listing 
 """
 
 from ._codec import DEFAULT_MAX_MESSAGE, decode, encode, registered_kinds
+from ._consumer import ConsumerSession, ConsumerState
 from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._framing import FrameReader, decode_varint, encode_varint, frame
@@ -30,6 +31,7 @@ from ._pricing import (
     parse_credits,
     session_price,
 )
+from ._provider import ProviderSession, ProviderState
 from ._session import *  # noqa: F403
 from ._session import __all__ as _session_all
 from ._signing import Signer, body_hash, domain_tag, sign, signed_bytes, verify
@@ -68,4 +70,8 @@ __all__ = [
     *_errors_all,
     *_messages_all,
     *_session_all,
+    "ConsumerSession",
+    "ConsumerState",
+    "ProviderSession",
+    "ProviderState",
 ]

@@ -1,0 +1,325 @@
+"""The consumer side of a session: opens, requests, checks every receipt, counter-signs, closes."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from ._errors import (
+    Expired,
+    InvalidMessage,
+    ReceiptChainBroken,
+    ReceiptHashMismatch,
+    ReceiptOverCap,
+    ReceiptPriceMismatch,
+    ReceiptReplay,
+    SpendLimitReached,
+    TermsMismatch,
+    UnexpectedMessage,
+)
+from ._identity import public_key_from_peer_id
+from ._messages import (
+    Accept,
+    CallError,
+    CallQueued,
+    ChannelGrant,
+    ChatMessage,
+    Chunk,
+    Close,
+    CounterSign,
+    EscrowClose,
+    Open,
+    Receipt,
+    Reject,
+    Request,
+)
+from ._pricing import Price, call_cost, discounted
+from ._session import (
+    Accepted,
+    CallFailed,
+    ChunkReceived,
+    Queued,
+    ReceiptSettled,
+    Rejected,
+    SessionClosed,
+    _guarded,
+    _Machine,
+    output_hash,
+    receipt_hash,
+    request_hash,
+)
+from ._signing import Signer, sign, verify
+
+__all__ = ["ConsumerState", "ConsumerSession"]
+
+
+# ---- consumer ---------------------------------------------------------------------------------
+
+
+class ConsumerState(enum.Enum):
+    IDLE = "idle"
+    OPENING = "opening"
+    READY = "ready"
+    IN_CALL = "in_call"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class ConsumerSession(_Machine):
+    """The consumer side: opens, requests, checks every receipt, counter-signs, closes."""
+
+    _ERROR = ConsumerState.ERROR
+
+    def __init__(
+        self,
+        signer: Signer,
+        *,
+        session_id: bytes,
+        provider: str,
+        model: str,
+        listing_seq: int,
+        price: Price,
+        channel: ChannelGrant,
+        spend_limit: int,
+        tier: str = "",
+        batch_calls: int = 0,
+    ) -> None:
+        super().__init__(signer)
+        self.tier, self.batch_calls = tier, batch_calls
+        if channel.consumer != self.me or channel.provider != provider:
+            raise InvalidMessage("the channel is not from this consumer to this provider")
+        self.state = ConsumerState.IDLE
+        self.session_id = session_id
+        self.provider = provider
+        self._provider_key = public_key_from_peer_id(provider)
+        self.model = model
+        self.listing_seq = listing_seq
+        self.price = price
+        self.channel = channel
+        self.spend_limit = spend_limit
+        self.cap = min(spend_limit, channel.cap)
+        self.accept: Accept | None = None
+        self._request: Request | None = None
+        self._text: list[str] = []
+        self._tokens_out = 0
+        self._next_chunk = 0
+
+    @property
+    def remaining(self) -> int:
+        """µc still spendable in this session."""
+        return self.cap - self.cumulative
+
+    def escrow_close_half(self, request_id: bytes, now: int) -> EscrowClose:
+        """This consumer's signature on a cooperative close of the channel, settling the last
+        doubly-signed receipt (if any): the provider adds its half and submits it."""
+        final = self.receipts[-1] if self.receipts else None
+        msg = EscrowClose(request_id=request_id, channel_id=self.channel.channel_id, receipt=final, issued_at=now)
+        return sign(msg, "consumer_sig", self._signer)
+
+    @_guarded
+    def open(self, now: int) -> Open:
+        """Queue the signed ``Open``.
+
+        Raises:
+            IllegalTransition: already opened.
+            Expired: the channel has expired.
+        """
+        self._expect(ConsumerState.IDLE)
+        if now >= self.channel.expires_at:
+            raise Expired("the escrow channel has expired")
+        msg = Open(
+            session_id=self.session_id,
+            consumer=self.me,
+            provider=self.provider,
+            model=self.model,
+            listing_seq=self.listing_seq,
+            price=self.price,
+            channel=self.channel,
+            spend_limit=self.spend_limit,
+            issued_at=now,
+            tier=self.tier,
+            batch_calls=self.batch_calls,
+        )
+        msg = sign(msg, "sig", self._signer)
+        self._outbox.append(msg)
+        self.state = ConsumerState.OPENING
+        return msg
+
+    @_guarded
+    def request(
+        self,
+        messages: tuple[ChatMessage, ...],
+        max_tokens: int,
+        *,
+        temperature_milli: int = 1000,
+        top_p_milli: int = 1000,
+        stop: tuple[str, ...] = (),
+        stream: bool = True,
+    ) -> Request:
+        """Queue the next call's ``Request``.
+
+        Raises:
+            IllegalTransition: not ready (not accepted yet, a call in flight, or closed).
+            SpendLimitReached: not even a one-token prompt fits under the cap.
+        """
+        self._expect(ConsumerState.READY)
+        if call_cost(self.price, 1, 0) > self.remaining:
+            raise SpendLimitReached(f"{self.remaining} µc left in this session")
+        msg = Request(
+            session_id=self.session_id,
+            call_seq=self.next_seq,
+            messages=tuple(messages),
+            max_tokens=max_tokens,
+            temperature_milli=temperature_milli,
+            top_p_milli=top_p_milli,
+            stop=tuple(stop),
+            stream=stream,
+        )
+        self._outbox.append(msg)
+        self._request = msg
+        self._text, self._tokens_out, self._next_chunk = [], 0, 0
+        self.state = ConsumerState.IN_CALL
+        return msg
+
+    @_guarded
+    def close(self, now: int, reason: str = "done", escrow_close: EscrowClose | None = None) -> Close:
+        """Queue a signed ``Close``; an unfinished call is abandoned and never paid.
+
+        Args:
+            escrow_close: optionally, this consumer's signed half of a cooperative channel close,
+                for the provider to complete and submit (see ``escrow_close_half``).
+        """
+        self._expect(ConsumerState.IDLE, ConsumerState.OPENING, ConsumerState.READY, ConsumerState.IN_CALL)
+        msg = sign(
+            Close(
+                session_id=self.session_id,
+                by=self.me,
+                reason=reason,
+                last_receipt_hash=self.last_hash,
+                cumulative=self.cumulative,
+                issued_at=now,
+                escrow_close=escrow_close,
+            ),
+            "sig",
+            self._signer,
+        )
+        self._outbox.append(msg)
+        self.state = ConsumerState.CLOSED
+        return msg
+
+    @_guarded
+    def receive(self, msg: Any, now: int) -> list[Any]:
+        """Take one message from the provider; return the events it causes.
+
+        Raises:
+            RemoteProtocolError (a specific subclass): the provider broke the protocol; the
+                machine is now in ERROR and nothing it sent is counter-signed.
+        """
+        if self.state in (ConsumerState.CLOSED, ConsumerState.IDLE):
+            raise self._unexpected(msg)
+        if isinstance(msg, Close):
+            return [self._on_close(msg)]
+        if isinstance(msg, Accept) and self.state is ConsumerState.OPENING:
+            return [self._on_accept(msg)]
+        if isinstance(msg, Reject) and self.state is ConsumerState.OPENING:
+            self._check_session(msg, self.session_id)
+            self.state = ConsumerState.CLOSED
+            return [Rejected(msg)]
+        if isinstance(msg, Receipt):
+            return [self._on_receipt(msg)]
+        if isinstance(msg, Chunk) and self.state is ConsumerState.IN_CALL:
+            return [self._on_chunk(msg)]
+        if isinstance(msg, CallQueued) and self.state is ConsumerState.IN_CALL:
+            self._check_session(msg, self.session_id)
+            if msg.call_seq != self.next_seq or self._next_chunk:
+                raise UnexpectedMessage("queue position for another call, or after the answer began")
+            return [Queued(msg)]
+        if isinstance(msg, CallError) and self.state is ConsumerState.IN_CALL:
+            self._check_session(msg, self.session_id)
+            if msg.call_seq != self.next_seq:
+                raise UnexpectedMessage(f"call_error for call {msg.call_seq}, expected {self.next_seq}")
+            self._request = None
+            self.state = ConsumerState.READY
+            return [CallFailed(msg)]
+        raise self._unexpected(msg)
+
+    def _on_accept(self, msg: Accept) -> Accepted:
+        self._check_session(msg, self.session_id)
+        if msg.provider != self.provider or msg.model != self.model:
+            raise TermsMismatch("accept names another provider or model")
+        verify(msg, "sig", self._provider_key)
+        if msg.price != self.price:
+            raise TermsMismatch("accepted prices differ from the prices offered")
+        if msg.spend_cap != self.cap:
+            raise TermsMismatch(f"accepted spend cap {msg.spend_cap}, expected {self.cap}")
+        self.accept = msg
+        self.state = ConsumerState.READY
+        return Accepted(msg)
+
+    def _on_chunk(self, msg: Chunk) -> ChunkReceived:
+        assert self._request is not None
+        self._check_session(msg, self.session_id)
+        if msg.call_seq != self.next_seq or msg.index != self._next_chunk:
+            raise UnexpectedMessage(f"chunk {msg.call_seq}/{msg.index} out of order")
+        if self._tokens_out + msg.tokens > self._request.max_tokens:
+            raise UnexpectedMessage("the provider streamed more tokens than max_tokens")
+        self._next_chunk += 1
+        self._tokens_out += msg.tokens
+        self._text.append(msg.text)
+        return ChunkReceived(msg)
+
+    def _on_receipt(self, r: Receipt) -> ReceiptSettled:
+        self._check_session(r, self.session_id)
+        if r.call_seq < self.next_seq:
+            raise ReceiptReplay(f"receipt for call {r.call_seq} was already settled")
+        if self.state is not ConsumerState.IN_CALL or r.call_seq != self.next_seq:
+            raise UnexpectedMessage(f"receipt for call {r.call_seq} with no such call in flight")
+        assert self._request is not None and self.accept is not None
+        verify(r, "provider_sig", self._provider_key)
+        ch = self.channel
+        if (r.model, r.provider, r.consumer, r.agent, r.channel_id) != (
+            self.model,
+            self.provider,
+            self.me,
+            ch.agent,
+            ch.channel_id,
+        ):
+            raise TermsMismatch("receipt names another model, party or channel")
+        text = "".join(self._text)
+        if r.input_hash != request_hash(self._request):
+            raise ReceiptHashMismatch("input hash is not the hash of the request sent")
+        if r.output_hash != output_hash(text):
+            raise ReceiptHashMismatch("output hash is not the hash of the text received")
+        if r.tokens_out != self._tokens_out:
+            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens, {self._tokens_out} streamed")
+        if r.tokens_in > self.accept.max_context:
+            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the context")
+        full = call_cost(self.accept.price, r.tokens_in, r.tokens_out)
+        if r.price != self.accept.price or r.cost != discounted(full, r.discount_permille):
+            raise ReceiptPriceMismatch("cost is not the pinned price of the billed tokens (less its discount)")
+        if r.prev_hash != self.last_hash or r.cumulative != self.cumulative + r.cost:
+            raise ReceiptChainBroken("receipt does not continue the chain")
+        if r.cumulative > self.cap:
+            raise ReceiptOverCap(f"cumulative {r.cumulative} over the cap {self.cap}")
+        signed = sign(r, "consumer_sig", self._signer)
+        self._outbox.append(
+            CounterSign(
+                session_id=r.session_id,
+                call_seq=r.call_seq,
+                receipt_hash=receipt_hash(r),
+                consumer_sig=signed.consumer_sig,
+            )
+        )
+        self._settle(signed)
+        self._request = None
+        self.state = ConsumerState.READY
+        return ReceiptSettled(signed, text)
+
+    def _on_close(self, msg: Close) -> SessionClosed:
+        self._check_session(msg, self.session_id)
+        if msg.by != self.provider:
+            raise UnexpectedMessage("close signed by someone other than the provider")
+        verify(msg, "sig", self._provider_key)
+        self._request = None
+        self.state = ConsumerState.CLOSED
+        return SessionClosed(msg)

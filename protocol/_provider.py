@@ -1,0 +1,332 @@
+"""The provider side of a session: decides on an open, meters calls, signs receipts, waits for
+counter-signatures."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from ._errors import (
+    Expired,
+    IllegalTransition,
+    ReceiptHashMismatch,
+    ReceiptReplay,
+    SpendLimitReached,
+    TermsMismatch,
+    UnexpectedMessage,
+)
+from ._identity import public_key_from_peer_id
+from ._messages import (
+    Accept,
+    CallError,
+    CallQueued,
+    Chunk,
+    Close,
+    CounterSign,
+    Open,
+    Receipt,
+    Reject,
+    Request,
+)
+from ._pricing import Price, call_cost, discounted, max_output_tokens_within
+from ._session import (
+    CallRequested,
+    Countersigned,
+    OpenReceived,
+    SessionClosed,
+    _guarded,
+    _Machine,
+    output_hash,
+    receipt_hash,
+    request_hash,
+    verify_channel,
+)
+from ._signing import Signer, sign, verify
+
+__all__ = ["ProviderState", "ProviderSession"]
+
+
+# ---- provider ---------------------------------------------------------------------------------
+
+
+class ProviderState(enum.Enum):
+    AWAITING_OPEN = "awaiting_open"
+    DECIDING = "deciding"
+    READY = "ready"
+    CALL_REQUESTED = "call_requested"
+    IN_CALL = "in_call"
+    AWAITING_COUNTERSIGN = "awaiting_countersign"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class ProviderSession(_Machine):
+    """The provider side: decides on an open, meters calls, signs receipts, waits for counter-signatures."""
+
+    _ERROR = ProviderState.ERROR
+
+    def __init__(self, signer: Signer) -> None:
+        super().__init__(signer)
+        self.state = ProviderState.AWAITING_OPEN
+        self.open_msg: Open | None = None
+        self.accept: Accept | None = None
+        self._consumer_key = b""
+        self._request: Request | None = None
+        self._limit = 0
+        self._tokens_in = 0
+        self._tokens_out = 0
+        self._text: list[str] = []
+        self._pending: Receipt | None = None
+
+    @property
+    def session_id(self) -> bytes:
+        if self.open_msg is None:
+            raise IllegalTransition("no session opened yet")
+        return self.open_msg.session_id
+
+    @property
+    def cap(self) -> int:
+        assert self.accept is not None
+        return self.accept.spend_cap
+
+    @_guarded
+    def receive(self, msg: Any, now: int) -> list[Any]:
+        """Take one message from the consumer; return the events it causes.
+
+        Raises:
+            RemoteProtocolError (a specific subclass): the consumer broke the protocol.
+        """
+        if isinstance(msg, Open) and self.state is ProviderState.AWAITING_OPEN:
+            return [self._on_open(msg, now)]
+        if self.state in (ProviderState.AWAITING_OPEN, ProviderState.CLOSED):
+            raise self._unexpected(msg)
+        if isinstance(msg, Close):
+            self._check_session(msg, self.session_id)
+            if msg.by != self.open_msg.consumer:  # type: ignore[union-attr]
+                raise UnexpectedMessage("close signed by someone other than the consumer")
+            verify(msg, "sig", self._consumer_key)
+            self.state = ProviderState.CLOSED
+            return [SessionClosed(msg)]
+        if isinstance(msg, Request):
+            return [self._on_request(msg)]
+        if isinstance(msg, CounterSign):
+            return [self._on_countersign(msg)]
+        raise self._unexpected(msg)
+
+    def _on_open(self, msg: Open, now: int) -> OpenReceived:
+        if msg.provider != self.me:
+            raise TermsMismatch("open addressed to another provider")
+        key = public_key_from_peer_id(msg.consumer)
+        verify(msg, "sig", key)
+        ch = msg.channel
+        if ch.consumer != msg.consumer or ch.provider != self.me:
+            raise TermsMismatch("the channel is not from this consumer to this provider")
+        verify_channel(ch)
+        if now >= ch.expires_at:
+            raise Expired("the escrow channel has expired")
+        self.open_msg, self._consumer_key = msg, key
+        self.state = ProviderState.DECIDING
+        return OpenReceived(msg)
+
+    @_guarded
+    def accept_open(self, price: Price, max_context: int, now: int) -> Accept:
+        """Pin ``price`` for the session and queue the signed ``Accept``.
+
+        Raises:
+            IllegalTransition: no open to decide on, or ``price`` is not the price the
+                consumer offered (reject with ``price_changed`` instead).
+        """
+        self._expect(ProviderState.DECIDING)
+        assert self.open_msg is not None
+        if price != self.open_msg.price:
+            raise IllegalTransition("the consumer did not offer this price: reject with price_changed")
+        msg = sign(
+            Accept(
+                session_id=self.open_msg.session_id,
+                provider=self.me,
+                model=self.open_msg.model,
+                price=price,
+                max_context=max_context,
+                spend_cap=min(self.open_msg.spend_limit, self.open_msg.channel.cap),
+                accepted_at=now,
+            ),
+            "sig",
+            self._signer,
+        )
+        self.accept = msg
+        self._outbox.append(msg)
+        self.state = ProviderState.READY
+        return msg
+
+    @_guarded
+    def reject_open(self, reason: str, detail: str = "", retry_after_s: int = 0) -> Reject:
+        """Queue a ``Reject`` with a reason code; the session ends."""
+        self._expect(ProviderState.DECIDING)
+        msg = Reject(session_id=self.session_id, reason=reason, detail=detail, retry_after_s=retry_after_s)
+        self._outbox.append(msg)
+        self.state = ProviderState.CLOSED
+        return msg
+
+    def _on_request(self, msg: Request) -> CallRequested:
+        self._check_session(msg, self.session_id)
+        if self.state is ProviderState.AWAITING_COUNTERSIGN:
+            raise UnexpectedMessage("request for the next call before this one was counter-signed")
+        if self.state is not ProviderState.READY:
+            raise self._unexpected(msg)
+        if msg.call_seq != self.next_seq:
+            raise UnexpectedMessage(f"request for call {msg.call_seq}, expected {self.next_seq}")
+        self._request = msg
+        self.state = ProviderState.CALL_REQUESTED
+        return CallRequested(msg)
+
+    @_guarded
+    def start_call(self, tokens_in: int, now: int) -> int | None:
+        """Admit the requested call, whose prompt is ``tokens_in`` tokens.
+
+        Returns:
+            The most completion tokens the call may produce (``max_tokens`` clamped to what
+            the remaining budget pays for), or ``None`` when the call is refused: a
+            ``CallError`` (expired, context_too_long or over_budget) is then queued and the
+            session is ready for another request. Nothing is charged for a refused call.
+        """
+        self._expect(ProviderState.CALL_REQUESTED)
+        assert self._request is not None and self.accept is not None and self.open_msg is not None
+        if now >= self.open_msg.channel.expires_at:
+            return self._refuse("expired", "the escrow channel has expired")
+        if tokens_in > self.accept.max_context:
+            return self._refuse("context_too_long", f"{tokens_in} prompt tokens, limit {self.accept.max_context}")
+        ceiling = min(self._request.max_tokens, max(0, self.accept.max_context - tokens_in))
+        limit = max_output_tokens_within(self.accept.price, tokens_in, self.cap - self.cumulative, ceiling)
+        if limit < 0:
+            return self._refuse("over_budget", f"{self.cap - self.cumulative} µc left in this session")
+        self._limit, self._tokens_in, self._tokens_out, self._text = limit, tokens_in, 0, []
+        self.state = ProviderState.IN_CALL
+        return limit
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self._outbox.append(CallError(session_id=self.session_id, call_seq=self.next_seq, reason=reason, detail=detail))
+        self._request = None
+        self.state = ProviderState.READY
+        return None
+
+    @_guarded
+    def report_queue(self, position: int) -> CallQueued:
+        """Tell the consumer where its admitted call waits (before any chunk)."""
+        self._expect(ProviderState.IN_CALL)
+        if self._text:
+            raise IllegalTransition("the answer has begun: no queue position any more")
+        msg = CallQueued(session_id=self.session_id, call_seq=self.next_seq, position=position)
+        self._outbox.append(msg)
+        return msg
+
+    @_guarded
+    def fail_call(self, reason: str, detail: str = "") -> CallError:
+        """Give up on the requested or running call: queue a ``CallError``; nothing is charged."""
+        self._expect(ProviderState.CALL_REQUESTED, ProviderState.IN_CALL)
+        self._refuse(reason, detail)
+        return self._outbox[-1]
+
+    @_guarded
+    def chunk(self, text: str, tokens: int) -> Chunk:
+        """Queue a streamed piece of the completion.
+
+        Raises:
+            SpendLimitReached: more tokens than ``start_call`` admitted.
+        """
+        self._expect(ProviderState.IN_CALL)
+        if self._tokens_out + tokens > self._limit:
+            raise SpendLimitReached(f"completion would pass its {self._limit}-token limit")
+        msg = Chunk(
+            session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text, tokens=tokens
+        )
+        self._text.append(text)
+        self._tokens_out += tokens
+        self._outbox.append(msg)
+        return msg
+
+    @_guarded
+    def finish_call(self, finish_reason: str, now: int, tokens_in: int | None = None,
+                    discount_permille: int = 0) -> Receipt:
+        """Queue the provider-signed receipt of the running call.
+
+        Args:
+            tokens_in: the prompt's actual token count when the admitted one was an upper bound
+                (an upstream server's usage); never more than what ``start_call`` admitted.
+        """
+        self._expect(ProviderState.IN_CALL)
+        assert self._request is not None and self.accept is not None and self.open_msg is not None
+        if tokens_in is not None:
+            if tokens_in > self._tokens_in:
+                raise SpendLimitReached(f"billing {tokens_in} prompt tokens, {self._tokens_in} were admitted")
+            self._tokens_in = tokens_in
+        cost = discounted(call_cost(self.accept.price, self._tokens_in, self._tokens_out), discount_permille)
+        receipt = Receipt(
+            session_id=self.session_id,
+            call_seq=self.next_seq,
+            model=self.accept.model,
+            provider=self.me,
+            consumer=self.open_msg.consumer,
+            agent=self.open_msg.channel.agent,
+            channel_id=self.open_msg.channel.channel_id,
+            input_hash=request_hash(self._request),
+            output_hash=output_hash("".join(self._text)),
+            tokens_in=self._tokens_in,
+            tokens_out=self._tokens_out,
+            finish_reason=finish_reason,
+            price=self.accept.price,
+            cost=cost,
+            cumulative=self.cumulative + cost,
+            prev_hash=self.last_hash,
+            issued_at=now,
+            discount_permille=discount_permille,
+        )
+        if receipt.cumulative > self.cap:  # start_call's clamp makes this unreachable
+            raise SpendLimitReached("receipt would pass the spend cap")
+        receipt = sign(receipt, "provider_sig", self._signer)
+        self._pending = receipt
+        self._outbox.append(receipt)
+        self._request = None
+        self.state = ProviderState.AWAITING_COUNTERSIGN
+        return receipt
+
+    def _on_countersign(self, msg: CounterSign) -> Countersigned:
+        self._check_session(msg, self.session_id)
+        if msg.call_seq < self.next_seq:
+            raise ReceiptReplay(f"counter-signature for call {msg.call_seq} was already received")
+        if self.state is not ProviderState.AWAITING_COUNTERSIGN or self._pending is None:
+            raise self._unexpected(msg)
+        pending = self._pending
+        if msg.call_seq != pending.call_seq or msg.receipt_hash != receipt_hash(pending):
+            raise ReceiptHashMismatch("counter-signature names another receipt")
+        signed = dataclasses.replace(pending, consumer_sig=msg.consumer_sig)
+        verify(signed, "consumer_sig", self._consumer_key)
+        self._pending = None
+        self._settle(signed)
+        self.state = ProviderState.READY
+        return Countersigned(signed)
+
+    @_guarded
+    def close(self, now: int, reason: str = "done") -> Close:
+        """Queue a signed ``Close``; an un-counter-signed receipt stays unpaid."""
+        self._expect(
+            ProviderState.READY,
+            ProviderState.CALL_REQUESTED,
+            ProviderState.IN_CALL,
+            ProviderState.AWAITING_COUNTERSIGN,
+        )
+        msg = sign(
+            Close(
+                session_id=self.session_id,
+                by=self.me,
+                reason=reason,
+                last_receipt_hash=self.last_hash,
+                cumulative=self.cumulative,
+                issued_at=now,
+            ),
+            "sig",
+            self._signer,
+        )
+        self._outbox.append(msg)
+        self.state = ProviderState.CLOSED
+        return msg
