@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tomlkit
 
@@ -131,6 +131,14 @@ def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[
     return tuple(value)
 
 
+def _section(path: Path, name: str, parse: Callable[..., Any], *args: Any) -> Any:
+    """Parse one table of the config; a bad value becomes a ConfigError naming the table."""
+    try:
+        return parse(*args)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: {name}: {exc}") from exc
+
+
 def load_config(path: Path) -> NodeConfig:
     """Read and check ``config.toml`` (defaults where it is absent).
 
@@ -160,29 +168,17 @@ def load_config(path: Path) -> NodeConfig:
             protocol.public_key_from_peer_id(escrow)
         except protocol.WrongFieldType as exc:
             raise ConfigError(f"{path}: [node] accept_escrow: {exc}") from exc
-    try:
-        schedule = parse_schedule(data.get("schedule"))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: [schedule]: {exc}") from exc
-    try:
-        health = parse_health(data.get("health"))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: [health]: {exc}") from exc
-    try:
-        pricing = data.get("pricing") or {}
-        dynamic = parse_dynamic(pricing.get("dynamic") if isinstance(pricing, dict) else None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: [pricing.dynamic]: {exc}") from exc
+    pricing = data.get("pricing") or {}
     raw_contracts = data.get("contracts", [])
-    try:
-        contracts = parse_contracts([c for c in raw_contracts if "client" in c], "provider")
-        client_contracts = parse_contracts([c for c in raw_contracts if "client" not in c], "client")
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: [[contracts]]: {exc}") from exc
-    try:
-        sla = parse_sla(data.get("sla"))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: [sla]: {exc}") from exc
+    schedule = _section(path, "[schedule]", parse_schedule, data.get("schedule"))
+    health = _section(path, "[health]", parse_health, data.get("health"))
+    dynamic = _section(path, "[pricing.dynamic]", parse_dynamic,
+                       pricing.get("dynamic") if isinstance(pricing, dict) else None)
+    contracts = _section(path, "[[contracts]]", parse_contracts, [c for c in raw_contracts if "client" in c],
+                         "provider")
+    client_contracts = _section(path, "[[contracts]]", parse_contracts,
+                                [c for c in raw_contracts if "client" not in c], "client")
+    sla = _section(path, "[sla]", parse_sla, data.get("sla"))
     return NodeConfig(
         sla=sla,
         contracts=contracts,

@@ -85,7 +85,7 @@ class HeldSessions:
         try:
             result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
         except SessionError as exc:
-            self.renter._learn_failure(provider, exc)
+            self.renter.learn_failure(provider, exc)
             raise
         self.renter.learn_success(provider, result)
         return completion_json(result, held.listing.provider, held.handle.machine.model, started) | {"session_id": sid}

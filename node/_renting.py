@@ -13,7 +13,7 @@ import logging
 import random
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import protocol
@@ -92,8 +92,8 @@ class Renter:
         return pick
 
     async def candidates(self, model: str, prefs: Preferences, *, prompt_tokens: int, max_tokens: int,
-                         escrow: str | None = None) -> list[Candidate]:
-        """Ranked candidates for a request.
+                         escrow: str | None = None, tier: str = "") -> list[Candidate]:
+        """Ranked candidates for a request (with ``tier``: only providers offering that tier).
 
         Raises:
             RentError: nobody offers the model within the preferences.
@@ -103,6 +103,10 @@ class Renter:
         if not ranked:
             raise RentError(f"no provider offers {model!r} within the routing preferences "
                             "(price, trust floor, escrow agents, only/ignore)")
+        if tier:
+            ranked = [c for c in ranked if any(t.name == tier for t in c.offer.tiers)]
+            if not ranked:
+                raise RentError(f"no provider of {model!r} offers a {tier} tier")
         return ranked
 
     @asynccontextmanager
@@ -120,7 +124,7 @@ class Renter:
                                 batch_calls=batch_calls) as handle:
             yield handle, channel
 
-    def _learn_failure(self, provider: str, exc: SessionError) -> None:
+    def learn_failure(self, provider: str, exc: SessionError) -> None:
         if isinstance(exc, ProviderMisbehaved):
             self.trust.violated(provider)
         elif isinstance(exc, (SessionRejected, CallRefused)):
@@ -144,11 +148,8 @@ class Renter:
         """
         started = time.monotonic()
         prompt = estimate_prompt_tokens(messages)
-        ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow)
-        if tier:
-            ranked = [c for c in ranked if any(t.name == tier for t in c.offer.tiers)]
-            if not ranked:
-                raise RentError(f"no provider of {model!r} offers a {tier} tier")
+        ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
+                                       tier=tier)
         attempts: list[dict[str, Any]] = []
         for c in ranked[:_MAX_ATTEMPTS]:
             streamed = False
@@ -166,7 +167,7 @@ class Renter:
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
                                                 top_p_milli=top_p_milli, stop=stop, on_text=relay)
             except SessionError as exc:
-                self._learn_failure(c.provider, exc)
+                self.learn_failure(c.provider, exc)
                 attempts.append({"provider": c.provider, "error": str(exc)})
                 _logger.info("call to %s failed (%s); %s", c.provider, exc,
                              "trying the next provider" if not streamed else "not retried: text was already streamed")
@@ -188,28 +189,19 @@ class Renter:
         settled when the block ends. ``tier`` picks a provider's service tier (only providers offering
         it are tried); ``batch_calls`` declares the calls to come, for a batch discount."""
         # a session's calls are unknown yet: rank by a nominal call of 1K tokens in and 1K out
-        ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow)
-        if tier:
-            ranked = [c for c in ranked if any(t.name == tier for t in c.offer.tiers)]
-            if not ranked:
-                raise RentError(f"no provider of {model!r} offers a {tier} tier")
+        ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow, tier=tier)
         errors = []
         for c in ranked[:_MAX_ATTEMPTS]:
-            try:
-                cm = self._session(c, model, budget, ttl_s, tier, batch_calls)
-                handle, channel = await cm.__aenter__()
-            except SessionError as exc:
-                self._learn_failure(c.provider, exc)
-                errors.append(f"{c.provider}: {exc}")
-                continue
-            try:
+            async with AsyncExitStack() as stack:
+                try:  # fail over only while opening: errors inside the caller's block are the caller's
+                    handle, channel = await stack.enter_async_context(
+                        self._session(c, model, budget, ttl_s, tier, batch_calls))
+                except SessionError as exc:
+                    self.learn_failure(c.provider, exc)
+                    errors.append(f"{c.provider}: {exc}")
+                    continue
                 yield handle, c.listing, channel
-            except BaseException as exc:
-                if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
-                    raise
-            else:
-                await cm.__aexit__(None, None, None)
-            return
+                return
         raise RentError(f"no provider of {model!r} accepted a session: " + "; ".join(errors))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 import types
 
 import pytest
@@ -51,8 +50,6 @@ def test_earnings_equal_the_receipts_and_claims(tmp_path):
     assert sum(by_client.values()) == total and set(by_client) <= {c.peer_id for c in CLIENTS}
     hours = earnings(types.SimpleNamespace(receipts=store), "1d", "hour")["by"]
     assert sum(hours.values()) == total and all(k.endswith(":00Z") for k in hours)
-    assert earnings(types.SimpleNamespace(receipts=store), "1s", "model")["total"] in (0, total)
-    assert time.time()
     store.close()
 
 
