@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trio  # noqa: E402
 
-from node._market import model_key  # noqa: E402
+from node.net._market import model_key  # noqa: E402
 from tests.node.helpers import join, listing_template, market_swarm  # noqa: E402
 from tests.support import PRICE  # noqa: E402
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
-from node._daemon import serve_node_api  # noqa: E402
 from node._home import Home, init_home  # noqa: E402
 from node._node import open_node, resolve_config  # noqa: E402
-from node._routing import Preferences  # noqa: E402
+from node.consumer._routing import Preferences  # noqa: E402
+from node.daemon import serve_node_api  # noqa: E402
 from tests.node.upstream import transformers_serve  # noqa: E402
 
 N = 12

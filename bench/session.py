@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
-from node._backend_openai import OpenAIBackend  # noqa: E402
-from node._config import Offer  # noqa: E402
+from node.provider._offers import Offer  # noqa: E402
+from node.provider.backends._openai import OpenAIBackend  # noqa: E402
 from tests.node.session_rig import session_rig  # noqa: E402
 from tests.node.upstream import transformers_serve  # noqa: E402
 

@@ -11,7 +11,7 @@ import httpx
 
 import protocol
 from node import Home, resolve_home
-from node._daemon_files import DaemonNotRunning, api_token, read_daemon_info
+from node.daemon import DaemonNotRunning, api_token, read_daemon_info
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -41,7 +41,7 @@ from ._common import (
 def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str | None,
           accept_escrow: tuple[str, ...], escrow: bool, openai_keyless: bool, mdns: bool, verbose: bool) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM (then exit 0)."""
-    from node._daemon import run_daemon
+    from node.daemon import run_daemon
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -206,7 +206,7 @@ def demo(home: str, providers: int, once: bool) -> None:
     """A local market on loopback: escrow agent, providers, consumer, a paid chat, receipts, balances."""
     from pathlib import Path
 
-    from node._demo import run_demo
+    from node.daemon import run_demo
 
     logging.basicConfig(level=logging.ERROR)
 

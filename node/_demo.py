@@ -17,12 +17,12 @@ from rich.table import Table
 import protocol
 import wallet
 
-from ._builtin_model import BUILTIN_MODEL, ensure_builtin_model
-from ._config import Offer
-from ._daemon import serve_node_api
 from ._home import Home, init_home
 from ._node import NodeService, open_node, resolve_config
-from ._routing import Preferences
+from .consumer._routing import Preferences
+from .daemon import serve_node_api
+from .provider._offers import Offer
+from .provider.backends._builtin_model import BUILTIN_MODEL, ensure_builtin_model
 
 __all__ = ["run_demo", "DEMO_PASSPHRASE"]
 

@@ -18,24 +18,28 @@ import multiaddr
 import trio
 
 import protocol
+from protocol import SESSION_PROTOCOL
 from wallet import EscrowAgent, Identity, Ledger
 
-from ._backends import Backend, open_backend
-from ._capabilities import derive_max_jobs, hardware_of, probe_capabilities
-from ._config import NodeConfig, Offer, load_config, save_offers
-from ._escrow_ops import EscrowOps
-from ._escrow_service import EscrowClient, serve_escrow
-from ._health import HealthMonitor
-from ._held_sessions import HeldSessions
+from ._config import NodeConfig, load_config, save_offers
 from ._home import Home
-from ._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
-from ._market import Market, MarketConfig, open_market
 from ._receipts import ReceiptStore
-from ._renting import Renter
-from ._routing import Preferences, rank
-from ._session_service import SESSION_PROTOCOL, ProviderService
-from ._sla import SlaTracker
-from ._trust import TrustBook
+from .consumer._held_sessions import HeldSessions
+from .consumer._renter import Renter
+from .consumer._routing import Preferences, rank
+from .consumer._trust import TrustBook
+from .escrow._client import EscrowClient
+from .escrow._ops import EscrowOps
+from .escrow._service import serve_escrow
+from .net._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
+from .net._market import Market, MarketConfig, open_market
+from .provider._capabilities import derive_max_jobs, hardware_of, probe_capabilities
+from .provider._health import HealthMonitor
+from .provider._offers import Offer
+from .provider._session_service import ProviderService
+from .provider._sla import SlaTracker
+from .provider.backends._base import Backend
+from .provider.backends._factory import open_backend
 
 __all__ = ["NodeService", "open_node", "resolve_config"]
 

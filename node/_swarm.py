@@ -13,10 +13,10 @@ import trio
 
 import wallet
 
-from ._config import Offer
 from ._home import Home, init_home, resolve_home
 from ._node import NodeService, open_node, resolve_config
-from ._routing import Preferences
+from .consumer._routing import Preferences
+from .provider._offers import Offer
 
 __all__ = ["open_swarm", "Swarm", "SwarmSession"]
 

@@ -2,7 +2,8 @@
 
 Messages (``_messages``) with canonical encoding (``_codec``), framing (``_framing``),
 signatures (``_signing``), integer pricing (``_pricing``), the market's listing rule
-(``_listing``) and the sans-IO session machines (``_session``). Errors: ``_errors``.
+(``_listing``), the sans-IO session machines (``_session``, ``_consumer``, ``_provider``) and the
+protocol ids and gossip topic (``_ids``). Errors: ``_errors``.
 """
 
 from ._codec import DEFAULT_MAX_MESSAGE, decode, encode, registered_kinds
@@ -11,6 +12,7 @@ from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
 from ._framing import FrameReader, decode_varint, encode_varint, frame
 from ._identity import peer_id_from_public_key, public_key_from_peer_id
+from ._ids import DHT_NAMESPACE, ESCROW_PROTOCOL, LISTING_TOPIC, SESSION_PROTOCOL
 from ._listing import (
     CLOCK_SKEW_S,
     MAX_LISTING_BYTES,
@@ -37,6 +39,10 @@ from ._session import __all__ as _session_all
 from ._signing import Signer, body_hash, domain_tag, sign, signed_bytes, verify
 
 __all__ = [
+    "SESSION_PROTOCOL",
+    "ESCROW_PROTOCOL",
+    "LISTING_TOPIC",
+    "DHT_NAMESPACE",
     "DEFAULT_MAX_MESSAGE",
     "encode",
     "decode",

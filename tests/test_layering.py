@@ -35,3 +35,75 @@ def test_protocol_imports_no_clock_and_no_io_modules():
                 names = [node.module or ""]
             for name in names:
                 assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
+
+
+def _node_imports() -> dict[str, set[str]]:
+    """Every ``node`` module (dotted) -> the ``node`` modules it imports, anywhere in its body."""
+    out: dict[str, set[str]] = {}
+    for path in (ROOT / "node").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts.pop()
+        name = ".".join(parts)
+        package = parts if is_pkg else parts[:-1]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.split(".")[0] == "node")
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if target.split(".")[0] == "node":
+                    found.add(target)
+                    found.update(f"{target}.{a.name}" for a in node.names)  # `from . import _x`
+        out[name] = found
+    return out
+
+
+def _role(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ROLES else ""
+
+
+ROLES = ("net", "provider", "consumer", "escrow", "api")
+# role -> the roles it may import (a role may always import itself and node's shared top-level modules)
+ALLOWED = {
+    "net": set(),
+    "escrow": {"net"},
+    "provider": {"net", "escrow"},
+    "consumer": {"net", "escrow"},
+    "api": {"net", "escrow", "provider", "consumer"},
+}
+
+
+def test_node_roles_import_only_what_they_may():
+    imports = _node_imports()
+    bad = []
+    for module, targets in imports.items():
+        role = _role(module)
+        if not role:
+            continue
+        for target in targets:
+            other = _role(target)
+            if other and other != role and other not in ALLOWED[role]:
+                bad.append(f"{module} imports {target}")
+            if role == "net" and not other and target not in ("node",) and target.startswith("node."):
+                bad.append(f"{module} (net) imports {target}")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_api_is_imported_only_by_the_daemon():
+    importers = {m for m, targets in _node_imports().items() if _role(m) != "api"
+                 and any(_role(t) == "api" for t in targets)}
+    assert importers == {"node.daemon"}, importers
+
+
+def test_cli_imports_only_public_node_modules():
+    for path in (ROOT / "cli").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("node"):
+                assert not any(p.startswith("_") for p in node.module.split(".")), f"{path.name} imports {node.module}"

@@ -11,8 +11,8 @@ import trio
 
 import protocol
 import wallet
-from node._escrow_service import EscrowClient, EscrowUnreachable
-from node._host import open_host
+from node.escrow._client import EscrowClient, EscrowUnreachable
+from node.net._host import open_host
 from tests.e2e.daemons import Daemon
 from tests.support import identity
 from tests.wallet.escrow_support import receipt, signed

@@ -9,8 +9,8 @@ from typing import AsyncIterator, Awaitable, Callable
 import trio
 
 import protocol
-from node._host import open_host, parse_peer_addr, peer_addrs
-from node._market import Market, MarketConfig, open_market
+from node.net._host import open_host, parse_peer_addr, peer_addrs
+from node.net._market import Market, MarketConfig, open_market
 from tests.support import AGENT, PRICE, identity
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

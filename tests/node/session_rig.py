@@ -13,15 +13,17 @@ from typing import Any, AsyncIterator, Sequence
 import trio
 
 import protocol
-from node._backends import Backend, Generation, OnPiece, TransformersBackend
-from node._builtin_model import ensure_builtin_model
-from node._config import Offer
-from node._escrow_ops import EscrowOps
-from node._escrow_service import EscrowClient, serve_escrow
-from node._host import open_host, parse_peer_addr, peer_addrs
 from node._receipts import ReceiptStore
-from node._session_client import open_session
-from node._session_service import SESSION_PROTOCOL, ProviderService
+from node.consumer._session_client import open_session
+from node.escrow._client import EscrowClient
+from node.escrow._ops import EscrowOps
+from node.escrow._service import serve_escrow
+from node.net._host import open_host, parse_peer_addr, peer_addrs
+from node.provider._offers import Offer
+from node.provider._session_service import ProviderService
+from node.provider.backends import Backend, Generation, OnPiece, TransformersBackend
+from node.provider.backends._builtin_model import ensure_builtin_model
+from protocol import SESSION_PROTOCOL
 from tests.node.helpers import LOOPBACK
 from tests.support import identity
 from wallet import EscrowAgent, Ledger

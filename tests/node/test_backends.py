@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node._backends import BackendError, open_backend
-from node._builtin_model import ensure_builtin_model
+from node.provider.backends import BackendError, open_backend
+from node.provider.backends._builtin_model import ensure_builtin_model
 from tests.node.session_rig import _MODELS
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-from node._capabilities import hardware_of, probe_capabilities
+from node.provider._capabilities import hardware_of, probe_capabilities
 
 
 class FakeNVMLError(Exception):
@@ -46,7 +46,7 @@ def test_gpus_through_nvml():
 
 
 def test_max_jobs_from_memory():
-    from node._capabilities import derive_max_jobs
+    from node.provider._capabilities import derive_max_jobs
 
     gpu = {"gpus": [{"name": "H100", "memory_total_mb": 81920, "memory_free_mb": 80000}], "cpu_count": 16,
            "ram_mb": 131072}

@@ -7,7 +7,8 @@ import stat
 import pytest
 
 from node import ConfigError, Home, init_home
-from node._config import Offer, load_config, parse_backend, save_offers
+from node._config import load_config, save_offers
+from node.provider._offers import Offer, parse_backend
 
 
 @pytest.fixture

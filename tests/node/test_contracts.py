@@ -9,8 +9,8 @@ import pytest
 import protocol
 from node import open_swarm
 from node._contracts import active_contract, parse_contracts, reserved_slots
-from node._renting import RentError
-from node._session_client import SessionRejected
+from node.consumer._renter import RentError
+from node.consumer._session_client import SessionRejected
 from tests.support import identity
 
 CLIENT, OTHER = identity("contract-client"), identity("contract-other")

@@ -7,7 +7,7 @@ import logging
 import pytest
 import trio
 
-from node._health import HealthConfig, HealthMonitor, parse_health
+from node.provider._health import HealthConfig, HealthMonitor, parse_health
 
 
 class Backend:

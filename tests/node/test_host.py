@@ -9,7 +9,7 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
-from node._host import open_host, parse_peer_addr, peer_addrs
+from node.net._host import open_host, parse_peer_addr, peer_addrs
 from tests.node.helpers import LOOPBACK, wait_until
 from tests.support import identity
 

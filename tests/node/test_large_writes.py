@@ -8,7 +8,7 @@ import hashlib
 import trio
 
 import protocol
-from node._host import open_host, parse_peer_addr, peer_addrs
+from node.net._host import open_host, parse_peer_addr, peer_addrs
 from tests.node.helpers import LOOPBACK, market_swarm, wait_until
 from tests.support import identity
 

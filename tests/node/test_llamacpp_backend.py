@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional extra) is not installed")
 pytest.importorskip("gguf", reason="gguf is not installed")
 
-from node._backends import open_backend  # noqa: E402
-from node._builtin_model import ensure_builtin_model  # noqa: E402
+from node.provider.backends import open_backend  # noqa: E402
+from node.provider.backends._builtin_model import ensure_builtin_model  # noqa: E402
 from tests.node.session_rig import _MODELS  # noqa: E402
 from tests.node.tiny_gguf import write_tiny_gguf  # noqa: E402
 

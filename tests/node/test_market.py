@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 import protocol
-from node._market import LISTING_TOPIC, _ListingValidator, listing_key
+from node.net._market import _ListingValidator, listing_key
+from protocol import LISTING_TOPIC
 from tests.node.helpers import (
     Clock,
     join,

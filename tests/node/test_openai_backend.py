@@ -8,8 +8,8 @@ import logging
 import pytest
 
 import protocol
-from node._backend_openai import OpenAIBackend
-from node._config import Offer
+from node.provider._offers import Offer
+from node.provider.backends._openai import OpenAIBackend
 from tests.node.session_rig import session_rig
 from tests.node.upstream import transformers_serve
 

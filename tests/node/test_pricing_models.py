@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import protocol
-from node._pricing_models import DynamicPricing, parse_dynamic
+from node.provider._pricing_models import DynamicPricing, parse_dynamic
 
 models = st.builds(DynamicPricing, demand_threshold=st.floats(0, 1), max_multiplier=st.floats(1, 100),
                    adjustment_interval_s=st.just(30.0))
@@ -46,9 +46,9 @@ def test_config():
 
 
 async def test_the_price_rises_with_load_and_stays_pinned_for_running_sessions():
-    from node._config import Offer
-    from node._session_client import SessionRejected
-    from node._session_service import ProviderService
+    from node.consumer._session_client import SessionRejected
+    from node.provider._offers import Offer
+    from node.provider._session_service import ProviderService
     from tests.node.session_rig import ScriptedBackend, session_rig
 
     surge = DynamicPricing(demand_threshold=0.0, max_multiplier=2.0)

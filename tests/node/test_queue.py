@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from node._queue import JobQueue, QueueFull, QueueTimeout
+from node.provider._queue import JobQueue, QueueFull, QueueTimeout
 
 
 async def _serve(queue, order, consumer, weight=1.0, positions=None, work=1.0):

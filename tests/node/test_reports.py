@@ -9,7 +9,7 @@ import pytest
 
 import protocol
 from node._receipts import ReceiptStore
-from node._reports import earnings, parse_period
+from node.api._reports import earnings, parse_period
 from tests.support import identity
 
 PROVIDER = identity("books-provider")

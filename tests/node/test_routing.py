@@ -8,8 +8,8 @@ import random
 import pytest
 
 import protocol
-from node._routing import Preferences, rank
-from node._trust import FLOOR, START, ProviderStats, TrustBook
+from node.consumer._routing import Preferences, rank
+from node.consumer._trust import FLOOR, START, ProviderStats, TrustBook
 from tests.support import identity
 
 A, B, C = (identity(f"route-{n}").peer_id for n in "abc")

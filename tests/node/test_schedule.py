@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from node._schedule import parse_schedule
+from node.provider._schedule import parse_schedule
 
 UTC = dt.timezone.utc
 

@@ -8,15 +8,15 @@ import pytest
 import trio
 
 import protocol
-from node._config import Offer
-from node._escrow_ops import EscrowRefused
-from node._session_client import (
+from node.consumer._session_client import (
     CallRefused,
     ProviderFailed,
     ProviderMisbehaved,
     SessionRejected,
 )
-from node._session_service import ProviderService
+from node.escrow._ops import EscrowRefused
+from node.provider._offers import Offer
+from node.provider._session_service import ProviderService
 from tests.node.session_rig import ScriptedBackend, builtin_backend, session_rig
 
 USER = [{"role": "user", "content": "Say something."}]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import protocol
-from node._config import Offer
-from node._session_service import ProviderService
-from node._sla import SlaConfig, SlaTracker, parse_sla
+from node.provider._offers import Offer
+from node.provider._session_service import ProviderService
+from node.provider._sla import SlaConfig, SlaTracker, parse_sla
 from tests.node.session_rig import ScriptedBackend, session_rig
 
 

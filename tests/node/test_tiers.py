@@ -6,8 +6,8 @@ import pytest
 
 import protocol
 from node import open_swarm
-from node._renting import RentError
-from node._session_client import SessionRejected
+from node.consumer._renter import RentError
+from node.consumer._session_client import SessionRejected
 
 TIERS = [{"name": "basic", "input_price": 100_000, "output_price": 200_000, "max_concurrent": 4, "priority": 1},
          {"name": "premium", "input_price": 300_000, "output_price": 600_000, "max_concurrent": 1, "priority": 3}]

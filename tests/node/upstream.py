@@ -14,7 +14,7 @@ from typing import Iterator
 
 import httpx
 
-from node._builtin_model import ensure_builtin_model
+from node.provider.backends._builtin_model import ensure_builtin_model
 from tests.node.session_rig import _MODELS
 
 

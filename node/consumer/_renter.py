@@ -20,10 +20,10 @@ import protocol
 from protocol import Listing, ModelOffer
 from wallet import EscrowAgent
 
-from ._contracts import Contract, active_contract
-from ._escrow_ops import EscrowOps
-from ._market import Market
-from ._receipts import ReceiptStore
+from .._contracts import Contract, active_contract
+from .._receipts import ReceiptStore
+from ..escrow._ops import EscrowOps
+from ..net._market import Market
 from ._routing import Candidate, Preferences, rank
 from ._session_client import (
     CallRefused,

@@ -25,14 +25,14 @@ from starlette.routing import Route
 
 import protocol
 
-from ._escrow_ops import EscrowRefused
-from ._escrow_service import EscrowUnreachable
-from ._renting import RentError
-from ._routing import SORTS, Preferences
-from ._session_client import SessionError
+from ..consumer._renter import RentError
+from ..consumer._routing import SORTS, Preferences
+from ..consumer._session_client import SessionError
+from ..escrow._client import EscrowUnreachable
+from ..escrow._ops import EscrowRefused
 
 if TYPE_CHECKING:
-    from ._node import NodeService
+    from .._node import NodeService
 
 __all__ = ["openai_routes"]
 

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
-    from ._node import NodeService
+    from .._node import NodeService
 
 __all__ = ["parse_period", "earnings", "stats", "metrics_registry"]
 

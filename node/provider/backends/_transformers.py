@@ -1,77 +1,20 @@
-"""Inference backends: generate a stream of text pieces with exact token counts, and count
-prompt tokens. Model compute never runs on the trio event loop (worker threads).
-
-    builtin                    the embedded tiny model, built into the home on first use
-    transformers:PATH          any local Hugging Face model folder (CUDA when torch sees a GPU)
-    openai:BASE_URL[#KEYNAME]  an upstream OpenAI-compatible server; the key stays in the keystore
-    llamacpp:PATH              a GGUF file through llama-cpp-python (optional extra)
-
-torch and transformers are imported only by the backends that need them.
-"""
+"""The ``transformers:PATH`` (and ``builtin``) backend: a local Hugging Face model folder, generated
+in a worker thread with exact token counts. torch and transformers are imported on load only."""
 
 from __future__ import annotations
 
-import abc
-import dataclasses
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Sequence
 
 import trio
 
-from ._builtin_model import BUILTIN_MODEL, ensure_builtin_model
+from ._base import Backend, BackendError, Generation, OnPiece
 
-__all__ = ["Backend", "BackendError", "Generation", "OnPiece", "open_backend", "BUILTIN_MODEL"]
+__all__ = ["TransformersBackend"]
 
 _logger = logging.getLogger(__name__)
-OnPiece = Callable[[str, int], Awaitable[None]]
-
-
-class BackendError(Exception):
-    """The backend could not serve the request (load failure, upstream error)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    finish_reason: str  # "stop" | "length"
-    tokens_out: int
-    tokens_in: int | None = None  # the backend's own prompt count, when it differs from the estimate
-
-
-class Backend(abc.ABC):
-    """One model served by this node."""
-
-    spec: str
-
-    async def start(self) -> None:
-        """Load what the backend needs (in a worker thread)."""
-
-    async def aclose(self) -> None:
-        """Release what ``start`` took."""
-
-    #: generations this backend runs at once (None: as many as the offer's max_concurrent)
-    parallel: int | None = 1
-
-    def footprint_mb(self) -> int | None:
-        """Memory one loaded copy of the model needs, if known (for deriving concurrency)."""
-        return None
-
-    def on_gpu(self) -> bool:
-        return False
-
-    @abc.abstractmethod
-    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
-        """Tokens the prompt will cost (exact, or an upper bound for upstream servers)."""
-
-    @abc.abstractmethod
-    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
-        """Generate at most ``max_tokens`` tokens, calling ``on_piece(text, tokens)`` as text is ready.
-
-        Raises:
-            BackendError: the model failed.
-        """
 
 
 class _Cancelled(Exception):
@@ -222,34 +165,3 @@ class TransformersBackend(Backend):
         if "error" in result:
             raise BackendError(f"generation failed: {result['error']}") from result["error"]
         return Generation(result["finish"], state["sent_tokens"])
-
-
-async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable[[str], str] | None = None) -> Backend:
-    """A started backend for a backend SPEC (``builtin`` is built under ``home/models``).
-
-    Raises:
-        BackendError: it cannot be started (missing folder, missing extra, bad key name).
-    """
-    if spec == "builtin":
-        folder = await trio.to_thread.run_sync(ensure_builtin_model, home / "models")
-        backend: Backend = TransformersBackend(spec, folder)
-    elif spec.startswith("transformers:"):
-        folder = Path(spec.split(":", 1)[1]).expanduser()
-        if not folder.is_dir():
-            raise BackendError(f"no model folder at {folder}")
-        backend = TransformersBackend(spec, folder)
-    elif spec.startswith("openai:"):
-        from ._backend_openai import OpenAIBackend
-
-        backend = OpenAIBackend.from_spec(spec, api_key, model)
-    elif spec.startswith("llamacpp:"):
-        from ._backend_llamacpp import LlamaCppBackend
-
-        path = Path(spec.split(":", 1)[1]).expanduser()
-        if not path.is_file():
-            raise BackendError(f"no GGUF file at {path}")
-        backend = LlamaCppBackend(spec, path)
-    else:
-        raise BackendError(f"unknown backend {spec!r}")
-    await backend.start()
-    return backend

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
-from ._backends import Backend, BackendError, Generation, OnPiece
+from ._base import Backend, BackendError, Generation, OnPiece
 
 __all__ = ["OpenAIBackend"]
 

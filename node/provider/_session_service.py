@@ -33,18 +33,17 @@ from protocol import (
 )
 from wallet import Identity
 
-from ._backends import Backend, BackendError
-from ._config import Offer
-from ._contracts import Contract, active_contract, reserved_slots
-from ._escrow_service import EscrowClient, EscrowUnreachable
+from .._contracts import Contract, active_contract, reserved_slots
+from .._receipts import ReceiptStore
+from ..escrow._client import EscrowClient, EscrowUnreachable
+from ..net._streams import FramedStream, StreamClosed
+from ._offers import Offer
 from ._queue import JobQueue, QueueFull, QueueTimeout
-from ._receipts import ReceiptStore
 from ._sla import SlaConfig, SlaTracker
-from ._streams import FramedStream, StreamClosed
+from .backends._base import Backend, BackendError
 
-__all__ = ["SESSION_PROTOCOL", "ProviderService", "RateLimiter"]
+__all__ = ["ProviderService", "RateLimiter"]
 
-SESSION_PROTOCOL = "/inferswarm/session/1.0.0"
 _logger = logging.getLogger(__name__)
 
 

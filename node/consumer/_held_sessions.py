@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ._renting import Renter, completion_json
+from ._renter import Renter, completion_json
 from ._routing import Preferences
 from ._session_client import SessionError
 

@@ -23,6 +23,7 @@ from libp2p.peer.peerinfo import PeerInfo
 
 import protocol
 from protocol import (
+    SESSION_PROTOCOL,
     Accepted,
     CallFailed,
     ChannelGrant,
@@ -37,9 +38,8 @@ from protocol import (
 )
 from wallet import Identity
 
-from ._receipts import ReceiptStore
-from ._session_service import SESSION_PROTOCOL
-from ._streams import FramedStream, StreamClosed
+from .._receipts import ReceiptStore
+from ..net._streams import FramedStream, StreamClosed
 
 __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult",
            "ConsumerSessionHandle", "open_session"]

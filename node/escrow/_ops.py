@@ -22,7 +22,7 @@ from protocol import (
 )
 from wallet import Identity
 
-from ._escrow_service import EscrowClient
+from ._client import EscrowClient
 
 __all__ = ["EscrowOps", "EscrowRefused", "channel_json"]
 

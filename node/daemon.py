@@ -1,4 +1,5 @@
-"""The daemon: one host, the market, the local API; ``run_daemon`` runs them until cancelled.
+"""The daemon, as the CLI drives it: ``run_daemon`` runs the node and its HTTP API until cancelled;
+``read_daemon_info`` and ``api_token`` let a client find a running one.
 
 Lifecycle: the host listens, the market starts, offers from the config are published, the API
 binds, then ``daemon.json`` ({peer_id, addrs, api_url, pid}) is written — its presence means
@@ -12,27 +13,31 @@ import ipaddress
 import json
 import logging
 import os
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-import hypercorn.config
-import hypercorn.trio
 import trio
 
-from wallet import Identity
-
-from ._api import build_app
-from ._daemon_files import api_token, daemon_info_path, write_private
+from ._daemon_files import DaemonNotRunning, api_token, daemon_info_path, read_daemon_info, write_private
 from ._home import Home
-from ._host import peer_addrs
-from ._node import NodeService, open_node, resolve_config
 
-__all__ = ["NodeService", "run_daemon", "serve_node_api"]
+if TYPE_CHECKING:  # the networking stack loads when a daemon starts, not when the CLI imports this
+    from wallet import Identity
+
+    from ._node import NodeService
+
+__all__ = ["DaemonNotRunning", "api_token", "read_daemon_info", "run_daemon", "run_demo", "serve_node_api"]
 
 _logger = logging.getLogger(__name__)
 
 
-async def _serve_api(service: NodeService, api: str, token: str, openai_keyless: bool = False, *,
+async def _serve_api(service: "NodeService", api: str, token: str, openai_keyless: bool = False, *,
                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    import hypercorn.config
+    import hypercorn.trio
+
+    from .api import build_app
+
     config = hypercorn.config.Config()
     config.bind = [api]
     config.accesslog = None
@@ -53,7 +58,7 @@ def _check_loopback_api(api: str) -> None:
 
 async def run_daemon(
     home: Home,
-    identity: Identity,
+    identity: "Identity",
     *,
     listen: tuple[str, ...] | None = None,
     bootstrap: tuple[str, ...] = (),
@@ -70,6 +75,8 @@ async def run_daemon(
     Raises:
         ConfigError: a bad config file. ValueError: a bad address. OSError: cannot listen.
     """
+    from ._node import open_node, resolve_config
+
     config = resolve_config(home, listen, bootstrap, api, accept_escrow)
     _check_loopback_api(config.api)
     token = api_token(home, create=True)
@@ -78,9 +85,11 @@ async def run_daemon(
                              task_status=task_status)
 
 
-async def serve_node_api(service: NodeService, api: str, token: str, *, openai_keyless: bool = False,
+async def serve_node_api(service: "NodeService", api: str, token: str, *, openai_keyless: bool = False,
                          info_file: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the node's HTTP API until cancelled; ``task_status.started`` gets the node's info."""
+    from .net import peer_addrs
+
     info_path = daemon_info_path(service.home)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(_serve_api, service, api, token, openai_keyless)
@@ -96,3 +105,10 @@ async def serve_node_api(service: NodeService, api: str, token: str, *, openai_k
             if info_file:
                 info_path.unlink(missing_ok=True)
             nursery.cancel_scope.cancel()
+
+
+async def run_demo(base: Path, providers: int = 3, once: bool = False, console: Any = None) -> dict[str, Any]:
+    """``node demo``: a local market in one process (see ``node._demo``)."""
+    from ._demo import run_demo as demo
+
+    return await demo(base, providers, once, console)

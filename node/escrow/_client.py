@@ -1,15 +1,10 @@
-"""The escrow agent role on ``/inferswarm/escrow/1.0.0``, and the client every node uses.
-
-Server: a stream carries signed requests, one frame each, and gets the agent's signed answer
-to each; a malformed frame resets the stream. The agent's rules run in a worker thread (SQLite
-fsyncs must not stall the event loop); expired channels and budgets are swept every second.
-Client: ``EscrowClient.call`` sends one request to an agent — itself when this node is the
-agent — and checks that the answer is signed by that agent and answers that request.
+"""The escrow client every node uses: ``EscrowClient.call`` sends one signed request to an
+agent — this node's own when it is one, without a stream — and checks that the answer is signed
+by that agent and answers that request. Dial failures of every kind become ``EscrowUnreachable``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable
 
@@ -19,52 +14,17 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 import protocol
-from wallet import ESCROW_REQUESTS, EscrowAgent
+from protocol import ESCROW_PROTOCOL
+from wallet import EscrowAgent
 
-from ._host import parse_peer_addr
-from ._streams import FramedStream, StreamClosed
+from ..net._host import parse_peer_addr
+from ..net._streams import FramedStream, StreamClosed
 
-__all__ = ["ESCROW_PROTOCOL", "serve_escrow", "EscrowClient", "EscrowUnreachable"]
-
-ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
-_logger = logging.getLogger(__name__)
+__all__ = ["EscrowClient", "EscrowUnreachable"]
 
 
 class EscrowUnreachable(Exception):
     """The escrow agent could not be reached or gave no valid answer."""
-
-
-async def serve_escrow(host: IHost, agent: EscrowAgent, clock: Callable[[], float] = time.time,
-                       sweep_interval_s: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer escrow requests on ``host`` until cancelled."""
-    lock = trio.Lock()  # one ledger transaction at a time, in order of arrival
-
-    async def run(request: Any) -> protocol.EscrowResponse:
-        async with lock:
-            return await trio.to_thread.run_sync(agent.handle, request, int(clock()))
-
-    async def handler(stream: Any) -> None:
-        framed = FramedStream(stream)
-        try:
-            while True:
-                try:
-                    request = await framed.receive(expect=ESCROW_REQUESTS)
-                except StreamClosed:
-                    return
-                await framed.send(await run(request))
-        except protocol.ProtocolError as exc:
-            _logger.info("escrow stream from %s refused: %s", stream.muxed_conn.peer_id, exc)
-            await framed.reset()
-            return
-        finally:
-            await framed.close()
-
-    host.set_stream_handler(ESCROW_PROTOCOL, handler)
-    task_status.started()
-    while True:
-        async with lock:
-            await trio.to_thread.run_sync(agent.sweep, int(clock()))
-        await trio.sleep(sweep_interval_s)
 
 
 class EscrowClient:

@@ -33,15 +33,13 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 import protocol
-from protocol import Listing
+from protocol import DHT_NAMESPACE, LISTING_TOPIC, Listing
 from wallet import Identity
 
 from ._market_view import MarketView
 
-__all__ = ["LISTING_TOPIC", "MarketConfig", "Market", "open_market", "listing_key", "model_key"]
+__all__ = ["MarketConfig", "Market", "open_market", "listing_key", "model_key"]
 
-LISTING_TOPIC = "inferswarm/listings/1"
-DHT_NAMESPACE = "isw"
 _logger = logging.getLogger(__name__)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import trio
 
-from ._backends import Backend, BackendError, Generation, OnPiece
+from ._base import Backend, BackendError, Generation, OnPiece
 
 __all__ = ["LlamaCppBackend"]
 

@@ -21,17 +21,17 @@ from starlette.routing import Route
 
 import protocol
 
-from ._escrow_ops import EscrowRefused
-from ._escrow_service import EscrowUnreachable
-from ._held_sessions import UnknownSession
-from ._openai_api import openai_routes
-from ._renting import RentError
+from ..consumer._held_sessions import UnknownSession
+from ..consumer._renter import RentError
+from ..consumer._routing import SORTS, Preferences
+from ..consumer._session_client import CallRefused, SessionError, SessionRejected
+from ..escrow._client import EscrowUnreachable
+from ..escrow._ops import EscrowRefused
+from ._openai import openai_routes
 from ._reports import earnings, metrics_registry, stats
-from ._routing import SORTS, Preferences
-from ._session_client import CallRefused, SessionError, SessionRejected
 
 if TYPE_CHECKING:
-    from ._node import NodeService
+    from .._node import NodeService
 
 __all__ = ["build_app", "ApiError"]
 

@@ -1,0 +1,47 @@
+"""The consumer role: renting inference from the market.
+
+    _trust            TrustBook: this node's own scores and speed figures per provider (sqlite)
+    _routing          which providers to try, in which order (pure: rows, stats and rng come in)
+    _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
+    _renter           Renter: rank, open an escrow channel, run the session with failover, settle
+    _held_sessions    sessions held open across API calls (``node chat``), expired when idle
+
+Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
+"""
+
+from ._held_sessions import HeldSessions, UnknownSession
+from ._renter import Renter, RentError, estimate_prompt_tokens
+from ._routing import SORTS, Candidate, Preferences, rank
+from ._session_client import (
+    CallRefused,
+    CallResult,
+    ConsumerSessionHandle,
+    ProviderFailed,
+    ProviderMisbehaved,
+    SessionError,
+    SessionRejected,
+    open_session,
+)
+from ._trust import ProviderStats, TrustBook
+
+__all__ = [
+    "HeldSessions",
+    "UnknownSession",
+    "Renter",
+    "RentError",
+    "estimate_prompt_tokens",
+    "SORTS",
+    "Candidate",
+    "Preferences",
+    "rank",
+    "CallRefused",
+    "CallResult",
+    "ConsumerSessionHandle",
+    "ProviderFailed",
+    "ProviderMisbehaved",
+    "SessionError",
+    "SessionRejected",
+    "open_session",
+    "ProviderStats",
+    "TrustBook",
+]

@@ -1,0 +1,31 @@
+"""The network role: everything that touches libp2p, and nothing that knows what is sold.
+
+    _libp2p_fixes   version-gated patches of py-libp2p 0.8.1's traps (each with a test)
+    _host           the libp2p host: Noise + Yamux over TCP only, listen, dial, addresses
+    _streams        FramedStream: protocol frames over a libp2p stream, with bounded reads
+    _market_view    the validated view of every listing (pure: no I/O)
+    _market         the market: DHT records + GossipSub, publishing our listing, lookups
+
+Imports only ``protocol``, ``wallet`` and libp2p: no other role of ``node`` (a test checks it).
+"""
+
+from ._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
+from ._market import Market, MarketConfig, listing_key, model_key, open_market
+from ._market_view import MarketRow, MarketView
+from ._streams import FramedStream, StreamClosed
+
+__all__ = [
+    "PeerInfo",
+    "open_host",
+    "parse_peer_addr",
+    "peer_addrs",
+    "Market",
+    "MarketConfig",
+    "open_market",
+    "listing_key",
+    "model_key",
+    "MarketRow",
+    "MarketView",
+    "FramedStream",
+    "StreamClosed",
+]

@@ -1,0 +1,41 @@
+"""The provider role: selling inference on this node's models.
+
+    _offers           Offer: one model for sale as configured, and its wire form
+    _capabilities     GPU/CPU/RAM probe (NVML; no driver means no GPU) and concurrency from memory
+    _pricing_models   dynamic pricing: the listed price as utilization moves (pure)
+    _schedule         weekly availability hours and maintenance windows (pure)
+    _sla              SLA targets measured from the provider's own records; breach discounts
+    _health           health checks; an unhealthy model leaves the listing until it recovers
+    _queue            JobQueue: bounded, weighted fair share of a model's generation slots
+    _session_service  the provider's side of ``protocol.SESSION_PROTOCOL``
+    backends/         the models themselves (transformers, builtin, openai upstream, llama.cpp)
+
+Imports ``net`` and ``escrow`` (to be paid), never ``consumer`` or ``api``.
+"""
+
+from ._capabilities import derive_max_jobs, hardware_of, probe_capabilities
+from ._health import HealthConfig, HealthMonitor
+from ._offers import Offer, parse_backend
+from ._pricing_models import DynamicPricing
+from ._queue import JobQueue, QueueFull, QueueTimeout
+from ._schedule import Schedule
+from ._session_service import ProviderService
+from ._sla import SlaConfig, SlaTracker
+
+__all__ = [
+    "derive_max_jobs",
+    "hardware_of",
+    "probe_capabilities",
+    "HealthConfig",
+    "HealthMonitor",
+    "Offer",
+    "parse_backend",
+    "DynamicPricing",
+    "JobQueue",
+    "QueueFull",
+    "QueueTimeout",
+    "Schedule",
+    "ProviderService",
+    "SlaConfig",
+    "SlaTracker",
+]

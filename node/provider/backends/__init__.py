@@ -1,0 +1,29 @@
+"""Inference backends: generate a stream of text pieces with exact token counts, and count
+prompt tokens. Model compute never runs on the trio event loop (worker threads).
+
+    _base            Backend (the interface), Generation, BackendError
+    _builtin_model   the embedded tiny model, built into a folder on first use
+    _transformers    transformers:PATH and builtin (CUDA when torch sees a GPU)
+    _openai          openai:BASE_URL[#KEYNAME]: an upstream server; the key stays in the keystore
+    _llamacpp        llamacpp:PATH: a GGUF file through llama-cpp-python (optional extra)
+    _factory         open_backend(SPEC): the only module that knows every kind
+
+Each backend imports only ``_base``; torch and transformers are imported by the backends
+that need them, when they load.
+"""
+
+from ._base import Backend, BackendError, Generation, OnPiece
+from ._builtin_model import BUILTIN_MODEL, ensure_builtin_model
+from ._factory import open_backend
+from ._transformers import TransformersBackend
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Generation",
+    "OnPiece",
+    "BUILTIN_MODEL",
+    "ensure_builtin_model",
+    "open_backend",
+    "TransformersBackend",
+]

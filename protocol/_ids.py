@@ -1,0 +1,14 @@
+"""The names our protocols go by on the network. Versioned like the messages they carry: a
+change that an old peer cannot follow is a new id, never an edit of one of these.
+"""
+
+__all__ = ["SESSION_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "DHT_NAMESPACE"]
+
+#: consumer -> provider: Open, Accept/Reject, Request, Chunk…, Receipt, Countersign, Close
+SESSION_PROTOCOL = "/inferswarm/session/1.0.0"
+#: any party -> escrow agent: signed escrow requests, one signed response each
+ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
+#: GossipSub topic carrying signed listings (the fast path; the DHT is the source of truth)
+LISTING_TOPIC = "inferswarm/listings/1"
+#: the DHT namespace of listing records (/isw/listing/<peer>) and model provider keys
+DHT_NAMESPACE = "isw"
