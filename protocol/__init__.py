@@ -28,10 +28,11 @@ from ._pricing import (
     Price,
     call_cost,
     discounted,
+    expected_call_cost,
     format_credits,
     max_output_tokens_within,
     parse_credits,
-    session_price,
+    session_terms,
 )
 from ._provider import ProviderSession, ProviderState
 from ._session import *  # noqa: F403
@@ -66,7 +67,8 @@ __all__ = [
     "max_output_tokens_within",
     "parse_credits",
     "format_credits",
-    "session_price",
+    "session_terms",
+    "expected_call_cost",
     "Signer",
     "sign",
     "verify",

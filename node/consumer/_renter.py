@@ -7,7 +7,6 @@ minutes, so that is soon)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import random
@@ -91,37 +90,43 @@ class Renter:
 
         return pick
 
+    def _contract_for(self) -> Callable[[str, str], protocol.Price | None]:
+        """The rate of a fixed-rate contract in force now with a provider for a model, if any."""
+        now = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+
+        def price(provider: str, model: str) -> protocol.Price | None:
+            contract = active_contract(self.contracts, provider, model, now)
+            return contract.price if contract is not None else None
+
+        return price
+
     async def candidates(self, model: str, prefs: Preferences, *, prompt_tokens: int, max_tokens: int,
-                         escrow: str | None = None, tier: str = "") -> list[Candidate]:
-        """Ranked candidates for a request (with ``tier``: only providers offering that tier).
+                         escrow: str | None = None, tier: str = "", batch_calls: int = 0) -> list[Candidate]:
+        """Ranked candidates for a request, each priced at the terms its session would pin (with
+        ``tier``: only providers offering that tier).
 
         Raises:
-            RentError: nobody offers the model within the preferences.
+            RentError: nobody offers the model (and tier) within the preferences.
         """
         ranked = rank(await self.rows(model), prefs, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                      stats=self.trust.get, agent_for=self._agent_picker(escrow), rng=self.rng)
+                      stats=self.trust.get, agent_for=self._agent_picker(escrow), rng=self.rng, tier=tier,
+                      batch_calls=batch_calls, contract_for=self._contract_for())
         if not ranked:
-            raise RentError(f"no provider offers {model!r} within the routing preferences "
+            offered = f"{model!r} with a {tier} tier" if tier else repr(model)
+            raise RentError(f"no provider offers {offered} within the routing preferences "
                             "(price, trust floor, escrow agents, only/ignore)")
-        if tier:
-            ranked = [c for c in ranked if any(t.name == tier for t in c.offer.tiers)]
-            if not ranked:
-                raise RentError(f"no provider of {model!r} offers a {tier} tier")
         return ranked
 
     @asynccontextmanager
-    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int, tier: str = "", batch_calls: int = 0
+    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int
                        ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
-        price = protocol.session_price(c.offer, tier, batch_calls)
-        contract = active_contract(self.contracts, c.provider, model,
-                                   datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc))
-        if contract is not None:  # the agreed rate replaces the listed one
-            price = dataclasses.replace(contract.price, min_charge=c.offer.price.min_charge)
+        """Open a session with ``c`` on the terms it was ranked on (``c.terms``, ``c.tier``,
+        ``c.batch_calls``), over a new channel of ``budget`` µc."""
         channel = await self.escrow.open_grant(c.agent, c.provider, max(1, budget), ttl_s)
         async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
-                                model=model, price=price, listing_seq=c.listing.seq, channel=channel,
-                                spend_limit=channel.cap, receipts=self.receipts, clock=self.clock, tier=tier,
-                                batch_calls=batch_calls) as handle:
+                                model=model, price=c.terms, listing_seq=c.listing.seq, channel=channel,
+                                spend_limit=channel.cap, receipts=self.receipts, clock=self.clock, tier=c.tier,
+                                batch_calls=c.batch_calls) as handle:
             yield handle, channel
 
     def learn_failure(self, provider: str, exc: SessionError) -> None:
@@ -161,9 +166,9 @@ class Renter:
                     await on_text(text)
 
             try:
-                budget_here = budget if budget is not None else protocol.call_cost(
-                    protocol.session_price(c.offer, tier), min(prompt, c.offer.max_context), max_tokens)
-                async with self._session(c, model, budget_here, _RUN_CHANNEL_S, tier) as (session, channel):
+                # ranked on this very request: its expected cost is one full call at the session's terms
+                budget_here = budget if budget is not None else c.expected_cost
+                async with self._session(c, model, budget_here, _RUN_CHANNEL_S) as (session, channel):
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
                                                 top_p_milli=top_p_milli, stop=stop, on_text=relay)
             except SessionError as exc:
@@ -189,13 +194,14 @@ class Renter:
         settled when the block ends. ``tier`` picks a provider's service tier (only providers offering
         it are tried); ``batch_calls`` declares the calls to come, for a batch discount."""
         # a session's calls are unknown yet: rank by a nominal call of 1K tokens in and 1K out
-        ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow, tier=tier)
+        ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow, tier=tier,
+                                       batch_calls=batch_calls)
         errors = []
         for c in ranked[:_MAX_ATTEMPTS]:
             async with AsyncExitStack() as stack:
                 try:  # fail over only while opening: errors inside the caller's block are the caller's
                     handle, channel = await stack.enter_async_context(
-                        self._session(c, model, budget, ttl_s, tier, batch_calls))
+                        self._session(c, model, budget, ttl_s))
                 except SessionError as exc:
                     self.learn_failure(c.provider, exc)
                     errors.append(f"{c.provider}: {exc}")

@@ -1,9 +1,14 @@
 """Routing: which providers to try for a request, in which order. Pure: no I/O; the market rows,
 this node's trust stats and a random source come in as arguments.
 
-Filters: the model, ``only``/``ignore``, a maximum price per 1K tokens (input and/or output),
-an escrow agent this node can pay through, and the trust floor. Orders:
-- ``cheapest``: expected cost of this request (prompt size and max_tokens at the listed prices);
+Every candidate is priced at the terms its session would pin (``protocol.session_terms``: the
+chosen tier, the batch discount, a fixed-rate contract), and ``Candidate.terms`` is what the
+session then opens with, so a provider is ranked, budgeted and opened on one price.
+
+Filters: the model, the tier (offers without it are left out), ``only``/``ignore``, a maximum
+price per 1K tokens (input and/or output, of those terms), an escrow agent this node can pay
+through, and the trust floor. Orders:
+- ``cheapest``: expected cost of this request (prompt size and max_tokens at those terms);
 - ``fastest``: expected duration from this node's EWMA of time-to-first-token and tokens/s;
   unmeasured providers come after measured ones, except that with probability ``explore`` one
   unmeasured provider is tried first, so new providers get measured;
@@ -18,7 +23,7 @@ import random
 from typing import Callable, Iterable
 
 import protocol
-from protocol import Listing, ModelOffer
+from protocol import Listing, ModelOffer, Price
 
 from ._trust import FLOOR, ProviderStats
 
@@ -45,11 +50,17 @@ class Preferences:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
+    """A provider to try, with the open terms it was ranked on: a session with it opens with
+    ``tier`` and ``batch_calls`` at exactly ``terms``."""
+
     listing: Listing
     offer: ModelOffer
     agent: str
-    expected_cost: int
+    terms: Price  # protocol.session_terms of the listed offer, tier, batch and contract
+    expected_cost: int  # protocol.expected_call_cost of this request at ``terms``
     stats: ProviderStats
+    tier: str = ""
+    batch_calls: int = 0
 
     @property
     def provider(self) -> str:
@@ -70,17 +81,39 @@ def rank(
     stats: Callable[[str], ProviderStats],
     agent_for: Callable[[Listing], str | None],
     rng: random.Random | None = None,
+    tier: str = "",
+    batch_calls: int = 0,
+    contract_for: Callable[[str, str], Price | None] = lambda provider, model: None,
 ) -> list[Candidate]:
-    """The providers to try, best first (only the first when fallbacks are off)."""
+    """The providers to try, best first (only the first when fallbacks are off).
+
+    Args:
+        rows: market rows, each a listing and one of its model offers (as listed).
+        prefs: filters and order.
+        prompt_tokens, max_tokens: the request, for its expected cost.
+        stats: this node's trust stats of a provider.
+        agent_for: the escrow agent to pay a listing's provider through; None: none usable.
+        rng: the random source for exploration.
+        tier: the tier the session will name; offers without it are left out.
+        batch_calls: the calls the session will declare (for a batch discount).
+        contract_for: the rate of a fixed-rate contract in force with ``(provider, model)``, if any.
+
+    Returns:
+        Candidates carrying the terms their session would pin.
+    """
     out = []
     for listing, offer in rows:
         if prefs.only and listing.provider not in prefs.only:
             continue
         if listing.provider in prefs.ignore:
             continue
-        if prefs.max_input_price is not None and offer.price.input_per_1k > prefs.max_input_price:
+        if tier and not any(t.name == tier for t in offer.tiers):
             continue
-        if prefs.max_output_price is not None and offer.price.output_per_1k > prefs.max_output_price:
+        terms = protocol.session_terms(offer, tier=tier, batch_calls=batch_calls,
+                                       contract_price=contract_for(listing.provider, offer.name))
+        if prefs.max_input_price is not None and terms.input_per_1k > prefs.max_input_price:
+            continue
+        if prefs.max_output_price is not None and terms.output_per_1k > prefs.max_output_price:
             continue
         agent = agent_for(listing)
         if agent is None:
@@ -88,8 +121,8 @@ def rank(
         s = stats(listing.provider)
         if s.score < prefs.trust_floor:
             continue
-        cost = protocol.call_cost(offer.price, min(prompt_tokens, offer.max_context), max_tokens)
-        out.append(Candidate(listing, offer, agent, cost, s))
+        cost = protocol.expected_call_cost(terms, prompt_tokens, max_tokens, offer.max_context)
+        out.append(Candidate(listing, offer, agent, terms, cost, s, tier, batch_calls))
 
     def by_cost(c: Candidate) -> tuple[int, str]:
         return c.expected_cost, c.provider

@@ -47,6 +47,35 @@ def test_cheapest_is_the_expected_cost_of_this_request():
     assert order(Preferences(sort="cheapest"), trusted, prompt=1000, max_tokens=1000)[0] == last
 
 
+def test_cheapest_ranks_on_the_terms_the_session_pins():
+    premium = protocol.Tier(name="premium", price=protocol.Price(input_per_1k=2000, output_per_1k=2000),
+                            max_concurrent=1)
+    a_listing, a_offer = row(A, 100, 100)  # cheapest as listed, but premium costs 20x
+    a_offer = dataclasses.replace(a_offer, tiers=(premium,))
+    b_listing, b_offer = row(B, 300, 300)  # half price for a batch of 10
+    b_offer = dataclasses.replace(b_offer, tiers=(dataclasses.replace(premium, price=protocol.Price(
+        input_per_1k=1000, output_per_1k=1000)),), batch_min_calls=10, batch_discount_permille=500)
+    c_listing, c_offer = row(C, 900, 900)  # no premium tier
+    rows = [(a_listing, a_offer), (b_listing, b_offer), (c_listing, c_offer)]
+
+    def ranked(**kw):
+        return [(c.provider, c.terms.input_per_1k, c.expected_cost)
+                for c in rank(rows, Preferences(), prompt_tokens=1000, max_tokens=1000, stats=stats_of({}),
+                              agent_for=lambda lst: AGENT, **kw)]
+
+    assert ranked() == [(A, 100, 200), (B, 300, 600), (C, 900, 1800)]
+    assert ranked(tier="premium") == [(B, 1000, 2000), (A, 2000, 4000)]  # C lacks the tier
+    assert ranked(tier="premium", batch_calls=10) == [(B, 500, 1000), (A, 2000, 4000)]
+    contract = protocol.Price(input_per_1k=1, output_per_1k=1)  # replaces tier and listed price alike
+    assert ranked(tier="premium", contract_for=lambda peer, model: contract if peer == A else None) == [
+        (A, 1, 2), (B, 1000, 2000)]
+    assert ranked(contract_for=lambda peer, model: contract if peer == C else None)[0] == (C, 1, 2)
+    # the price caps apply to those terms too
+    assert [c.provider for c in rank(rows, Preferences(max_input_price=500), prompt_tokens=1000, max_tokens=1000,
+                                     stats=stats_of({}), agent_for=lambda lst: AGENT, tier="premium",
+                                     batch_calls=10)] == [B]
+
+
 def test_fastest_uses_measured_latency_and_explores_the_unmeasured():
     table = {A: ProviderStats(A, ttft_s=0.5, tps=10.0), B: ProviderStats(B, ttft_s=0.1, tps=100.0)}
     never = Preferences(sort="fastest", explore=0.0)

@@ -13,21 +13,6 @@ TIERS = [{"name": "basic", "input_price": 100_000, "output_price": 200_000, "max
          {"name": "premium", "input_price": 300_000, "output_price": 600_000, "max_concurrent": 1, "priority": 3}]
 
 
-def test_session_price_is_computed_alike_by_both_sides():
-    offer = protocol.ModelOffer(name="m", price=protocol.Price(input_per_1k=1000, output_per_1k=2000), max_context=8,
-                                tiers=(protocol.Tier(name="premium", price=protocol.Price(input_per_1k=5000,
-                                                                                          output_per_1k=9000),
-                                                     max_concurrent=1, priority=3),),
-                                batch_min_calls=10, batch_discount_permille=250)
-    assert protocol.session_price(offer) == offer.price
-    assert protocol.session_price(offer, "premium").input_per_1k == 5000
-    assert protocol.session_price(offer, "", 9) == offer.price  # below the batch size
-    assert protocol.session_price(offer, "", 10) == protocol.Price(input_per_1k=750, output_per_1k=1500)
-    assert protocol.session_price(offer, "premium", 50) == protocol.Price(input_per_1k=3750, output_per_1k=6750)
-    with pytest.raises(protocol.InvalidMessage):
-        protocol.session_price(offer, "enterprise")
-
-
 async def test_tiers_and_batches_end_to_end(tmp_path):
     async with open_swarm(tmp_path / "p", passphrase="pw", escrow=True) as provider:
         provider.offer("tiny", input_price=200_000, output_price=400_000, max_concurrent=8, tiers=TIERS,
