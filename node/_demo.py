@@ -18,7 +18,7 @@ import protocol
 import wallet
 
 from ._home import Home, init_home
-from ._node import NodeService, open_node, resolve_config
+from ._node import Node, open_node, resolve_config
 from .consumer._routing import Preferences
 from .daemon import serve_node_api
 from .provider._offers import Offer
@@ -39,7 +39,7 @@ def _fmt(micro: int) -> str:
 
 
 async def _start(stack: AsyncExitStack, path: Path, passphrase: str, *, escrow: bool = False,
-                 bootstrap: tuple[str, ...] = (), accept: tuple[str, ...] = (), models: Path) -> NodeService:
+                 bootstrap: tuple[str, ...] = (), accept: tuple[str, ...] = (), models: Path) -> Node:
     home = Home(path)
     ks = (wallet.Keystore.open(home.keystore, passphrase) if home.is_initialised() else init_home(path, passphrase))
     config = resolve_config(home, LOOPBACK, bootstrap, "127.0.0.1:0", accept)

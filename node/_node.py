@@ -1,12 +1,21 @@
-"""A running node: host, market, escrow role, provider and renter, held sessions — everything
-but the HTTP face. ``open_node`` runs one for the duration of a block; the daemon, the demo and
-the library (``open_swarm``) all build on it.
+"""The composition root: ``open_node`` builds every part of a running node, wires them, runs
+their background tasks for the duration of a block, and yields ``Node`` — a frozen record of
+the parts. The daemon, the demo and the library (``open_swarm``) all build on it.
+
+Who gets what (nothing else is shared):
+
+    net        host, market                           (no other role)
+    escrow     EscrowClient -> EscrowOps; the agent role when asked
+    provider   Admission -> Storefront (offers, backends, listing) -> HealthMonitor, ProviderService
+    consumer   TrustBook, Renter (market, escrow, receipts, trust), HeldSessions
+    shared     ReceiptStore (both sides' receipts), the config, the home
+
+The HTTP faces (``node.api``) are not built here: the daemon serves them over a ``Node``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import ipaddress
 import logging
 import time
@@ -24,24 +33,15 @@ from wallet import EscrowAgent, Identity, Ledger
 from ._config import NodeConfig, load_config, save_offers
 from ._home import Home
 from ._receipts import ReceiptStore
-from .consumer._held_sessions import HeldSessions
-from .consumer._renter import Renter
-from .consumer._routing import Preferences, rank
-from .consumer._trust import TrustBook
-from .escrow._client import EscrowClient
-from .escrow._ops import EscrowOps
-from .escrow._service import serve_escrow
-from .net._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
-from .net._market import Market, MarketConfig, open_market
-from .provider._capabilities import derive_max_jobs, hardware_of, probe_capabilities
-from .provider._health import HealthMonitor
-from .provider._offers import Offer
-from .provider._session_service import ProviderService
-from .provider._sla import SlaTracker
-from .provider.backends._base import Backend
-from .provider.backends._factory import open_backend
+from .consumer import HeldSessions, Preferences, Renter, TrustBook, rank
+from .escrow import EscrowClient, EscrowOps, serve_escrow
+from .net import Market, MarketConfig, PeerInfo, open_host, open_market, parse_peer_addr, peer_addrs
+from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
+from .provider._admission import Admission
+from .provider._storefront import Storefront
+from .provider.backends import Backend, open_backend
 
-__all__ = ["NodeService", "open_node", "resolve_config"]
+__all__ = ["Node", "ApiBinding", "open_node", "resolve_config"]
 
 _logger = logging.getLogger(__name__)
 
@@ -54,181 +54,46 @@ def _all_loopback(addrs: tuple[str, ...]) -> bool:
         return False
 
 
-class NodeService:
-    """What the API and CLI see of a running node."""
+@dataclasses.dataclass
+class ApiBinding:
+    """Where the node's HTTP API listens, once the daemon has bound it ("" before, or without one)."""
 
-    def __init__(self, home: Home, identity: Identity, market: Market, config: NodeConfig, capabilities: dict[str, Any],
-                 escrow_agent: EscrowAgent | None = None, receipts: ReceiptStore | None = None,
-                 api_key: Callable[[str], str] | None = None, models_dir: Path | None = None):
-        self.home = home
-        self.escrow_agent = escrow_agent
-        client = EscrowClient(market.host, escrow_agent, market.dht)
-        self.escrow = EscrowOps(identity, client, time.time)
-        self.receipts = receipts if receipts is not None else ReceiptStore(home.path / "receipts.db")
-        self._api_key = api_key
-        self.models_dir = models_dir or home.path
-        self._backends: dict[tuple[str, str], Backend] = {}
-        self._backend_lock = trio.Lock()
-        self._listed_available = True
-        self.perf: dict[str, dict[str, int]] = {}
-        self._offers_changed = trio.Event()
-        self._load_errors: dict[str, str] = {}
-        self.health = HealthMonitor(config.health, lambda: list(self._offers), self._loaded_backend,
-                                    lambda: probe_capabilities()["gpus"], self.publish, self._load_errors.get)
-        self.provider = ProviderService(identity, lambda: dict(self._offers), self.accepted_agents, self.backend_for,
-                                        client, self.receipts, is_available=self.available,
-                                        on_outcome=self.health.record, listed_of=self.current_offer,
-                                        contracts=lambda: self.config.contracts,
-                                        sla=SlaTracker(config.sla, market.listed_fraction))
-        self.trust = TrustBook(home.path / "trust.db")
-        self.renter = Renter(market, self.escrow, escrow_agent, self.receipts, self.trust,
-                             contracts=config.client_contracts)
-        self.sessions = HeldSessions(self.renter)
-        self.identity = identity
-        self.market = market
-        self.host = market.host
-        self.config = config
-        self.capabilities = capabilities
-        self._offers = {o.model: o for o in config.offers}
-        self._started = time.monotonic()
-        self.api_url = ""
+    url: str = ""
 
-    def accepted_agents(self) -> set[str]:
-        """Escrow agents this node's offers accept: the configured ones, and itself if it is one."""
-        own = {self.identity.peer_id} if self.escrow_agent is not None else set()
-        return set(self.config.accept_escrow) | own
 
-    def utilization(self, model: str) -> float:
-        offer = self._offers.get(model)
-        return self.provider.active[model] / offer.max_concurrent if offer else 0.0
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """A running node: its parts, and the questions the API, the CLI and the library ask of them."""
 
-    def current_offer(self, offer: Offer) -> protocol.ModelOffer:
-        """The offer as listed now: the dynamic price at current utilization (or the base price),
-        the measured tokens/s, and the concurrency the memory allows (never above the configured)."""
-        listed = offer.to_model_offer()
-        perf = self.perf.get(offer.model)
-        if perf is not None:
-            jobs = perf["max_jobs"]
-            listed = dataclasses.replace(listed, tokens_per_s=min(perf["tokens_per_s"], 1 << 24),
-                                         max_concurrent=min(listed.max_concurrent, jobs) if jobs else
-                                         listed.max_concurrent)
-        if self.config.dynamic_pricing is None:
-            return listed
-        price = self.config.dynamic_pricing.price(listed.price, self.utilization(offer.model))
-        return dataclasses.replace(listed, price=price)
+    home: Home
+    identity: Identity
+    config: NodeConfig
+    capabilities: dict[str, Any]
+    market: Market
+    storefront: Storefront
+    health: HealthMonitor
+    provider: ProviderService
+    escrow: EscrowOps
+    escrow_agent: EscrowAgent | None
+    receipts: ReceiptStore
+    trust: TrustBook
+    renter: Renter
+    sessions: HeldSessions
+    started_at: float  # trio time
+    api: ApiBinding = dataclasses.field(default_factory=ApiBinding)
 
-    async def adjust_prices(self) -> None:
-        """Re-evaluate dynamic prices every interval; republish when one moved."""
-        dynamic = self.config.dynamic_pricing
-        if dynamic is None:
-            return
-        listed = {}
-        while True:
-            now = {o.model: self.current_offer(o).price for o in self._offers.values()}
-            if now != listed:
-                listed = now
-                self.publish()
-            await trio.sleep(dynamic.adjustment_interval_s)
+    @property
+    def host(self) -> Any:
+        return self.market.host
 
-    async def warm(self) -> None:
-        """Load each offered model once it is offered, benchmark it, and republish with the figures."""
-        while True:
-            for offer in list(self._offers.values()):
-                if offer.model in self.perf or offer.model in self._load_errors:
-                    continue
-                try:
-                    backend = await self.backend_for(offer)
-                    self.perf[offer.model] = await self._benchmark(backend)
-                except Exception as exc:  # any backend failure: unhealthy (not listed) until the offer changes
-                    self._load_errors[offer.model] = f"could not load: {exc}"
-                    await self.health.check_once()
-                self.publish()
-            await self._offers_changed.wait()
-            self._offers_changed = trio.Event()
+    @property
+    def api_url(self) -> str:
+        return self.api.url
 
-    async def _benchmark(self, backend: Backend) -> dict[str, int]:
-        tokens = 0
-
-        async def count(text: str, n: int) -> None:
-            nonlocal tokens
-            tokens += n
-
-        start = time.monotonic()
-        await backend.generate([{"role": "user", "content": "Benchmark."}], max_tokens=32, temperature_milli=0,
-                               top_p_milli=1000, stop=(), on_piece=count)
-        elapsed = max(time.monotonic() - start, 1e-6)
-        jobs = derive_max_jobs(self.capabilities, backend.footprint_mb(), backend.on_gpu())
-        return {"tokens_per_s": int(tokens / elapsed), "max_jobs": jobs or 0}
-
-    def _loaded_backend(self, model: str) -> Backend | None:
-        offer = self._offers.get(model)
-        return self._backends.get((offer.backend, offer.model)) if offer else None
-
-    async def backend_for(self, offer: Offer) -> Backend:
-        """The started backend serving ``offer`` (started on first use, then kept)."""
-        key = (offer.backend, offer.model)
-        async with self._backend_lock:
-            if key not in self._backends:
-                self._backends[key] = await open_backend(offer.backend, self.models_dir, offer.model, self._api_key)
-            return self._backends[key]
-
-    async def aclose(self) -> None:
-        for backend in self._backends.values():
-            await backend.aclose()
-        self.receipts.close()
-        self.trust.close()
-
-    async def observe_uptime(self, interval_s: float = 30.0) -> None:
-        """Credit providers whose listings stay alive (trust's uptime term)."""
-        while True:
-            now = self.market.now()
-            alive = [lst.provider for lst in self.market.view.listings(now) if lst.provider != self.identity.peer_id]
-            await trio.to_thread.run_sync(self.trust.observe_alive, alive, now)
-            await trio.sleep(interval_s)
+    # ---- the provider's storefront, for the control API --------------------------------------
 
     def offers(self) -> list[Offer]:
-        return list(self._offers.values())
-
-    def _listing_template(self) -> protocol.Listing | None:
-        if not self._offers:
-            return None
-        return protocol.Listing(
-            provider=self.identity.peer_id,
-            addrs=tuple(peer_addrs(self.host))[:16],
-            seq=0,
-            issued_at=0,
-            expires_at=0,
-            provider_type="self_hosted",
-            models=tuple(self.current_offer(o) for o in self._offers.values() if self.health.healthy(o.model)),
-            escrow_agents=tuple(sorted(self.accepted_agents()))[:16],
-            hardware=hardware_of(self.capabilities),
-        )
-
-    def available(self) -> bool:
-        """Inside the operator's availability schedule right now."""
-        return self.config.schedule.available(datetime.datetime.now(datetime.timezone.utc))
-
-    def publish(self) -> None:
-        """(Re)publish the listing — or withdraw it when there is nothing to sell right now."""
-        self._listed_available = self.available()
-        self.market.set_listing(self._listing_template() if self._listed_available else None)
-
-    async def watch_schedule(self, interval_s: float = 15.0) -> None:
-        """Withdraw the listing when availability ends and republish when it starts again."""
-        while True:
-            await trio.sleep(interval_s)
-            if self.available() != self._listed_available:
-                _logger.warning("availability schedule: now %s", "open" if self.available() else "closed")
-                self.publish()
-
-    def _persist(self) -> None:
-        save_offers(self.home.config, tuple(self._offers.values()))
-        for model in list(self.perf):  # a changed offer is measured afresh
-            if model not in self._offers:
-                del self.perf[model]
-        self._load_errors.clear()
-        self._offers_changed.set()
-        self.publish()
+        return self.storefront.offers()
 
     def add_offer(self, fields: dict[str, Any]) -> Offer:
         """Add or replace the offer for a model; persisted and republished at once.
@@ -236,38 +101,39 @@ class NodeService:
         Raises:
             ValueError, TypeError: a missing or invalid field.
         """
-        offer = Offer(**fields)
-        if len(self._offers) >= 32 and offer.model not in self._offers:
-            raise ValueError("a node lists at most 32 models")
-        self._offers[offer.model] = offer
-        self._persist()
-        return offer
+        return self.storefront.add_offer(Offer(**fields))
 
     def remove_offer(self, model: str) -> bool:
-        if self._offers.pop(model, None) is None:
-            return False
-        self._persist()
-        return True
+        return self.storefront.remove_offer(model)
+
+    def publish(self) -> None:
+        self.storefront.publish()
+
+    # ---- what the node knows ------------------------------------------------------------------
+
+    def uptime_s(self) -> int:
+        return int(trio.current_time() - self.started_at)
 
     def status(self) -> dict[str, Any]:
         now = self.market.now()
+        store = self.storefront
         return {
             "peer_id": self.identity.peer_id,
             "addrs": peer_addrs(self.host),
-            "api_url": self.api_url,
+            "api_url": self.api.url,
             "connected_peers": len(self.host.get_connected_peers()),
             "listings_known": len(self.market.view.listings(now)),
-            "offers": len(self._offers),
+            "offers": len(store.offers()),
             "uptime_s": self.uptime_s(),
             "escrow_agent": self.escrow_agent is not None,
-            "available": self.available(),
-            "unhealthy": dict(self.health.unhealthy),
+            "available": store.available(),
+            "unhealthy": dict(store.unhealthy),
             "capabilities": self.capabilities,
-            "models": {m: {"healthy": self.health.healthy(m), **self.perf.get(m, {})} for m in self._offers},
+            "models": {o.model: {"healthy": store.healthy(o.model),
+                                 **(dataclasses.asdict(store.benchmarks[o.model]) if o.model in store.benchmarks
+                                    else {})}
+                       for o in store.offers()},
         }
-
-    def uptime_s(self) -> int:
-        return int(time.monotonic() - self._started)
 
     def market_stats(self) -> dict[str, Any]:
         return {**self.market.view.stats(), "published": self.market.published_count}
@@ -305,6 +171,15 @@ class NodeService:
                 }
             )
         return out
+
+
+async def _observe_uptime(node: Node, interval_s: float = 30.0) -> None:
+    """Credit providers whose listings stay alive (trust's uptime term)."""
+    while True:
+        now = node.market.now()
+        alive = [lst.provider for lst in node.market.view.listings(now) if lst.provider != node.identity.peer_id]
+        await trio.to_thread.run_sync(node.trust.observe_alive, alive, now)
+        await trio.sleep(interval_s)
 
 
 async def _bootstrap(market: Market, addrs: tuple[str, ...]) -> None:
@@ -379,38 +254,74 @@ async def open_node(
     api_key: Callable[[str], str] | None = None,
     models_dir: Path | None = None,
     mdns: bool = False,
-) -> AsyncIterator["NodeService"]:
-    """Run a node (without its HTTP API) for the duration of the block; ``mdns`` also finds
-    (and joins) peers on the local network without bootstrap addresses."""
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Node]:
+    """Run a node (without its HTTP API) for the duration of the block.
+
+    Args:
+        escrow: also run the escrow agent role (its ledger is ``HOME/escrow.db``).
+        api_key: reads an upstream API key from the keystore by name (``openai:`` backends).
+        models_dir: where ``builtin`` builds its model (default: the home).
+        mdns: also find (and join) peers on the local network without bootstrap addresses.
+        wall_clock: seconds since the epoch, for expiries, receipts and schedules.
+    """
     market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
     capabilities = probe_capabilities()
     agent = EscrowAgent(Ledger(home.path / "escrow.db"), identity) if escrow else None
+    models = models_dir or home.path
+
+    async def start_backend(offer: Offer) -> Backend:
+        return await open_backend(offer.backend, models, offer.model, api_key)
+
     try:
-        async with open_host(identity, config.listen, mdns) as host, open_market(host, identity, market_config) as market:
-            service = NodeService(home, identity, market, config, capabilities, agent, api_key=api_key,
-                                  models_dir=models_dir)
+        async with open_host(identity, config.listen, mdns) as host, \
+                open_market(host, identity, market_config) as market:
+            receipts = ReceiptStore(home.path / "receipts.db")
+            trust = TrustBook(home.path / "trust.db")
+            client = EscrowClient(host, agent, market.dht)
+            escrow_ops = EscrowOps(identity, client, wall_clock)
+            storefront = Storefront(
+                identity, config.offers, start_backend, Admission(),
+                accept_escrow=config.accept_escrow, own_agent=identity.peer_id if agent is not None else None,
+                schedule=config.schedule, dynamic_pricing=config.dynamic_pricing, contracts=config.contracts,
+                capabilities=capabilities, market=market, persist=lambda offers: save_offers(home.config, offers),
+                wall_clock=wall_clock)
+            health = HealthMonitor(config.health, storefront)
+            provider = ProviderService(identity, storefront, client, receipts, health=health,
+                                       sla=SlaTracker(config.sla, market.listed_fraction), wall_clock=wall_clock)
+            renter = Renter(market, escrow_ops, agent, receipts, trust, clock=wall_clock,
+                            contracts=config.client_contracts)
+            node = Node(home=home, identity=identity, config=config, capabilities=capabilities, market=market,
+                        storefront=storefront, health=health, provider=provider, escrow=escrow_ops,
+                        escrow_agent=agent, receipts=receipts, trust=trust, renter=renter,
+                        sessions=HeldSessions(renter), started_at=trio.current_time())
             try:
                 async with trio.open_nursery() as nursery:
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent)
-                    host.set_stream_handler(SESSION_PROTOCOL, service.provider.handle)
-                    await nursery.start(service.sessions.serve)
+                    host.set_stream_handler(SESSION_PROTOCOL, provider.handle)
+                    await nursery.start(node.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
-                    nursery.start_soon(service.observe_uptime)
-                    nursery.start_soon(service.watch_schedule)
-                    nursery.start_soon(service.health.run)
-                    nursery.start_soon(service.adjust_prices)
-                    nursery.start_soon(service.warm)
+                    nursery.start_soon(_observe_uptime, node)
+                    nursery.start_soon(storefront.watch_schedule)
+                    nursery.start_soon(health.run)
+                    nursery.start_soon(storefront.adjust_prices)
+                    nursery.start_soon(storefront.warm, health.check_once)
                     if mdns:
                         nursery.start_soon(_join_discovered, host)
-                    service.publish()
+                    storefront.publish()
                     try:
-                        yield service
+                        yield node
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
-                    await service.aclose()
+                    await storefront.aclose()
+                    receipts.close()
+                    trust.close()
     finally:
         if agent is not None:
             agent.ledger.close()
+
+
+NodeService = Node  # the name the HTTP faces still use; goes when they take ``Node``

@@ -14,7 +14,7 @@ import trio
 import wallet
 
 from ._home import Home, init_home, resolve_home
-from ._node import NodeService, open_node, resolve_config
+from ._node import Node, open_node, resolve_config
 from .consumer._routing import Preferences
 from .provider._offers import Offer
 
@@ -38,7 +38,7 @@ class SwarmSession:
 
 
 class Swarm:
-    def __init__(self, service: NodeService) -> None:
+    def __init__(self, service: Node) -> None:
         self.service = service
 
     @property

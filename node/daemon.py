@@ -24,14 +24,14 @@ from ._home import Home
 if TYPE_CHECKING:  # the networking stack loads when a daemon starts, not when the CLI imports this
     from wallet import Identity
 
-    from ._node import NodeService
+    from ._node import Node
 
 __all__ = ["DaemonNotRunning", "api_token", "read_daemon_info", "run_daemon", "run_demo", "serve_node_api"]
 
 _logger = logging.getLogger(__name__)
 
 
-async def _serve_api(service: "NodeService", api: str, token: str, openai_keyless: bool = False, *,
+async def _serve_api(service: "Node", api: str, token: str, openai_keyless: bool = False, *,
                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     import hypercorn.config
     import hypercorn.trio
@@ -85,7 +85,7 @@ async def run_daemon(
                              task_status=task_status)
 
 
-async def serve_node_api(service: "NodeService", api: str, token: str, *, openai_keyless: bool = False,
+async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyless: bool = False,
                          info_file: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the node's HTTP API until cancelled; ``task_status.started`` gets the node's info."""
     from .net import peer_addrs
@@ -93,7 +93,7 @@ async def serve_node_api(service: "NodeService", api: str, token: str, *, openai
     info_path = daemon_info_path(service.home)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(_serve_api, service, api, token, openai_keyless)
-        service.api_url = binds[0]
+        service.api.url = binds[0]
         info = {"peer_id": service.identity.peer_id, "addrs": peer_addrs(service.host), "api_url": service.api_url,
                 "pid": os.getpid()}
         if info_file:

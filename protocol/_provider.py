@@ -8,10 +8,12 @@ import enum
 from typing import Any
 
 from ._errors import (
+    BadSignature,
     Expired,
     IllegalTransition,
     ReceiptHashMismatch,
     ReceiptReplay,
+    RemoteProtocolError,
     SpendLimitReached,
     TermsMismatch,
     UnexpectedMessage,
@@ -48,6 +50,13 @@ __all__ = ["ProviderState", "ProviderSession"]
 
 
 # ---- provider ---------------------------------------------------------------------------------
+
+_MAX_DETAIL = 512  # Reject.detail and CallError.detail are Str(512): at most 512 UTF-8 bytes
+
+
+def _detail(text: str) -> str:
+    """A refusal's detail cut to what the wire carries: 512 bytes, never half a character."""
+    return text.encode("utf-8")[:_MAX_DETAIL].decode("utf-8", "ignore")
 
 
 class ProviderState(enum.Enum):
@@ -98,7 +107,12 @@ class ProviderSession(_Machine):
             RemoteProtocolError (a specific subclass): the consumer broke the protocol.
         """
         if isinstance(msg, Open) and self.state is ProviderState.AWAITING_OPEN:
-            return [self._on_open(msg, now)]
+            try:
+                return [self._on_open(msg, now)]
+            except RemoteProtocolError as exc:  # the consumer hears why before the session ends
+                reason = "escrow_invalid" if isinstance(exc, (Expired, BadSignature)) else "bad_request"
+                self._outbox.append(Reject(session_id=msg.session_id, reason=reason, detail=_detail(str(exc))))
+                raise
         if self.state in (ProviderState.AWAITING_OPEN, ProviderState.CLOSED):
             raise self._unexpected(msg)
         if isinstance(msg, Close):
@@ -163,7 +177,7 @@ class ProviderSession(_Machine):
     def reject_open(self, reason: str, detail: str = "", retry_after_s: int = 0) -> Reject:
         """Queue a ``Reject`` with a reason code; the session ends."""
         self._expect(ProviderState.DECIDING)
-        msg = Reject(session_id=self.session_id, reason=reason, detail=detail, retry_after_s=retry_after_s)
+        msg = Reject(session_id=self.session_id, reason=reason, detail=_detail(detail), retry_after_s=retry_after_s)
         self._outbox.append(msg)
         self.state = ProviderState.CLOSED
         return msg
@@ -224,7 +238,7 @@ class ProviderSession(_Machine):
     def fail_call(self, reason: str, detail: str = "") -> CallError:
         """Give up on the requested or running call: queue a ``CallError``; nothing is charged."""
         self._expect(ProviderState.CALL_REQUESTED, ProviderState.IN_CALL)
-        self._refuse(reason, detail)
+        self._refuse(reason, _detail(detail))
         return self._outbox[-1]
 
     @_guarded

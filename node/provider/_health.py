@@ -20,9 +20,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
+
+from ._capabilities import probe_capabilities
+
+if TYPE_CHECKING:
+    from ._storefront import Storefront
 
 __all__ = ["HealthConfig", "HealthMonitor", "parse_health"]
 
@@ -53,34 +58,34 @@ def parse_health(raw: dict[str, Any] | None) -> HealthConfig:
 
 
 class HealthMonitor:
-    def __init__(
-        self,
-        config: HealthConfig,
-        models: Callable[[], list[str]],
-        backend: Callable[[str], Any],
-        gpus: Callable[[], list[dict[str, Any]]],
-        on_change: Callable[[], None],
-        load_error: Callable[[str], str | None] = lambda model: None,
-    ) -> None:
+    """Checks what the storefront sells and tells it which models are unhealthy."""
+
+    def __init__(self, config: HealthConfig, storefront: "Storefront",
+                 gpus: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        """
+        Args:
+            gpus: the GPU probe (NVML by default), read in a worker thread at each check.
+        """
         self.config = config
-        self._models = models
-        self._backend = backend
-        self._gpus = gpus
-        self._on_change = on_change
-        self._load_error = load_error
+        self.storefront = storefront
+        self._gpus = gpus or (lambda: probe_capabilities()["gpus"])
         self.outcomes: dict[str, collections.deque[bool]] = {}
-        self.unhealthy: dict[str, str] = {}  # model -> why
         self.alerts = 0
+
+    @property
+    def unhealthy(self) -> dict[str, str]:
+        """model -> why, as of the last check (or a load failure)."""
+        return self.storefront.unhealthy
+
+    def healthy(self, model: str) -> bool:
+        return self.storefront.healthy(model)
 
     def record(self, model: str, ok: bool) -> None:
         """A served call's outcome (backend failures count against the model)."""
         self.outcomes.setdefault(model, collections.deque(maxlen=self.config.window)).append(ok)
 
-    def healthy(self, model: str) -> bool:
-        return model not in self.unhealthy
-
     async def _liveness(self, model: str) -> str | None:
-        backend = self._backend(model)
+        backend = self.storefront.loaded_backend(model)
         if backend is None:  # not loaded yet: nothing to check until it serves
             return None
         with trio.move_on_after(self.config.backend_timeout_s) as scope:
@@ -101,8 +106,9 @@ class HealthMonitor:
                    if g.get("memory_free_mb", 0) < self.config.min_free_gpu_mb]
             if low:
                 gpu_problem = f"GPU {low[0]['name']} has {low[0].get('memory_free_mb')} MiB free"
-        for model in self._models():
-            why = gpu_problem or self._load_error(model) or await self._liveness(model)
+        for offer in self.storefront.offers():
+            model = offer.model
+            why = gpu_problem or self.storefront.load_errors.get(model) or await self._liveness(model)
             recent = self.outcomes.get(model)
             if why is None and recent and len(recent) >= min(5, self.config.window):
                 rate = sum(recent) / len(recent)
@@ -110,16 +116,13 @@ class HealthMonitor:
                     why = f"only {rate:.0%} of the last {len(recent)} calls succeeded"
             if why is not None:
                 found[model] = why
-        changed = found.keys() != self.unhealthy.keys()
         for model in found.keys() - self.unhealthy.keys():
             _logger.warning("ALERT %s is unhealthy (%s): withdrawn from the listing", model, found[model])
         for model in self.unhealthy.keys() - found.keys():
             _logger.warning("ALERT %s recovered: listed again", model)
             self.outcomes.pop(model, None)  # a fresh start after recovery
         self.alerts += len(found.keys() ^ self.unhealthy.keys())
-        self.unhealthy = found
-        if changed:
-            self._on_change()
+        self.storefront.set_unhealthy(found)
         return found
 
     async def run(self) -> None:

@@ -19,8 +19,10 @@ from node.escrow._client import EscrowClient
 from node.escrow._ops import EscrowOps
 from node.escrow._service import serve_escrow
 from node.net._host import open_host, parse_peer_addr, peer_addrs
+from node.provider import DynamicPricing, ProviderService
+from node.provider._admission import Admission
 from node.provider._offers import Offer
-from node.provider._session_service import ProviderService
+from node.provider._storefront import Storefront
 from node.provider.backends import Backend, Generation, OnPiece, TransformersBackend
 from node.provider.backends._builtin_model import ensure_builtin_model
 from protocol import SESSION_PROTOCOL
@@ -108,7 +110,9 @@ class Rig:
 @asynccontextmanager
 async def session_rig(offers: dict[str, Offer], backends: dict[str, Backend], *, accept: bool = True,
                       provider_cls: type[ProviderService] = ProviderService, mint: int = 10_000_000,
-                      tag: str = "rig") -> AsyncIterator[Rig]:
+                      tag: str = "rig", dynamic_pricing: DynamicPricing | None = None,
+                      **service_options: Any) -> AsyncIterator[Rig]:
+    """Run the rig; ``service_options`` go to the ``ProviderService`` (sla, claim_interval_s, …)."""
     clock = Clock()
     agent_id, provider_id, consumer_id = identity(f"{tag}-agent"), identity(f"{tag}-provider"), identity(f"{tag}-consumer")
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,8 +141,11 @@ async def session_rig(offers: dict[str, Offer], backends: dict[str, Backend], *,
                     started.add(offer.model)
                 return backends[offer.model]
 
-            service = provider_cls(provider_id, lambda: offers, lambda: {agent_id.peer_id} if accept else set(),
-                                   backend_for, EscrowClient(provider_host), provider_receipts, clock)
+            storefront = Storefront(provider_id, tuple(offers.values()), backend_for, Admission(),
+                                    accept_escrow=(agent_id.peer_id,) if accept else (),
+                                    dynamic_pricing=dynamic_pricing, wall_clock=clock)
+            service = provider_cls(provider_id, storefront, EscrowClient(provider_host), provider_receipts,
+                                   wall_clock=clock, **service_options)
             provider_host.set_stream_handler(SESSION_PROTOCOL, service.handle)
             await provider_host.connect(parse_peer_addr(agent_addr))
             await consumer_host.connect(parse_peer_addr(agent_addr))

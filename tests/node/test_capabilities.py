@@ -65,7 +65,7 @@ async def test_offered_models_are_benchmarked_and_published(tmp_path):
         swarm.offer("tiny", input_price=1, output_price=1, max_concurrent=64)
         swarm.offer("broken", backend="transformers:/no/such/folder", input_price=1, output_price=1)
         with trio.fail_after(60):
-            while "tiny" not in swarm.service.perf or "broken" not in swarm.service.health.unhealthy:
+            while "tiny" not in swarm.service.storefront.benchmarks or "broken" not in swarm.service.health.unhealthy:
                 await trio.sleep(0.05)
         listed = {m.name: m for m in swarm.service.market._own.models}
         assert set(listed) == {"tiny"}  # the model that cannot load is not sold

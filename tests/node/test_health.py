@@ -7,7 +7,11 @@ import logging
 import pytest
 import trio
 
+from node.provider import Offer
+from node.provider._admission import Admission
 from node.provider._health import HealthConfig, HealthMonitor, parse_health
+from node.provider._storefront import Storefront
+from tests.support import identity
 
 
 class Backend:
@@ -22,11 +26,29 @@ class Backend:
         return 3
 
 
+class CountingStorefront(Storefront):
+    """A storefront with no market: counts how often the listing would be republished."""
+
+    def __init__(self, backends):
+        offers = tuple(Offer(model=m, backend="builtin", input_price=1, output_price=1) for m in backends)
+
+        async def never(offer):
+            raise AssertionError("the health monitor never starts a backend")
+
+        super().__init__(identity("health"), offers, never, Admission(), wall_clock=lambda: 0.0)
+        for offer in offers:
+            if backends[offer.model] is not None:  # None: not loaded yet
+                self._backends[(offer.backend, offer.model)] = backends[offer.model]
+        self.changes = []
+
+    def publish(self):
+        self.changes.append(1)
+
+
 def monitor(backends, gpus=(), **cfg):
-    changes = []
-    m = HealthMonitor(HealthConfig(backend_timeout_s=0.2, **cfg), lambda: list(backends), backends.get,
-                      lambda: list(gpus), lambda: changes.append(1))
-    return m, changes
+    store = CountingStorefront(backends)
+    m = HealthMonitor(HealthConfig(backend_timeout_s=0.2, **cfg), store, gpus=lambda: list(gpus))
+    return m, store.changes
 
 
 async def test_a_dead_backend_is_withdrawn_then_recovers(caplog):
@@ -77,7 +99,6 @@ async def test_an_unhealthy_model_leaves_the_listing(tmp_path):
         swarm.offer("a", input_price=1, output_price=1)
         swarm.offer("b", input_price=1, output_price=1)
         assert [m.name for m in swarm.service.market._own.models] == ["a", "b"]
-        swarm.service.health.unhealthy = {"a": "test"}
-        swarm.service.publish()
+        swarm.service.storefront.set_unhealthy({"a": "test"})
         assert [m.name for m in swarm.service.market._own.models] == ["b"]
         assert swarm.service.status()["unhealthy"] == {"a": "test"}

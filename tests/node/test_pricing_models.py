@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -48,19 +46,13 @@ def test_config():
 async def test_the_price_rises_with_load_and_stays_pinned_for_running_sessions():
     from node.consumer._session_client import SessionRejected
     from node.provider._offers import Offer
-    from node.provider._session_service import ProviderService
     from tests.node.session_rig import ScriptedBackend, session_rig
 
     surge = DynamicPricing(demand_threshold=0.0, max_multiplier=2.0)
     the_offer = Offer(model="m", backend="builtin", input_price=1000, output_price=1000, max_concurrent=2)
 
-    class Surging(ProviderService):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.listed_of = lambda o: dataclasses.replace(
-                o.to_model_offer(), price=surge.price(o.to_model_offer().price, self.active[o.model] / o.max_concurrent))
-
-    async with session_rig({"m": the_offer}, {"m": ScriptedBackend()}, provider_cls=Surging, tag="surge") as rig:
+    async with session_rig({"m": the_offer}, {"m": ScriptedBackend()}, tag="surge",
+                           dynamic_pricing=surge) as rig:
         idle_price = protocol.Price(input_per_1k=1000, output_per_1k=1000)
         async with rig.session(await rig.open_channel(cap=100_000), price=idle_price) as first:
             with pytest.raises(SessionRejected) as changed:  # one of two slots busy: 1.5x now

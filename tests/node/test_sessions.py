@@ -81,7 +81,7 @@ class LyingProvider(ProviderService):
 
     lie = "tokens"
 
-    async def _send(self, framed, msgs):
+    async def send(self, framed, msgs):
         out = []
         for m in msgs:
             if isinstance(m, protocol.Receipt) and m.call_seq == 1:
@@ -182,14 +182,9 @@ async def test_limits_are_refused_with_their_reason_and_no_charge():
         assert rig.balance(rig.consumer_ops.identity.peer_id).available == 10_000_000 - 1_000
 
 
-class EagerClaims(ProviderService):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.claim_interval_s = 0.0  # claim after every counter-signed receipt
-
-
 async def test_the_provider_claims_during_a_long_session_not_only_at_close():
-    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, provider_cls=EagerClaims, tag="eager") as rig:
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="eager",
+                           claim_interval_s=0.0) as rig:
         channel = await rig.open_channel(cap=100_000)
         async with rig.session(channel) as session:
             first = await session.call(USER, 8)
@@ -201,17 +196,10 @@ async def test_the_provider_claims_during_a_long_session_not_only_at_close():
 
 
 async def test_outside_the_schedule_new_sessions_are_refused_and_running_ones_finish():
-    class Scheduled(ProviderService):
-        open_now = True
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.is_available = lambda: Scheduled.open_now
-
-    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, provider_cls=Scheduled, tag="sched") as rig:
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="sched") as rig:
         channel = await rig.open_channel(cap=100_000)
         async with rig.session(channel) as running:
-            Scheduled.open_now = False  # the schedule closes while a session runs
+            rig.provider_service.storefront.available = lambda: False  # the schedule closes while a session runs
             await running.call(USER, 8)  # it finishes its work
             with pytest.raises(SessionRejected) as refused:
                 async with rig.session(await rig.open_channel(cap=1_000)):
@@ -223,11 +211,7 @@ async def test_a_waiting_call_hears_its_queue_position_and_a_full_queue_says_cap
     backend = ScriptedBackend(pieces=[("slow", 1)], hang=True)
     the_offer = offer(max_concurrent=8)
 
-    class SmallQueue(ProviderService):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, max_waiting=1, **kwargs)
-
-    async with session_rig({"m": the_offer}, {"m": backend}, provider_cls=SmallQueue, tag="queue") as rig:
+    async with session_rig({"m": the_offer}, {"m": backend}, tag="queue", max_waiting=1) as rig:
         positions: list[int] = []
 
         async def record(position):

@@ -6,7 +6,6 @@ import pytest
 
 import protocol
 from node.provider._offers import Offer
-from node.provider._session_service import ProviderService
 from node.provider._sla import SlaConfig, SlaTracker, parse_sla
 from tests.node.session_rig import ScriptedBackend, session_rig
 
@@ -33,13 +32,10 @@ def test_targets():
 
 
 async def test_a_breach_shows_as_a_discount_in_the_receipts_and_the_payment():
-    class Strict(ProviderService):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, sla=SlaTracker(SlaConfig(ttft_ms=5, penalty_permille=250)), **kwargs)
-
     the_offer = Offer(model="m", backend="builtin", input_price=500_000, output_price=1_500_000)
     slow = ScriptedBackend(delay_s=0.05)  # 50 ms to the first token: over the 5 ms target
-    async with session_rig({"m": the_offer}, {"m": slow}, provider_cls=Strict, tag="sla") as rig:
+    async with session_rig({"m": the_offer}, {"m": slow}, tag="sla",
+                          sla=SlaTracker(SlaConfig(ttft_ms=5, penalty_permille=250))) as rig:
         async with rig.session(await rig.open_channel(cap=100_000)) as session:
             r = (await session.call([{"role": "user", "content": "hi"}], 8)).receipt
         assert r.discount_permille == 250

@@ -158,6 +158,8 @@ def test_open_with_a_forged_or_foreign_channel_is_refused():
                             listing_seq=1, price=PRICE, channel=grant, spend_limit=10, issued_at=100)
         with pytest.raises(err):
             provider.receive(protocol.sign(msg, "sig", CONSUMER), 100)
+        (reject,) = provider.outgoing()  # the machine, not its caller, tells the consumer why
+        assert isinstance(reject, protocol.Reject) and reject.reason == "escrow_invalid"
         assert consumer.state is ConsumerState.IDLE
     with pytest.raises(protocol.InvalidMessage):
         protocol.ConsumerSession(MALLORY, session_id=b"s" * 16, provider=PROVIDER.peer_id, model="m", listing_seq=1,
