@@ -10,6 +10,11 @@ Rules this module owns:
   out-of-range value, and any encoding that does not re-encode to the very same bytes (key
   order, integer width, string header) are errors. So every message has exactly one encoding,
   and a signature over the canonical body covers the bytes that were sent.
+- Version 1 is frozen: the field maps registered today are all version 1, and a registered
+  field map is never edited. Adding, removing, reordering or retyping a field, or changing a
+  bound, a default, a signature field or a nested record, is a new version registered beside
+  the old one. tests/protocol/test_wire_golden.py pins every registered (kind, version) map
+  and the canonical bytes of one example of each; docs/PROTOCOL.md states the rules.
 Nothing here reads the clock or does I/O.
 """
 
