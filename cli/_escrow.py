@@ -87,7 +87,7 @@ def wallet_withdraw(home: str | None, as_json: bool, escrow: str | None, amount:
 
 @click.group()
 def escrow() -> None:
-    """Escrow channels and budgets (DESIGN.md, "Escrow")."""
+    """Escrow channels and budgets (docs/DESIGN.md, "Escrow")."""
 
 
 def _emit(doc: Any, as_json: bool, line: str) -> None:

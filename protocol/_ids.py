@@ -10,5 +10,5 @@ SESSION_PROTOCOL = "/inferswarm/session/1.0.0"
 ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
 #: GossipSub topic carrying signed listings (the fast path; the DHT is the source of truth)
 LISTING_TOPIC = "inferswarm/listings/1"
-#: the DHT namespace of listing records (/isw/listing/<peer>) and model provider keys
+#: the DHT namespace of listing records: /isw/<first 40 hex digits of sha256("inferswarm/listing/" + peer id)>
 DHT_NAMESPACE = "isw"

@@ -2,7 +2,7 @@
 
 1 credit = 1,000,000 µc. Prices are µc per 1,000 tokens, separately for input and output.
 The cost of one call is ``max(min_charge, ceil((tokens_in*in_price + tokens_out*out_price) / 1000))``
-(DESIGN.md, "Money"). Decimal credit strings from the command line convert exactly or fail.
+(docs/DESIGN.md, "Money"). Decimal credit strings from the command line convert exactly or fail.
 
 ``session_terms`` is the one owner of the price a session pins: the consumer ranks, budgets and
 opens on it and the provider accepts on it, so the two sides cannot disagree. Nothing else

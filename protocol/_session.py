@@ -2,7 +2,7 @@
 
 The machines themselves: ``_consumer`` and ``_provider``.
 
-Rules this module owns (DESIGN.md, "Sessions"):
+Rules this module owns (docs/DESIGN.md, "Sessions"):
 - open -> accept | reject -> (request -> chunks -> provider-signed receipt -> counter-signature)* -> close.
 - Prices are pinned by the provider's signed Accept and never change within a session.
 - Every receipt continues a hash chain (``prev_hash`` = hash of the previous receipt) and a

@@ -1,4 +1,4 @@
-"""Fixes for traps in py-libp2p 0.8.1 (see shared/NOTES-libp2p.md), applied once at import.
+"""Fixes for traps in py-libp2p 0.8.1 (docs/DESIGN.md, "Streams"), applied once at import.
 
 Each patch replaces the smallest piece that carries the bug and says why. They are checked
 against the pinned version: on any other version ``apply()`` refuses to run, so an upgrade

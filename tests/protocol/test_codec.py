@@ -30,7 +30,7 @@ def test_every_message_round_trips(msg):
 
 def test_every_kind_is_covered_by_the_strategies():
     assert {c.KIND for c in MESSAGE_CLASSES} == set(protocol.registered_kinds())
-    # the kinds DESIGN.md names
+    # the kinds docs/DESIGN.md names
     for kind in ("listing", "session_open", "session_accept", "session_reject", "call_request", "call_chunk",
                  "receipt", "receipt_countersign", "session_close", "escrow_claim", "escrow_response"):
         assert kind in protocol.registered_kinds()
