@@ -59,7 +59,7 @@ __all__ = [
     "registered_kinds",
 ]
 
-DEFAULT_MAX_MESSAGE = 1 << 20  # 1 MiB, the default frame limit of DESIGN.md
+DEFAULT_MAX_MESSAGE = 1 << 20  # 1 MiB, the default frame limit (docs/DESIGN.md, "Streams")
 U64_MAX = (1 << 64) - 1
 
 T = TypeVar("T")
