@@ -32,12 +32,12 @@ from ._pricing import (
     format_credits,
     max_output_tokens_within,
     parse_credits,
-    session_terms,
 )
 from ._provider import ProviderSession, ProviderState
 from ._session import *  # noqa: F403
 from ._session import __all__ as _session_all
 from ._signing import Signer, body_hash, domain_tag, sign, signed_bytes, verify
+from ._terms import session_terms
 
 __all__ = [
     "SESSION_PROTOCOL",

@@ -4,25 +4,19 @@
 The cost of one call is ``max(min_charge, ceil((tokens_in*in_price + tokens_out*out_price) / 1000))``
 (docs/DESIGN.md, "Money"). Decimal credit strings from the command line convert exactly or fail.
 
-``session_terms`` is the one owner of the price a session pins: the consumer ranks, budgets and
-opens on it and the provider accepts on it, so the two sides cannot disagree. Nothing else
-derives a session's price from an offer.
+The price a session pins is derived from an offer in one place only: ``session_terms``
+(``_terms``). This module is the arithmetic both build on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import TYPE_CHECKING
 
 from ._codec import UInt, record, wire
 from ._errors import InvalidMessage
 
-if TYPE_CHECKING:  # _messages builds on Price: a runtime import would be circular
-    from ._messages import ModelOffer
-
 __all__ = [
-    "session_terms",
     "expected_call_cost",
     "discounted",
     "MICRO_PER_CREDIT",
@@ -99,44 +93,6 @@ def format_credits(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     whole, frac = divmod(abs(micro), MICRO_PER_CREDIT)
     return f"{sign}{whole}.{frac:06d}"
-
-
-def session_terms(offer: ModelOffer, *, tier: str = "", batch_calls: int = 0,
-                  contract_price: Price | None = None) -> Price:
-    """The price a session pins, from the offer as listed (which carries the dynamic price).
-
-    A fixed-rate contract's price replaces the listed terms altogether — tier price and batch
-    discount included — keeping only the listed offer's ``min_charge``. Without one: the chosen
-    tier's price (else the offer's), less ``batch_discount_permille`` on each per-1K rate, rounded
-    up, when the session declares at least ``batch_min_calls`` calls; ``min_charge`` stays the
-    tier's. A tier is named on the Open either way, so an unknown one is refused even under a
-    contract.
-
-    Args:
-        offer: the model offer as listed (the listing the Accept pins against).
-        tier: the tier named on the Open; "" for the offer's own price.
-        batch_calls: the calls the Open declares.
-        contract_price: the rate of a fixed-rate contract in force between the two peers, if any.
-
-    Returns:
-        The Price both sides put on the Open and the Accept.
-
-    Raises:
-        InvalidMessage: the offer has no such tier.
-    """
-    price = offer.price
-    if tier:
-        match = [t for t in offer.tiers if t.name == tier]
-        if not match:
-            raise InvalidMessage(f"{offer.name} has no {tier} tier")
-        price = match[0].price
-    if contract_price is not None:
-        return dataclasses.replace(contract_price, min_charge=offer.price.min_charge)
-    if offer.batch_min_calls and batch_calls >= offer.batch_min_calls and offer.batch_discount_permille:
-        keep = 1000 - offer.batch_discount_permille
-        price = Price(input_per_1k=_ceil_div(price.input_per_1k * keep, 1000),
-                      output_per_1k=_ceil_div(price.output_per_1k * keep, 1000), min_charge=price.min_charge)
-    return price
 
 
 def expected_call_cost(terms: Price, prompt_tokens: int, max_tokens: int, max_context: int) -> int:
