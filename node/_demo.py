@@ -17,10 +17,10 @@ from rich.table import Table
 import protocol
 import wallet
 
+from ._daemon import serve_node_api
 from ._home import Home, init_home
 from ._node import Node, open_node, resolve_config
 from .consumer._routing import Preferences
-from .daemon import serve_node_api
 from .provider._offers import Offer
 from .provider.backends._builtin_model import BUILTIN_MODEL, ensure_builtin_model
 

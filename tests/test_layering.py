@@ -99,7 +99,19 @@ def test_node_roles_import_only_what_they_may():
 def test_api_is_imported_only_by_the_daemon():
     importers = {m for m, targets in _node_imports().items() if _role(m) != "api"
                  and any(_role(t) == "api" for t in targets)}
-    assert importers == {"node.daemon"}, importers
+    assert importers == {"node._daemon"}, importers
+
+
+def test_the_cli_entry_points_stay_light():
+    """Every CLI command imports ``node`` and ``node.daemon``; the networking stack, the HTTP server
+    and torch load only when a daemon or a model starts."""
+    code = (
+        "import sys, node, node.daemon\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'libp2p', 'hypercorn', 'starlette', 'torch'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "", f"importing node.daemon loads {out.stdout.strip()}"
 
 
 def test_cli_imports_only_public_node_modules():

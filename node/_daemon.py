@@ -1,0 +1,106 @@
+"""The daemon: ``run_daemon`` runs the node and its HTTP API until cancelled.
+
+Lifecycle: the host listens, the market starts, offers from the config are published, the API
+binds, then ``daemon.json`` ({peer_id, addrs, api_url, pid}) is written — its presence means
+"ready". Cancelling ``run_daemon`` (SIGINT/SIGTERM in ``node start``) closes the API, the market's
+tasks, the DHT and gossip services and the host with its connections, and removes ``daemon.json``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Callable
+
+import trio
+
+from ._daemon_files import api_token, daemon_info_path, write_private
+from ._home import Home
+
+if TYPE_CHECKING:
+    from wallet import Identity
+
+    from ._node import Node
+
+__all__ = ["run_daemon", "serve_node_api"]
+
+_logger = logging.getLogger(__name__)
+
+
+async def _serve_api(service: "Node", api: str, token: str, openai_keyless: bool = False, *,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    import hypercorn.config
+    import hypercorn.trio
+
+    from .api import build_app
+
+    config = hypercorn.config.Config()
+    config.bind = [api]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("node.api")
+    config.graceful_timeout = 1.0
+    await hypercorn.trio.serve(build_app(service, token, openai_keyless=openai_keyless), config, task_status=task_status)
+
+
+def _check_loopback_api(api: str) -> None:
+    host = api.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(f"the API listens on loopback only, not {api!r}")
+
+
+async def run_daemon(
+    home: Home,
+    identity: "Identity",
+    *,
+    listen: tuple[str, ...] | None = None,
+    bootstrap: tuple[str, ...] = (),
+    api: str | None = None,
+    accept_escrow: tuple[str, ...] = (),
+    escrow: bool = False,
+    api_key: Callable[[str], str] | None = None,
+    openai_keyless: bool = False,
+    mdns: bool = False,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the node and its HTTP API until cancelled. ``task_status.started`` receives the daemon info.
+
+    Raises:
+        ConfigError: a bad config file. ValueError: a bad address. OSError: cannot listen.
+    """
+    from ._node import open_node, resolve_config
+
+    config = resolve_config(home, listen, bootstrap, api, accept_escrow)
+    _check_loopback_api(config.api)
+    token = api_token(home, create=True)
+    async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
+        await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
+                             task_status=task_status)
+
+
+async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyless: bool = False,
+                         info_file: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the node's HTTP API until cancelled; ``task_status.started`` gets the node's info."""
+    from .net import peer_addrs
+
+    info_path = daemon_info_path(service.home)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(_serve_api, service, api, token, openai_keyless)
+        service.api.url = binds[0]
+        info = {"peer_id": service.identity.peer_id, "addrs": peer_addrs(service.host), "api_url": service.api_url,
+                "pid": os.getpid()}
+        if info_file:
+            write_private(info_path, json.dumps(info, indent=2).encode() + b"\n")
+        try:
+            task_status.started(info)
+            await trio.sleep_forever()
+        finally:
+            if info_file:
+                info_path.unlink(missing_ok=True)
+            nursery.cancel_scope.cancel()
+
