@@ -9,12 +9,17 @@ Parties: funder, consumer, provider, agent. Accounts: ``peer:<id>`` (available),
   in the transaction that applies it — a failed one too, so a refused request cannot be
   replayed later when it would succeed. A replay gets ``replayed`` and the original outcome;
   the same id with other content gets ``request_id_reused``. Nothing else changes.
-- A refused request changes no money, channel or budget (the transaction rolls back).
+- A refused request changes no money, channel or budget (its savepoint rolls back; only the
+  refusal is recorded).
 - Channel money is paid to the provider only against a receipt signed by both parties, up to
   ``cumulative - already claimed`` for that session, never past the cap, never after expiry.
 - What is never claimed goes back where it came from: the consumer, or the budget it was
   drawn from (the funder once the budget is closed).
+- A query lists at most the newest ``MAX_LISTED_CHANNELS`` channels and ``MAX_LISTED_BUDGETS``
+  budgets of a party, so an answer stays bounded.
 Every answer is an ``EscrowResponse`` signed by the agent. Time is a parameter (``now``).
+This module holds the rules only: every read and write of the escrow's records goes through
+``_escrow_store.EscrowStore`` (no SQL here), and money moves only by ``Tx.transfer``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from protocol import (
 )
 
 from ._errors import WalletError
+from ._escrow_store import BudgetRow, ChannelRow, EscrowStore, RequestRecord
 from ._keys import Identity
 from ._ledger import MINT, WITHDRAWN, InvariantViolation, Ledger, Tx, peer_account
 
@@ -53,6 +59,8 @@ ESCROW_REQUESTS = (
     EscrowMint, EscrowOpen, EscrowTopUp, EscrowClaim, EscrowClose, EscrowRefund, EscrowWithdraw,
     EscrowBudgetCreate, EscrowBudgetRefund, EscrowQuery,
 )
+MAX_LISTED_CHANNELS = 1024
+MAX_LISTED_BUDGETS = 256
 
 
 class EscrowError(WalletError):
@@ -124,33 +132,28 @@ class EscrowAgent:
     def _apply_once(self, request: Any, now: int) -> EscrowResponse:
         digest = hashlib.sha256(protocol.encode(request)).digest()
         with self.ledger.transaction(request.request_id) as tx:
-            row = tx.db.execute("SELECT digest, answer FROM ops WHERE request_id = ?", (request.request_id,)).fetchone()
-            if row is not None:
-                if bytes(row[0]) != digest:
+            store = EscrowStore(tx.db)
+            first = store.request(request.request_id)
+            if first is not None:
+                if first.digest != digest or first.answer is None:
                     return self._answer(request.request_id, now, None,
                                         EscrowError("request_id_reused", "this request id was used by another request"))
-                first = protocol.decode(bytes(row[1]), expect=(EscrowResponse,))
                 return self._sign(dataclasses.replace(
-                    first, ok=False, error="replayed", issued_at=now, sig=b"",
-                    detail=f"already answered ({first.error or 'ok'}); nothing changed"))
-            tx.db.execute("SAVEPOINT op")
+                    first.answer, ok=False, error="replayed", issued_at=now, sig=b"",
+                    detail=f"already answered ({first.answer.error or 'ok'}); nothing changed"))
             try:
-                result = self._apply(tx, request, now)
-                answer = self._answer(request.request_id, now, result, db=tx.db)
-                tx.db.execute("RELEASE op")
+                with store.savepoint():
+                    result = self._apply(tx, store, request, now)
+                    answer = self._answer(request.request_id, now, result, store=store)
             except EscrowError as exc:
-                tx.db.execute("ROLLBACK TO op")
-                tx.db.execute("RELEASE op")
                 answer = self._answer(request.request_id, now, None, exc)
-            tx.db.execute(
-                "INSERT INTO ops(request_id, kind, party, digest, applied_at, answer) VALUES (?, ?, ?, ?, ?, ?)",
-                (request.request_id, type(request).KIND, getattr(request, "party", ""), digest, now,
-                 protocol.encode(answer)),
-            )
+            store.record_request(RequestRecord(
+                request_id=request.request_id, kind=type(request).KIND, party=getattr(request, "party", ""),
+                digest=digest, applied_at=now, answer=answer))
             return answer
 
-    def _apply(self, tx: Tx, request: Any, now: int) -> _Result:
-        handlers: dict[type, Callable[[Tx, Any, int], _Result]] = {
+    def _apply(self, tx: Tx, store: EscrowStore, request: Any, now: int) -> _Result:
+        handlers: dict[type, Callable[[Tx, EscrowStore, Any, int], _Result]] = {
             EscrowMint: self._mint,
             EscrowWithdraw: self._withdraw,
             EscrowOpen: self._open,
@@ -161,7 +164,7 @@ class EscrowAgent:
             EscrowBudgetCreate: self._budget_create,
             EscrowBudgetRefund: self._budget_refund,
         }
-        return handlers[type(request)](tx, request, now)
+        return handlers[type(request)](tx, store, request, now)
 
     # ---- checks -----------------------------------------------------------------------------
 
@@ -177,13 +180,10 @@ class EscrowAgent:
 
     def _verify_close(self, request: EscrowClose) -> None:
         with self.ledger.reading() as db:
-            row = db.execute("SELECT consumer, provider FROM channels WHERE channel_id = ?",
-                             (request.channel_id,)).fetchone()
-        if row is None:
-            raise EscrowError("unknown_channel", f"no channel {request.channel_id.hex()}")
+            ch = self._channel(EscrowStore(db), request.channel_id)
         try:
-            protocol.verify(request, "consumer_sig", protocol.public_key_from_peer_id(row[0]))
-            protocol.verify(request, "provider_sig", protocol.public_key_from_peer_id(row[1]))
+            protocol.verify(request, "consumer_sig", protocol.public_key_from_peer_id(ch.consumer))
+            protocol.verify(request, "provider_sig", protocol.public_key_from_peer_id(ch.provider))
         except protocol.ProtocolError as exc:
             raise EscrowError("bad_signature", "a cooperative close is signed by both channel parties") from exc
 
@@ -201,24 +201,21 @@ class EscrowAgent:
         if amount <= 0:
             raise EscrowError("bad_request", f"{what} must be positive")
 
-    def _channel(self, tx: Tx, channel_id: bytes) -> dict[str, Any]:
-        row = tx.db.execute(
-            "SELECT consumer, provider, cap, expires_at, budget_id, claimed, status, grant_ FROM channels "
-            "WHERE channel_id = ?", (channel_id,)).fetchone()
-        if row is None:
+    @staticmethod
+    def _channel(store: EscrowStore, channel_id: bytes) -> ChannelRow:
+        ch = store.channel(channel_id)
+        if ch is None:
             raise EscrowError("unknown_channel", f"no channel {channel_id.hex()}")
-        keys = ("consumer", "provider", "cap", "expires_at", "budget_id", "claimed", "status", "grant")
-        return {"channel_id": channel_id, **dict(zip(keys, row))}
+        return ch
 
-    def _budget(self, tx: Tx, budget_id: bytes) -> dict[str, Any]:
-        row = tx.db.execute(
-            "SELECT funder, amount, per_session_limit, expires_at, status FROM budgets WHERE budget_id = ?",
-            (budget_id,)).fetchone()
-        if row is None:
+    @staticmethod
+    def _budget(store: EscrowStore, budget_id: bytes) -> BudgetRow:
+        b = store.budget(budget_id)
+        if b is None:
             raise EscrowError("unknown_budget", f"no budget {budget_id.hex()}")
-        return {"budget_id": budget_id, **dict(zip(("funder", "amount", "per_session_limit", "expires_at", "status"), row))}
+        return b
 
-    def _verify_receipt(self, ch: dict[str, Any], receipt: Receipt) -> None:
+    def _verify_receipt(self, ch: ChannelRow, receipt: Receipt) -> None:
         try:
             protocol.verify(receipt, "provider_sig", protocol.public_key_from_peer_id(receipt.provider))
             protocol.verify(receipt, "consumer_sig", protocol.public_key_from_peer_id(receipt.consumer))
@@ -226,19 +223,26 @@ class EscrowAgent:
             raise EscrowError("bad_receipt", "the receipt must carry valid provider and consumer signatures") from exc
         if receipt.agent != self.identity.peer_id:
             raise EscrowError("wrong_agent", "the receipt names another escrow agent")
-        if receipt.provider != ch["provider"] or receipt.consumer != ch["consumer"]:
+        if receipt.provider != ch.provider or receipt.consumer != ch.consumer:
             raise EscrowError("bad_receipt", "the receipt's parties are not the channel's")
+
+    @staticmethod
+    def _open_channel(ch: ChannelRow, now: int) -> None:
+        if ch.status != "open":
+            raise EscrowError("channel_closed", f"the channel is {ch.status}")
+        if now >= ch.expires_at:
+            raise EscrowError("channel_expired", "the channel has expired")
 
     # ---- money movements --------------------------------------------------------------------
 
-    def _mint(self, tx: Tx, req: EscrowMint, now: int) -> _Result:
+    def _mint(self, tx: Tx, store: EscrowStore, req: EscrowMint, now: int) -> _Result:
         if req.party not in self.operators:
             raise EscrowError("not_operator", "only the agent's operator mints (devnet rail)")
         self._positive(req.amount, "amount")
         tx.transfer(MINT, peer_account(req.to), req.amount)
         return _Result(paid=req.amount, balance_of=req.to)
 
-    def _withdraw(self, tx: Tx, req: EscrowWithdraw, now: int) -> _Result:
+    def _withdraw(self, tx: Tx, store: EscrowStore, req: EscrowWithdraw, now: int) -> _Result:
         self._positive(req.amount, "amount")
         self._need(tx, peer_account(req.party), req.amount)
         tx.transfer(peer_account(req.party), WITHDRAWN, req.amount)
@@ -250,138 +254,127 @@ class EscrowAgent:
                                           provider=provider, cap=cap, expires_at=expires_at, budget_id=budget_id),
                              "sig", self.identity)
 
-    def _draw_budget(self, tx: Tx, budget_id: bytes, consumer: str, cap_after: int, add: int, now: int) -> str:
-        b = self._budget(tx, budget_id)
-        if b["status"] != "active" or now >= b["expires_at"]:
+    def _draw_budget(self, tx: Tx, store: EscrowStore, budget_id: bytes, consumer: str, cap_after: int, add: int,
+                     now: int) -> str:
+        b = self._budget(store, budget_id)
+        if b.status != "active" or now >= b.expires_at:
             raise EscrowError("budget_closed", "the budget is refunded or expired")
-        member = tx.db.execute("SELECT 1 FROM budget_members WHERE budget_id = ? AND consumer = ?",
-                               (budget_id, consumer)).fetchone()
-        if member is None:
+        if not store.is_member(budget_id, consumer):
             raise EscrowError("not_whitelisted", f"{consumer} may not draw on this budget")
-        if cap_after > b["per_session_limit"]:
-            raise EscrowError("over_session_limit", f"a channel on this budget holds at most {b['per_session_limit']}")
+        if cap_after > b.per_session_limit:
+            raise EscrowError("over_session_limit", f"a channel on this budget holds at most {b.per_session_limit}")
         source = budget_account(budget_id)
         self._need(tx, source, add)
         return source
 
-    def _open(self, tx: Tx, req: EscrowOpen, now: int) -> _Result:
+    def _open(self, tx: Tx, store: EscrowStore, req: EscrowOpen, now: int) -> _Result:
         self._positive(req.cap, "cap")
         self._check_expiry(req.expires_at, now)
         if req.provider == req.party:
             raise EscrowError("bad_request", "a channel joins two different parties")
         if req.budget_id is not None:
-            source = self._draw_budget(tx, req.budget_id, req.party, req.cap, req.cap, now)
+            source = self._draw_budget(tx, store, req.budget_id, req.party, req.cap, req.cap, now)
         else:
             source = peer_account(req.party)
             self._need(tx, source, req.cap)
         channel_id = _derive_id(b"inferswarm/channel", req.request_id)
         grant = self._grant(channel_id, req.party, req.provider, req.cap, req.expires_at, req.budget_id)
-        tx.db.execute(
-            "INSERT INTO channels(channel_id, consumer, provider, cap, expires_at, budget_id, claimed, status, grant_) "
-            "VALUES (?, ?, ?, ?, ?, ?, 0, 'open', ?)",
-            (channel_id, req.party, req.provider, req.cap, req.expires_at, req.budget_id, protocol.encode(grant)))
+        ch = ChannelRow(channel_id=channel_id, consumer=req.party, provider=req.provider, cap=req.cap,
+                        expires_at=req.expires_at, budget_id=req.budget_id, claimed=0, status="open", grant=grant)
+        store.insert_channel(ch)
         tx.transfer(source, channel_account(channel_id), req.cap)
-        return _Result(channels=(ChannelState(channel=grant, claimed=0, status="open"),), balance_of=req.party)
+        return _Result(channels=(ch.state(),), balance_of=req.party)
 
-    def _topup(self, tx: Tx, req: EscrowTopUp, now: int) -> _Result:
-        ch = self._channel(tx, req.channel_id)
-        if req.party != ch["consumer"]:
+    def _topup(self, tx: Tx, store: EscrowStore, req: EscrowTopUp, now: int) -> _Result:
+        ch = self._channel(store, req.channel_id)
+        if req.party != ch.consumer:
             raise EscrowError("not_channel_party", "only the channel's consumer adds funds")
         self._open_channel(ch, now)
-        if req.expires_at < ch["expires_at"]:
+        if req.expires_at < ch.expires_at:
             raise EscrowError("bad_expiry", "a channel's expiry can only move later")
         self._check_expiry(req.expires_at, now)
-        if req.add == 0 and req.expires_at == ch["expires_at"]:
+        if req.add == 0 and req.expires_at == ch.expires_at:
             raise EscrowError("bad_request", "nothing to add or extend")
-        cap = ch["cap"] + req.add
+        cap = ch.cap + req.add
         if req.add:
-            if ch["budget_id"] is not None:
-                source = self._draw_budget(tx, bytes(ch["budget_id"]), req.party, cap, req.add, now)
+            if ch.budget_id is not None:
+                source = self._draw_budget(tx, store, ch.budget_id, req.party, cap, req.add, now)
             else:
                 source = peer_account(req.party)
                 self._need(tx, source, req.add)
             tx.transfer(source, channel_account(req.channel_id), req.add)
-        grant = self._grant(req.channel_id, ch["consumer"], ch["provider"], cap, req.expires_at,
-                            None if ch["budget_id"] is None else bytes(ch["budget_id"]))
-        tx.db.execute("UPDATE channels SET cap = ?, expires_at = ?, grant_ = ? WHERE channel_id = ?",
-                      (cap, req.expires_at, protocol.encode(grant), req.channel_id))
-        return _Result(channels=(self._state(tx, req.channel_id),), balance_of=req.party)
+        store.set_terms(self._grant(req.channel_id, ch.consumer, ch.provider, cap, req.expires_at, ch.budget_id))
+        return _Result(channels=(self._channel(store, req.channel_id).state(),), balance_of=req.party)
 
-    @staticmethod
-    def _open_channel(ch: dict[str, Any], now: int) -> None:
-        if ch["status"] != "open":
-            raise EscrowError("channel_closed", f"the channel is {ch['status']}")
-        if now >= ch["expires_at"]:
-            raise EscrowError("channel_expired", "the channel has expired")
+    def _pay(self, tx: Tx, store: EscrowStore, ch: ChannelRow, receipt: Receipt, strict: bool) -> int:
+        """Pay ``cumulative - claimed`` for the receipt's session (the receipt is for ``ch``).
 
-    def _pay(self, tx: Tx, ch: dict[str, Any], receipt: Receipt, strict: bool) -> int:
-        """Pay ``cumulative - claimed`` for the receipt's session; returns what was paid."""
-        row = tx.db.execute("SELECT claimed FROM channel_sessions WHERE channel_id = ? AND session_id = ?",
-                            (ch["channel_id"], receipt.session_id)).fetchone()
-        before = int(row[0]) if row else 0
+        Returns:
+            What was paid (0 for a receipt already paid, when not ``strict``).
+
+        Raises:
+            EscrowError: ``already_claimed`` (when ``strict``), ``over_cap``.
+        """
+        before = store.session_claimed(ch.channel_id, receipt.session_id)
         if receipt.cumulative <= before:
             if strict:
                 raise EscrowError("already_claimed", f"{before} already claimed for this session")
             return 0
         pay = receipt.cumulative - before
-        if ch["claimed"] + pay > ch["cap"]:
-            raise EscrowError("over_cap", f"claims would reach {ch['claimed'] + pay}, over the cap {ch['cap']}")
-        tx.transfer(channel_account(ch["channel_id"]), peer_account(ch["provider"]), pay)
-        tx.db.execute(
-            "INSERT INTO channel_sessions(channel_id, session_id, claimed, receipt) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(channel_id, session_id) DO UPDATE SET claimed = excluded.claimed, receipt = excluded.receipt",
-            (ch["channel_id"], receipt.session_id, receipt.cumulative, protocol.encode(receipt)))
-        tx.db.execute("UPDATE channels SET claimed = claimed + ? WHERE channel_id = ?", (pay, ch["channel_id"]))
-        ch["claimed"] += pay
+        if ch.claimed + pay > ch.cap:
+            raise EscrowError("over_cap", f"claims would reach {ch.claimed + pay}, over the cap {ch.cap}")
+        tx.transfer(channel_account(ch.channel_id), peer_account(ch.provider), pay)
+        store.record_session_claim(receipt)
+        store.add_claimed(ch.channel_id, pay)
         return pay
 
-    def _claim(self, tx: Tx, req: EscrowClaim, now: int) -> _Result:
-        ch = self._channel(tx, req.receipt.channel_id)
-        if req.party != ch["provider"]:
+    def _claim(self, tx: Tx, store: EscrowStore, req: EscrowClaim, now: int) -> _Result:
+        ch = self._channel(store, req.receipt.channel_id)
+        if req.party != ch.provider:
             raise EscrowError("wrong_provider", "only the channel's provider claims")
         self._open_channel(ch, now)
         self._verify_receipt(ch, req.receipt)
-        paid = self._pay(tx, ch, req.receipt, strict=True)
-        return _Result(paid=paid, channels=(self._state(tx, ch["channel_id"]),), balance_of=req.party)
+        paid = self._pay(tx, store, ch, req.receipt, strict=True)
+        return _Result(paid=paid, channels=(self._channel(store, ch.channel_id).state(),), balance_of=req.party)
 
-    def _release(self, tx: Tx, ch: dict[str, Any], status: str) -> int:
+    def _release(self, tx: Tx, store: EscrowStore, ch: ChannelRow, status: str) -> int:
         """Return what the channel still holds to where it came from; mark it ``status``."""
-        rest = tx.balance(channel_account(ch["channel_id"]))
+        rest = tx.balance(channel_account(ch.channel_id))
         if rest:
-            if ch["budget_id"] is not None:
-                b = self._budget(tx, bytes(ch["budget_id"]))
-                dst = budget_account(b["budget_id"]) if b["status"] == "active" else peer_account(b["funder"])
+            if ch.budget_id is not None:
+                b = self._budget(store, ch.budget_id)
+                dst = budget_account(b.budget_id) if b.status == "active" else peer_account(b.funder)
             else:
-                dst = peer_account(ch["consumer"])
-            tx.transfer(channel_account(ch["channel_id"]), dst, rest)
-        tx.db.execute("UPDATE channels SET status = ? WHERE channel_id = ?", (status, ch["channel_id"]))
+                dst = peer_account(ch.consumer)
+            tx.transfer(channel_account(ch.channel_id), dst, rest)
+        store.set_channel_status(ch.channel_id, status)
         return rest
 
-    def _close(self, tx: Tx, req: EscrowClose, now: int) -> _Result:
-        ch = self._channel(tx, req.channel_id)
-        if ch["status"] != "open":
-            raise EscrowError("channel_closed", f"the channel is {ch['status']}")
+    def _close(self, tx: Tx, store: EscrowStore, req: EscrowClose, now: int) -> _Result:
+        ch = self._channel(store, req.channel_id)
+        if ch.status != "open":
+            raise EscrowError("channel_closed", f"the channel is {ch.status}")
         paid = 0
         if req.receipt is not None:
             if req.receipt.channel_id != req.channel_id:
                 raise EscrowError("bad_receipt", "the receipt is for another channel")
             self._verify_receipt(ch, req.receipt)
-            paid = self._pay(tx, ch, req.receipt, strict=False)
-        self._release(tx, ch, "closed")
-        return _Result(paid=paid, channels=(self._state(tx, req.channel_id),), balance_of=ch["consumer"])
+            paid = self._pay(tx, store, ch, req.receipt, strict=False)
+        self._release(tx, store, ch, "closed")
+        return _Result(paid=paid, channels=(self._channel(store, req.channel_id).state(),), balance_of=ch.consumer)
 
-    def _refund(self, tx: Tx, req: EscrowRefund, now: int) -> _Result:
-        ch = self._channel(tx, req.channel_id)
-        if req.party != ch["consumer"]:
+    def _refund(self, tx: Tx, store: EscrowStore, req: EscrowRefund, now: int) -> _Result:
+        ch = self._channel(store, req.channel_id)
+        if req.party != ch.consumer:
             raise EscrowError("not_channel_party", "only the channel's consumer reclaims it")
-        if ch["status"] != "open":
-            raise EscrowError("channel_closed", f"the channel is {ch['status']}")
-        if now < ch["expires_at"]:
+        if ch.status != "open":
+            raise EscrowError("channel_closed", f"the channel is {ch.status}")
+        if now < ch.expires_at:
             raise EscrowError("not_expired", "a channel is reclaimed after its expiry (or closed by both parties)")
-        self._release(tx, ch, "refunded")
-        return _Result(channels=(self._state(tx, req.channel_id),), balance_of=req.party)
+        self._release(tx, store, ch, "refunded")
+        return _Result(channels=(self._channel(store, req.channel_id).state(),), balance_of=req.party)
 
-    def _budget_create(self, tx: Tx, req: EscrowBudgetCreate, now: int) -> _Result:
+    def _budget_create(self, tx: Tx, store: EscrowStore, req: EscrowBudgetCreate, now: int) -> _Result:
         self._positive(req.amount, "amount")
         self._positive(req.per_session_limit, "per_session_limit")
         self._check_expiry(req.expires_at, now)
@@ -389,28 +382,28 @@ class EscrowAgent:
             raise EscrowError("bad_request", "a budget whitelists at least one consumer")
         self._need(tx, peer_account(req.party), req.amount)
         budget_id = _derive_id(b"inferswarm/budget", req.request_id)
-        tx.db.execute("INSERT INTO budgets(budget_id, funder, amount, per_session_limit, expires_at, status) "
-                      "VALUES (?, ?, ?, ?, ?, 'active')",
-                      (budget_id, req.party, req.amount, req.per_session_limit, req.expires_at))
-        tx.db.executemany("INSERT OR IGNORE INTO budget_members(budget_id, consumer) VALUES (?, ?)",
-                          [(budget_id, c) for c in req.whitelist])
+        store.insert_budget(BudgetRow(budget_id=budget_id, funder=req.party, amount=req.amount,
+                                      per_session_limit=req.per_session_limit, expires_at=req.expires_at,
+                                      status="active"), req.whitelist)
         tx.transfer(peer_account(req.party), budget_account(budget_id), req.amount)
-        return _Result(budget_id=budget_id, budgets=(self._budget_state(tx, budget_id),), balance_of=req.party)
+        return _Result(budget_id=budget_id, budgets=(self._budget_state(store, budget_id),), balance_of=req.party)
 
-    def _budget_refund(self, tx: Tx, req: EscrowBudgetRefund, now: int) -> _Result:
-        b = self._budget(tx, req.budget_id)
-        if req.party != b["funder"]:
+    def _budget_refund(self, tx: Tx, store: EscrowStore, req: EscrowBudgetRefund, now: int) -> _Result:
+        b = self._budget(store, req.budget_id)
+        if req.party != b.funder:
             raise EscrowError("not_budget_funder", "only the funder refunds a budget")
-        if b["status"] != "active":
+        if b.status != "active":
             raise EscrowError("budget_closed", "the budget was refunded already")
-        self._close_budget(tx, b)
-        return _Result(budget_id=req.budget_id, budgets=(self._budget_state(tx, req.budget_id),), balance_of=req.party)
+        self._close_budget(tx, store, b)
+        return _Result(budget_id=req.budget_id, budgets=(self._budget_state(store, req.budget_id),),
+                       balance_of=req.party)
 
-    def _close_budget(self, tx: Tx, b: dict[str, Any]) -> None:
-        rest = tx.balance(budget_account(b["budget_id"]))
+    @staticmethod
+    def _close_budget(tx: Tx, store: EscrowStore, b: BudgetRow) -> None:
+        rest = tx.balance(budget_account(b.budget_id))
         if rest:
-            tx.transfer(budget_account(b["budget_id"]), peer_account(b["funder"]), rest)
-        tx.db.execute("UPDATE budgets SET status = 'refunded' WHERE budget_id = ?", (b["budget_id"],))
+            tx.transfer(budget_account(b.budget_id), peer_account(b.funder), rest)
+        store.set_budget_status(b.budget_id, "refunded")
 
     # ---- expiry -----------------------------------------------------------------------------
 
@@ -421,94 +414,78 @@ class EscrowAgent:
             How many channels and budgets were settled.
         """
         with self.ledger.reading() as db:
-            channels = [bytes(r[0]) for r in db.execute(
-                "SELECT channel_id FROM channels WHERE status = 'open' AND expires_at <= ?", (now,))]
-            budgets = [bytes(r[0]) for r in db.execute(
-                "SELECT budget_id FROM budgets WHERE status = 'active' AND expires_at <= ?", (now,))]
+            store = EscrowStore(db)
+            channels = store.open_channels_expired_by(now)
+            budgets = store.active_budgets_expired_by(now)
         for cid in channels:
             request_id = _derive_id(b"inferswarm/sweep/channel", cid)
             with self.ledger.transaction(request_id) as tx:
-                ch = self._channel(tx, cid)
-                if ch["status"] == "open" and ch["expires_at"] <= now:
-                    self._release(tx, ch, "refunded")
-                    self._record_internal(tx, request_id, "sweep_channel", now)
+                store = EscrowStore(tx.db)
+                ch = self._channel(store, cid)
+                if ch.status == "open" and ch.expires_at <= now:
+                    self._release(tx, store, ch, "refunded")
+                    self._record_internal(store, request_id, "sweep_channel", now)
         for bid in budgets:
             request_id = _derive_id(b"inferswarm/sweep/budget", bid)
             with self.ledger.transaction(request_id) as tx:
-                b = self._budget(tx, bid)
-                if b["status"] == "active" and b["expires_at"] <= now:
-                    self._close_budget(tx, b)
-                    self._record_internal(tx, request_id, "sweep_budget", now)
+                store = EscrowStore(tx.db)
+                b = self._budget(store, bid)
+                if b.status == "active" and b.expires_at <= now:
+                    self._close_budget(tx, store, b)
+                    self._record_internal(store, request_id, "sweep_budget", now)
         return len(channels) + len(budgets)
 
-    def _record_internal(self, tx: Tx, request_id: bytes, kind: str, now: int) -> None:
-        tx.db.execute("INSERT OR IGNORE INTO ops(request_id, kind, party, digest, applied_at, answer) "
-                      "VALUES (?, ?, ?, ?, ?, ?)", (request_id, kind, self.identity.peer_id, b"", now, b""))
+    def _record_internal(self, store: EscrowStore, request_id: bytes, kind: str, now: int) -> None:
+        store.record_request(RequestRecord(request_id=request_id, kind=kind, party=self.identity.peer_id, digest=b"",
+                                           applied_at=now, answer=None), if_absent=True)
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def _state(self, tx_or_db: Any, channel_id: bytes) -> ChannelState:
-        db = getattr(tx_or_db, "db", tx_or_db)
-        row = db.execute("SELECT grant_, claimed, status FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
-        grant = protocol.decode(bytes(row[0]), expect=(ChannelGrant,))
-        return ChannelState(channel=grant, claimed=int(row[1]), status=row[2])
+    def _budget_state(self, store: EscrowStore, budget_id: bytes) -> BudgetState:
+        b = self._budget(store, budget_id)
+        return BudgetState(budget_id=budget_id, funder=b.funder, amount=b.amount,
+                           remaining=store.held(budget_account(budget_id)), whitelist=store.members(budget_id),
+                           per_session_limit=b.per_session_limit, expires_at=b.expires_at, status=b.status)
 
-    def _budget_state(self, tx_or_db: Any, budget_id: bytes) -> BudgetState:
-        db = getattr(tx_or_db, "db", tx_or_db)
-        row = db.execute("SELECT funder, amount, per_session_limit, expires_at, status FROM budgets "
-                         "WHERE budget_id = ?", (budget_id,)).fetchone()
-        members = tuple(r[0] for r in db.execute(
-            "SELECT consumer FROM budget_members WHERE budget_id = ? ORDER BY consumer", (budget_id,)))
-        remaining = db.execute("SELECT balance FROM accounts WHERE name = ?", (budget_account(budget_id),)).fetchone()
-        return BudgetState(budget_id=budget_id, funder=row[0], amount=int(row[1]),
-                           remaining=int(remaining[0]) if remaining else 0, whitelist=members,
-                           per_session_limit=int(row[2]), expires_at=int(row[3]), status=row[4])
-
-    def _balance(self, db: Any, party: str) -> Balance:
-        available = db.execute("SELECT balance FROM accounts WHERE name = ?", (peer_account(party),)).fetchone()
-        locked = db.execute(
-            "SELECT COALESCE(SUM(a.balance), 0) FROM channels c JOIN accounts a ON a.name = 'channel:' || lower(hex(c.channel_id)) "
-            "WHERE c.consumer = ? AND c.budget_id IS NULL", (party,)).fetchone()[0]
-        budgets = db.execute(
-            "SELECT COALESCE(SUM(a.balance), 0) FROM budgets b JOIN accounts a ON a.name = 'budget:' || lower(hex(b.budget_id)) "
-            "WHERE b.funder = ?", (party,)).fetchone()[0]
-        return Balance(available=int(available[0]) if available else 0, locked=int(locked) + int(budgets))
+    @staticmethod
+    def _balance(store: EscrowStore, party: str) -> Balance:
+        """Available: the party's own account. Locked: the channels it funded itself, plus its budgets
+        (a channel drawn from a budget counts for neither its consumer nor the funder)."""
+        return Balance(available=store.held(peer_account(party)),
+                       locked=store.locked_in_channels(party) + store.locked_in_budgets(party))
 
     def _query(self, req: EscrowQuery, now: int) -> _Result:
         with self.ledger.reading() as db:
+            store = EscrowStore(db)
             if req.channel_id is not None:
-                row = db.execute("SELECT consumer, provider FROM channels WHERE channel_id = ?",
-                                 (req.channel_id,)).fetchone()
-                if row is None:
-                    raise EscrowError("unknown_channel", f"no channel {req.channel_id.hex()}")
-                if req.party not in row:
+                ch = self._channel(store, req.channel_id)
+                if req.party not in (ch.consumer, ch.provider):
                     raise EscrowError("not_channel_party", "only the channel's parties may see it")
-                return _Result(channels=(self._state(db, req.channel_id),))
-            ids = [bytes(r[0]) for r in db.execute(
-                "SELECT channel_id FROM channels WHERE consumer = ? OR provider = ? ORDER BY rowid", (req.party, req.party))]
-            bids = [bytes(r[0]) for r in db.execute(
-                "SELECT DISTINCT b.budget_id FROM budgets b LEFT JOIN budget_members m ON m.budget_id = b.budget_id "
-                "WHERE b.funder = ? OR m.consumer = ? ORDER BY b.rowid", (req.party, req.party))]
-            return _Result(channels=tuple(self._state(db, i) for i in ids[-1024:]),
-                           budgets=tuple(self._budget_state(db, b) for b in bids[-256:]), balance_of=req.party)
+                return _Result(channels=(ch.state(),))
+            channels = store.channels_of(req.party, last=MAX_LISTED_CHANNELS)
+            budget_ids = store.budget_ids_of(req.party, last=MAX_LISTED_BUDGETS)
+            return _Result(channels=tuple(ch.state() for ch in channels),
+                           budgets=tuple(self._budget_state(store, b) for b in budget_ids), balance_of=req.party)
 
     def balance(self, party: str) -> Balance:
         with self.ledger.reading() as db:
-            return self._balance(db, party)
+            return self._balance(EscrowStore(db), party)
 
     def _answer(self, request_id: bytes, now: int, result: _Result | None, error: EscrowError | None = None,
-                db: Any = None) -> EscrowResponse:
+                store: EscrowStore | None = None) -> EscrowResponse:
+        """The signed answer: an error, or ``result`` with the balance read through ``store`` (the
+        transaction that applied it) or, without one, in a read of its own."""
         if error is not None or result is None:
             return self._sign(EscrowResponse(request_id=request_id, agent=self.identity.peer_id, ok=False,
                                              error=error.code if error else "bad_request",
                                              detail=(error.detail if error else "")[:512], issued_at=now))
         balance = None
         if result.balance_of is not None:
-            if db is not None:
-                balance = self._balance(db, result.balance_of)
+            if store is not None:
+                balance = self._balance(store, result.balance_of)
             else:
-                with self.ledger.reading() as rdb:
-                    balance = self._balance(rdb, result.balance_of)
+                with self.ledger.reading() as db:
+                    balance = self._balance(EscrowStore(db), result.balance_of)
         return self._sign(EscrowResponse(request_id=request_id, agent=self.identity.peer_id, ok=True,
                                          balance=balance, channels=result.channels, budgets=result.budgets,
                                          paid=result.paid, budget_id=result.budget_id, issued_at=now))
@@ -517,18 +494,20 @@ class EscrowAgent:
         return protocol.sign(response, "sig", self.identity)
 
     def check(self) -> dict[str, int]:
-        """The ledger invariant plus: every channel and budget account holds what its record says.
+        """The ledger invariant plus: every channel account holds what its record says.
+
+        Returns:
+            The ledger's totals (``Ledger.check``).
 
         Raises:
-            InvariantViolation.
+            InvariantViolation: with the first thing that does not add up.
         """
         totals = self.ledger.check()
         with self.ledger.reading() as db:
-            for cid, cap, claimed, status in db.execute("SELECT channel_id, cap, claimed, status FROM channels"):
-                held = db.execute("SELECT COALESCE(balance, 0) FROM accounts WHERE name = ?",
-                                  (channel_account(bytes(cid)),)).fetchone()
-                held = int(held[0]) if held else 0
-                want = cap - claimed if status == "open" else 0
-                if held != want or claimed > cap:
-                    raise InvariantViolation(f"channel {bytes(cid).hex()} holds {held}, its record says {want}")
+            store = EscrowStore(db)
+            for ch in store.channels():
+                held = store.held(channel_account(ch.channel_id))
+                want = ch.cap - ch.claimed if ch.status == "open" else 0
+                if held != want or ch.claimed > ch.cap:
+                    raise InvariantViolation(f"channel {ch.channel_id.hex()} holds {held}, its record says {want}")
         return totals

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from ._errors import WalletError
 
-__all__ = ["Ledger", "Tx", "LedgerError", "InvariantViolation", "MINT", "WITHDRAWN", "peer_account"]
+__all__ = ["Ledger", "Tx", "LedgerError", "InvariantViolation", "MINT", "WITHDRAWN", "peer_account", "read_balance"]
 
 MINT = "system:mint"
 WITHDRAWN = "system:withdrawn"
@@ -96,6 +96,12 @@ def peer_account(peer_id: str) -> str:
     return f"peer:{peer_id}"
 
 
+def read_balance(db: sqlite3.Connection, account: str) -> int:
+    """What ``account`` holds, read through ``db`` (0 for an account never used)."""
+    row = db.execute("SELECT balance FROM accounts WHERE name = ?", (account,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 class Tx:
     """One ledger transaction; money moves only through ``transfer``."""
 
@@ -124,8 +130,7 @@ class Tx:
         )
 
     def balance(self, account: str) -> int:
-        row = self.db.execute("SELECT balance FROM accounts WHERE name = ?", (account,)).fetchone()
-        return int(row[0]) if row else 0
+        return read_balance(self.db, account)
 
 
 class Ledger:
@@ -193,8 +198,7 @@ class Ledger:
 
     def balance(self, account: str) -> int:
         with self.reading() as db:
-            row = db.execute("SELECT balance FROM accounts WHERE name = ?", (account,)).fetchone()
-            return int(row[0]) if row else 0
+            return read_balance(db, account)
 
     def totals(self) -> dict[str, int]:
         """minted, withdrawn, available (peer balances) and locked (channels and budgets)."""
