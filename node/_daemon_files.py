@@ -9,12 +9,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from ._errors import LocalError
 from ._home import Home
 
 __all__ = ["DaemonNotRunning", "write_private", "api_token", "read_daemon_info", "daemon_info_path"]
 
 
-class DaemonNotRunning(Exception):
+class DaemonNotRunning(LocalError):
     """No ready daemon for this home."""
 
 

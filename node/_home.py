@@ -18,6 +18,8 @@ import tomlkit
 
 from wallet import Keystore
 
+from ._errors import LocalError
+
 __all__ = ["HOME_ENV", "Home", "resolve_home", "init_home", "ConfigError"]
 
 HOME_ENV = "INFERSWARM_HOME"
@@ -37,7 +39,7 @@ accept_escrow = []
 """
 
 
-class ConfigError(Exception):
+class ConfigError(LocalError):
     """The config file is unreadable or holds a value of the wrong shape."""
 
 

@@ -1,73 +1,215 @@
 """The daemon's local HTTP API (control face, ``/api/v1/…``), used by the ``node`` CLI.
 
 Rules: loopback only; every request carries ``Authorization: Bearer <token>`` with the token
-kept in the home (``api.token``, mode 0600), compared in constant time; errors are JSON
-``{"error": {"message", "type", "code"}}`` with a meaningful status (400 bad input, 401 no
-token, 404 unknown, 409 refused by an escrow agent, 502 agent unreachable); amounts are µc.
+kept in the home (``api.token``, mode 0600), compared in constant time; every POST body is a
+declared model below; errors are JSON ``{"error": {"message", "type", "code"}}`` with the status
+of ``_http.TABLE`` (the same as the OpenAI face's); amounts are µc.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+import dataclasses
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AfterValidator, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 import protocol
 
-from ..consumer._held_sessions import UnknownSession
-from ..consumer._renter import RentError
+from .._errors import InvalidRequest, NotFound
 from ..consumer._routing import SORTS, Preferences
-from ..consumer._session_client import CallRefused, SessionError, SessionRejected
-from ..escrow._client import EscrowUnreachable
-from ..escrow._ops import EscrowRefused
+from ..escrow._ops import _decode_hex, _hex_id
+from ..provider import Offer
+from ._http import (
+    Amount,
+    Body,
+    Budget,
+    Handler,
+    MaxTokens,
+    NDJSONStream,
+    PeerId,
+    Problem,
+    Sort,
+    checked_agent,
+    endpoint,
+    read_body,
+)
 from ._openai import openai_routes
 from ._reports import earnings, metrics_registry, stats
 
 if TYPE_CHECKING:
     from .._node import NodeService
 
-__all__ = ["build_app", "ApiError"]
+__all__ = ["build_app"]
 
-Handler = Callable[[Request], Awaitable[Any]]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+Routes = list[tuple[str, str, Handler]]
+OnText = Callable[[str], Awaitable[None]]
 
 
-def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
+def _shape(p: Problem) -> dict[str, Any]:
+    return {"error": {"message": p.message, "type": p.type, "code": p.code}}
 
 
-async def body(request: Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.body() or b"{}")
-    except ValueError as exc:
-        raise ApiError(400, f"request body is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
+def _stream_error(p: Problem) -> dict[str, Any]:
+    return _shape(p) | {"status": p.status}  # the status line went out before the error happened
 
 
-def _field(data: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
-    value = data.get(name, default)
-    if value is ...:
-        raise ApiError(400, f"missing field {name!r}")
-    if value is not None and value is not default and (type(value) is not kind):
-        raise ApiError(400, f"field {name!r} must be {kind.__name__}")
+async def _body(request: Request, model: type[Body]) -> Any:
+    return await read_body(request, model, empty=b"{}")  # no body at all reads as {}
+
+
+def _streamed(call: Callable[[OnText], Awaitable[Any]]) -> NDJSONStream:
+    """``call(on_text)`` as NDJSON: each piece of text as ``{"delta"}`` when it arrives, then ``{"result"}``."""
+
+    async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
+        async def on_text(text: str) -> None:
+            await emit({"delta": text})
+
+        await emit({"result": await call(on_text)})
+
+    return NDJSONStream(produce, _stream_error)
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+
+_OFFER = {f.name: f.default for f in dataclasses.fields(Offer)}  # Offer's own defaults, stated once
+
+
+class TierBody(Body):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    input_price: int
+    output_price: int
+    max_concurrent: int
+    priority: int = 1
+
+
+class OfferBody(Body):
+    """``Offer``'s fields; its own checks (ranges, backend spec, tier names) run when it is built."""
+
+    model_config = ConfigDict(extra="forbid")  # as Offer(**fields) refuses a field it does not know
+
+    model: str
+    backend: str
+    input_price: int
+    output_price: int
+    max_context: int = _OFFER["max_context"]
+    min_charge: int = _OFFER["min_charge"]
+    rate_limit: int = _OFFER["rate_limit"]
+    max_concurrent: int = _OFFER["max_concurrent"]
+    tiers: list[TierBody] = []
+    batch_min_calls: int = _OFFER["batch_min_calls"]
+    batch_discount_permille: int = _OFFER["batch_discount_permille"]
+
+
+def _id(value: str) -> str:
+    _hex_id(value, "an id")
     return value
 
 
-def _market_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
+def _message_hex(cls: type) -> AfterValidator:
+    def check(value: str) -> str:
+        _decode_hex(value, cls, "the value")
+        return value
+
+    return AfterValidator(check)
+
+
+HexId = Annotated[str, AfterValidator(_id)]  # a channel or budget id: 32 hex digits
+ReceiptHex = Annotated[str, _message_hex(protocol.Receipt)]
+CloseHex = Annotated[str, _message_hex(protocol.EscrowClose)]
+Seconds = Annotated[int, Field(ge=1, le=1 << 32)]  # a lifetime; now + it stays inside the wire's u64
+
+
+class Escrowed(Body):
+    escrow: str | None = None  # the agent: a peer id or a /p2p/ address; none or "": this node's own
+
+
+class MintBody(Escrowed):
+    to: PeerId
+    amount: Amount
+
+
+class WithdrawBody(Escrowed):
+    amount: Amount
+
+
+class OpenBody(Escrowed):
+    provider: PeerId
+    amount: Amount
+    expires_s: Seconds
+    budget_id: HexId | None = None
+
+
+class ClaimBody(Escrowed):
+    receipt: ReceiptHex
+
+
+class CloseBody(Escrowed):
+    channel_id: HexId
+    receipt: ReceiptHex | None = None
+    partial: CloseHex | None = None
+    sign_only: bool = False
+
+
+class ChannelBody(Escrowed):
+    channel_id: HexId
+
+
+class BudgetBody(Escrowed):
+    amount: Amount
+    whitelist: list[PeerId]
+    per_session_limit: Amount
+    expires_s: Seconds
+
+
+class BudgetIdBody(Escrowed):
+    budget_id: HexId
+
+
+class Message(Body):
+    role: str
+    content: str
+
+
+class CallBody(Body):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: MaxTokens = 256
+    temperature_milli: Annotated[int, Field(ge=0, le=2000)] = 1000
+    stream: bool = False
+
+
+class RunBody(CallBody):
+    messages: list[Message] | None = Field(None, min_length=1)  # or one user message, ``prompt``
+    prompt: str | None = None
+    model: str
+    provider: str | None = None  # rent from this provider only
+    sort: Sort = "cheapest"
+    budget: Budget | None = None
+    escrow: str | None = None
+    tier: str = ""
+
+
+class SessionBody(Body):
+    model: str
+    provider: str | None = None
+    sort: Sort = "cheapest"
+    budget: Budget
+    escrow: str | None = None
+    tier: str = ""
+    batch_calls: Annotated[int, Field(ge=0)] = 0
+
+
+# ---- routes ------------------------------------------------------------------------------------
+
+
+def _market_routes(service: "NodeService") -> Routes:
     async def status(request: Request) -> Any:
         return service.status()
 
@@ -75,18 +217,22 @@ def _market_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
         return [o.to_json() for o in service.offers()]
 
     async def add_offer(request: Request) -> Any:
-        return service.add_offer(await body(request)).to_json()
+        d = await _body(request, OfferBody)
+        try:
+            return service.add_offer(d.model_dump()).to_json()
+        except ValueError as exc:  # Offer refused a value, or the storefront is full (Node.add_offer's contract)
+            raise InvalidRequest(str(exc)) from exc
 
     async def remove_offer(request: Request) -> Any:
         model = request.path_params["model"]
         if not service.remove_offer(model):
-            raise ApiError(404, f"no offer for model {model!r}", code="unknown_model")
+            raise NotFound(f"no offer for model {model!r}")
         return {"removed": model}
 
     async def providers(request: Request) -> Any:
         sort = request.query_params.get("sort", "cheapest")
         if sort not in SORTS:
-            raise ApiError(400, f"sort must be one of {', '.join(SORTS)}")
+            raise InvalidRequest(f"sort must be one of {', '.join(SORTS)}", "sort")
         return await service.providers(request.query_params.get("model") or None, sort)
 
     async def market(request: Request) -> Any:
@@ -102,61 +248,71 @@ def _market_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     ]
 
 
-def _escrow_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
+def _escrow_routes(service: "NodeService") -> Routes:
     ops = service.escrow
 
-    def agent(data: dict[str, Any] | Any) -> str | None:
-        value = data.get("escrow")
-        if value is not None and type(value) is not str:
-            raise ApiError(400, "escrow must be a peer id or a /p2p/ address")
-        return value or None
+    def agent(d: Escrowed) -> str | None:
+        return checked_agent(ops, d.escrow or None)
+
+    def query_agent(request: Request) -> str | None:
+        return checked_agent(ops, request.query_params.get("escrow") or None)
 
     async def balance(request: Request) -> Any:
-        return await ops.balance(agent(request.query_params))
+        return await ops.balance(query_agent(request))
 
     async def budgets(request: Request) -> Any:
-        return await ops.budgets(agent(request.query_params))
+        return await ops.budgets(query_agent(request))
 
     async def channel(request: Request) -> Any:
-        return await ops.channel(agent(request.query_params), request.path_params["channel_id"])
+        channel_id = request.path_params["channel_id"]
+        try:
+            _hex_id(channel_id, "channel id")
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), "channel_id") from exc
+        return await ops.channel(query_agent(request), channel_id)
 
     async def mint(request: Request) -> Any:
-        d = await body(request)
-        return await ops.mint(agent(d), _field(d, "to", str), _field(d, "amount", int))
+        d = await _body(request, MintBody)
+        return await ops.mint(agent(d), d.to, d.amount)
 
     async def withdraw(request: Request) -> Any:
-        d = await body(request)
-        return await ops.withdraw(agent(d), _field(d, "amount", int))
+        d = await _body(request, WithdrawBody)
+        return await ops.withdraw(agent(d), d.amount)
 
     async def open_(request: Request) -> Any:
-        d = await body(request)
-        return await ops.open(agent(d), _field(d, "provider", str), _field(d, "amount", int),
-                              _field(d, "expires_s", int), _field(d, "budget_id", str, None))
+        d = await _body(request, OpenBody)
+        return await ops.open(agent(d), d.provider, d.amount, d.expires_s, d.budget_id)
 
     async def claim(request: Request) -> Any:
-        d = await body(request)
-        return await ops.claim(agent(d), _field(d, "receipt", str))
+        d = await _body(request, ClaimBody)
+        # no agent named: the receipt's own
+        return await ops.claim(checked_agent(ops, d.escrow) if d.escrow else None, d.receipt)
 
     async def close(request: Request) -> Any:
-        d = await body(request)
-        return await ops.close(agent(d), _field(d, "channel_id", str), _field(d, "receipt", str, None),
-                               _field(d, "partial", str, None), bool(d.get("sign_only", False)))
+        d = await _body(request, CloseBody)
+        if d.partial is None and not d.sign_only:
+            raise InvalidRequest("a cooperative close needs both parties: sign with --sign-only and have the other "
+                                 "party submit with --with FILE", "partial")
+        if d.partial is not None:  # already checked to decode (CloseHex)
+            other = _decode_hex(d.partial, protocol.EscrowClose, "partial")
+            if other.channel_id != bytes.fromhex(d.channel_id):
+                raise InvalidRequest("that close is for another channel", "partial")
+        try:
+            return await ops.close(agent(d), d.channel_id, d.receipt, d.partial, d.sign_only)
+        except ValueError as exc:  # EscrowOps.close's last check, after asking the agent: not a party of it
+            raise InvalidRequest(str(exc), "channel_id") from exc
 
     async def refund(request: Request) -> Any:
-        d = await body(request)
-        return await ops.refund(agent(d), _field(d, "channel_id", str))
+        d = await _body(request, ChannelBody)
+        return await ops.refund(agent(d), d.channel_id)
 
     async def budget_create(request: Request) -> Any:
-        d = await body(request)
-        whitelist = _field(d, "whitelist", list)
-        if not all(isinstance(w, str) for w in whitelist):
-            raise ApiError(400, "whitelist is a list of peer ids")
-        return await ops.budget_create(agent(d), _field(d, "amount", int), whitelist,
-                                       _field(d, "per_session_limit", int), _field(d, "expires_s", int))
+        d = await _body(request, BudgetBody)
+        return await ops.budget_create(agent(d), d.amount, d.whitelist, d.per_session_limit, d.expires_s)
 
     async def budget_refund(request: Request) -> Any:
-        d = await body(request)
-        return await ops.budget_refund(agent(d), _field(d, "budget_id", str))
+        d = await _body(request, BudgetIdBody)
+        return await ops.budget_refund(agent(d), d.budget_id)
 
     return [
         ("GET", "/api/v1/wallet/balance", balance),
@@ -173,107 +329,42 @@ def _escrow_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
     ]
 
 
-def _error_of(exc: Exception) -> tuple[int, str, str, str | None] | None:
-    """(status, message, type, code) of an exception the API reports, or None."""
-    if isinstance(exc, ApiError):
-        return exc.status, exc.message, exc.kind, exc.code
-    if isinstance(exc, EscrowRefused):
-        return 409, f"the escrow agent refused: {exc}", "escrow_error", exc.code
-    if isinstance(exc, EscrowUnreachable):
-        return 502, str(exc), "escrow_unreachable", None
-    if isinstance(exc, RentError):
-        return 404, str(exc), "no_provider", "no_provider"
-    if isinstance(exc, (SessionRejected, CallRefused)):
-        return 409, str(exc), "provider_refused", exc.reason
-    if isinstance(exc, SessionError):
-        return 502, str(exc), "provider_error", getattr(exc, "code", None)
-    if isinstance(exc, protocol.SpendLimitReached):
-        return 402, str(exc), "budget_exhausted", "spend_limit_reached"
-    if isinstance(exc, UnknownSession):
-        return 404, str(exc.args[0]), "invalid_request_error", "unknown_session"
-    if isinstance(exc, (ValueError, TypeError)):
-        return 400, str(exc), "invalid_request_error", None
-    return None
+def _renting_routes(service: "NodeService") -> Routes:
+    def prefs(sort: str, provider: str | None) -> Preferences:
+        return Preferences(sort=sort, only=(provider,) if provider else ())
 
+    def escrow(name: str | None) -> str | None:  # none: whichever agent a provider lists
+        return checked_agent(service.escrow, name) if name else None
 
-class NDJSONStream:
-    """An ASGI response that runs ``produce(emit)`` and sends each emitted document as one JSON
-    line as soon as it is emitted (no generator holds a nursery open across a yield)."""
-
-    def __init__(self, produce: Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]) -> None:
-        self.produce = produce
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]})
-
-        async def emit(doc: Any) -> None:
-            await send({"type": "http.response.body", "body": json.dumps(doc).encode() + b"\n", "more_body": True})
-
-        try:
-            await self.produce(emit)
-        except Exception as exc:
-            err = _error_of(exc)
-            if err is None:
-                raise
-            await emit({"error": {"message": err[1], "type": err[2], "code": err[3]}, "status": err[0]})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
-    def call_args(d: dict[str, Any]) -> tuple[list[dict[str, str]], int, int]:
-        messages = d.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(400, "messages must be a non-empty list of {role, content}")
-        return messages, _field(d, "max_tokens", int, 256), _field(d, "temperature_milli", int, 1000)
+    def messages(d: CallBody) -> list[dict[str, str]]:
+        return [m.model_dump() for m in d.messages or ()]
 
     async def run(request: Request) -> Any:
-        d = await body(request)
-        if "messages" not in d:
-            d["messages"] = [{"role": "user", "content": _field(d, "prompt", str)}]
-        messages, max_tokens, temperature = call_args(d)
-        provider = _field(d, "provider", str, None)
-        prefs = Preferences(sort=_field(d, "sort", str, "cheapest"), only=(provider,) if provider else ())
-        kwargs = dict(max_tokens=max_tokens, temperature_milli=temperature, prefs=prefs,
-                      budget=_field(d, "budget", int, None), escrow=_field(d, "escrow", str, None),
-                      tier=_field(d, "tier", str, ""))
-        model = _field(d, "model", str)
-        if not d.get("stream"):
-            return await service.renter.run(model, messages, **kwargs)
-
-        async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
-            async def on_text(text: str) -> None:
-                await emit({"delta": text})
-
-            await emit({"result": await service.renter.run(model, messages, on_text=on_text, **kwargs)})
-
-        return NDJSONStream(produce)
+        d = await _body(request, RunBody)
+        if d.messages is not None:
+            msgs = messages(d)
+        elif d.prompt is not None:
+            msgs = [{"role": "user", "content": d.prompt}]
+        else:
+            raise InvalidRequest("prompt: missing (it is required without messages)", "prompt", "missing_field")
+        kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli, prefs=prefs(d.sort, d.provider),
+                      budget=d.budget, escrow=escrow(d.escrow), tier=d.tier)
+        if not d.stream:
+            return await service.renter.run(d.model, msgs, **kwargs)
+        return _streamed(lambda on_text: service.renter.run(d.model, msgs, on_text=on_text, **kwargs))
 
     async def open_session(request: Request) -> Any:
-        d = await body(request)
-        provider = _field(d, "provider", str, None)
-        prefs = Preferences(sort=_field(d, "sort", str, "cheapest"), only=(provider,) if provider else ())
-        return await service.sessions.open(_field(d, "model", str), budget=_field(d, "budget", int), prefs=prefs,
-                                           escrow=_field(d, "escrow", str, None), tier=_field(d, "tier", str, ""),
-                                           batch_calls=_field(d, "batch_calls", int, 0))
+        d = await _body(request, SessionBody)
+        return await service.sessions.open(d.model, budget=d.budget, prefs=prefs(d.sort, d.provider),
+                                           escrow=escrow(d.escrow), tier=d.tier, batch_calls=d.batch_calls)
 
     async def session_call(request: Request) -> Any:
         sid = request.path_params["session_id"]
-        d = await body(request)
-        messages, max_tokens, temperature = call_args(d)
-        if not d.get("stream"):
-            return await service.sessions.call(sid, messages, max_tokens=max_tokens, temperature_milli=temperature)
-
-        async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
-            async def on_text(text: str) -> None:
-                await emit({"delta": text})
-
-            await emit({"result": await service.sessions.call(sid, messages, max_tokens=max_tokens,
-                                                              temperature_milli=temperature, on_text=on_text)})
-
-        return NDJSONStream(produce)
+        d = await _body(request, CallBody)
+        kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli)
+        if not d.stream:
+            return await service.sessions.call(sid, messages(d), **kwargs)
+        return _streamed(lambda on_text: service.sessions.call(sid, messages(d), on_text=on_text, **kwargs))
 
     async def close_session(request: Request) -> Any:
         return await service.sessions.close(request.path_params["session_id"])
@@ -290,7 +381,7 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
         try:
             sid = bytes.fromhex(session) if session else None
         except ValueError as exc:
-            raise ApiError(400, "session must be hex") from exc
+            raise InvalidRequest("session must be hex", "session") from exc
         return await trio.to_thread.run_sync(service.receipts.list, sid)
 
     return [
@@ -305,24 +396,7 @@ def _renting_routes(service: "NodeService") -> list[tuple[str, str, Handler]]:
 
 
 def build_app(service: "NodeService", token: str, openai_keyless: bool = False) -> Starlette:
-    """The ASGI app of the control API, bound to one running node."""
-    expected = f"Bearer {token}".encode()
-
-    def endpoint(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
-                return _error(401, "missing or wrong bearer token (see api.token in the node home)", "authentication_error")
-            try:
-                result = await fn(request)
-            except Exception as exc:
-                err = _error_of(exc)
-                if err is None:
-                    raise
-                return _error(*err)
-            return result if isinstance(result, NDJSONStream) else JSONResponse(result)
-
-        return handler
-
+    """The ASGI app of both faces (and ``/metrics``), bound to one running node."""
     routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
     registry = metrics_registry(service)
 
@@ -331,5 +405,5 @@ def build_app(service: "NodeService", token: str, openai_keyless: bool = False) 
         body = await trio.to_thread.run_sync(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route(path, endpoint(fn), methods=[method]) for method, path, fn in routes]
+    return Starlette(routes=[Route(path, endpoint(fn, _shape, token), methods=[method]) for method, path, fn in routes]
                      + openai_routes(service, token, openai_keyless) + [Route("/metrics", metrics, methods=["GET"])])

@@ -7,29 +7,23 @@ Beyond the OpenAI format: an optional ``provider`` object carries routing prefer
 tokens), ``only`` and ``ignore`` (peer ids), ``allow_fallbacks`` (default true) — and optional
 top-level ``escrow`` (agent) and ``budget`` (µc for this call). Every response adds ``provider``
 (who served it), ``cost`` (µc) and ``receipt_id``; streams send them in the final usage chunk.
-Errors use OpenAI's shape ``{"error": {message, type, param, code}}`` with meaningful statuses.
+Errors use OpenAI's shape ``{"error": {message, type, param, code}}`` with the status of
+``_http.TABLE`` (the same as the control face's); ``param`` names the offending field.
 Auth: the node's bearer token, or none when the daemon runs with ``--openai-keyless`` (the API
 listens on loopback only).
 """
 
 from __future__ import annotations
 
-import hmac
-import json
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
+from pydantic import AfterValidator, Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import protocol
-
-from ..consumer._renter import RentError
-from ..consumer._routing import SORTS, Preferences
-from ..consumer._session_client import SessionError
-from ..escrow._client import EscrowUnreachable
-from ..escrow._ops import EscrowRefused
+from ..consumer._routing import Preferences
+from ._http import Body, Budget, MaxTokens, Problem, Sort, SSEStream, checked_agent, endpoint, read_body
 
 if TYPE_CHECKING:
     from .._node import NodeService
@@ -39,37 +33,11 @@ __all__ = ["openai_routes"]
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+def _shape(p: Problem) -> dict[str, Any]:
+    return {"error": {"message": p.message, "type": p.type, "param": p.param, "code": p.code}}
 
 
-def _translate(exc: Exception) -> OpenAIError:
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, RentError):
-        if exc.attempts:
-            return OpenAIError(502, str(exc), "api_error", "providers_failed")
-        return OpenAIError(404, str(exc), "invalid_request_error", "model_not_found", "model")
-    if isinstance(exc, protocol.SpendLimitReached):
-        return OpenAIError(402, f"over budget: {exc}", "insufficient_quota", "budget_exceeded")
-    if isinstance(exc, EscrowRefused):
-        if exc.code == "insufficient_funds":
-            return OpenAIError(402, f"not enough credits at the escrow agent: {exc}", "insufficient_quota",
-                               "insufficient_funds")
-        return OpenAIError(402, f"the escrow agent refused: {exc}", "insufficient_quota", exc.code)
-    if isinstance(exc, EscrowUnreachable):
-        return OpenAIError(503, str(exc), "api_error", "escrow_unreachable")
-    if isinstance(exc, SessionError):
-        return OpenAIError(502, str(exc), "api_error", getattr(exc, "reason", None) or getattr(exc, "code", None))
-    if isinstance(exc, (ValueError, TypeError)):
-        return OpenAIError(400, str(exc))
-    raise exc
+# ---- the request body --------------------------------------------------------------------------
 
 
 def _text(content: Any) -> str:
@@ -79,75 +47,89 @@ def _text(content: Any) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise OpenAIError(400, "only text content parts are supported", param="messages")
+                raise ValueError("only text content parts are supported")
             parts.append(part["text"])
         return "".join(parts)
     if content is None:
         return ""
-    raise OpenAIError(400, "message content must be a string or a list of text parts", param="messages")
+    raise ValueError("message content must be a string or a list of text parts")
 
 
-def _parse(d: Any) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    model = d.get("model")
-    if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "model is required", param="model", code="missing_model")
-    raw = d.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise OpenAIError(400, "messages must be a non-empty array", param="messages")
-    messages = []
-    for m in raw:
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise OpenAIError(400, "each message needs a role of system, developer, user, assistant or tool",
-                              param="messages")
-        messages.append({"role": _ROLES[m["role"]], "content": _text(m.get("content"))})
-    if d.get("tools") or d.get("functions"):
-        raise OpenAIError(400, "tool calling is not supported by this network yet", param="tools")
-    if d.get("n", 1) != 1:
-        raise OpenAIError(400, "only n=1 is supported", param="n")
-    max_tokens = d.get("max_completion_tokens", d.get("max_tokens", 256))
-    if type(max_tokens) is not int or max_tokens < 1:
-        raise OpenAIError(400, "max_tokens must be a positive integer", param="max_tokens")
-
-    def milli(name: str, default: float, top: float) -> int:
-        value = d.get(name, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
-            raise OpenAIError(400, f"{name} must be a number from 0 to {top}", param=name)
-        return int(round(value * 1000))  # the wire carries integer thousandths
-
-    stop = d.get("stop") or ()
+def _stop(value: Any) -> tuple[str, ...]:
+    stop = value or ()
     if isinstance(stop, str):
         stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-        raise OpenAIError(400, "stop is a string or up to 4 strings", param="stop")
-    p = d.get("provider") or {}
-    if not isinstance(p, dict):
-        raise OpenAIError(400, "provider must be an object", param="provider")
-    max_price = p.get("max_price") or {}
-    try:
-        prefs = Preferences(
-            sort=p.get("sort", "cheapest"),
-            max_input_price=max_price.get("input"),
-            max_output_price=max_price.get("output"),
-            only=tuple(p.get("only") or ()),
-            ignore=tuple(p.get("ignore") or ()),
-            allow_fallbacks=bool(p.get("allow_fallbacks", True)),
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise OpenAIError(400, f"provider preferences: {exc} (sort is one of {', '.join(SORTS)})",
-                          param="provider") from exc
-    budget = d.get("budget")
-    if budget is not None and (type(budget) is not int or budget < 1):
-        raise OpenAIError(400, "budget is a positive integer of micro-credits", param="budget")
-    escrow = d.get("escrow")
-    if escrow is not None and not isinstance(escrow, str):
-        raise OpenAIError(400, "escrow is a peer id", param="escrow")
-    return {"model": model, "messages": messages, "max_tokens": max_tokens, "prefs": prefs, "budget": budget,
-            "escrow": escrow, "temperature_milli": milli("temperature", 1.0, 2.0), "top_p_milli": milli("top_p", 1.0, 1.0),
-            "stop": tuple(stop), "stream": bool(d.get("stream", False))}
+    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(
+            isinstance(s, str) and len(s.encode()) <= 64 for s in stop):
+        raise ValueError("stop is a string or up to 4 strings, each at most 64 bytes")  # the wire's bounds
+    return tuple(stop)
+
+
+def _unsupported(what: str) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if value:
+            raise ValueError(f"{what} is not supported by this network yet")
+        return value
+
+    return AfterValidator(check)
+
+
+def _one(value: int | None) -> int:
+    if value not in (None, 1):
+        raise ValueError("only n=1 is supported")
+    return 1
+
+
+class ChatMessage(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[Any, AfterValidator(_text)] = Field(None, validate_default=True)  # text, as one string
+
+
+class MaxPrice(Body):  # µc per 1K tokens
+    input: int | None = None
+    output: int | None = None
+
+
+class ProviderPrefs(Body):
+    """Routing preferences, beyond the OpenAI format."""
+
+    sort: Sort = "cheapest"
+    max_price: MaxPrice | None = None
+    only: list[str] | None = None  # peer ids
+    ignore: list[str] | None = None
+    allow_fallbacks: bool = True
+
+    def preferences(self) -> Preferences:
+        price = self.max_price or MaxPrice()
+        return Preferences(sort=self.sort, max_input_price=price.input, max_output_price=price.output,
+                           only=tuple(self.only or ()), ignore=tuple(self.ignore or ()),
+                           allow_fallbacks=self.allow_fallbacks)
+
+
+class ChatRequest(Body):
+    """What this network reads of OpenAI's chat completion request (the rest is ignored)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Annotated[Any, _unsupported("tool calling")] = None
+    functions: Annotated[Any, _unsupported("tool calling")] = None
+    n: Annotated[int | None, AfterValidator(_one)] = 1
+    max_completion_tokens: MaxTokens | None = None  # wins over max_tokens; neither: 256
+    max_tokens: MaxTokens | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    stop: Annotated[Any, AfterValidator(_stop)] = Field(None, validate_default=True)
+    stream: bool | None = False
+    provider: ProviderPrefs | None = None
+    escrow: str | None = None  # the agent to pay through (a peer id)
+    budget: Budget | None = None  # µc this call may cost
+
+    def limit(self) -> int:
+        return next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), 256)
+
+
+def _milli(value: float | None, default: float) -> int:
+    return int(round((default if value is None else value) * 1000))  # the wire carries integer thousandths
 
 
 def _completion(doc: dict[str, Any], created: int) -> dict[str, Any]:
@@ -165,45 +147,7 @@ def _completion(doc: dict[str, Any], created: int) -> dict[str, Any]:
     }
 
 
-class _SSE:
-    """Server-sent events from ``produce(emit)``; an error after the headers goes out as an
-    ``error`` event (OpenAI's streaming behaviour), then ``[DONE]``."""
-
-    def __init__(self, produce: Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]) -> None:
-        self.produce = produce
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-
-        async def emit(doc: Any) -> None:
-            await send({"type": "http.response.body", "body": b"data: " + json.dumps(doc).encode() + b"\n\n",
-                        "more_body": True})
-
-        try:
-            await self.produce(emit)
-        except Exception as exc:
-            await emit(_translate(exc).body())
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-
-
 def openai_routes(service: "NodeService", token: str, keyless: bool) -> list[Route]:
-    expected = f"Bearer {token}".encode()
-
-    def guarded(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
-        async def handler(request: Request) -> Any:
-            try:
-                if not keyless and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
-                    raise OpenAIError(401, "missing or wrong API key (the node's api.token, as a bearer token)",
-                                      "authentication_error", "invalid_api_key")
-                result = await fn(request)
-            except Exception as exc:
-                err = _translate(exc)
-                return JSONResponse(err.body(), status_code=err.status)
-            return result if isinstance(result, (_SSE, Response)) else JSONResponse(result)
-
-        return handler
-
     async def models(request: Request) -> Any:
         data = []
         for name, rows in sorted(service.market.view.models(service.market.now()).items()):
@@ -222,20 +166,20 @@ def openai_routes(service: "NodeService", token: str, keyless: bool) -> list[Rou
         return {"object": "list", "data": data}
 
     async def chat(request: Request) -> Any:
-        try:
-            raw = json.loads(await request.body())
-        except ValueError as exc:
-            raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
-        q = _parse(raw)
+        q = await read_body(request, ChatRequest)
+        model = q.model
+        messages = [{"role": _ROLES[m.role], "content": m.content} for m in q.messages]
         created = int(time.time())
-        kwargs = dict(max_tokens=q["max_tokens"], temperature_milli=q["temperature_milli"], prefs=q["prefs"],
-                      budget=q["budget"], escrow=q["escrow"], top_p_milli=q["top_p_milli"], stop=q["stop"])
-        if not q["stream"]:
-            return _completion(await service.renter.run(q["model"], q["messages"], **kwargs), created)
+        kwargs = dict(max_tokens=q.limit(), temperature_milli=_milli(q.temperature, 1.0),
+                      top_p_milli=_milli(q.top_p, 1.0), stop=q.stop,
+                      prefs=(q.provider or ProviderPrefs()).preferences(), budget=q.budget,
+                      escrow=checked_agent(service.escrow, q.escrow) if q.escrow else None)
+        if not q.stream:
+            return _completion(await service.renter.run(model, messages, **kwargs), created)
         chunk_id = "chatcmpl-" + str(created)
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": q["model"],
+            return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
@@ -248,15 +192,16 @@ def openai_routes(service: "NodeService", token: str, keyless: bool) -> list[Rou
                     await emit(chunk({"role": "assistant", "content": ""}))
                 await emit(chunk({"content": text}))
 
-            doc = await service.renter.run(q["model"], q["messages"], on_text=on_text, **kwargs)
+            doc = await service.renter.run(model, messages, on_text=on_text, **kwargs)
             if not started:
                 await emit(chunk({"role": "assistant", "content": ""}))
             await emit(chunk({}, doc["choices"][0]["finish_reason"]))
-            await emit({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": q["model"],
+            await emit({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [], "usage": doc["usage"], "provider": doc["provider"],
                         "cost": doc["cost"]["amount"], "receipt_id": doc["cost"]["receipt_id"]})
 
-        return _SSE(produce)
+        return SSEStream(produce, _shape)  # an error mid-stream: OpenAI's error body as the last event
 
-    return [Route("/v1/models", guarded(models), methods=["GET"]),
-            Route("/v1/chat/completions", guarded(chat), methods=["POST"])]
+    auth = None if keyless else token
+    return [Route("/v1/models", endpoint(models, _shape, auth), methods=["GET"]),
+            Route("/v1/chat/completions", endpoint(chat, _shape, auth), methods=["POST"])]

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .._errors import InvalidRequest
+
 if TYPE_CHECKING:
     from .._node import NodeService
 
@@ -39,10 +41,18 @@ def parse_period(period: str) -> int:
 
 
 def earnings(service: "NodeService", period: str = "30d", by: str = "model") -> dict[str, Any]:
-    """``{period, total, claimed, pending, by: {key: amount}}`` for receipts this node served."""
+    """``{period, total, claimed, pending, by: {key: amount}}`` for receipts this node served.
+
+    Raises:
+        InvalidRequest: a period not like 30d, or ``by`` not one of model, client, hour.
+    """
     if by not in _BY:
-        raise ValueError("by is one of model, client, hour")
-    since = int(time.time()) - parse_period(period)
+        raise InvalidRequest("by is one of model, client, hour", "by")
+    try:
+        seconds = parse_period(period)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), "period") from exc
+    since = int(time.time()) - seconds
     where = "role = 'provider' AND stored_at >= ?"
     (total, claimed), = service.receipts.query(
         f"SELECT COALESCE(SUM(cost), 0), COALESCE(SUM(CASE WHEN claimed THEN cost ELSE 0 END), 0) FROM receipts "

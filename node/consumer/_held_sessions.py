@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from .._errors import NotFound
 from ._renter import Renter, completion_json
 from ._routing import Preferences
 from ._session_client import SessionError
@@ -18,7 +19,7 @@ __all__ = ["HeldSessions", "UnknownSession"]
 _logger = logging.getLogger(__name__)
 
 
-class UnknownSession(KeyError):
+class UnknownSession(NotFound):
     pass
 
 

@@ -20,6 +20,7 @@ from protocol import Listing, ModelOffer
 from wallet import EscrowAgent
 
 from .._contracts import Contract, active_contract
+from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..escrow._ops import EscrowOps
 from ..net._market import Market
@@ -43,7 +44,7 @@ _SESSION_CHANNEL_S = 3600
 _MAX_ATTEMPTS = 3
 
 
-class RentError(Exception):
+class RentError(RemoteError):
     """No provider could be rented for this request (the message says why)."""
 
     def __init__(self, message: str, attempts: list[dict[str, Any]] | None = None) -> None:

@@ -38,6 +38,7 @@ from protocol import (
 )
 from wallet import Identity
 
+from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..net._streams import FramedStream, StreamClosed
 
@@ -45,7 +46,7 @@ __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "
            "ConsumerSessionHandle", "open_session"]
 
 
-class SessionError(Exception):
+class SessionError(RemoteError):
     """Renting failed; nothing was paid for the call that failed."""
 
 

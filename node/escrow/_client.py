@@ -17,13 +17,14 @@ import protocol
 from protocol import ESCROW_PROTOCOL
 from wallet import EscrowAgent
 
+from .._errors import RemoteError
 from ..net._host import parse_peer_addr
 from ..net._streams import FramedStream, StreamClosed
 
 __all__ = ["EscrowClient", "EscrowUnreachable"]
 
 
-class EscrowUnreachable(Exception):
+class EscrowUnreachable(RemoteError):
     """The escrow agent could not be reached or gave no valid answer."""
 
 

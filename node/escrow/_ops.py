@@ -22,12 +22,13 @@ from protocol import (
 )
 from wallet import Identity
 
+from .._errors import RemoteError
 from ._client import EscrowClient
 
 __all__ = ["EscrowOps", "EscrowRefused", "channel_json"]
 
 
-class EscrowRefused(Exception):
+class EscrowRefused(RemoteError):
     """The agent refused the request; ``code`` is its error code."""
 
     def __init__(self, code: str, detail: str) -> None:

@@ -6,12 +6,14 @@ from typing import Any
 
 import protocol
 
+from .._errors import RemoteError
+
 __all__ = ["FramedStream", "StreamClosed"]
 
 _READ = 1 << 16
 
 
-class StreamClosed(Exception):
+class StreamClosed(RemoteError):
     """The peer closed (or reset) the stream before a whole message arrived."""
 
 

@@ -16,14 +16,16 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from .._errors import LocalError
+
 __all__ = ["JobQueue", "QueueFull", "QueueTimeout"]
 
 
-class QueueFull(Exception):
+class QueueFull(LocalError):
     pass
 
 
-class QueueTimeout(Exception):
+class QueueTimeout(LocalError):
     pass
 
 

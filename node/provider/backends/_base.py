@@ -7,12 +7,14 @@ import abc
 import dataclasses
 from typing import Awaitable, Callable, Sequence
 
+from ..._errors import LocalError
+
 __all__ = ["Backend", "BackendError", "Generation", "OnPiece"]
 
 OnPiece = Callable[[str, int], Awaitable[None]]
 
 
-class BackendError(Exception):
+class BackendError(LocalError):
     """The backend could not serve the request (load failure, upstream error)."""
 
 

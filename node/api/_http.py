@@ -1,0 +1,294 @@
+"""What both HTTP faces of the daemon share: the error table, the bearer check, request bodies read
+into declared models, and responses streamed as they are produced.
+
+Rules:
+- Every exception that reaches a face goes through ``problem_of`` and nothing else. ``TABLE`` gives
+  each domain error one status, type and code, the same on both faces; a face only shapes the body
+  (control ``{"error": {message, type, code}}``, OpenAI ``{"error": {message, type, param, code}}``).
+- An exception with no row is a bug: 500 with a generic message and its traceback in the log,
+  never the client's 400. The only 400 is ``InvalidRequest``, which names the offending field.
+- A request body is a ``Body`` model (strict JSON types: no ``true`` for 1, no ``"1"`` for 1);
+  its validation failure becomes ``InvalidRequest``. A caller's value that only a lower layer can
+  check (an escrow agent's name) is checked here too, before any I/O, and its ValueError becomes
+  ``InvalidRequest`` here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+from typing import Annotated, Any, Awaitable, Callable, ClassVar, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+import protocol
+
+from .._daemon_files import DaemonNotRunning
+from .._errors import InvalidRequest, NotAuthorized, NotFound
+from .._home import ConfigError
+from ..consumer._held_sessions import UnknownSession
+from ..consumer._renter import RentError
+from ..consumer._routing import SORTS
+from ..consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected
+from ..escrow._client import EscrowUnreachable
+from ..escrow._ops import EscrowOps, EscrowRefused
+from ..net._streams import StreamClosed
+from ..provider._queue import QueueFull, QueueTimeout
+from ..provider.backends._base import BackendError
+
+__all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
+           "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "EventStream",
+           "NDJSONStream", "SSEStream"]
+
+_logger = logging.getLogger("node.api")
+
+
+# ---- the error table ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a client is told about an exception; each face shapes it into its body."""
+
+    status: int
+    type: str
+    code: str | None
+    message: str
+    param: str | None = None  # the offending request field (OpenAI's ``param``)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    error: type[BaseException]
+    status: int
+    type: str
+    code: str | Callable[[Any], str | None]  # fixed, or read off the exception
+    when: Callable[[Any], bool] | None = None  # a narrower case of ``error``, tried before the general row
+    prefix: str = ""  # put before the exception's own message
+    param: str | None = None
+
+    def problem(self, exc: BaseException) -> Problem:
+        code = self.code if isinstance(self.code, str) else self.code(exc)
+        param = exc.field if isinstance(exc, InvalidRequest) else self.param
+        return Problem(self.status, self.type, code, self.prefix + str(exc), param)
+
+
+# One status per case. First match wins, so a subclass (or a ``when`` case) comes before its base.
+TABLE: tuple[_Row, ...] = (
+    # the caller's fault
+    _Row(InvalidRequest, 400, "invalid_request_error", lambda e: e.code),  # the only 400: a field is wrong
+    _Row(NotAuthorized, 401, "authentication_error", "invalid_api_key"),
+    _Row(UnknownSession, 404, "invalid_request_error", "unknown_session"),  # never opened, or closed since
+    _Row(NotFound, 404, "invalid_request_error", "not_found"),
+    # money: 402 where paying more (a bigger budget, more credits) would make the same request work
+    _Row(protocol.SpendLimitReached, 402, "insufficient_quota", "spend_limit_reached", prefix="over budget: "),
+    _Row(EscrowRefused, 402, "insufficient_quota", "insufficient_funds", when=lambda e: e.code == "insufficient_funds",
+         prefix="not enough credits at the escrow agent: "),
+    # any other refusal is the agent's valid "no" that money does not change (already claimed, not the
+    # operator, channel closed or expired): 409, a conflict with the state the agent holds
+    _Row(EscrowRefused, 409, "escrow_refused", lambda e: e.code, prefix="the escrow agent refused: "),
+    # the agent is a service this node depends on and it is not there now; retrying may work: 503
+    _Row(EscrowUnreachable, 503, "escrow_unreachable", "escrow_unreachable"),
+    # providers: someone was tried and every one failed -> 502 (a gateway's upstream failed); nobody
+    # offers the model within the preferences -> 404, OpenAI's model_not_found
+    _Row(RentError, 502, "provider_error", "providers_failed", when=lambda e: bool(e.attempts)),
+    _Row(RentError, 404, "invalid_request_error", "model_not_found", param="model"),
+    # a provider's valid "no" (busy, over its rate limit, not that tier): 409, as for the escrow agent
+    _Row(SessionRejected, 409, "provider_refused", lambda e: e.reason),
+    _Row(CallRefused, 409, "provider_refused", lambda e: e.reason),
+    # a provider that broke (went away, broke the protocol) mid-session: 502
+    _Row(ProviderMisbehaved, 502, "provider_error", lambda e: e.code),
+    _Row(ProviderFailed, 502, "provider_error", "provider_failed"),
+    _Row(SessionError, 502, "provider_error", "provider_error"),
+    _Row(StreamClosed, 502, "provider_error", "peer_closed"),  # a peer's stream ended mid-message
+    # a prompt too big for one protocol frame: the caller's, but no single field is at fault
+    _Row(protocol.MessageTooLarge, 413, "invalid_request_error", "request_too_large"),
+    # this node's own trouble, should it ever reach a face (the provider side turns these into its
+    # answers to consumers): busy -> 503, its backend broke -> 502, its config -> 500
+    _Row(QueueFull, 503, "server_error", "queue_full"),
+    _Row(QueueTimeout, 503, "server_error", "queue_timeout"),
+    _Row(BackendError, 502, "server_error", "backend_error"),
+    _Row(DaemonNotRunning, 503, "server_error", "daemon_not_running"),
+    _Row(ConfigError, 500, "server_error", "config_error"),
+)
+
+_BUG = Problem(500, "server_error", "internal_error", "internal error: the node hit a bug (its log has the details)")
+
+
+def problem_of(exc: BaseException) -> Problem:
+    """What to tell the client about ``exc``: its row of ``TABLE``; with none, a bug: 500, a
+    generic message, and the traceback logged here. A group of one exception is read as that one."""
+    one = exc
+    while isinstance(one, BaseExceptionGroup) and len(one.exceptions) == 1:
+        one = one.exceptions[0]
+    for row in TABLE:
+        if isinstance(one, row.error) and (row.when is None or row.when(one)):
+            return row.problem(one)
+    _logger.error("a bug reached the HTTP API: %s: %s", type(one).__name__, one, exc_info=exc)
+    return _BUG
+
+
+Shape = Callable[[Problem], dict[str, Any]]  # a face's error body
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+def check_bearer(request: Request, token: str) -> None:
+    """Check the request's ``Authorization: Bearer <token>``, in constant time.
+
+    Raises:
+        NotAuthorized: missing or wrong.
+    """
+    if not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+        raise NotAuthorized("missing or wrong bearer token: send the node's api.token (in its home) as "
+                            "'Authorization: Bearer <token>'")
+
+
+def endpoint(fn: Handler, shape: Shape, token: str | None) -> Handler:
+    """A Starlette endpoint running ``fn`` after the bearer check (none when ``token`` is None): its
+    result as JSON (a Response or a stream as it is), any exception as ``shape(problem_of(exc))``."""
+
+    async def handler(request: Request) -> Any:
+        try:
+            if token is not None:
+                check_bearer(request, token)
+            result = await fn(request)
+        except Exception as exc:
+            problem = problem_of(exc)
+            return JSONResponse(shape(problem), status_code=problem.status)
+        return result if isinstance(result, (Response, EventStream)) else JSONResponse(result)
+
+    return handler
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+
+
+class Body(BaseModel):
+    """A request body: strict JSON types, unknown fields ignored (clients send more than we read)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def invalid_request(exc: ValidationError) -> InvalidRequest:
+    """The first thing wrong with a body, naming its field (a dotted path: ``messages.0.role``)."""
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "json_invalid":
+        return InvalidRequest(f"the request body is not valid JSON: {err['ctx']['error']}", None, "invalid_json")
+    if field is None:
+        return InvalidRequest("the request body must be a JSON object", None)
+    if err["type"] == "missing":
+        return InvalidRequest(f"{field}: missing (it is required)", field, "missing_field")
+    reason = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    return InvalidRequest(f"{field}: {reason}", field)
+
+
+async def read_body(request: Request, model: type[M], empty: bytes | None = None) -> M:
+    """The request's JSON body as ``model`` (``empty`` stands in for an empty body).
+
+    Raises:
+        InvalidRequest: not JSON, not an object, or a field missing or wrong.
+    """
+    raw = await request.body()
+    try:
+        return model.model_validate_json(empty if empty is not None and not raw else raw)
+    except ValidationError as exc:
+        raise invalid_request(exc) from exc
+
+
+def _peer_id(value: str) -> str:
+    try:
+        protocol.public_key_from_peer_id(value)
+    except protocol.WrongFieldType as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+def _sort(value: str) -> str:
+    if value not in SORTS:
+        raise ValueError(f"must be one of {', '.join(SORTS)}")
+    return value
+
+
+PeerId = Annotated[str, AfterValidator(_peer_id)]
+Sort = Annotated[str, AfterValidator(_sort)]  # how routing orders providers
+Amount = Annotated[int, Field(ge=0, le=10**15)]  # µc; 10**15 is the protocol's bound on any amount
+Budget = Annotated[int, Field(ge=1, le=10**15)]  # µc a call or session may lock
+MaxTokens = Annotated[int, Field(ge=1, le=1 << 24)]  # the wire's bound on a call's max_tokens
+
+
+def checked_agent(ops: EscrowOps, agent: str | None) -> str | None:
+    """``agent`` (a peer id, a /p2p/ address, or None for this node's own) once the escrow
+    client would take it; checked before any I/O.
+
+    Raises:
+        InvalidRequest: a malformed name, or None where this node runs no agent (the client's
+            ValueError and the protocol's WrongFieldType, translated here).
+    """
+    try:
+        ops.agent_id(agent)
+    except (ValueError, protocol.WrongFieldType) as exc:
+        raise InvalidRequest(str(exc), "escrow") from exc
+    return agent
+
+
+# ---- streamed responses -----------------------------------------------------------------------
+
+Emit = Callable[[Any], Awaitable[None]]
+
+
+class EventStream:
+    """An ASGI response that runs ``produce(emit)`` and sends each emitted document as one event as
+    soon as it is emitted (no generator holds a nursery open across a yield). An error after the
+    headers went out is sent as a last event, ``error_event(problem_of(exc))``."""
+
+    media_type: ClassVar[bytes]
+    end: ClassVar[bytes] = b""
+
+    def __init__(self, produce: Callable[[Emit], Awaitable[None]], error_event: Callable[[Problem], Any]) -> None:
+        self.produce, self.error_event = produce, error_event
+
+    @staticmethod
+    def frame(doc: Any) -> bytes:
+        raise NotImplementedError
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", self.media_type), (b"cache-control", b"no-cache")]})
+
+        async def emit(doc: Any) -> None:
+            await send({"type": "http.response.body", "body": self.frame(doc), "more_body": True})
+
+        try:
+            await self.produce(emit)
+        except Exception as exc:
+            await emit(self.error_event(problem_of(exc)))
+        await send({"type": "http.response.body", "body": self.end, "more_body": False})
+
+
+class NDJSONStream(EventStream):
+    """One JSON document a line (the control face)."""
+
+    media_type = b"application/x-ndjson"
+
+    @staticmethod
+    def frame(doc: Any) -> bytes:
+        return json.dumps(doc).encode() + b"\n"
+
+
+class SSEStream(EventStream):
+    """Server-sent events ending in ``[DONE]`` (the OpenAI face's streaming)."""
+
+    media_type = b"text/event-stream"
+    end = b"data: [DONE]\n\n"
+
+    @staticmethod
+    def frame(doc: Any) -> bytes:
+        return b"data: " + json.dumps(doc).encode() + b"\n\n"
