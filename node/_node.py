@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -30,6 +29,7 @@ import protocol
 from protocol import SESSION_PROTOCOL
 from wallet import EscrowAgent, Identity, Ledger
 
+from ._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._config import NodeConfig, load_config, save_offers
 from ._home import Home
 from ._receipts import ReceiptStore
@@ -138,10 +138,10 @@ class Node:
     def market_stats(self) -> dict[str, Any]:
         return {**self.market.view.stats(), "published": self.market.published_count}
 
-    async def providers(self, model: str | None, sort: str) -> list[dict[str, Any]]:
-        """Market rows (the CLI contract's shape), ordered by ``sort``; with ``model`` the DHT is
-        asked too. Every listed provider is shown, whatever its trust."""
-        if model is not None:
+    async def providers(self, model: str | None, sort: str, *, ask_dht: bool = True) -> list[dict[str, Any]]:
+        """Market rows (the CLI contract's shape), ordered by ``sort``; with ``model`` (and
+        ``ask_dht``) the DHT is asked too. Every listed provider is shown, whatever its trust."""
+        if model is not None and ask_dht:
             await self.market.lookup(model)
         now = self.market.now()
         rows = [(r.listing, r.offer) for r in self.market.view.rows(now, model)]
@@ -254,7 +254,7 @@ async def open_node(
     api_key: Callable[[str], str] | None = None,
     models_dir: Path | None = None,
     mdns: bool = False,
-    wall_clock: Callable[[], float] = time.time,
+    wall_clock: WallClock = SYSTEM_WALL_CLOCK,
 ) -> AsyncIterator[Node]:
     """Run a node (without its HTTP API) for the duration of the block.
 
@@ -263,7 +263,8 @@ async def open_node(
         api_key: reads an upstream API key from the keystore by name (``openai:`` backends).
         models_dir: where ``builtin`` builds its model (default: the home).
         mdns: also find (and join) peers on the local network without bootstrap addresses.
-        wall_clock: seconds since the epoch, for expiries, receipts and schedules.
+        wall_clock: seconds since the epoch, for expiries, receipts and schedules (every part of
+            the node reads this one; durations read trio's clock).
     """
     market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
     capabilities = probe_capabilities()
@@ -275,10 +276,10 @@ async def open_node(
 
     try:
         async with open_host(identity, config.listen, mdns) as host, \
-                open_market(host, identity, market_config) as market:
-            receipts = ReceiptStore(home.path / "receipts.db")
+                open_market(host, identity, market_config, clock=wall_clock) as market:
+            receipts = ReceiptStore(home.path / "receipts.db", wall_clock)
             trust = TrustBook(home.path / "trust.db")
-            client = EscrowClient(host, agent, market.dht)
+            client = EscrowClient(host, agent, market.dht, wall_clock)
             escrow_ops = EscrowOps(identity, client, wall_clock)
             storefront = Storefront(
                 identity, config.offers, start_backend, Admission(),
@@ -298,7 +299,7 @@ async def open_node(
             try:
                 async with trio.open_nursery() as nursery:
                     if agent is not None:
-                        await nursery.start(serve_escrow, host, agent)
+                        await nursery.start(serve_escrow, host, agent, wall_clock)
                     host.set_stream_handler(SESSION_PROTOCOL, provider.handle)
                     await nursery.start(node.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)

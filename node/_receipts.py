@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
 import protocol
+
+from ._clock import SYSTEM_WALL_CLOCK, WallClock
 
 __all__ = ["ReceiptStore"]
 
@@ -41,7 +42,9 @@ CREATE INDEX IF NOT EXISTS receipts_by_session ON receipts(session_id, call_seq)
 
 
 class ReceiptStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: WallClock = SYSTEM_WALL_CLOCK) -> None:
+        """``clock``: seconds since the epoch, for each receipt's ``stored_at``."""
+        self._clock = clock
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -60,7 +63,7 @@ class ReceiptStore:
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (protocol.receipt_hash(receipt), receipt.session_id, receipt.call_seq, role, peer, receipt.model,
                  receipt.agent, receipt.channel_id, receipt.tokens_in, receipt.tokens_out, receipt.cost,
-                 receipt.cumulative, int(time.time()), latency_ms, protocol.encode(receipt)))
+                 receipt.cumulative, int(self._clock()), latency_ms, protocol.encode(receipt)))
 
     async def put(self, receipt: protocol.Receipt, role: str, latency_ms: int | None = None) -> None:
         await trio.to_thread.run_sync(self._put, receipt, role, latency_ms)

@@ -53,16 +53,33 @@ class Swarm:
     async def providers(self, model: str | None = None, sort: str = "cheapest") -> list[dict[str, Any]]:
         return await self.service.providers(model, sort)
 
-    async def wait_for(self, model: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    async def wait_for(self, model: str, timeout: float = 30.0, *, dht_retry_s: float = 5.0) -> list[dict[str, Any]]:
         """The providers of ``model`` once at least one is known (gossip or DHT).
+
+        Looks in the market view, then again on each of its changes (``Market.wait_changed``):
+        no polling. Beside that it asks the DHT on entry and every ``dht_retry_s``, since gossip
+        can be missed (a message dropped, a node not yet in the mesh); what the DHT finds enters
+        the view, which is a change.
 
         Raises:
             TimeoutError: none appeared in time.
         """
+        market = self.service.market
+
+        async def ask_dht() -> None:
+            while True:
+                await market.lookup(model)
+                await trio.sleep(dht_retry_s)
+
         with trio.move_on_after(timeout):
-            while not (rows := await self.providers(model)):
-                await trio.sleep(0.2)
-            return rows
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask_dht)
+                while True:
+                    seen = market.view.version
+                    if rows := await self.service.providers(model, "cheapest", ask_dht=False):
+                        nursery.cancel_scope.cancel()
+                        return rows
+                    await market.wait_changed(seen)
         raise TimeoutError(f"no provider of {model!r} appeared within {timeout:.0f}s")
 
     def offer(self, model: str, *, backend: str = "builtin", input_price: int, output_price: int,

@@ -21,6 +21,7 @@ from ._session_client import (
     SessionError,
     SessionRejected,
     open_session,
+    open_session_on,
 )
 from ._trust import ProviderStats, TrustBook
 
@@ -42,6 +43,7 @@ __all__ = [
     "SessionError",
     "SessionRejected",
     "open_session",
+    "open_session_on",
     "ProviderStats",
     "TrustBook",
 ]

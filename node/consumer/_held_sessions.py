@@ -4,7 +4,6 @@ a task of the daemon's nursery from open to close; closing settles its escrow ch
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -81,7 +80,7 @@ class HeldSessions:
     async def call(self, sid: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                    on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
         held = self._get(sid)
-        started = time.monotonic()
+        started = trio.current_time()
         provider = held.listing.provider
         try:
             result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)

@@ -11,14 +11,16 @@ import datetime
 import logging
 import random
 import secrets
-import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
+
+import trio
 
 import protocol
 from protocol import Listing, ModelOffer
 from wallet import EscrowAgent
 
+from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import Contract, active_contract
 from .._errors import RemoteError
 from .._receipts import ReceiptStore
@@ -59,7 +61,7 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 class Renter:
     def __init__(self, market: Market, escrow: EscrowOps, local_agent: EscrowAgent | None,
-                 receipts: ReceiptStore, trust: TrustBook, clock: Callable[[], float] = time.time,
+                 receipts: ReceiptStore, trust: TrustBook, clock: WallClock = SYSTEM_WALL_CLOCK,
                  rng: random.Random | None = None, contracts: tuple[Contract, ...] = ()) -> None:
         self.market = market
         self.escrow = escrow
@@ -152,7 +154,7 @@ class Renter:
             EscrowRefused / EscrowUnreachable: no channel could be opened (e.g. not enough credits).
             protocol.SpendLimitReached: ``budget`` is below what one call may cost.
         """
-        started = time.monotonic()
+        started = trio.current_time()
         prompt = estimate_prompt_tokens(messages)
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
                                        tier=tier)
@@ -224,6 +226,6 @@ def completion_json(result: CallResult, provider: str, model: str, started: floa
         "usage": {"prompt_tokens": r.tokens_in, "completion_tokens": r.tokens_out,
                   "total_tokens": r.tokens_in + r.tokens_out},
         "cost": {"amount": r.cost, "receipt_id": protocol.receipt_hash(r).hex(), "cumulative": r.cumulative},
-        "latency_ms": int((time.monotonic() - started) * 1000),
+        "latency_ms": int((trio.current_time() - started) * 1000),
     }
 

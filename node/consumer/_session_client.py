@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -38,12 +37,13 @@ from protocol import (
 )
 from wallet import Identity
 
+from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..net._streams import FramedStream, StreamClosed
 
 __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult",
-           "ConsumerSessionHandle", "open_session"]
+           "ConsumerSessionHandle", "open_session", "open_session_on"]
 
 
 class SessionError(RemoteError):
@@ -132,7 +132,7 @@ class ConsumerSessionHandle:
             chat = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages)
             self.machine.request(chat, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
                                  stop=stop)
-            start = time.monotonic()
+            start = trio.current_time()
             first: float | None = None
             try:
                 await self._framed.send_all(self.machine.outgoing())
@@ -142,7 +142,7 @@ class ConsumerSessionHandle:
                 for event in await self._next():
                     if isinstance(event, ChunkReceived):
                         if first is None:
-                            first = time.monotonic() - start
+                            first = trio.current_time() - start
                         if on_text is not None and event.chunk.text:
                             await on_text(event.chunk.text)
                     elif isinstance(event, Queued):
@@ -153,7 +153,7 @@ class ConsumerSessionHandle:
                     elif isinstance(event, ReceiptSettled):
                         if self._receipts is not None:
                             await self._receipts.put(event.receipt, "consumer")
-                        duration = time.monotonic() - start
+                        duration = trio.current_time() - start
                         return CallResult(event.text, event.receipt.finish_reason, event.receipt,
                                           first if first is not None else duration, duration)
                     elif isinstance(event, SessionClosed):
@@ -187,13 +187,15 @@ async def open_session(
     channel: ChannelGrant,
     spend_limit: int,
     receipts: ReceiptStore | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: WallClock = SYSTEM_WALL_CLOCK,
     tier: str = "",
     batch_calls: int = 0,
     connect_timeout_s: float = 5.0,
     idle_timeout_s: float = 120.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
+
+    Dials ``provider`` (at ``addrs`` unless already connected), then runs ``open_session_on``.
 
     Raises:
         SessionRejected: the provider said no (reason code). ProviderFailed: unreachable.
@@ -206,6 +208,37 @@ async def open_session(
             stream = await host.new_stream(pid, [SESSION_PROTOCOL])
     except Exception as exc:  # libp2p's dial errors, and the timeout
         raise ProviderFailed(f"cannot reach provider {provider}: {exc}") from exc
+    async with open_session_on(stream, identity, provider=provider, model=model, price=price,
+                               listing_seq=listing_seq, channel=channel, spend_limit=spend_limit, receipts=receipts,
+                               clock=clock, tier=tier, batch_calls=batch_calls,
+                               idle_timeout_s=idle_timeout_s) as handle:
+        yield handle
+
+
+@asynccontextmanager
+async def open_session_on(
+    stream: Any,
+    identity: Identity,
+    *,
+    provider: str,
+    model: str,
+    price: Price,
+    listing_seq: int,
+    channel: ChannelGrant,
+    spend_limit: int,
+    receipts: ReceiptStore | None = None,
+    clock: WallClock = SYSTEM_WALL_CLOCK,
+    tier: str = "",
+    batch_calls: int = 0,
+    idle_timeout_s: float = 120.0,
+) -> AsyncIterator[ConsumerSessionHandle]:
+    """``open_session`` on a stream already open to ``provider`` (anything with libp2p's
+    ``read``/``write``/``close``/``reset``); the stream is closed when the block ends.
+
+    Raises:
+        SessionRejected: the provider said no (reason code). ProviderFailed: it went away or
+        stayed silent for ``idle_timeout_s``. ProviderMisbehaved: it broke the protocol.
+    """
     framed = FramedStream(stream)
     machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
                               listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit,

@@ -5,8 +5,7 @@ by that agent and answers that request. Dial failures of every kind become ``Esc
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Any
 
 import trio
 from libp2p.abc import IHost
@@ -17,6 +16,7 @@ import protocol
 from protocol import ESCROW_PROTOCOL
 from wallet import EscrowAgent
 
+from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._errors import RemoteError
 from ..net._host import parse_peer_addr
 from ..net._streams import FramedStream, StreamClosed
@@ -32,7 +32,7 @@ class EscrowClient:
     """Sends this node's signed escrow requests to agents."""
 
     def __init__(self, host: IHost, local_agent: EscrowAgent | None = None, dht: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: WallClock = SYSTEM_WALL_CLOCK) -> None:
         self.host = host
         self.local_agent = local_agent
         self.dht = dht

@@ -9,8 +9,7 @@ every second.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any, Callable
+from typing import Any
 
 import trio
 from libp2p.abc import IHost
@@ -19,6 +18,7 @@ import protocol
 from protocol import ESCROW_PROTOCOL
 from wallet import ESCROW_REQUESTS, EscrowAgent
 
+from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from ..net._streams import FramedStream, StreamClosed
 
 __all__ = ["serve_escrow"]
@@ -26,7 +26,7 @@ __all__ = ["serve_escrow"]
 _logger = logging.getLogger(__name__)
 
 
-async def serve_escrow(host: IHost, agent: EscrowAgent, clock: Callable[[], float] = time.time,
+async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTEM_WALL_CLOCK,
                        sweep_interval_s: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Answer escrow requests on ``host`` until cancelled."""
     lock = trio.Lock()  # one ledger transaction at a time, in order of arrival

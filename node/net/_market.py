@@ -11,6 +11,8 @@ Rules:
 - Our own listing is re-signed with a new ``seq`` and republished at half its TTL and on every
   change, at most once per ``publish_interval_s`` (gossip drops bursts silently).
 - The subscription is drained continuously (py-libp2p drops on a full buffer).
+- Whoever waits for the market waits on ``wait_changed`` (the view's version, a trio.Event
+  swapped on each change), never on a polling sleep.
 Every task lives in the nursery of ``open_market``; leaving the block stops them all.
 """
 
@@ -19,9 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import trio
 from libp2p.abc import IHost
@@ -36,6 +37,7 @@ import protocol
 from protocol import DHT_NAMESPACE, LISTING_TOPIC, Listing
 from wallet import Identity
 
+from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._market_view import MarketView
 
 __all__ = ["MarketConfig", "Market", "open_market", "listing_key", "model_key"]
@@ -73,7 +75,7 @@ class MarketConfig:
 class _ListingValidator(Validator):
     """The DHT's view of our namespace: strict decode, provider signature, expiry, size."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: WallClock) -> None:
         self._clock = clock
 
     def validate(self, key: str, value: bytes) -> None:
@@ -105,7 +107,7 @@ class Market:
         pubsub: Pubsub,
         view: MarketView,
         config: MarketConfig,
-        clock: Callable[[], float],
+        clock: WallClock,
     ) -> None:
         self.host = host
         self.identity = identity
@@ -116,7 +118,9 @@ class Market:
         self._clock = clock
         self._own: Listing | None = None  # the template of our listing (unsigned, no times)
         self._published: Listing | None = None
-        self._changed = trio.Event()
+        self._changed = trio.Event()  # our own listing's template changed
+        self._view_changed = trio.Event()  # set, then replaced, on every change of the view
+        view.watch(self._on_view_change)
         self._dht_wake = trio.Event()
         self._dht_pending: tuple[Listing, bytes] | None = None
         self.published_count = 0
@@ -127,6 +131,29 @@ class Market:
 
     def now(self) -> int:
         return int(self._clock())
+
+    def _on_view_change(self) -> None:
+        self._view_changed.set()
+        self._view_changed = trio.Event()
+
+    async def wait_changed(self, since: int | None = None) -> int:
+        """Wait until the view changes: a listing added, replaced or expired.
+
+        Read ``view.version`` before looking at the view and pass it as ``since``: a change that
+        lands between the look and the wait then returns at once instead of being missed.
+
+        Args:
+            since: the version last seen (default: the current one, i.e. the next change).
+
+        Returns:
+            The view's version after the change.
+
+        Cancellation: safe; nothing is consumed, so a cancelled wait loses no change.
+        """
+        since = self.view.version if since is None else since
+        while self.view.version == since:
+            await self._view_changed.wait()
+        return self.view.version
 
     @property
     def own_listing(self) -> Listing | None:
@@ -273,7 +300,7 @@ async def open_market(
     identity: Identity,
     config: MarketConfig = MarketConfig(),
     view: MarketView | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: WallClock = SYSTEM_WALL_CLOCK,
 ) -> AsyncIterator[Market]:
     """Run the DHT, gossip and the market's loops on ``host`` for the duration of the block."""
     view = view if view is not None else MarketView()

@@ -3,12 +3,18 @@ rejected and why. Pure bookkeeping: no I/O, time comes in as ``now``.
 
 Listings arrive from gossip and the DHT in any order (gossip replays old messages to new
 subscribers): the view orders them by ``seq`` only, never by arrival.
+
+Every change of what the view holds (a listing added, replaced by a higher ``seq``, or dropped
+by ``expire``) bumps ``version`` and calls each watcher, synchronously; a refusal or a duplicate
+is no change. The view never waits: ``Market.wait_changed`` turns the watcher call into a trio
+wake-up.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import protocol
 from protocol import Listing, ModelOffer
@@ -42,6 +48,17 @@ class MarketView:
         self._by_provider: dict[str, Listing] = {}
         self.rejected: Counter[str] = Counter({r: 0 for r in REJECT_REASONS})
         self.accepted = 0
+        self.version = 0  # bumped on every change of the listings held
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch(self, notify: Callable[[], None]) -> None:
+        """Call ``notify()`` after every change (it runs inside ``offer`` or ``expire``: keep it brief)."""
+        self._watchers.append(notify)
+
+    def _changed(self) -> None:
+        self.version += 1
+        for notify in self._watchers:
+            notify()
 
     def __len__(self) -> int:
         return len(self._by_provider)
@@ -67,6 +84,7 @@ class MarketView:
             return None
         self._by_provider[listing.provider] = listing
         self.accepted += 1
+        self._changed()
         return listing
 
     def is_acceptable(self, data: bytes, now: int) -> bool:
@@ -78,6 +96,8 @@ class MarketView:
         gone = [lst for lst in self._by_provider.values() if lst.expires_at <= now]
         for lst in gone:
             del self._by_provider[lst.provider]
+        if gone:
+            self._changed()
         return gone
 
     def listing(self, provider: str, now: int) -> Listing | None:

@@ -21,8 +21,7 @@ import dataclasses
 import datetime as dt
 import logging
 import secrets
-import time
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -30,6 +29,7 @@ import protocol
 from protocol import CallRequested, Countersigned, Open, ProviderSession, SessionClosed
 from wallet import Identity
 
+from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import active_contract
 from .._receipts import ReceiptStore
 from ..escrow import EscrowClient, EscrowUnreachable
@@ -59,7 +59,7 @@ class ProviderService:
         *,
         health: HealthMonitor | None = None,
         sla: SlaTracker | None = None,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: WallClock = SYSTEM_WALL_CLOCK,
         claim_interval_s: float = 30.0,
         max_waiting: int = 32,
         job_timeout_s: float = 120.0,
@@ -100,9 +100,9 @@ class ProviderService:
         framed = FramedStream(stream)
         try:
             await _StreamSession(self, framed).run()
-        except (StreamClosed, protocol.ProtocolError) as exc:
+        except* (StreamClosed, protocol.ProtocolError) as group:  # mid-session, inside the session's nursery
             peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", "?")
-            _logger.info("session from %s ended: %s", peer, exc)
+            _logger.info("session from %s ended: %s", peer, group.exceptions[0])
         finally:
             await framed.close()
 

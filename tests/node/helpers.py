@@ -1,4 +1,5 @@
-"""Helpers for networked tests: in-process swarms on 127.0.0.1, port 0, and deadline polling."""
+"""Helpers for networked tests: in-process swarms on 127.0.0.1, port 0; waiting on the market's
+change event (``until_market``), and deadline polling for what has no event."""
 
 from __future__ import annotations
 
@@ -17,22 +18,38 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> float:
-    """Poll ``predicate`` until it holds; return the seconds it took. Fails after ``timeout``."""
-    start = time.monotonic()
+    """Poll ``predicate`` until it holds; return the seconds it took. Fails after ``timeout``.
+    For what has no event (a mesh forming, connections closing); a market change has one."""
+    start = trio.current_time()
     with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.01)
-        return time.monotonic() - start
+        return trio.current_time() - start
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def wait_until_async(probe: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> float:
     """``wait_until`` for a probe that must itself do I/O (a DHT lookup)."""
-    start = time.monotonic()
+    start = trio.current_time()
     with trio.move_on_after(timeout):
         while not await probe():
             await trio.sleep(0.05)
-        return time.monotonic() - start
+        return trio.current_time() - start
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def until_market(markets: Market | list[Market], predicate: Callable[[Market], object], timeout: float = 20.0,
+                       what: str = "condition") -> None:
+    """Wait until ``predicate(market)`` holds for every market, waking on each one's change event
+    (``Market.wait_changed``), never polling. Fails after ``timeout``."""
+    with trio.move_on_after(timeout):
+        for market in markets if isinstance(markets, list) else [markets]:
+            while True:
+                seen = market.view.version
+                if predicate(market):
+                    break
+                await market.wait_changed(seen)
+        return
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from tests.node.helpers import listing_template, market_swarm, wait_until
+from tests.node.helpers import listing_template, market_swarm, until_market
 
 GARBAGE = [
     b"\x05\xff\xfe\xfd\xfc\xfb",  # a 6-byte frame that is not protobuf
@@ -35,7 +35,7 @@ async def test_garbage_on_every_protocol_leaves_the_node_serving():
         # the victim still gossips, answers the DHT and accepts new streams
         victim.set_listing(listing_template())
         pid = victim.identity.peer_id
-        await wait_until(lambda: witness.view.listing(pid, witness.now()) is not None, what="gossip after garbage")
+        await until_market(witness, lambda m: m.view.listing(pid, m.now()) is not None, what="gossip after garbage")
         found = await witness.lookup("tiny")
         assert [lst.provider for lst in found] == [pid]
         assert victim.host.get_network().listeners

@@ -14,6 +14,7 @@ from tests.node.helpers import (
     join,
     listing_template,
     market_swarm,
+    until_market,
     wait_until,
     wait_until_async,
 )
@@ -33,7 +34,7 @@ async def test_listing_spreads_updates_expires_and_late_joiner_uses_the_dht():
         provider = markets[3]
         pid = provider.identity.peer_id
         provider.set_listing(listing_template())
-        await wait_until(lambda: all(m.view.listing(pid, m.now()) for m in markets), what="gossip to all nodes")
+        await until_market(markets, lambda m: m.view.listing(pid, m.now()), what="gossip to all nodes")
 
         # a node that joins later and never subscribes finds the listing through the DHT alone
         late = await join(stack, "late", via=markets[7], subscribe=False, clock=clock)
@@ -51,13 +52,13 @@ async def test_listing_spreads_updates_expires_and_late_joiner_uses_the_dht():
         old_seq = provider.own_listing.seq
         new_price = dataclasses.replace(PRICE, output_per_1k=2_000_000)
         provider.set_listing(listing_template(price=new_price))
-        await wait_until(lambda: all(_price_seen(m, pid, new_price) for m in markets), what="price change everywhere")
+        await until_market(markets, lambda m: _price_seen(m, pid, new_price), what="price change everywhere")
         assert all(m.view.listing(pid, m.now()).seq > old_seq for m in markets)
 
         # withdrawn, it is no longer republished; once expired it disappears everywhere
         provider.set_listing(None)
         clock.offset += provider.config.listing_ttl_s + 1
-        await wait_until(lambda: all(len(m.view) == 0 for m in markets), what="expiry everywhere")
+        await until_market(markets, lambda m: len(m.view) == 0, what="expiry everywhere")
 
 
 def _signed(seq, issued, key=PROVIDER, ttl=300):
@@ -78,7 +79,7 @@ async def test_bad_listings_are_rejected_and_counted():
 
         good_new, good_old = _signed(10, now), _signed(5, now)
         await rogue.pubsub.publish(LISTING_TOPIC, good_new)
-        await wait_until(lambda: target.view.listing(PROVIDER.peer_id, target.now()), what="good listing")
+        await until_market(target, lambda m: m.view.listing(PROVIDER.peer_id, m.now()), what="good listing")
 
         cases = [
             ("bad_signature", _signed(11, now, key=MALLORY)),
@@ -87,7 +88,7 @@ async def test_bad_listings_are_rejected_and_counted():
             ("expired", _signed(12, now - 1000, ttl=10)),
             ("oversize", _signed(13, now) + b"\x00" * protocol.MAX_LISTING_BYTES),  # refused before parsing
         ]
-        for reason, data in cases:
+        for reason, data in cases:  # a refusal is no change of the market: its counter is polled
             before = target.view.rejected[reason]
             await rogue.pubsub.publish(LISTING_TOPIC, data)
             await wait_until(lambda: target.view.rejected[reason] > before, what=f"{reason} counted")

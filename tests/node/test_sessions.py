@@ -213,9 +213,11 @@ async def test_a_waiting_call_hears_its_queue_position_and_a_full_queue_says_cap
 
     async with session_rig({"m": the_offer}, {"m": backend}, tag="queue", max_waiting=1) as rig:
         positions: list[int] = []
+        told = trio.Event()
 
         async def record(position):
             positions.append(position)
+            told.set()
 
         async with trio.open_nursery() as nursery:
             async def hog():  # holds the model's only slot
@@ -232,8 +234,7 @@ async def test_a_waiting_call_hears_its_queue_position_and_a_full_queue_says_cap
 
                 nursery.start_soon(waiter)
                 with trio.fail_after(10):
-                    while not positions:
-                        await trio.sleep(0.01)
+                    await told.wait()
                 assert positions == [1]
                 with pytest.raises(CallRefused) as full:
                     await third.call(USER, 8)
