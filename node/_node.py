@@ -79,7 +79,8 @@ class Node:
     trust: TrustBook
     renter: Renter
     sessions: HeldSessions
-    started_at: float  # trio time
+    started_at: float  # seconds since the epoch, by wall_clock
+    wall_clock: WallClock
     api: ApiBinding = dataclasses.field(default_factory=ApiBinding)
 
     @property
@@ -112,7 +113,9 @@ class Node:
     # ---- what the node knows ------------------------------------------------------------------
 
     def uptime_s(self) -> int:
-        return int(trio.current_time() - self.started_at)
+        """Seconds since the node started (by the wall clock: reports read it from worker threads,
+        where trio's clock cannot be read)."""
+        return max(0, int(self.wall_clock() - self.started_at))
 
     def status(self) -> dict[str, Any]:
         now = self.market.now()
@@ -295,7 +298,7 @@ async def open_node(
             node = Node(home=home, identity=identity, config=config, capabilities=capabilities, market=market,
                         storefront=storefront, health=health, provider=provider, escrow=escrow_ops,
                         escrow_agent=agent, receipts=receipts, trust=trust, renter=renter,
-                        sessions=HeldSessions(renter), started_at=trio.current_time())
+                        sessions=HeldSessions(renter), started_at=wall_clock(), wall_clock=wall_clock)
             try:
                 async with trio.open_nursery() as nursery:
                     if agent is not None:
