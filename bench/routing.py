@@ -103,7 +103,7 @@ async def main(base_url: str, model: str, tmp: Path) -> None:
                 doc = await consumer.renter.run(model, messages, max_tokens=24, temperature_milli=0, escrow=aid,
                                                 prefs=Preferences(sort="cheapest"))
                 normal.append(time.perf_counter() - t)
-                assert doc["provider"] == cheap_id
+                assert doc.provider == cheap_id
             cheap_scope.cancel()
             await trio.sleep(0.5)  # let the dead node's connections drop
             for _ in range(N):
@@ -111,7 +111,7 @@ async def main(base_url: str, model: str, tmp: Path) -> None:
                 doc = await consumer.renter.run(model, messages, max_tokens=24, temperature_milli=0, escrow=aid,
                                                 prefs=Preferences(sort="cheapest", trust_floor=-1.0))
                 failover.append(time.perf_counter() - t)
-                assert doc["provider"] == dear.identity.peer_id and doc["attempts"][0]["provider"] == cheap_id
+                assert doc.provider == dear.identity.peer_id and doc.attempts[0].provider == cheap_id
             nursery.cancel_scope.cancel()
     d50, g50 = statistics.median(direct), statistics.median(gateway)
     print(f"direct upstream   p50 {d50 * 1000:7.1f} ms  p95 {pct(direct, 95) * 1000:7.1f} ms")

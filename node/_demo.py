@@ -97,7 +97,7 @@ async def run_demo(base: Path, providers: int = 3, once: bool = False, console: 
         with console.status("waiting for every listing to reach the consumer…"), trio.fail_after(60):
             while len(await consumer.providers(MODEL, "cheapest")) < providers:
                 await trio.sleep(0.2)
-        rows = await consumer.providers(MODEL, "cheapest")
+        rows = [row.to_json() for row in await consumer.providers(MODEL, "cheapest")]
         table = Table(title=f"providers of {MODEL} (cheapest first)", title_justify="left")
         for col in ("provider", "in/1K", "out/1K", "context", "trust", "escrows"):
             table.add_column(col)
@@ -123,8 +123,7 @@ async def run_demo(base: Path, providers: int = 3, once: bool = False, console: 
                           f"locking {_fmt(channel.cap)} credits")
             for turn in TURNS:
                 history.append({"role": "user", "content": turn})
-                result = await session.call(history, 48)
-                consumer.renter.learn_success(listing.provider, result)
+                result = await session.call(history, 48)  # trust learns from it inside the session
                 history.append({"role": "assistant", "content": result.text})
                 console.print(f"  [bold]you[/]> {turn}")
                 console.print(f"  [bold]{MODEL}[/]> {result.text!r}")

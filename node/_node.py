@@ -33,7 +33,7 @@ from ._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._config import NodeConfig, load_config, save_offers
 from ._home import Home
 from ._receipts import ReceiptStore
-from .consumer import HeldSessions, Preferences, Renter, TrustBook, rank
+from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .escrow import EscrowClient, EscrowOps, serve_escrow
 from .net import Market, MarketConfig, PeerInfo, open_host, open_market, parse_peer_addr, peer_addrs
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
@@ -141,8 +141,8 @@ class Node:
     def market_stats(self) -> dict[str, Any]:
         return {**self.market.view.stats(), "published": self.market.published_count}
 
-    async def providers(self, model: str | None, sort: str, *, ask_dht: bool = True) -> list[dict[str, Any]]:
-        """Market rows (the CLI contract's shape), ordered by ``sort``; with ``model`` (and
+    async def providers(self, model: str | None, sort: str, *, ask_dht: bool = True) -> list[ProviderRow]:
+        """The market's providers (of ``model``, or all), ordered by ``sort``; with ``model`` (and
         ``ask_dht``) the DHT is asked too. Every listed provider is shown, whatever its trust."""
         if model is not None and ask_dht:
             await self.market.lookup(model)
@@ -150,30 +150,7 @@ class Node:
         rows = [(r.listing, r.offer) for r in self.market.view.rows(now, model)]
         ranked = rank(rows, Preferences(sort=sort, trust_floor=-1.0, explore=0.0), prompt_tokens=1000,
                       max_tokens=1000, stats=self.trust.get, agent_for=lambda lst: "")
-        out = []
-        for c in ranked:
-            lst, offer, s = c.listing, c.offer, c.stats
-            out.append(
-                {
-                    "peer_id": lst.provider,
-                    "model": offer.name,
-                    "input_price": offer.price.input_per_1k,
-                    "output_price": offer.price.output_per_1k,
-                    "max_context": offer.max_context,
-                    "min_charge": offer.price.min_charge,
-                    "rate_limit": offer.rate_limit_rpm,
-                    "max_concurrent": offer.max_concurrent,
-                    "trust": round(s.score, 1),
-                    "latency_ms": None if s.ttft_s is None else int(s.ttft_s * 1000),
-                    "tokens_per_s": None if s.tps is None else round(s.tps, 1),
-                    "benchmark_tokens_per_s": offer.tokens_per_s or None,
-                    "escrows": list(lst.escrow_agents),
-                    "gpus": [{"name": g.name, "memory_total_mb": g.memory_total_mb} for g in lst.hardware.gpus],
-                    "addrs": list(lst.addrs),
-                    "expires_at": lst.expires_at,
-                }
-            )
-        return out
+        return [ProviderRow(c) for c in ranked]
 
 
 async def _observe_uptime(node: Node, interval_s: float = 30.0) -> None:

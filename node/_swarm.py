@@ -15,7 +15,7 @@ import wallet
 
 from ._home import Home, init_home, resolve_home
 from ._node import Node, open_node, resolve_config
-from .consumer._routing import Preferences
+from .consumer import Preferences, SessionInfo
 from .provider._offers import Offer
 
 __all__ = ["open_swarm", "Swarm", "SwarmSession"]
@@ -28,13 +28,15 @@ def _messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
 class SwarmSession:
     """A multi-call session: one provider, one escrow channel, one receipt per call."""
 
-    def __init__(self, swarm: "Swarm", opened: dict[str, Any]) -> None:
-        self._swarm, self.session_id, self.info = swarm, opened["session_id"], opened
+    def __init__(self, swarm: "Swarm", opened: SessionInfo) -> None:
+        self._swarm, self.session_id, self.info = swarm, opened.session_id, opened.to_json()
 
     async def call(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,
                    temperature: float = 1.0) -> dict[str, Any]:
-        return await self._swarm.service.sessions.call(self.session_id, _messages(prompt), max_tokens=max_tokens,
+        """One call of the session; the same document as a ``node chat`` turn."""
+        done = await self._swarm.service.sessions.call(self.session_id, _messages(prompt), max_tokens=max_tokens,
                                                        temperature_milli=int(round(temperature * 1000)))
+        return done.to_json()
 
 
 class Swarm:
@@ -51,7 +53,7 @@ class Swarm:
         return [str(a) for a in self.service.host.get_addrs()]
 
     async def providers(self, model: str | None = None, sort: str = "cheapest") -> list[dict[str, Any]]:
-        return await self.service.providers(model, sort)
+        return [row.to_json() for row in await self.service.providers(model, sort)]
 
     async def wait_for(self, model: str, timeout: float = 30.0, *, dht_retry_s: float = 5.0) -> list[dict[str, Any]]:
         """The providers of ``model`` once at least one is known (gossip or DHT).
@@ -78,7 +80,7 @@ class Swarm:
                     seen = market.view.version
                     if rows := await self.service.providers(model, "cheapest", ask_dht=False):
                         nursery.cancel_scope.cancel()
-                        return rows
+                        return [row.to_json() for row in rows]
                     await market.wait_changed(seen)
         raise TimeoutError(f"no provider of {model!r} appeared within {timeout:.0f}s")
 
@@ -93,9 +95,10 @@ class Swarm:
                   budget: int | None = None, escrow: str | None = None) -> dict[str, Any]:
         """One paid completion (with failover); the same document as ``node run --json``."""
         prefs = Preferences(sort=sort, only=(provider,) if provider else ())
-        return await self.service.renter.run(model, _messages(prompt), max_tokens=max_tokens,
+        done = await self.service.renter.run(model, _messages(prompt), max_tokens=max_tokens,
                                              temperature_milli=int(round(temperature * 1000)), prefs=prefs,
                                              budget=budget, escrow=escrow)
+        return done.to_json()
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, sort: str = "cheapest", provider: str | None = None,
@@ -109,7 +112,7 @@ class Swarm:
             yield SwarmSession(self, opened)
         finally:
             with trio.CancelScope(shield=True):
-                await self.service.sessions.close(opened["session_id"])
+                await self.service.sessions.close(opened.session_id)
 
     async def balance(self, escrow: str | None = None) -> dict[str, Any]:
         return await self.service.escrow.balance(escrow)

@@ -70,7 +70,7 @@ def _streamed(call: Callable[[OnText], Awaitable[Any]]) -> NDJSONStream:
         async def on_text(text: str) -> None:
             await emit({"delta": text})
 
-        await emit({"result": await call(on_text)})
+        await emit({"result": (await call(on_text)).to_json()})
 
     return NDJSONStream(produce, _stream_error)
 
@@ -233,7 +233,7 @@ def _market_routes(service: "NodeService") -> Routes:
         sort = request.query_params.get("sort", "cheapest")
         if sort not in SORTS:
             raise InvalidRequest(f"sort must be one of {', '.join(SORTS)}", "sort")
-        return await service.providers(request.query_params.get("model") or None, sort)
+        return [row.to_json() for row in await service.providers(request.query_params.get("model") or None, sort)]
 
     async def market(request: Request) -> Any:
         return service.market_stats()
@@ -350,24 +350,25 @@ def _renting_routes(service: "NodeService") -> Routes:
         kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli, prefs=prefs(d.sort, d.provider),
                       budget=d.budget, escrow=escrow(d.escrow), tier=d.tier)
         if not d.stream:
-            return await service.renter.run(d.model, msgs, **kwargs)
+            return (await service.renter.run(d.model, msgs, **kwargs)).to_json()
         return _streamed(lambda on_text: service.renter.run(d.model, msgs, on_text=on_text, **kwargs))
 
     async def open_session(request: Request) -> Any:
         d = await _body(request, SessionBody)
-        return await service.sessions.open(d.model, budget=d.budget, prefs=prefs(d.sort, d.provider),
+        info = await service.sessions.open(d.model, budget=d.budget, prefs=prefs(d.sort, d.provider),
                                            escrow=escrow(d.escrow), tier=d.tier, batch_calls=d.batch_calls)
+        return info.to_json()
 
     async def session_call(request: Request) -> Any:
         sid = request.path_params["session_id"]
         d = await _body(request, CallBody)
         kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli)
         if not d.stream:
-            return await service.sessions.call(sid, messages(d), **kwargs)
+            return (await service.sessions.call(sid, messages(d), **kwargs)).to_json()
         return _streamed(lambda on_text: service.sessions.call(sid, messages(d), on_text=on_text, **kwargs))
 
     async def close_session(request: Request) -> Any:
-        return await service.sessions.close(request.path_params["session_id"])
+        return (await service.sessions.close(request.path_params["session_id"])).to_json()
 
     async def earnings_(request: Request) -> Any:
         q = request.query_params

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, Field
 from starlette.requests import Request
 from starlette.routing import Route
 
-from ..consumer._routing import Preferences
+from ..consumer import Completion, Preferences
 from ._http import Body, Budget, MaxTokens, Problem, Sort, SSEStream, checked_agent, endpoint, read_body
 
 if TYPE_CHECKING:
@@ -132,18 +132,25 @@ def _milli(value: float | None, default: float) -> int:
     return int(round((default if value is None else value) * 1000))  # the wire carries integer thousandths
 
 
-def _completion(doc: dict[str, Any], created: int) -> dict[str, Any]:
+def _usage(c: Completion) -> dict[str, int]:
+    return {"prompt_tokens": c.receipt.tokens_in, "completion_tokens": c.receipt.tokens_out,
+            "total_tokens": c.receipt.tokens_in + c.receipt.tokens_out}
+
+
+def _completion(c: Completion, created: int) -> dict[str, Any]:
+    """A chat completion in OpenAI's shape, plus who served it, its cost (µc) and its receipt."""
     return {
-        "id": "chatcmpl-" + doc["id"].removeprefix("isw-"),
+        "id": "chatcmpl-" + c.id,
         "object": "chat.completion",
         "created": created,
-        "model": doc["model"],
-        "choices": doc["choices"],
-        "usage": doc["usage"],
+        "model": c.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": c.finish_reason}],
+        "usage": _usage(c),
         "system_fingerprint": None,
-        "provider": doc["provider"],
-        "cost": doc["cost"]["amount"],
-        "receipt_id": doc["cost"]["receipt_id"],
+        "provider": c.provider,
+        "cost": c.cost,
+        "receipt_id": c.receipt_id,
     }
 
 
@@ -192,13 +199,13 @@ def openai_routes(service: "NodeService", token: str, keyless: bool) -> list[Rou
                     await emit(chunk({"role": "assistant", "content": ""}))
                 await emit(chunk({"content": text}))
 
-            doc = await service.renter.run(model, messages, on_text=on_text, **kwargs)
+            done = await service.renter.run(model, messages, on_text=on_text, **kwargs)
             if not started:
                 await emit(chunk({"role": "assistant", "content": ""}))
-            await emit(chunk({}, doc["choices"][0]["finish_reason"]))
+            await emit(chunk({}, done.finish_reason))
             await emit({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": doc["usage"], "provider": doc["provider"],
-                        "cost": doc["cost"]["amount"], "receipt_id": doc["cost"]["receipt_id"]})
+                        "choices": [], "usage": _usage(done), "provider": done.provider,
+                        "cost": done.cost, "receipt_id": done.receipt_id})
 
         return SSEStream(produce, _shape)  # an error mid-stream: OpenAI's error body as the last event
 

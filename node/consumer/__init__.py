@@ -4,6 +4,7 @@
     _routing          which providers to try, in which order (pure: rows, stats and rng come in)
     _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
     _renter           Renter: rank, open an escrow channel, run the session with failover, settle
+    _results          Completion, SessionInfo, SessionSummary, ProviderRow: what renting gives back, typed
     _held_sessions    sessions held open across API calls (``node chat``), expired when idle
 
 Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
@@ -11,6 +12,7 @@ Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
 
 from ._held_sessions import HeldSessions, UnknownSession
 from ._renter import Renter, RentError, estimate_prompt_tokens
+from ._results import Attempt, Completion, ProviderRow, SessionInfo, SessionSummary
 from ._routing import SORTS, Candidate, Preferences, rank
 from ._session_client import (
     CallRefused,
@@ -26,6 +28,11 @@ from ._session_client import (
 from ._trust import ProviderStats, TrustBook
 
 __all__ = [
+    "Attempt",
+    "Completion",
+    "ProviderRow",
+    "SessionInfo",
+    "SessionSummary",
     "HeldSessions",
     "UnknownSession",
     "Renter",

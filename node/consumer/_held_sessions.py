@@ -4,12 +4,14 @@ a task of the daemon's nursery from open to close; closing settles its escrow ch
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from .._errors import NotFound
-from ._renter import Renter, completion_json
+from ._renter import Renter
+from ._results import Completion, SessionInfo, SessionSummary
 from ._routing import Preferences
 from ._session_client import SessionError
 
@@ -19,17 +21,19 @@ _logger = logging.getLogger(__name__)
 
 
 class UnknownSession(NotFound):
-    pass
+    """No session of that id is held open (never opened here, or closed since)."""
 
 
 class _Held:
-    def __init__(self, handle: Any, listing: Any, channel: Any) -> None:
-        self.handle, self.listing, self.channel = handle, listing, channel
+    def __init__(self, handle: Any, info: SessionInfo) -> None:
+        self.handle, self.info = handle, info
         self.close_requested = trio.Event()
         self.closed = trio.Event()
 
 
 class HeldSessions:
+    """Sessions this node holds open for its clients, each in a task of ``serve``'s nursery."""
+
     def __init__(self, renter: Renter) -> None:
         self.renter = renter
         self._sessions: dict[str, _Held] = {}
@@ -43,7 +47,7 @@ class HeldSessions:
             await trio.sleep_forever()
 
     async def open(self, model: str, *, budget: int, prefs: Preferences, escrow: str | None,
-                   ttl_s: int = 3600, tier: str = "", batch_calls: int = 0) -> dict[str, Any]:
+                   ttl_s: int = 3600, tier: str = "", batch_calls: int = 0) -> SessionInfo:
         assert self._nursery is not None
         return await self._nursery.start(self._hold, model, budget, prefs, escrow, ttl_s, tier, batch_calls)
 
@@ -53,14 +57,10 @@ class HeldSessions:
         try:
             async with self.renter.session(model, budget=budget, prefs=prefs, escrow=escrow, ttl_s=ttl_s, tier=tier,
                                            batch_calls=batch_calls) as (handle, listing, channel):
-                held = _Held(handle, listing, channel)
                 sid = handle.machine.session_id.hex()
+                held = _Held(handle, SessionInfo(sid, listing.provider, model, channel, tier, handle.machine.price))
                 self._sessions[sid] = held
-                task_status.started({"session_id": sid, "provider": listing.provider, "model": model,
-                                     "channel_id": channel.channel_id.hex(), "cap": channel.cap,
-                                     "agent": channel.agent, "tier": tier,
-                                     "price": {"input": handle.machine.price.input_per_1k,
-                                               "output": handle.machine.price.output_per_1k}})
+                task_status.started(held.info)
                 await held.close_requested.wait()
         except SessionError as exc:
             if held is None:
@@ -78,21 +78,26 @@ class HeldSessions:
             raise UnknownSession(f"no open session {sid}") from None
 
     async def call(self, sid: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                   on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
+                   on_text: Callable[[str], Awaitable[None]] | None = None) -> Completion:
+        """One call of held session ``sid`` (its outcome is recorded by the session handle).
+
+        Raises:
+            UnknownSession: no such session. SessionError: the call failed (nothing paid for it).
+        """
         held = self._get(sid)
         started = trio.current_time()
-        provider = held.listing.provider
-        try:
-            result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
-        except SessionError as exc:
-            self.renter.learn_failure(provider, exc)
-            raise
-        self.renter.learn_success(provider, result)
-        return completion_json(result, held.listing.provider, held.handle.machine.model, started) | {"session_id": sid}
+        result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
+        return Completion(id=secrets.token_hex(12), provider=held.info.provider, model=held.info.model,
+                          text=result.text, finish_reason=result.finish_reason, receipt=result.receipt,
+                          latency_ms=int((trio.current_time() - started) * 1000), session_id=sid)
 
-    async def close(self, sid: str) -> dict[str, Any]:
+    async def close(self, sid: str) -> SessionSummary:
+        """Close held session ``sid``, settling its channel.
+
+        Raises:
+            UnknownSession: no such session.
+        """
         held = self._get(sid)
         held.close_requested.set()
         await held.closed.wait()
-        return {"session_id": sid, "cumulative": held.handle.machine.cumulative,
-                "calls": len(held.handle.machine.receipts)}
+        return SessionSummary(sid, held.handle.machine.cumulative, len(held.handle.machine.receipts))

@@ -12,7 +12,7 @@ import logging
 import random
 import secrets
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -26,19 +26,12 @@ from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..escrow._ops import EscrowOps
 from ..net._market import Market
+from ._results import Attempt, Completion
 from ._routing import Candidate, Preferences, rank
-from ._session_client import (
-    CallRefused,
-    CallResult,
-    ConsumerSessionHandle,
-    ProviderMisbehaved,
-    SessionError,
-    SessionRejected,
-    open_session,
-)
+from ._session_client import ConsumerSessionHandle, SessionError, open_session
 from ._trust import TrustBook
 
-__all__ = ["RentError", "Renter", "estimate_prompt_tokens", "completion_json"]
+__all__ = ["RentError", "Renter", "estimate_prompt_tokens"]
 
 _logger = logging.getLogger(__name__)
 _RUN_CHANNEL_S = 600
@@ -49,9 +42,9 @@ _MAX_ATTEMPTS = 3
 class RentError(RemoteError):
     """No provider could be rented for this request (the message says why)."""
 
-    def __init__(self, message: str, attempts: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, message: str, attempts: tuple[Attempt, ...] = ()) -> None:
         super().__init__(message)
-        self.attempts = attempts or []
+        self.attempts = tuple(attempts)  # the providers tried, each with its error
 
 
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
@@ -129,25 +122,15 @@ class Renter:
         async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
                                 model=model, price=c.terms, listing_seq=c.listing.seq, channel=channel,
                                 spend_limit=channel.cap, receipts=self.receipts, clock=self.clock, tier=c.tier,
-                                batch_calls=c.batch_calls) as handle:
+                                batch_calls=c.batch_calls, trust=self.trust) as handle:
             yield handle, channel
-
-    def learn_failure(self, provider: str, exc: SessionError) -> None:
-        if isinstance(exc, ProviderMisbehaved):
-            self.trust.violated(provider)
-        elif isinstance(exc, (SessionRejected, CallRefused)):
-            self.trust.refused(provider, exc.reason)
-        else:
-            self.trust.failed(provider)
-
-    def learn_success(self, provider: str, result: CallResult) -> None:
-        self.trust.completed(provider, result.ttft_s, result.receipt.tokens_out, result.duration_s)
 
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                   prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,
                   top_p_milli: int = 1000, stop: tuple[str, ...] = (), tier: str = "",
-                  on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
-        """One paid call with failover, start to settlement; the CLI contract's JSON for ``node run``.
+                  on_text: Callable[[str], Awaitable[None]] | None = None) -> Completion:
+        """One paid call with failover, start to settlement. Trust learns from every attempt (the
+        session handle records each outcome).
 
         Raises:
             RentError: nobody could serve it (with every attempt's error).
@@ -158,7 +141,7 @@ class Renter:
         prompt = estimate_prompt_tokens(messages)
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
                                        tier=tier)
-        attempts: list[dict[str, Any]] = []
+        attempts: list[Attempt] = []
         for c in ranked[:_MAX_ATTEMPTS]:
             streamed = False
 
@@ -175,19 +158,18 @@ class Renter:
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
                                                 top_p_milli=top_p_milli, stop=stop, on_text=relay)
             except SessionError as exc:
-                self.learn_failure(c.provider, exc)
-                attempts.append({"provider": c.provider, "error": str(exc)})
+                attempts.append(Attempt(c.provider, str(exc)))
                 _logger.info("call to %s failed (%s); %s", c.provider, exc,
                              "trying the next provider" if not streamed else "not retried: text was already streamed")
                 if streamed:  # the caller has seen part of an answer: starting over elsewhere would mix two
-                    raise RentError(f"the provider failed mid-answer: {exc}", attempts) from exc
+                    raise RentError(f"the provider failed mid-answer: {exc}", tuple(attempts)) from exc
                 continue
-            self.learn_success(c.provider, result)
-            return completion_json(result, c.provider, model, started) | {
-                "escrow": {"agent": channel.agent, "channel_id": channel.channel_id.hex(), "cap": channel.cap},
-                "attempts": attempts + [{"provider": c.provider, "error": None}],
-            }
-        raise RentError(f"every provider of {model!r} failed: " + "; ".join(a["error"] for a in attempts), attempts)
+            return Completion(id=secrets.token_hex(12), provider=c.provider, model=model, text=result.text,
+                              finish_reason=result.finish_reason, receipt=result.receipt,
+                              latency_ms=int((trio.current_time() - started) * 1000), channel=channel,
+                              attempts=(*attempts, Attempt(c.provider)))
+        raise RentError(f"every provider of {model!r} failed: " + "; ".join(str(a.error) for a in attempts),
+                        tuple(attempts))
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, prefs: Preferences = Preferences(), escrow: str | None = None,
@@ -199,33 +181,16 @@ class Renter:
         # a session's calls are unknown yet: rank by a nominal call of 1K tokens in and 1K out
         ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow, tier=tier,
                                        batch_calls=batch_calls)
-        errors = []
+        attempts: list[Attempt] = []
         for c in ranked[:_MAX_ATTEMPTS]:
             async with AsyncExitStack() as stack:
                 try:  # fail over only while opening: errors inside the caller's block are the caller's
                     handle, channel = await stack.enter_async_context(
                         self._session(c, model, budget, ttl_s))
                 except SessionError as exc:
-                    self.learn_failure(c.provider, exc)
-                    errors.append(f"{c.provider}: {exc}")
+                    attempts.append(Attempt(c.provider, str(exc)))
                     continue
                 yield handle, c.listing, channel
                 return
-        raise RentError(f"no provider of {model!r} accepted a session: " + "; ".join(errors))
-
-
-def completion_json(result: CallResult, provider: str, model: str, started: float) -> dict[str, Any]:
-    """A call's result in the shape of the CLI contract (and OpenAI's chat completion)."""
-    r = result.receipt
-    return {
-        "id": "isw-" + secrets.token_hex(12),
-        "provider": provider,
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": r.tokens_in, "completion_tokens": r.tokens_out,
-                  "total_tokens": r.tokens_in + r.tokens_out},
-        "cost": {"amount": r.cost, "receipt_id": protocol.receipt_hash(r).hex(), "cumulative": r.cumulative},
-        "latency_ms": int((trio.current_time() - started) * 1000),
-    }
-
+        raise RentError(f"no provider of {model!r} accepted a session: "
+                        + "; ".join(f"{a.provider}: {a.error}" for a in attempts), tuple(attempts))

@@ -41,8 +41,9 @@ from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..net._streams import FramedStream, StreamClosed
+from ._trust import TrustBook
 
-__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult",
+__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult", "learn",
            "ConsumerSessionHandle", "open_session", "open_session_on"]
 
 
@@ -83,12 +84,28 @@ class CallResult:
     duration_s: float
 
 
+def learn(trust: TrustBook | None, provider: str, exc: SessionError) -> None:
+    """What a failed open or call teaches this node about ``provider``."""
+    if trust is None:
+        return
+    if isinstance(exc, ProviderMisbehaved):
+        trust.violated(provider)
+    elif isinstance(exc, (SessionRejected, CallRefused)):
+        trust.refused(provider, exc.reason)
+    else:
+        trust.failed(provider)
+
+
 class ConsumerSessionHandle:
+    """One open session with a provider: calls, one receipt each; every outcome is recorded in
+    this node's trust book here, so no caller can forget to."""
+
     def __init__(self, machine: ConsumerSession, framed: FramedStream, receipts: ReceiptStore | None,
-                 clock: Callable[[], float], idle_timeout_s: float) -> None:
+                 clock: Callable[[], float], idle_timeout_s: float, trust: TrustBook | None = None) -> None:
         self.machine = machine
         self._framed = framed
         self._receipts = receipts
+        self._trust = trust
         self._clock = clock
         self._idle = idle_timeout_s
         self._lock = trio.Lock()
@@ -129,35 +146,48 @@ class ConsumerSessionHandle:
             protocol.SpendLimitReached: the session's budget is spent.
         """
         async with self._lock:
-            chat = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-            self.machine.request(chat, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
-                                 stop=stop)
-            start = trio.current_time()
-            first: float | None = None
             try:
-                await self._framed.send_all(self.machine.outgoing())
-            except StreamClosed as exc:
-                raise ProviderFailed(f"the provider closed the session ({exc})") from exc
-            while True:
-                for event in await self._next():
-                    if isinstance(event, ChunkReceived):
-                        if first is None:
-                            first = trio.current_time() - start
-                        if on_text is not None and event.chunk.text:
-                            await on_text(event.chunk.text)
-                    elif isinstance(event, Queued):
-                        if on_queue is not None:
-                            await on_queue(event.queued.position)
-                    elif isinstance(event, CallFailed):
-                        raise CallRefused(event.error.reason, event.error.detail)
-                    elif isinstance(event, ReceiptSettled):
-                        if self._receipts is not None:
-                            await self._receipts.put(event.receipt, "consumer")
-                        duration = trio.current_time() - start
-                        return CallResult(event.text, event.receipt.finish_reason, event.receipt,
-                                          first if first is not None else duration, duration)
-                    elif isinstance(event, SessionClosed):
-                        raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
+                result = await self._call(messages, max_tokens, temperature_milli, top_p_milli, stop, on_text,
+                                          on_queue)
+            except SessionError as exc:
+                learn(self._trust, self.provider, exc)
+                raise
+            if self._trust is not None:
+                self._trust.completed(self.provider, result.ttft_s, result.receipt.tokens_out, result.duration_s)
+            return result
+
+    async def _call(self, messages: list[dict[str, str]], max_tokens: int, temperature_milli: int, top_p_milli: int,
+                    stop: tuple[str, ...], on_text: Callable[[str], Awaitable[None]] | None,
+                    on_queue: Callable[[int], Awaitable[None]] | None) -> CallResult:
+        chat = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        self.machine.request(chat, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
+                             stop=stop)
+        start = trio.current_time()
+        first: float | None = None
+        try:
+            await self._framed.send_all(self.machine.outgoing())
+        except StreamClosed as exc:
+            raise ProviderFailed(f"the provider closed the session ({exc})") from exc
+        while True:
+            for event in await self._next():
+                if isinstance(event, ChunkReceived):
+                    if first is None:
+                        first = trio.current_time() - start
+                    if on_text is not None and event.chunk.text:
+                        await on_text(event.chunk.text)
+                elif isinstance(event, Queued):
+                    if on_queue is not None:
+                        await on_queue(event.queued.position)
+                elif isinstance(event, CallFailed):
+                    raise CallRefused(event.error.reason, event.error.detail)
+                elif isinstance(event, ReceiptSettled):
+                    if self._receipts is not None:
+                        await self._receipts.put(event.receipt, "consumer")
+                    duration = trio.current_time() - start
+                    return CallResult(event.text, event.receipt.finish_reason, event.receipt,
+                                      first if first is not None else duration, duration)
+                elif isinstance(event, SessionClosed):
+                    raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
 
     async def close(self, settle_escrow: bool = True) -> None:
         """End the session; with ``settle_escrow`` the channel is settled and refunded at once."""
@@ -192,6 +222,7 @@ async def open_session(
     batch_calls: int = 0,
     connect_timeout_s: float = 5.0,
     idle_timeout_s: float = 120.0,
+    trust: TrustBook | None = None,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
 
@@ -207,11 +238,13 @@ async def open_session(
                 await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in addrs]))
             stream = await host.new_stream(pid, [SESSION_PROTOCOL])
     except Exception as exc:  # libp2p's dial errors, and the timeout
-        raise ProviderFailed(f"cannot reach provider {provider}: {exc}") from exc
+        failed = ProviderFailed(f"cannot reach provider {provider}: {exc}")
+        learn(trust, provider, failed)
+        raise failed from exc
     async with open_session_on(stream, identity, provider=provider, model=model, price=price,
                                listing_seq=listing_seq, channel=channel, spend_limit=spend_limit, receipts=receipts,
                                clock=clock, tier=tier, batch_calls=batch_calls,
-                               idle_timeout_s=idle_timeout_s) as handle:
+                               idle_timeout_s=idle_timeout_s, trust=trust) as handle:
         yield handle
 
 
@@ -231,6 +264,7 @@ async def open_session_on(
     tier: str = "",
     batch_calls: int = 0,
     idle_timeout_s: float = 120.0,
+    trust: TrustBook | None = None,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """``open_session`` on a stream already open to ``provider`` (anything with libp2p's
     ``read``/``write``/``close``/``reset``); the stream is closed when the block ends.
@@ -243,14 +277,21 @@ async def open_session_on(
     machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
                               listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit,
                               tier=tier, batch_calls=batch_calls)
-    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s)
+    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust)
     try:
-        machine.open(handle.now())
-        await framed.send_all(machine.outgoing())
-        for event in await handle._next():
-            if isinstance(event, Rejected):
-                raise SessionRejected(event.reject.reason, event.reject.detail, event.reject.retry_after_s)
-            assert isinstance(event, Accepted)
+        try:
+            machine.open(handle.now())
+            try:
+                await framed.send_all(machine.outgoing())
+            except StreamClosed as exc:
+                raise ProviderFailed(f"the provider closed the session ({exc})") from exc
+            for event in await handle._next():
+                if isinstance(event, Rejected):
+                    raise SessionRejected(event.reject.reason, event.reject.detail, event.reject.retry_after_s)
+                assert isinstance(event, Accepted)
+        except SessionError as exc:  # the open failed: what it teaches about the provider is recorded here
+            learn(trust, provider, exc)
+            raise
         yield handle
         await handle.close()
     finally:

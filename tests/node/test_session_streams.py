@@ -19,7 +19,8 @@ import trio
 
 import protocol
 from node._receipts import ReceiptStore
-from node.consumer._session_client import ConsumerSessionHandle, ProviderFailed, open_session_on
+from node.consumer._session_client import ConsumerSessionHandle, ProviderFailed, SessionRejected, open_session_on
+from node.consumer._trust import START, TrustBook
 from node.escrow._client import EscrowClient
 from node.escrow._ops import EscrowOps
 from node.provider._admission import Admission
@@ -108,7 +109,8 @@ class Joined:
 
 
 @asynccontextmanager
-async def joined(p: Parties, backend: Backend) -> AsyncIterator[Joined]:
+async def joined(p: Parties, backend: Backend, trust: TrustBook | None = None,
+                 price: protocol.Price | None = None) -> AsyncIterator[Joined]:
     """The provider's handler and a consumer session on one memory stream pair, over a new channel.
     Leaving the block closes the session and waits for the provider to let go by itself."""
     p.service.backends["m"] = backend  # type: ignore[attr-defined]
@@ -124,9 +126,9 @@ async def joined(p: Parties, backend: Backend) -> AsyncIterator[Joined]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(provide)
         async with open_session_on(consumer_end, p.consumer_ops.identity, provider=provider, model="m",
-                                   price=p.service.storefront.listed(p.offer).price, listing_seq=1, channel=channel,
-                                   spend_limit=CAP, receipts=p.consumer_receipts, clock=wall_clock,
-                                   idle_timeout_s=IDLE_S) as session:
+                                   price=price or p.service.storefront.listed(p.offer).price, listing_seq=1,
+                                   channel=channel, spend_limit=CAP, receipts=p.consumer_receipts, clock=wall_clock,
+                                   idle_timeout_s=IDLE_S, trust=trust) as session:
             yield Joined(session, consumer_end, provider_done, nursery.cancel_scope.cancel)
         with trio.fail_after(60):  # the session's end settles, then the provider ends the stream
             await provider_done.wait()
@@ -186,3 +188,33 @@ async def test_garbage_from_the_consumer_ends_its_session_and_what_was_signed_is
         # with no cooperative close, the provider claimed the last counter-signed receipt
         assert parties.paid(honest.receipt.provider) == honest.receipt.cumulative
     parties.agent.check()
+
+
+async def test_the_session_handle_records_every_outcome_in_the_trust_book(parties, autojump_clock, tmp_path):
+    """Callers never record outcomes themselves: a served call, a stalled one and a refused open
+    each reach the trust book through the session."""
+    trust = TrustBook(tmp_path / "trust.db")
+    provider = parties.service.identity.peer_id
+    try:
+        async with joined(parties, ScriptedBackend(pieces=[("Hi", 1)], hang=True), trust) as j:
+            with pytest.raises(ProviderFailed):  # the provider stalls: the handle's idle timeout fires
+                await j.session.call(USER, 8)
+            j.stop()
+        stalled = trust.get(provider)
+        assert stalled.failures == 1 and stalled.score < START
+        parties.service.storefront._backends.clear()  # the next session gets a backend that answers
+        async with joined(parties, ScriptedBackend(), trust) as j:
+            await j.session.call(USER, 8)
+        served = trust.get(provider)
+        assert served.calls == 1 and served.ttft_s is not None and served.score > stalled.score
+        refused = False
+        try:  # a price the provider does not sell at
+            async with joined(parties, ScriptedBackend(), trust, price=protocol.Price(input_per_1k=1,
+                                                                                       output_per_1k=1)):
+                pass
+        except* SessionRejected:
+            refused = True
+        assert refused
+        assert trust.get(provider).failures == 1  # price_changed is stale market data, not the provider's fault
+    finally:
+        trust.close()

@@ -1,0 +1,129 @@
+"""What renting gives back, typed. Inside ``node`` these travel as they are; each edge presents
+them: ``to_json()`` is the CLI contract's document (the control API, ``node run --json`` and
+the library's ``Swarm`` return it), and the OpenAI face builds its own shape from the fields.
+Amounts are integer µc, prices µc per 1K tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import protocol
+
+from ._routing import Candidate
+
+__all__ = ["Attempt", "Completion", "ProviderRow", "SessionInfo", "SessionSummary"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One provider tried for a call: ``error`` is None for the one that served it."""
+
+    provider: str
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One paid call: the answer, its doubly-signed receipt, who served it and through which channel."""
+
+    id: str  # this node's id for the call (hex)
+    provider: str
+    model: str
+    text: str
+    finish_reason: str
+    receipt: protocol.Receipt
+    latency_ms: int
+    channel: protocol.ChannelGrant | None = None  # the run's own channel (a held session's is in its SessionInfo)
+    attempts: tuple[Attempt, ...] = ()
+    session_id: str | None = None  # the held session it belongs to
+
+    @property
+    def receipt_id(self) -> str:
+        return protocol.receipt_hash(self.receipt).hex()
+
+    @property
+    def cost(self) -> int:
+        return self.receipt.cost
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI contract's document for ``node run`` (and a held session's call)."""
+        r = self.receipt
+        doc: dict[str, Any] = {
+            "id": "isw-" + self.id,
+            "provider": self.provider,
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
+                         "finish_reason": self.finish_reason}],
+            "usage": {"prompt_tokens": r.tokens_in, "completion_tokens": r.tokens_out,
+                      "total_tokens": r.tokens_in + r.tokens_out},
+            "cost": {"amount": r.cost, "receipt_id": self.receipt_id, "cumulative": r.cumulative},
+            "latency_ms": self.latency_ms,
+        }
+        if self.channel is not None:
+            doc["escrow"] = {"agent": self.channel.agent, "channel_id": self.channel.channel_id.hex(),
+                             "cap": self.channel.cap}
+        if self.attempts:
+            doc["attempts"] = [{"provider": a.provider, "error": a.error} for a in self.attempts]
+        if self.session_id is not None:
+            doc["session_id"] = self.session_id
+        return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionInfo:
+    """A session held open by this node: with whom, on which channel, at which pinned price."""
+
+    session_id: str
+    provider: str
+    model: str
+    channel: protocol.ChannelGrant
+    tier: str
+    price: protocol.Price
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "provider": self.provider, "model": self.model,
+                "channel_id": self.channel.channel_id.hex(), "cap": self.channel.cap, "agent": self.channel.agent,
+                "tier": self.tier, "price": {"input": self.price.input_per_1k, "output": self.price.output_per_1k}}
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSummary:
+    """A held session once closed: what its receipts add up to."""
+
+    session_id: str
+    cumulative: int
+    calls: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderRow:
+    """One provider of one model as this node sees it: the listing's terms and this node's figures."""
+
+    candidate: Candidate
+
+    def to_json(self) -> dict[str, Any]:
+        """A row of ``node providers --json``."""
+        lst, offer, s = self.candidate.listing, self.candidate.offer, self.candidate.stats
+        return {
+            "peer_id": lst.provider,
+            "model": offer.name,
+            "input_price": offer.price.input_per_1k,
+            "output_price": offer.price.output_per_1k,
+            "max_context": offer.max_context,
+            "min_charge": offer.price.min_charge,
+            "rate_limit": offer.rate_limit_rpm,
+            "max_concurrent": offer.max_concurrent,
+            "trust": round(s.score, 1),
+            "latency_ms": None if s.ttft_s is None else int(s.ttft_s * 1000),
+            "tokens_per_s": None if s.tps is None else round(s.tps, 1),
+            "benchmark_tokens_per_s": offer.tokens_per_s or None,
+            "escrows": list(lst.escrow_agents),
+            "gpus": [{"name": g.name, "memory_total_mb": g.memory_total_mb} for g in lst.hardware.gpus],
+            "addrs": list(lst.addrs),
+            "expires_at": lst.expires_at,
+        }
