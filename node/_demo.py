@@ -20,7 +20,8 @@ import wallet
 from ._daemon import serve_node_api
 from ._home import Home, init_home
 from ._node import Node, open_node, resolve_config
-from .consumer._routing import Preferences
+from .consumer import Preferences
+from .escrow import WalletBalance
 from .provider._offers import Offer
 from .provider.backends._builtin_model import BUILTIN_MODEL, ensure_builtin_model
 
@@ -51,12 +52,12 @@ async def _start(stack: AsyncExitStack, path: Path, passphrase: str, *, escrow: 
     return service
 
 
-def _balances(console: Console, title: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
+def _balances(console: Console, title: str, rows: list[tuple[str, WalletBalance]]) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("node", "available", "locked"):
         table.add_column(col, justify="right" if col != "node" else "left")
     for name, b in rows:
-        table.add_row(name, _fmt(b["available"]), _fmt(b["locked"]))
+        table.add_row(name, _fmt(b.available), _fmt(b.locked))
     console.print(table)
 
 
@@ -91,8 +92,8 @@ async def run_demo(base: Path, providers: int = 3, once: bool = False, console: 
         console.print(f"[green]✓[/] consumer      {cid}")
 
         before_c = await consumer.escrow.balance(aid)
-        if before_c["available"] < 5_000_000:
-            await agent.escrow.mint(None, cid, 10_000_000 - before_c["available"])
+        if before_c.available < 5_000_000:
+            await agent.escrow.mint(None, cid, 10_000_000 - before_c.available)
             console.print(f"[green]✓[/] minted demo credits: the consumer holds {_fmt(10_000_000)} credits")
         with console.status("waiting for every listing to reach the consumer…"), trio.fail_after(60):
             while len(await consumer.providers(MODEL, "cheapest")) < providers:
@@ -106,7 +107,7 @@ async def run_demo(base: Path, providers: int = 3, once: bool = False, console: 
                           str(r["max_context"]), str(r["trust"]), str(len(r["escrows"])))
         console.print(table)
 
-        async def everyone() -> list[tuple[str, dict[str, Any]]]:
+        async def everyone() -> list[tuple[str, WalletBalance]]:
             out = [("consumer", await consumer.escrow.balance(aid))]
             for i, p in enumerate(sellers):
                 out.append((f"provider {i + 1}", await p.escrow.balance(aid)))
@@ -139,7 +140,7 @@ async def run_demo(base: Path, providers: int = 3, once: bool = False, console: 
         console.print(table)
         after = await everyone()
         _balances(console, "balances after (credits)", after)
-        spent = before[0][1]["available"] - after[0][1]["available"]
+        spent = before[0][1].available - after[0][1].available
         console.print(f"the chat cost {_fmt(spent)} credits = the last receipt's cumulative "
                       f"{_fmt(receipts[-1].cumulative)}; the rest of the channel came back")
         summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider}

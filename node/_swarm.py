@@ -115,11 +115,11 @@ class Swarm:
                 await self.service.sessions.close(opened.session_id)
 
     async def balance(self, escrow: str | None = None) -> dict[str, Any]:
-        return await self.service.escrow.balance(escrow)
+        return (await self.service.escrow.balance(escrow)).to_json()
 
     async def mint(self, to: str, amount: int, escrow: str | None = None) -> dict[str, Any]:
         """Credit ``to`` (only an agent's operator may: a devnet rail)."""
-        return await self.service.escrow.mint(escrow, to, amount)
+        return (await self.service.escrow.mint(escrow, to, amount)).to_json()
 
 
 @asynccontextmanager

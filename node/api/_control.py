@@ -109,13 +109,19 @@ class OfferBody(Body):
 
 
 def _id(value: str) -> str:
-    _hex_id(value, "an id")
+    try:
+        _hex_id(value, "an id")
+    except InvalidRequest as exc:  # a ValueError is what lets pydantic name the field
+        raise ValueError(str(exc)) from exc
     return value
 
 
 def _message_hex(cls: type) -> AfterValidator:
     def check(value: str) -> str:
-        _decode_hex(value, cls, "the value")
+        try:
+            _decode_hex(value, cls, "the value")
+        except InvalidRequest as exc:  # a ValueError is what lets pydantic name the field
+            raise ValueError(str(exc)) from exc
         return value
 
     return AfterValidator(check)
@@ -258,35 +264,31 @@ def _escrow_routes(service: "NodeService") -> Routes:
         return checked_agent(ops, request.query_params.get("escrow") or None)
 
     async def balance(request: Request) -> Any:
-        return await ops.balance(query_agent(request))
+        return (await ops.balance(query_agent(request))).to_json()
 
     async def budgets(request: Request) -> Any:
-        return await ops.budgets(query_agent(request))
+        return [b.to_json() for b in await ops.budgets(query_agent(request))]
 
     async def channel(request: Request) -> Any:
         channel_id = request.path_params["channel_id"]
-        try:
-            _hex_id(channel_id, "channel id")
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), "channel_id") from exc
-        return await ops.channel(query_agent(request), channel_id)
+        return (await ops.channel(query_agent(request), channel_id)).to_json()
 
     async def mint(request: Request) -> Any:
         d = await _body(request, MintBody)
-        return await ops.mint(agent(d), d.to, d.amount)
+        return (await ops.mint(agent(d), d.to, d.amount)).to_json()
 
     async def withdraw(request: Request) -> Any:
         d = await _body(request, WithdrawBody)
-        return await ops.withdraw(agent(d), d.amount)
+        return (await ops.withdraw(agent(d), d.amount)).to_json()
 
     async def open_(request: Request) -> Any:
         d = await _body(request, OpenBody)
-        return await ops.open(agent(d), d.provider, d.amount, d.expires_s, d.budget_id)
+        return (await ops.open(agent(d), d.provider, d.amount, d.expires_s, d.budget_id)).to_json()
 
     async def claim(request: Request) -> Any:
         d = await _body(request, ClaimBody)
         # no agent named: the receipt's own
-        return await ops.claim(checked_agent(ops, d.escrow) if d.escrow else None, d.receipt)
+        return (await ops.claim(checked_agent(ops, d.escrow) if d.escrow else None, d.receipt)).to_json()
 
     async def close(request: Request) -> Any:
         d = await _body(request, CloseBody)
@@ -297,22 +299,19 @@ def _escrow_routes(service: "NodeService") -> Routes:
             other = _decode_hex(d.partial, protocol.EscrowClose, "partial")
             if other.channel_id != bytes.fromhex(d.channel_id):
                 raise InvalidRequest("that close is for another channel", "partial")
-        try:
-            return await ops.close(agent(d), d.channel_id, d.receipt, d.partial, d.sign_only)
-        except ValueError as exc:  # EscrowOps.close's last check, after asking the agent: not a party of it
-            raise InvalidRequest(str(exc), "channel_id") from exc
+        return (await ops.close(agent(d), d.channel_id, d.receipt, d.partial, d.sign_only)).to_json()
 
     async def refund(request: Request) -> Any:
         d = await _body(request, ChannelBody)
-        return await ops.refund(agent(d), d.channel_id)
+        return (await ops.refund(agent(d), d.channel_id)).to_json()
 
     async def budget_create(request: Request) -> Any:
         d = await _body(request, BudgetBody)
-        return await ops.budget_create(agent(d), d.amount, d.whitelist, d.per_session_limit, d.expires_s)
+        return (await ops.budget_create(agent(d), d.amount, d.whitelist, d.per_session_limit, d.expires_s)).to_json()
 
     async def budget_refund(request: Request) -> Any:
         d = await _body(request, BudgetIdBody)
-        return await ops.budget_refund(agent(d), d.budget_id)
+        return (await ops.budget_refund(agent(d), d.budget_id)).to_json()
 
     return [
         ("GET", "/api/v1/wallet/balance", balance),

@@ -136,10 +136,10 @@ async def test_a_provider_killed_mid_stream_is_not_paid_and_the_channel_is_refun
         assert rig.balance(consumer).locked == 50_000
         rig.clock.offset += 61  # past the channel's expiry: the consumer takes it all back
         try:
-            state = (await rig.consumer_ops.refund(rig.agent_addr, channel.channel_id.hex()))["channel"]
+            state = (await rig.consumer_ops.refund(rig.agent_addr, channel.channel_id.hex())).channel.to_json()
         except EscrowRefused as exc:  # the agent's expiry sweep got there first
             assert exc.code == "channel_closed"
-            state = await rig.consumer_ops.channel(rig.agent_addr, channel.channel_id.hex())
+            state = (await rig.consumer_ops.channel(rig.agent_addr, channel.channel_id.hex())).to_json()
         assert state["status"] == "refunded" and state["claimed"] == 0
         assert rig.balance(consumer) == protocol.Balance(available=10_000_000, locked=0)
 
