@@ -303,6 +303,3 @@ async def open_node(
     finally:
         if agent is not None:
             agent.ledger.close()
-
-
-NodeService = Node  # the name the HTTP faces still use; goes when they take ``Node``

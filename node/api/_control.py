@@ -43,7 +43,7 @@ from ._openai import openai_routes
 from ._reports import earnings, metrics_registry, stats
 
 if TYPE_CHECKING:
-    from .._node import NodeService
+    from .._node import Node
 
 __all__ = ["build_app"]
 
@@ -215,7 +215,7 @@ class SessionBody(Body):
 # ---- routes ------------------------------------------------------------------------------------
 
 
-def _market_routes(service: "NodeService") -> Routes:
+def _market_routes(service: "Node") -> Routes:
     async def status(request: Request) -> Any:
         return service.status()
 
@@ -254,7 +254,7 @@ def _market_routes(service: "NodeService") -> Routes:
     ]
 
 
-def _escrow_routes(service: "NodeService") -> Routes:
+def _escrow_routes(service: "Node") -> Routes:
     ops = service.escrow
 
     def agent(d: Escrowed) -> str | None:
@@ -328,7 +328,7 @@ def _escrow_routes(service: "NodeService") -> Routes:
     ]
 
 
-def _renting_routes(service: "NodeService") -> Routes:
+def _renting_routes(service: "Node") -> Routes:
     def prefs(sort: str, provider: str | None) -> Preferences:
         return Preferences(sort=sort, only=(provider,) if provider else ())
 
@@ -395,7 +395,7 @@ def _renting_routes(service: "NodeService") -> Routes:
     ]
 
 
-def build_app(service: "NodeService", token: str, openai_keyless: bool = False) -> Starlette:
+def build_app(service: "Node", token: str, openai_keyless: bool = False) -> Starlette:
     """The ASGI app of both faces (and ``/metrics``), bound to one running node."""
     routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
     registry = metrics_registry(service)

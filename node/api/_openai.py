@@ -26,7 +26,7 @@ from ..consumer import Completion, Preferences
 from ._http import Body, Budget, MaxTokens, Problem, Sort, SSEStream, checked_agent, endpoint, read_body
 
 if TYPE_CHECKING:
-    from .._node import NodeService
+    from .._node import Node
 
 __all__ = ["openai_routes"]
 
@@ -154,7 +154,7 @@ def _completion(c: Completion, created: int) -> dict[str, Any]:
     }
 
 
-def openai_routes(service: "NodeService", token: str, keyless: bool) -> list[Route]:
+def openai_routes(service: "Node", token: str, keyless: bool) -> list[Route]:
     async def models(request: Request) -> Any:
         data = []
         for name, rows in sorted(service.market.view.models(service.market.now()).items()):

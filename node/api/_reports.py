@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .._errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from .._node import NodeService
+    from .._node import Node
 
 __all__ = ["parse_period", "earnings", "stats", "metrics_registry"]
 
@@ -40,7 +40,7 @@ def parse_period(period: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
-def earnings(service: "NodeService", period: str = "30d", by: str = "model") -> dict[str, Any]:
+def earnings(service: "Node", period: str = "30d", by: str = "model") -> dict[str, Any]:
     """``{period, total, claimed, pending, by: {key: amount}}`` for receipts this node served.
 
     Raises:
@@ -63,7 +63,7 @@ def earnings(service: "NodeService", period: str = "30d", by: str = "model") -> 
             "by": {str(k): int(v) for k, v in groups}}
 
 
-def stats(service: "NodeService") -> dict[str, Any]:
+def stats(service: "Node") -> dict[str, Any]:
     """This node's totals as a provider, and the network as its market view sees it."""
     (requests, tokens, earned, latency), = service.receipts.query(
         "SELECT COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0), COALESCE(SUM(cost), 0), AVG(latency_ms) "
@@ -86,7 +86,7 @@ def stats(service: "NodeService") -> dict[str, Any]:
 
 
 class _NodeCollector(Collector):
-    def __init__(self, service: "NodeService") -> None:
+    def __init__(self, service: "Node") -> None:
         self.service = service
 
     def collect(self) -> Iterator[Any]:
@@ -129,7 +129,7 @@ class _NodeCollector(Collector):
                                   value=s.health.alerts)
 
 
-def metrics_registry(service: "NodeService") -> CollectorRegistry:
+def metrics_registry(service: "Node") -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_NodeCollector(service))
     return registry
