@@ -27,11 +27,11 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from wallet import Identity
 
-from . import _libp2p_fixes
+from ._libp2p_fixes import apply as _apply_libp2p_fixes
 
 __all__ = ["open_host", "parse_peer_addr", "peer_addrs", "ID", "PeerInfo", "IHost"]
 
-_libp2p_fixes.apply()
+_apply_libp2p_fixes()
 
 
 # One connection per peer; the auto-connector keeps a modest floor (py-libp2p's default of 50
