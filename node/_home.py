@@ -55,6 +55,8 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None, env: Mapping[st
 
 @dataclass(frozen=True)
 class Home:
+    """A node's home folder and the paths of what lives in it (keystore, config, runtime files)."""
+
     path: Path
 
     @property

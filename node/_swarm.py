@@ -40,6 +40,8 @@ class SwarmSession:
 
 
 class Swarm:
+    """A running node embedded in a trio program: the market, renting, selling and the wallet, as JSON documents."""
+
     def __init__(self, service: Node) -> None:
         self.service = service
 

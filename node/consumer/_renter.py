@@ -53,6 +53,8 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 
 class Renter:
+    """Rents on this node's behalf: ranks providers, opens a channel, runs the session with failover."""
+
     def __init__(self, market: Market, escrow: EscrowOps, local_agent: EscrowAgent | None,
                  receipts: ReceiptStore, trust: TrustBook, clock: WallClock = SYSTEM_WALL_CLOCK,
                  rng: random.Random | None = None, contracts: tuple[Contract, ...] = ()) -> None:

@@ -34,6 +34,8 @@ SORTS = ("cheapest", "fastest", "best_trust")
 
 @dataclasses.dataclass(frozen=True)
 class Preferences:
+    """How a consumer wants providers chosen: strategy, price caps, only/ignore, fallbacks, trust floor."""
+
     sort: str = "cheapest"
     max_input_price: int | None = None  # µc per 1K tokens
     max_output_price: int | None = None

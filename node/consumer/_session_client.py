@@ -52,12 +52,16 @@ class SessionError(RemoteError):
 
 
 class SessionRejected(SessionError):
+    """The provider refused to open the session (its reason code, and when to retry)."""
+
     def __init__(self, reason: str, detail: str, retry_after_s: int = 0) -> None:
         super().__init__(f"the provider refused the session: {reason}" + (f" ({detail})" if detail else ""))
         self.reason, self.detail, self.retry_after_s = reason, detail, retry_after_s
 
 
 class CallRefused(SessionError):
+    """The provider refused one call (its reason code); nothing was charged for it."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"the provider refused the call: {reason}" + (f" ({detail})" if detail else ""))
         self.reason, self.detail = reason, detail
@@ -77,6 +81,8 @@ class ProviderMisbehaved(SessionError):
 
 @dataclasses.dataclass(frozen=True)
 class CallResult:
+    """One call's answer, its doubly-signed receipt, and how fast it came (first token, total)."""
+
     text: str
     finish_reason: str
     receipt: protocol.Receipt

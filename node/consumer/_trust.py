@@ -36,6 +36,8 @@ _STALE = {"price_changed", "unknown_model"}
 
 @dataclasses.dataclass(frozen=True)
 class ProviderStats:
+    """This node's view of one provider: trust score, speed figures and counts of calls and failures."""
+
     peer_id: str
     score: float = START
     ttft_s: float | None = None
@@ -50,6 +52,8 @@ class ProviderStats:
 
 
 class TrustBook:
+    """This node's persistent trust in each provider (sqlite), learned from every session outcome."""
+
     def __init__(self, path: Path) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")

@@ -61,6 +61,8 @@ def model_key(model: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class MarketConfig:
+    """Market tuning: gossip heartbeat, listing TTL and republish interval, DHT subnet limits."""
+
     listing_ttl_s: int = 300
     heartbeat_s: int = 1
     publish_interval_s: float = 0.25

@@ -44,6 +44,8 @@ class MarketRow:
 
 
 class MarketView:
+    """Every valid listing this node knows, by provider and by model; counts what it refused and every change."""
+
     def __init__(self) -> None:
         self._by_provider: dict[str, Listing] = {}
         self.rejected: Counter[str] = Counter({r: 0 for r in REJECT_REASONS})

@@ -36,6 +36,8 @@ _logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class HealthConfig:
+    """The ``[health]`` table: how often to check, and what counts as unhealthy."""
+
     interval_s: float = 30.0
     backend_timeout_s: float = 10.0
     min_success_rate: float = 0.5

@@ -25,6 +25,8 @@ __all__ = ["DynamicPricing", "parse_dynamic"]
 
 @dataclasses.dataclass(frozen=True)
 class DynamicPricing:
+    """The ``[pricing.dynamic]`` table: how the listed price rises with utilization (bounded, integer)."""
+
     demand_threshold: float = 0.5
     max_multiplier: float = 3.0
     adjustment_interval_s: float = 30.0

@@ -22,11 +22,11 @@ __all__ = ["JobQueue", "QueueFull", "QueueTimeout"]
 
 
 class QueueFull(LocalError):
-    pass
+    """The model's wait queue is full: the call is refused with ``capacity``."""
 
 
 class QueueTimeout(LocalError):
-    pass
+    """A job waited or ran past its timeout: the call fails with ``timeout``, unpaid."""
 
 
 class _Job:
@@ -37,6 +37,8 @@ class _Job:
 
 
 class JobQueue:
+    """One model's generation slots: a bounded wait, weighted fair share across consumers, a per-job timeout."""
+
     def __init__(self, slots: int, max_waiting: int, timeout_s: float) -> None:
         self.slots = slots
         self.max_waiting = max_waiting

@@ -31,6 +31,8 @@ _RANGE = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
+    """The ``[schedule]`` table: weekly open hours in a timezone and maintenance windows."""
+
     timezone: str = "UTC"
     hours: dict[int, tuple[tuple[int, int], ...]] | None = None  # weekday -> (start_min, end_min) ranges
     maintenance: tuple[tuple[dt.datetime, dt.datetime], ...] = ()

@@ -23,6 +23,8 @@ __all__ = ["SlaConfig", "SlaTracker", "parse_sla"]
 
 @dataclasses.dataclass(frozen=True)
 class SlaConfig:
+    """The ``[sla]`` table: targets for time to first token, completion rate and availability, and the penalty."""
+
     ttft_ms: int | None = None
     completion_rate: float | None = None
     availability: float | None = None
@@ -44,6 +46,8 @@ def parse_sla(raw: dict[str, Any] | None) -> SlaConfig:
 
 
 class SlaTracker:
+    """Measures the SLA from the provider's own records and gives the discount a breach earns its receipts."""
+
     def __init__(self, config: SlaConfig, availability: Callable[[], float] = lambda: 1.0) -> None:
         self.config = config
         self._availability = availability

@@ -20,6 +20,8 @@ class BackendError(LocalError):
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
+    """How a generation ended: its finish reason, completion tokens, and the prompt count if the backend knows better."""
+
     finish_reason: str  # "stop" | "length"
     tokens_out: int
     tokens_in: int | None = None  # the backend's own prompt count, when it differs from the estimate
