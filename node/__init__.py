@@ -5,14 +5,14 @@ Importing this package stays light (the CLI imports it for every command); ``ope
 the swarm types load the networking stack on first use.
 """
 
-from typing import Any
+from typing import Any as _Any
 
 from ._home import HOME_ENV, ConfigError, Home, init_home, resolve_home
 
 __all__ = ["HOME_ENV", "ConfigError", "Home", "init_home", "resolve_home", "open_swarm", "Swarm", "SwarmSession"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in ("open_swarm", "Swarm", "SwarmSession"):
         from . import _swarm
 

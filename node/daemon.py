@@ -11,8 +11,8 @@ Light to import (every CLI command does): the networking stack loads when a daem
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from pathlib import Path as _Path
+from typing import Any as _Any
 
 from ._daemon import run_daemon, serve_node_api
 from ._daemon_files import DaemonNotRunning, api_token, read_daemon_info
@@ -20,7 +20,8 @@ from ._daemon_files import DaemonNotRunning, api_token, read_daemon_info
 __all__ = ["DaemonNotRunning", "api_token", "read_daemon_info", "run_daemon", "run_demo", "serve_node_api"]
 
 
-async def run_demo(base: Path, providers: int = 3, once: bool = False, console: Any = None) -> dict[str, Any]:
+async def run_demo(base: _Path, providers: int = 3, once: bool = False, console: _Any = None
+                   ) -> dict[str, _Any]:
     """``node demo``: a local market in one process, a paid chat, then the OpenAI API until cancelled."""
     from ._demo import run_demo as demo
 

@@ -35,3 +35,22 @@ def test_every_protocol_error_and_message_is_exported():
 
     kinds = {cls.__name__ for versions in _codec._REGISTRY.values() for cls in versions.values()}
     assert kinds <= set(protocol.__all__)
+
+
+PINNED = ["protocol", "wallet", "node", "node.daemon", "node.net", "node.provider", "node.provider.backends",
+          "node.consumer", "node.escrow", "node.api"]
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_all_is_exactly_the_public_namespace(name):
+    """The httpx way: every public name a package holds is in ``__all__``, and nothing else is."""
+    import types
+
+    pkg = importlib.import_module(name)
+    public = {n for n, v in vars(pkg).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)
+              and n != "annotations"}
+    lazy = {n for n in pkg.__all__ if n not in vars(pkg)}  # node's lazy names, served by its __getattr__
+    assert public | lazy == set(pkg.__all__), f"{name}: not exported {sorted(public - set(pkg.__all__))}, " \
+                                              f"exported but absent {sorted(set(pkg.__all__) - public - lazy)}"
+    for n in lazy:
+        assert getattr(pkg, n) is not None
