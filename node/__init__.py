@@ -1,5 +1,8 @@
-"""Everything that does I/O: the libp2p host, market, sessions, backends, escrow service,
-HTTP API and daemon lifecycle. The embeddable entry point is ``open_swarm``.
+"""Everything that does I/O, one subpackage per role (docs/DESIGN.md, "node/, by role"):
+``net``, ``provider``, ``consumer``, ``escrow``, ``api``, composed by ``_node.open_node``. The
+embeddable entry point is ``open_swarm``; the CLI's is ``node.daemon``. Every error node raises on
+purpose is a ``NodeError``: a ``LocalError`` (the caller's or this node's fault) or a
+``RemoteError`` (a peer refused or broke).
 
 Importing this package stays light (the CLI imports it for every command); ``open_swarm`` and
 the swarm types load the networking stack on first use.
@@ -7,9 +10,23 @@ the swarm types load the networking stack on first use.
 
 from typing import Any as _Any
 
+from ._errors import InvalidRequest, LocalError, NodeError, RemoteError
 from ._home import HOME_ENV, ConfigError, Home, init_home, resolve_home
 
-__all__ = ["HOME_ENV", "ConfigError", "Home", "init_home", "resolve_home", "open_swarm", "Swarm", "SwarmSession"]
+__all__ = [
+    "HOME_ENV",
+    "ConfigError",
+    "Home",
+    "init_home",
+    "resolve_home",
+    "NodeError",
+    "LocalError",
+    "RemoteError",
+    "InvalidRequest",
+    "open_swarm",
+    "Swarm",
+    "SwarmSession",
+]
 
 
 def __getattr__(name: str) -> _Any:
