@@ -57,6 +57,10 @@ __all__ = ["ConsumerState", "ConsumerSession"]
 
 
 class ConsumerState(enum.Enum):
+    """Where a ``ConsumerSession`` stands: IDLE (not opened), OPENING (Open sent, awaiting Accept or
+    Reject), READY (may request), IN_CALL (streaming, awaiting the receipt or a CallError),
+    CLOSED, or ERROR (a protocol error was raised; it takes nothing more)."""
+
     IDLE = "idle"
     OPENING = "opening"
     READY = "ready"

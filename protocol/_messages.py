@@ -108,6 +108,8 @@ _MODEL = Str(128, min_bytes=1)
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class Gpu:
+    """One GPU in a provider's ``Hardware``: its name and total memory in MB."""
+
     name: str = wire(Str(128))
     memory_total_mb: int = wire(UInt())
 
@@ -115,6 +117,9 @@ class Gpu:
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hardware:
+    """The machine a provider advertises in its ``Listing``: GPUs, CPU count and RAM (0: not
+    probed), shown to consumers as the provider reports it."""
+
     gpus: tuple[Gpu, ...] = wire(ListOf(Nested(Gpu), 16), default=())
     cpu_count: int = wire(UInt(4096), default=0)
     ram_mb: int = wire(UInt(), default=0)
@@ -137,6 +142,9 @@ class Tier:
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelOffer:
+    """One model for sale in a provider's ``Listing``: price, context, limits, its own measured
+    speed, tiers and batch discount. ``session_terms`` computes a session's price from it."""
+
     name: str = wire(_MODEL)
     price: Price = wire(Nested(Price))
     max_context: int = wire(UInt(1 << 24))
@@ -187,6 +195,10 @@ class ChannelGrant:
 @message("session_open", 1, signatures=("sig",))
 @dataclasses.dataclass(frozen=True, slots=True)
 class Open:
+    """The consumer's signed first message on a session stream: the model and listing seq it answers,
+    the price it offers (``session_terms``), the agent-signed channel that pays, and its spend
+    limit. The provider answers ``Accept`` or ``Reject``."""
+
     session_id: bytes = wire(_ID)
     consumer: str = wire(PeerId())
     provider: str = wire(PeerId())
@@ -219,6 +231,9 @@ class Accept:
 @message("session_reject", 1)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reject:
+    """The provider's refusal of an ``Open`` (unsigned): a ``REJECT_REASONS`` code, a detail, and
+    when to retry; the session ends. Also sent when the Open itself breaks the rules."""
+
     session_id: bytes = wire(_ID)
     reason: str = wire(Str(choices=REJECT_REASONS))
     detail: str = wire(Str(512), default="")
@@ -228,6 +243,8 @@ class Reject:
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """One turn of the conversation a ``Request`` carries: who said it (``role``) and what."""
+
     role: str = wire(Str(choices=("system", "user", "assistant", "tool")))
     content: str = wire(Str(DEFAULT_MAX_MESSAGE))
 
@@ -235,6 +252,10 @@ class ChatMessage:
 @message("call_request", 1)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Request:
+    """The consumer's next call on an accepted session: the conversation, ``max_tokens`` and the
+    sampling knobs. ``call_seq`` counts from 0; call n+1 is sent only once call n is settled or
+    failed."""
+
     session_id: bytes = wire(_ID)
     call_seq: int = wire(UInt())
     messages: tuple[ChatMessage, ...] = wire(ListOf(Nested(ChatMessage), 1024))
@@ -248,6 +269,9 @@ class Request:
 @message("call_chunk", 1)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Chunk:
+    """The provider's next streamed piece of a call's completion (``index`` counts from 0) and its
+    token count; the call's receipt bills their sum."""
+
     session_id: bytes = wire(_ID)
     call_seq: int = wire(UInt())
     index: int = wire(UInt())
@@ -321,6 +345,9 @@ class CounterSign:
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class Balance:
+    """A party's credits at an escrow agent: ``available`` to spend or withdraw, and ``locked`` in
+    its open channels and budgets."""
+
     available: int = wire(_AMOUNT)
     locked: int = wire(_AMOUNT)
 
@@ -328,6 +355,9 @@ class Balance:
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChannelState:
+    """One escrow channel as its agent reports it: the current signed grant, what the provider
+    has claimed so far, and whether it is ``open``, ``closed`` or ``refunded``."""
+
     channel: ChannelGrant = wire(Nested(ChannelGrant))
     claimed: int = wire(_AMOUNT)
     status: str = wire(Str(choices=("open", "closed", "refunded")))
@@ -336,6 +366,9 @@ class ChannelState:
 @record
 @dataclasses.dataclass(frozen=True, slots=True)
 class BudgetState:
+    """A budget as its agent reports it: a funder's pot that whitelisted consumers open channels
+    on, each up to ``per_session_limit``, until it expires or is refunded."""
+
     budget_id: bytes = wire(_ID)
     funder: str = wire(PeerId())
     amount: int = wire(_AMOUNT)  # funded in total
@@ -353,6 +386,9 @@ def _escrow_request(kind: str, signatures: tuple[str, ...] = ("sig",)):
 @_escrow_request("mint")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowMint:
+    """The agent operator's request to create ``amount`` µc for ``to`` (the devnet rail); the agent
+    refuses anyone but its operators."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the agent's operator
     to: str = wire(PeerId())
@@ -364,6 +400,9 @@ class EscrowMint:
 @_escrow_request("open")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowOpen:
+    """The consumer's request to lock ``cap`` µc, from its balance or a budget, in a new channel
+    to ``provider`` until ``expires_at``; the answer's ``channels`` holds its signed grant."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the consumer
     provider: str = wire(PeerId())
@@ -377,6 +416,9 @@ class EscrowOpen:
 @_escrow_request("topup")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowTopUp:
+    """The consumer's request to add ``add`` µc to its open channel and/or move its expiry later;
+    the agent re-signs the grant."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the consumer
     channel_id: bytes = wire(_ID)
@@ -389,6 +431,9 @@ class EscrowTopUp:
 @_escrow_request("claim")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowClaim:
+    """The provider's request to be paid for a doubly-signed receipt: the agent pays its
+    ``cumulative`` less what that session has claimed already."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the provider
     receipt: Receipt = wire(Nested(Receipt))
@@ -412,6 +457,9 @@ class EscrowClose:
 @_escrow_request("refund")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowRefund:
+    """The consumer's request to take back what its channel still holds, once the channel has
+    expired without a cooperative close."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the consumer, after expiry
     channel_id: bytes = wire(_ID)
@@ -422,6 +470,8 @@ class EscrowRefund:
 @_escrow_request("withdraw")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowWithdraw:
+    """A party's request to take ``amount`` µc of its available balance out of the agent's ledger."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())
     amount: int = wire(_AMOUNT)
@@ -432,6 +482,9 @@ class EscrowWithdraw:
 @_escrow_request("budget_create")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowBudgetCreate:
+    """A funder's request to lock ``amount`` µc in a budget: the consumers on its ``whitelist``
+    open channels on it, each up to ``per_session_limit``, until ``expires_at``."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the funder
     amount: int = wire(_AMOUNT)
@@ -445,6 +498,8 @@ class EscrowBudgetCreate:
 @_escrow_request("budget_refund")
 @dataclasses.dataclass(frozen=True, slots=True)
 class EscrowBudgetRefund:
+    """The funder's request to end its budget and take back what it still holds."""
+
     request_id: bytes = wire(_ID)
     party: str = wire(PeerId())  # the funder
     budget_id: bytes = wire(_ID)
@@ -489,6 +544,9 @@ class EscrowResponse:
 @message("session_close", 1, signatures=("sig",))
 @dataclasses.dataclass(frozen=True, slots=True)
 class Close:
+    """Either party's signed end of a session, naming the last settled receipt and the cumulative
+    cost. The consumer's may carry its half of a cooperative ``EscrowClose``."""
+
     session_id: bytes = wire(_ID)
     by: str = wire(PeerId())
     reason: str = wire(Str(choices=CLOSE_REASONS))

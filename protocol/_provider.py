@@ -60,6 +60,11 @@ def _detail(text: str) -> str:
 
 
 class ProviderState(enum.Enum):
+    """Where a ``ProviderSession`` stands: AWAITING_OPEN, DECIDING (an Open to accept or reject),
+    READY (awaiting a Request), CALL_REQUESTED (to admit or fail), IN_CALL (streaming chunks until
+    the receipt), AWAITING_COUNTERSIGN (the receipt is out; no next call until it comes back
+    signed), CLOSED, or ERROR (a protocol error was raised; it takes nothing more)."""
+
     AWAITING_OPEN = "awaiting_open"
     DECIDING = "deciding"
     READY = "ready"

@@ -90,16 +90,24 @@ def verify_channel(channel: ChannelGrant) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Accepted:
+    """Consumer event: the provider accepted the ``Open`` with the terms offered; the prices are
+    pinned and the session is READY for requests."""
+
     accept: Accept
 
 
 @dataclasses.dataclass(frozen=True)
 class Rejected:
+    """Consumer event: the provider refused the ``Open`` (``reject.reason``); the session is CLOSED."""
+
     reject: Reject
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkReceived:
+    """Consumer event: the next piece of the running call's completion, in order and within
+    ``max_tokens``."""
+
     chunk: Chunk
 
 
@@ -112,6 +120,9 @@ class Queued:
 
 @dataclasses.dataclass(frozen=True)
 class CallFailed:
+    """Consumer event: the provider refused or abandoned the call (``CallError``); nothing is
+    charged and the session is READY for another request."""
+
     error: CallError
 
 
@@ -125,16 +136,24 @@ class ReceiptSettled:
 
 @dataclasses.dataclass(frozen=True)
 class SessionClosed:
+    """Either side's event: the peer ended the session with a verified ``Close``; the machine is CLOSED."""
+
     close: Close
 
 
 @dataclasses.dataclass(frozen=True)
 class OpenReceived:
+    """Provider event: a consumer's ``Open`` passed the checks (addressed here, signed, on a valid
+    unexpired channel of its own); decide with ``accept_open`` or ``reject_open``."""
+
     open: Open
 
 
 @dataclasses.dataclass(frozen=True)
 class CallRequested:
+    """Provider event: the consumer asked for the next call; admit it with ``start_call`` (or give
+    up with ``fail_call``)."""
+
     request: Request
 
 

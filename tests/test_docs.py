@@ -34,9 +34,10 @@ def test_every_cited_document_exists():
     assert not missing, "\n".join(missing)
 
 
-# node's packages; protocol's messages, events and errors and wallet's keystore errors are documented
-# by their module docstrings and tables, not yet one by one
-PACKAGES = ["node", "node.net", "node.provider", "node.provider.backends", "node.consumer", "node.escrow", "node.api"]
+# every package a library user imports: a protocol error says when it is raised, a wire message who
+# sends it and when, an event or a state what it means
+PACKAGES = ["protocol", "wallet", "node", "node.net", "node.provider", "node.provider.backends", "node.consumer",
+            "node.escrow", "node.api", "node.daemon"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

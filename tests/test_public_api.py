@@ -1,9 +1,11 @@
-"""Each package's public API is its __all__: every name exists, appears once, and the
-implementation modules are private (underscore)."""
+"""Each package's public API is its __all__: every name exists, appears once, the implementation
+modules are private (underscore), and (the httpx way) ``__all__`` is exactly the public names the
+package holds, sorted."""
 
 from __future__ import annotations
 
 import importlib
+import types
 from pathlib import Path
 
 import pytest
@@ -43,14 +45,16 @@ PINNED = ["protocol", "wallet", "node", "node.daemon", "node.net", "node.provide
 
 @pytest.mark.parametrize("name", PINNED)
 def test_all_is_exactly_the_public_namespace(name):
-    """The httpx way: every public name a package holds is in ``__all__``, and nothing else is."""
-    import types
+    """The httpx way: ``__all__`` is every public name the package holds, nothing else, sorted.
 
+    Public: not underscored, not a submodule, not ``annotations`` (``from __future__``). Names a
+    module serves lazily from its ``__getattr__`` (node's ``open_swarm``, ``Swarm``,
+    ``SwarmSession``) count as held when ``__all__`` lists them and they resolve.
+    """
     pkg = importlib.import_module(name)
-    public = {n for n, v in vars(pkg).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)
-              and n != "annotations"}
-    lazy = {n for n in pkg.__all__ if n not in vars(pkg)}  # node's lazy names, served by its __getattr__
-    assert public | lazy == set(pkg.__all__), f"{name}: not exported {sorted(public - set(pkg.__all__))}, " \
-                                              f"exported but absent {sorted(set(pkg.__all__) - public - lazy)}"
-    for n in lazy:
-        assert getattr(pkg, n) is not None
+    held = {n for n, v in vars(pkg).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)
+            and n != "annotations"}
+    lazy = {n for n in pkg.__all__ if n not in vars(pkg) and getattr(pkg, n, None) is not None}
+    expected = sorted(held | lazy, key=str.casefold)
+    assert pkg.__all__ == expected, (f"{name}: not exported {sorted(held - set(pkg.__all__))}, exported but "
+                                     f"absent {sorted(set(pkg.__all__) - held - lazy)}, or out of casefold order")

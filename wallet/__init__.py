@@ -1,8 +1,24 @@
-"""Keys, the encrypted keystore, the durable ledger and the escrow agent's rules. Never imports
-trio, libp2p or node."""
+"""Keys, the encrypted keystore, the durable ledger and the escrow agent's rules.
 
-from ._errors import *  # noqa: F403
-from ._errors import __all__ as _errors_all
+    _keys           Identity: the one Ed25519 key that signs everything and names the node
+    _keystore       the encrypted keystore: the identity seed and upstream API keys, at rest
+    _ledger         the durable double-entry ledger (SQLite): transfers, request records, invariant
+    _escrow         EscrowAgent: the escrow's rules (signatures, freshness, caps, expiry, claims)
+    _escrow_store   the only SQL about channels, budgets and request records; it decides nothing
+    _errors         WalletError and the keystore's errors
+
+Imports ``protocol``; never trio, libp2p or ``node``.
+"""
+
+from ._errors import (
+    KeystoreCorrupt,
+    KeystoreError,
+    KeystoreExists,
+    KeystoreNotFound,
+    PassphraseUnavailable,
+    WalletError,
+    WrongPassphrase,
+)
 from ._escrow import (
     ESCROW_REQUESTS,
     EscrowAgent,
@@ -27,21 +43,27 @@ from ._ledger import (
 )
 
 __all__ = [
-    "Identity",
-    "Keystore",
-    "PASSPHRASE_ENV",
-    "read_public_identity",
-    "resolve_passphrase",
-    "Ledger",
-    "LedgerError",
-    "InvariantViolation",
-    "MINT",
-    "WITHDRAWN",
-    "peer_account",
+    "budget_account",
+    "channel_account",
+    "ESCROW_REQUESTS",
     "EscrowAgent",
     "EscrowError",
-    "ESCROW_REQUESTS",
-    "channel_account",
-    "budget_account",
-    *_errors_all,
+    "Identity",
+    "InvariantViolation",
+    "Keystore",
+    "KeystoreCorrupt",
+    "KeystoreError",
+    "KeystoreExists",
+    "KeystoreNotFound",
+    "Ledger",
+    "LedgerError",
+    "MINT",
+    "PASSPHRASE_ENV",
+    "PassphraseUnavailable",
+    "peer_account",
+    "read_public_identity",
+    "resolve_passphrase",
+    "WalletError",
+    "WITHDRAWN",
+    "WrongPassphrase",
 ]

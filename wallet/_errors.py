@@ -27,24 +27,27 @@ class WalletError(Exception):
 
 
 class KeystoreError(WalletError):
-    pass
+    """The encrypted key file could not be created, read or unlocked, or no passphrase could be had
+    (the base of the reasons below)."""
 
 
 class KeystoreNotFound(KeystoreError):
-    pass
+    """No keystore at the path (a home gets one from ``node init``)."""
 
 
 class KeystoreExists(KeystoreError):
-    pass
+    """Refusing to create a keystore where a file already is: a key is never overwritten."""
 
 
 class KeystoreCorrupt(KeystoreError):
-    pass
+    """The file is too large, truncated, not an inferswarm keystore, of an unknown version or key
+    derivation, or its public header does not match the encrypted key."""
 
 
 class WrongPassphrase(KeystoreError):
-    pass
+    """Decryption failed with the passphrase given (or the file was altered since it was written)."""
 
 
 class PassphraseUnavailable(KeystoreError):
-    pass
+    """No usable passphrase: ``INFERSWARM_PASSPHRASE`` is unset and there is no terminal to ask on,
+    the two entries at creation differ, or it is empty."""

@@ -4,7 +4,8 @@
     _routing          which providers to try, in which order (pure: rows, stats and rng come in)
     _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
     _renter           Renter: rank, open an escrow channel, run the session with failover, settle
-    _results          Completion, SessionInfo, SessionSummary, ProviderRow: what renting gives back, typed
+    _results          Completion (with its Attempts), SessionInfo, SessionSummary, ProviderRow: what
+                      renting gives back, typed
     _held_sessions    sessions held open across API calls (``node chat``), expired when idle
 
 Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
@@ -29,28 +30,28 @@ from ._trust import ProviderStats, TrustBook
 
 __all__ = [
     "Attempt",
-    "Completion",
-    "ProviderRow",
-    "SessionInfo",
-    "SessionSummary",
-    "HeldSessions",
-    "UnknownSession",
-    "Renter",
-    "RentError",
-    "estimate_prompt_tokens",
-    "SORTS",
-    "Candidate",
-    "Preferences",
-    "rank",
     "CallRefused",
     "CallResult",
+    "Candidate",
+    "Completion",
     "ConsumerSessionHandle",
-    "ProviderFailed",
-    "ProviderMisbehaved",
-    "SessionError",
-    "SessionRejected",
+    "estimate_prompt_tokens",
+    "HeldSessions",
     "open_session",
     "open_session_on",
+    "Preferences",
+    "ProviderFailed",
+    "ProviderMisbehaved",
+    "ProviderRow",
     "ProviderStats",
+    "rank",
+    "Renter",
+    "RentError",
+    "SessionError",
+    "SessionInfo",
+    "SessionRejected",
+    "SessionSummary",
+    "SORTS",
     "TrustBook",
+    "UnknownSession",
 ]

@@ -6,7 +6,8 @@
     _market_view    the validated view of every listing (pure: no I/O)
     _market         the market: DHT records + GossipSub, publishing our listing, lookups
 
-Imports only ``protocol``, ``wallet`` and libp2p: no other role of ``node`` (a test checks it).
+Imports only ``protocol``, ``wallet``, libp2p and ``node``'s own ``_clock`` and ``_errors``: no other
+role of ``node`` (a test checks it).
 """
 
 from ._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
@@ -15,17 +16,17 @@ from ._market_view import MarketRow, MarketView
 from ._streams import FramedStream, StreamClosed
 
 __all__ = [
-    "PeerInfo",
-    "open_host",
-    "parse_peer_addr",
-    "peer_addrs",
+    "FramedStream",
+    "listing_key",
     "Market",
     "MarketConfig",
-    "open_market",
-    "listing_key",
-    "model_key",
     "MarketRow",
     "MarketView",
-    "FramedStream",
+    "model_key",
+    "open_host",
+    "open_market",
+    "parse_peer_addr",
+    "peer_addrs",
+    "PeerInfo",
     "StreamClosed",
 ]

@@ -7,6 +7,9 @@
     _sla              SLA targets measured from the provider's own records; breach discounts
     _health           health checks; an unhealthy model leaves the listing until it recovers
     _queue            JobQueue: bounded, weighted fair share of a model's generation slots
+    _admission        who may open a session or start a call, and the seats they hold (pure)
+    _storefront       Storefront: what this node sells now (offers, backends, health, schedule,
+                      prices, contracts) and the listing that says so, republished as they move
     _session_service  the provider's side of ``protocol.SESSION_PROTOCOL``
     backends/         the models themselves (transformers, builtin, openai upstream, llama.cpp)
 
@@ -24,18 +27,18 @@ from ._sla import SlaConfig, SlaTracker
 
 __all__ = [
     "derive_max_jobs",
+    "DynamicPricing",
     "hardware_of",
-    "probe_capabilities",
     "HealthConfig",
     "HealthMonitor",
+    "JobQueue",
     "Offer",
     "parse_backend",
-    "DynamicPricing",
-    "JobQueue",
+    "probe_capabilities",
+    "ProviderService",
     "QueueFull",
     "QueueTimeout",
     "Schedule",
-    "ProviderService",
     "SlaConfig",
     "SlaTracker",
 ]

@@ -1,7 +1,7 @@
 """Inference backends: generate a stream of text pieces with exact token counts, and count
 prompt tokens. Model compute never runs on the trio event loop (worker threads).
 
-    _base            Backend (the interface), Generation, BackendError
+    _base            Backend (the interface), Generation, OnPiece (the streaming callback), BackendError
     _builtin_model   the embedded tiny model, built into a folder on first use
     _transformers    transformers:PATH and builtin (CUDA when torch sees a GPU)
     _openai          openai:BASE_URL[#KEYNAME]: an upstream server; the key stays in the keystore
@@ -20,10 +20,10 @@ from ._transformers import TransformersBackend
 __all__ = [
     "Backend",
     "BackendError",
-    "Generation",
-    "OnPiece",
     "BUILTIN_MODEL",
     "ensure_builtin_model",
+    "Generation",
+    "OnPiece",
     "open_backend",
     "TransformersBackend",
 ]
