@@ -6,6 +6,7 @@
     _signing    signatures tagged by kind, version and role; verification raises with the reason
     _identity   peer ids of Ed25519 keys, computed without libp2p
     _pricing    Price and integer micro-credit costs
+    _metering   the bounds on every count a consumer counter-signs (prompt, completion, text)
     _terms      session_terms: the one owner of a session's price, from the offer as listed
     _listing    the market's acceptance rule for listings: signed, unexpired, within the TTL
     _session    what both session machines share: their events, hashes and guarded base
@@ -92,6 +93,16 @@ from ._messages import (
     Request,
     Tier,
 )
+from ._metering import (
+    MAX_BYTES_PER_TOKEN,
+    MAX_COMPLETION_BYTES,
+    MESSAGE_OVERHEAD,
+    PROMPT_OVERHEAD,
+    TOKEN_SLACK,
+    billable_output_tokens,
+    completion_byte_limit,
+    prompt_token_bound,
+)
 from ._pricing import (
     MICRO_PER_CREDIT,
     Price,
@@ -128,6 +139,7 @@ __all__ = [
     "BadSignature",
     "BadVarint",
     "Balance",
+    "billable_output_tokens",
     "body_hash",
     "BudgetState",
     "call_cost",
@@ -145,6 +157,7 @@ __all__ = [
     "CLOCK_SKEW_S",
     "Close",
     "CLOSE_REASONS",
+    "completion_byte_limit",
     "ConsumerSession",
     "ConsumerState",
     "CounterSign",
@@ -187,9 +200,12 @@ __all__ = [
     "LISTING_TOPIC",
     "LocalProtocolError",
     "MalformedMessage",
+    "MAX_BYTES_PER_TOKEN",
+    "MAX_COMPLETION_BYTES",
     "MAX_LISTING_BYTES",
     "MAX_LISTING_TTL_S",
     "max_output_tokens_within",
+    "MESSAGE_OVERHEAD",
     "MessageTooLarge",
     "MICRO_PER_CREDIT",
     "MissingField",
@@ -200,6 +216,8 @@ __all__ = [
     "parse_credits",
     "peer_id_from_public_key",
     "Price",
+    "PROMPT_OVERHEAD",
+    "prompt_token_bound",
     "ProtocolError",
     "PROVIDER_TYPES",
     "ProviderSession",
@@ -233,6 +251,7 @@ __all__ = [
     "TermsMismatch",
     "Tier",
     "TIERS",
+    "TOKEN_SLACK",
     "UnexpectedMessage",
     "UnknownKind",
     "UnknownVersion",

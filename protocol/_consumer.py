@@ -33,6 +33,7 @@ from ._messages import (
     Reject,
     Request,
 )
+from ._metering import MAX_BYTES_PER_TOKEN, billable_output_tokens, completion_byte_limit, prompt_token_bound
 from ._pricing import Price, call_cost, discounted
 from ._session import (
     Accepted,
@@ -85,9 +86,15 @@ class ConsumerSession(_Machine):
         price: Price,
         channel: ChannelGrant,
         spend_limit: int,
+        max_context: int,
         tier: str = "",
         batch_calls: int = 0,
     ) -> None:
+        """
+        Args:
+            price, max_context: the terms of the signed listing (``session_terms`` of its model
+                offer) this session answers: the Accept must not name a larger context.
+        """
         super().__init__(signer)
         self.tier, self.batch_calls = tier, batch_calls
         if channel.consumer != self.me or channel.provider != provider:
@@ -101,11 +108,14 @@ class ConsumerSession(_Machine):
         self.price = price
         self.channel = channel
         self.spend_limit = spend_limit
+        self.max_context = max_context
         self.cap = min(spend_limit, channel.cap)
         self.accept: Accept | None = None
+        self.rejected = False
         self._request: Request | None = None
         self._text: list[str] = []
         self._tokens_out = 0
+        self._text_bytes = 0
         self._next_chunk = 0
 
     @property
@@ -181,7 +191,7 @@ class ConsumerSession(_Machine):
         )
         self._outbox.append(msg)
         self._request = msg
-        self._text, self._tokens_out, self._next_chunk = [], 0, 0
+        self._text, self._tokens_out, self._text_bytes, self._next_chunk = [], 0, 0, 0
         self.state = ConsumerState.IN_CALL
         return msg
 
@@ -212,6 +222,23 @@ class ConsumerSession(_Machine):
         return msg
 
     @_guarded
+    def withdraw(self, request_id: bytes, now: int) -> Close:
+        """After a ``Reject``: queue a signed ``Close`` carrying this consumer's half of a cooperative
+        close of the unused channel (no receipt), so the provider can release the channel at once.
+
+        Raises:
+            IllegalTransition: the session was not refused.
+        """
+        if self.state is not ConsumerState.CLOSED or not self.rejected:
+            raise IllegalTransition("only a refused session withdraws its channel")
+        half = sign(EscrowClose(request_id=request_id, channel_id=self.channel.channel_id, receipt=None, issued_at=now),
+                    "consumer_sig", self._signer)
+        msg = sign(Close(session_id=self.session_id, by=self.me, reason="done", last_receipt_hash=self.last_hash,
+                         cumulative=0, issued_at=now, escrow_close=half), "sig", self._signer)
+        self._outbox.append(msg)
+        return msg
+
+    @_guarded
     def receive(self, msg: Any, now: int) -> list[Any]:
         """Take one message from the provider; return the events it causes.
 
@@ -228,6 +255,7 @@ class ConsumerSession(_Machine):
         if isinstance(msg, Reject) and self.state is ConsumerState.OPENING:
             self._check_session(msg, self.session_id)
             self.state = ConsumerState.CLOSED
+            self.rejected = True
             return [Rejected(msg)]
         if isinstance(msg, Receipt):
             return [self._on_receipt(msg)]
@@ -256,6 +284,8 @@ class ConsumerSession(_Machine):
             raise TermsMismatch("accepted prices differ from the prices offered")
         if msg.spend_cap != self.cap:
             raise TermsMismatch(f"accepted spend cap {msg.spend_cap}, expected {self.cap}")
+        if msg.max_context > self.max_context:
+            raise TermsMismatch(f"accepted a context of {msg.max_context} tokens, the listing says {self.max_context}")
         self.accept = msg
         self.state = ConsumerState.READY
         return Accepted(msg)
@@ -267,8 +297,13 @@ class ConsumerSession(_Machine):
             raise UnexpectedMessage(f"chunk {msg.call_seq}/{msg.index} out of order")
         if self._tokens_out + msg.tokens > self._request.max_tokens:
             raise UnexpectedMessage("the provider streamed more tokens than max_tokens")
+        size = len(msg.text.encode("utf-8"))
+        if self._text_bytes + size > completion_byte_limit(self._request.max_tokens):
+            raise UnexpectedMessage(f"the provider streamed more than {completion_byte_limit(self._request.max_tokens)} "
+                                    f"bytes of text for max_tokens {self._request.max_tokens}")
         self._next_chunk += 1
         self._tokens_out += msg.tokens
+        self._text_bytes += size
         self._text.append(msg.text)
         return ChunkReceived(msg)
 
@@ -296,8 +331,17 @@ class ConsumerSession(_Machine):
             raise ReceiptHashMismatch("output hash is not the hash of the text received")
         if r.tokens_out != self._tokens_out:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens, {self._tokens_out} streamed")
+        if r.tokens_out > billable_output_tokens(r.tokens_out, self._text_bytes):
+            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens for {self._text_bytes} bytes of text")
+        if self._text_bytes > r.tokens_out * MAX_BYTES_PER_TOKEN:
+            raise ReceiptPriceMismatch(f"{self._text_bytes} bytes of text for {r.tokens_out} tokens: over "
+                                       f"{MAX_BYTES_PER_TOKEN} bytes per token")
         if r.tokens_in > self.accept.max_context:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the context")
+        bound = prompt_token_bound((m.role, m.content) for m in self._request.messages)
+        if r.tokens_in > bound:
+            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the {bound} this prompt "
+                                       "can take")
         full = call_cost(self.accept.price, r.tokens_in, r.tokens_out)
         if r.price != self.accept.price or r.cost != discounted(full, r.discount_permille):
             raise ReceiptPriceMismatch("cost is not the pinned price of the billed tokens (less its discount)")

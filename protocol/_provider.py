@@ -31,6 +31,7 @@ from ._messages import (
     Reject,
     Request,
 )
+from ._metering import billable_output_tokens, completion_byte_limit, prompt_token_bound
 from ._pricing import Price, call_cost, discounted, max_output_tokens_within
 from ._session import (
     CallRequested,
@@ -89,7 +90,9 @@ class ProviderSession(_Machine):
         self._request: Request | None = None
         self._limit = 0
         self._tokens_in = 0
-        self._tokens_out = 0
+        self._tokens_out = 0  # billed so far (what the chunks claim)
+        self._generated = 0  # produced so far, billed or not
+        self._text_bytes = 0
         self._text: list[str] = []
         self._pending: Receipt | None = None
 
@@ -98,6 +101,12 @@ class ProviderSession(_Machine):
         if self.open_msg is None:
             raise IllegalTransition("no session opened yet")
         return self.open_msg.session_id
+
+    @property
+    def unpaid_work(self) -> bool:
+        """True when the consumer holds a whole answer it has not paid for: its receipt still
+        awaits the counter-signature."""
+        return self._pending is not None
 
     @property
     def cap(self) -> int:
@@ -201,7 +210,10 @@ class ProviderSession(_Machine):
 
     @_guarded
     def start_call(self, tokens_in: int, now: int) -> int | None:
-        """Admit the requested call, whose prompt is ``tokens_in`` tokens.
+        """Admit the requested call, whose prompt is ``tokens_in`` tokens by the backend's count.
+
+        The context is checked against that count; the call bills at most
+        ``protocol.prompt_token_bound`` of the request (what the consumer will sign).
 
         Returns:
             The most completion tokens the call may produce (``max_tokens`` clamped to what
@@ -216,10 +228,12 @@ class ProviderSession(_Machine):
         if tokens_in > self.accept.max_context:
             return self._refuse("context_too_long", f"{tokens_in} prompt tokens, limit {self.accept.max_context}")
         ceiling = min(self._request.max_tokens, max(0, self.accept.max_context - tokens_in))
-        limit = max_output_tokens_within(self.accept.price, tokens_in, self.cap - self.cumulative, ceiling)
+        billed_in = min(tokens_in, prompt_token_bound((m.role, m.content) for m in self._request.messages))
+        limit = max_output_tokens_within(self.accept.price, billed_in, self.cap - self.cumulative, ceiling)
         if limit < 0:
             return self._refuse("over_budget", f"{self.cap - self.cumulative} µc left in this session")
-        self._limit, self._tokens_in, self._tokens_out, self._text = limit, tokens_in, 0, []
+        self._limit, self._tokens_in, self._text = limit, billed_in, []
+        self._tokens_out = self._generated = self._text_bytes = 0
         self.state = ProviderState.IN_CALL
         return limit
 
@@ -248,19 +262,28 @@ class ProviderSession(_Machine):
 
     @_guarded
     def chunk(self, text: str, tokens: int) -> Chunk:
-        """Queue a streamed piece of the completion.
+        """Queue a streamed piece of the completion: ``text`` and the ``tokens`` generated for it.
+        The chunk claims only the tokens the consumer will pay for (``billable_output_tokens``).
 
         Raises:
-            SpendLimitReached: more tokens than ``start_call`` admitted.
+            SpendLimitReached: more tokens than ``start_call`` admitted, or more text than the
+                request's ``max_tokens`` allows (``completion_byte_limit``).
         """
         self._expect(ProviderState.IN_CALL)
-        if self._tokens_out + tokens > self._limit:
+        assert self._request is not None
+        if self._generated + tokens > self._limit:
             raise SpendLimitReached(f"completion would pass its {self._limit}-token limit")
+        size = len(text.encode("utf-8"))
+        if self._text_bytes + size > completion_byte_limit(self._request.max_tokens):
+            raise SpendLimitReached(f"completion would pass {completion_byte_limit(self._request.max_tokens)} bytes")
+        self._generated += tokens
+        self._text_bytes += size
+        claimed = billable_output_tokens(self._generated, self._text_bytes) - self._tokens_out
         msg = Chunk(
-            session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text, tokens=tokens
+            session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text, tokens=claimed
         )
         self._text.append(text)
-        self._tokens_out += tokens
+        self._tokens_out += claimed
         self._outbox.append(msg)
         return msg
 

@@ -94,6 +94,7 @@ class Pair:
             price=price,
             channel=channel(cap),
             spend_limit=cap if spend_limit is None else spend_limit,
+            max_context=max_context,
         )
         self.provider = protocol.ProviderSession(PROVIDER)
         self.provider_events: list[Any] = []

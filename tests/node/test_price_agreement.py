@@ -6,6 +6,8 @@ market and escrow; only the stream is cut: the open is captured and replayed int
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import datetime as dt
 import random
@@ -86,7 +88,13 @@ def _renter_opening_nothing(rows, contracts):
 
     renter = Renter(_Market(rows), _Escrow(), None, None, _Trust(), clock=lambda: NOW, rng=random.Random(0),
                     contracts=contracts)
-    return renter, opens, mock.patch.object(_renter, "open_session", capture)
+    async def reachable(*a: Any, **kw: Any) -> None:
+        pass
+
+    patched = contextlib.ExitStack()
+    patched.enter_context(mock.patch.object(_renter, "open_session", capture))
+    patched.enter_context(mock.patch.object(_renter, "reach", reachable))
+    return renter, opens, patched
 
 
 def _provider_accepts(provider, opened: dict[str, Any], terms: protocol.Price, max_context: int) -> None:
@@ -94,7 +102,8 @@ def _provider_accepts(provider, opened: dict[str, Any], terms: protocol.Price, m
     consumer = protocol.ConsumerSession(CONSUMER, session_id=b"s" * 16, provider=provider.peer_id,
                                         model=opened["model"], listing_seq=opened["listing_seq"],
                                         price=opened["price"], channel=opened["channel"],
-                                        spend_limit=opened["spend_limit"], tier=opened["tier"],
+                                        spend_limit=opened["spend_limit"], max_context=opened["max_context"],
+                                        tier=opened["tier"],
                                         batch_calls=opened["batch_calls"])
     machine = protocol.ProviderSession(provider)
     consumer.open(NOW)

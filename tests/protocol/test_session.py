@@ -152,7 +152,8 @@ def test_open_with_a_forged_or_foreign_channel_is_refused():
     bad_agent_sig = dataclasses.replace(channel(), sig=protocol.sign(channel(), "sig", MALLORY).sig)
     for grant, err in ((bad_agent_sig, protocol.BadSignature), (channel(expires_at=50), protocol.Expired)):
         consumer = protocol.ConsumerSession(CONSUMER, session_id=b"s" * 16, provider=PROVIDER.peer_id, model="m",
-                                            listing_seq=1, price=PRICE, channel=grant, spend_limit=10)
+                                            listing_seq=1, price=PRICE, channel=grant, spend_limit=10,
+                                            max_context=4096)
         provider = protocol.ProviderSession(PROVIDER)
         msg = protocol.Open(session_id=b"s" * 16, consumer=CONSUMER.peer_id, provider=PROVIDER.peer_id, model="m",
                             listing_seq=1, price=PRICE, channel=grant, spend_limit=10, issued_at=100)
@@ -163,7 +164,7 @@ def test_open_with_a_forged_or_foreign_channel_is_refused():
         assert consumer.state is ConsumerState.IDLE
     with pytest.raises(protocol.InvalidMessage):
         protocol.ConsumerSession(MALLORY, session_id=b"s" * 16, provider=PROVIDER.peer_id, model="m", listing_seq=1,
-                                 price=PRICE, channel=channel(), spend_limit=10)
+                                 price=PRICE, channel=channel(), spend_limit=10, max_context=4096)
     assert AGENT.peer_id != MALLORY.peer_id
 
 

@@ -1,0 +1,55 @@
+"""What a consumer will counter-sign: the bounds on every count a receipt bills (docs/PROTOCOL.md,
+"Metering"). Both machines apply the same rules, so an honest provider never sends a receipt
+the consumer refuses, and a dishonest one is never paid past what the consumer can measure.
+
+- **Prompt tokens** are bounded before generation by what the consumer sent:
+  ``prompt_token_bound(messages) = 16 + sum(8 + bytes(role) + bytes(content))`` (UTF-8 bytes).
+  A byte-level tokenizer with a chat template never needs more; a provider whose tokenizer
+  counts more (a template's default system prompt, say) bills the bound, never its own count.
+- **Completion tokens** are bounded by the text received: ``tokens_out <= bytes(text) +
+  TOKEN_SLACK`` (tokens that decode to nothing, such as skipped special tokens, cost at most
+  ``TOKEN_SLACK`` per call), and never more than the chunks claimed in sum.
+- **Completion text** is bounded by the tokens asked for and billed: at most
+  ``completion_byte_limit(max_tokens)`` bytes may stream in a call (so a provider cannot make a
+  consumer hold more), and at most ``MAX_BYTES_PER_TOKEN`` bytes per billed token in the end.
+- **Context**: ``max_context`` is the one in the signed listing the consumer chose from; an
+  Accept naming more is refused.
+Pure arithmetic on integers: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+__all__ = [
+    "PROMPT_OVERHEAD",
+    "MESSAGE_OVERHEAD",
+    "TOKEN_SLACK",
+    "MAX_BYTES_PER_TOKEN",
+    "MAX_COMPLETION_BYTES",
+    "prompt_token_bound",
+    "completion_byte_limit",
+    "billable_output_tokens",
+]
+
+PROMPT_OVERHEAD = 16  # the template's generation prompt
+MESSAGE_OVERHEAD = 8  # per message: the template's markers around role and content
+TOKEN_SLACK = 16  # completion tokens per call that may decode to no text
+MAX_BYTES_PER_TOKEN = 32  # no vocabulary's tokens average more over a whole completion
+MAX_COMPLETION_BYTES = 8 << 20  # one call's text, whatever max_tokens says
+
+
+def prompt_token_bound(messages: Iterable[tuple[str, str]]) -> int:
+    """The most prompt tokens a call of these ``(role, content)`` messages may bill."""
+    return PROMPT_OVERHEAD + sum(MESSAGE_OVERHEAD + len(role.encode()) + len(content.encode())
+                                 for role, content in messages)
+
+
+def completion_byte_limit(max_tokens: int) -> int:
+    """The most completion text (UTF-8 bytes) a call asking for ``max_tokens`` tokens may stream."""
+    return min(MAX_COMPLETION_BYTES, max_tokens * MAX_BYTES_PER_TOKEN)
+
+
+def billable_output_tokens(tokens: int, text_bytes: int) -> int:
+    """Of ``tokens`` generated for ``text_bytes`` bytes of text, how many may be billed."""
+    return max(0, min(tokens, text_bytes + TOKEN_SLACK))
