@@ -280,6 +280,7 @@ async def open_node(
                 async with trio.open_nursery() as nursery:
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent, wall_clock)
+                    await nursery.start(provider.serve_settlement)
                     host.set_stream_handler(SESSION_PROTOCOL, provider.handle)
                     await nursery.start(node.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)

@@ -78,6 +78,22 @@ class ReceiptStore:
             self.db.execute("UPDATE receipts SET claimed = 1 WHERE session_id = ? AND cumulative <= ?",
                             (receipt.session_id, receipt.cumulative))
 
+    def has_session(self, session_id: bytes) -> bool:
+        """Whether any receipt of ``session_id`` is held."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM receipts WHERE session_id = ? LIMIT 1", (session_id,)).fetchone() \
+                is not None
+
+    def unclaimed(self, role: str, limit: int = 100_000) -> list[protocol.Receipt]:
+        """The newest receipt of each session (as ``role``) not yet marked claimed: what the agent
+        still owes, after a restart."""
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT receipt FROM receipts r WHERE role = ? AND claimed = 0 AND cumulative = "
+                "(SELECT MAX(cumulative) FROM receipts WHERE session_id = r.session_id) LIMIT ?",
+                (role, limit)).fetchall()
+        return [protocol.decode(bytes(blob), expect=(protocol.Receipt,)) for (blob,) in rows]
+
     def list(self, session_id: bytes | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         query = "SELECT receipt, role, claimed FROM receipts"
         args: tuple[Any, ...] = ()

@@ -1,20 +1,23 @@
 """The daemon's local HTTP API (control face, ``/api/v1/…``), used by the ``node`` CLI.
 
-Rules: loopback only; every request carries ``Authorization: Bearer <token>`` with the token
-kept in the home (``api.token``, mode 0600), compared in constant time; every POST body is a
-declared model below; errors are JSON ``{"error": {"message", "type", "code"}}`` with the status
-of ``_http.TABLE`` (the same as the OpenAI face's); amounts are µc.
+Rules: loopback only; every request passes ``_http.WebGuard`` (loopback ``Host``, no foreign
+``Origin``, JSON bodies of at most 2 MiB) and carries ``Authorization: Bearer <token>`` with the
+token kept in the home (``api.token``, mode 0600), compared in constant time; every POST body is a
+declared model below, bounded as the wire is, and a call is checked whole (``check_call``) before
+any channel opens; errors are JSON ``{"error": {"message", "type", "code"}}`` with the status of
+``_http.TABLE`` (the same as the OpenAI face's); amounts are µc.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, ConfigDict, Field
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -22,6 +25,7 @@ from starlette.routing import Route
 import protocol
 
 from .._errors import InvalidRequest, NotFound
+from ..consumer._request_check import check_call
 from ..consumer._routing import SORTS, Preferences
 from ..escrow._ops import _decode_hex, _hex_id
 from ..provider import Offer
@@ -29,17 +33,21 @@ from ._http import (
     Amount,
     Body,
     Budget,
+    MAX_MESSAGES,
     Handler,
     MaxTokens,
+    ModelName,
     NDJSONStream,
     PeerId,
     Problem,
     Sort,
+    WebGuard,
+    WireText,
     checked_agent,
     endpoint,
     read_body,
 )
-from ._openai import openai_routes
+from ._openai import openai_routes, openai_shape
 from ._reports import earnings, metrics_registry, stats
 
 if TYPE_CHECKING:
@@ -179,37 +187,40 @@ class BudgetIdBody(Escrowed):
     budget_id: HexId
 
 
+Tier = Literal["", "basic", "premium", "enterprise"]  # protocol.TIERS, or "": the offer's own
+
+
 class Message(Body):
-    role: str
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]  # the roles the wire carries
+    content: WireText
 
 
 class CallBody(Body):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: MaxTokens = 256
     temperature_milli: Annotated[int, Field(ge=0, le=2000)] = 1000
     stream: bool = False
 
 
 class RunBody(CallBody):
-    messages: list[Message] | None = Field(None, min_length=1)  # or one user message, ``prompt``
-    prompt: str | None = None
-    model: str
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)  # or ``prompt``
+    prompt: WireText | None = None  # one user message
+    model: ModelName
     provider: str | None = None  # rent from this provider only
     sort: Sort = "cheapest"
     budget: Budget | None = None
     escrow: str | None = None
-    tier: str = ""
+    tier: Tier = ""
 
 
 class SessionBody(Body):
-    model: str
+    model: ModelName
     provider: str | None = None
     sort: Sort = "cheapest"
     budget: Budget
     escrow: str | None = None
-    tier: str = ""
-    batch_calls: Annotated[int, Field(ge=0)] = 0
+    tier: Tier = ""
+    batch_calls: Annotated[int, Field(ge=0, le=1 << 20)] = 0  # the wire's bound on a declared batch
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -346,6 +357,7 @@ def _renting_routes(service: "Node") -> Routes:
             msgs = [{"role": "user", "content": d.prompt}]
         else:
             raise InvalidRequest("prompt: missing (it is required without messages)", "prompt", "missing_field")
+        check_call(msgs, d.max_tokens, d.temperature_milli, 1000, ())  # before any channel opens
         kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli, prefs=prefs(d.sort, d.provider),
                       budget=d.budget, escrow=escrow(d.escrow), tier=d.tier)
         if not d.stream:
@@ -361,6 +373,7 @@ def _renting_routes(service: "Node") -> Routes:
     async def session_call(request: Request) -> Any:
         sid = request.path_params["session_id"]
         d = await _body(request, CallBody)
+        check_call(messages(d), d.max_tokens, d.temperature_milli, 1000, ())  # before it is sent, or billed
         kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli)
         if not d.stream:
             return (await service.sessions.call(sid, messages(d), **kwargs)).to_json()
@@ -395,8 +408,13 @@ def _renting_routes(service: "Node") -> Routes:
     ]
 
 
-def build_app(service: "Node", token: str, openai_keyless: bool = False) -> Starlette:
-    """The ASGI app of both faces (and ``/metrics``), bound to one running node."""
+def build_app(service: "Node", token: str, openai_keyless: bool = False, hosts: tuple[str, ...] = ()) -> Starlette:
+    """The ASGI app of both faces (and ``/metrics``), bound to one running node, behind ``WebGuard``.
+
+    Args:
+        token: the bearer token both faces ask for (the OpenAI face does not with ``openai_keyless``).
+        hosts: ``Host`` names accepted besides localhost, 127.0.0.1 and [::1] (the host the API binds).
+    """
     routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
     registry = metrics_registry(service)
 
@@ -405,5 +423,7 @@ def build_app(service: "Node", token: str, openai_keyless: bool = False) -> Star
         body = await trio.to_thread.run_sync(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    guard = Middleware(WebGuard, faces=(("/v1/", openai_shape),), default=_shape, hosts=hosts)
     return Starlette(routes=[Route(path, endpoint(fn, _shape, token), methods=[method]) for method, path, fn in routes]
-                     + openai_routes(service, token, openai_keyless) + [Route("/metrics", metrics, methods=["GET"])])
+                     + openai_routes(service, token, openai_keyless) + [Route("/metrics", metrics, methods=["GET"])],
+                     middleware=[guard])

@@ -1,7 +1,17 @@
-"""What both HTTP faces of the daemon share: the error table, the bearer check, request bodies read
-into declared models, and responses streamed as they are produced.
+"""What both HTTP faces of the daemon share: the error table, the web guard, the bearer check, request
+bodies read into declared models, and responses streamed as they are produced.
 
 Rules:
+- Every request passes ``WebGuard`` before any route (both faces and ``/metrics``): its ``Host`` must
+  name this node on loopback (``localhost``, ``127.0.0.1``, ``[::1]`` or the bound host, with or
+  without the bound port: 421 otherwise, against DNS rebinding); an ``Origin``, when sent, must be a
+  loopback origin (403, against cross-site requests); a body must be ``application/json`` (optional
+  ``charset=utf-8``; 415, so no browser can send one without a CORS preflight, which nothing here
+  answers) of at most ``MAX_BODY`` bytes (413, refused at ``Content-Length`` or counted while read).
+  Its refusals are ``EdgeRefusal``s: api-only exceptions, not node errors, in ``TABLE`` like any other.
+- A body nests at most ``MAX_DEPTH`` levels (checked before parsing) and every bound a field has on
+  the wire holds here already (``Amount``, ``Budget``, ``MaxTokens``, ``WireText``, …): bad input is a
+  4xx before any money moves.
 - Every exception that reaches a face goes through ``problem_of`` and nothing else. ``TABLE`` gives
   each domain error one status, type and code, the same on both faces; a face only shapes the body
   (control ``{"error": {message, type, code}}``, OpenAI ``{"error": {message, type, param, code}}``).
@@ -17,11 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
-from typing import Annotated, Any, Awaitable, Callable, ClassVar, TypeVar
+import re
+from typing import Annotated, Any, Awaitable, Callable, ClassVar, Iterable, Sequence, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -41,10 +54,35 @@ from ..provider._queue import QueueFull, QueueTimeout
 from ..provider.backends._base import BackendError
 
 __all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
-           "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "EventStream",
-           "NDJSONStream", "SSEStream"]
+           "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "PricePer1K",
+           "WireText", "ModelName", "MAX_MESSAGES", "EventStream", "NDJSONStream", "SSEStream", "EdgeRefusal", "MisdirectedHost",
+           "ForeignOrigin", "NotJSON", "BodyTooLarge", "WebGuard", "MAX_BODY", "MAX_DEPTH", "LOOPBACK_HOSTS"]
 
 _logger = logging.getLogger("node.api")
+
+
+# ---- the edge's own refusals --------------------------------------------------------------------
+
+
+class EdgeRefusal(Exception):
+    """The HTTP edge refused a request before any handler ran (its Host, Origin, media type or size).
+    Not a node error: it is raised and answered inside this package, through ``TABLE``."""
+
+
+class MisdirectedHost(EdgeRefusal):
+    """The ``Host`` header names someone else (a DNS-rebinding page's domain): 421."""
+
+
+class ForeignOrigin(EdgeRefusal):
+    """The request comes from a web page that is not on loopback (cross-site): 403."""
+
+
+class NotJSON(EdgeRefusal):
+    """A body that is not ``application/json`` (a form or ``text/plain``, which skip CORS): 415."""
+
+
+class BodyTooLarge(EdgeRefusal):
+    """A body over ``MAX_BODY`` bytes: 413."""
 
 
 # ---- the error table ---------------------------------------------------------------------------
@@ -79,6 +117,11 @@ class _Row:
 
 # One status per case. First match wins, so a subclass (or a ``when`` case) comes before its base.
 TABLE: tuple[_Row, ...] = (
+    # the web guard's refusals, before any handler runs
+    _Row(MisdirectedHost, 421, "invalid_request_error", "misdirected_request"),
+    _Row(ForeignOrigin, 403, "permission_error", "cross_origin_refused"),
+    _Row(NotJSON, 415, "invalid_request_error", "unsupported_media_type"),
+    _Row(BodyTooLarge, 413, "invalid_request_error", "request_too_large"),
     # the caller's fault
     _Row(InvalidRequest, 400, "invalid_request_error", lambda e: e.code),  # the only 400: a field is wrong
     _Row(NotAuthorized, 401, "authentication_error", "invalid_api_key"),
@@ -164,6 +207,115 @@ def endpoint(fn: Handler, shape: Shape, token: str | None) -> Handler:
     return handler
 
 
+# ---- the web guard ------------------------------------------------------------------------------
+
+MAX_BODY = 2 << 20  # bytes: a call's frame is 1 MiB; JSON escaping may double it, and no more is ever needed
+MAX_DEPTH = 32  # levels of JSON nesting: our bodies need 5 (messages -> message -> content parts -> part)
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?")
+_ORIGIN = re.compile(r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
+
+
+def _host_name(name: str) -> str:
+    """``name`` as the guard compares it: lower case, an IPv6 literal bracketed and compressed."""
+    name = name.strip().lower()
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return name
+    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+
+
+def _is_json(content_type: str) -> bool:
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    if not params.strip():
+        return True
+    key, _, value = params.partition("=")
+    return key.strip().lower() == "charset" and value.strip().strip('"').lower() in ("utf-8", "utf8")
+
+
+class WebGuard:
+    """ASGI middleware in front of both faces and ``/metrics``: checks ``Host``, ``Origin``, the media
+    type and the size of the body before any route runs (the module's rules), answering a refusal in
+    the shape of the face the path belongs to.
+
+    Args:
+        app: the application behind the guard.
+        faces: ``(path prefix, shape)`` pairs, first match wins; ``default`` shapes any other path.
+        hosts: host names accepted besides ``LOOPBACK_HOSTS`` (the host the daemon was told to bind).
+    """
+
+    def __init__(self, app: Any, *, faces: Sequence[tuple[str, Shape]], default: Shape,
+                 hosts: Iterable[str] = ()) -> None:
+        self.app, self.faces, self.default = app, tuple(faces), default
+        self.hosts = LOOPBACK_HOSTS | {_host_name(h) for h in hosts if h}
+
+    def _shape(self, path: str) -> Shape:
+        return next((shape for prefix, shape in self.faces if path.startswith(prefix)), self.default)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            receive = self._check(scope, receive)
+        except EdgeRefusal as exc:
+            problem = problem_of(exc)
+            await JSONResponse(self._shape(scope.get("path", ""))(problem), status_code=problem.status)(
+                scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Any, receive: Any) -> Any:
+        """``receive``, counting the body's bytes, once the headers pass.
+
+        Raises:
+            MisdirectedHost, ForeignOrigin, NotJSON, BodyTooLarge: what the guard refuses.
+        """
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        m = _HOST.fullmatch(host.strip().lower())
+        server = scope.get("server")
+        bound = server[1] if server else None
+        if m is None or _host_name(m.group(1)) not in self.hosts or (
+                m.group(2) is not None and bound is not None and int(m.group(2)) != bound):
+            raise MisdirectedHost(f"this node's API answers only to a loopback Host ({', '.join(sorted(self.hosts))}"
+                                  f"), not {host[:80]!r}")
+        origin = headers.get("origin")
+        if origin is not None:
+            o = _ORIGIN.fullmatch(origin.strip().lower())
+            if o is None or _host_name(o.group(2)) not in self.hosts:
+                raise ForeignOrigin(f"requests from web pages are refused unless they are served from loopback "
+                                    f"(Origin {origin[:80]!r})")
+        length = headers.get("content-length")
+        try:
+            size = int(length) if length is not None else None
+        except ValueError:
+            raise BodyTooLarge("Content-Length is not a number") from None
+        if size or "transfer-encoding" in headers:
+            if not _is_json(headers.get("content-type", "")):
+                raise NotJSON("a request body must be JSON: send Content-Type: application/json, not "
+                              f"{headers.get('content-type', 'none')[:80]!r}")
+            if size is not None and size > MAX_BODY:
+                raise BodyTooLarge(f"the request body is {size} bytes, over the {MAX_BODY} this API reads")
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise BodyTooLarge(f"the request body is over the {MAX_BODY} bytes this API reads")
+            return message
+
+        return counted
+
+
 # ---- request bodies ----------------------------------------------------------------------------
 
 
@@ -190,13 +342,35 @@ def invalid_request(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{field}: {reason}", field)
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # linear: no nested quantifier
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
+
+
+def _too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``raw`` (JSON) nests deeper than ``limit``: strings dropped, only brackets kept, each pass
+    removes the innermost pairs (at C speed; ``limit`` passes at most). Unbalanced brackets are left
+    for the parser to refuse."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # too few brackets to nest that deep (most bodies)
+        return False
+    brackets = _JSON_STRING.sub(b"", raw).translate(_ONE_BRACKET, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets) and brackets.count(b"[") == brackets.count(b"]")
+
+
 async def read_body(request: Request, model: type[M], empty: bytes | None = None) -> M:
     """The request's JSON body as ``model`` (``empty`` stands in for an empty body).
 
     Raises:
-        InvalidRequest: not JSON, not an object, or a field missing or wrong.
+        InvalidRequest: not JSON, nested deeper than ``MAX_DEPTH``, not an object, or a field missing or wrong.
+        BodyTooLarge: over ``MAX_BODY`` (the guard's count, as it is read).
     """
     raw = await request.body()
+    if _too_deep(raw):
+        raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels", None, "invalid_json")
     try:
         return model.model_validate_json(empty if empty is not None and not raw else raw)
     except ValidationError as exc:
@@ -222,6 +396,25 @@ Sort = Annotated[str, AfterValidator(_sort)]  # how routing orders providers
 Amount = Annotated[int, Field(ge=0, le=10**15)]  # µc; 10**15 is the protocol's bound on any amount
 Budget = Annotated[int, Field(ge=1, le=10**15)]  # µc a call or session may lock
 MaxTokens = Annotated[int, Field(ge=1, le=1 << 24)]  # the wire's bound on a call's max_tokens
+PricePer1K = Annotated[int, Field(ge=0, le=10**12)]  # µc per 1K tokens: the wire's bound on a price
+
+
+def _max_bytes(limit: int, min_bytes: int = 0) -> AfterValidator:
+    def check(value: str) -> str:
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError("not valid UTF-8 text (a lone surrogate)") from None
+        if not min_bytes <= n <= limit:
+            raise ValueError(f"{n} bytes of UTF-8, outside the {min_bytes}..{limit} the wire carries")
+        return value
+
+    return AfterValidator(check)
+
+
+WireText = Annotated[str, _max_bytes(protocol.DEFAULT_MAX_MESSAGE)]  # one message's content: 1 MiB
+ModelName = Annotated[str, _max_bytes(128, 1)]  # a model's name on the wire
+MAX_MESSAGES = 1024  # the wire's bound on a call's messages
 
 
 def checked_agent(ops: EscrowOps, agent: str | None) -> str | None:

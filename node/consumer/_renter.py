@@ -2,8 +2,10 @@
 open an escrow channel with an agent the chosen provider accepts, run the session, settle, and
 learn (``_trust``). A refused, failed or timed-out call moves on to the next candidate within
 the same request (``allow_fallbacks``); a failed attempt is never paid — nothing was
-counter-signed — and its channel returns to this node when it expires (run channels live ten
-minutes, so that is soon)."""
+counter-signed. Money is locked only for a provider already dialled, and a failed attempt's
+channel is closed at once when the provider co-signs (after a Reject or a refused call: the
+session's end offers it); otherwise it returns to this node when it expires (run channels live
+ten minutes)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from ..escrow._ops import EscrowOps
 from ..net._market import Market
 from ._results import Attempt, Completion
 from ._routing import Candidate, Preferences, rank
-from ._session_client import ConsumerSessionHandle, SessionError, open_session
+from ._session_client import ConsumerSessionHandle, SessionError, open_session, reach
 from ._trust import TrustBook
 
 __all__ = ["RentError", "Renter", "estimate_prompt_tokens"]
@@ -120,11 +122,14 @@ class Renter:
                        ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
         """Open a session with ``c`` on the terms it was ranked on (``c.terms``, ``c.tier``,
         ``c.batch_calls``), over a new channel of ``budget`` µc."""
+        # dial first: a provider that cannot be reached never gets a channel (and locks no money)
+        await reach(self.market.host, c.provider, c.listing.addrs, trust=self.trust)
         channel = await self.escrow.open_grant(c.agent, c.provider, max(1, budget), ttl_s)
         async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
                                 model=model, price=c.terms, listing_seq=c.listing.seq, channel=channel,
-                                spend_limit=channel.cap, receipts=self.receipts, clock=self.clock, tier=c.tier,
-                                batch_calls=c.batch_calls, trust=self.trust) as handle:
+                                spend_limit=channel.cap, max_context=c.offer.max_context, receipts=self.receipts,
+                                clock=self.clock, tier=c.tier, batch_calls=c.batch_calls, trust=self.trust,
+                                withdraw_on_reject=True) as handle:
             yield handle, channel
 
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,

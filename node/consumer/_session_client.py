@@ -3,8 +3,14 @@
 
 The machine checks every receipt (hashes it computes itself, pinned prices, the chain, the cap,
 the provider's signature) before this side counter-signs it; a provider that lies gets no
-counter-signature and so is never paid for that call. Ending the session sends this consumer's
-half of a cooperative channel close, so the provider can settle and the rest is refunded at once.
+counter-signature and so is never paid for that call. Ending the session — normally or after a
+refused or failed call — sends this consumer's half of a cooperative channel close, so the
+provider can settle and the rest is refunded at once; after a ``Reject`` it sends its half of a
+close of the unused channel, so a refusal locks nothing.
+
+Bounds: the provider is dialled (``reach``) before any channel is opened for it; its Accept must
+come within ``open_timeout_s``, each message of a call within ``idle_timeout_s`` and the whole
+call within ``call_timeout_s``; what it may stream is bounded by the protocol's metering rules.
 """
 
 from __future__ import annotations
@@ -40,11 +46,11 @@ from wallet import Identity
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._errors import RemoteError
 from .._receipts import ReceiptStore
-from ..net._streams import FramedStream, StreamClosed
+from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._trust import TrustBook
 
 __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult", "learn",
-           "ConsumerSessionHandle", "open_session", "open_session_on"]
+           "ConsumerSessionHandle", "open_session", "open_session_on", "reach"]
 
 
 class SessionError(RemoteError):
@@ -107,13 +113,15 @@ class ConsumerSessionHandle:
     this node's trust book here, so no caller can forget to."""
 
     def __init__(self, machine: ConsumerSession, framed: FramedStream, receipts: ReceiptStore | None,
-                 clock: Callable[[], float], idle_timeout_s: float, trust: TrustBook | None = None) -> None:
+                 clock: Callable[[], float], idle_timeout_s: float, trust: TrustBook | None = None,
+                 call_timeout_s: float = 600.0) -> None:
         self.machine = machine
         self._framed = framed
         self._receipts = receipts
         self._trust = trust
         self._clock = clock
         self._idle = idle_timeout_s
+        self._call_timeout = call_timeout_s
         self._lock = trio.Lock()
 
     @property
@@ -123,12 +131,12 @@ class ConsumerSessionHandle:
     def now(self) -> int:
         return int(self._clock())
 
-    async def _next(self) -> list[Any]:
+    async def _next(self, timeout_s: float | None = None) -> list[Any]:
+        wait = self._idle if timeout_s is None else timeout_s
         try:
-            with trio.fail_after(self._idle):
-                msg = await self._framed.receive()
-        except trio.TooSlowError as exc:
-            raise ProviderFailed(f"the provider sent nothing for {self._idle:.0f}s") from exc
+            msg = await self._framed.receive(timeout_s=wait)
+        except StreamTimeout as exc:
+            raise ProviderFailed(f"the provider sent nothing for {wait:.0f}s") from exc
         except StreamClosed as exc:
             raise ProviderFailed(f"the provider closed the session ({exc})") from exc
         except protocol.DecodeError as exc:
@@ -153,8 +161,11 @@ class ConsumerSessionHandle:
         """
         async with self._lock:
             try:
-                result = await self._call(messages, max_tokens, temperature_milli, top_p_milli, stop, on_text,
-                                          on_queue)
+                with trio.move_on_after(self._call_timeout) as deadline:
+                    result = await self._call(messages, max_tokens, temperature_milli, top_p_milli, stop, on_text,
+                                              on_queue)
+                if deadline.cancelled_caught:
+                    raise ProviderFailed(f"the call did not finish within {self._call_timeout:.0f}s")
             except SessionError as exc:
                 learn(self._trust, self.provider, exc)
                 raise
@@ -195,19 +206,49 @@ class ConsumerSessionHandle:
                 elif isinstance(event, SessionClosed):
                     raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
 
-    async def close(self, settle_escrow: bool = True) -> None:
-        """End the session; with ``settle_escrow`` the channel is settled and refunded at once."""
+    async def close(self, settle_escrow: bool = True, wait_s: float = 30.0) -> None:
+        """End the session; with ``settle_escrow`` the channel is settled and refunded at once.
+        Waits up to ``wait_s`` for the provider to settle and end the stream."""
         if self.machine.state.name in ("CLOSED", "ERROR"):
             return
         half = self.machine.escrow_close_half(secrets.token_bytes(16), self.now()) if settle_escrow else None
         self.machine.close(self.now(), escrow_close=half)
+        await self._send_and_drain(wait_s)
+
+    async def withdraw(self, wait_s: float = 5.0) -> None:
+        """After a Reject: offer the provider this consumer's half of a close of the unused channel."""
+        try:
+            self.machine.withdraw(secrets.token_bytes(16), self.now())
+        except protocol.ProtocolError:
+            return
+        await self._send_and_drain(wait_s)
+
+    async def _send_and_drain(self, wait_s: float) -> None:
         try:
             await self._framed.send_all(self.machine.outgoing())
-            with trio.move_on_after(30):  # the provider settles, then ends the stream
+            with trio.move_on_after(wait_s):  # the provider settles, then ends the stream
                 while True:
-                    await self._framed.receive()
+                    await self._framed.receive(timeout_s=wait_s)
         except (StreamClosed, protocol.ProtocolError):
             pass
+
+
+async def reach(host: IHost, provider: str, addrs: tuple[str, ...], *, timeout_s: float = 5.0,
+                trust: TrustBook | None = None) -> None:
+    """Make sure ``provider`` is connected (dialling ``addrs`` if not), before money is locked for it.
+
+    Raises:
+        ProviderFailed: it cannot be reached within ``timeout_s`` (recorded in ``trust``).
+    """
+    try:
+        pid = ID.from_base58(provider)
+        with trio.fail_after(timeout_s):
+            if pid not in host.get_connected_peers():
+                await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in addrs]))
+    except Exception as exc:  # libp2p's dial errors, bad addresses, and the timeout
+        failed = ProviderFailed(f"cannot reach provider {provider}: {exc or type(exc).__name__}")
+        learn(trust, provider, failed)
+        raise failed from exc
 
 
 @asynccontextmanager
@@ -222,35 +263,39 @@ async def open_session(
     listing_seq: int,
     channel: ChannelGrant,
     spend_limit: int,
+    max_context: int,
     receipts: ReceiptStore | None = None,
     clock: WallClock = SYSTEM_WALL_CLOCK,
     tier: str = "",
     batch_calls: int = 0,
     connect_timeout_s: float = 5.0,
-    idle_timeout_s: float = 120.0,
+    open_timeout_s: float = 15.0,
+    idle_timeout_s: float = 60.0,
+    call_timeout_s: float = 600.0,
     trust: TrustBook | None = None,
+    withdraw_on_reject: bool = False,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
 
-    Dials ``provider`` (at ``addrs`` unless already connected), then runs ``open_session_on``.
+    Dials ``provider`` (``reach``), opens a stream, then runs ``open_session_on``.
 
     Raises:
         SessionRejected: the provider said no (reason code). ProviderFailed: unreachable.
     """
-    pid = ID.from_base58(provider)
+    await reach(host, provider, addrs, timeout_s=connect_timeout_s, trust=trust)
     try:
         with trio.fail_after(connect_timeout_s):
-            if pid not in host.get_connected_peers():
-                await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in addrs]))
-            stream = await host.new_stream(pid, [SESSION_PROTOCOL])
-    except Exception as exc:  # libp2p's dial errors, and the timeout
-        failed = ProviderFailed(f"cannot reach provider {provider}: {exc}")
+            stream = await host.new_stream(ID.from_base58(provider), [SESSION_PROTOCOL])
+    except Exception as exc:  # libp2p's stream errors, and the timeout
+        failed = ProviderFailed(f"cannot open a session with provider {provider}: {exc or type(exc).__name__}")
         learn(trust, provider, failed)
         raise failed from exc
     async with open_session_on(stream, identity, provider=provider, model=model, price=price,
-                               listing_seq=listing_seq, channel=channel, spend_limit=spend_limit, receipts=receipts,
-                               clock=clock, tier=tier, batch_calls=batch_calls,
-                               idle_timeout_s=idle_timeout_s, trust=trust) as handle:
+                               listing_seq=listing_seq, channel=channel, spend_limit=spend_limit,
+                               max_context=max_context, receipts=receipts, clock=clock, tier=tier,
+                               batch_calls=batch_calls, open_timeout_s=open_timeout_s,
+                               idle_timeout_s=idle_timeout_s, call_timeout_s=call_timeout_s, trust=trust,
+                               withdraw_on_reject=withdraw_on_reject) as handle:
         yield handle
 
 
@@ -265,25 +310,37 @@ async def open_session_on(
     listing_seq: int,
     channel: ChannelGrant,
     spend_limit: int,
+    max_context: int,
     receipts: ReceiptStore | None = None,
     clock: WallClock = SYSTEM_WALL_CLOCK,
     tier: str = "",
     batch_calls: int = 0,
-    idle_timeout_s: float = 120.0,
+    open_timeout_s: float = 15.0,
+    idle_timeout_s: float = 60.0,
+    call_timeout_s: float = 600.0,
     trust: TrustBook | None = None,
+    withdraw_on_reject: bool = False,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """``open_session`` on a stream already open to ``provider`` (anything with libp2p's
     ``read``/``write``/``close``/``reset``); the stream is closed when the block ends.
 
+    Args:
+        price, max_context: the terms of the listed offer the session answers.
+        withdraw_on_reject: after a Reject, offer the provider a close of the channel (when the
+            channel was opened for this session only): the refusal then locks nothing.
+
     Raises:
         SessionRejected: the provider said no (reason code). ProviderFailed: it went away or
-        stayed silent for ``idle_timeout_s``. ProviderMisbehaved: it broke the protocol.
+        stayed silent (``open_timeout_s`` for its Accept, ``idle_timeout_s`` between the messages
+        of a call). ProviderMisbehaved: it broke the protocol.
+
+    Cancellation: the block's end — however it ends — settles the channel (shielded, briefly).
     """
     framed = FramedStream(stream)
     machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
                               listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit,
-                              tier=tier, batch_calls=batch_calls)
-    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust)
+                              max_context=max_context, tier=tier, batch_calls=batch_calls)
+    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust, call_timeout_s)
     try:
         try:
             machine.open(handle.now())
@@ -291,14 +348,21 @@ async def open_session_on(
                 await framed.send_all(machine.outgoing())
             except StreamClosed as exc:
                 raise ProviderFailed(f"the provider closed the session ({exc})") from exc
-            for event in await handle._next():
+            for event in await handle._next(open_timeout_s):
                 if isinstance(event, Rejected):
+                    if withdraw_on_reject:
+                        await handle.withdraw()
                     raise SessionRejected(event.reject.reason, event.reject.detail, event.reject.retry_after_s)
                 assert isinstance(event, Accepted)
         except SessionError as exc:  # the open failed: what it teaches about the provider is recorded here
             learn(trust, provider, exc)
             raise
-        yield handle
-        await handle.close()
+        ok = False
+        try:
+            yield handle
+            ok = True
+        finally:
+            with trio.CancelScope(shield=True):  # a failed or cancelled block still settles what it can, briefly
+                await handle.close(wait_s=30.0 if ok else 5.0)
     finally:
         await framed.close()

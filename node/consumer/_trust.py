@@ -4,11 +4,12 @@ The score starts at 100 and stays within [0, 200]:
 
     completed call, counter-signed            +1
     slow call (first token > 5 s, or < 2 tok/s) -2   (in addition to the +1)
-    refused for capacity / rate limit / unavailable   -2   (it listed capacity it did not have)
+    refused for capacity / rate limit / unavailable / a price it no longer lists   -2
+                                               (it listed what it did not have)
     failure: unreachable, died or stalled mid-call, timed out   -10
     bad receipt or any other protocol violation   -50
     observed uptime: listed continuously        +0.5 per hour
-    refusals for a stale view of its listing (price_changed, unknown_model)   0
+    refusal for a model it no longer lists (unknown_model)   0
 
 A floor (default 50) keeps a provider out of routing until its score recovers — it recovers
 only through uptime, since it gets no calls: about four days of continuous listing after one
@@ -30,8 +31,8 @@ ALPHA = 0.3
 SLOW_TTFT_S, SLOW_TPS = 5.0, 2.0
 COMPLETED, SLOW, BUSY, FAILURE, VIOLATION, PER_HOUR = 1.0, -2.0, -2.0, -10.0, -50.0, 0.5
 _ALIVE_GAP_S = 180  # a listing seen again within this counts as continuous uptime
-_BUSY = {"capacity", "rate_limited", "unavailable"}
-_STALE = {"price_changed", "unknown_model"}
+_BUSY = {"capacity", "rate_limited", "unavailable", "price_changed"}  # a Sybil answering price_changed pays too
+_STALE = {"unknown_model"}
 
 
 @dataclasses.dataclass(frozen=True)

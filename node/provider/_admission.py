@@ -6,10 +6,15 @@ service asks in this order and sends the first refusal it gets (as the protocol 
 ``Reject`` or ``CallError``):
 
 1. ``check_open``: the model is sold, the schedule is open, the consumer offers exactly the
-   session's terms, the escrow agent is one we accept, a seat is free (capacity less the seats
-   that fixed-rate contracts reserve for their clients; the tier's own cap), the rate limit.
-2. ``check_channel``: the channel as its agent reports it is open, unexpired, this one, and
-   holds at least the session's spend cap.
+   session's terms, the escrow agent is one we accept, the consumer left no receipt of ours
+   unsigned lately (``record_unpaid``: one unpaid call per consumer, not per session), the
+   session can pay for at least one call (so holding a seat locks money), a seat is free
+   (capacity less the seats that fixed-rate contracts reserve for their clients; the tier's own
+   cap), the rate limit.
+2. ``check_channel``: the channel as its agent reports it is open, this one, lives at least
+   ``MIN_CHANNEL_LIFE_S`` more (so its receipts can be claimed before it expires), and holds
+   at least the session's spend cap. What other sessions on the same channel may still spend is
+   the ``ChannelBook``'s to check, next.
 3. ``seat``: the seat is held (counted for capacity, tiers and utilization) until released.
 4. ``check_call``: per call, the rate limit and ``max_tokens`` against the context.
 """
@@ -28,7 +33,11 @@ from protocol import ChannelState, ModelOffer, Open
 from .._contracts import Contract, active_contract, reserved_slots
 from ._offers import Offer
 
-__all__ = ["Admission", "Refusal", "RateLimiter"]
+__all__ = ["Admission", "Refusal", "RateLimiter", "MIN_CHANNEL_LIFE_S", "UNPAID_HOLD_S"]
+
+MIN_CHANNEL_LIFE_S = 120  # a channel must outlive the session's calls and the claim after them
+UNPAID_HOLD_S = 3600  # a consumer that left a receipt unsigned is refused this long
+_MAX_TRACKED = 10_000  # consumers remembered by the rate limiter and the unpaid list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +52,19 @@ class Refusal:
 class RateLimiter:
     """Requests per minute per consumer, over a sliding 60 s window (``now`` in seconds, any origin)."""
 
-    def __init__(self) -> None:
-        self._seen: dict[str, collections.deque[float]] = {}
+    def __init__(self, max_tracked: int = _MAX_TRACKED) -> None:
+        self._seen: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+        self.max_tracked = max_tracked
 
     def allow(self, consumer: str, limit: int, now: float) -> float:
-        """0 if a request may go now (and count it), else the seconds to wait."""
+        """0 if a request may go now (and count it), else the seconds to wait. At most
+        ``max_tracked`` consumers are remembered (the least recently seen are forgotten)."""
         if limit <= 0:
             return 0.0
-        q = self._seen.setdefault(consumer, collections.deque())
+        q = self._seen.pop(consumer, None) or collections.deque()
+        self._seen[consumer] = q
+        while len(self._seen) > self.max_tracked:
+            self._seen.popitem(last=False)
         while q and q[0] <= now - 60:
             q.popleft()
         if len(q) >= limit:
@@ -67,6 +81,22 @@ class Admission:
         self.active: collections.Counter[str] = collections.Counter()  # sessions per model
         self.active_tiers: collections.Counter[tuple[str, str]] = collections.Counter()  # (model, tier)
         self.active_by_client: collections.Counter[tuple[str, str]] = collections.Counter()  # (consumer, model)
+        self._unpaid: collections.OrderedDict[str, float] = collections.OrderedDict()  # consumer -> refused until
+
+    def record_unpaid(self, consumer: str, now: float, hold_s: float = UNPAID_HOLD_S) -> None:
+        """``consumer`` left a receipt of ours unsigned (or walked away from an answer it got):
+        refuse its sessions for ``hold_s`` seconds (``now`` on the rate limiter's clock)."""
+        self._unpaid.pop(consumer, None)
+        self._unpaid[consumer] = now + hold_s
+        while len(self._unpaid) > _MAX_TRACKED:
+            self._unpaid.popitem(last=False)
+
+    def unpaid_until(self, consumer: str, now: float) -> float | None:
+        until = self._unpaid.get(consumer)
+        if until is not None and until <= now:
+            del self._unpaid[consumer]
+            return None
+        return until
 
     def utilization(self, model: str, max_concurrent: int) -> float:
         """Share of ``model``'s sessions in use (dynamic pricing reads it)."""
@@ -91,6 +121,13 @@ class Admission:
                                             f"(in/out), min charge {terms.min_charge}")
         if msg.channel.agent not in accepted_agents:
             return Refusal("escrow_not_accepted", f"escrow agent {msg.channel.agent} is not one this provider accepts")
+        until = self.unpaid_until(msg.consumer, now)
+        if until is not None:
+            return Refusal("rate_limited", "a receipt of an earlier session was never counter-signed",
+                           int(until - now) + 1)
+        least = protocol.call_cost(terms, 1, 1)
+        if min(msg.spend_limit, msg.channel.cap) < least:
+            return Refusal("over_budget", f"a session must be able to pay for one call ({least} µc at these prices)")
         reserved = reserved_slots(contracts, offer.model, when, except_peer=msg.consumer)
         held_by_others = sum(1 for (peer, model), n in self.active_by_client.items()
                              if n and model == offer.model and peer != msg.consumer
@@ -122,6 +159,9 @@ class Admission:
             return Refusal("escrow_invalid", f"the channel is {ch.status}")
         if ch.channel.expires_at <= now:
             return Refusal("escrow_invalid", "the channel has expired")
+        if ch.channel.expires_at - now < MIN_CHANNEL_LIFE_S:
+            return Refusal("escrow_invalid", f"the channel expires in {ch.channel.expires_at - now}s; this provider "
+                                             f"needs at least {MIN_CHANNEL_LIFE_S}s to serve and claim")
         if ch.channel.cap - ch.claimed < spend_cap:
             return Refusal("escrow_invalid",
                            f"the channel holds {ch.channel.cap - ch.claimed} µc, less than the spend cap {spend_cap}")

@@ -10,9 +10,21 @@ model, schedule, terms, agent, capacity, rate limit -> the agent is asked about 
 Accept or Reject (always built by the machine). Per call: admission's rate limit and
 ``max_tokens`` check, prompt tokens counted by the backend, the machine's clamp (context, budget,
 expiry), the job queue, streamed chunks, provider-signed receipt, counter-signature, receipt
-stored. Refused or failed calls cost nothing. Counter-signed receipts are claimed from the
-escrow every ``claim_interval_s`` during long sessions and at the end — through the consumer's
-half of a cooperative close when it sends one (settling the channel at once), else by a claim.
+stored. Refused or failed calls cost nothing.
+
+Getting paid (``ChannelBook``): a session is admitted only if its channel can pay it on top of
+everything else this provider may be owed on that channel; counter-signed receipts are claimed
+by ``serve_settlement`` every ``claim_interval_s`` while a session runs, before its channel's
+expiry (no call starts inside that margin), at its end, and again after a failed claim. At the
+end, the consumer's half of a cooperative close is completed only when it settles everything
+owed on the channel; a consumer that leaves a receipt unsigned is refused for a while
+(``Admission.record_unpaid``). After a ``Reject`` the consumer may send its half of a close of
+the unused channel, which is completed when nothing is owed on it, so the refusal locks nothing.
+
+Bounds: the first frame (the Open) is at most ``OPEN_MAX_BYTES`` and must arrive within
+``open_timeout_s``; an accepted session idle for ``session_idle_s`` is closed; a counter-signature
+must come within ``countersign_timeout_s``; a consumer that stops reading for ``write_timeout_s``
+loses the session.
 """
 
 from __future__ import annotations
@@ -33,8 +45,9 @@ from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import active_contract
 from .._receipts import ReceiptStore
 from ..escrow import EscrowClient, EscrowUnreachable
-from ..net import FramedStream, StreamClosed
+from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._admission import Admission, Refusal
+from ._channels import ChannelBook, SessionDebt
 from ._health import HealthMonitor
 from ._offers import Offer
 from ._queue import JobQueue, QueueFull, QueueTimeout
@@ -42,9 +55,13 @@ from ._sla import SlaConfig, SlaTracker
 from ._storefront import Storefront
 from .backends import Backend, BackendError
 
-__all__ = ["ProviderService"]
+__all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
 _logger = logging.getLogger(__name__)
+OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us hold a 1 MiB frame
+# the agent's answers after which a claim can never succeed: give the receipt up (logged)
+_FINAL_REFUSALS = {"channel_expired", "channel_closed", "unknown_channel", "over_cap", "bad_receipt", "wrong_agent",
+                   "wrong_provider"}
 
 
 class ProviderService:
@@ -61,14 +78,24 @@ class ProviderService:
         sla: SlaTracker | None = None,
         wall_clock: WallClock = SYSTEM_WALL_CLOCK,
         claim_interval_s: float = 30.0,
+        claim_margin_s: int = 30,
         max_waiting: int = 32,
         job_timeout_s: float = 120.0,
+        open_timeout_s: float = 10.0,
+        session_idle_s: float = 300.0,
+        countersign_timeout_s: float = 30.0,
+        write_timeout_s: float = 30.0,
     ) -> None:
         """
         Args:
             wall_clock: seconds since the epoch (expiries, receipts' times, contracts).
             claim_interval_s: how often a long session's receipts are claimed while it runs.
+            claim_margin_s: everything is claimed this long before a channel expires, and no
+                call starts after that point.
             max_waiting, job_timeout_s: each model's job queue bounds.
+            open_timeout_s, session_idle_s, countersign_timeout_s, write_timeout_s: how long a
+                consumer may keep us waiting for its Open, its next request, its counter-signature,
+                and for it to read what we send.
         """
         self.identity = identity
         self.storefront = storefront
@@ -79,9 +106,15 @@ class ProviderService:
         self.sla = sla or SlaTracker(SlaConfig())
         self.wall_clock = wall_clock
         self.claim_interval_s = claim_interval_s
+        self.book = ChannelBook(interval_s=int(claim_interval_s), margin_s=claim_margin_s)
         self.max_waiting = max_waiting
         self.job_timeout_s = job_timeout_s
+        self.open_timeout_s = open_timeout_s
+        self.session_idle_s = session_idle_s
+        self.countersign_timeout_s = countersign_timeout_s
+        self.write_timeout_s = write_timeout_s
         self.queues: dict[str, JobQueue] = {}
+        self._claims_due = trio.Event()
 
     @property
     def active(self) -> Any:
@@ -92,12 +125,19 @@ class ProviderService:
         return int(self.wall_clock())
 
     async def send(self, framed: FramedStream, msgs: list[Any]) -> None:
-        """Every message to a consumer leaves through here."""
-        await framed.send_all(msgs)
+        """Every message to a consumer leaves through here.
+
+        Raises:
+            StreamClosed: the consumer is gone, or read nothing for ``write_timeout_s``.
+        """
+        with trio.move_on_after(self.write_timeout_s) as scope:
+            await framed.send_all(msgs)
+        if scope.cancelled_caught:
+            raise StreamTimeout(f"the consumer read nothing for {self.write_timeout_s:g}s")
 
     async def handle(self, stream: Any) -> None:
         """One session on one stream, start to end (the libp2p stream handler)."""
-        framed = FramedStream(stream)
+        framed = FramedStream(stream, max_size=OPEN_MAX_BYTES, read_timeout_s=self.open_timeout_s)
         try:
             await _StreamSession(self, framed).run()
         except* (StreamClosed, protocol.ProtocolError) as group:  # mid-session, inside the session's nursery
@@ -123,27 +163,64 @@ class ProviderService:
             self.health.record(model, ok)
         self.sla.record(model, ttft_ms, ok)
 
-    async def claim(self, receipt: protocol.Receipt) -> bool:
-        """Claim what ``receipt`` (doubly signed) is owed; True once the agent has paid it."""
+    async def claim(self, receipt: protocol.Receipt) -> bool | None:
+        """Claim what ``receipt`` (doubly signed) is owed.
+
+        Returns:
+            True once the agent has paid it (now or before); None when it never will (the
+            channel expired or closed, the receipt is refused: logged); False to try again later.
+        """
         try:
             r = await self.escrow.call(receipt.agent, self.signed(protocol.EscrowClaim, receipt=receipt))
         except (EscrowUnreachable, ValueError) as exc:
-            _logger.warning("claim of %s failed: %s", receipt.cumulative, exc)
+            _logger.warning("claim of %s µc failed: %s", receipt.cumulative, exc)
             return False
         if r.ok or r.error in ("replayed", "already_claimed"):
             await trio.to_thread.run_sync(self.receipts.mark_claimed, receipt)
             return True
+        if r.error in _FINAL_REFUSALS:
+            _logger.error("claim of %s µc refused for good (%s: %s): it will not be paid", receipt.cumulative,
+                          r.error, r.detail)
+            return None
         _logger.warning("claim refused: %s %s", r.error, r.detail)
         return False
 
+    async def claim_debt(self, debt: SessionDebt) -> bool:
+        """Claim ``debt``'s latest receipt (marked as being claimed by ``ChannelBook.start_claim``
+        or ``due``) and record the outcome in the book; True once paid."""
+        receipt = debt.last
+        if receipt is None:  # nothing signed yet: nothing to claim
+            debt.claiming = False
+            return True
+        outcome = await self.claim(receipt)
+        if outcome:
+            self.book.paid(receipt)
+        else:
+            self.book.failed(receipt, self.now(), final=outcome is None)
+        return bool(outcome)
 
-@dataclasses.dataclass
-class _Settlement:
-    """What one session is owed and has been paid."""
+    def wake_settlement(self) -> None:
+        self._claims_due.set()
 
-    last: protocol.Receipt | None = None  # the latest doubly-signed receipt
-    claimed: int = 0  # cumulative µc the agent has paid for this session
-    claimed_at: float = 0.0  # trio time of the last periodic claim
+    async def serve_settlement(self, tick_s: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Claim what is due (``ChannelBook.due``) until cancelled: first every receipt the store
+        holds unpaid (a restart), then as sessions run, end and near their channels' expiry."""
+        rows = await trio.to_thread.run_sync(self.receipts.unclaimed, "provider")
+        self.book.load(rows)
+        task_status.started()
+        limiter = trio.CapacityLimiter(8)
+
+        async def one(debt: SessionDebt) -> None:
+            async with limiter:
+                await self.claim_debt(debt)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                for debt in self.book.due(self.now()):
+                    nursery.start_soon(one, debt)
+                with trio.move_on_after(tick_s):
+                    await self._claims_due.wait()
+                self._claims_due = trio.Event()
 
 
 class _StreamSession:
@@ -153,11 +230,11 @@ class _StreamSession:
         self.service = service
         self.framed = framed
         self.machine = ProviderSession(service.identity)
-        self.settlement = _Settlement(claimed_at=trio.current_time())
         self.offer: Offer | None = None
         self.backend: Backend | None = None
         self.weight = 1  # the tier's queue priority
         self.last_latency_ms: int | None = None
+        self.walked_away = False  # the consumer stopped taking an answer while it streamed
 
     async def _flush(self) -> None:
         await self.service.send(self.framed, self.machine.outgoing())
@@ -173,16 +250,16 @@ class _StreamSession:
         if refusal is not None:
             self.machine.reject_open(refusal.reason, refusal.detail, refusal.retry_after_s)
             await self._flush()
+            await self._release_unused(first)
             return
         assert self.offer is not None and self.backend is not None
+        self.framed.set_max_size(protocol.DEFAULT_MAX_MESSAGE)  # admitted: a prompt may fill a frame
         close = None
         with self.service.admission.seat(first.consumer, self.offer.model, first.tier):
             try:
                 self.machine.accept_open(first.price, self.offer.max_context, self.service.now())
                 await self._flush()
-                async with trio.open_nursery() as nursery:
-                    close = await self._serve(nursery)
-                    nursery.cancel_scope.cancel()
+                close = await self._serve()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._settle(close)
@@ -215,19 +292,44 @@ class _StreamSession:
         refusal = Admission.check_channel(msg, answer, service.now())
         if refusal is not None:
             return refusal
+        if await self._session_id_used(msg.session_id):
+            return Refusal("bad_request", "this session id was used before: choose a new one")
         try:
             self.backend = await store.backend_for(offer)
         except BackendError as exc:
             return Refusal("unavailable", str(exc))
+        state = answer.channels[0]
+        refused = service.book.admit(msg.session_id, msg.channel, min(msg.spend_limit, msg.channel.cap),
+                                     agent_cap=state.channel.cap, agent_claimed=state.claimed, now=service.now())
+        if refused is not None:
+            return Refusal("escrow_invalid", refused)
         self.offer = offer
         self.weight = next((t.priority for t in listed.tiers if t.name == msg.tier), 1)
         return None
 
-    async def _serve(self, nursery: trio.Nursery) -> protocol.Close | None:
-        """Calls until the consumer closes (its Close) or goes away (None)."""
+    async def _session_id_used(self, session_id: bytes) -> bool:
+        """A session id seen before (live, owed, or in the receipts) would mix two receipt chains
+        under one id at the agent, which pays per (channel, session)."""
+        if self.service.book.session(session_id) is not None:
+            return True
+        return await trio.to_thread.run_sync(self.service.receipts.has_session, session_id)
+
+    async def _serve(self) -> protocol.Close | None:
+        """Calls until the consumer closes (its Close), goes away or idles too long (None)."""
+        service = self.service
         while True:
+            waiting_signature = self.machine.state is protocol.ProviderState.AWAITING_COUNTERSIGN
             try:
-                msg = await self.framed.receive()
+                msg = await self.framed.receive(
+                    timeout_s=service.countersign_timeout_s if waiting_signature else service.session_idle_s)
+            except StreamTimeout as exc:
+                _logger.info("closing an idle session: %s", exc)
+                self.machine.close(service.now(), "expired")
+                try:
+                    await self._flush()
+                except StreamClosed:
+                    pass
+                return None
             except StreamClosed:
                 return None
             for event in self.machine.receive(msg, self.service.now()):
@@ -236,24 +338,24 @@ class _StreamSession:
                     await self._call(event.request)
                     self.last_latency_ms = int((trio.current_time() - started) * 1000)
                 elif isinstance(event, Countersigned):
-                    await self._countersigned(event.receipt, nursery)
+                    await self._countersigned(event.receipt)
                 elif isinstance(event, SessionClosed):
                     return event.close
             await self._flush()
 
-    async def _countersigned(self, receipt: protocol.Receipt, nursery: trio.Nursery) -> None:
-        s = self.settlement
-        s.last = receipt
+    async def _countersigned(self, receipt: protocol.Receipt) -> None:
         latency, self.last_latency_ms = self.last_latency_ms, None
         await self.service.receipts.put(receipt, "provider", latency)
-        if trio.current_time() - s.claimed_at >= self.service.claim_interval_s:
-            s.claimed_at = trio.current_time()
-            nursery.start_soon(self._claim, receipt)
+        self.service.book.countersigned(receipt)
+        if self.service.book.closing(self.machine.open_msg.channel, self.service.now()):  # type: ignore[union-attr]
+            self.service.wake_settlement()
 
     async def _call(self, request: protocol.Request) -> None:
         assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
         consumer = self.machine.open_msg.consumer
         refusal = self.service.admission.check_call(consumer, self.offer, request, trio.current_time())
+        if refusal is None and self.service.book.closing(self.machine.open_msg.channel, self.service.now()):
+            refusal = Refusal("expired", "the escrow channel expires too soon to pay for another call")
         if refusal is not None:
             self.machine.fail_call(refusal.reason, refusal.detail)
         else:
@@ -279,7 +381,11 @@ class _StreamSession:
             if not first:
                 first.append(int((trio.current_time() - started) * 1000))
             machine.chunk(text, tokens)
-            await self._flush()
+            try:
+                await self._flush()
+            except StreamClosed:
+                self.walked_away = True  # it has part of an answer and will not sign for it
+                raise
 
         async def on_position(position: int) -> None:
             machine.report_queue(position)
@@ -306,25 +412,73 @@ class _StreamSession:
         machine.finish_call(result.finish_reason, service.now(), tokens_in=actual_in,
                             discount_permille=service.sla.discount(offer.model))
 
-    async def _claim(self, receipt: protocol.Receipt) -> None:
-        if await self.service.claim(receipt):
-            self.settlement.claimed = max(self.settlement.claimed, receipt.cumulative)
-
     async def _settle(self, close: protocol.Close | None) -> None:
-        """At the session's end: the cooperative close when the consumer sent its half, else a claim."""
-        last, open_msg = self.settlement.last, self.machine.open_msg
+        """At the session's end: remember an unpaid call; complete the consumer's cooperative close
+        when it settles everything owed on the channel, else claim this session's receipts."""
+        service, machine, open_msg = self.service, self.machine, self.machine.open_msg
+        assert open_msg is not None
+        if machine.unpaid_work or self.walked_away:
+            _logger.info("consumer %s left a call unpaid: its sessions are refused for a while", open_msg.consumer)
+            service.admission.record_unpaid(open_msg.consumer, trio.current_time())
+        book, sid, channel_id = service.book, open_msg.session_id, open_msg.channel.channel_id
+        book.end(sid)
+        last = machine.receipts[-1] if machine.receipts else None
         half = close.escrow_close if close is not None else None
-        if half is not None and open_msg is not None and half.channel_id == open_msg.channel.channel_id \
-                and half.receipt == last:
-            request = protocol.sign(half, "provider_sig", self.service.identity)
-            try:
-                r = await self.service.escrow.call(open_msg.channel.agent, request)
-                if r.ok:
-                    if last is not None:
-                        await trio.to_thread.run_sync(self.service.receipts.mark_claimed, last)
-                    return
-                _logger.warning("cooperative close refused: %s %s", r.error, r.detail)
-            except (EscrowUnreachable, ValueError) as exc:
-                _logger.warning("cooperative close failed: %s", exc)
-        if last is not None and last.cumulative > self.settlement.claimed:
-            await self._claim(last)
+        if half is not None and half.channel_id == channel_id and half.receipt == last:
+            if await self._clear_channel_for_close(sid, channel_id) \
+                    and await self._complete_close(open_msg.channel.agent, half):
+                if last is not None:
+                    await trio.to_thread.run_sync(service.receipts.mark_claimed, last)
+                book.channel_settled(channel_id)
+                return
+        debt = book.session(sid)
+        if debt is not None and debt.owed > 0 and not debt.claiming:
+            await service.claim_debt(book.start_claim(debt, service.now()))
+
+    async def _clear_channel_for_close(self, session_id: bytes, channel_id: bytes) -> bool:
+        """True when a close of ``channel_id`` settling this session's receipt loses nothing: no
+        other session runs on it, and every other one owed on it has been paid (claimed now)."""
+        book = self.service.book
+        others = book.others(session_id, channel_id)
+        if any(d.live for d in others):
+            _logger.info("cooperative close declined: %d other sessions still run on the channel",
+                         sum(d.live for d in others))
+            return False
+        for debt in others:
+            if debt.claiming or not await self.service.claim_debt(book.start_claim(debt, self.service.now())):
+                _logger.info("cooperative close declined: another session's receipts are not paid yet")
+                return False
+        return True
+
+    async def _complete_close(self, agent: str, half: protocol.EscrowClose) -> bool:
+        """Add this provider's signature to the consumer's half of a cooperative close and submit it."""
+        request = protocol.sign(half, "provider_sig", self.service.identity)
+        try:
+            r = await self.service.escrow.call(agent, request)
+        except (EscrowUnreachable, ValueError) as exc:
+            _logger.warning("cooperative close failed: %s", exc)
+            return False
+        if not r.ok:
+            _logger.warning("cooperative close refused: %s %s", r.error, r.detail)
+        return r.ok
+
+    async def _release_unused(self, open_msg: Open) -> None:
+        """After a Reject: if the consumer sends its half of a close of the channel it offered and
+        nothing is owed on that channel here, complete it, so the refusal locks none of its money."""
+        service = self.service
+        if open_msg.channel.agent not in service.storefront.accepted_agents():
+            return  # never talk to an agent we do not accept on a stranger's word
+        try:
+            msg = await self.framed.receive(expect=(protocol.Close,), timeout_s=5.0)
+            protocol.verify(msg, "sig", protocol.public_key_from_peer_id(open_msg.consumer))
+        except (StreamClosed, protocol.ProtocolError):
+            return
+        half = msg.escrow_close
+        if msg.session_id != open_msg.session_id or msg.by != open_msg.consumer or half is None \
+                or half.channel_id != open_msg.channel.channel_id or half.receipt is not None:
+            return
+        if service.book.on_channel(half.channel_id):
+            _logger.info("not releasing a channel this provider has sessions on")
+            return
+        if await self._complete_close(open_msg.channel.agent, half):
+            _logger.info("released the unused channel of a refused session")

@@ -104,7 +104,8 @@ class Rig:
         return open_session(self.consumer_host, self.consumer_ops.identity, provider=self.provider_id,
                             addrs=tuple(peer_addrs(self.provider_host)), model=model, price=price, listing_seq=1,
                             channel=channel, spend_limit=spend_limit if spend_limit is not None else channel.cap,
-                            receipts=self.consumer_receipts, clock=self.clock, idle_timeout_s=30)
+                            max_context=offer.max_context if offer else 4096, receipts=self.consumer_receipts,
+                            clock=self.clock, idle_timeout_s=30)
 
 
 @asynccontextmanager
@@ -152,5 +153,6 @@ async def session_rig(offers: dict[str, Offer], backends: dict[str, Backend], *,
             ops = EscrowOps(consumer_id, EscrowClient(consumer_host), clock)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_escrow, agent_host, agent, clock)
+                await nursery.start(service.serve_settlement)
                 yield Rig(agent, agent_addr, service, provider_host, consumer_host, ops, consumer_receipts, offers, clock)
                 nursery.cancel_scope.cancel()

@@ -113,11 +113,12 @@ def test_trust_formula(tmp_path):
     assert book.get(A).score == START
     s = book.get(A)
     assert s.ttft_s == pytest.approx(0.3 * 6.0 + 0.7 * 0.1)
-    book.refused(A, "price_changed")  # a stale view of its listing: no change
+    book.refused(A, "unknown_model")  # a stale view of its listing: no change
+    book.refused(A, "price_changed")  # -2: it listed a price it does not sell at (a Sybil's cheap trick)
     book.refused(A, "capacity")  # -2
     book.failed(A)  # -10
     book.violated(A)  # -50
-    assert book.get(A).score == START - 62 and book.get(A).failures == 2 and book.get(A).violations == 1
+    assert book.get(A).score == START - 64 and book.get(A).failures == 3 and book.get(A).violations == 1
     assert book.get(A).score < FLOOR + 0  # now excluded by the default floor
     book.observe_alive([B], 1000)
     book.observe_alive([B], 1120)  # 2 minutes of continuous listing: +0.5 * 120/3600

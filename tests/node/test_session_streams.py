@@ -127,7 +127,8 @@ async def joined(p: Parties, backend: Backend, trust: TrustBook | None = None,
         nursery.start_soon(provide)
         async with open_session_on(consumer_end, p.consumer_ops.identity, provider=provider, model="m",
                                    price=price or p.service.storefront.listed(p.offer).price, listing_seq=1,
-                                   channel=channel, spend_limit=CAP, receipts=p.consumer_receipts, clock=wall_clock,
+                                   channel=channel, spend_limit=CAP, max_context=p.offer.max_context,
+                                   receipts=p.consumer_receipts, clock=wall_clock,
                                    idle_timeout_s=IDLE_S, trust=trust) as session:
             yield Joined(session, consumer_end, provider_done, nursery.cancel_scope.cancel)
         with trio.fail_after(60):  # the session's end settles, then the provider ends the stream
@@ -215,6 +216,7 @@ async def test_the_session_handle_records_every_outcome_in_the_trust_book(partie
         except* SessionRejected:
             refused = True
         assert refused
-        assert trust.get(provider).failures == 1  # price_changed is stale market data, not the provider's fault
+        # a price it does not sell at costs a little trust (a Sybil answering price_changed must pay for it)
+        assert trust.get(provider).failures == 2 and trust.get(provider).score < served.score
     finally:
         trust.close()

@@ -121,7 +121,7 @@ async def _wait_paid(rig, amount):
 async def test_a_provider_killed_mid_stream_is_not_paid_and_the_channel_is_refundable():
     backend = ScriptedBackend(hang=True)
     async with session_rig({"m": offer()}, {"m": backend}, tag="kill") as rig:
-        channel = await rig.open_channel(cap=50_000, ttl=60)
+        channel = await rig.open_channel(cap=50_000, ttl=300)  # providers want 120 s of life or more
         async def kill():
             await backend.started.wait()  # mid-stream: the first chunk is out
             await rig.provider_host.disconnect(rig.consumer_host.get_id())
@@ -134,7 +134,7 @@ async def test_a_provider_killed_mid_stream_is_not_paid_and_the_channel_is_refun
         consumer = rig.consumer_ops.identity.peer_id
         assert rig.balance(rig.provider_id).available == 0
         assert rig.balance(consumer).locked == 50_000
-        rig.clock.offset += 61  # past the channel's expiry: the consumer takes it all back
+        rig.clock.offset += 301  # past the channel's expiry: the consumer takes it all back
         try:
             state = (await rig.consumer_ops.refund(rig.agent_addr, channel.channel_id.hex())).channel.to_json()
         except EscrowRefused as exc:  # the agent's expiry sweep got there first
