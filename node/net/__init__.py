@@ -10,13 +10,16 @@ Imports only ``protocol``, ``wallet``, libp2p and ``node``'s own ``_clock`` and 
 role of ``node`` (a test checks it).
 """
 
-from ._host import PeerInfo, open_host, parse_peer_addr, peer_addrs
+from ._host import ConnectionManager, HostLimits, PeerInfo, connection_manager, open_host, parse_peer_addr, peer_addrs
 from ._market import Market, MarketConfig, listing_key, model_key, open_market
 from ._market_view import MarketRow, MarketView
 from ._streams import FramedStream, StreamClosed
 
 __all__ = [
+    "connection_manager",
+    "ConnectionManager",
     "FramedStream",
+    "HostLimits",
     "listing_key",
     "Market",
     "MarketConfig",

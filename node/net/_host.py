@@ -4,12 +4,20 @@ Rules: no other security transport is ever offered (a plaintext or SECIO dialer 
 one connection per peer (py-libp2p adds 250 ms to every new connection otherwise); the
 fixes in ``_libp2p_fixes`` are applied before any host exists; ``open_host`` closes the
 host (every connection, stream and listener) when its block exits, however it exits.
+
+Resource bounds (``HostLimits``, docs/DESIGN.md "Resource bounds"): inbound streams are capped
+per peer, per (peer, protocol) and in total; a handshake must finish within
+``handshake_timeout_s`` in one of ``handshake_slots`` slots (a full pool drops its oldest); and a
+``ConnectionManager`` task, living in ``open_host``'s nursery, closes idle connections whenever
+there are more than ``high_watermark``, keeping busy, protected, outbound and DHT-table peers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import multiaddr
 import trio
@@ -25,51 +33,241 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from protocol import ESCROW_PROTOCOL, SESSION_PROTOCOL
 from wallet import Identity
 
+from ._libp2p_fixes import StreamLimits, handshake_gate, set_stream_limits
 from ._libp2p_fixes import apply as _apply_libp2p_fixes
 
-__all__ = ["open_host", "parse_peer_addr", "peer_addrs", "ID", "PeerInfo", "IHost"]
+__all__ = [
+    "open_host",
+    "parse_peer_addr",
+    "peer_addrs",
+    "ID",
+    "PeerInfo",
+    "IHost",
+    "HostLimits",
+    "ConnectionManager",
+    "connection_manager",
+]
 
 _apply_libp2p_fixes()
+_logger = logging.getLogger(__name__)
 
-
-# One connection per peer; the auto-connector keeps a modest floor (py-libp2p's default of 50
-# has every node dial 200 stale peerstore entries every 30 s).
-_CONNECTIONS = ConnectionConfig(
-    max_connections_per_peer=1, min_connections=8, low_watermark=16, high_watermark=200, max_connections=256
+# Per peer: a consumer runs a few sessions at once (16 is generous, and the session handler bounds
+# each); a party talks to an agent one request at a time per stream (8); gossip needs one inbound
+# stream per peer (4 covers reconnects and both meshsub versions); DHT queries from one peer rarely
+# overlap by more than a few (8). Over all protocols 64 per peer, 1024 in all: ~5 per connection at
+# the 200-connection watermark, and a bound on buffered bytes of 1024 x 1 MiB (the Yamux window cap).
+DEFAULT_STREAM_LIMITS = StreamLimits(
+    total=1024,
+    per_peer=64,
+    per_protocol=((SESSION_PROTOCOL, 16), (ESCROW_PROTOCOL, 8), ("/meshsub/", 4), ("/ipfs/kad/", 8)),
+    linger_s=2.0,
 )
 
+#: stream protocols that do not make a connection busy: gossip streams live as long as the
+#: connection, identify/ping/DHT exchanges are background chatter any peer can keep up
+BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/", "/ipfs/id/", "/ipfs/ping/", "/ipfs/kad/")
 
-def _build_host(identity: Identity, mdns: bool = False) -> IHost:
+
+@dataclasses.dataclass(frozen=True)
+class HostLimits:
+    """What one host holds at most, and how long it waits (the defaults are the daemon's).
+
+    max_connections: py-libp2p's hard cap on connections; inbound ones may take all but
+        ``min_connections`` (kept for our own dials).
+    high_watermark: above it the connection manager closes idle connections down to ``trim_to``.
+    idle_s: a connection with no stream on a non-background protocol for this long is idle.
+    grace_s: a new connection is never closed as idle in its first seconds (time to open a stream).
+    handshake_timeout_s: Noise + Yamux upgrade deadline (py-libp2p: 10 s; ~10 ms on loopback, well
+        under 1 s at 300 ms RTT), and the inbound stream protocol negotiation deadline.
+    handshake_slots: handshakes in progress at once; a full pool drops its oldest.
+    streams: inbound stream caps.
+    """
+
+    max_connections: int = 256
+    min_connections: int = 8
+    high_watermark: int = 200
+    trim_to: int = 160
+    idle_s: float = 30.0
+    grace_s: float = 10.0
+    handshake_timeout_s: float = 5.0
+    handshake_slots: int = 64
+    check_interval_s: float = 1.0
+    streams: StreamLimits = DEFAULT_STREAM_LIMITS
+
+    def connection_config(self) -> ConnectionConfig:
+        """py-libp2p's configuration: one connection per peer, our timeouts; its own pruner is
+        left idle (grace forever): ``ConnectionManager`` decides what to close."""
+        low = min(16, self.high_watermark)
+        return ConnectionConfig(
+            max_connections_per_peer=1,
+            min_connections=min(self.min_connections, low),
+            low_watermark=low,
+            high_watermark=self.high_watermark,
+            max_connections=self.max_connections,
+            inbound_upgrade_timeout=self.handshake_timeout_s,
+            outbound_upgrade_timeout=self.handshake_timeout_s,
+            inbound_stream_protocol_negotiation_timeout=max(1.0, self.handshake_timeout_s),
+            grace_period=10.0**9,
+        )
+
+
+class ConnectionManager:
+    """Closes idle connections while the host holds more than ``high_watermark``.
+
+    Never closed: a connection in its grace period, one with a stream on a non-background
+    protocol now or within ``idle_s``, a protected peer (``protect`` or libp2p's ``Swarm.protect``).
+    Of the rest, closed first: inbound before outbound (we dialled bootstrap peers and those we
+    rent from), peers no ``keep_peers`` predicate holds (the DHT routing table), longest idle first.
+    """
+
+    def __init__(self, host: IHost, limits: HostLimits) -> None:
+        self.host = host
+        self.limits = limits
+        self.pruned = 0
+        self._keep: list[Callable[[ID], bool]] = []
+        self._protected: set[ID] = set()
+        self._seen: dict[int, float] = {}  # id(connection) -> first seen
+        self._active: dict[int, float] = {}  # id(connection) -> last seen busy
+
+    def keep_peers(self, predicate: Callable[[ID], bool]) -> None:
+        """Prefer to keep peers for which ``predicate(peer_id)`` holds (e.g. in the DHT table)."""
+        self._keep.append(predicate)
+
+    def protect(self, peer: ID) -> None:
+        """Never close ``peer``'s connection as idle (a bootstrap peer)."""
+        self._protected.add(peer)
+
+    def _busy(self, conn: object) -> bool:
+        for stream in getattr(conn, "get_streams", lambda: ())():
+            protocol = str(stream.get_protocol() or "")
+            if protocol and not protocol.startswith(BACKGROUND_PROTOCOLS):
+                return True
+        return False
+
+    def _kept(self, peer: ID) -> bool:
+        for predicate in self._keep:
+            try:
+                if predicate(peer):
+                    return True
+            except Exception:  # a predicate of a service that is shutting down
+                continue
+        return False
+
+    def _is_protected(self, peer: ID) -> bool:
+        network = self.host.get_network()
+        tags = getattr(network, "tag_store", None)
+        return peer in self._protected or (tags is not None and tags.is_protected(peer))
+
+    def candidates(self, now: float) -> list[object]:
+        """The connections that may be closed, first to close first (updates activity)."""
+        conns = self.host.get_network().get_connections()
+        live = {id(c) for c in conns}
+        self._seen = {k: v for k, v in self._seen.items() if k in live}
+        self._active = {k: v for k, v in self._active.items() if k in live}
+        ranked: list[tuple[tuple[bool, bool, float], object]] = []
+        for conn in conns:
+            key = id(conn)
+            self._seen.setdefault(key, now)
+            if self._busy(conn):
+                self._active[key] = now
+            last = self._active.get(key, self._seen[key])
+            if now - self._seen[key] < self.limits.grace_s or now - last < self.limits.idle_s:
+                continue
+            peer = conn.muxed_conn.peer_id
+            if self._is_protected(peer):
+                continue
+            outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
+            ranked.append(((outbound, self._kept(peer), last), conn))
+        ranked.sort(key=lambda item: item[0])
+        return [conn for _, conn in ranked]
+
+    async def trim(self, now: float) -> int:
+        """Close idle connections down to ``trim_to`` if above ``high_watermark``; return how many."""
+        count = len(self.host.get_network().get_connections())
+        victims = self.candidates(now)
+        if count <= self.limits.high_watermark:
+            return 0
+        closed = 0
+        for conn in victims[: count - self.limits.trim_to]:
+            try:
+                await conn.close()  # type: ignore[attr-defined]
+            except Exception as exc:  # already going
+                _logger.debug("closing idle connection failed: %s", exc)
+            closed += 1
+        self.pruned += closed
+        if closed:
+            _logger.info("closed %d idle connections (%d open, watermark %d)", closed, count,
+                         self.limits.high_watermark)
+        return closed
+
+    async def run(self) -> None:
+        """Check every ``check_interval_s`` until cancelled."""
+        while True:
+            try:
+                await self.trim(trio.current_time())
+            except Exception as exc:  # never let bookkeeping take the host down
+                _logger.warning("connection manager cycle failed: %s", exc)
+            await trio.sleep(self.limits.check_interval_s)
+
+
+def connection_manager(host: IHost) -> ConnectionManager:
+    """The connection manager of a host opened with ``open_host``.
+
+    Raises:
+        LookupError: the host was not opened by ``open_host``.
+    """
+    manager = host.__dict__.get("_isw_connection_manager")
+    if manager is None:
+        raise LookupError("host has no connection manager (not opened with open_host)")
+    return manager
+
+
+def _build_host(identity: Identity, mdns: bool = False, limits: HostLimits = HostLimits()) -> IHost:
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-        connection_config=_CONNECTIONS,
+        connection_config=limits.connection_config(),
         enable_mDNS=mdns,
     )
+    set_stream_limits(host, limits.streams)
+    handshake_gate(host.get_network()).slots = limits.handshake_slots  # type: ignore[arg-type]
+    host.__dict__["_isw_connection_manager"] = ConnectionManager(host, limits)
+    return host
 
 
 @asynccontextmanager
-async def open_host(identity: Identity, listen: Sequence[str], mdns: bool = False) -> AsyncIterator[IHost]:
+async def open_host(
+    identity: Identity, listen: Sequence[str], mdns: bool = False, limits: HostLimits = HostLimits()
+) -> AsyncIterator[IHost]:
     """Run a host listening on ``listen`` (multiaddr strings) for the duration of the block;
     with ``mdns``, it announces itself and learns peers on the local network.
+
+    Args:
+        limits: connection, stream and handshake bounds (the defaults are the daemon's).
 
     Raises:
         ValueError: a listen address is not a valid multiaddr.
         OSError: no listen address could be bound.
     """
     addrs = [multiaddr.Multiaddr(a) for a in listen]
-    host = _build_host(identity, mdns)
+    host = _build_host(identity, mdns, limits)
     async with host.run(listen_addrs=addrs):
         if listen and not host.get_addrs():
             await host.close()
             raise OSError(f"could not listen on {', '.join(listen)}")
         try:
-            yield host
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection_manager(host).run)
+                try:
+                    yield host
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             # even when cancelled (shutdown, an embedding program's cancel scope): close the sockets
             # so peers see the connections end now, not at process exit

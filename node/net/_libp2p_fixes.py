@@ -1,13 +1,18 @@
-"""Fixes for traps in py-libp2p 0.8.1 (docs/DESIGN.md, "Streams"), applied once at import.
+"""Fixes for traps in py-libp2p 0.8.1 (docs/DESIGN.md, "Streams", "Resource bounds"), applied once at import.
 
 Each patch replaces the smallest piece that carries the bug and says why. They are checked
 against the pinned version: on any other version ``apply()`` refuses to run, so an upgrade
 is a deliberate act that re-checks every trap.
 
-1. Inbound connection slots leak: ``Swarm._do_handle_inbound_connection`` parks the handler on
-   ``manager.wait_finished()`` (the whole swarm's life), holding an inbound-limiter slot and a
-   task per connection ever accepted; after ~250 the daemon refuses everyone. The handler now
-   waits only until *its* connection shuts down.
+1. Inbound connection slots leak, and half-open sockets starve them: ``Swarm._handle_inbound_connection``
+   holds an inbound-limiter slot for the whole swarm's life (``manager.wait_finished()``), so after
+   ~250 connections the daemon refuses everyone; and a socket that never finishes its handshake holds
+   one of the same slots for the whole upgrade timeout, so 300 half-open sockets lock honest peers
+   out. Now a handshake in progress holds a slot of a small pool of its own (``HANDSHAKE_SLOTS``); when
+   the pool is full the *oldest* pending handshake is dropped (an honest handshake takes ~10 ms, a
+   half-open socket waits to be dropped). An upgraded inbound connection counts against the inbound
+   cap (``max_connections - min_connections``) only while it lives, and the handler returns when
+   *its* connection ends.
 2. One malformed frame crashes the whole host: a protobuf decode error from a 6-byte garbage
    frame on meshsub escapes the pubsub stream handler, then ``host.run()`` — a remote denial of
    service. Every inbound stream handler now runs behind a guard: an exception from a handler
@@ -17,26 +22,121 @@ is a deliberate act that re-checks every trap.
    control message, a gossip replay) lands between them and the peer reads a garbled length.
    Each stream now has one lock held across a whole ``write``.
 4. The ``libp2p`` logger is noisy at WARNING (normal disconnects print blocks): ERROR by default.
+5. Yamux receive windows are not enforced: a DATA frame past a stream's receive window is only
+   logged (``recv_window`` is clamped to 0) and buffered anyway — 300 MiB on one idle stream. The
+   window is now a property whose setter sees the overrun: the frame's bytes are dropped and the
+   connection is closed with GO_AWAY protocol error, as go-yamux does (``ErrRecvWindowExceeded``).
+   Autotuning grows a window up to 16 MiB; ``MAX_RECV_WINDOW`` caps it at 1 MiB, so one stream can
+   make us buffer at most 1 MiB (1 MiB windows still carry >100 MB/s at 10 ms RTT).
+6. Nothing limits inbound streams: 600 streams each holding a partial frame grew a provider by
+   610 MB; 3,000 empty streams stayed open. Inbound streams are now counted per remote peer, per
+   (peer, protocol) and in total (``StreamLimits``; ``set_stream_limits`` per host); a stream over a
+   cap is reset at once. A stream whose handler returned stays counted until the remote closes its
+   side, at most ``linger_s``, then is reset: a peer cannot keep zombie streams (each able to hold a
+   window of buffered bytes) beyond the caps.
+7. The DHT handler has no read timeout (12 concurrent handlers in all: 12 idle streams lock every
+   peer out of our DHT) and accepts 4 MiB requests. Each read of an inbound DHT stream now has a
+   deadline (``KAD_READ_TIMEOUT_S``) and a request is at most ``KAD_MAX_REQUEST``.
+8. The DHT stores hold anything: 50,000 values of up to 1 MiB, unlimited provider keys with any
+   number of addresses, and a full provider key (20) *ignores* every newcomer, so 20 Sybil records
+   lock the honest provider out. The value store is now bounded in entries and bytes (oldest
+   others' records evicted first); the provider store in keys and addresses per record, and a full
+   key evicts its oldest record instead of refusing the new one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter, OrderedDict
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 from libp2p.abc import IMuxedConn
 from libp2p.host.basic_host import BasicHost
+from libp2p.kad_dht import kad_dht as _kad_module
+from libp2p.kad_dht.common import BUCKET_SIZE
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.provider_store import ProviderRecord, ProviderStore
+from libp2p.kad_dht.value_store import ValueStore
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.stream_muxer.yamux import yamux as _yamux_module
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, GO_AWAY_PROTOCOL_ERROR, YamuxStream
 
-__all__ = ["apply", "PINNED_LIBP2P"]
+__all__ = [
+    "apply",
+    "PINNED_LIBP2P",
+    "StreamLimits",
+    "set_stream_limits",
+    "stream_limiter",
+    "handshake_gate",
+    "DHT_MAX_VALUES",
+    "DHT_MAX_VALUE_BYTES",
+    "DHT_MAX_PROVIDER_KEYS",
+    "DHT_MAX_PROVIDER_ADDRS",
+    "HANDSHAKE_SLOTS",
+    "KAD_MAX_REQUEST",
+    "KAD_READ_TIMEOUT_S",
+    "MAX_RECV_WINDOW",
+]
 
 PINNED_LIBP2P = "0.8.1"
 _logger = logging.getLogger(__name__)
 _applied = False
+
+#: the most a Yamux receive window may autotune to (py-libp2p: 16 MiB), so the most one stream buffers
+MAX_RECV_WINDOW = 1 << 20
+#: handshakes (Noise + Yamux upgrade) in progress at once; when full the oldest is dropped
+HANDSHAKE_SLOTS = 64
+#: seconds one read of an inbound DHT stream may wait (go-libp2p resets idle DHT streams after 60 s;
+#: a request is written at once, so 10 s only ever cuts off a peer that holds a handler idle)
+KAD_READ_TIMEOUT_S = 10.0
+#: the largest inbound DHT request (py-libp2p: 4 MiB); a PUT_VALUE of our largest listing is ~65 KiB
+KAD_MAX_REQUEST = 256 * 1024
+#: value records this node stores for others, and their bytes (our listings are <= 64 KiB, ~2 KiB typical)
+DHT_MAX_VALUES = 2_000
+DHT_MAX_VALUE_BYTES = 32 << 20
+#: provider-record keys (models) stored, and addresses kept per provider record
+DHT_MAX_PROVIDER_KEYS = 4_096
+DHT_MAX_PROVIDER_ADDRS = 8
+
+
+# ---- 1. inbound connections: a pool of handshake slots, an inbound cap, slots end with their connection
+
+
+class _HandshakeGate:
+    """Handshakes in progress, oldest first; admitting one into a full pool cancels the oldest."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._pending: OrderedDict[int, trio.CancelScope] = OrderedDict()
+        self.evicted = 0
+        self.inbound = 0  # upgraded inbound connections alive
+
+    def admit(self, scope: trio.CancelScope) -> None:
+        while len(self._pending) >= self.slots:
+            _, oldest = self._pending.popitem(last=False)
+            oldest.cancel()
+            self.evicted += 1
+        self._pending[id(scope)] = scope
+
+    def done(self, scope: trio.CancelScope) -> None:
+        self._pending.pop(id(scope), None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+def handshake_gate(swarm: Swarm) -> _HandshakeGate:
+    """The swarm's handshake pool and inbound count (created on first use)."""
+    gate = swarm.__dict__.get("_isw_handshakes")
+    if gate is None:
+        gate = swarm.__dict__["_isw_handshakes"] = _HandshakeGate(HANDSHAKE_SLOTS)
+    return gate
 
 
 async def _wait_connection_end(muxed: Any) -> None:
@@ -51,11 +151,11 @@ async def _wait_connection_end(muxed: Any) -> None:
         await trio.sleep(0.5)
 
 
-async def _do_handle_inbound_connection(self: Swarm, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
-    """Inbound connection: gate, upgrade, then hold the socket only while the connection lives.
+async def _handle_inbound_connection(self: Swarm, read_write_closer: Any, maddr: Any) -> None:
+    """Inbound connection: gate, upgrade in a handshake slot, then hold the socket while it lives.
 
     The connection's own tasks run in the swarm's manager; this handler exists only so the
-    listener does not close the socket. When it returns, its limiter slot and task are freed.
+    listener does not close the socket. When it returns, its task is freed.
     """
     remote = self._build_remote_multiaddr(read_write_closer)
     if remote is not None and not await self.connection_gate.is_allowed(remote):
@@ -69,14 +169,31 @@ async def _do_handle_inbound_connection(self: Swarm, read_write_closer: Any, mad
             return
         await _wait_connection_end(read_write_closer)
         return
+    gate = handshake_gate(self)
     raw_conn = RawConnection(read_write_closer, False)
-    try:
-        muxed = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
-    except Exception as exc:
-        _logger.debug("inbound connection from %s failed to upgrade: %s", remote, exc)
-        await _close_quietly(raw_conn)
+    muxed = None
+    with trio.CancelScope() as scope:
+        gate.admit(scope)
+        try:
+            muxed = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        except Exception as exc:
+            _logger.debug("inbound connection from %s failed to upgrade: %s", remote, exc)
+        finally:
+            gate.done(scope)
+    if muxed is None:  # failed, timed out, or dropped as the oldest pending handshake
+        with trio.CancelScope(shield=True):
+            await _close_quietly(raw_conn)
         return
-    await _wait_connection_end(muxed)
+    cap = max(1, self.connection_config.max_connections - self.connection_config.min_connections)
+    if gate.inbound >= cap:  # outbound dials keep min_connections of room
+        _logger.debug("inbound cap %d reached; closing the connection from %s", cap, remote)
+        await _close_quietly(muxed)
+        return
+    gate.inbound += 1
+    try:
+        await _wait_connection_end(muxed)
+    finally:
+        gate.inbound -= 1
 
 
 async def _close_quietly(conn: Any) -> None:
@@ -86,22 +203,151 @@ async def _close_quietly(conn: Any) -> None:
         pass
 
 
+async def _reset_quietly(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:  # already gone
+        pass
+
+
+# ---- 2 and 6. inbound streams: guarded, counted, capped, not left open after their handler
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """Caps on concurrent inbound streams. ``per_protocol`` maps a protocol id, or a prefix ending
+    in "/", to the most streams one peer may hold on it (protocols not named: ``per_peer``)."""
+
+    total: int = 1024
+    per_peer: int = 64
+    per_protocol: tuple[tuple[str, int], ...] = ()
+    linger_s: float = 2.0
+
+
+class _StreamLimiter:
+    """Counts of live inbound streams and of refusals (by reason) on one host."""
+
+    def __init__(self, limits: StreamLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_peer: Counter[Any] = Counter()
+        self.by_protocol: Counter[tuple[Any, str]] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    def admit(self, peer: Any) -> bool:
+        if self.total >= self.limits.total:
+            self.refused["total"] += 1
+            return False
+        if self.by_peer[peer] >= self.limits.per_peer:
+            self.refused["per_peer"] += 1
+            return False
+        self.total += 1
+        self.by_peer[peer] += 1
+        return True
+
+    def release(self, peer: Any) -> None:
+        self.total -= 1
+        self.by_peer[peer] -= 1
+        if self.by_peer[peer] <= 0:
+            del self.by_peer[peer]
+
+    def _cap(self, protocol: str) -> tuple[str, int]:
+        for key, cap in self.limits.per_protocol:
+            if protocol == key or (key.endswith("/") and protocol.startswith(key)):
+                return key, cap
+        return protocol, self.limits.per_peer
+
+    def admit_protocol(self, peer: Any, protocol: str) -> str | None:
+        key, cap = self._cap(protocol)
+        if self.by_protocol[(peer, key)] >= cap:
+            self.refused[key] += 1
+            return None
+        self.by_protocol[(peer, key)] += 1
+        return key
+
+    def release_protocol(self, peer: Any, key: str) -> None:
+        self.by_protocol[(peer, key)] -= 1
+        if self.by_protocol[(peer, key)] <= 0:
+            del self.by_protocol[(peer, key)]
+
+
+def stream_limiter(host: BasicHost) -> _StreamLimiter:
+    """The host's inbound stream counts (default ``StreamLimits`` until ``set_stream_limits``)."""
+    limiter = host.__dict__.get("_isw_stream_limiter")
+    if limiter is None:
+        limiter = host.__dict__["_isw_stream_limiter"] = _StreamLimiter(StreamLimits())
+    return limiter
+
+
+def set_stream_limits(host: BasicHost, limits: StreamLimits) -> None:
+    """Set the host's inbound stream caps; call before it accepts streams."""
+    host.__dict__["_isw_stream_limiter"] = _StreamLimiter(limits)
+
+
+def _peer_of(net_stream: Any) -> Any:
+    return getattr(getattr(net_stream, "muxed_conn", None), "peer_id", None)
+
+
+async def _linger(net_stream: Any, seconds: float) -> None:
+    """After its handler returned: wait (discarding data) for the remote to close, then reset."""
+    muxed = getattr(net_stream, "muxed_stream", None)
+    if muxed is None or getattr(muxed, "closed", True):
+        return
+    with trio.move_on_after(seconds):
+        try:
+            while await muxed.read(MAX_RECV_WINDOW):
+                pass
+        except Exception:  # EOF or reset: the remote is done
+            pass
+    if not getattr(muxed, "closed", True):
+        await _reset_quietly(net_stream)
+
+
 _original_stream_handler = BasicHost._swarm_stream_handler
 
 
 async def _guarded_stream_handler(self: BasicHost, net_stream: Any) -> None:
-    """Dispatch an inbound stream; a handler's failure costs only that stream."""
+    """Dispatch an inbound stream within the caps; a handler's failure costs only that stream."""
+    limiter = stream_limiter(self)
+    peer = _peer_of(net_stream)
+    if not limiter.admit(peer):
+        await _reset_quietly(net_stream)
+        return
     try:
-        await _original_stream_handler(self, net_stream)
-    except Exception as exc:  # whatever a peer's bytes made a handler raise
-        peer = getattr(getattr(net_stream, "muxed_conn", None), "peer_id", "?")
-        protocol = getattr(net_stream, "get_protocol", lambda: "?")()
-        _logger.info("stream from %s on %s failed, reset: %r", peer, protocol, exc)
         try:
-            await net_stream.reset()
-        except Exception:  # already gone
-            pass
+            await _original_stream_handler(self, net_stream)
+        except Exception as exc:  # whatever a peer's bytes made a handler raise
+            protocol = getattr(net_stream, "get_protocol", lambda: "?")()
+            _logger.info("stream from %s on %s failed, reset: %r", peer, protocol, exc)
+            await _reset_quietly(net_stream)
+        await _linger(net_stream, limiter.limits.linger_s)
+    finally:
+        limiter.release(peer)
 
+
+_original_set_stream_handler = BasicHost.set_stream_handler
+
+
+def _limited_set_stream_handler(self: BasicHost, protocol_id: Any, stream_handler: Any) -> None:
+    """Register ``stream_handler`` behind the per-(peer, protocol) cap."""
+
+    async def limited(net_stream: Any) -> None:
+        limiter = stream_limiter(self)
+        peer = _peer_of(net_stream)
+        key = limiter.admit_protocol(peer, str(protocol_id))
+        if key is None:
+            await _reset_quietly(net_stream)
+            return
+        try:
+            await stream_handler(net_stream)
+        finally:
+            limiter.release_protocol(peer, key)
+
+    limited.__wrapped__ = stream_handler  # type: ignore[attr-defined]
+    _original_set_stream_handler(self, protocol_id, limited)
+
+
+# ---- 3. Yamux: one lock across a whole write
 
 _original_yamux_write = YamuxStream.write
 
@@ -113,6 +359,104 @@ async def _whole_yamux_write(self: YamuxStream, data: bytes) -> None:
         lock = self.__dict__["_inferswarm_write_lock"] = trio.StrictFIFOLock()
     async with lock:
         await _original_yamux_write(self, data)
+
+
+# ---- 5. Yamux: the receive window is enforced
+
+
+def _get_recv_window(self: YamuxStream) -> int:
+    return self.__dict__.get("_isw_recv_window", DEFAULT_WINDOW_SIZE)
+
+
+def _set_recv_window(self: YamuxStream, value: int) -> None:
+    if value < 0:  # only a DATA frame past the window drives it below zero
+        _window_exceeded(self, -value)
+        value = 0
+    self.__dict__["_isw_recv_window"] = value
+
+
+def _window_exceeded(stream: YamuxStream, excess: int) -> None:
+    """Drop what the peer buffered on ``stream`` and close its connection (a protocol error)."""
+    conn = stream.conn
+    buffer = conn.stream_buffers.get(stream.stream_id)
+    if buffer is not None:
+        buffer.clear()
+    stream.recv_closed = stream.closed = stream.reset_received = True
+    if conn.__dict__.get("_isw_window_violation"):
+        return
+    conn.__dict__["_isw_window_violation"] = True
+    _logger.info("peer %s wrote %d bytes past stream %d's receive window: closing the connection",
+                 conn.peer_id, excess, stream.stream_id)
+
+    async def close() -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await conn.close(GO_AWAY_PROTOCOL_ERROR)
+
+    if conn._nursery is not None:
+        conn._nursery.start_soon(close)
+    else:  # pragma: no cover - frames are only read once the muxer runs in its nursery
+        conn.event_shutting_down.set()
+
+
+# ---- 7. DHT: inbound reads with a deadline
+
+
+class _ReadDeadlineStream:
+    """A stream whose every ``read`` must finish within ``timeout`` seconds (else TooSlowError)."""
+
+    def __init__(self, stream: Any, timeout: float) -> None:
+        self._stream = stream
+        self._timeout = timeout
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.fail_after(self._timeout):
+            return await self._stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+_original_kad_handle = KadDHT._do_handle_stream
+
+
+async def _kad_handle_with_deadline(self: KadDHT, stream: Any) -> None:
+    """The DHT handler, reading through a deadline (a timed-out read resets the stream)."""
+    await _original_kad_handle(self, _ReadDeadlineStream(stream, KAD_READ_TIMEOUT_S))
+
+
+# ---- 8. DHT stores: bounded
+
+
+def _value_store_evict(self: ValueStore) -> None:
+    """Before a put: evict the oldest records of others until entries and bytes are under the caps."""
+    while self.store:
+        size = sum(len(record.value) for record, _ in self.store.values())
+        if len(self.store) < DHT_MAX_VALUES and size < DHT_MAX_VALUE_BYTES:
+            return
+        others = [k for k in self.store if k not in self.local_keys] or list(self.store)
+        oldest = min(others, key=lambda k: self.store[k][0].timeReceived or "")
+        del self.store[oldest]
+
+
+def _bounded_add_provider(self: ProviderStore, key: bytes, provider: PeerInfo) -> None:
+    """Add a provider record: a full key drops its oldest record, a full store its oldest key."""
+    if not provider or not provider.peer_id:
+        return
+    records = self.providers.get(key)
+    if records is None:
+        while len(self.providers) >= DHT_MAX_PROVIDER_KEYS:
+            victim = next((k for k in self.providers if k not in self.providing_keys), None)
+            if victim is None:
+                return
+            del self.providers[victim]
+        records = self.providers[key] = {}
+    peer = str(provider.peer_id)
+    if peer not in records and len(records) >= BUCKET_SIZE:
+        del records[min(records, key=lambda p: records[p].timestamp)]
+    records.pop(peer, None)  # re-inserted last: dict order is age order
+    addrs = list(provider.addrs)[:DHT_MAX_PROVIDER_ADDRS]
+    records[peer] = ProviderRecord(provider_info=PeerInfo(provider.peer_id, addrs))
+    self._save()
 
 
 def apply() -> None:
@@ -127,8 +471,15 @@ def apply() -> None:
     installed = version("libp2p")
     if installed != PINNED_LIBP2P:
         raise RuntimeError(f"libp2p {installed} installed; node/ is checked against {PINNED_LIBP2P} only")
-    Swarm._do_handle_inbound_connection = _do_handle_inbound_connection  # type: ignore[method-assign]
+    Swarm._handle_inbound_connection = _handle_inbound_connection  # type: ignore[method-assign]
     BasicHost._swarm_stream_handler = _guarded_stream_handler  # type: ignore[method-assign]
+    BasicHost.set_stream_handler = _limited_set_stream_handler  # type: ignore[method-assign]
     YamuxStream.write = _whole_yamux_write  # type: ignore[method-assign]
+    YamuxStream.recv_window = property(_get_recv_window, _set_recv_window)  # type: ignore[assignment]
+    _yamux_module.MAX_WINDOW_SIZE = MAX_RECV_WINDOW
+    KadDHT._do_handle_stream = _kad_handle_with_deadline  # type: ignore[method-assign]
+    _kad_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST
+    ValueStore._evict_if_full = _value_store_evict  # type: ignore[method-assign]
+    ProviderStore.add_provider = _bounded_add_provider  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     _applied = True

@@ -13,6 +13,11 @@ Rules:
 - The subscription is drained continuously (py-libp2p drops on a full buffer).
 - Whoever waits for the market waits on ``wait_changed`` (the view's version, a trio.Event
   swapped on each change), never on a polling sleep.
+- Hostile peers (docs/DESIGN.md "Resource bounds"): the DHT stores only namespaces with a validator
+  (``strict_validation``), the view is capped (``MarketConfig.max_listings`` …) and keeps providers
+  with the highest ``keep_score`` (the daemon's trust), and ``lookup`` asks the DHT for three times
+  what it returns, merges what the view already holds (first), and drops providers whose listing
+  cannot be found, so Sybil provider records cannot push an honest provider out.
 Every task lives in the nursery of ``open_market``; leaving the block stops them all.
 """
 
@@ -22,7 +27,8 @@ import dataclasses
 import hashlib
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+import math
+from typing import AsyncIterator, Callable
 
 import trio
 from libp2p.abc import IHost
@@ -38,7 +44,8 @@ from protocol import DHT_NAMESPACE, LISTING_TOPIC, Listing
 from wallet import Identity
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
-from ._market_view import MarketView
+from ._host import connection_manager
+from ._market_view import MAX_BYTES, MAX_LISTINGS, MAX_PER_MODEL, MarketView
 
 __all__ = ["MarketConfig", "Market", "open_market", "listing_key", "model_key"]
 
@@ -72,6 +79,15 @@ class MarketConfig:
     # every peer shares a subnet, so tests and local swarms turn it off (0).
     max_peers_per_subnet: int | None = None
     subscribe: bool = True
+    # the view's caps (see _market_view): providers in all, per model, encoded bytes
+    max_listings: int = MAX_LISTINGS
+    max_per_model: int = MAX_PER_MODEL
+    max_listing_bytes: int = MAX_BYTES
+    # concurrent inbound DHT requests served (py-libp2p: 12, which 12 idle streams used to fill);
+    # each read now has a deadline and each peer at most 8 DHT streams (node.net._host)
+    dht_inbound_handlers: int = 64
+    lookup_timeout_s: float = 15.0
+    lookup_fetches: int = 8  # listings fetched from the DHT at once during a lookup
 
 
 class _ListingValidator(Validator):
@@ -276,24 +292,43 @@ class Market:
         return None
 
     async def lookup(self, model: str, count: int = 20) -> list[Listing]:
-        """Find the providers of ``model`` through the DHT alone and take their listings in.
+        """Find up to ``count`` providers of ``model``: the view's listings first (highest
+        ``keep_score`` first), then the DHT's provider records, whose listings are fetched.
+
+        The DHT is asked for ``3 * count`` records and duplicates dropped, so Sybil provider records
+        cannot crowd out an honest provider; one whose listing cannot be found is left out.
 
         Returns:
-            The valid listings found that offer ``model``.
+            The valid listings found that offer ``model`` (empty if the DHT lookup timed out and
+            the view holds none).
         """
-        try:
-            with trio.move_on_after(15):
-                infos = await self.dht.find_providers(model_key(model), count)
-        except Exception as exc:
-            _logger.info("DHT provider lookup of %s failed: %s", model, exc)
-            return []
-        peers = list(dict.fromkeys(info.peer_id.to_base58() for info in infos))  # dedupe, keep order
+        now = self.now()
+        infos: list = []
+        with trio.move_on_after(self.config.lookup_timeout_s):
+            try:
+                infos = await self.dht.find_providers(model_key(model), 3 * count)
+            except Exception as exc:  # a half-built network: what the view holds still answers
+                _logger.info("DHT provider lookup of %s failed: %s", model, exc)
+        known = sorted({row.listing.provider for row in self.view.rows(now, model)},
+                       key=lambda p: -self.view._score(p))
+        peers = list(dict.fromkeys(known + [info.peer_id.to_base58() for info in infos]))  # dedupe, keep order
+        unknown = [p for p in peers if self.view.listing(p, now) is None]
+        limiter = trio.CapacityLimiter(self.config.lookup_fetches)
+
+        async def fetch(peer: str) -> None:
+            async with limiter:
+                await self.fetch_listing(peer)
+
+        with trio.move_on_after(self.config.lookup_timeout_s):
+            async with trio.open_nursery() as nursery:
+                for peer in unknown:
+                    nursery.start_soon(fetch, peer)
         found: list[Listing] = []
         for peer in peers:
-            listing = self.view.listing(peer, self.now()) or await self.fetch_listing(peer)
+            listing = self.view.listing(peer, self.now())
             if listing is not None and any(m.name == model for m in listing.models):
                 found.append(listing)
-        return found
+        return found[:count]
 
 
 @asynccontextmanager
@@ -303,11 +338,29 @@ async def open_market(
     config: MarketConfig = MarketConfig(),
     view: MarketView | None = None,
     clock: WallClock = SYSTEM_WALL_CLOCK,
+    keep_score: Callable[[str], float] | None = None,
 ) -> AsyncIterator[Market]:
-    """Run the DHT, gossip and the market's loops on ``host`` for the duration of the block."""
-    view = view if view is not None else MarketView()
-    dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=config.max_peers_per_subnet)
+    """Run the DHT, gossip and the market's loops on ``host`` for the duration of the block.
+
+    Args:
+        view: the view to fill (default: a new one with ``config``'s caps).
+        keep_score: provider peer id -> how much the view should keep its listing when full
+            (higher keeps; the daemon passes trust). Our own listing is always kept.
+    """
+    own = identity.peer_id
+    if view is None:
+        view = MarketView(config.max_listings, config.max_per_model, config.max_listing_bytes)
+    if keep_score is not None:
+        view.keep_score = keep_score
+    scorer = view.keep_score
+    view.keep_score = lambda provider: math.inf if provider == own else scorer(provider)
+    dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=config.max_peers_per_subnet, strict_validation=True)
     dht.register_validator(DHT_NAMESPACE, _ListingValidator(clock))
+    dht._inbound_limiter = trio.CapacityLimiter(config.dht_inbound_handlers)  # py-libp2p's is 12
+    try:
+        connection_manager(host).keep_peers(dht.routing_table.peer_in_table)
+    except LookupError:  # a host not opened by open_host: no connection manager to tell
+        pass
     gossipsub = GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
         degree=6,

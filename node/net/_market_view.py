@@ -8,6 +8,13 @@ Every change of what the view holds (a listing added, replaced by a higher ``seq
 by ``expire``) bumps ``version`` and calls each watcher, synchronously; a refusal or a duplicate
 is no change. The view never waits: ``Market.wait_changed`` turns the watcher call into a trio
 wake-up.
+
+The view is bounded (listings are free to make; 1,000 x 32 KB cost ~70 MB on every node): at most
+``max_listings`` providers, ``max_per_model`` providers per model and ``max_bytes`` of encoded
+listings. When a new provider (or a model new to a held provider) does not fit, the held provider
+with the lowest ``keep_score`` (the daemon passes trust; newest first among equals) makes room,
+but only for a provider that scores strictly higher: an unknown newcomer never evicts a provider
+with history, and is refused with ``rejected["full"]``. Evictions are counted in ``evicted``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,13 @@ from protocol import Listing, ModelOffer
 
 __all__ = ["MarketView", "MarketRow", "REJECT_REASONS"]
 
-REJECT_REASONS = ("bad_signature", "stale_seq", "expired", "malformed", "oversize")
+REJECT_REASONS = ("bad_signature", "stale_seq", "expired", "malformed", "oversize", "full")
+
+#: defaults: ~2 KiB listings make 2,000 of them ~4 MB; a model with 200 providers is a big market;
+#: 16 MiB of encoded listings bounds the worst case (64 KiB listings) at ~40 MB of objects
+MAX_LISTINGS = 2_000
+MAX_PER_MODEL = 200
+MAX_BYTES = 16 << 20
 
 
 def reject_reason(exc: protocol.ProtocolError) -> str:
@@ -46,9 +59,30 @@ class MarketRow:
 class MarketView:
     """Every valid listing this node knows, by provider and by model; counts what it refused and every change."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_listings: int = MAX_LISTINGS,
+        max_per_model: int = MAX_PER_MODEL,
+        max_bytes: int = MAX_BYTES,
+        keep_score: Callable[[str], float] | None = None,
+    ) -> None:
+        """Args:
+            max_listings: providers held at most.
+            max_per_model: providers held at most for any one model.
+            max_bytes: encoded bytes of the listings held at most.
+            keep_score: provider peer id -> how much to keep it (higher keeps); default all 0.
+        """
+        self.max_listings = max_listings
+        self.max_per_model = max_per_model
+        self.max_bytes = max_bytes
+        self.keep_score = keep_score or (lambda provider: 0.0)
         self._by_provider: dict[str, Listing] = {}
+        self._by_model: dict[str, set[str]] = {}
+        self._size: dict[str, int] = {}  # provider -> encoded bytes of its listing
+        self._arrival: dict[str, int] = {}  # provider -> order it arrived in (newest highest)
+        self._arrivals = 0
         self.rejected: Counter[str] = Counter({r: 0 for r in REJECT_REASONS})
+        self.evicted = 0
         self.accepted = 0
         self.version = 0  # bumped on every change of the listings held
         self._watchers: list[Callable[[], None]] = []
@@ -84,10 +118,79 @@ class MarketView:
         if held is not None and listing.seq <= held.seq:
             self.rejected["stale_seq"] += 1
             return None
-        self._by_provider[listing.provider] = listing
+        if not self._make_room(listing, held, len(data)):
+            self.rejected["full"] += 1
+            return None
+        self._put(listing, len(data))
         self.accepted += 1
         self._changed()
         return listing
+
+    def _score(self, provider: str) -> float:
+        try:
+            return float(self.keep_score(provider))
+        except Exception:  # a scorer's bug must not open the view to everyone
+            return 0.0
+
+    def _make_room(self, listing: Listing, held: Listing | None, size: int) -> bool:
+        """Evict what ``listing`` needs, if every victim scores lower; False (nothing evicted) if not."""
+        me = listing.provider
+        score = self._score(me)
+        victims: set[str] = set()
+
+        def lowest(pool: set[str] | list[str]) -> str | None:
+            options = [p for p in pool if p != me and p not in victims]
+            if not options:
+                return None
+            return min(options, key=lambda p: (self._score(p), -self._arrival[p]))
+
+        def take(pool: set[str] | list[str]) -> bool:
+            victim = lowest(pool)
+            if victim is None or self._score(victim) >= score:
+                return False
+            victims.add(victim)
+            return True
+
+        held_models = {m.name for m in held.models} if held is not None else set()
+        for name in {m.name for m in listing.models} - held_models:
+            holders = self._by_model.get(name, set())
+            while len(holders - victims) >= self.max_per_model:
+                if not take(holders):
+                    return False
+        while len(self._by_provider) - len(victims) + (held is None) > self.max_listings:
+            if not take(list(self._by_provider)):
+                return False
+        used = sum(self._size.values()) - self._size.get(me, 0)
+        while used - sum(self._size[v] for v in victims) + size > self.max_bytes:
+            if not take(list(self._by_provider)):
+                return False
+        for victim in victims:
+            self._drop(victim)
+            del self._arrival[victim]
+        self.evicted += len(victims)
+        return True
+
+    def _put(self, listing: Listing, size: int) -> None:
+        me = listing.provider
+        if me in self._by_provider:
+            self._drop(me)
+        else:
+            self._arrivals += 1
+            self._arrival[me] = self._arrivals
+        self._by_provider[me] = listing
+        self._size[me] = size
+        for m in listing.models:
+            self._by_model.setdefault(m.name, set()).add(me)
+
+    def _drop(self, provider: str) -> None:
+        listing = self._by_provider.pop(provider)
+        self._size.pop(provider, None)
+        for m in listing.models:
+            holders = self._by_model.get(m.name)
+            if holders is not None:
+                holders.discard(provider)
+                if not holders:
+                    del self._by_model[m.name]
 
     def is_acceptable(self, data: bytes, now: int) -> bool:
         """``offer`` for a gateway (a gossip validator): takes it in and says whether to relay it."""
@@ -97,7 +200,8 @@ class MarketView:
         """Drop expired listings; return them."""
         gone = [lst for lst in self._by_provider.values() if lst.expires_at <= now]
         for lst in gone:
-            del self._by_provider[lst.provider]
+            self._drop(lst.provider)
+            self._arrival.pop(lst.provider, None)
         if gone:
             self._changed()
         return gone
@@ -125,4 +229,5 @@ class MarketView:
         return out
 
     def stats(self) -> dict[str, object]:
-        return {"listings": len(self), "accepted": self.accepted, "rejected": dict(self.rejected)}
+        return {"listings": len(self), "accepted": self.accepted, "rejected": dict(self.rejected),
+                "evicted": self.evicted}
