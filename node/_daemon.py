@@ -2,7 +2,8 @@
 
 Lifecycle: the host listens, the market starts, offers from the config are published, the API
 binds, then ``daemon.json`` ({peer_id, addrs, api_url, pid}) is written — its presence means
-"ready". Cancelling ``run_daemon`` (SIGINT/SIGTERM in ``node start``) closes the API, the market's
+"ready". The API binds to loopback only (keyless or not), and answers only to a ``Host`` naming
+loopback or the host it was told to bind (``node.api``'s guard). Cancelling ``run_daemon`` (SIGINT/SIGTERM in ``node start``) closes the API, the market's
 tasks, the DHT and gossip services and the host with its connections, and removes ``daemon.json``.
 """
 
@@ -41,11 +42,18 @@ async def _serve_api(service: "Node", api: str, token: str, openai_keyless: bool
     config.accesslog = None
     config.errorlog = logging.getLogger("node.api")
     config.graceful_timeout = 1.0
-    await hypercorn.trio.serve(build_app(service, token, openai_keyless=openai_keyless), config, task_status=task_status)
+    app = build_app(service, token, openai_keyless=openai_keyless, hosts=(_api_host(api),))
+    await hypercorn.trio.serve(app, config, task_status=task_status)
+
+
+def _api_host(api: str) -> str:
+    """The host part of ``HOST:PORT`` (an IPv6 literal without its brackets)."""
+    return api.rsplit(":", 1)[0].strip("[]")
 
 
 def _check_loopback_api(api: str) -> None:
-    host = api.rsplit(":", 1)[0].strip("[]")
+    """Raises ValueError unless ``api`` (``HOST:PORT``) names a loopback address or ``localhost``."""
+    host = _api_host(api)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -85,9 +93,14 @@ async def run_daemon(
 
 async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyless: bool = False,
                          info_file: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the node's HTTP API until cancelled; ``task_status.started`` gets the node's info."""
+    """Serve the node's HTTP API until cancelled; ``task_status.started`` gets the node's info.
+
+    Raises:
+        ValueError: ``api`` is not a loopback address (keyless or not, the API is loopback only).
+    """
     from .net import peer_addrs
 
+    _check_loopback_api(api)
     info_path = daemon_info_path(service.home)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(_serve_api, service, api, token, openai_keyless)

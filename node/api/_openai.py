@@ -10,7 +10,9 @@ top-level ``escrow`` (agent) and ``budget`` (µc for this call). Every response 
 Errors use OpenAI's shape ``{"error": {message, type, param, code}}`` with the status of
 ``_http.TABLE`` (the same as the control face's); ``param`` names the offending field.
 Auth: the node's bearer token, or none when the daemon runs with ``--openai-keyless`` (the API
-listens on loopback only).
+listens on loopback only, and ``_http.WebGuard`` refuses what a web page could send it: a foreign
+``Host`` or ``Origin``, a body that is not JSON). Every field is bounded as the wire bounds it, and the
+call is checked whole (``check_call``) before any channel opens: bad input costs nothing.
 """
 
 from __future__ import annotations
@@ -18,23 +20,43 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.routing import Route
 
 from ..consumer import Completion, Preferences
-from ._http import Body, Budget, MaxTokens, Problem, Sort, SSEStream, checked_agent, endpoint, read_body
+from ..consumer._request_check import check_call
+from ._http import (
+    MAX_MESSAGES,
+    Body,
+    Budget,
+    MaxTokens,
+    ModelName,
+    PeerId,
+    PricePer1K,
+    Problem,
+    Sort,
+    SSEStream,
+    WireText,
+    checked_agent,
+    endpoint,
+    read_body,
+)
 
 if TYPE_CHECKING:
     from .._node import Node
 
-__all__ = ["openai_routes"]
+__all__ = ["openai_routes", "openai_shape"]
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-def _shape(p: Problem) -> dict[str, Any]:
+def openai_shape(p: Problem) -> dict[str, Any]:
+    """OpenAI's error body for ``p``."""
     return {"error": {"message": p.message, "type": p.type, "param": p.param, "code": p.code}}
+
+
+_shape = openai_shape
 
 
 # ---- the request body --------------------------------------------------------------------------
@@ -53,6 +75,16 @@ def _text(content: Any) -> str:
     if content is None:
         return ""
     raise ValueError("message content must be a string or a list of text parts")
+
+
+_WIRE_TEXT = TypeAdapter(WireText)
+
+
+def _wire_text(value: str) -> str:
+    try:
+        return _WIRE_TEXT.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -82,12 +114,13 @@ def _one(value: int | None) -> int:
 
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[Any, AfterValidator(_text)] = Field(None, validate_default=True)  # text, as one string
+    content: Annotated[Any, AfterValidator(_text), AfterValidator(_wire_text)] = Field(
+        None, validate_default=True)  # text, as one string of at most 1 MiB
 
 
 class MaxPrice(Body):  # µc per 1K tokens
-    input: int | None = None
-    output: int | None = None
+    input: PricePer1K | None = None
+    output: PricePer1K | None = None
 
 
 class ProviderPrefs(Body):
@@ -95,8 +128,8 @@ class ProviderPrefs(Body):
 
     sort: Sort = "cheapest"
     max_price: MaxPrice | None = None
-    only: list[str] | None = None  # peer ids
-    ignore: list[str] | None = None
+    only: list[PeerId] | None = Field(None, max_length=256)
+    ignore: list[PeerId] | None = Field(None, max_length=256)
     allow_fallbacks: bool = True
 
     def preferences(self) -> Preferences:
@@ -109,8 +142,8 @@ class ProviderPrefs(Body):
 class ChatRequest(Body):
     """What this network reads of OpenAI's chat completion request (the rest is ignored)."""
 
-    model: Annotated[str, Field(min_length=1)]
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: ModelName
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     tools: Annotated[Any, _unsupported("tool calling")] = None
     functions: Annotated[Any, _unsupported("tool calling")] = None
     n: Annotated[int | None, AfterValidator(_one)] = 1
@@ -177,6 +210,7 @@ def openai_routes(service: "Node", token: str, keyless: bool) -> list[Route]:
         model = q.model
         messages = [{"role": _ROLES[m.role], "content": m.content} for m in q.messages]
         created = int(time.time())
+        check_call(messages, q.limit(), _milli(q.temperature, 1.0), _milli(q.top_p, 1.0), q.stop)  # before any money
         kwargs = dict(max_tokens=q.limit(), temperature_milli=_milli(q.temperature, 1.0),
                       top_p_milli=_milli(q.top_p, 1.0), stop=q.stop,
                       prefs=(q.provider or ProviderPrefs()).preferences(), budget=q.budget,
