@@ -49,7 +49,7 @@ from ..consumer._routing import SORTS
 from ..consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected
 from ..escrow._client import EscrowUnreachable
 from ..escrow._ops import EscrowOps, EscrowRefused
-from ..net._streams import StreamClosed
+from ..net._streams import StreamClosed, StreamTimeout
 from ..provider._queue import QueueFull, QueueTimeout
 from ..provider.backends._base import BackendError
 
@@ -147,6 +147,7 @@ TABLE: tuple[_Row, ...] = (
     _Row(ProviderMisbehaved, 502, "provider_error", lambda e: e.code),
     _Row(ProviderFailed, 502, "provider_error", "provider_failed"),
     _Row(SessionError, 502, "provider_error", "provider_error"),
+    _Row(StreamTimeout, 504, "provider_error", "peer_timeout"),  # a peer went quiet past the read deadline
     _Row(StreamClosed, 502, "provider_error", "peer_closed"),  # a peer's stream ended mid-message
     # a prompt too big for one protocol frame: the caller's, but no single field is at fault
     _Row(protocol.MessageTooLarge, 413, "invalid_request_error", "request_too_large"),

@@ -25,7 +25,7 @@ from node.consumer._renter import RentError
 from node.consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionRejected
 from node.escrow._client import EscrowUnreachable
 from node.escrow._ops import EscrowRefused
-from node.net._streams import StreamClosed
+from node.net._streams import StreamClosed, StreamTimeout
 from node.provider._queue import QueueFull, QueueTimeout
 from node.provider.backends._base import BackendError
 
@@ -50,6 +50,7 @@ CASES = [
     (ProviderFailed("the provider stopped answering"), 502, "provider_failed"),
     (ProviderMisbehaved(protocol.ReceiptPriceMismatch("cost")), 502, "receipt_price_mismatch"),
     (StreamClosed("end of stream"), 502, "peer_closed"),
+    (StreamTimeout("no frame within 30 s"), 504, "peer_timeout"),
     (QueueFull("the queue is full"), 503, "queue_full"),
     (QueueTimeout("waited 30s"), 503, "queue_timeout"),
     (BackendError("upstream answered 500"), 502, "backend_error"),
@@ -74,7 +75,7 @@ def _app(error: BaseException) -> TestClient:
         raise error
 
     service = types.SimpleNamespace(escrow=None, renter=types.SimpleNamespace(run=run))
-    return TestClient(build_app(service, TOKEN), backend="trio")
+    return TestClient(build_app(service, TOKEN), backend="trio", base_url="http://127.0.0.1")
 
 
 def _both(client: TestClient, **extra) -> tuple[tuple, tuple]:
@@ -242,7 +243,7 @@ def test_a_bad_escrow_name_is_the_callers_400_on_both_faces():
         raise ValueError(f"not a peer address (…/p2p/<peer id>): {name!r}")
 
     service = types.SimpleNamespace(escrow=types.SimpleNamespace(agent_id=agent_id, balance=None), renter=None)
-    client = TestClient(build_app(service, TOKEN), backend="trio")
+    client = TestClient(build_app(service, TOKEN), backend="trio", base_url="http://127.0.0.1")
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "escrow": "/ip4/nowhere"}
     o = client.post("/v1/chat/completions", json=body, headers=AUTH)
     c = client.post("/api/v1/run", json=body, headers=AUTH)
