@@ -5,6 +5,7 @@
     _ledger         the durable double-entry ledger (SQLite): transfers, request records, invariant
     _escrow         EscrowAgent: the escrow's rules (signatures, freshness, caps, expiry, claims)
     _escrow_store   the only SQL about channels, budgets and request records; it decides nothing
+    _refusals       RefusalBook: refused requests remembered in memory while fresh, and the rate limit
     _errors         WalletError and the keystore's errors
 
 Imports ``protocol``; never trio, libp2p or ``node``.
@@ -41,6 +42,7 @@ from ._ledger import (
     LedgerError,
     peer_account,
 )
+from ._refusals import RefusalBook
 
 __all__ = [
     "budget_account",
@@ -62,6 +64,7 @@ __all__ = [
     "PassphraseUnavailable",
     "peer_account",
     "read_public_identity",
+    "RefusalBook",
     "resolve_passphrase",
     "WalletError",
     "WITHDRAWN",

@@ -6,11 +6,31 @@ Parties: funder, consumer, provider, agent. Accounts: ``peer:<id>`` (available),
 - Every request is signed by the party it acts for (a cooperative close by both channel
   parties) and must be fresh (``issued_at`` within ``max_skew_s`` of the agent's clock).
 - Every state-changing request is applied at most once: its id, digest and answer are recorded
-  in the transaction that applies it — a failed one too, so a refused request cannot be
-  replayed later when it would succeed. A replay gets ``replayed`` and the original outcome;
-  the same id with other content gets ``request_id_reused``. Nothing else changes.
-- A refused request changes no money, channel or budget (its savepoint rolls back; only the
-  refusal is recorded).
+  in the transaction that applies it. A replay gets ``replayed`` and the original outcome; the
+  same id with other content gets ``request_id_reused``. Nothing else changes.
+- A refused request is never applied later either, at a bounded cost (finding 12 of issue 11:
+  storing each refusal with an fsync let one identity grow the ledger 0.7 GB/hour). A request
+  is acceptable only while fresh, so its refusal only needs remembering until ``issued_at +
+  max_skew_s``: refusals live in a bounded table in memory (``_refusals.RefusalBook``) and are
+  counted, not stored. Durable are only: applied requests (as ever), refusals the full table
+  cannot take (the old behaviour, as a fallback), and one number, ``refused_through``, the
+  latest ``issued_at`` of a refusal kept in memory, raised (one small write) only when a
+  refusal is issued later than any before it: at most one write per second of clock.
+- Restart rule: a new process starts with an empty table, so it refuses every state-changing
+  request issued at or before the stored ``refused_through`` that it has no record of, with
+  ``stale_request`` ("sign it again"). Safe because every refusal a restart forgot was issued
+  no later than that; harmless to honest clients because ``stale_request`` says for sure that
+  nothing was applied, so a fresh request (new id, new ``issued_at``) cannot apply twice, and
+  only requests dated up to the last refusal (at most ``max_skew_s`` ahead) are affected.
+  This assumes the agent's clock does not step back (a refusal forgotten at expiry would be
+  fresh again); NTP slews.
+- Rate limit: a party (or the remote peer carrying requests, ``source``) refused
+  ``RefusalBook.rate_limit`` times in a minute, or holding ``max_per_key`` remembered refusals,
+  gets ``rate_limited`` for everything, answered by ``screen`` before any signature check or
+  ledger work (an exact replay of a remembered refusal still gets ``replayed``).
+- A refused request changes no money, channel or budget (its savepoint rolls back).
+- A channel must live at least ``min_lifetime_s`` when opened, and so must a top-up's new expiry
+  (finding 2: a 1 s channel cannot be claimed before it is refunded); else ``bad_expiry``.
 - Channel money is paid to the provider only against a receipt signed by both parties, up to
   ``cumulative - already claimed`` for that session, never past the cap, never after expiry.
 - What is never claimed goes back where it came from: the consumer, or the budget it was
@@ -19,7 +39,8 @@ Parties: funder, consumer, provider, agent. Accounts: ``peer:<id>`` (available),
   budgets of a party, so an answer stays bounded.
 Every answer is an ``EscrowResponse`` signed by the agent. Time is a parameter (``now``).
 This module holds the rules only: every read and write of the escrow's records goes through
-``_escrow_store.EscrowStore`` (no SQL here), and money moves only by ``Tx.transfer``.
+``_escrow_store.EscrowStore`` (no SQL here), the remembered refusals through ``RefusalBook``,
+and money moves only by ``Tx.transfer``.
 """
 
 from __future__ import annotations
@@ -52,6 +73,7 @@ from ._errors import WalletError
 from ._escrow_store import BudgetRow, ChannelRow, EscrowStore, RequestRecord
 from ._keys import Identity
 from ._ledger import MINT, WITHDRAWN, InvariantViolation, Ledger, Tx, peer_account
+from ._refusals import RefusalBook, Remembered
 
 __all__ = ["EscrowAgent", "EscrowError", "ESCROW_REQUESTS", "channel_account", "budget_account"]
 
@@ -92,6 +114,27 @@ class _Result:
     balance_of: str | None = None
 
 
+class _Forget(Exception):
+    """Raised inside a refused request's transaction to roll it back: the refusal is kept in
+    memory instead (``answer`` is what the caller gets)."""
+
+    def __init__(self, answer: EscrowResponse) -> None:
+        super().__init__("refusal kept in memory")
+        self.answer = answer
+
+
+def _party_key(request: Any) -> str:
+    """Who a request's refusals count against: its signing party; a cooperative close (signed by
+    both parties of one channel) counts against its channel."""
+    if isinstance(request, EscrowClose):
+        return f"close:{request.channel_id.hex()}"
+    return f"party:{request.party}"
+
+
+def _source_key(source: str | None) -> str | None:
+    return None if source is None else f"via:{source}"
+
+
 class EscrowAgent:
     """Applies escrow requests to a ledger and answers them, signed."""
 
@@ -102,55 +145,187 @@ class EscrowAgent:
         operators: frozenset[str] | None = None,
         max_skew_s: int = 300,
         max_lifetime_s: int = 90 * 86400,
+        min_lifetime_s: int = 60,
+        refusals: RefusalBook | None = None,
     ) -> None:
+        """Args:
+            ledger: the durable ledger (its refusal horizon is read once, here).
+            identity: the agent's key; it signs every answer and grant.
+            operators: who may mint (default: the agent itself).
+            max_skew_s: how far ``issued_at`` may be from the agent's clock.
+            max_lifetime_s: the longest a channel or budget may live.
+            min_lifetime_s: the shortest life a channel may have at open or after a top-up.
+            refusals: the table of remembered refusals and the rate limit (default bounds:
+                ``RefusalBook()``).
+        """
         self.ledger = ledger
         self.identity = identity
         self.operators = operators if operators is not None else frozenset({identity.peer_id})
         self.max_skew_s = max_skew_s
         self.max_lifetime_s = max_lifetime_s
+        self.min_lifetime_s = min_lifetime_s
+        self.refusals = refusals if refusals is not None else RefusalBook()
+        with ledger.reading() as db:
+            # refusals up to here may have been kept only by an earlier process: see the restart rule
+            self._forgotten_through = self._refused_through = EscrowStore(db).refused_through()
 
     # ---- entry point ------------------------------------------------------------------------
 
-    def handle(self, request: Any, now: int) -> EscrowResponse:
-        """Verify, apply (at most once) and answer one request. Never raises for a bad request:
-        the answer carries the error code."""
+    def screen(self, request: Any, now: int, source: str | None = None) -> EscrowResponse | None:
+        """The answers that need no signature check and no ledger: not an escrow request, not
+        fresh, an exact replay of a remembered refusal, or a party or source over its refusal
+        limit. Cheap enough for an event loop: a hash, a dictionary and one signature.
+
+        Args:
+            source: who carried the request (the remote peer id), counted apart from the party.
+
+        Returns:
+            The signed answer, or ``None`` when the request needs ``handle``.
+        """
         try:
             if type(request) not in ESCROW_REQUESTS:
                 raise EscrowError("bad_request", f"{type(request).__name__} is not an escrow request")
             self._verify_fresh(request, now)
-            # only requests signed by their parties are ever recorded (forged ones cost no disk)
-            if isinstance(request, EscrowClose):
-                self._verify_close(request)
-            else:
-                self._verify_party(request)
+        except EscrowError as exc:
+            self.refusals.note((_source_key(source),), now)
+            return self._answer(request.request_id, now, None, exc)
+        if not isinstance(request, EscrowQuery):
+            kept = self.refusals.recall(request.request_id, now)
+            if kept is not None and kept.digest == self._digest(request):
+                return self._replayed(protocol.decode(kept.answer, expect=(EscrowResponse,)), now)
+        why = self.refusals.limited((_party_key(request), _source_key(source)), now)
+        if why is not None:
+            return self._answer(request.request_id, now, None, EscrowError("rate_limited", why))
+        return None
+
+    def handle(self, request: Any, now: int, source: str | None = None) -> EscrowResponse:
+        """Verify, apply (at most once) and answer one request. Never raises for a bad request:
+        the answer carries the error code.
+
+        Args:
+            source: who carried the request (the remote peer id; ``None`` for this node's own),
+                whose refusals are counted and limited like a party's.
+        """
+        early = self.screen(request, now, source)
+        if early is not None:
+            return early
+        keys = (_party_key(request), _source_key(source))
+        try:
+            try:
+                # only requests signed by their parties are counted against them or kept (forged ones cost no disk)
+                if isinstance(request, EscrowClose):
+                    self._verify_close(request)
+                else:
+                    self._verify_party(request)
+            except EscrowError:
+                self.refusals.note(keys[1:], now)
+                raise
             if isinstance(request, EscrowQuery):
-                return self._answer(request.request_id, now, self._query(request, now))
+                try:
+                    return self._answer(request.request_id, now, self._query(request, now))
+                except EscrowError:
+                    self.refusals.note(keys, now)
+                    raise
         except EscrowError as exc:
             return self._answer(request.request_id, now, None, exc)
-        return self._apply_once(request, now)
+        return self._apply_once(request, now, keys)
 
-    def _apply_once(self, request: Any, now: int) -> EscrowResponse:
-        digest = hashlib.sha256(protocol.encode(request)).digest()
-        with self.ledger.transaction(request.request_id) as tx:
-            store = EscrowStore(tx.db)
-            first = store.request(request.request_id)
-            if first is not None:
-                if first.digest != digest or first.answer is None:
-                    return self._answer(request.request_id, now, None,
-                                        EscrowError("request_id_reused", "this request id was used by another request"))
-                return self._sign(dataclasses.replace(
-                    first.answer, ok=False, error="replayed", issued_at=now, sig=b"",
-                    detail=f"already answered ({first.answer.error or 'ok'}); nothing changed"))
-            try:
-                with store.savepoint():
-                    result = self._apply(tx, store, request, now)
-                    answer = self._answer(request.request_id, now, result, store=store)
-            except EscrowError as exc:
-                answer = self._answer(request.request_id, now, None, exc)
+    @staticmethod
+    def _digest(request: Any) -> bytes:
+        return hashlib.sha256(protocol.encode(request)).digest()
+
+    def _replayed(self, first: EscrowResponse, now: int) -> EscrowResponse:
+        return self._sign(dataclasses.replace(
+            first, ok=False, error="replayed", issued_at=now, sig=b"",
+            detail=f"already answered ({first.error or 'ok'}); nothing changed"))
+
+    def _recorded(self, store: EscrowStore, request: Any, digest: bytes, now: int) -> EscrowResponse | None:
+        """The answer to a request answered before (durably, or in memory), or ``None``.
+
+        Raises:
+            EscrowError: ``request_id_reused``: the id was used by another request.
+        """
+        first = store.request(request.request_id)
+        if first is not None:
+            if first.digest != digest or first.answer is None:
+                raise EscrowError("request_id_reused", "this request id was used by another request")
+            return self._replayed(first.answer, now)
+        kept = self.refusals.recall(request.request_id, now)
+        if kept is not None:
+            if kept.digest != digest:
+                raise EscrowError("request_id_reused", "this request id was used by another request")
+            return self._replayed(protocol.decode(kept.answer, expect=(EscrowResponse,)), now)
+        return None
+
+    def _apply_once(self, request: Any, now: int, keys: tuple[str, str | None]) -> EscrowResponse:
+        digest = self._digest(request)
+        try:
+            with self.ledger.transaction(request.request_id) as tx:
+                answer, horizon = self._apply_recorded(tx, request, digest, now, keys)
+        except _Forget as forgotten:
+            return forgotten.answer
+        if horizon is not None:  # committed: later refusals issued up to here need no write
+            self._refused_through = max(self._refused_through, horizon)
+        return answer
+
+    def _apply_recorded(self, tx: Tx, request: Any, digest: bytes, now: int,
+                        keys: tuple[str, str | None]) -> tuple[EscrowResponse, int | None]:
+        """Inside the request's transaction: answer a replay, or apply the request and record it,
+        or keep its refusal (``_keep_refusal``).
+
+        Returns:
+            The answer, and the refusal horizon this transaction raises (``None``: unchanged).
+
+        Raises:
+            _Forget: refused and kept in memory only: roll the transaction back.
+        """
+        store = EscrowStore(tx.db)
+        try:
+            replay = self._recorded(store, request, digest, now)
+            if replay is not None:
+                return replay, None
+            if request.issued_at <= self._forgotten_through:
+                raise EscrowError("stale_request", f"issued at or before {self._forgotten_through}: the agent may "
+                                  "have refused it before it restarted; sign it again")
+        except EscrowError as exc:
+            self.refusals.note(keys, now)
+            return self._answer(request.request_id, now, None, exc), None
+        try:
+            with store.savepoint():
+                result = self._apply(tx, store, request, now)
+                answer = self._answer(request.request_id, now, result, store=store)
+        except EscrowError as exc:
+            answer = self._answer(request.request_id, now, None, exc)
+            self.refusals.note(keys, now)
+            return answer, self._keep_refusal(store, request, digest, answer, keys[0], now)
+        store.record_request(RequestRecord(
+            request_id=request.request_id, kind=type(request).KIND, party=getattr(request, "party", ""),
+            digest=digest, applied_at=now, answer=answer))
+        return answer, None
+
+    def _keep_refusal(self, store: EscrowStore, request: Any, digest: bytes, answer: EscrowResponse, key: str,
+                      now: int) -> int | None:
+        """Keep a refusal until its freshness window closes: in memory, first raising the durable
+        horizon if it is the latest-issued refusal yet; durably, as an applied request is, when
+        the table is full.
+
+        Returns:
+            The horizon written, or ``None`` for a durable record (either way: commit).
+
+        Raises:
+            _Forget: kept in memory, nothing to write: roll the transaction back.
+        """
+        kept = Remembered(digest=digest, answer=protocol.encode(answer), key=key,
+                          expires_at=request.issued_at + self.max_skew_s)
+        if not self.refusals.remember(request.request_id, kept, now):
             store.record_request(RequestRecord(
                 request_id=request.request_id, kind=type(request).KIND, party=getattr(request, "party", ""),
                 digest=digest, applied_at=now, answer=answer))
-            return answer
+            return None
+        if request.issued_at <= self._refused_through:
+            raise _Forget(answer)
+        store.set_refused_through(request.issued_at)
+        return request.issued_at
 
     def _apply(self, tx: Tx, store: EscrowStore, request: Any, now: int) -> _Result:
         handlers: dict[type, Callable[[Tx, EscrowStore, Any, int], _Result]] = {
@@ -190,6 +365,13 @@ class EscrowAgent:
     def _check_expiry(self, expires_at: int, now: int) -> None:
         if not now < expires_at <= now + self.max_lifetime_s:
             raise EscrowError("bad_expiry", f"expiry must be after now and within {self.max_lifetime_s}s")
+
+    def _check_channel_life(self, expires_at: int, now: int) -> None:
+        """A channel's expiry (at open, or after a top-up) leaves it at least ``min_lifetime_s``."""
+        self._check_expiry(expires_at, now)
+        if expires_at < now + self.min_lifetime_s:
+            raise EscrowError("bad_expiry", f"a channel must live at least {self.min_lifetime_s}s "
+                              f"(expires in {expires_at - now}s)")
 
     @staticmethod
     def _need(tx: Tx, account: str, amount: int) -> None:
@@ -269,7 +451,7 @@ class EscrowAgent:
 
     def _open(self, tx: Tx, store: EscrowStore, req: EscrowOpen, now: int) -> _Result:
         self._positive(req.cap, "cap")
-        self._check_expiry(req.expires_at, now)
+        self._check_channel_life(req.expires_at, now)
         if req.provider == req.party:
             raise EscrowError("bad_request", "a channel joins two different parties")
         if req.budget_id is not None:
@@ -292,7 +474,7 @@ class EscrowAgent:
         self._open_channel(ch, now)
         if req.expires_at < ch.expires_at:
             raise EscrowError("bad_expiry", "a channel's expiry can only move later")
-        self._check_expiry(req.expires_at, now)
+        self._check_channel_life(req.expires_at, now)
         if req.add == 0 and req.expires_at == ch.expires_at:
             raise EscrowError("bad_request", "nothing to add or extend")
         cap = ch.cap + req.add

@@ -1,5 +1,6 @@
 """The escrow's records in the ledger file: channels, their per-session claims, budgets, their
-members, and the request records that make every request apply at most once.
+members, the request records that make every request apply at most once, and the refusal
+horizon (``meta.escrow_refused_through``: no refusal kept only in memory was issued later).
 
 Rules this module owns:
 - It is the only place SQL about those tables is written (the table layouts are the ledger's
@@ -139,6 +140,16 @@ class EscrowStore:
         answer = b"" if record.answer is None else protocol.encode(record.answer)
         self.db.execute(f"{verb} INTO ops({_REQUEST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                         (record.request_id, record.kind, record.party, record.digest, record.applied_at, answer))
+
+    def refused_through(self) -> int:
+        """The latest ``issued_at`` of any refusal the agent kept only in memory (0 if none)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'escrow_refused_through'").fetchone()
+        return int(row[0]) if row else 0
+
+    def set_refused_through(self, issued_at: int) -> None:
+        """Record that refusals kept only in memory were issued at ``issued_at`` or earlier."""
+        self.db.execute("INSERT INTO meta(key, value) VALUES ('escrow_refused_through', ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)", (issued_at,))
 
     # ---- channels -----------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ Rules this module owns:
 - No account but ``system:mint`` (the devnet's source) ever goes negative.
 - The invariant — balances + locked == minted - withdrawn, entries per operation sum to zero,
   every balance equals the sum of its entries — can be checked at any time (``check``).
-- Schema changes are versioned migrations (``meta.schema_version``).
+- Schema changes are versioned migrations (``meta.schema_version``). ``meta`` also holds the
+  escrow's refusal horizon (``escrow_refused_through``, written by ``_escrow_store``): a value,
+  not a layout, so it needs no migration.
 Amounts are integer micro-credits; SQLite INTEGER is 64-bit, far above any amount allowed.
 """
 

@@ -76,11 +76,11 @@ def test_claims_are_per_session_and_the_cap_spans_sessions(agent):
 
 
 def test_expiry_refund_topup_withdraw(agent):
-    ch = open_channel(agent, cap=3_000, expires=NOW + 10)
-    r = ok(agent.handle(signed(EscrowTopUp, ALICE, NOW, channel_id=ch.channel_id, add=1_000, expires_at=NOW + 20), NOW))
-    assert r.channels[0].channel.cap == 4_000 and r.channels[0].channel.expires_at == NOW + 20
+    ch = open_channel(agent, cap=3_000, expires=NOW + 60)  # the shortest channel the agent grants
+    r = ok(agent.handle(signed(EscrowTopUp, ALICE, NOW, channel_id=ch.channel_id, add=1_000, expires_at=NOW + 70), NOW))
+    assert r.channels[0].channel.cap == 4_000 and r.channels[0].channel.expires_at == NOW + 70
     ok(agent.handle(signed(EscrowClaim, BOB, NOW, receipt=receipt(ch, ALICE, BOB, 500)), NOW))
-    later = NOW + 20
+    later = NOW + 70
     r = ok(agent.handle(signed(EscrowRefund, ALICE, later, channel_id=ch.channel_id), later))
     assert r.channels[0].status == "refunded"
     assert agent.balance(ALICE.peer_id) == protocol.Balance(available=9_500, locked=0)
@@ -105,15 +105,15 @@ def test_budgets_whitelist_limit_and_refund(agent):
 
 
 def test_sweep_returns_expired_channels_and_budgets(agent):
-    ch = open_channel(agent, cap=2_000, expires=NOW + 5)
+    ch = open_channel(agent, cap=2_000, expires=NOW + 60)
     bid = ok(agent.handle(signed(EscrowBudgetCreate, FUNDER, NOW, amount=1_000, whitelist=(CAROL.peer_id,),
-                                 per_session_limit=500, expires_at=NOW + 5), NOW)).budget_id
-    assert agent.sweep(NOW + 4) == 0
-    assert agent.sweep(NOW + 5) == 2
-    assert agent.sweep(NOW + 6) == 0
+                                 per_session_limit=500, expires_at=NOW + 60), NOW)).budget_id
+    assert agent.sweep(NOW + 59) == 0
+    assert agent.sweep(NOW + 60) == 2
+    assert agent.sweep(NOW + 61) == 0
     assert agent.balance(ALICE.peer_id).available == 10_000
     assert agent.balance(FUNDER.peer_id).available == 50_000
-    state = ok(agent.handle(signed(EscrowQuery, ALICE, NOW + 6, channel_id=ch.channel_id), NOW + 6)).channels[0]
+    state = ok(agent.handle(signed(EscrowQuery, ALICE, NOW + 61, channel_id=ch.channel_id), NOW + 61)).channels[0]
     assert state.status == "refunded" and bid
 
 
