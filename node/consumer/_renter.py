@@ -28,6 +28,7 @@ from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..escrow._ops import EscrowOps
 from ..net._market import Market
+from ._request_check import check_call
 from ._results import Attempt, Completion
 from ._routing import Candidate, Preferences, rank
 from ._session_client import ConsumerSessionHandle, SessionError, open_session, reach
@@ -50,8 +51,8 @@ class RentError(RemoteError):
 
 
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
-    """An upper bound on a prompt's tokens for budgeting (byte-level tokenizers never need more)."""
-    return 16 + sum(8 + len(m["content"].encode()) + len(m["role"]) for m in messages)
+    """The most prompt tokens a call of ``messages`` can be billed (``protocol.prompt_token_bound``)."""
+    return protocol.prompt_token_bound((m["role"], m["content"]) for m in messages)
 
 
 class Renter:
@@ -143,7 +144,9 @@ class Renter:
             RentError: nobody could serve it (with every attempt's error).
             EscrowRefused / EscrowUnreachable: no channel could be opened (e.g. not enough credits).
             protocol.SpendLimitReached: ``budget`` is below what one call may cost.
+            InvalidRequest, protocol.MessageTooLarge: the call cannot go on the wire (nothing was locked).
         """
+        check_call(messages, max_tokens, temperature_milli, top_p_milli, stop)  # before any money moves
         started = trio.current_time()
         prompt = estimate_prompt_tokens(messages)
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
