@@ -3,12 +3,21 @@
 Layout (mode 0700):
     keystore.json   encrypted identity and upstream API keys (wallet.Keystore), mode 0600
     config.toml     the operator's settings (comments preserved when the node edits it)
+    *.db (-wal, -shm)  receipts, trust and the escrow agent's ledger (sqlite)
+    api.token, daemon.json   the daemon's runtime files
 The home is ``--home`` if given, else ``$INFERSWARM_HOME``, else the platform's user data dir.
+
+Rule: the home is private, whatever existed before. Opening one (``Home(path)``, as every entry
+point does) makes its folders 0700 and every file in it 0600, without following links; a file
+the node creates there later is created 0600 (``private_file`` before sqlite opens a database:
+sqlite gives its -wal and -shm files the database's own mode).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +29,9 @@ from wallet import Keystore
 
 from ._errors import LocalError
 
-__all__ = ["HOME_ENV", "Home", "resolve_home", "init_home", "ConfigError"]
+__all__ = ["HOME_ENV", "Home", "resolve_home", "init_home", "ConfigError", "secure_home", "private_file"]
+
+_logger = logging.getLogger(__name__)
 
 HOME_ENV = "INFERSWARM_HOME"
 
@@ -53,11 +64,74 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None, env: Mapping[st
     return Path(platformdirs.user_data_dir("inferswarm", appauthor=False))
 
 
+def _chmod(path: Path, mode: int) -> None:
+    try:
+        os.chmod(path, mode, follow_symlinks=False)
+    except NotImplementedError:  # a platform that cannot chmod a link itself: links are skipped anyway
+        os.chmod(path, mode)
+
+
+def secure_home(path: Path) -> None:
+    """Make the home ``path`` private: it and every folder in it 0700, every file 0600 (links are
+    left alone, never followed). A home that does not exist yet is left for ``init_home``; what
+    cannot be changed (someone else's file) is logged, not raised, so a read-only look still works."""
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        return
+    todo = [path]
+    while todo:
+        folder = todo.pop()
+        try:
+            if stat.S_IMODE(os.lstat(folder).st_mode) != 0o700:
+                _chmod(folder, 0o700)
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            _logger.warning("cannot make %s private: %s", folder, exc)
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and \
+                        stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) != 0o600:
+                    _chmod(Path(entry.path), 0o600)
+            except OSError as exc:
+                _logger.warning("cannot make %s private: %s", entry.path, exc)
+
+
+def private_file(path: str | os.PathLike[str]) -> Path:
+    """``path``, created empty with mode 0600 if absent, and made 0600 (with its sqlite ``-wal``,
+    ``-shm`` and ``-journal`` companions, where they exist) if not. Call it before sqlite opens a
+    database: sqlite creates a new file 0644, and its companions with the database's mode.
+
+    Raises:
+        OSError: the file cannot be created or its mode set.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        companion = path.with_name(path.name + suffix)
+        if companion.is_file() and not companion.is_symlink():
+            _chmod(companion, 0o600)
+    return path
+
+
 @dataclass(frozen=True)
 class Home:
-    """A node's home folder and the paths of what lives in it (keystore, config, runtime files)."""
+    """A node's home folder and the paths of what lives in it (keystore, config, runtime files).
+    Constructing one makes an existing home private (``secure_home``)."""
 
     path: Path
+
+    def __post_init__(self) -> None:
+        secure_home(self.path)
 
     @property
     def keystore(self) -> Path:
@@ -96,7 +170,7 @@ def init_home(path: Path, passphrase: str, **keystore_kwargs: Any) -> Keystore:
         wallet.KeystoreExists: the home already holds a keystore.
     """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    home = Home(path)
+    home = Home(path)  # 0700 even if it existed with another mode
     ks = Keystore.create(home.keystore, passphrase, **keystore_kwargs)
     if not home.config.exists():
         fd = os.open(home.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -15,6 +15,7 @@ import trio
 import protocol
 
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
+from ._home import private_file
 
 __all__ = ["ReceiptStore"]
 
@@ -45,7 +46,7 @@ class ReceiptStore:
     def __init__(self, path: Path, clock: WallClock = SYSTEM_WALL_CLOCK) -> None:
         """``clock``: seconds since the epoch, for each receipt's ``stored_at``."""
         self._clock = clock
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(private_file(path), isolation_level=None, check_same_thread=False)  # 0600
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)

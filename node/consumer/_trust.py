@@ -24,6 +24,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from .._home import private_file
+
 __all__ = ["TrustBook", "ProviderStats", "START", "FLOOR"]
 
 START, LOW, HIGH, FLOOR = 100.0, 0.0, 200.0, 50.0
@@ -56,7 +58,7 @@ class TrustBook:
     """This node's persistent trust in each provider (sqlite), learned from every session outcome."""
 
     def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(private_file(path), isolation_level=None, check_same_thread=False)  # 0600
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS providers (peer_id TEXT PRIMARY KEY, score REAL NOT NULL, ttft_s REAL, "
