@@ -58,7 +58,7 @@ _logger = logging.getLogger(__name__)
 # each); a party talks to an agent one request at a time per stream (8); gossip needs one inbound
 # stream per peer (4 covers reconnects and both meshsub versions); DHT queries from one peer rarely
 # overlap by more than a few (8). Over all protocols 64 per peer, 1024 in all: ~5 per connection at
-# the 200-connection watermark, and a bound on buffered bytes of 1024 x 1 MiB (the Yamux window cap).
+# the 200-connection watermark; buffered bytes at most 1024 x 512 KiB (the Yamux window cap), 32 MiB a peer.
 DEFAULT_STREAM_LIMITS = StreamLimits(
     total=1024,
     per_peer=64,
@@ -161,42 +161,67 @@ class ConnectionManager:
         tags = getattr(network, "tag_store", None)
         return peer in self._protected or (tags is not None and tags.is_protected(peer))
 
-    def candidates(self, now: float) -> list[object]:
-        """The connections that may be closed, first to close first (updates activity)."""
+    def candidates(self, now: float) -> tuple[list[object], list[object], int]:
+        """What may be closed now (updates activity): idle inbound connections of peers no
+        ``keep_peers`` predicate holds, longest idle first; then the other idle ones (outbound,
+        kept); and how many inbound connections are still in their grace period."""
         conns = self.host.get_network().get_connections()
         live = {id(c) for c in conns}
         self._seen = {k: v for k, v in self._seen.items() if k in live}
         self._active = {k: v for k, v in self._active.items() if k in live}
-        ranked: list[tuple[tuple[bool, bool, float], object]] = []
+        first: list[tuple[float, object]] = []
+        rest: list[tuple[tuple[bool, bool, float], object]] = []
+        young_inbound = 0
         for conn in conns:
             key = id(conn)
             self._seen.setdefault(key, now)
             if self._busy(conn):
                 self._active[key] = now
             last = self._active.get(key, self._seen[key])
-            if now - self._seen[key] < self.limits.grace_s or now - last < self.limits.idle_s:
+            outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
+            if now - self._seen[key] < self.limits.grace_s:
+                young_inbound += not outbound
                 continue
-            peer = conn.muxed_conn.peer_id
+            if now - last < self.limits.idle_s:
+                continue
+            peer = conn.muxed_conn.peer_id  # type: ignore[attr-defined]
             if self._is_protected(peer):
                 continue
-            outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
-            ranked.append(((outbound, self._kept(peer), last), conn))
-        ranked.sort(key=lambda item: item[0])
-        return [conn for _, conn in ranked]
+            kept = self._kept(peer)
+            if outbound or kept:
+                rest.append(((kept, outbound, last), conn))
+            else:
+                first.append((last, conn))
+        first.sort(key=lambda item: item[0])
+        rest.sort(key=lambda item: item[0])
+        return [c for _, c in first], [c for _, c in rest], young_inbound
 
     async def trim(self, now: float) -> int:
-        """Close idle connections down to ``trim_to`` if above ``high_watermark``; return how many."""
+        """Close idle connections down to ``trim_to`` if above ``high_watermark``; return how many.
+
+        Outbound and kept peers are closed only if the idle inbound ones, including those still in
+        their grace period, cannot bring the count down alone."""
         count = len(self.host.get_network().get_connections())
-        victims = self.candidates(now)
+        first, rest, young_inbound = self.candidates(now)
         if count <= self.limits.high_watermark:
             return 0
-        closed = 0
-        for conn in victims[: count - self.limits.trim_to]:
+        excess = count - self.limits.trim_to
+        chosen = first[:excess]
+        more = excess - len(chosen) - young_inbound
+        if more > 0:
+            chosen += rest[:more]
+
+        async def close(conn: object) -> None:
             try:
-                await conn.close()  # type: ignore[attr-defined]
+                with trio.move_on_after(5):
+                    await conn.close()  # type: ignore[attr-defined]
             except Exception as exc:  # already going
                 _logger.debug("closing idle connection failed: %s", exc)
-            closed += 1
+
+        async with trio.open_nursery() as nursery:  # each close idles ~0.2 s inside py-libp2p
+            for conn in chosen:
+                nursery.start_soon(close, conn)
+        closed = len(chosen)
         self.pruned += closed
         if closed:
             _logger.info("closed %d idle connections (%d open, watermark %d)", closed, count,

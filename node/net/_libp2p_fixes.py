@@ -26,8 +26,9 @@ is a deliberate act that re-checks every trap.
    logged (``recv_window`` is clamped to 0) and buffered anyway — 300 MiB on one idle stream. The
    window is now a property whose setter sees the overrun: the frame's bytes are dropped and the
    connection is closed with GO_AWAY protocol error, as go-yamux does (``ErrRecvWindowExceeded``).
-   Autotuning grows a window up to 16 MiB; ``MAX_RECV_WINDOW`` caps it at 1 MiB, so one stream can
-   make us buffer at most 1 MiB (1 MiB windows still carry >100 MB/s at 10 ms RTT).
+   Autotuning grows a window up to 16 MiB (the first read of a stream already doubles it);
+   ``MAX_RECV_WINDOW`` caps it at 512 KiB, so one stream can make us buffer at most 512 KiB (such
+   windows still carry ~50 MB/s at 10 ms RTT, 5 MB/s at 100 ms: tokens and prompts, not bulk).
 6. Nothing limits inbound streams: 600 streams each holding a partial frame grew a provider by
    610 MB; 3,000 empty streams stayed open. Inbound streams are now counted per remote peer, per
    (peer, protocol) and in total (``StreamLimits``; ``set_stream_limits`` per host); a stream over a
@@ -88,7 +89,7 @@ _logger = logging.getLogger(__name__)
 _applied = False
 
 #: the most a Yamux receive window may autotune to (py-libp2p: 16 MiB), so the most one stream buffers
-MAX_RECV_WINDOW = 1 << 20
+MAX_RECV_WINDOW = 512 * 1024
 #: handshakes (Noise + Yamux upgrade) in progress at once; when full the oldest is dropped
 HANDSHAKE_SLOTS = 64
 #: seconds one read of an inbound DHT stream may wait (go-libp2p resets idle DHT streams after 60 s;
