@@ -175,7 +175,9 @@ class ProviderService:
         except (EscrowUnreachable, ValueError) as exc:
             _logger.warning("claim of %s µc failed: %s", receipt.cumulative, exc)
             return False
-        if r.ok or r.error in ("replayed", "already_claimed"):
+        replayed_ok = r.error == "replayed" and r.detail.startswith(("already answered (ok)",
+                                                                     "already answered (already_claimed)"))
+        if r.ok or replayed_ok or r.error == "already_claimed":
             await trio.to_thread.run_sync(self.receipts.mark_claimed, receipt)
             return True
         if r.error in _FINAL_REFUSALS:
