@@ -74,6 +74,7 @@ class Hostile:
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self.conns: list[Yamux] = []
+        self.ids: dict[int, ID] = {}  # id(connection) -> the throwaway identity it speaks as
         self.sockets: list[trio.SocketStream] = []
 
     async def connect(self, victim) -> Yamux:
@@ -89,6 +90,7 @@ class Hostile:
         self._nursery.start_soon(self._refuse_streams, muxed)
         await muxed.event_started.wait()
         self.conns.append(muxed)
+        self.ids[id(muxed)] = ID.from_pubkey(key_pair.public_key)
         return muxed
 
     async def _refuse_streams(self, muxed: Yamux) -> None:
@@ -141,7 +143,10 @@ async def hostile() -> AsyncIterator[Hostile]:
 async def send_kad(stream, message: Message) -> bytes | None:
     """Write one varint-prefixed DHT message; return the reply's bytes if one comes within 2 s."""
     data = message.SerializeToString()
-    await stream.write(varint.encode(len(data)) + data)
+    try:
+        await stream.write(varint.encode(len(data)) + data)
+    except Exception:  # the victim reset the stream before reading it all: the answer to a refusal
+        return None
     with trio.move_on_after(2):
         try:
             return await stream.read(1 << 16)
