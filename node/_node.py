@@ -254,11 +254,12 @@ async def open_node(
     async def start_backend(offer: Offer) -> Backend:
         return await open_backend(offer.backend, models, offer.model, api_key)
 
+    trust = TrustBook(home.path / "trust.db")  # also what a full market view keeps listings by
     try:
         async with open_host(identity, config.listen, mdns) as host, \
-                open_market(host, identity, market_config, clock=wall_clock) as market:
+                open_market(host, identity, market_config, clock=wall_clock,
+                            keep_score=lambda peer: trust.get(peer).score) as market:
             receipts = ReceiptStore(home.path / "receipts.db", wall_clock)
-            trust = TrustBook(home.path / "trust.db")
             client = EscrowClient(host, agent, market.dht, wall_clock)
             escrow_ops = EscrowOps(identity, client, wall_clock)
             storefront = Storefront(
@@ -300,7 +301,7 @@ async def open_node(
                 with trio.CancelScope(shield=True):
                     await storefront.aclose()
                     receipts.close()
-                    trust.close()
     finally:
+        trust.close()
         if agent is not None:
             agent.ledger.close()
