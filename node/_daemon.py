@@ -3,8 +3,9 @@
 Lifecycle: the host listens, the market starts, offers from the config are published, the API
 binds, then ``daemon.json`` ({peer_id, addrs, api_url, pid}) is written — its presence means
 "ready". The API binds to loopback only (keyless or not), and answers only to a ``Host`` naming
-loopback or the host it was told to bind (``node.api``'s guard). Cancelling ``run_daemon`` (SIGINT/SIGTERM in ``node start``) closes the API, the market's
-tasks, the DHT and gossip services and the host with its connections, and removes ``daemon.json``.
+loopback or the host it was told to bind (``node.api``'s guard). Cancelling ``run_daemon``
+(SIGINT/SIGTERM in ``node start``) closes the API, the market's tasks, the DHT and gossip services
+and the host with its connections, and removes ``daemon.json``.
 """
 
 from __future__ import annotations

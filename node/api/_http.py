@@ -55,8 +55,9 @@ from ..provider.backends._base import BackendError
 
 __all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
            "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "PricePer1K",
-           "WireText", "ModelName", "MAX_MESSAGES", "EventStream", "NDJSONStream", "SSEStream", "EdgeRefusal", "MisdirectedHost",
-           "ForeignOrigin", "NotJSON", "BodyTooLarge", "WebGuard", "MAX_BODY", "MAX_DEPTH", "LOOPBACK_HOSTS"]
+           "WireText", "ModelName", "MAX_MESSAGES", "EventStream", "NDJSONStream", "SSEStream", "EdgeRefusal",
+           "MisdirectedHost", "ForeignOrigin", "NotJSON", "BodyTooLarge", "WebGuard", "MAX_BODY", "MAX_DEPTH",
+           "LOOPBACK_HOSTS"]
 
 _logger = logging.getLogger("node.api")
 

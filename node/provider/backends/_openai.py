@@ -37,7 +37,8 @@ _REDACTED = "[redacted]"
 _TOKEN = r"[A-Za-z0-9._~+/=\-]"
 _CREDENTIAL = re.compile(
     # a labelled secret: Bearer …, token=…, api_key: … (a value with a digit in it, not a word)
-    rf"(?i)\b(?:bearer|basic|token|api[-_ ]?key|secret|password|x-api-key)\b\s*[:=]?\s*[\"']?(?={_TOKEN}*\d){_TOKEN}{{8,}}"
+    rf"(?i)\b(?:bearer|basic|token|api[-_ ]?key|secret|password|x-api-key)\b\s*[:=]?\s*[\"']?"
+    rf"(?={_TOKEN}*\d){_TOKEN}{{8,}}"
     r"|\b(?:sk|pk|rk|hf|gh[pousr]|xox[abp])[-_][A-Za-z0-9_\-]{8,}"  # prefixed keys: sk-…, hf_…, ghp_…
     r"|(?=[A-Za-z0-9+/_\-]{0,200}\d)[A-Za-z0-9+/_\-]{32,}={0,2}"  # a long base64(url) or hex run with a digit
 )
