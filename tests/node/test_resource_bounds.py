@@ -203,3 +203,51 @@ async def test_idle_throwaway_connections_are_pruned_and_busy_outbound_peers_kep
         await newcomer.connect(parse_peer_addr(peer_addrs(victim)[0]))
         assert await honest_call(newcomer, victim) == b"ok"
         release.set()
+
+
+# ---- all at once: a node's RSS and sockets stay bounded and honest peers are still served
+
+
+async def test_combined_flood_keeps_rss_and_sockets_bounded_and_honest_peers_served():
+    from tests.node.helpers import listing_template, market_swarm, until_market, wait_until_async, join
+    from tests.node.hostile import KAD, fd_count, put_value, send_kad
+
+    release, served = trio.Event(), []
+    async with market_swarm(2, prefix="combined") as (stack, markets):
+        rogue = await stack.enter_async_context(hostile())
+        victim, witness = markets
+        victim.host.set_stream_handler(HOLD, holding_handler(served, release))
+        port = int(victim.host.get_addrs()[0].value_for_protocol("tcp"))
+        rss0, fds0, socks0 = rss_bytes(), fd_count(), sockets_on_port(port)
+        streamers = [await rogue.connect(victim.host) for _ in range(4)]
+        for conn in streamers:  # 4 x 64 streams (the per-peer cap), each 200 KiB of a frame that never ends
+            for _ in range(64):
+                try:
+                    s = await Hostile.open(conn, HOLD)
+                    with trio.move_on_after(0.05):
+                        await s.write(b"p" * (200 * 1024))
+                except Exception:
+                    pass
+        dht_rogue = await rogue.connect(victim.host)  # the streamers are at their per-peer cap
+        for i in range(100):  # junk DHT records
+            s = await Hostile.open(dht_rogue, KAD)
+            await send_kad(s, put_value(f"junk-{i}".encode(), b"j" * 200_000))
+        for _ in range(40):  # idle throwaway identities
+            await rogue.connect(victim.host)
+        await rogue.half_open(victim.host, 100)  # half-open sockets
+        rss, socks = rss_bytes() - rss0, sockets_on_port(port) - socks0
+        print(f"combined flood: RSS +{rss / MiB:.1f} MiB, victim sockets +{socks}, fds +{fd_count() - fds0}")
+        assert rss < 96 * MiB  # 256 streams x <=200 KiB buffered (50 MiB) + the attacker's own state
+        assert socks <= 5 + 40 + 64 + 2  # connections + at most the handshake pool
+        # honest peers: gossip, DHT lookup and a stream call still work
+        victim.set_listing(listing_template())
+        vid = victim.identity.peer_id
+        await until_market(witness, lambda m: m.view.listing(vid, m.now()) is not None, what="gossip under attack")
+        late = await join(stack, "combined-late", via=victim, subscribe=False)
+
+        async def lookup_finds():
+            return [lst.provider for lst in await late.lookup("tiny")] == [vid]
+
+        await wait_until_async(lookup_finds, what="DHT lookup under attack")
+        assert await honest_call(witness.host, victim.host) == b"ok"
+        release.set()
