@@ -35,7 +35,8 @@ from ._home import Home
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .escrow import EscrowClient, EscrowOps, serve_escrow
-from .net import Market, MarketConfig, PeerInfo, open_host, open_market, parse_peer_addr, peer_addrs
+from .net import (Market, MarketConfig, PeerInfo, connection_manager, open_host, open_market, parse_peer_addr,
+                  peer_addrs)
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
 from .provider._storefront import Storefront
@@ -167,6 +168,7 @@ async def _bootstrap(market: Market, addrs: tuple[str, ...]) -> None:
 
     async def one(addr: str) -> None:
         info = parse_peer_addr(addr)
+        connection_manager(market.host).protect(info.peer_id)  # never pruned as idle
         delay = 0.5
         while True:
             try:
