@@ -74,7 +74,7 @@ def test_openai_shaped_errors(market):
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         budget = http.post("/v1/chat/completions", json={"model": "tiny", "escrow": aid, "budget": 1,
                                                          "messages": [{"role": "user", "content": "x"}]})
-        assert budget.status_code == 402 and budget.json()["error"]["type"] == "insufficient_quota"
+        assert budget.status_code == 402 and budget.json()["error"]["type"] == "insufficient_quota", budget.text
         broke = http.post("/v1/chat/completions", json={"model": "tiny", "escrow": aid, "budget": 10**12,
                                                         "messages": [{"role": "user", "content": "x"}]})
         assert broke.status_code == 402 and broke.json()["error"]["code"] == "insufficient_funds"
@@ -97,3 +97,25 @@ def test_the_official_openai_client_works_unchanged(market):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 8
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_hostile_web_page_cannot_reach_the_daemon(market):
+    """Finding 13 against a real daemon: what a page in the user's browser could send — a
+    ``text/plain`` POST (no preflight), JSON from a foreign Origin, a DNS-rebound Host — is refused
+    before the call, and the consumer's funds stay where they were."""
+    consumer, _, aid, token = market
+    with _client(consumer, token) as http:
+        before = http.get("/api/v1/wallet/balance", params={"escrow": aid}).json()
+        body = json.dumps({"model": "tiny", "escrow": aid, "messages": [{"role": "user", "content": "x"}]})
+        plain = http.post("/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        foreign = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json",
+                                                                           "origin": "https://evil.example"})
+        assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "cross_origin_refused"
+        for path in ("/v1/models", "/api/v1/status", "/metrics"):
+            rebound = http.get(path, headers={"host": "evil.example"})
+            assert rebound.status_code == 421 and rebound.json()["error"]["code"] == "misdirected_request", path
+        port = consumer.info["api_url"].rsplit(":", 1)[1]
+        assert http.get("/api/v1/status", headers={"host": f"localhost:{port}"}).status_code == 200
+        after = http.get("/api/v1/wallet/balance", params={"escrow": aid}).json()
+        assert (after["available"], after["locked"]) == (before["available"], before["locked"])
