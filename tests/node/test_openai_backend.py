@@ -46,8 +46,8 @@ async def test_openai_backend_meters_from_upstream_and_keeps_its_key(upstream, c
         async with rig.session(channel, model=model) as session:
             receive = session._framed.receive
 
-            async def recording_receive(expect=None):
-                msg = await receive(expect)
+            async def recording_receive(*args, **kwargs):
+                msg = await receive(*args, **kwargs)
                 seen.append(protocol.encode(msg))
                 return msg
 
