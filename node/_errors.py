@@ -22,6 +22,7 @@ closings or breakages.
         ├── EscrowRefused            [refused] the escrow agent said no (.code, e.g. insufficient_funds)
         ├── EscrowUnreachable        [broken] no route to the agent, no answer, or an answer that is not its own
         └── StreamClosed             [broken] the peer closed or reset a stream before a whole message arrived
+            └── StreamTimeout        [broken] the peer sent no whole message within the read deadline
 
 [refused]: the peer answered, validly, no; asking again later may work. [closed]: this side ended
 it. [broken]: the peer or the network ended it mid-way. Nothing else is either.

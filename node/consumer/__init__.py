@@ -7,6 +7,7 @@
     _results          Completion (with its Attempts), SessionInfo, SessionSummary, ProviderRow: what
                       renting gives back, typed
     _held_sessions    sessions held open across API calls (``node chat``), expired when idle
+    _request_check    check_call: a call fits the wire's Request and one frame (pure), before money moves
 
 Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
 """

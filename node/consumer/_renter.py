@@ -151,6 +151,8 @@ class Renter:
         prompt = estimate_prompt_tokens(messages)
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
                                        tier=tier)
+        if budget is not None and all(budget < protocol.call_cost(c.terms, 1, 1) for c in ranked[:_MAX_ATTEMPTS]):
+            raise protocol.SpendLimitReached(f"a budget of {budget} µc pays for no call at these providers' prices")
         attempts: list[Attempt] = []
         for c in ranked[:_MAX_ATTEMPTS]:
             streamed = False
