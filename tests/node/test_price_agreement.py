@@ -91,10 +91,12 @@ def _renter_opening_nothing(rows, contracts):
     async def reachable(*a: Any, **kw: Any) -> None:
         pass
 
-    patched = contextlib.ExitStack()
-    patched.enter_context(mock.patch.object(_renter, "open_session", capture))
-    patched.enter_context(mock.patch.object(_renter, "reach", reachable))
-    return renter, opens, patched
+    @contextlib.contextmanager
+    def patched() -> Any:  # applied only while the test's block runs
+        with mock.patch.object(_renter, "open_session", capture), mock.patch.object(_renter, "reach", reachable):
+            yield
+
+    return renter, opens, patched()
 
 
 def _provider_accepts(provider, opened: dict[str, Any], terms: protocol.Price, max_context: int) -> None:
