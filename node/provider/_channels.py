@@ -12,6 +12,7 @@ that counted per session could be made to work unpaid (docs/DESIGN.md, "Settleme
 - **Cooperative close.** Completed only when the receipt it settles covers everything owed on
   the channel: no other session live on it, none owed (``others``); else the other sessions'
   receipts are claimed first, or the close is declined and the session's receipt claimed.
+  While a close is in flight (``closing_channel``) no new session is admitted on the channel.
 - **Claims are due** (``due``) when a session has ended owing something, when its channel is
   within ``margin_s`` of expiry, and every ``interval_s`` while a session runs. A failed claim
   is retried after ``retry_s``; a channel past its expiry can no longer pay and its entries go.
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import protocol
 
@@ -78,6 +80,7 @@ class ChannelBook:
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[bytes, SessionDebt] = OrderedDict()
         self._by_channel: dict[bytes, set[bytes]] = {}
+        self._closing: set[bytes] = set()  # channels with a cooperative close in flight
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -102,6 +105,8 @@ class ChannelBook:
         Returns:
             None when admitted (the session is now held), else why not.
         """
+        if channel.channel_id in self._closing:
+            return "the channel is being closed"
         outstanding = self.outstanding(channel.channel_id)
         free = agent_cap - agent_claimed - outstanding
         if spend_cap > free:
@@ -172,6 +177,19 @@ class ChannelBook:
             self._drop(receipt.session_id)
         else:
             debt.retry_at = now + self.retry_s
+
+    @contextmanager
+    def closing_channel(self, channel_id: bytes) -> Iterator[bool]:
+        """Hold ``channel_id`` as being closed for the block (no session is admitted on it
+        meanwhile); yields False if a close of it is already in flight."""
+        if channel_id in self._closing:
+            yield False
+            return
+        self._closing.add(channel_id)
+        try:
+            yield True
+        finally:
+            self._closing.discard(channel_id)
 
     def channel_settled(self, channel_id: bytes) -> None:
         """The channel was closed cooperatively: it pays nothing more to anyone."""

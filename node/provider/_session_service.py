@@ -427,8 +427,10 @@ class _StreamSession:
         last = machine.receipts[-1] if machine.receipts else None
         half = close.escrow_close if close is not None else None
         if half is not None and half.channel_id == channel_id and half.receipt == last:
-            if await self._clear_channel_for_close(sid, channel_id) \
-                    and await self._complete_close(open_msg.channel.agent, half):
+            with book.closing_channel(channel_id) as mine:
+                settled = mine and await self._clear_channel_for_close(sid, channel_id) \
+                    and await self._complete_close(open_msg.channel.agent, half)
+            if settled:
                 if last is not None:
                     await trio.to_thread.run_sync(service.receipts.mark_claimed, last)
                 book.channel_settled(channel_id)
@@ -479,8 +481,9 @@ class _StreamSession:
         if msg.session_id != open_msg.session_id or msg.by != open_msg.consumer or half is None \
                 or half.channel_id != open_msg.channel.channel_id or half.receipt is not None:
             return
-        if service.book.on_channel(half.channel_id):
-            _logger.info("not releasing a channel this provider has sessions on")
-            return
-        if await self._complete_close(open_msg.channel.agent, half):
-            _logger.info("released the unused channel of a refused session")
+        with service.book.closing_channel(half.channel_id) as mine:
+            if not mine or service.book.on_channel(half.channel_id):
+                _logger.info("not releasing a channel this provider has sessions on")
+                return
+            if await self._complete_close(open_msg.channel.agent, half):
+                _logger.info("released the unused channel of a refused session")

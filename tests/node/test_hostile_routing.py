@@ -12,10 +12,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 import protocol
 from node._receipts import ReceiptStore
 from node.consumer import Preferences, Renter, TrustBook
-from node.consumer._renter import estimate_prompt_tokens
+from node.consumer._renter import RentError, estimate_prompt_tokens
 from node.consumer._trust import START
 from node.net._host import open_host, peer_addrs
 from node.net._streams import FramedStream
@@ -108,11 +110,9 @@ async def test_a_refusing_sybil_loses_trust_and_an_honest_refusal_locks_nothing(
             with tempfile.TemporaryDirectory() as tmp:
                 renter = renter_for(rig, [sybil, honest], Path(tmp))
                 for _ in range(3):
-                    try:
+                    with pytest.raises(RentError, match="every provider"):
                         await renter.run("m", USER, max_tokens=8, temperature_milli=0,
                                          prefs=Preferences(sort="cheapest"))
-                    except Exception as exc:  # every provider refused
-                        assert "every provider" in str(exc)
                 assert renter.trust.get(sybil_id.peer_id).score == START - 3 * 2  # each refusal costs it trust
                 me = rig.consumer_ops.identity.peer_id
                 # the honest provider's refusals released their channels at once; the Sybil's stay

@@ -260,7 +260,7 @@ async def test_10_sessions_that_cannot_pay_or_sit_idle_hold_no_seat():
                 pass
         assert refused.value.reason == "over_budget"
         async with rig.session(await rig.open_channel(cap=100_000)) as idle:
-            await wait_for(lambda: idle.machine.state.name in ("READY",), "accepted")
+            assert rig.provider_service.active["m"] == 1
             await wait_for(lambda: rig.provider_service.active.get("m", 0) == 0, "the idle session closed")
         async with rig.session(await rig.open_channel(cap=100_000)) as next_one:  # the seat is free again
             await next_one.call(USER, 8)

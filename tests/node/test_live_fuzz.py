@@ -74,7 +74,6 @@ async def test_random_and_out_of_order_frames_leave_provider_and_agent_serving()
     async with session_rig({"m": offer}, {"m": ScriptedBackend()}, tag="livefuzz", open_timeout_s=1.0,
                            session_idle_s=2.0) as rig:
         attacker = identity("livefuzz-attacker")
-        agent_id = rig.agent.identity.peer_id
         async with open_host(attacker, LOOPBACK) as host:
             await host.connect(parse_peer_addr(peer_addrs(rig.provider_host)[0]))
             await host.connect(parse_peer_addr(rig.agent_addr))
@@ -105,4 +104,4 @@ async def test_random_and_out_of_order_frames_leave_provider_and_agent_serving()
         assert rig.balance(rig.consumer_ops.identity.peer_id) == protocol.Balance(available=10_000_000 - r.cumulative,
                                                                                  locked=0)
         assert rig.balance(attacker.peer_id) == protocol.Balance(available=0, locked=0)
-        assert agent_id and rig.agent.check()
+        rig.agent.check()
