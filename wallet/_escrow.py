@@ -21,7 +21,9 @@ Parties: funder, consumer, provider, agent. Accounts: ``peer:<id>`` (available),
   ``stale_request`` ("sign it again"). Safe because every refusal a restart forgot was issued
   no later than that; harmless to honest clients because ``stale_request`` says for sure that
   nothing was applied, so a fresh request (new id, new ``issued_at``) cannot apply twice, and
-  only requests dated up to the last refusal (at most ``max_skew_s`` ahead) are affected.
+  only requests dated up to the last refusal are affected. A refusal dated more than
+  ``_HORIZON_LEAD_S`` (5 s) ahead of the agent's clock is stored durably instead of raising the
+  horizon, so nobody can make every request after a restart stale by dating one ahead.
   This assumes the agent's clock does not step back (a refusal forgotten at expiry would be
   fresh again); NTP slews.
 - Rate limit: a party (or the remote peer carrying requests, ``source``) refused
@@ -83,6 +85,9 @@ ESCROW_REQUESTS = (
 )
 MAX_LISTED_CHANNELS = 1024
 MAX_LISTED_BUDGETS = 256
+
+
+_HORIZON_LEAD_S = 5  # how far ahead of our clock a refusal may date and still only be remembered
 
 
 class EscrowError(WalletError):
@@ -317,7 +322,9 @@ class EscrowAgent:
         """
         kept = Remembered(digest=digest, answer=protocol.encode(answer), key=key,
                           expires_at=request.issued_at + self.max_skew_s)
-        if not self.refusals.remember(request.request_id, kept, now):
+        # a refusal dated ahead of our clock is stored durably: were it to raise the horizon,
+        # anyone could make every request after a restart stale for up to max_skew_s
+        if request.issued_at > now + _HORIZON_LEAD_S or not self.refusals.remember(request.request_id, kept, now):
             store.record_request(RequestRecord(
                 request_id=request.request_id, kind=type(request).KIND, party=getattr(request, "party", ""),
                 digest=digest, applied_at=now, answer=answer))

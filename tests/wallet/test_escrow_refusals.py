@@ -172,16 +172,30 @@ def test_after_a_restart_a_refused_request_is_refused_not_applied(tmp_path):
         ok(agent.handle(signed(EscrowMint, AGENT, NOW + 5, to=ALICE.peer_id, amount=10_000), NOW + 5))
     with open_agent(path) as agent:  # a new process: its table is empty; both would succeed now
         before = snapshot(agent)
-        for request in (refused, ahead):
-            r = agent.handle(request, NOW + 10)
-            protocol.verify(r, "sig", AGENT.public_key)
-            assert (r.ok, r.error) == (False, "stale_request") and "sign it again" in r.detail
+        r = agent.handle(refused, NOW + 10)
+        protocol.verify(r, "sig", AGENT.public_key)
+        assert (r.ok, r.error) == (False, "stale_request") and "sign it again" in r.detail
+        # one dated ahead of the clock was stored durably, not remembered: it answers as it did
+        r = agent.handle(ahead, NOW + 10)
+        assert (r.ok, r.error) == (False, "replayed") and "insufficient_funds" in r.detail
         assert agent.handle(applied, NOW + 10).error == "replayed"  # what was applied still answers so
         assert snapshot(agent) == before
         assert agent.balance(ALICE.peer_id).available == 10_900
-        fresh = signed(EscrowWithdraw, ALICE, NOW + 201, amount=5_000)  # signed again, after the last refusal
-        assert ok(agent.handle(fresh, NOW + 201)).paid == 5_000
+        fresh = signed(EscrowWithdraw, ALICE, NOW + 10, amount=5_000)  # signed again, after the last refusal
+        assert ok(agent.handle(fresh, NOW + 10)).paid == 5_000
         assert agent.balance(ALICE.peer_id).available == 5_900
+        agent.check()
+
+
+def test_a_refusal_dated_ahead_cannot_make_every_request_after_a_restart_stale(tmp_path):
+    path = tmp_path / "escrow.db"
+    with open_agent(path) as agent:
+        ok(agent.handle(signed(EscrowMint, AGENT, NOW, to=ALICE.peer_id, amount=1_000), NOW))
+        # the attack: a throwaway identity's refusal dated as far ahead as freshness allows
+        assert agent.handle(signed(EscrowWithdraw, MALLORY, NOW + 300, amount=1), NOW).error == "insufficient_funds"
+    with open_agent(path) as agent:  # restarted at once: honest requests signed now still apply
+        assert ok(agent.handle(signed(EscrowWithdraw, ALICE, NOW + 1, amount=100), NOW + 1)).paid == 100
+        assert agent.balance(ALICE.peer_id).available == 900
         agent.check()
 
 
