@@ -219,6 +219,8 @@ class ChannelBook:
             near_expiry = debt.expires_at is not None and now >= debt.expires_at - self.margin_s
             if debt.live and not near_expiry and now < debt.next_claim_at:
                 continue
+            if debt.channel_id in self._closing:
+                continue  # a cooperative close of it is in flight: it pays this debt, or the claim follows
             out.append(self.start_claim(debt, now))
         return out
 

@@ -423,10 +423,10 @@ class _StreamSession:
             _logger.info("consumer %s left a call unpaid: its sessions are refused for a while", open_msg.consumer)
             service.admission.record_unpaid(open_msg.consumer, trio.current_time())
         book, sid, channel_id = service.book, open_msg.session_id, open_msg.channel.channel_id
-        book.end(sid)
         last = machine.receipts[-1] if machine.receipts else None
         half = close.escrow_close if close is not None else None
         if half is not None and half.channel_id == channel_id and half.receipt == last:
+            # still live in the book while the close is tried: the settlement task leaves it alone
             with book.closing_channel(channel_id) as mine:
                 settled = mine and await self._clear_channel_for_close(sid, channel_id) \
                     and await self._complete_close(open_msg.channel.agent, half)
@@ -435,6 +435,7 @@ class _StreamSession:
                     await trio.to_thread.run_sync(service.receipts.mark_claimed, last)
                 book.channel_settled(channel_id)
                 return
+        book.end(sid)
         debt = book.session(sid)
         if debt is not None and debt.owed > 0 and not debt.claiming:
             await service.claim_debt(book.start_claim(debt, service.now()))

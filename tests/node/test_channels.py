@@ -48,6 +48,11 @@ def test_no_session_is_admitted_while_its_channel_is_being_closed():
         assert book.admit(b"a" * 16, ch, 1_000, agent_cap=60_000, agent_claimed=0, now=NOW) == \
             "the channel is being closed"
     assert book.admit(b"a" * 16, ch, 1_000, agent_cap=60_000, agent_claimed=0, now=NOW) is None
+    book.countersigned(receipt(b"a" * 16, 500))
+    book.end(b"a" * 16)
+    with book.closing_channel(ch.channel_id):
+        assert book.due(NOW) == []  # the close in flight settles it; a claim now would race it
+    assert [d.session_id for d in book.due(NOW)] == [b"a" * 16]  # the close failed: claim it
 
 
 def test_claims_fall_due_periodically_near_expiry_at_the_end_and_after_a_restart():
