@@ -310,7 +310,7 @@ class Market:
             except Exception as exc:  # a half-built network: what the view holds still answers
                 _logger.info("DHT provider lookup of %s failed: %s", model, exc)
         known = sorted({row.listing.provider for row in self.view.rows(now, model)},
-                       key=lambda p: -self.view._score(p))
+                       key=lambda p: -self.view.score(p))
         peers = list(dict.fromkeys(known + [info.peer_id.to_base58() for info in infos]))  # dedupe, keep order
         unknown = [p for p in peers if self.view.listing(p, now) is None]
         limiter = trio.CapacityLimiter(self.config.lookup_fetches)

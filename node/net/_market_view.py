@@ -12,9 +12,11 @@ wake-up.
 The view is bounded (listings are free to make; 1,000 x 32 KB cost ~70 MB on every node): at most
 ``max_listings`` providers, ``max_per_model`` providers per model and ``max_bytes`` of encoded
 listings. When a new provider (or a model new to a held provider) does not fit, the held provider
-with the lowest ``keep_score`` (the daemon passes trust; newest first among equals) makes room,
-but only for a provider that scores strictly higher: an unknown newcomer never evicts a provider
-with history, and is refused with ``rejected["full"]``. Evictions are counted in ``evicted``.
+with the lowest ``keep_score`` (the daemon passes trust; the longest held first among equals)
+makes room, but only for a provider that scores at least as high: an unknown newcomer never
+evicts a provider with history (it is refused with ``rejected["full"]``), and a flood of unknown
+listings cannot lock later unknown ones out, honest newcomers included: they take turns, oldest
+out first. Scores are read once per decision. Evictions are counted in ``evicted``.
 """
 
 from __future__ import annotations
@@ -126,27 +128,32 @@ class MarketView:
         self._changed()
         return listing
 
-    def _score(self, provider: str) -> float:
+    def score(self, provider: str) -> float:
+        """``keep_score(provider)``; a scorer that fails scores 0 (it must not open the view to everyone)."""
         try:
             return float(self.keep_score(provider))
-        except Exception:  # a scorer's bug must not open the view to everyone
+        except Exception:
             return 0.0
 
     def _make_room(self, listing: Listing, held: Listing | None, size: int) -> bool:
-        """Evict what ``listing`` needs, if every victim scores lower; False (nothing evicted) if not."""
+        """Evict what ``listing`` needs, if every victim scores no higher; False (nothing evicted) if not."""
         me = listing.provider
-        score = self._score(me)
+        scores: dict[str, float] = {}
+
+        def score_of(p: str) -> float:
+            if p not in scores:
+                scores[p] = self.score(p)
+            return scores[p]
+
+        score = score_of(me)
         victims: set[str] = set()
 
-        def lowest(pool: set[str] | list[str]) -> str | None:
+        def take(pool: set[str] | list[str]) -> bool:
             options = [p for p in pool if p != me and p not in victims]
             if not options:
-                return None
-            return min(options, key=lambda p: (self._score(p), -self._arrival[p]))
-
-        def take(pool: set[str] | list[str]) -> bool:
-            victim = lowest(pool)
-            if victim is None or self._score(victim) >= score:
+                return False
+            victim = min(options, key=lambda p: (score_of(p), self._arrival[p]))
+            if score_of(victim) > score:
                 return False
             victims.add(victim)
             return True
