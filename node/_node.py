@@ -31,12 +31,11 @@ from wallet import EscrowAgent, Identity, Ledger
 
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._config import NodeConfig, load_config, save_offers
-from ._home import Home
+from ._home import Home, private_file
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .escrow import EscrowClient, EscrowOps, serve_escrow
-from .net import (Market, MarketConfig, PeerInfo, connection_manager, open_host, open_market, parse_peer_addr,
-                  peer_addrs)
+from .net import Market, MarketConfig, PeerInfo, connection_manager, open_host, open_market, parse_peer_addr, peer_addrs
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
 from .provider._storefront import Storefront
@@ -250,7 +249,7 @@ async def open_node(
     """
     market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
     capabilities = probe_capabilities()
-    agent = EscrowAgent(Ledger(home.path / "escrow.db"), identity) if escrow else None
+    agent = EscrowAgent(Ledger(private_file(home.path / "escrow.db")), identity) if escrow else None
     models = models_dir or home.path
 
     async def start_backend(offer: Offer) -> Backend:

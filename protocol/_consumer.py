@@ -7,6 +7,7 @@ from typing import Any
 
 from ._errors import (
     Expired,
+    IllegalTransition,
     InvalidMessage,
     ReceiptChainBroken,
     ReceiptHashMismatch,

@@ -30,10 +30,10 @@ from ..consumer._routing import SORTS, Preferences
 from ..escrow._ops import _decode_hex, _hex_id
 from ..provider import Offer
 from ._http import (
+    MAX_MESSAGES,
     Amount,
     Body,
     Budget,
-    MAX_MESSAGES,
     Handler,
     MaxTokens,
     ModelName,

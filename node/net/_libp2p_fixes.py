@@ -51,7 +51,7 @@ import dataclasses
 import logging
 from collections import Counter, OrderedDict
 from importlib.metadata import version
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import trio
 from libp2p.abc import IMuxedConn

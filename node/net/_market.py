@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from contextlib import asynccontextmanager
 import math
+from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import trio

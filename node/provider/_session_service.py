@@ -29,7 +29,6 @@ loses the session.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import secrets

@@ -67,6 +67,24 @@ def test_reject_ends_the_session():
         pair.consumer.request((protocol.ChatMessage(role="user", content="x"),), 5)
 
 
+def test_only_a_refused_session_withdraws_its_channel_and_the_half_settles_nothing():
+    accepted = Pair()
+    accepted.open()
+    with pytest.raises(protocol.IllegalTransition):
+        accepted.consumer.withdraw(b"r" * 16, accepted.now)
+    pair = Pair()
+    pair.consumer.open(pair.now)
+    pair.to_provider()
+    pair.provider.reject_open("capacity")
+    pair.to_consumer()
+    close = pair.consumer.withdraw(b"r" * 16, pair.now)
+    assert pair.consumer.outgoing() == [close]
+    half = close.escrow_close
+    assert half.receipt is None and half.channel_id == pair.consumer.channel.channel_id
+    protocol.verify(close, "sig", CONSUMER.public_key)
+    protocol.verify(half, "consumer_sig", CONSUMER.public_key)
+
+
 def test_provider_cannot_accept_other_prices():
     pair = Pair()
     pair.consumer.open(pair.now)

@@ -206,7 +206,10 @@ class OpenAIBackend(Backend):
                                                         self._secrets))
         usage = event.get("usage")
         pieces = []
-        for choice in event.get("choices") or []:
+        choices = event.get("choices") or []
+        if not isinstance(choices, list):
+            raise BackendError("upstream sent choices that are not a list")
+        for choice in choices:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             text = (delta.get("content") if isinstance(delta, dict) else None) or ""
             finish = choice.get("finish_reason") if isinstance(choice, dict) else None
