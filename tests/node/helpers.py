@@ -105,3 +105,16 @@ async def join(stack: AsyncExitStack, name: str, via: Market, subscribe: bool = 
     )
     await host.connect(parse_peer_addr(peer_addrs(via.host)[0]))
     return market
+
+
+async def until_found_by_a_late_node(stack: AsyncExitStack, via: Market, provider: str, name: str,
+                                     what: str = "DHT lookup", model: str = "tiny") -> Market:
+    """Join a fresh node (no gossip) through ``via`` and wait until a DHT lookup of ``model`` finds
+    exactly ``provider``: the DHT still serves. Returns the late node."""
+    late = await join(stack, name, via=via, subscribe=False)
+
+    async def lookup_finds() -> bool:
+        return [lst.provider for lst in await late.lookup(model)] == [provider]
+
+    await wait_until_async(lookup_finds, what=what)
+    return late

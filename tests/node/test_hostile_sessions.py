@@ -18,6 +18,7 @@ from node.net._host import peer_addrs
 from node.net._streams import FramedStream
 from node.provider._offers import Offer
 from protocol import SESSION_PROTOCOL
+from tests.node.helpers import wait_until
 from tests.node.session_rig import Rig, ScriptedBackend, session_rig
 
 USER = [{"role": "user", "content": "hi"}]
@@ -30,12 +31,6 @@ def offer(**kw: Any) -> Offer:
                   max_context=2048, max_concurrent=4)
     fields.update(kw)
     return Offer(**fields)
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
 
 
 def consumer_of(rig: Rig) -> str:
@@ -117,11 +112,11 @@ async def test_2_a_short_lived_channel_is_refused_and_a_session_is_paid_before_i
         async with rig.session(channel) as session:
             owed = (await session.call(USER, 8)).receipt.cumulative
             rig.clock.offset += 105  # inside the claim margin (30 s before expiry)
-            await wait_for(lambda: rig.balance(rig.provider_id).available == owed, "the claim before expiry")
+            await wait_until(lambda: rig.balance(rig.provider_id).available == owed, what="the claim before expiry")
             with pytest.raises(Exception, match="expired"):  # no call starts that could not be paid
                 await session.call(USER, 8)
             rig.clock.offset += 60  # past the expiry: the agent refunds the rest
-            await wait_for(lambda: rig.balance(consumer_of(rig)).locked == 0, "the refunds")
+            await wait_until(lambda: rig.balance(consumer_of(rig)).locked == 0, what="the refunds")
         assert rig.balance(rig.provider_id).available == owed
         assert rig.balance(consumer_of(rig)) == protocol.Balance(available=MINTED - owed, locked=0)
         rig.agent.check()
@@ -147,7 +142,7 @@ async def test_3_concurrent_sessions_cannot_spend_past_what_the_channel_holds():
             more = 0
             for s in (a, b, c):
                 more = (await s.call(USER, 8)).receipt.cumulative + more
-        await wait_for(lambda: rig.balance(rig.provider_id).available == owed + more, "every session paid")
+        await wait_until(lambda: rig.balance(rig.provider_id).available == owed + more, what="every session paid")
         assert rig.balance(consumer_of(rig)) == protocol.Balance(available=MINTED - owed - more, locked=0)
         rig.agent.check()
 
@@ -165,7 +160,7 @@ async def test_4_a_consumer_that_leaves_a_receipt_unsigned_gets_no_second_sessio
             while not any(isinstance(e, protocol.ReceiptSettled) for e in events):
                 events += machine.receive(await framed.receive(), machine_now())
             machine.outgoing()  # the attack: the counter-signature is never sent
-        await wait_for(lambda: rig.provider_service.active.get("m", 0) == 0, "the provider to end that session")
+        await wait_until(lambda: rig.provider_service.active.get("m", 0) == 0, what="the provider to end that session")
         # every new session of this consumer is refused, on any channel
         for _ in range(3):
             with pytest.raises(SessionRejected) as refused:
@@ -259,9 +254,9 @@ async def test_10_sessions_that_cannot_pay_or_sit_idle_hold_no_seat():
             async with rig.session(tiny, spend_limit=0):
                 pass
         assert refused.value.reason == "over_budget"
-        async with rig.session(await rig.open_channel(cap=100_000)) as idle:
+        async with rig.session(await rig.open_channel(cap=100_000)):  # then it sits idle
             assert rig.provider_service.active["m"] == 1
-            await wait_for(lambda: rig.provider_service.active.get("m", 0) == 0, "the idle session closed")
+            await wait_until(lambda: rig.provider_service.active.get("m", 0) == 0, what="the idle session closed")
         async with rig.session(await rig.open_channel(cap=100_000)) as next_one:  # the seat is free again
             await next_one.call(USER, 8)
         rig.agent.check()

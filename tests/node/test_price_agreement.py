@@ -7,7 +7,6 @@ market and escrow; only the stream is cut: the open is captured and replayed int
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import datetime as dt
 import random

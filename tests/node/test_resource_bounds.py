@@ -4,10 +4,7 @@ and that an honest peer is still served."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import trio
-from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 from node.net._host import HostLimits, connection_manager, open_host, parse_peer_addr, peer_addrs
 from node.net._libp2p_fixes import MAX_RECV_WINDOW, StreamLimits, handshake_gate, stream_limiter
@@ -209,7 +206,7 @@ async def test_idle_throwaway_connections_are_pruned_and_busy_outbound_peers_kep
 
 
 async def test_combined_flood_keeps_rss_and_sockets_bounded_and_honest_peers_served():
-    from tests.node.helpers import listing_template, market_swarm, until_market, wait_until_async, join
+    from tests.node.helpers import listing_template, market_swarm, until_found_by_a_late_node, until_market
     from tests.node.hostile import KAD, fd_count, put_value, send_kad
 
     release, served = trio.Event(), []
@@ -243,11 +240,6 @@ async def test_combined_flood_keeps_rss_and_sockets_bounded_and_honest_peers_ser
         victim.set_listing(listing_template())
         vid = victim.identity.peer_id
         await until_market(witness, lambda m: m.view.listing(vid, m.now()) is not None, what="gossip under attack")
-        late = await join(stack, "combined-late", via=victim, subscribe=False)
-
-        async def lookup_finds():
-            return [lst.provider for lst in await late.lookup("tiny")] == [vid]
-
-        await wait_until_async(lookup_finds, what="DHT lookup under attack")
+        await until_found_by_a_late_node(stack, victim, vid, "combined-late", what="DHT lookup under attack")
         assert await honest_call(witness.host, victim.host) == b"ok"
         release.set()
