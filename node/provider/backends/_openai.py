@@ -9,7 +9,7 @@ upstream's own ``error.message`` cut to 200 characters with the key and anything
 a credential (``Bearer …``, ``sk-…``, long hex or base64 runs) redacted; the raw body is read
 only up to 64 KiB and logged nowhere. httpx and httpcore log upstream answers (status line,
 reason phrase) themselves: a filter on their loggers redacts every key this module holds.
-Prompt tokens are admitted at an upper bound (UTF-8 bytes plus per-message overhead: a
+Prompt tokens are admitted at ``protocol.prompt_token_bound`` (UTF-8 bytes plus per-message overhead: a
 byte-level tokenizer never needs more) and billed at the server's own count when it reports
 one; completion tokens are the server's count.
 """
@@ -24,13 +24,13 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
+import protocol
+
 from ._base import Backend, BackendError, Generation, OnPiece
 
 __all__ = ["OpenAIBackend", "summarise_upstream_error", "redact"]
 
 _logger = logging.getLogger(__name__)
-_PER_MESSAGE = 8
-_PER_PROMPT = 16
 _ERROR_BODY = 64 * 1024  # bytes of an error body read, at most, to find its message
 _REASON = 200  # characters of the upstream's reason passed on
 _REDACTED = "[redacted]"
@@ -150,7 +150,7 @@ class OpenAIBackend(Backend):
         return body[:_ERROR_BODY]
 
     async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
-        return _PER_PROMPT + sum(_PER_MESSAGE + len(m["content"].encode()) + len(m["role"]) for m in messages)
+        return protocol.prompt_token_bound((m["role"], m["content"]) for m in messages)
 
     async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                        top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
