@@ -98,8 +98,9 @@ class HostLimits:
     streams: StreamLimits = DEFAULT_STREAM_LIMITS
 
     def connection_config(self) -> ConnectionConfig:
-        """py-libp2p's configuration: one connection per peer, our timeouts; its own pruner is
-        left idle (grace forever): ``ConnectionManager`` decides what to close."""
+        """py-libp2p's configuration: one connection per peer, trimmed as extra ones arrive (no grace
+        period), our timeouts; its own pruner is off (``_libp2p_fixes``): ``ConnectionManager``
+        decides what to close."""
         low = min(16, self.high_watermark)
         return ConnectionConfig(
             max_connections_per_peer=1,
@@ -110,7 +111,7 @@ class HostLimits:
             inbound_upgrade_timeout=self.handshake_timeout_s,
             outbound_upgrade_timeout=self.handshake_timeout_s,
             inbound_stream_protocol_negotiation_timeout=max(1.0, self.handshake_timeout_s),
-            grace_period=10.0**9,
+            grace_period=0.0,
         )
 
 

@@ -43,6 +43,12 @@ is a deliberate act that re-checks every trap.
    lock the honest provider out. The value store is now bounded in entries and bytes (oldest
    others' records evicted first); the provider store in keys and addresses per record, and a full
    key evicts its oldest record instead of refusing the new one.
+9. The per-peer connection limit is enforced only past ``grace_period`` (``Swarm._trim_connections``),
+   so one identity may hold any number of connections opened within it; yet the same grace period
+   is all that keeps py-libp2p's own pruner (``_schedule_prune``) from closing connections we
+   need, by its own rules. Our ``ConnectionManager`` decides what to prune, so py-libp2p's pruner
+   is switched off here, and ``HostLimits`` sets no grace period: an identity's extra connections
+   are trimmed as they arrive.
 """
 
 from __future__ import annotations
@@ -463,6 +469,10 @@ def _bounded_add_provider(self: ProviderStore, key: bytes, provider: PeerInfo) -
     self._save()
 
 
+def _no_global_prune(self: Swarm) -> None:
+    """py-libp2p's pruner stays off: ``ConnectionManager`` (``_host``) closes idle connections."""
+
+
 def apply() -> None:
     """Apply every fix (idempotent).
 
@@ -485,5 +495,6 @@ def apply() -> None:
     _kad_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST
     ValueStore._evict_if_full = _value_store_evict  # type: ignore[method-assign]
     ProviderStore.add_provider = _bounded_add_provider  # type: ignore[method-assign]
+    Swarm._schedule_prune = _no_global_prune  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     _applied = True

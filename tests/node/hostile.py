@@ -77,9 +77,9 @@ class Hostile:
         self.ids: dict[int, ID] = {}  # id(connection) -> the throwaway identity it speaks as
         self.sockets: list[trio.SocketStream] = []
 
-    async def connect(self, victim) -> Yamux:
-        """One authenticated Noise + Yamux connection from a new throwaway identity."""
-        key_pair = create_new_key_pair()
+    async def connect(self, victim, key_pair=None) -> Yamux:
+        """One authenticated Noise + Yamux connection from a new throwaway identity (or ``key_pair``'s)."""
+        key_pair = key_pair or create_new_key_pair()
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         upgrader = TransportUpgrader({NOISE_PROTOCOL_ID: noise}, {YAMUX_PROTOCOL_ID: Yamux})
         addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port_of(victim)}")

@@ -5,6 +5,7 @@ and that an honest peer is still served."""
 from __future__ import annotations
 
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
 
 from node.net._host import HostLimits, connection_manager, open_host, parse_peer_addr, peer_addrs
 from node.net._libp2p_fixes import MAX_RECV_WINDOW, StreamLimits, handshake_gate, stream_limiter
@@ -170,6 +171,17 @@ async def test_half_open_sockets_do_not_lock_out_a_new_peer():
         with trio.fail_after(5):
             await honest.connect(parse_peer_addr(peer_addrs(victim)[0]))
         assert honest.get_id() in victim.get_connected_peers()
+
+
+async def test_one_identity_cannot_hold_more_than_one_connection():
+    async with open_host(identity("dup-victim"), LOOPBACK) as victim, hostile() as rogue:
+        key_pair = create_new_key_pair()
+        for _ in range(20):  # the same identity dials again and again
+            await rogue.connect(victim, key_pair)
+        peer = rogue.ids[id(rogue.conns[0])]
+        await wait_until(lambda: len(victim.get_network().get_connections(peer)) <= 1,
+                         what="the extra connections trimmed")
+        await wait_until(lambda: sum(not c.is_closed for c in rogue.conns) <= 1, what="closed on the rogue's side")
 
 
 async def test_idle_throwaway_connections_are_pruned_and_busy_outbound_peers_kept():
