@@ -37,7 +37,8 @@ is a deliberate act that re-checks every trap.
    window of buffered bytes) beyond the caps.
 7. The DHT handler has no read timeout (12 concurrent handlers in all: 12 idle streams lock every
    peer out of our DHT) and accepts 4 MiB requests. Each read of an inbound DHT stream now has a
-   deadline (``KAD_READ_TIMEOUT_S``) and a request is at most ``KAD_MAX_REQUEST``.
+   deadline (``KAD_READ_TIMEOUT_S``), the stream a whole life (``KAD_STREAM_LIFETIME_S``: a byte
+   every few seconds must not hold a handler for ever), and a request is at most ``KAD_MAX_REQUEST``.
 8. The DHT stores hold anything: 50,000 values of up to 1 MiB, unlimited provider keys with any
    number of addresses, and a full provider key (20) *ignores* every newcomer, so 20 Sybil records
    lock the honest provider out. The value store is now bounded in entries and bytes (oldest
@@ -101,6 +102,7 @@ HANDSHAKE_SLOTS = 64
 #: seconds one read of an inbound DHT stream may wait (go-libp2p resets idle DHT streams after 60 s;
 #: a request is written at once, so 10 s only ever cuts off a peer that holds a handler idle)
 KAD_READ_TIMEOUT_S = 10.0
+KAD_STREAM_LIFETIME_S = 30.0  # an inbound DHT stream's whole life (honest ones carry a request or a few)
 #: the largest inbound DHT request (py-libp2p: 4 MiB); a PUT_VALUE of our largest listing is ~65 KiB
 KAD_MAX_REQUEST = 256 * 1024
 #: value records this node stores for others, and their bytes (our listings are <= 64 KiB, ~2 KiB typical)
@@ -427,8 +429,16 @@ _original_kad_handle = KadDHT._do_handle_stream
 
 
 async def _kad_handle_with_deadline(self: KadDHT, stream: Any) -> None:
-    """The DHT handler, reading through a deadline (a timed-out read resets the stream)."""
-    await _original_kad_handle(self, _ReadDeadlineStream(stream, KAD_READ_TIMEOUT_S))
+    """The DHT handler, reading through a deadline (a timed-out read resets the stream), on a
+    stream that lives at most ``KAD_STREAM_LIFETIME_S`` (a byte every few seconds keeps no read
+    waiting long, but must not keep a handler for ever)."""
+    with trio.move_on_after(KAD_STREAM_LIFETIME_S) as scope:
+        await _original_kad_handle(self, _ReadDeadlineStream(stream, KAD_READ_TIMEOUT_S))
+    if scope.cancelled_caught:
+        try:
+            await stream.reset()
+        except Exception:  # already gone
+            pass
 
 
 # ---- 8. DHT stores: bounded

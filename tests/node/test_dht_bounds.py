@@ -57,6 +57,24 @@ async def test_junk_records_outside_our_namespace_are_not_stored_and_the_node_ke
         await until_found_by_a_late_node(stack, victim, pid, "junk-late", what="DHT lookup after junk")
 
 
+async def test_a_dht_stream_trickling_bytes_inside_every_read_deadline_is_still_cut_off(monkeypatch):
+    monkeypatch.setattr(_libp2p_fixes, "KAD_READ_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_libp2p_fixes, "KAD_STREAM_LIFETIME_S", 1.0)
+    async with market_swarm(1, prefix="kadtrickle") as (stack, markets):
+        rogue = await stack.enter_async_context(hostile())
+        stream = await Hostile.open(await rogue.connect(markets[0].host), KAD)
+        await stream.write(bytes([0xE8, 0x07]))  # a 1,000-byte request announced, then sent slowly
+        cut_off = False
+        with trio.fail_after(10):
+            try:
+                while True:  # one byte per 0.2 s: every read finishes well inside its deadline
+                    await stream.write(b"x")
+                    await trio.sleep(0.2)
+            except Exception:  # reset by the victim
+                cut_off = True
+        assert cut_off
+
+
 async def test_idle_dht_streams_are_cut_off_and_do_not_lock_out_honest_queries(monkeypatch):
     monkeypatch.setattr(_libp2p_fixes, "KAD_READ_TIMEOUT_S", 0.5)
     async with market_swarm(2, prefix="kadidle") as (stack, markets):
