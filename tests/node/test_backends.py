@@ -36,3 +36,19 @@ async def test_bad_backends_fail_clearly(tmp_path, spec, match):
 
     with pytest.raises(BackendError, match=match):
         await open_backend(spec, tmp_path, "m", no_keys)
+
+
+async def test_several_backends_load_the_same_model_folder_at_once():
+    """The demo's three providers load the builtin model together: every load must succeed
+    (transformers' loading context is process-wide; concurrent loads broke each other)."""
+    import trio
+
+    from node.provider.backends import TransformersBackend
+
+    folder = ensure_builtin_model(_MODELS)
+    backends = [TransformersBackend("builtin", folder) for _ in range(4)]
+    async with trio.open_nursery() as nursery:
+        for b in backends:
+            nursery.start_soon(b.start)
+    for b in backends:
+        assert await b.count_prompt_tokens([{"role": "user", "content": "hi"}]) > 0

@@ -21,6 +21,12 @@ class _Cancelled(Exception):
     pass
 
 
+# transformers builds a model under a process-wide context (weights first on the "meta" device):
+# two loads in two threads at once break each other ("Cannot copy out of meta tensor; no data!",
+# seen when the demo's three providers loaded the builtin model together). One load at a time.
+_LOADING = threading.Lock()
+
+
 class TransformersBackend(Backend):
     """A local Hugging Face model folder, loaded with ``from_pretrained(..., local_files_only=True)``."""
 
@@ -42,8 +48,9 @@ class TransformersBackend(Backend):
             transformers.utils.logging.disable_progress_bar()
 
             self._device = "cuda" if torch.cuda.is_available() else "cpu"
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-            self._model = AutoModelForCausalLM.from_pretrained(self.folder, local_files_only=True).to(self._device)
+            with _LOADING:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                self._model = AutoModelForCausalLM.from_pretrained(self.folder, local_files_only=True).to(self._device)
             self._model.eval()
 
         try:
