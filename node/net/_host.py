@@ -229,6 +229,24 @@ class ConnectionManager:
                          self.limits.high_watermark)
         return closed
 
+    async def make_room(self) -> bool:
+        """At the inbound cap: close the longest-idle inbound connection of a peer nothing keeps
+        (past its grace), so a newcomer is not refused while idle throwaway connections stay.
+
+        Returns:
+            Whether one was closed.
+        """
+        first, _, _ = self.candidates(trio.current_time())
+        if not first:
+            return False
+        try:
+            with trio.move_on_after(5):
+                await first[0].close()  # type: ignore[attr-defined]
+        except Exception as exc:  # already going
+            _logger.debug("closing an idle connection for a newcomer failed: %s", exc)
+        self.pruned += 1
+        return True
+
     async def run(self) -> None:
         """Check every ``check_interval_s`` until cancelled."""
         while True:
@@ -263,7 +281,8 @@ def _build_host(identity: Identity, mdns: bool = False, limits: HostLimits = Hos
     )
     set_stream_limits(host, limits.streams)
     handshake_gate(host.get_network()).slots = limits.handshake_slots  # type: ignore[arg-type]
-    host.__dict__["_isw_connection_manager"] = ConnectionManager(host, limits)
+    manager = host.__dict__["_isw_connection_manager"] = ConnectionManager(host, limits)
+    handshake_gate(host.get_network()).make_room = manager.make_room
     return host
 
 

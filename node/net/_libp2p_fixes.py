@@ -12,7 +12,8 @@ is a deliberate act that re-checks every trap.
    the pool is full the *oldest* pending handshake is dropped (an honest handshake takes ~10 ms, a
    half-open socket waits to be dropped). An upgraded inbound connection counts against the inbound
    cap (``max_connections - min_connections``) only while it lives, and the handler returns when
-   *its* connection ends.
+   *its* connection ends. At the cap, the longest-idle inbound connection nothing keeps is closed
+   for the newcomer (``make_room``, the host's connection manager) before a newcomer is refused.
 2. One malformed frame crashes the whole host: a protobuf decode error from a 6-byte garbage
    frame on meshsub escapes the pubsub stream handler, then ``host.run()`` — a remote denial of
    service. Every inbound stream handler now runs behind a guard: an exception from a handler
@@ -58,7 +59,7 @@ import dataclasses
 import logging
 from collections import Counter, OrderedDict
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 from libp2p.abc import IMuxedConn
@@ -124,6 +125,9 @@ class _HandshakeGate:
         self._pending: OrderedDict[int, trio.CancelScope] = OrderedDict()
         self.evicted = 0
         self.inbound = 0  # upgraded inbound connections alive
+        # at the inbound cap: close an idle inbound connection for the newcomer (the host's
+        # connection manager sets it); True when one was closed
+        self.make_room: Callable[[], Awaitable[bool]] | None = None
 
     def admit(self, scope: trio.CancelScope) -> None:
         while len(self._pending) >= self.slots:
@@ -194,9 +198,9 @@ async def _handle_inbound_connection(self: Swarm, read_write_closer: Any, maddr:
             await _close_quietly(raw_conn)
         return
     cap = max(1, self.connection_config.max_connections - self.connection_config.min_connections)
-    if gate.inbound >= cap:  # outbound dials keep min_connections of room
+    if gate.inbound >= cap and (gate.make_room is None or not await gate.make_room()):
         _logger.debug("inbound cap %d reached; closing the connection from %s", cap, remote)
-        await _close_quietly(muxed)
+        await _close_quietly(muxed)  # outbound dials keep min_connections of room
         return
     gate.inbound += 1
     try:

@@ -184,6 +184,24 @@ async def test_one_identity_cannot_hold_more_than_one_connection():
         await wait_until(lambda: sum(not c.is_closed for c in rogue.conns) <= 1, what="closed on the rogue's side")
 
 
+async def test_at_the_inbound_cap_an_idle_throwaway_connection_makes_room_for_a_newcomer():
+    # the watermark is out of reach: only the cap's own eviction can let the newcomer in
+    limits = HostLimits(max_connections=24, min_connections=8, high_watermark=24, trim_to=24,
+                        idle_s=0.2, grace_s=0.2, check_interval_s=3600)
+    async with open_host(identity("cap-victim"), LOOPBACK, limits=limits) as victim, \
+            open_host(identity("cap-newcomer"), LOOPBACK) as newcomer, hostile() as rogue:
+        victim.set_stream_handler(HOLD, holding_handler([], trio.Event()))
+        for _ in range(16):  # the inbound cap (24 - 8), all idle throwaway identities
+            await rogue.connect(victim)
+        await wait_until(lambda: handshake_gate(victim.get_network()).inbound == 16, what="the cap filled")
+        manager = connection_manager(victim)
+        await wait_until(lambda: len(manager.candidates(trio.current_time())[0]) == 16, what="past grace and idle")
+        await newcomer.connect(parse_peer_addr(peer_addrs(victim)[0]))
+        await wait_until(lambda: manager.pruned == 1, what="one idle connection closed for the newcomer")
+        assert await honest_call(newcomer, victim) == b"ok"  # admitted, and served
+        assert newcomer.get_id() in victim.get_connected_peers()
+
+
 async def test_idle_throwaway_connections_are_pruned_and_busy_outbound_peers_kept():
     limits = HostLimits(max_connections=64, min_connections=8, high_watermark=24, trim_to=16,
                         idle_s=0.5, grace_s=0.5, check_interval_s=0.1)
