@@ -2,6 +2,8 @@
 
     _trust            TrustBook: this node's own scores and speed figures per provider (sqlite)
     _routing          which providers to try, in which order (pure: rows, stats and rng come in)
+    _failures         SessionError and its kinds; learn: what each failure teaches trust
+    _reach            reach: dial a provider before money is locked for it
     _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
     _renter           Renter: rank, open an escrow channel, run the session with failover, settle
     _results          Completion (with its Attempts), SessionInfo, SessionSummary, ProviderRow: what

@@ -20,11 +20,9 @@ import secrets
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
 import protocol
 from protocol import (
@@ -44,45 +42,14 @@ from protocol import (
 from wallet import Identity
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
-from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..net._streams import FramedStream, StreamClosed, StreamTimeout
+from ._failures import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected, learn
+from ._reach import reach
 from ._trust import TrustBook
 
 __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult", "learn",
            "ConsumerSessionHandle", "open_session", "open_session_on", "reach"]
-
-
-class SessionError(RemoteError):
-    """Renting failed; nothing was paid for the call that failed."""
-
-
-class SessionRejected(SessionError):
-    """The provider refused to open the session (its reason code, and when to retry)."""
-
-    def __init__(self, reason: str, detail: str, retry_after_s: int = 0) -> None:
-        super().__init__(f"the provider refused the session: {reason}" + (f" ({detail})" if detail else ""))
-        self.reason, self.detail, self.retry_after_s = reason, detail, retry_after_s
-
-
-class CallRefused(SessionError):
-    """The provider refused one call (its reason code); nothing was charged for it."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"the provider refused the call: {reason}" + (f" ({detail})" if detail else ""))
-        self.reason, self.detail = reason, detail
-
-
-class ProviderFailed(SessionError):
-    """The provider went away or stopped answering; the unfinished call is not paid."""
-
-
-class ProviderMisbehaved(SessionError):
-    """The provider broke the protocol (a bad receipt, a wrong chunk): it was not counter-signed."""
-
-    def __init__(self, exc: protocol.ProtocolError) -> None:
-        super().__init__(f"the provider broke the protocol ({exc.code}): {exc}; nothing was counter-signed for it")
-        self.code = exc.code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,18 +61,6 @@ class CallResult:
     receipt: protocol.Receipt
     ttft_s: float
     duration_s: float
-
-
-def learn(trust: TrustBook | None, provider: str, exc: SessionError) -> None:
-    """What a failed open or call teaches this node about ``provider``."""
-    if trust is None:
-        return
-    if isinstance(exc, ProviderMisbehaved):
-        trust.violated(provider)
-    elif isinstance(exc, (SessionRejected, CallRefused)):
-        trust.refused(provider, exc.reason)
-    else:
-        trust.failed(provider)
 
 
 class ConsumerSessionHandle:
@@ -231,24 +186,6 @@ class ConsumerSessionHandle:
                     await self._framed.receive(timeout_s=wait_s)
         except (StreamClosed, protocol.ProtocolError):
             pass
-
-
-async def reach(host: IHost, provider: str, addrs: tuple[str, ...], *, timeout_s: float = 5.0,
-                trust: TrustBook | None = None) -> None:
-    """Make sure ``provider`` is connected (dialling ``addrs`` if not), before money is locked for it.
-
-    Raises:
-        ProviderFailed: it cannot be reached within ``timeout_s`` (recorded in ``trust``).
-    """
-    try:
-        pid = ID.from_base58(provider)
-        with trio.fail_after(timeout_s):
-            if pid not in host.get_connected_peers():
-                await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in addrs]))
-    except Exception as exc:  # libp2p's dial errors, bad addresses, and the timeout
-        failed = ProviderFailed(f"cannot reach provider {provider}: {exc or type(exc).__name__}")
-        learn(trust, provider, failed)
-        raise failed from exc
 
 
 @asynccontextmanager
