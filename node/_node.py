@@ -257,7 +257,7 @@ async def open_node(
 
     trust = TrustBook(home.path / "trust.db")  # also what a full market view keeps listings by
     try:
-        async with open_host(identity, config.listen, mdns) as host, \
+        async with open_host(identity, config.listen, mdns, peer_cache=home.path / "peers.json") as host, \
                 open_market(host, identity, market_config, clock=wall_clock,
                             keep_score=lambda peer: trust.get(peer).score) as market:
             receipts = ReceiptStore(home.path / "receipts.db", wall_clock)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 import multiaddr
@@ -36,6 +38,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from protocol import ESCROW_PROTOCOL, SESSION_PROTOCOL
 from wallet import Identity
 
+from ._dial import PeerCache
 from ._libp2p_fixes import StreamLimits, handshake_gate, set_stream_limits
 from ._libp2p_fixes import apply as _apply_libp2p_fixes
 
@@ -288,19 +291,24 @@ def _build_host(identity: Identity, mdns: bool = False, limits: HostLimits = Hos
 
 @asynccontextmanager
 async def open_host(
-    identity: Identity, listen: Sequence[str], mdns: bool = False, limits: HostLimits = HostLimits()
+    identity: Identity, listen: Sequence[str], mdns: bool = False, limits: HostLimits = HostLimits(),
+    peer_cache: Path | None = None,
 ) -> AsyncIterator[IHost]:
     """Run a host listening on ``listen`` (multiaddr strings) for the duration of the block;
     with ``mdns``, it announces itself and learns peers on the local network.
 
     Args:
         limits: connection, stream and handshake bounds (the defaults are the daemon's).
+        peer_cache: a file where the connected peers' addresses are kept; the peers it names are
+            dialled at start (``_dial.PeerCache``: a node restarted on a new port is found again).
 
     Raises:
         ValueError: a listen address is not a valid multiaddr.
-        OSError: no listen address could be bound.
+        OSError: a listen address could not be bound (its port taken, say), naming it.
     """
     addrs = [multiaddr.Multiaddr(a) for a in listen]
+    for addr in addrs:
+        _check_bindable(addr)
     host = _build_host(identity, mdns, limits)
     async with host.run(listen_addrs=addrs):
         if listen and not host.get_addrs():
@@ -309,6 +317,8 @@ async def open_host(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(connection_manager(host).run)
+                if peer_cache is not None:
+                    nursery.start_soon(PeerCache(host, peer_cache).run)
                 try:
                     yield host
                 finally:
@@ -318,6 +328,30 @@ async def open_host(
             # so peers see the connections end now, not at process exit
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await host.close()
+
+
+def _check_bindable(addr: multiaddr.Multiaddr) -> None:
+    """Bind ``addr``'s TCP port for a moment: py-libp2p logs a port in use and listens on the rest,
+    so a node whose saved port is taken would start unreachable there.
+
+    Raises:
+        OSError: the port is taken (or the address is not this machine's), naming the address.
+    """
+    protocols = {p.name for p in addr.protocols()}
+    if "tcp" not in protocols or not protocols & {"ip4", "ip6"}:
+        return
+    family = socket.AF_INET6 if "ip6" in protocols else socket.AF_INET
+    ip = addr.value_for_protocol("ip6" if family == socket.AF_INET6 else "ip4")
+    port = int(addr.value_for_protocol("tcp"))
+    if port == 0:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will (TIME_WAIT is fine)
+        try:
+            probe.bind((ip, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror or exc} (another process has "
+                                     "the port? set [node] listen in config.toml, or pass --listen)") from None
 
 
 def parse_peer_addr(addr: str) -> PeerInfo:
