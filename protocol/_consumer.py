@@ -1,4 +1,8 @@
-"""The consumer side of a session: opens, requests, checks every receipt, counter-signs, closes."""
+"""The consumer side of a session: opens, requests, checks every receipt, counter-signs, closes.
+
+A counter-signed receipt stays ``unacked`` until the provider's signed ``CounterSignAck`` for it
+comes (or its answer to the next call proves it took the signature): ``CountersignConfirmed``.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ._messages import (
     Chunk,
     Close,
     CounterSign,
+    CounterSignAck,
     EscrowClose,
     Open,
     Receipt,
@@ -40,6 +45,7 @@ from ._session import (
     Accepted,
     CallFailed,
     ChunkReceived,
+    CountersignConfirmed,
     Queued,
     ReceiptSettled,
     Rejected,
@@ -49,6 +55,7 @@ from ._session import (
     output_hash,
     receipt_hash,
     request_hash,
+    verify_ack,
 )
 from ._signing import Signer, sign, verify
 
@@ -113,6 +120,7 @@ class ConsumerSession(_Machine):
         self.cap = min(spend_limit, channel.cap)
         self.accept: Accept | None = None
         self.rejected = False
+        self.unacked: Receipt | None = None  # counter-signed, not yet acknowledged by the provider
         self._request: Request | None = None
         self._text: list[str] = []
         self._tokens_out = 0
@@ -258,23 +266,44 @@ class ConsumerSession(_Machine):
             self.state = ConsumerState.CLOSED
             self.rejected = True
             return [Rejected(msg)]
+        if isinstance(msg, CounterSignAck) and self.state in (ConsumerState.READY, ConsumerState.IN_CALL):
+            return [self._on_ack(msg)]
+        # the provider answers call n+1 only after it took call n's counter-signature: proof of delivery
+        prior = self.unacked if self.state is ConsumerState.IN_CALL else None
         if isinstance(msg, Receipt):
-            return [self._on_receipt(msg)]
+            return self._proven(prior, self._on_receipt(msg))
         if isinstance(msg, Chunk) and self.state is ConsumerState.IN_CALL:
-            return [self._on_chunk(msg)]
+            return self._proven(prior, self._on_chunk(msg))
         if isinstance(msg, CallQueued) and self.state is ConsumerState.IN_CALL:
             self._check_session(msg, self.session_id)
             if msg.call_seq != self.next_seq or self._next_chunk:
                 raise UnexpectedMessage("queue position for another call, or after the answer began")
-            return [Queued(msg)]
+            return self._proven(prior, Queued(msg))
         if isinstance(msg, CallError) and self.state is ConsumerState.IN_CALL:
             self._check_session(msg, self.session_id)
             if msg.call_seq != self.next_seq:
                 raise UnexpectedMessage(f"call_error for call {msg.call_seq}, expected {self.next_seq}")
             self._request = None
             self.state = ConsumerState.READY
-            return [CallFailed(msg)]
+            return self._proven(prior, CallFailed(msg))
         raise self._unexpected(msg)
+
+    def _on_ack(self, msg: CounterSignAck) -> CountersignConfirmed:
+        self._check_session(msg, self.session_id)
+        if self.unacked is None:
+            raise UnexpectedMessage("an acknowledgement with no counter-signature awaiting one")
+        verify_ack(msg, self.unacked)
+        receipt, self.unacked = self.unacked, None
+        return CountersignConfirmed(receipt, msg)
+
+    def _proven(self, prior: Receipt | None, event: Any) -> list[Any]:
+        """``event``, after the proof that ``prior`` (counter-signed, unacknowledged when call n+1's
+        answer came) was delivered."""
+        if prior is None:
+            return [event]
+        if self.unacked is prior:
+            self.unacked = None
+        return [CountersignConfirmed(prior, None), event]
 
     def _on_accept(self, msg: Accept) -> Accepted:
         self._check_session(msg, self.session_id)
@@ -360,6 +389,7 @@ class ConsumerSession(_Machine):
             )
         )
         self._settle(signed)
+        self.unacked = signed
         self._request = None
         self.state = ConsumerState.READY
         return ReceiptSettled(signed, text)

@@ -2,10 +2,13 @@
 change that an old peer cannot follow is a new id, never an edit of one of these.
 """
 
-__all__ = ["SESSION_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "DHT_NAMESPACE"]
+__all__ = ["SESSION_PROTOCOL", "RECEIPT_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "DHT_NAMESPACE"]
 
-#: consumer -> provider: Open, Accept/Reject, Request, Chunk…, Receipt, Countersign, Close
+#: consumer -> provider: Open, Accept/Reject, Request, Chunk…, Receipt, CounterSign, CounterSignAck, Close
 SESSION_PROTOCOL = "/inferswarm/session/1.0.0"
+#: consumer -> provider: a doubly-signed Receipt the provider has not acknowledged, answered by a
+#: CounterSignAck or a ReceiptRefused (a few per stream); the redelivery of a lost counter-signature
+RECEIPT_PROTOCOL = "/inferswarm/receipt/1.0.0"
 #: any party -> escrow agent: signed escrow requests, one signed response each
 ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
 #: GossipSub topic carrying signed listings (the fast path; the DHT is the source of truth)

@@ -49,6 +49,9 @@ __all__ = [
     "CallError",
     "Receipt",
     "CounterSign",
+    "CounterSignAck",
+    "ReceiptRefused",
+    "RECEIPT_REFUSALS",
     "Close",
     "Balance",
     "ChannelState",
@@ -90,6 +93,10 @@ CALL_ERROR_REASONS = (
     "expired",
     "bad_request",
 )
+#: why a provider refuses a receipt delivered on ``RECEIPT_PROTOCOL``: ``not_mine`` (it did not
+#: sign it), ``bad_signature`` (the consumer's signature does not verify), ``not_sender`` (only the
+#: receipt's consumer may deliver it) are final; ``rate_limited`` and ``unavailable`` are not
+RECEIPT_REFUSALS = ("not_mine", "bad_signature", "not_sender", "rate_limited", "unavailable")
 CLOSE_REASONS = ("done", "expired", "error", "shutdown", "protocol_error")
 FINISH_REASONS = ("stop", "length")
 ZERO_HASH = bytes(32)
@@ -337,6 +344,31 @@ class CounterSign:
     call_seq: int = wire(UInt())
     receipt_hash: bytes = wire(_HASH)
     consumer_sig: bytes = wire(Bytes(64))
+
+
+@message("receipt_ack", 1, signatures=("sig",))
+@dataclasses.dataclass(frozen=True, slots=True)
+class CounterSignAck:
+    """The provider's signed word that it has stored the doubly-signed receipt ``receipt_hash``
+    (durably: it can claim it). Sent on the session after a ``CounterSign``, and on
+    ``RECEIPT_PROTOCOL`` after a redelivered receipt; until it comes the consumer's call is not done."""
+
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    receipt_hash: bytes = wire(_HASH)
+    sig: bytes = wire(_SIG, default=b"")
+
+
+@message("receipt_refused", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReceiptRefused:
+    """The provider's refusal (unsigned) of a receipt redelivered on ``RECEIPT_PROTOCOL``: a
+    ``RECEIPT_REFUSALS`` code, a detail, and when to try again."""
+
+    receipt_hash: bytes = wire(_HASH)
+    reason: str = wire(Str(choices=RECEIPT_REFUSALS))
+    detail: str = wire(Str(512), default="")
+    retry_after_s: int = wire(UInt(86400), default=0)
 
 
 # ---- escrow (each request signed by the party it acts for; answers signed by the agent) ------

@@ -1,5 +1,7 @@
 """The provider side of a session: decides on an open, meters calls, signs receipts, waits for
-counter-signatures."""
+counter-signatures and acknowledges each one (``CounterSignAck``: the node sends it only after
+it has stored the doubly-signed receipt, as the outbox drains after the ``Countersigned`` event
+is handled)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from ._session import (
     SessionClosed,
     _guarded,
     _Machine,
+    acknowledge,
     output_hash,
     receipt_hash,
     request_hash,
@@ -345,6 +348,8 @@ class ProviderSession(_Machine):
         verify(signed, "consumer_sig", self._consumer_key)
         self._pending = None
         self._settle(signed)
+        # queued now, sent when the node drains the outbox: after it has handled (stored) the event
+        self._outbox.append(acknowledge(signed, self._signer))
         self.state = ProviderState.READY
         return Countersigned(signed)
 

@@ -8,6 +8,10 @@ Rules this module owns (docs/DESIGN.md, "Sessions"):
 - Every receipt continues a hash chain (``prev_hash`` = hash of the previous receipt) and a
   cumulative cost that never exceeds the session's spend cap (min of spend limit and channel cap).
 - The provider starts call n+1 only after call n is counter-signed, so each side risks one call.
+- The provider answers each counter-signature with a signed ``CounterSignAck`` once it holds the
+  doubly-signed receipt (the node stores it before the ack leaves); the consumer's call is done
+  only then, or when the provider's answer to call n+1 proves it took call n's signature. A
+  receipt still unacknowledged is redelivered on ``RECEIPT_PROTOCOL`` (``check_delivered``).
 - A refused or failed call (``CallError``) produces no receipt and costs nothing.
 - Any error raised by a machine moves it to its ERROR state; it accepts nothing afterwards.
 The machines never read the clock (``now`` is a parameter) and never do I/O: messages to send
@@ -23,6 +27,8 @@ from typing import Any, Callable, TypeVar
 from ._errors import (
     IllegalTransition,
     ProtocolError,
+    ReceiptHashMismatch,
+    TermsMismatch,
     UnexpectedMessage,
 )
 from ._identity import peer_id_from_public_key, public_key_from_peer_id
@@ -34,12 +40,13 @@ from ._messages import (
     ChannelGrant,
     Chunk,
     Close,
+    CounterSignAck,
     Open,
     Receipt,
     Reject,
     Request,
 )
-from ._signing import Signer, body_hash, verify
+from ._signing import Signer, body_hash, sign, verify
 
 __all__ = [
     "Accepted",
@@ -52,6 +59,10 @@ __all__ = [
     "OpenReceived",
     "CallRequested",
     "Countersigned",
+    "CountersignConfirmed",
+    "acknowledge",
+    "check_delivered",
+    "verify_ack",
     "request_hash",
     "output_hash",
     "receipt_hash",
@@ -83,6 +94,43 @@ def verify_channel(channel: ChannelGrant) -> None:
         BadSignature: the channel was not signed by the agent it names.
     """
     verify(channel, "sig", public_key_from_peer_id(channel.agent))
+
+
+def acknowledge(receipt: Receipt, signer: Signer) -> CounterSignAck:
+    """The provider's signed acknowledgement of the doubly-signed ``receipt``."""
+    ack = CounterSignAck(session_id=receipt.session_id, call_seq=receipt.call_seq, receipt_hash=receipt_hash(receipt))
+    return sign(ack, "sig", signer)
+
+
+def verify_ack(ack: CounterSignAck, receipt: Receipt) -> None:
+    """Check that ``ack`` is the provider's acknowledgement of ``receipt``.
+
+    Raises:
+        ReceiptHashMismatch: it names another receipt. BadSignature: the receipt's provider did
+            not sign it.
+    """
+    if (ack.session_id, ack.call_seq, ack.receipt_hash) != (receipt.session_id, receipt.call_seq,
+                                                             receipt_hash(receipt)):
+        raise ReceiptHashMismatch("the acknowledgement names another receipt")
+    verify(ack, "sig", public_key_from_peer_id(receipt.provider))
+
+
+def check_delivered(receipt: Receipt, me: str, sender: str | None = None) -> None:
+    """The provider's check of a receipt redelivered to it: its own signature, and the consumer's.
+
+    Args:
+        me: this provider's peer id. sender: who delivered it (None: not known).
+
+    Raises:
+        TermsMismatch: the receipt names another provider, or ``sender`` is not its consumer.
+        BadSignature: the provider's or the consumer's signature does not verify.
+    """
+    if receipt.provider != me:
+        raise TermsMismatch("the receipt names another provider")
+    verify(receipt, "provider_sig", public_key_from_peer_id(me))
+    if sender is not None and sender != receipt.consumer:
+        raise TermsMismatch("only the receipt's consumer may deliver it")
+    verify(receipt, "consumer_sig", public_key_from_peer_id(receipt.consumer))
 
 
 # ---- events ----------------------------------------------------------------------------------
@@ -132,6 +180,15 @@ class ReceiptSettled:
 
     receipt: Receipt
     text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CountersignConfirmed:
+    """Consumer event: the provider holds the doubly-signed ``receipt``: its ``ack`` came, or
+    (``ack`` None) its answer to the next call proves it took the counter-signature."""
+
+    receipt: Receipt
+    ack: CounterSignAck | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,4 +148,6 @@ class Pair:
         settled = events[-1]
         (countersigned,) = self.to_provider()
         assert isinstance(countersigned, protocol.Countersigned)
+        (acked,) = self.to_consumer()  # the provider's acknowledgement: the call is done
+        assert isinstance(acked, protocol.CountersignConfirmed) and acked.ack is not None
         return settled

@@ -288,3 +288,81 @@ def test_error_state_is_terminal():
         pair.consumer.receive(protocol.Chunk(session_id=b"s" * 16, call_seq=0, index=0, text="x", tokens=1), pair.now)
     with pytest.raises(protocol.IllegalTransition, match="error state"):
         pair.consumer.close(pair.now)
+
+
+# ---- acknowledgements: a counter-signature is delivered or known to be in doubt -------------
+
+
+def _counter_signed(pair):
+    """Run a call up to the provider's Countersigned; return (receipt, the provider's ack)."""
+    pair.consumer.request((protocol.ChatMessage(role="user", content="a"),), 8)
+    pair.to_provider()
+    pair.provider.start_call(3, pair.now)
+    pair.provider.chunk("b", 1)
+    pair.provider.finish_call("stop", pair.now)
+    settled = pair.to_consumer()[-1]  # the chunk, then the receipt
+    assert pair.consumer.unacked == settled.receipt
+    (countersigned,) = pair.to_provider()
+    (ack,) = pair.provider.outgoing()
+    assert isinstance(ack, protocol.CounterSignAck)
+    return countersigned.receipt, ack
+
+
+def test_the_provider_acknowledges_each_counter_signature_and_the_consumer_checks_it():
+    pair = Pair()
+    pair.open()
+    receipt, ack = _counter_signed(pair)
+    assert ack.receipt_hash == protocol.receipt_hash(receipt) and ack.call_seq == receipt.call_seq
+    protocol.verify(ack, "sig", PROVIDER.public_key)
+    (ev,) = pair.consumer.receive(ack, pair.now)
+    assert isinstance(ev, protocol.CountersignConfirmed) and ev.ack == ack and ev.receipt == receipt
+    assert pair.consumer.unacked is None
+    with pytest.raises(protocol.UnexpectedMessage, match="no counter-signature awaiting"):
+        pair.consumer.receive(ack, pair.now)  # a second ack acknowledges nothing
+
+
+@pytest.mark.parametrize("forge", ["other signer", "other receipt"])
+def test_a_forged_acknowledgement_is_refused(forge):
+    pair = Pair()
+    pair.open()
+    _, ack = _counter_signed(pair)
+    if forge == "other signer":
+        bad, error = protocol.sign(dataclasses.replace(ack, sig=b""), "sig", MALLORY), protocol.BadSignature
+    else:
+        bad = protocol.sign(dataclasses.replace(ack, receipt_hash=bytes(32), sig=b""), "sig", PROVIDER)
+        error = protocol.ReceiptHashMismatch
+    with pytest.raises(error):
+        pair.consumer.receive(bad, pair.now)
+    assert pair.consumer.state is ConsumerState.ERROR
+
+
+def test_the_answer_to_the_next_call_proves_delivery_without_the_ack():
+    pair = Pair()
+    pair.open()
+    receipt, _ = _counter_signed(pair)  # the ack is lost
+    pair.consumer.request((protocol.ChatMessage(role="user", content="c"),), 8)
+    pair.to_provider()
+    pair.provider.start_call(3, pair.now)
+    pair.provider.chunk("d", 1)
+    proof, chunk = pair.to_consumer()
+    assert isinstance(proof, protocol.CountersignConfirmed) and proof.ack is None and proof.receipt == receipt
+    assert isinstance(chunk, protocol.ChunkReceived) and pair.consumer.unacked is None
+
+
+def test_a_redelivered_receipt_is_checked_against_both_signatures_and_its_sender():
+    pair = Pair()
+    pair.open()
+    receipt, _ = _counter_signed(pair)
+    protocol.check_delivered(receipt, PROVIDER.peer_id, CONSUMER.peer_id)
+    with pytest.raises(protocol.TermsMismatch, match="another provider"):
+        protocol.check_delivered(receipt, MALLORY.peer_id, CONSUMER.peer_id)
+    with pytest.raises(protocol.TermsMismatch, match="consumer may deliver"):
+        protocol.check_delivered(receipt, PROVIDER.peer_id, MALLORY.peer_id)
+    forged = protocol.sign(dataclasses.replace(receipt, consumer_sig=b""), "consumer_sig", MALLORY)
+    with pytest.raises(protocol.BadSignature):
+        protocol.check_delivered(forged, PROVIDER.peer_id, CONSUMER.peer_id)
+    foreign = protocol.sign(dataclasses.replace(receipt, provider_sig=b""), "provider_sig", MALLORY)
+    with pytest.raises(protocol.BadSignature):
+        protocol.check_delivered(foreign, PROVIDER.peer_id, CONSUMER.peer_id)
+    ack = protocol.acknowledge(receipt, PROVIDER)
+    protocol.verify_ack(ack, receipt)
