@@ -1,13 +1,21 @@
-"""How renting fails, and what each failure teaches this node's trust (``learn``)."""
+"""How renting fails, whose fault each failure is (``fault``), and what it teaches this node's
+trust (``learn``): only the provider's own faults lower its score; a capacity refusal lowers it a
+little, and only for minutes; our own mistakes and a third party's (the escrow agent, our own
+channel or budget) cost it nothing. ``_trust``'s docstring has the table."""
 
 from __future__ import annotations
 
 import protocol
 
 from .._errors import RemoteError
-from ._trust import TrustBook
+from ._trust import CAPACITY_REASONS, LISTING_REASONS, OURS_REASONS, STALE_REASONS, THIRD_PARTY_REASONS, TrustBook
 
-__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "learn"]
+__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "fault", "learn",
+           "PROVIDER", "VIOLATION", "LISTING", "CAPACITY", "OURS", "THIRD_PARTY", "STALE"]
+
+# whose fault a failure is
+PROVIDER, VIOLATION, LISTING, CAPACITY = "provider", "violation", "listing", "capacity"
+OURS, THIRD_PARTY, STALE = "ours", "third_party", "stale"
 
 
 class SessionError(RemoteError):
@@ -42,13 +50,29 @@ class ProviderMisbehaved(SessionError):
         self.code = exc.code
 
 
+def fault(exc: SessionError) -> str:
+    """Whose fault ``exc`` is: ``violation`` (it broke the protocol), ``provider`` (it went away,
+    stalled, or refused for its own trouble), ``listing`` (it listed terms it does not honour),
+    ``capacity`` (busy), ``ours`` (our request), ``third_party`` (the escrow agent, our channel),
+    ``stale`` (our view of its listing)."""
+    if isinstance(exc, ProviderMisbehaved):
+        return VIOLATION
+    if isinstance(exc, (SessionRejected, CallRefused)):
+        for reasons, who in ((CAPACITY_REASONS, CAPACITY), (LISTING_REASONS, LISTING), (OURS_REASONS, OURS),
+                             (THIRD_PARTY_REASONS, THIRD_PARTY), (STALE_REASONS, STALE)):
+            if exc.reason in reasons:
+                return who
+    return PROVIDER
+
+
 def learn(trust: TrustBook | None, provider: str, exc: SessionError) -> None:
-    """What a failed open or call teaches this node about ``provider``."""
+    """What a failed open or call teaches this node about ``provider`` (by ``fault``)."""
     if trust is None:
         return
-    if isinstance(exc, ProviderMisbehaved):
+    who = fault(exc)
+    if who == VIOLATION:
         trust.violated(provider)
-    elif isinstance(exc, (SessionRejected, CallRefused)):
-        trust.refused(provider, exc.reason)
-    else:
+    elif who in (CAPACITY, LISTING):
+        trust.refused(provider, exc.reason)  # type: ignore[attr-defined]  # a refusal: it has a reason
+    elif who == PROVIDER:
         trust.failed(provider)

@@ -7,7 +7,11 @@ session then opens with, so a provider is ranked, budgeted and opened on one pri
 
 Filters: the model, the tier (offers without it are left out), ``only``/``ignore``, a maximum
 price per 1K tokens (input and/or output, of those terms), an escrow agent this node can pay
-through, and the trust floor. Orders:
+through, and the trust floor. A provider under the floor is on probation (``_trust``): never one
+with a recent protocol violation; when nobody above the floor is left, every other one comes, as a
+probe, best score first; otherwise one whose back-off is over (``ProviderStats.probe_due``) comes
+first as a probe (last, without fallbacks), so a recovered provider is found again. ``Candidate.probe``
+marks them: the ``Renter`` runs one probe of a provider at a time. Orders:
 - ``cheapest``: expected cost of this request (prompt size and max_tokens at those terms);
 - ``fastest``: expected duration from this node's EWMA of time-to-first-token and tokens/s;
   unmeasured providers come after measured ones, except that with probability ``explore`` one
@@ -63,6 +67,7 @@ class Candidate:
     stats: ProviderStats
     tier: str = ""
     batch_calls: int = 0
+    probe: bool = False  # under the trust floor: tried as a probation probe
 
     @property
     def provider(self) -> str:
@@ -103,7 +108,8 @@ def rank(
     Returns:
         Candidates carrying the terms their session would pin.
     """
-    out = []
+    out: list[Candidate] = []
+    probation: list[Candidate] = []
     for listing, offer in rows:
         if prefs.only and listing.provider not in prefs.only:
             continue
@@ -121,9 +127,11 @@ def rank(
         if agent is None:
             continue
         s = stats(listing.provider)
-        if s.score < prefs.trust_floor:
-            continue
         cost = protocol.expected_call_cost(terms, prompt_tokens, max_tokens, offer.max_context)
+        if s.score < prefs.trust_floor:
+            if not s.violator:
+                probation.append(Candidate(listing, offer, agent, terms, cost, s, tier, batch_calls, probe=True))
+            continue
         out.append(Candidate(listing, offer, agent, terms, cost, s, tier, batch_calls))
 
     def by_cost(c: Candidate) -> tuple[int, str]:
@@ -143,4 +151,13 @@ def rank(
             out = unmeasured[:1] + measured + unmeasured[1:]
         else:
             out = measured + unmeasured
+    probation.sort(key=lambda c: (-c.stats.score, by_cost(c)))
+    if not out:  # nobody above the floor: the floor never excludes the only providers for good
+        out = probation
+    else:
+        due = [c for c in probation if c.stats.probe_due]
+        if due and prefs.allow_fallbacks:
+            out = due[:1] + out + due[1:]
+        else:
+            out = out + due
     return out if prefs.allow_fallbacks else out[:1]
