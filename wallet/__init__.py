@@ -2,7 +2,8 @@
 
     _keys           Identity: the one Ed25519 key that signs everything and names the node
     _keystore       the encrypted keystore: the identity seed and upstream API keys, at rest
-    _ledger         the durable double-entry ledger (SQLite): transfers, request records, invariant
+    _ledger         the durable double-entry ledger (SQLite): transfers, request records, invariant,
+                    storage faults translated once, integrity checks, backups and restore
     _escrow         EscrowAgent: the escrow's rules (signatures, freshness, caps, expiry, claims)
     _escrow_store   the only SQL about channels, budgets and request records; it decides nothing
     _refusals       RefusalBook: refused requests remembered in memory while fresh, and the rate limit
@@ -22,6 +23,7 @@ from ._errors import (
 )
 from ._escrow import (
     ESCROW_REQUESTS,
+    STORAGE_REFUSALS,
     EscrowAgent,
     EscrowError,
     budget_account,
@@ -36,20 +38,37 @@ from ._keystore import (
 )
 from ._ledger import (
     MINT,
+    RECOVERY,
     WITHDRAWN,
+    Backup,
+    FileCheck,
     InvariantViolation,
     Ledger,
+    LedgerDamaged,
     LedgerError,
+    LedgerInUse,
+    StorageError,
+    StorageFull,
+    StorageReadOnly,
+    check_ledger_file,
+    hold_exclusive,
+    ledger_backup_folder,
+    list_ledger_backups,
     peer_account,
+    restore_ledger,
 )
 from ._refusals import RefusalBook
 
 __all__ = [
+    "Backup",
     "budget_account",
     "channel_account",
+    "check_ledger_file",
     "ESCROW_REQUESTS",
     "EscrowAgent",
     "EscrowError",
+    "FileCheck",
+    "hold_exclusive",
     "Identity",
     "InvariantViolation",
     "Keystore",
@@ -58,14 +77,24 @@ __all__ = [
     "KeystoreExists",
     "KeystoreNotFound",
     "Ledger",
+    "ledger_backup_folder",
+    "LedgerDamaged",
     "LedgerError",
+    "LedgerInUse",
+    "list_ledger_backups",
     "MINT",
     "PASSPHRASE_ENV",
     "PassphraseUnavailable",
     "peer_account",
     "read_public_identity",
+    "RECOVERY",
     "RefusalBook",
     "resolve_passphrase",
+    "restore_ledger",
+    "STORAGE_REFUSALS",
+    "StorageError",
+    "StorageFull",
+    "StorageReadOnly",
     "WalletError",
     "WITHDRAWN",
     "WrongPassphrase",

@@ -39,6 +39,14 @@ Parties: funder, consumer, provider, agent. Accounts: ``peer:<id>`` (available),
   drawn from (the funder once the budget is closed).
 - A query lists at most the newest ``MAX_LISTED_CHANNELS`` channels and ``MAX_LISTED_BUDGETS``
   budgets of a party, so an answer stays bounded.
+- Storage faults (issue 12, finding 7) are answers, never dropped streams: a request the ledger
+  could not apply because it is damaged, its disk full or read-only, or an I/O error, gets the
+  error's code (``ledger_damaged``, ``storage_full``, ``storage_readonly``, ``storage_error``;
+  ``STORAGE_REFUSALS``) and a line saying nothing was applied. Such a refusal is not the
+  party's doing: it is not counted, not remembered (a refusal remembered in the failed
+  transaction is forgotten: it was never given out), and the same request may be sent again.
+  Once the ledger is damaged, ``screen`` refuses every state-changing request at once and
+  ``sweep`` does nothing; queries still try.
 Every answer is an ``EscrowResponse`` signed by the agent. Time is a parameter (``now``).
 This module holds the rules only: every read and write of the escrow's records goes through
 ``_escrow_store.EscrowStore`` (no SQL here), the remembered refusals through ``RefusalBook``,
@@ -74,16 +82,25 @@ from protocol import (
 from ._errors import WalletError
 from ._escrow_store import BudgetRow, ChannelRow, EscrowStore, RequestRecord
 from ._keys import Identity
-from ._ledger import MINT, WITHDRAWN, InvariantViolation, Ledger, Tx, peer_account
+from ._ledger import MINT, WITHDRAWN, InvariantViolation, Ledger, LedgerDamaged, LedgerError, Tx, peer_account
 from ._refusals import RefusalBook, Remembered
 
-__all__ = ["EscrowAgent", "EscrowError", "ESCROW_REQUESTS", "channel_account", "budget_account"]
+__all__ = ["EscrowAgent", "EscrowError", "ESCROW_REQUESTS", "STORAGE_REFUSALS", "channel_account", "budget_account"]
 
 ESCROW_REQUESTS = (
     EscrowMint, EscrowOpen, EscrowTopUp, EscrowClaim, EscrowClose, EscrowRefund, EscrowWithdraw,
     EscrowBudgetCreate, EscrowBudgetRefund, EscrowQuery,
 )
 MAX_LISTED_CHANNELS = 1024
+STORAGE_REFUSALS = ("ledger_damaged", "ledger_unavailable", "storage_full", "storage_readonly", "storage_error")
+_STORAGE_DETAILS = {  # what a client is told (the operator's log has the file and SQLite's words)
+    "ledger_damaged": "the agent's ledger is damaged: money operations are stopped until its operator restores it "
+                      "(`node escrow check`); nothing was applied",
+    "storage_full": "the agent's disk is full: nothing was applied; try again later",
+    "storage_readonly": "the agent's ledger is read-only: nothing was applied; try again later",
+    "storage_error": "the agent's disk failed a read or write: nothing was applied; try again later",
+    "ledger_unavailable": "the agent's ledger cannot be used now: nothing was applied; try again later",
+}
 MAX_LISTED_BUDGETS = 256
 
 
@@ -170,9 +187,23 @@ class EscrowAgent:
         self.max_lifetime_s = max_lifetime_s
         self.min_lifetime_s = min_lifetime_s
         self.refusals = refusals if refusals is not None else RefusalBook()
-        with ledger.reading() as db:
-            # refusals up to here may have been kept only by an earlier process: see the restart rule
-            self._forgotten_through = self._refused_through = EscrowStore(db).refused_through()
+        try:
+            with ledger.reading() as db:
+                # refusals up to here may have been kept only by an earlier process: see the restart rule
+                self._forgotten_through = self._refused_through = EscrowStore(db).refused_through()
+        except LedgerDamaged:  # marked damaged: nothing will be applied; if it were, nothing is fresh enough
+            self._forgotten_through = self._refused_through = 2**63 - 1
+        self.damaged = ledger.damage is not None  # the ledger's mark, kept here so ``screen`` needs no ledger
+
+    def verify(self) -> str | None:
+        """Run the ledger's integrity check (``Ledger.verify``); a damaged ledger stops money operations.
+
+        Returns:
+            What is wrong (``None``: nothing found, or damaged already).
+        """
+        problem = self.ledger.verify()
+        self.damaged = self.ledger.damage is not None
+        return problem
 
     # ---- entry point ------------------------------------------------------------------------
 
@@ -195,6 +226,8 @@ class EscrowAgent:
             self.refusals.note((_source_key(source),), now)
             return self._answer(request.request_id, now, None, exc)
         if not isinstance(request, EscrowQuery):
+            if self.damaged:
+                return self._storage_refusal(request.request_id, now, "ledger_damaged")
             kept = self.refusals.recall(request.request_id, now)
             if kept is not None and kept.digest == self._digest(request):
                 return self._replayed(protocol.decode(kept.answer, expect=(EscrowResponse,)), now)
@@ -231,9 +264,16 @@ class EscrowAgent:
                 except EscrowError:
                     self.refusals.note(keys, now)
                     raise
+            return self._apply_once(request, now, keys)
         except EscrowError as exc:
             return self._answer(request.request_id, now, None, exc)
-        return self._apply_once(request, now, keys)
+        except LedgerError as exc:
+            self.damaged = self.ledger.damage is not None
+            return self._storage_refusal(request.request_id, now, exc.code)
+
+    def _storage_refusal(self, request_id: bytes, now: int, code: str) -> EscrowResponse:
+        """The answer to a request the ledger could not serve: not the party's doing, not counted."""
+        return self._answer(request_id, now, None, EscrowError(code, _STORAGE_DETAILS.get(code, code)))
 
     @staticmethod
     def _digest(request: Any) -> bytes:
@@ -263,18 +303,26 @@ class EscrowAgent:
         return None
 
     def _apply_once(self, request: Any, now: int, keys: tuple[str, str | None]) -> EscrowResponse:
+        """Raises:
+            LedgerError: the ledger could not apply it (damaged, full, read-only): nothing was.
+        """
         digest = self._digest(request)
+        remembered: list[bytes] = []  # refusals remembered inside the transaction
         try:
             with self.ledger.transaction(request.request_id) as tx:
-                answer, horizon = self._apply_recorded(tx, request, digest, now, keys)
+                answer, horizon = self._apply_recorded(tx, request, digest, now, keys, remembered)
         except _Forget as forgotten:
             return forgotten.answer
+        except LedgerError:
+            for request_id in remembered:  # its answer is never given out: the request is as if never seen
+                self.refusals.forget(request_id)
+            raise
         if horizon is not None:  # committed: later refusals issued up to here need no write
             self._refused_through = max(self._refused_through, horizon)
         return answer
 
-    def _apply_recorded(self, tx: Tx, request: Any, digest: bytes, now: int,
-                        keys: tuple[str, str | None]) -> tuple[EscrowResponse, int | None]:
+    def _apply_recorded(self, tx: Tx, request: Any, digest: bytes, now: int, keys: tuple[str, str | None],
+                        remembered: list[bytes]) -> tuple[EscrowResponse, int | None]:
         """Inside the request's transaction: answer a replay, or apply the request and record it,
         or keep its refusal (``_keep_refusal``).
 
@@ -302,14 +350,14 @@ class EscrowAgent:
         except EscrowError as exc:
             answer = self._answer(request.request_id, now, None, exc)
             self.refusals.note(keys, now)
-            return answer, self._keep_refusal(store, request, digest, answer, keys[0], now)
+            return answer, self._keep_refusal(store, request, digest, answer, keys[0], now, remembered)
         store.record_request(RequestRecord(
             request_id=request.request_id, kind=type(request).KIND, party=getattr(request, "party", ""),
             digest=digest, applied_at=now, answer=answer))
         return answer, None
 
     def _keep_refusal(self, store: EscrowStore, request: Any, digest: bytes, answer: EscrowResponse, key: str,
-                      now: int) -> int | None:
+                      now: int, remembered: list[bytes]) -> int | None:
         """Keep a refusal until its freshness window closes: in memory, first raising the durable
         horizon if it is the latest-issued refusal yet; durably, as an applied request is, when
         the table is full.
@@ -329,6 +377,7 @@ class EscrowAgent:
                 request_id=request.request_id, kind=type(request).KIND, party=getattr(request, "party", ""),
                 digest=digest, applied_at=now, answer=answer))
             return None
+        remembered.append(request.request_id)
         if request.issued_at <= self._refused_through:
             raise _Forget(answer)
         store.set_refused_through(request.issued_at)
@@ -600,8 +649,19 @@ class EscrowAgent:
         """Return what expired channels and budgets still hold (each once, durably).
 
         Returns:
-            How many channels and budgets were settled.
+            How many channels and budgets were settled (0, trying nothing, once the ledger is damaged).
+
+        Raises:
+            LedgerError: the ledger failed (damaged, full, read-only): what was settled stays settled.
         """
+        try:
+            return self._sweep(now)
+        finally:
+            self.damaged = self.ledger.damage is not None
+
+    def _sweep(self, now: int) -> int:
+        if self.ledger.damage is not None:
+            return 0
         with self.ledger.reading() as db:
             store = EscrowStore(db)
             channels = store.open_channels_expired_by(now)

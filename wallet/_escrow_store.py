@@ -11,6 +11,8 @@ Rules this module owns:
 - It decides nothing: no signature, freshness, cap, expiry or ownership check lives here
   (``_escrow.EscrowAgent`` holds the rules). Missing rows are ``None``, never an error.
 - It never moves money: balances change only through ``Tx.transfer``. It may read them.
+A stored value that no longer decodes (a damaged page SQLite's checks did not catch) is
+``LedgerDamaged`` (``_stored``), which the ledger marks as damage like SQLite's own.
 Rows are frozen; protocol values (grants, answers, receipts) are encoded and decoded here, so
 the rules see typed values only. Amounts are integer micro-credits.
 """
@@ -25,7 +27,7 @@ from typing import Iterator
 import protocol
 from protocol import ChannelGrant, ChannelState, EscrowResponse, Receipt
 
-from ._ledger import read_balance
+from ._ledger import LedgerDamaged, read_balance
 
 __all__ = ["ChannelRow", "BudgetRow", "RequestRecord", "EscrowStore"]
 
@@ -33,6 +35,18 @@ _CHANNEL_COLUMNS = "channel_id, consumer, provider, cap, expires_at, budget_id, 
 _BUDGET_COLUMNS = "budget_id, funder, amount, per_session_limit, expires_at, status"
 _REQUEST_COLUMNS = "request_id, kind, party, digest, applied_at, answer"
 
+
+
+def _stored(data: bytes, cls: type) -> object:
+    """A protocol value as stored.
+
+    Raises:
+        LedgerDamaged: the bytes are not one (a page was damaged).
+    """
+    try:
+        return protocol.decode(data, expect=(cls,))
+    except protocol.ProtocolError as exc:
+        raise LedgerDamaged(f"a stored {cls.KIND} does not decode ({exc}): the ledger is damaged") from exc
 
 @dataclasses.dataclass(frozen=True)
 class ChannelRow:
@@ -124,7 +138,7 @@ class EscrowStore:
         answer = bytes(row[5])
         return RequestRecord(
             request_id=bytes(row[0]), kind=row[1], party=row[2], digest=bytes(row[3]), applied_at=int(row[4]),
-            answer=protocol.decode(answer, expect=(EscrowResponse,)) if answer else None)
+            answer=_stored(answer, EscrowResponse) if answer else None)
 
     def record_request(self, record: RequestRecord, if_absent: bool = False) -> None:
         """Record a request as applied.
@@ -158,7 +172,7 @@ class EscrowStore:
         return ChannelRow(
             channel_id=bytes(row[0]), consumer=row[1], provider=row[2], cap=int(row[3]), expires_at=int(row[4]),
             budget_id=None if row[5] is None else bytes(row[5]), claimed=int(row[6]), status=row[7],
-            grant=protocol.decode(bytes(row[8]), expect=(ChannelGrant,)))
+            grant=_stored(bytes(row[8]), ChannelGrant))
 
     def channel(self, channel_id: bytes) -> ChannelRow | None:
         """The channel, or ``None`` if there is none with this id."""

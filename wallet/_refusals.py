@@ -8,7 +8,8 @@ Rules this module owns:
 - The table is bounded (``max_entries`` in all, ``max_per_key`` per party) and never drops an
   entry before its expiry, which would make a refused request acceptable again: when it is
   full, ``remember`` says so and the caller keeps the refusal durably instead; a party holding
-  ``max_per_key`` entries is ``limited`` before any work is done for it.
+  ``max_per_key`` entries is ``limited`` before any work is done for it. The one exception:
+  ``forget``, for a refusal whose answer was never given out (its transaction did not commit).
 - Refusals are counted per key (a party, or the remote peer that carried the request) over a
   sliding window: a key with ``rate_limit`` refusals in the last ``rate_window_s`` seconds is
   ``limited``. Counters are soft: past ``max_keys`` keys the least recently refused is dropped
@@ -64,9 +65,10 @@ class RefusalBook:
 
     def _expire(self, now: int) -> None:
         while self._by_expiry and self._by_expiry[0][0] < now:
-            _, request_id = heapq.heappop(self._by_expiry)
-            entry = self._entries.pop(request_id, None)
-            if entry is not None:
+            expires_at, request_id = heapq.heappop(self._by_expiry)
+            entry = self._entries.get(request_id)
+            if entry is not None and entry.expires_at == expires_at:  # not a later entry of a forgotten id
+                del self._entries[request_id]
                 self._per_key[entry.key] -= 1
                 if self._per_key[entry.key] <= 0:
                     del self._per_key[entry.key]
@@ -96,6 +98,15 @@ class RefusalBook:
             self._per_key[entry.key] += 1
             self.counts["remembered"] += 1
             return True
+
+    def forget(self, request_id: bytes) -> None:
+        """Drop a refusal whose answer was never given out (its transaction failed to commit)."""
+        with self._lock:
+            entry = self._entries.pop(request_id, None)
+            if entry is not None:
+                self._per_key[entry.key] -= 1
+                if self._per_key[entry.key] <= 0:
+                    del self._per_key[entry.key]
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -5,6 +5,14 @@ a malformed frame resets the stream. The agent's rules (``wallet.EscrowAgent``) 
 thread (SQLite fsyncs must not stall the event loop), one ledger transaction at a time; expired
 channels and budgets are swept every second.
 
+Storage (issue 12, finding 7): the ledger's integrity is checked (``PRAGMA quick_check``, on a
+connection of its own, so writes go on) at open and every ``check_interval_s`` (10 min); a
+backup (SQLite's online backup API, verified, the newest ``backup_keep`` kept, 0600) is taken
+when the newest is ``backup_interval_s`` (1 h) old, so at start when due, and at clean shutdown.
+A damaged ledger stops money operations (``ledger_damaged`` answers; queries still try); a full
+or read-only disk is answered ``storage_full`` / ``storage_readonly`` and logged once per
+episode (``wallet.Ledger``); a sweep or backup that meets either is skipped, not fatal.
+
 Bounds (issue 11, findings 6 and 12), so that unauthenticated streams hold little and a flood
 from one peer cannot starve the others:
 - A request frame is at most ``MAX_REQUEST`` (64 KiB), refused at its length prefix. The
@@ -33,7 +41,7 @@ from libp2p.abc import IHost
 
 import protocol
 from protocol import ESCROW_PROTOCOL
-from wallet import ESCROW_REQUESTS, EscrowAgent
+from wallet import ESCROW_REQUESTS, EscrowAgent, LedgerError, list_ledger_backups
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from ..net._streams import FramedStream, StreamClosed
@@ -46,6 +54,9 @@ MAX_REQUEST = 64 * 1024
 IDLE_TIMEOUT_S = 30.0
 FRAME_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 10.0
+CHECK_INTERVAL_S = 600.0
+BACKUP_INTERVAL_S = 3600
+BACKUP_KEEP = 24
 
 
 class _Stalled(Exception):
@@ -109,7 +120,9 @@ async def _next_request(inbound: FramedStream, arrivals: _Arrivals, idle_s: floa
 async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTEM_WALL_CLOCK,
                        sweep_interval_s: float = 1.0, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
                        frame_timeout_s: float = FRAME_TIMEOUT_S, send_timeout_s: float = SEND_TIMEOUT_S,
-                       max_request: int = MAX_REQUEST, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                       max_request: int = MAX_REQUEST, check_interval_s: float = CHECK_INTERVAL_S,
+                       backup_interval_s: int = BACKUP_INTERVAL_S, backup_keep: int = BACKUP_KEEP,
+                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Answer escrow requests on ``host`` until cancelled.
 
     Args:
@@ -117,6 +130,9 @@ async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTE
         frame_timeout_s: how long a request may take to arrive once its first bytes have.
         send_timeout_s: how long the peer may take to read an answer.
         max_request: the largest request frame, in bytes.
+        check_interval_s: how often the ledger's integrity is checked (``quick_check``).
+        backup_interval_s: the age of the newest backup at which the next is taken (0: never).
+        backup_keep: how many backups are kept.
     """
     lock = trio.Lock()  # one ledger transaction at a time, in order of arrival
     turns = _Turns()
@@ -151,9 +167,46 @@ async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTE
         finally:
             await outbound.close()
 
+    def backup() -> None:
+        if agent.damaged or backup_interval_s <= 0:
+            return
+        try:
+            taken = agent.ledger.backup(int(clock()), keep=backup_keep)
+            _logger.info("escrow ledger backed up to %s", taken.path)
+        except (LedgerError, OSError) as exc:
+            _logger.warning("escrow ledger backup failed: %s", exc)
+
+    async def backups() -> None:
+        while True:
+            newest = await trio.to_thread.run_sync(list_ledger_backups, agent.ledger.path)
+            due = (newest[-1].taken_at + backup_interval_s) if newest else 0
+            if int(clock()) >= due:
+                await trio.to_thread.run_sync(backup)
+                due = int(clock()) + backup_interval_s
+            await trio.sleep(max(1.0, min(due - clock(), backup_interval_s)))
+
+    async def checks() -> None:
+        while True:
+            await trio.sleep(check_interval_s)
+            await trio.to_thread.run_sync(agent.verify)
+
+    async def sweeps() -> None:
+        while True:
+            async with lock:
+                try:
+                    await trio.to_thread.run_sync(agent.sweep, int(clock()))
+                except LedgerError:  # logged by the ledger, once; the next sweep tries again (if not damaged)
+                    pass
+            await trio.sleep(sweep_interval_s)
+
     host.set_stream_handler(ESCROW_PROTOCOL, handler)
-    task_status.started()
-    while True:
-        async with lock:
-            await trio.to_thread.run_sync(agent.sweep, int(clock()))
-        await trio.sleep(sweep_interval_s)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sweeps)
+            nursery.start_soon(checks)
+            if backup_interval_s > 0:
+                nursery.start_soon(backups)
+            task_status.started()
+    finally:
+        with trio.CancelScope(shield=True):  # a clean shutdown leaves a fresh backup
+            await trio.to_thread.run_sync(backup)
