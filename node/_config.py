@@ -40,6 +40,7 @@ class NodeConfig:
     sla: SlaConfig = SlaConfig()
     contracts: tuple[Contract, ...] = ()  # as a provider (entries name a client) …
     client_contracts: tuple[Contract, ...] = ()  # … and as a client (entries name a provider)
+    claim_margin_s: int = 30  # [node] claim_margin_s: claim everything this long before a channel expires
 
 
 def _strings(node: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -109,7 +110,16 @@ def load_config(path: Path) -> NodeConfig:
         api=api,
         accept_escrow=_strings(node, "accept_escrow", ()),
         offers=tuple(offers),
+        claim_margin_s=_claim_margin(path, node.get("claim_margin_s", NodeConfig.claim_margin_s)),
     )
+
+
+def _claim_margin(path: Path, value: Any) -> int:
+    """Seconds before a channel's expiry by which everything owed on it is claimed: 5 to 100 (a
+    channel is admitted with at least 120 s to live, and no call starts inside the margin)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 5 <= value <= 100:
+        raise ConfigError(f"{path}: [node] claim_margin_s must be a whole number of seconds from 5 to 100")
+    return value
 
 
 def save_offers(path: Path, offers: tuple[Offer, ...]) -> None:
