@@ -271,7 +271,8 @@ async def open_node(
                 wall_clock=wall_clock)
             health = HealthMonitor(config.health, storefront)
             provider = ProviderService(identity, storefront, client, receipts, health=health,
-                                       sla=SlaTracker(config.sla, market.listed_fraction), wall_clock=wall_clock)
+                                       sla=SlaTracker(config.sla, market.listed_fraction), wall_clock=wall_clock,
+                                       claim_margin_s=config.claim_margin_s)
             renter = Renter(market, escrow_ops, agent, receipts, trust, clock=wall_clock,
                             contracts=config.client_contracts)
             node = Node(home=home, identity=identity, config=config, capabilities=capabilities, market=market,
