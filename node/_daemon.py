@@ -81,6 +81,10 @@ async def run_daemon(
 
     Raises:
         ConfigError: a bad config file. ValueError: a bad address. OSError: cannot listen.
+        wallet.LedgerError: with ``escrow``, the ledger cannot be opened (not a database, damaged
+            where opening reads, a disk that refuses its first writes): one line, ``node start``
+            prints it as its error. A ledger that opens but fails its integrity check does not
+            stop the node: its agent refuses money operations (``ledger_damaged``).
     """
     from ._node import open_node, resolve_config
 

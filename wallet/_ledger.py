@@ -117,7 +117,7 @@ _MIGRATIONS = [
 ]
 
 
-RECOVERY = "stop the node and run `node escrow check` (it can restore the latest backup)"
+RECOVERY = "run `node escrow check` with the node stopped (it can restore the latest backup)"
 
 
 class LedgerError(WalletError):
