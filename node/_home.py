@@ -5,6 +5,7 @@ Layout (mode 0700):
     config.toml     the operator's settings (comments preserved when the node edits it)
     *.db (-wal, -shm)  receipts, trust and the escrow agent's ledger (sqlite)
     api.token, daemon.json   the daemon's runtime files
+    peers.json      the peers this node was last connected to, dialled at start (a hint, rewritten)
 The home is ``--home`` if given, else ``$INFERSWARM_HOME``, else the platform's user data dir.
 
 Rule: the home is private, whatever existed before. Opening one (``Home(path)``, as every entry
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +42,10 @@ _DEFAULT_CONFIG = """\
 # Inferswarm node configuration. `node offer add|rm` edits [[offers]]; comments are kept.
 
 [node]
-# libp2p listen addresses (TCP; Noise and Yamux are always used)
-listen = ["/ip4/0.0.0.0/tcp/0"]
+# libp2p listen addresses (TCP; Noise and Yamux are always used). The port was picked free at
+# `node init` and stays across restarts, so peers find this node where they last saw it; tcp/0
+# takes a new port at every start.
+listen = ["/ip4/0.0.0.0/tcp/{port}"]
 # peers to join the network through, e.g. "/ip4/203.0.113.5/tcp/4001/p2p/12D3KooW..."
 bootstrap = []
 # the local HTTP API (control + OpenAI-compatible); loopback only
@@ -163,8 +168,37 @@ class Home:
         return data
 
 
+#: where ``pick_listen_port`` looks: below Linux's ephemeral range (32768-60999), so no outbound
+#: connection takes the port while the node is down
+_PORT_RANGE = (20000, 32767)
+
+
+def pick_listen_port(attempts: int = 64) -> int:
+    """A TCP port free on every interface now, for the node to keep (``init_home``): a random one of
+    ``_PORT_RANGE`` that binds, else one the OS picks."""
+    rng = random.SystemRandom()
+    for _ in range(attempts):
+        port = rng.randint(*_PORT_RANGE)
+        if _bindable(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("0.0.0.0", 0))
+        return int(probe.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def init_home(path: Path, passphrase: str, **keystore_kwargs: Any) -> Keystore:
-    """Create the home: directory (0700), a new keystore, and a default config if none.
+    """Create the home: directory (0700), a new keystore, and a default config if none (listening
+    on a free TCP port picked now and kept across restarts: ``pick_listen_port``).
 
     Raises:
         wallet.KeystoreExists: the home already holds a keystore.
@@ -175,5 +209,5 @@ def init_home(path: Path, passphrase: str, **keystore_kwargs: Any) -> Keystore:
     if not home.config.exists():
         fd = os.open(home.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_DEFAULT_CONFIG)
+            f.write(_DEFAULT_CONFIG.format(port=pick_listen_port()))
     return ks

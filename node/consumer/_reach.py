@@ -1,13 +1,12 @@
-"""Dialling a provider before any money is locked for it."""
+"""Dialling a provider before any money is locked for it (``node.net._dial``: a restarted provider
+is found at its new address, never refused for a minute by libp2p's negative cache)."""
 
 from __future__ import annotations
 
-import multiaddr
-import trio
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
+from ..net._dial import DialFailed, describe, dial
 from ._failures import ProviderFailed, learn
 from ._trust import TrustBook
 
@@ -16,17 +15,22 @@ __all__ = ["reach"]
 
 async def reach(host: IHost, provider: str, addrs: tuple[str, ...], *, timeout_s: float = 5.0,
                 trust: TrustBook | None = None) -> None:
-    """Make sure ``provider`` is connected (dialling ``addrs`` if not), before money is locked for it.
+    """Make sure ``provider`` is connected (dialling ``addrs``, then what else is known of it, if
+    not), before money is locked for it.
 
     Raises:
-        ProviderFailed: it cannot be reached within ``timeout_s`` (recorded in ``trust``).
+        ProviderFailed: it cannot be reached within ``timeout_s`` (recorded in ``trust``); the
+            message names the cause.
     """
     try:
         pid = ID.from_base58(provider)
-        with trio.fail_after(timeout_s):
-            if pid not in host.get_connected_peers():
-                await host.connect(PeerInfo(pid, [multiaddr.Multiaddr(a) for a in addrs]))
-    except Exception as exc:  # libp2p's dial errors, bad addresses, and the timeout
-        failed = ProviderFailed(f"cannot reach provider {provider}: {exc or type(exc).__name__}")
+    except Exception as exc:  # not a peer id: a bad listing never reaches here, a caller's might
+        failed = ProviderFailed(f"cannot reach provider {provider}: not a peer id ({describe(exc)})")
+        learn(trust, provider, failed)
+        raise failed from exc
+    try:
+        await dial(host, pid, addrs, timeout_s=timeout_s)
+    except DialFailed as exc:
+        failed = ProviderFailed(f"cannot reach provider {provider}: {exc}")
         learn(trust, provider, failed)
         raise failed from exc

@@ -1,6 +1,9 @@
 """The escrow client every node uses: ``EscrowClient.call`` sends one signed request to an
 agent — this node's own when it is one, without a stream — and checks that the answer is signed
-by that agent and answers that request. Dial failures of every kind become ``EscrowUnreachable``.
+by that agent and answers that request. Dial failures of every kind become ``EscrowUnreachable``,
+naming their cause. The agent is dialled through the host's dialer (``node.net._dial``): an explicit
+address first, then the peerstore's, then fresh ones from the DHT, within the call's timeout, so an
+agent restarted (on its port or a new one) is reached again in seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from wallet import EscrowAgent
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._errors import RemoteError
+from ..net._dial import DialFailed, describe, dialer
 from ..net._host import parse_peer_addr
 from ..net._streams import FramedStream, StreamClosed
 
@@ -79,31 +83,30 @@ class EscrowClient:
 
     async def _remote(self, peer_id: str, info: PeerInfo | None, request: Any, timeout: float) -> protocol.EscrowResponse:
         pid = ID.from_base58(peer_id)
+        addrs = list(info.addrs) if info is not None else []  # an explicit address is tried first
+        deadline = trio.current_time() + timeout
         try:
             with trio.fail_after(timeout):
-                if info is not None:  # an explicit address replaces what we knew (the agent may have restarted)
-                    self.host.get_peerstore().clear_addrs(pid)
-                    self.host.get_peerstore().add_addrs(pid, info.addrs, 3600)
-                    self.host.get_network().unblock_peer(pid)  # forget failed dials to its old address
                 try:
-                    return await self._exchange(pid, info, request)
-                except (StreamClosed, protocol.ProtocolError):
+                    return await self._exchange(pid, addrs, request, deadline)
+                except (StreamClosed, protocol.ProtocolError, DialFailed):
                     raise
-                except Exception:  # a connection that died under us: dial afresh, once
+                except Exception:  # a connection that died under us (the agent restarted): dial afresh, once
                     await self.host.disconnect(pid)
-                    return await self._exchange(pid, info, request)
+                    return await self._exchange(pid, addrs, request, deadline)
         except trio.TooSlowError as exc:
-            raise EscrowUnreachable(f"escrow agent {peer_id} did not answer within {timeout:.0f}s") from exc
-        except (StreamClosed, protocol.ProtocolError) as exc:
-            raise EscrowUnreachable(f"escrow agent {peer_id} gave no valid answer: {exc}") from exc
-        except Exception as exc:  # libp2p dial errors come in many types
+            cause = dialer(self.host).last_failure.get(peer_id)
+            raise EscrowUnreachable(f"escrow agent {peer_id} did not answer within {timeout:.0f}s"
+                                    + (f" (dialling it: {cause})" if cause else "")) from exc
+        except DialFailed as exc:
             raise EscrowUnreachable(f"escrow agent {peer_id} unreachable: {exc}") from exc
+        except (StreamClosed, protocol.ProtocolError) as exc:
+            raise EscrowUnreachable(f"escrow agent {peer_id} gave no valid answer: {describe(exc)}") from exc
+        except Exception as exc:  # libp2p stream errors come in many types
+            raise EscrowUnreachable(f"escrow agent {peer_id} unreachable: {describe(exc)}") from exc
 
-    async def _exchange(self, pid: ID, info: PeerInfo | None, request: Any) -> protocol.EscrowResponse:
-        if pid not in self.host.get_connected_peers():
-            if info is None and not self.host.get_peerstore().addrs(pid) and self.dht is not None:
-                info = await self.dht.find_peer(pid)
-            await self.host.connect(info or PeerInfo(pid, self.host.get_peerstore().addrs(pid)))
+    async def _exchange(self, pid: ID, addrs: list, request: Any, deadline: float) -> protocol.EscrowResponse:
+        await dialer(self.host).dial(pid, addrs, deadline=deadline)  # at once when connected
         framed = FramedStream(await self.host.new_stream(pid, [ESCROW_PROTOCOL]))
         try:
             await framed.send(request)

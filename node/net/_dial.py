@@ -21,8 +21,9 @@ down to the root (``ConnectionRefusedError: …``), never an empty string (``des
 ``PeerCache`` (``open_host(peer_cache=…)``): the connected peers' addresses are saved in the home
 (at most ``PEER_CACHE_MAX`` peers, ``PEER_CACHE_ADDRS`` addresses each) whenever they changed,
 checked once a second (connected peers first, then the others it knew); at start every saved peer is dialled once. A node
-restarted on a new port (an escrow agent nobody could find) so reconnects to the peers it knew;
-identify tells each its new address, and the DHT answers others with it.
+restarted on a new port (an escrow agent nobody could find) so reconnects to the peers it knew,
+and pushes identify to each (py-libp2p does not re-identify a peer whose protocols it cached, so
+they would keep only the old address): each learns the new one, and the DHT answers others with it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Awaitable, Callable, Sequence
 import multiaddr
 import trio
 from libp2p.abc import IHost
+from libp2p.identity.identify_push.identify_push import push_identify_to_peer
 from libp2p.peer.id import ID
 
 __all__ = ["DialFailed", "Dialer", "dialer", "dial", "describe", "PeerCache", "PEER_CACHE_MAX", "PEER_CACHE_ADDRS"]
@@ -81,8 +83,9 @@ def describe(exc: BaseException) -> str:
 
 
 def _addrs_of(host: IHost, peer: ID) -> list[multiaddr.Multiaddr]:
+    """The peerstore's addresses of ``peer``, without their /p2p/ part (identify adds it, dials don't)."""
     try:
-        return list(host.get_peerstore().addrs(peer))
+        return [_without_peer(a) for a in host.get_peerstore().addrs(peer)]
     except Exception:  # PeerStoreError: unknown or expired
         return []
 
@@ -326,11 +329,20 @@ class PeerCache:
 
         async def one(peer: str, addrs: list[str]) -> None:
             nonlocal connected
+            pid = ID.from_base58(peer)
             try:
-                await dial(self.host, ID.from_base58(peer), addrs, timeout_s=timeout_s)
-                connected += 1
+                await dial(self.host, pid, addrs, timeout_s=timeout_s)
             except Exception as exc:  # gone for good, or not yet back: others will find us
                 _logger.info("remembered peer %s unreachable: %s", peer, describe(exc))
+                return
+            connected += 1
+            # it knew us before: py-libp2p does not identify a peer whose protocols it has cached, so
+            # it would keep only our old address (and hand it out in DHT answers): tell it the new one
+            with trio.move_on_after(timeout_s):
+                try:
+                    await push_identify_to_peer(self.host, pid)
+                except Exception as exc:  # best effort: the connection itself stands
+                    _logger.debug("identify push to %s failed: %s", peer, describe(exc))
 
         async with trio.open_nursery() as nursery:
             for peer, addrs in self.load().items():

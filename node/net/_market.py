@@ -18,6 +18,7 @@ Rules:
   with the highest ``keep_score`` (the daemon's trust), and ``lookup`` asks the DHT for three times
   what it returns, merges what the view already holds (first), and drops providers whose listing
   cannot be found, so Sybil provider records cannot push an honest provider out.
+- The host's dialer (``_dial``) asks ``fresh_addrs`` for a peer whose known addresses all failed.
 Every task lives in the nursery of ``open_market``; leaving the block stops them all.
 """
 
@@ -30,6 +31,7 @@ import math
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
+import multiaddr
 import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -44,6 +46,7 @@ from protocol import DHT_NAMESPACE, LISTING_TOPIC, Listing
 from wallet import Identity
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
+from ._dial import dialer
 from ._host import connection_manager
 from ._market_view import MAX_BYTES, MAX_LISTINGS, MAX_PER_MODEL, MarketView
 
@@ -278,6 +281,36 @@ class Market:
             self.view.expire(self.now())
             await trio.sleep(self.config.expire_interval_s)
 
+    async def fresh_addrs(self, peer: ID) -> list[multiaddr.Multiaddr]:
+        """Addresses of ``peer`` learnt afresh (the dialer's source when all known ones failed): the
+        DHT walked towards it (each answer's addresses land in the peerstore) and its listing, as the
+        view holds it and as the DHT holds it now (a restarted provider republishes at start)."""
+
+        async def walk() -> None:
+            try:
+                await self.dht.peer_routing.find_closest_peers_network(peer.to_bytes())
+            except Exception as exc:  # a half-built network: the listing may still say
+                _logger.debug("DHT walk towards %s failed: %s", peer, exc)
+
+        async def listing() -> None:
+            await self.fetch_listing(peer.to_base58())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walk)
+            nursery.start_soon(listing)
+        found: list[multiaddr.Multiaddr] = []
+        held = self.view.listing(peer.to_base58(), self.now())
+        for addr in (held.addrs if held is not None else ()):
+            try:
+                found.append(multiaddr.Multiaddr(addr))
+            except Exception:  # a listing's address that is not a multiaddr: skipped
+                continue
+        try:
+            found += list(self.host.get_peerstore().addrs(peer))
+        except Exception:  # still unknown
+            pass
+        return found
+
     async def fetch_listing(self, provider: str) -> Listing | None:
         """Read a provider's listing from the DHT into the view."""
         with trio.move_on_after(15):
@@ -372,6 +405,7 @@ async def open_market(
     )
     pubsub = Pubsub(host, gossipsub, strict_signing=True)
     market = Market(host, identity, dht, pubsub, view, config, clock)
+    dialer(host).add_source(market.fresh_addrs)
     pubsub.set_topic_validator(LISTING_TOPIC, market._gossip_validator, False)
     async with background_trio_service(dht), background_trio_service(pubsub), background_trio_service(gossipsub):
         await pubsub.wait_until_ready()
@@ -387,3 +421,4 @@ async def open_market(
                 yield market
             finally:
                 nursery.cancel_scope.cancel()
+                dialer(host).sources.remove(market.fresh_addrs)
