@@ -1,8 +1,10 @@
-"""``node wallet …`` and ``node escrow …``: talk to escrow agents through the running node."""
+"""``node wallet …`` and ``node escrow …``: talk to escrow agents through the running node;
+``node escrow check`` alone works on the agent's ledger file itself, with the node stopped."""
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 import protocol
+import wallet as _wallet
+from node import Home, resolve_home
+from node.daemon import DaemonNotRunning, read_daemon_info
 
-from ._common import DaemonClient, credits_option, emit_json, home_option, json_option
+from ._common import CliError, DaemonClient, credits_option, emit_json, fail_on, home_option, json_option
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -178,6 +183,80 @@ def escrow_refund(home: str | None, as_json: bool, escrow: str | None, channel: 
     """Reclaim what an expired channel never paid out (as its consumer)."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/refund", json={"escrow": escrow, "channel_id": channel})
     _emit(doc, as_json, f"channel {channel} {doc['channel']['status']}")
+
+
+def _when(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _check_doc(report: _wallet.FileCheck, backups: list[_wallet.Backup]) -> dict[str, Any]:
+    return {"ledger": str(report.path), "ok": report.ok, "integrity": list(report.integrity) or ["ok"],
+            "invariant": report.invariant or ("ok" if report.totals is not None else None), "totals": report.totals,
+            "backups": [{"path": str(b.path), "taken_at": b.taken_at} for b in backups]}
+
+
+def _print_check(report: _wallet.FileCheck, backups: list[_wallet.Backup]) -> None:
+    click.echo(f"ledger:        {report.path}")
+    click.echo(f"integrity:     {'ok' if not report.integrity else 'DAMAGED: ' + '; '.join(report.integrity)}")
+    if report.totals is not None:
+        t = report.totals
+        click.echo(f"invariant:     ok (minted {protocol.format_credits(t['minted'])}, withdrawn "
+                   f"{protocol.format_credits(t['withdrawn'])}, available {protocol.format_credits(t['available'])}, "
+                   f"locked {protocol.format_credits(t['locked'])})")
+    elif report.invariant is not None:
+        click.echo(f"invariant:     VIOLATED: {report.invariant}")
+    if backups:
+        click.echo(f"latest backup: {backups[-1].path} ({_when(backups[-1].taken_at)}; {len(backups)} kept)")
+    else:
+        click.echo("latest backup: none")
+
+
+@escrow.command("check")
+@home_option
+@json_option
+@click.option("--restore", "backup", metavar="BACKUP",
+              help="replace the ledger with this backup file (or `latest`); the old file is kept aside")
+@fail_on(_wallet.WalletError, OSError)
+def escrow_check(home: str | None, as_json: bool, backup: str | None) -> None:
+    """Check the escrow agent's ledger file (HOME/escrow.db) with the node stopped; restore a backup.
+
+    Exit status 1 when the ledger is damaged or its invariant does not hold.
+    """
+    h = Home(resolve_home(home))
+    path = h.path / "escrow.db"
+    try:
+        info = read_daemon_info(h)
+    except DaemonNotRunning:
+        pass
+    else:
+        raise CliError(f"a node (pid {info['pid']}) is running on {h.path}: stop it first, then run this again")
+    if backup is not None:
+        kept = _wallet.list_ledger_backups(path)
+        if backup == "latest":
+            if not kept:
+                raise CliError(f"no backups in {_wallet.ledger_backup_folder(path)}")
+            chosen = kept[-1].path
+        else:
+            chosen = Path(backup)
+        aside = _wallet.restore_ledger(path, chosen, int(time.time()))
+        taken = next((b.taken_at for b in kept if b.path.resolve() == chosen.resolve()), None)
+        click.echo(f"restored {path} from {chosen}" + (f" (taken {_when(taken)})" if taken else ""), err=True)
+        if aside != path:
+            click.echo(f"the previous ledger is kept as {aside}", err=True)
+        click.echo("operations the agent applied after that backup are not in it", err=True)
+    if not path.is_file():
+        raise CliError(f"no escrow ledger at {path} (a node runs one with `node start --escrow`)")
+    with _wallet.hold_exclusive(path):
+        report = _wallet.check_ledger_file(path, full=True)
+    backups = _wallet.list_ledger_backups(path)
+    if as_json:
+        emit_json(_check_doc(report, backups))
+    else:
+        _print_check(report, backups)
+    if not report.ok:
+        hint = ("restore the latest backup: node escrow check --restore latest" if backups
+                else "no backup to restore from")
+        raise CliError(f"the escrow ledger is damaged; {hint} (the damaged file is kept aside)")
 
 
 @escrow.group("budget")
