@@ -118,6 +118,8 @@ from ._pricing import (
 )
 from ._provider import ProviderSession, ProviderState
 from ._session import (
+    RECEIPT_FRAME_MAX,
+    RECEIPTS_PER_STREAM,
     Accepted,
     CallFailed,
     CallRequested,
@@ -236,6 +238,7 @@ __all__ = [
     "public_key_from_peer_id",
     "Queued",
     "Receipt",
+    "RECEIPT_FRAME_MAX",
     "receipt_hash",
     "RECEIPT_PROTOCOL",
     "RECEIPT_REFUSALS",
@@ -246,6 +249,7 @@ __all__ = [
     "ReceiptPriceMismatch",
     "ReceiptRefused",
     "ReceiptReplay",
+    "RECEIPTS_PER_STREAM",
     "ReceiptSettled",
     "registered_kinds",
     "Reject",

@@ -63,6 +63,8 @@ __all__ = [
     "acknowledge",
     "check_delivered",
     "verify_ack",
+    "RECEIPT_FRAME_MAX",
+    "RECEIPTS_PER_STREAM",
     "request_hash",
     "output_hash",
     "receipt_hash",
@@ -70,6 +72,11 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: on ``RECEIPT_PROTOCOL``: the largest frame either side sends or takes (a receipt is ~700
+#: bytes), and the most receipts one stream carries
+RECEIPT_FRAME_MAX = 4 << 10
+RECEIPTS_PER_STREAM = 32
 
 
 def request_hash(request: Request) -> bytes:

@@ -3,7 +3,11 @@
 
 The machine checks every receipt (hashes it computes itself, pinned prices, the chain, the cap,
 the provider's signature) before this side counter-signs it; a provider that lies gets no
-counter-signature and so is never paid for that call. Ending the session — normally or after a
+counter-signature and so is never paid for that call. A counter-signed receipt is kept durably
+(``ReceiptDelivery``) before its signature leaves, and the call is done only once the provider's
+signed ``CounterSignAck`` comes (within ``ack_timeout_s``); without it the receipt is redelivered
+at once on ``protocol.RECEIPT_PROTOCOL``, and if that fails too the call raises
+``SettlementUnconfirmed`` (never a success in doubt) while the receipt stays queued for resending. Ending the session — normally or after a
 refused or failed call — sends this consumer's half of a cooperative channel close, so the
 provider can settle and the rest is refunded at once; after a ``Reject`` it sends its half of a
 close of the unused channel, so a refusal locks nothing.
@@ -33,6 +37,7 @@ from protocol import (
     ChatMessage,
     ChunkReceived,
     ConsumerSession,
+    CountersignConfirmed,
     Price,
     Queued,
     ReceiptSettled,
@@ -44,11 +49,13 @@ from wallet import Identity
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._receipts import ReceiptStore
 from ..net._streams import FramedStream, StreamClosed, StreamTimeout
+from ._delivery import ReceiptDelivery, SettlementUnconfirmed, delivery_for
 from ._failures import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected, learn
 from ._reach import reach
 from ._trust import TrustBook
 
-__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved", "CallResult", "learn",
+__all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved",
+           "SettlementUnconfirmed", "CallResult", "learn",
            "ConsumerSessionHandle", "open_session", "open_session_on", "reach"]
 
 
@@ -69,10 +76,13 @@ class ConsumerSessionHandle:
 
     def __init__(self, machine: ConsumerSession, framed: FramedStream, receipts: ReceiptStore | None,
                  clock: Callable[[], float], idle_timeout_s: float, trust: TrustBook | None = None,
-                 call_timeout_s: float = 600.0) -> None:
+                 call_timeout_s: float = 600.0, delivery: ReceiptDelivery | None = None,
+                 ack_timeout_s: float = 15.0) -> None:
         self.machine = machine
         self._framed = framed
         self._receipts = receipts
+        self._delivery = delivery
+        self._ack_timeout = ack_timeout_s
         self._trust = trust
         self._clock = clock
         self._idle = idle_timeout_s
@@ -100,8 +110,51 @@ class ConsumerSessionHandle:
             events = self.machine.receive(msg, self.now())
         except protocol.RemoteProtocolError as exc:
             raise ProviderMisbehaved(exc) from exc
-        await self._framed.send_all(self.machine.outgoing())
+        settled = [e.receipt for e in events if isinstance(e, ReceiptSettled)]
+        for receipt in settled:  # kept before the counter-signature leaves: never only in memory
+            with trio.CancelScope(shield=True):
+                await self._keep(receipt)
+        try:
+            await self._framed.send_all(self.machine.outgoing())
+        except StreamClosed as exc:
+            if not settled:  # a counter-signature that did not leave is in doubt: _confirm sees to it
+                raise ProviderFailed(f"the provider closed the session ({exc})") from exc
         return events
+
+    async def _keep(self, receipt: protocol.Receipt) -> None:
+        if self._delivery is not None:
+            await self._delivery.add(receipt, self.machine.channel.expires_at)
+        if self._receipts is not None:
+            await self._receipts.put(receipt, "consumer")
+
+    async def _confirm(self, receipt: protocol.Receipt) -> None:
+        """Wait for the provider's acknowledgement of ``receipt``; without it within the bound,
+        redeliver it at once on the receipt protocol.
+
+        Raises:
+            SettlementUnconfirmed: neither came; the receipt stays queued for resending.
+        """
+        cause: SessionError | None = None
+        deadline = trio.current_time() + self._ack_timeout
+        try:
+            while True:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise ProviderFailed(f"no acknowledgement within {self._ack_timeout:g}s")
+                for event in await self._next(left):
+                    if isinstance(event, CountersignConfirmed) and event.receipt == receipt:
+                        if self._delivery is not None:
+                            with trio.CancelScope(shield=True):
+                                await self._delivery.delivered(receipt)
+                        return
+                    if isinstance(event, SessionClosed):
+                        raise ProviderFailed(f"the provider closed the session ({event.close.reason}) before "
+                                             "acknowledging the counter-signature")
+        except SessionError as exc:
+            cause = exc
+        if self._delivery is not None and await self._delivery.confirm_now(receipt):
+            return
+        raise SettlementUnconfirmed(receipt, cause, queued=self._delivery is not None)
 
     async def call(self, messages: list[dict[str, str]], max_tokens: int, *, temperature_milli: int = 1000,
                    top_p_milli: int = 1000, stop: tuple[str, ...] = (),
@@ -112,6 +165,8 @@ class ConsumerSessionHandle:
         Raises:
             CallRefused: the provider refused this call (reason code); nothing is charged.
             ProviderFailed, ProviderMisbehaved: the call failed; nothing was counter-signed for it.
+            SettlementUnconfirmed: the answer was counter-signed but the provider has not confirmed
+                it (no ack, and an immediate redelivery failed); the receipt will be resent.
             protocol.SpendLimitReached: the session's budget is spent.
         """
         async with self._lock:
@@ -153,8 +208,7 @@ class ConsumerSessionHandle:
                 elif isinstance(event, CallFailed):
                     raise CallRefused(event.error.reason, event.error.detail)
                 elif isinstance(event, ReceiptSettled):
-                    if self._receipts is not None:
-                        await self._receipts.put(event.receipt, "consumer")
+                    await self._confirm(event.receipt)  # done only once the provider holds it
                     duration = trio.current_time() - start
                     return CallResult(event.text, event.receipt.finish_reason, event.receipt,
                                       first if first is not None else duration, duration)
@@ -211,6 +265,8 @@ async def open_session(
     call_timeout_s: float = 600.0,
     trust: TrustBook | None = None,
     withdraw_on_reject: bool = False,
+    delivery: ReceiptDelivery | None = None,
+    ack_timeout_s: float = 15.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
 
@@ -232,7 +288,8 @@ async def open_session(
                                max_context=max_context, receipts=receipts, clock=clock, tier=tier,
                                batch_calls=batch_calls, open_timeout_s=open_timeout_s,
                                idle_timeout_s=idle_timeout_s, call_timeout_s=call_timeout_s, trust=trust,
-                               withdraw_on_reject=withdraw_on_reject) as handle:
+                               withdraw_on_reject=withdraw_on_reject, delivery=delivery,
+                               ack_timeout_s=ack_timeout_s) as handle:
         yield handle
 
 
@@ -257,6 +314,8 @@ async def open_session_on(
     call_timeout_s: float = 600.0,
     trust: TrustBook | None = None,
     withdraw_on_reject: bool = False,
+    delivery: ReceiptDelivery | None = None,
+    ack_timeout_s: float = 15.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """``open_session`` on a stream already open to ``provider`` (anything with libp2p's
     ``read``/``write``/``close``/``reset``); the stream is closed when the block ends.
@@ -265,6 +324,9 @@ async def open_session_on(
         price, max_context: the terms of the listed offer the session answers.
         withdraw_on_reject: after a Reject, offer the provider a close of the channel (when the
             channel was opened for this session only): the refusal then locks nothing.
+        delivery: where counter-signed receipts wait for the provider's acknowledgement (default:
+            the queue attached to ``receipts``, ``_delivery.attach``). ack_timeout_s: how long a
+            call waits for that acknowledgement before redelivering at once.
 
     Raises:
         SessionRejected: the provider said no (reason code). ProviderFailed: it went away or
@@ -277,7 +339,9 @@ async def open_session_on(
     machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
                               listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit,
                               max_context=max_context, tier=tier, batch_calls=batch_calls)
-    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust, call_timeout_s)
+    delivery = delivery if delivery is not None else delivery_for(receipts)
+    handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust, call_timeout_s,
+                                   delivery, ack_timeout_s)
     try:
         try:
             machine.open(handle.now())
@@ -291,6 +355,8 @@ async def open_session_on(
                         await handle.withdraw()
                     raise SessionRejected(event.reject.reason, event.reject.detail, event.reject.retry_after_s)
                 assert isinstance(event, Accepted)
+            if delivery is not None:
+                delivery.wake(provider)  # we reach it again: what it has not acknowledged goes now
         except SessionError as exc:  # the open failed: what it teaches about the provider is recorded here
             learn(trust, provider, exc)
             raise
