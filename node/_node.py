@@ -26,7 +26,7 @@ import multiaddr
 import trio
 
 import protocol
-from protocol import SESSION_PROTOCOL
+from protocol import RECEIPT_PROTOCOL, SESSION_PROTOCOL
 from wallet import EscrowAgent, Identity, Ledger
 
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
@@ -34,10 +34,12 @@ from ._config import NodeConfig, load_config, save_offers
 from ._home import Home, private_file
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
+from .consumer._delivery import ReceiptDelivery, attach
 from .escrow import EscrowClient, EscrowOps, serve_escrow
 from .net import Market, MarketConfig, PeerInfo, connection_manager, open_host, open_market, parse_peer_addr, peer_addrs
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
+from .provider._receipt_intake import ReceiptIntake
 from .provider._storefront import Storefront
 from .provider.backends import Backend, open_backend
 
@@ -261,6 +263,8 @@ async def open_node(
                 open_market(host, identity, market_config, clock=wall_clock,
                             keep_score=lambda peer: trust.get(peer).score) as market:
             receipts = ReceiptStore(home.path / "receipts.db", wall_clock)
+            delivery = ReceiptDelivery(home.path / "receipts.db", wall_clock)  # receipts in doubt, resent
+            attach(receipts, delivery)
             client = EscrowClient(host, agent, market.dht, wall_clock)
             escrow_ops = EscrowOps(identity, client, wall_clock)
             storefront = Storefront(
@@ -285,6 +289,8 @@ async def open_node(
                         await nursery.start(serve_escrow, host, agent, wall_clock)
                     await nursery.start(provider.serve_settlement)
                     host.set_stream_handler(SESSION_PROTOCOL, provider.handle)
+                    host.set_stream_handler(RECEIPT_PROTOCOL, ReceiptIntake(provider).handle)
+                    await nursery.start(delivery.serve, host)
                     await nursery.start(node.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
                     nursery.start_soon(_observe_uptime, node)
@@ -302,6 +308,7 @@ async def open_node(
             finally:
                 with trio.CancelScope(shield=True):
                     await storefront.aclose()
+                    delivery.close()
                     receipts.close()
     finally:
         trust.close()
