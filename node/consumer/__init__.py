@@ -2,7 +2,8 @@
 
     _trust            TrustBook: this node's own scores and speed figures per provider (sqlite)
     _routing          which providers to try, in which order (pure: rows, stats and rng come in)
-    _failures         SessionError and its kinds; learn: what each failure teaches trust
+    _failures         SessionError and its kinds; fault: whose fault a failure is; learn: what it teaches trust
+    _pacing           Pacing: this node's own bound on sessions at once per provider, the rest queued (Busy)
     _reach            reach: dial a provider before money is locked for it
     _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
     _renter           Renter: rank, open an escrow channel, run the session with failover, settle
@@ -15,7 +16,8 @@ Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
 """
 
 from ._held_sessions import HeldSessions, UnknownSession
-from ._renter import Renter, RentError, estimate_prompt_tokens
+from ._pacing import Busy, Pacing
+from ._renter import AtCapacity, Renter, RentError, estimate_prompt_tokens
 from ._results import Attempt, Completion, ProviderRow, SessionInfo, SessionSummary
 from ._routing import SORTS, Candidate, Preferences, rank
 from ._session_client import (
@@ -32,7 +34,9 @@ from ._session_client import (
 from ._trust import ProviderStats, TrustBook
 
 __all__ = [
+    "AtCapacity",
     "Attempt",
+    "Busy",
     "CallRefused",
     "CallResult",
     "Candidate",
@@ -42,6 +46,7 @@ __all__ = [
     "HeldSessions",
     "open_session",
     "open_session_on",
+    "Pacing",
     "Preferences",
     "ProviderFailed",
     "ProviderMisbehaved",

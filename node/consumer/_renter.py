@@ -1,11 +1,15 @@
 """Renting from the market on this node's behalf: rank the providers of a model (``_routing``),
 open an escrow channel with an agent the chosen provider accepts, run the session, settle, and
-learn (``_trust``). A refused, failed or timed-out call moves on to the next candidate within
-the same request (``allow_fallbacks``); a failed attempt is never paid — nothing was
-counter-signed. Money is locked only for a provider already dialled, and a failed attempt's
-channel is closed at once when the provider co-signs (after a Reject or a refused call: the
-session's end offers it); otherwise it returns to this node when it expires (run channels live
-ten minutes)."""
+learn (``_trust``, each failure attributed by ``_failures.fault``). A refused, failed or timed-out
+call moves on to the next candidate within the same request (``allow_fallbacks``); a failed
+attempt is never paid — nothing was counter-signed. Each attempt first takes one of this node's
+slots for the provider (``_pacing``: at most what it lists it serves at once, the rest queued,
+bounded, with a deadline), then dials it, and only then locks money for it, so an attempt that
+will not run opens no channel. A failed attempt's channel is closed at once when the provider
+co-signs (after a Reject or a refused call: the session's end offers it); otherwise it returns to
+this node when it expires (run channels live ten minutes). When every provider tried was at
+capacity (ours or theirs) the request fails with ``AtCapacity`` (HTTP 429, Retry-After); every
+attempt's error names its cause and whose fault it was."""
 
 from __future__ import annotations
 
@@ -27,14 +31,17 @@ from .._contracts import Contract, active_contract
 from .._errors import RemoteError
 from .._receipts import ReceiptStore
 from ..escrow._ops import EscrowOps
+from ..net._dial import describe
 from ..net._market import Market
+from ._failures import CAPACITY, SessionRejected, fault
+from ._pacing import RETRY_AFTER_S, Busy, Pacing
 from ._request_check import check_call
 from ._results import Attempt, Completion
 from ._routing import Candidate, Preferences, rank
 from ._session_client import ConsumerSessionHandle, SessionError, open_session, reach
 from ._trust import TrustBook
 
-__all__ = ["RentError", "Renter", "estimate_prompt_tokens"]
+__all__ = ["RentError", "AtCapacity", "Renter", "estimate_prompt_tokens"]
 
 _logger = logging.getLogger(__name__)
 _RUN_CHANNEL_S = 600
@@ -50,6 +57,36 @@ class RentError(RemoteError):
         self.attempts = tuple(attempts)  # the providers tried, each with its error
 
 
+class AtCapacity(RentError):
+    """Every provider tried was at capacity — this node already ran as many sessions with it as it
+    serves (``_pacing.Busy``), or it refused for capacity or its rate limit. Nothing was paid;
+    trying again after ``retry_after_s`` may work."""
+
+    def __init__(self, message: str, attempts: tuple[Attempt, ...] = (), retry_after_s: int = RETRY_AFTER_S) -> None:
+        super().__init__(message, attempts)
+        self.retry_after_s = retry_after_s
+
+
+def _named(exc: BaseException) -> str:
+    """``exc``'s message, never without its cause (a bare ``…: `` gets the cause's type and text)."""
+    text = str(exc).strip()
+    if not text or text.endswith(":"):
+        cause = exc.__cause__ or exc.__context__
+        text = f"{text} {describe(cause) if cause is not None else type(exc).__name__}".strip()
+    return text
+
+
+def _failed(model: str, attempts: list[Attempt], retry_after_s: int, opening: bool = False) -> RentError:
+    """The error for a request every attempt of which failed: ``AtCapacity`` when all were at capacity."""
+    causes = "; ".join(f"{a.provider}: {a.error}" if opening else str(a.error) for a in attempts)
+    if attempts and all(a.fault == CAPACITY for a in attempts):
+        return AtCapacity(f"every provider of {model!r} is at capacity: {causes}", tuple(attempts),
+                          max(retry_after_s, RETRY_AFTER_S))
+    if opening:
+        return RentError(f"no provider of {model!r} accepted a session: {causes}", tuple(attempts))
+    return RentError(f"every provider of {model!r} failed: {causes}", tuple(attempts))
+
+
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
     """The most prompt tokens a call of ``messages`` can be billed (``protocol.prompt_token_bound``)."""
     return protocol.prompt_token_bound((m["role"], m["content"]) for m in messages)
@@ -60,7 +97,8 @@ class Renter:
 
     def __init__(self, market: Market, escrow: EscrowOps, local_agent: EscrowAgent | None,
                  receipts: ReceiptStore, trust: TrustBook, clock: WallClock = SYSTEM_WALL_CLOCK,
-                 rng: random.Random | None = None, contracts: tuple[Contract, ...] = ()) -> None:
+                 rng: random.Random | None = None, contracts: tuple[Contract, ...] = (),
+                 pacing: Pacing | None = None) -> None:
         self.market = market
         self.escrow = escrow
         self.local_agent = local_agent
@@ -69,6 +107,7 @@ class Renter:
         self.clock = clock
         self.rng = rng or random.Random()
         self.contracts = contracts  # fixed-rate contracts this node holds as a client
+        self.pacing = pacing or Pacing()  # this node's own bound on sessions at once per provider
 
     async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
         rows = self.market.view.rows(self.market.now(), model)
@@ -141,6 +180,7 @@ class Renter:
         session handle records each outcome).
 
         Raises:
+            AtCapacity: every provider tried was at capacity (ours or theirs); retry later.
             RentError: nobody could serve it (with every attempt's error).
             EscrowRefused / EscrowUnreachable: no channel could be opened (e.g. not enough credits).
             protocol.SpendLimitReached: ``budget`` is below what one call may cost.
@@ -154,6 +194,7 @@ class Renter:
         if budget is not None and all(budget < protocol.call_cost(c.terms, 1, 1) for c in ranked[:_MAX_ATTEMPTS]):
             raise protocol.SpendLimitReached(f"a budget of {budget} µc pays for no call at these providers' prices")
         attempts: list[Attempt] = []
+        retry_after = 0
         for c in ranked[:_MAX_ATTEMPTS]:
             streamed = False
 
@@ -166,11 +207,19 @@ class Renter:
             try:
                 # ranked on this very request: its expected cost is one full call at the session's terms
                 budget_here = budget if budget is not None else c.expected_cost
-                async with self._session(c, model, budget_here, _RUN_CHANNEL_S) as (session, channel):
+                async with self.pacing.slot(c), \
+                        self._session(c, model, budget_here, _RUN_CHANNEL_S) as (session, channel):
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
                                                 top_p_milli=top_p_milli, stop=stop, on_text=relay)
+            except Busy as exc:  # nothing was dialled or locked for it
+                attempts.append(Attempt(c.provider, str(exc), CAPACITY))
+                retry_after = max(retry_after, exc.retry_after_s)
+                _logger.info("not calling %s: %s", c.provider, exc)
+                continue
             except SessionError as exc:
-                attempts.append(Attempt(c.provider, str(exc)))
+                attempts.append(Attempt(c.provider, _named(exc), fault(exc)))
+                if isinstance(exc, SessionRejected):
+                    retry_after = max(retry_after, exc.retry_after_s)
                 _logger.info("call to %s failed (%s); %s", c.provider, exc,
                              "trying the next provider" if not streamed else "not retried: text was already streamed")
                 if streamed:  # the caller has seen part of an answer: starting over elsewhere would mix two
@@ -180,8 +229,7 @@ class Renter:
                               finish_reason=result.finish_reason, receipt=result.receipt,
                               latency_ms=int((trio.current_time() - started) * 1000), channel=channel,
                               attempts=(*attempts, Attempt(c.provider)))
-        raise RentError(f"every provider of {model!r} failed: " + "; ".join(str(a.error) for a in attempts),
-                        tuple(attempts))
+        raise _failed(model, attempts, retry_after)
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, prefs: Preferences = Preferences(), escrow: str | None = None,
@@ -194,15 +242,22 @@ class Renter:
         ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow, tier=tier,
                                        batch_calls=batch_calls)
         attempts: list[Attempt] = []
+        retry_after = 0
         for c in ranked[:_MAX_ATTEMPTS]:
             async with AsyncExitStack() as stack:
                 try:  # fail over only while opening: errors inside the caller's block are the caller's
+                    await stack.enter_async_context(self.pacing.slot(c))  # held for the session's life
                     handle, channel = await stack.enter_async_context(
                         self._session(c, model, budget, ttl_s))
+                except Busy as exc:
+                    attempts.append(Attempt(c.provider, str(exc), CAPACITY))
+                    retry_after = max(retry_after, exc.retry_after_s)
+                    continue
                 except SessionError as exc:
-                    attempts.append(Attempt(c.provider, str(exc)))
+                    attempts.append(Attempt(c.provider, _named(exc), fault(exc)))
+                    if isinstance(exc, SessionRejected):
+                        retry_after = max(retry_after, exc.retry_after_s)
                     continue
                 yield handle, c.listing, channel
                 return
-        raise RentError(f"no provider of {model!r} accepted a session: "
-                        + "; ".join(f"{a.provider}: {a.error}" for a in attempts), tuple(attempts))
+        raise _failed(model, attempts, retry_after, opening=True)

@@ -18,10 +18,13 @@ __all__ = ["Attempt", "Completion", "ProviderRow", "SessionInfo", "SessionSummar
 
 @dataclasses.dataclass(frozen=True)
 class Attempt:
-    """One provider tried for a call: ``error`` is None for the one that served it."""
+    """One provider tried for a call: ``error`` is None for the one that served it; ``fault`` says
+    whose fault a failure was (``_failures.fault``: provider, violation, listing, capacity, ours,
+    third_party, stale)."""
 
     provider: str
     error: str | None = None
+    fault: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Completion:
             doc["escrow"] = {"agent": self.channel.agent, "channel_id": self.channel.channel_id.hex(),
                              "cap": self.channel.cap}
         if self.attempts:
-            doc["attempts"] = [{"provider": a.provider, "error": a.error} for a in self.attempts]
+            doc["attempts"] = [{"provider": a.provider, "error": a.error, "fault": a.fault} for a in self.attempts]
         if self.session_id is not None:
             doc["session_id"] = self.session_id
         return doc
