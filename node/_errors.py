@@ -11,9 +11,11 @@ closings or breakages.
     │   ├── DaemonNotRunning         no ready daemon for this home
     │   ├── QueueFull                this provider has no room for another job of that model
     │   ├── QueueTimeout             a job waited past its deadline for a slot
+    │   ├── Busy                     [refused] this node runs all a provider serves at once; no slot came in time
     │   └── BackendError             this node's model backend could not serve (load failure, upstream error)
     └── RemoteError                  the fault is on the far side: a peer refused, or it (or the network) broke
         ├── RentError                no provider could be rented: none offers the model, or all failed (.attempts)
+        │   └── AtCapacity           [refused] every provider tried was at capacity, ours or theirs (.retry_after_s)
         ├── SessionError             a session with a provider failed; the failing call is not paid
         │   ├── SessionRejected      [refused] the provider said no to the session (.reason, .retry_after_s)
         │   ├── CallRefused          [refused] the provider said no to the call (.reason)
@@ -28,7 +30,7 @@ closings or breakages.
 it. [broken]: the peer or the network ended it mid-way. Nothing else is either.
 
 The first six classes live here. Every other one lives beside the code that raises it
-(``consumer/_session_client``, ``consumer/_renter``, ``consumer/_held_sessions``, ``escrow/_ops``,
+(``consumer/_failures``, ``consumer/_renter``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
 ``escrow/_client``, ``net/_streams``, ``provider/_queue``, ``provider/backends/_base``, ``_home``,
 ``_daemon_files``) and only its base comes from here, so this module imports nothing: ``node.net``
 and the light ``node/__init__`` may both use it.

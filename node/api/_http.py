@@ -44,7 +44,8 @@ from .._daemon_files import DaemonNotRunning
 from .._errors import InvalidRequest, NotAuthorized, NotFound
 from .._home import ConfigError
 from ..consumer._held_sessions import UnknownSession
-from ..consumer._renter import RentError
+from ..consumer._pacing import Busy
+from ..consumer._renter import AtCapacity, RentError
 from ..consumer._routing import SORTS
 from ..consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected
 from ..escrow._client import EscrowUnreachable
@@ -98,6 +99,11 @@ class Problem:
     code: str | None
     message: str
     param: str | None = None  # the offending request field (OpenAI's ``param``)
+    retry_after_s: int | None = None  # sent as ``Retry-After`` (a 429: when trying again may work)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +115,13 @@ class _Row:
     when: Callable[[Any], bool] | None = None  # a narrower case of ``error``, tried before the general row
     prefix: str = ""  # put before the exception's own message
     param: str | None = None
+    retry_after: Callable[[Any], int] | None = None  # seconds, read off the exception
 
     def problem(self, exc: BaseException) -> Problem:
         code = self.code if isinstance(self.code, str) else self.code(exc)
         param = exc.field if isinstance(exc, InvalidRequest) else self.param
-        return Problem(self.status, self.type, code, self.prefix + str(exc), param)
+        retry = max(1, int(self.retry_after(exc))) if self.retry_after is not None else None
+        return Problem(self.status, self.type, code, self.prefix + str(exc), param, retry)
 
 
 # One status per case. First match wins, so a subclass (or a ``when`` case) comes before its base.
@@ -137,6 +145,10 @@ TABLE: tuple[_Row, ...] = (
     _Row(EscrowRefused, 409, "escrow_refused", lambda e: e.code, prefix="the escrow agent refused: "),
     # the agent is a service this node depends on and it is not there now; retrying may work: 503
     _Row(EscrowUnreachable, 503, "escrow_unreachable", "escrow_unreachable"),
+    # at capacity: every provider tried was busy (this node's own bound for it, or its refusal), or
+    # this node's queue for one is full: 429 with Retry-After, as for any rate limit
+    _Row(AtCapacity, 429, "rate_limit_error", "capacity", retry_after=lambda e: e.retry_after_s),
+    _Row(Busy, 429, "rate_limit_error", "capacity", retry_after=lambda e: e.retry_after_s),
     # providers: someone was tried and every one failed -> 502 (a gateway's upstream failed); nobody
     # offers the model within the preferences -> 404, OpenAI's model_not_found
     _Row(RentError, 502, "provider_error", "providers_failed", when=lambda e: bool(e.attempts)),
@@ -203,7 +215,7 @@ def endpoint(fn: Handler, shape: Shape, token: str | None) -> Handler:
             result = await fn(request)
         except Exception as exc:
             problem = problem_of(exc)
-            return JSONResponse(shape(problem), status_code=problem.status)
+            return JSONResponse(shape(problem), status_code=problem.status, headers=problem.headers)
         return result if isinstance(result, (Response, EventStream)) else JSONResponse(result)
 
     return handler

@@ -21,7 +21,8 @@ from node._home import ConfigError
 from node.api import build_app
 from node.api._http import TABLE, problem_of
 from node.consumer._held_sessions import UnknownSession
-from node.consumer._renter import RentError
+from node.consumer._pacing import Busy
+from node.consumer._renter import AtCapacity, RentError
 from node.consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionRejected
 from node.escrow._client import EscrowUnreachable
 from node.escrow._ops import EscrowRefused
@@ -56,6 +57,8 @@ CASES = [
     (BackendError("upstream answered 500"), 502, "backend_error"),
     (DaemonNotRunning("no running node"), 503, "daemon_not_running"),
     (ConfigError("config.toml: [node] must be a table"), 500, "config_error"),
+    (AtCapacity("every provider of 'm' is at capacity", retry_after_s=3), 429, "capacity"),
+    (Busy("capacity: 4 sessions run, 128 wait"), 429, "capacity"),
 ]
 BUGS = [ValueError("a secret-looking detail"), TypeError("a secret-looking detail"), KeyError("secret"),
         ExceptionGroup("one", [ValueError("a secret-looking detail")])]
