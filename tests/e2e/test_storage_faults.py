@@ -2,13 +2,20 @@
 start stops money operations with one clear line to the client and one in the agent's log (no
 traceback, no crash); `node escrow check` says so with the node stopped (and refuses while it
 runs) and restores the latest backup, keeping the damaged file aside, with every balance back.
+A disk that refuses the ledger's writes is one error line in the agent's log per episode and a
+refusal that says so to a remote client, not a dropped stream; nothing is half-applied.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
+import threading
 
-from tests.e2e.daemons import Daemon
+from tests.e2e.daemons import ROOT, Daemon, node_env, poll
 from tests.wallet.test_ledger_integrity import damage_table_page
 from wallet import list_ledger_backups
 
@@ -58,3 +65,54 @@ def test_a_damaged_ledger_page_refuses_money_clearly_and_escrow_check_restores_e
     balance = json.loads(consumer.cli("wallet", "balance", "--escrow", agent.addr, "--json").stdout)
     assert (balance["available"], balance["locked"]) == (5_000_000, 0)
     consumer.cli("escrow", "open", "--escrow", agent.addr, "--provider", aid, "--amount", "1", "--expires", "1h")
+
+
+class PipedDaemon(Daemon):
+    """A daemon whose output goes to a pipe (``lines``), not a file: a file size limit set on it
+    (``RLIMIT_FSIZE``) then stops its ledger's writes and never its log."""
+
+    def start(self) -> None:
+        self.lines: list[str] = []
+        self.log = open(os.devnull, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "start", "--home", str(self.home), "--listen", "/ip4/127.0.0.1/tcp/0",
+             *self.extra],
+            cwd=ROOT, env=node_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True)
+        threading.Thread(target=lambda out: self.lines.extend(out), args=(self.proc.stdout,), daemon=True).start()
+        self.info = poll(self._ready, 60, f"daemon in {self.home} to be ready")
+
+    def limit_file_size(self, size: int) -> None:
+        resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+
+def test_a_disk_refusing_the_ledgers_writes_is_logged_once_and_told_to_the_client(daemons):
+    """The file size limit makes the write-ahead log's next append fail (``EFBIG``, which SQLite
+    reports as an I/O error: ``storage_error``; a full disk's ``ENOSPC`` is ``storage_full``, as
+    tests/wallet/test_ledger_integrity.py shows with SQLite's own size limit)."""
+    tmp_path, started = daemons
+    agent = PipedDaemon(tmp_path / "agent", "--escrow")
+    started.append(agent)
+    consumer = Daemon(tmp_path / "consumer", "--bootstrap", agent.addr)
+    started.append(consumer)
+    aid, cid = agent.info["peer_id"], consumer.info["peer_id"]
+    agent.cli("escrow", "mint", "--to", cid, "--amount", "5")
+
+    agent.limit_file_size((agent.home / "escrow.db-wal").stat().st_size)  # no file may grow: the disk is "full"
+    for _ in range(3):
+        refused = consumer.cli("escrow", "open", "--escrow", agent.addr, "--provider", aid, "--amount", "1",
+                               "--expires", "1h", check=False)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+        assert "storage_error" in refused.stderr and "nothing was applied" in refused.stderr, refused.stderr
+    assert json.loads(consumer.cli("wallet", "balance", "--escrow", agent.addr, "--json").stdout)["available"] == \
+        5_000_000  # reads still answer
+    agent.limit_file_size(resource.RLIM_INFINITY)
+    consumer.cli("escrow", "open", "--escrow", agent.addr, "--provider", aid, "--amount", "1", "--expires", "1h")
+    assert agent.stop() == 0
+
+    log = "".join(agent.lines)
+    assert log.count("escrow ledger cannot write") == 1 and log.count("writes again") == 1, log
+    assert "Traceback" not in log, log
+    doc = json.loads(agent.cli("escrow", "check", "--json").stdout)
+    assert doc["ok"] and doc["totals"] == {"minted": 5_000_000, "withdrawn": 0, "available": 4_000_000,
+                                           "locked": 1_000_000}
