@@ -1,6 +1,7 @@
 """The escrow role, both ends of ``protocol.ESCROW_PROTOCOL``.
 
-    _service   the agent: answers signed requests with ``wallet.EscrowAgent``'s rules, sweeps expiries
+    _service   the agent: answers signed requests with ``wallet.EscrowAgent``'s rules, sweeps expiries,
+               checks the ledger's integrity and backs it up on a schedule
     _client    EscrowClient: one signed request to an agent (this node's own without a stream)
     _ops       EscrowOps: the operations a node asks for (mint, open, claim, close, budgets…)
     _results   what they give back, typed: ChannelInfo, BudgetInfo, WalletBalance, Settlement, …
