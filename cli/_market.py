@@ -235,13 +235,15 @@ COMMANDS.append(demo)
 @click.option("--period", default="30d", show_default=True, help="how far back: 90m, 12h, 30d…")
 @click.option("--by", type=click.Choice(["model", "client", "hour"]), default="model", show_default=True)
 def earnings(home: str | None, as_json: bool, period: str, by: str) -> None:
-    """What this node earned serving, claimed from escrow vs still pending."""
+    """What this node earned serving; what escrow agents confirmed paying; what is still pending."""
     doc = DaemonClient(home).request("GET", "/api/v1/earnings", params={"period": period, "by": by})
     if as_json:
         emit_json(doc)
         return
-    click.echo(f"last {doc['period']}: earned {protocol.format_credits(doc['total'])} credits "
-               f"(claimed {protocol.format_credits(doc['claimed'])}, pending {protocol.format_credits(doc['pending'])})")
+    click.echo(f"last {doc['period']}: earned {protocol.format_credits(doc['total'])} credits; "
+               f"paid by escrow {protocol.format_credits(doc['claimed'])}"
+               + (f", forfeited {protocol.format_credits(doc['forfeited'])}" if doc.get("forfeited") else "")
+               + f"; pending now {protocol.format_credits(doc['pending'])}")
     table = Table(by, "earned")
     for key, amount in doc["by"].items():
         table.add_row(key, protocol.format_credits(amount))

@@ -106,21 +106,31 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
 @home_option
 @json_option
 @click.argument("session", required=False)
-def receipts(home: str | None, as_json: bool, session: str | None) -> None:
-    """Every receipt this node keeps, with both signatures and its chain link."""
-    rows = DaemonClient(home).request("GET", "/api/v1/receipts", params={"session": session} if session else {})
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="receipts per page")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="skip this many newest first")
+def receipts(home: str | None, as_json: bool, session: str | None, limit: int, offset: int) -> None:
+    """The receipts this node keeps, newest first, with both signatures and chain links (one page)."""
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if session:
+        params["session"] = session
+    doc = DaemonClient(home).request("GET", "/api/v1/receipts", params=params)
     if as_json:
-        emit_json(rows)
+        emit_json(doc)
         return
+    rows = doc["receipts"]
     if not rows:
-        click.echo("no receipts", err=True)
+        click.echo(f"no receipts{' at this offset' if doc['total'] else ''} ({doc['total']} in all)", err=True)
         return
-    table = Table("receipt", "session", "#", "role", "model", "tokens", "cost", "cumulative", "prev")
+    table = Table("receipt", "session", "#", "role", "model", "tokens", "cost", "cumulative", "prev", "settled")
     for r in rows:
+        settled = "paid" if r["claimed"] else "forfeited" if r.get("forfeited") else ""
         table.add_row(r["receipt_id"][:12], r["session_id"][:8], str(r["call_seq"]), r["role"], r["model"],
                       f"{r['tokens_in']}+{r['tokens_out']}", protocol.format_credits(r["cost"]),
-                      protocol.format_credits(r["cumulative"]), r["prev_hash"][:8])
+                      protocol.format_credits(r["cumulative"]), r["prev_hash"][:8], settled)
     Console().print(table)
+    shown = f"{offset + 1}–{offset + len(rows)} of {doc['total']}"
+    click.echo(f"receipts {shown}; more with --offset {offset + len(rows)}" if doc["has_more"] else f"receipts {shown}",
+               err=True)
 
 
 @click.group()

@@ -12,7 +12,8 @@ closings or breakages.
     │   ├── QueueFull                this provider has no room for another job of that model
     │   ├── QueueTimeout             a job waited past its deadline for a slot
     │   ├── Busy                     [refused] this node runs all a provider serves at once; no slot came in time
-    │   └── BackendError             this node's model backend could not serve (load failure, upstream error)
+    │   ├── BackendError             this node's model backend could not serve (load failure, upstream error)
+    │   └── ReceiptStoreError        receipts.db could not be opened, read or written (full disk, read-only file)
     └── RemoteError                  the fault is on the far side: a peer refused, or it (or the network) broke
         ├── RentError                no provider could be rented: none offers the model, or all failed (.attempts)
         │   └── AtCapacity           [refused] every provider tried was at capacity, ours or theirs (.retry_after_s)
@@ -32,7 +33,7 @@ it. [broken]: the peer or the network ended it mid-way. Nothing else is either.
 The first six classes live here. Every other one lives beside the code that raises it
 (``consumer/_failures``, ``consumer/_renter``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
 ``escrow/_client``, ``net/_streams``, ``provider/_queue``, ``provider/backends/_base``, ``_home``,
-``_daemon_files``) and only its base comes from here, so this module imports nothing: ``node.net``
+``_daemon_files``, ``_receipts``) and only its base comes from here, so this module imports nothing: ``node.net``
 and the light ``node/__init__`` may both use it.
 
 Rules: a lower-layer exception (trio, libp2p, sqlite, pydantic, a ValueError from parsing a

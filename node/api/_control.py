@@ -390,12 +390,15 @@ def _renting_routes(service: "Node") -> Routes:
         return await trio.to_thread.run_sync(stats, service)
 
     async def receipts(request: Request) -> Any:
-        session = request.query_params.get("session")
+        """One page of receipts, newest first: ``limit`` (1 to 1000, default 50) from ``offset``."""
+        q = request.query_params
+        session = q.get("session")
         try:
             sid = bytes.fromhex(session) if session else None
         except ValueError as exc:
             raise InvalidRequest("session must be hex", "session") from exc
-        return await trio.to_thread.run_sync(service.receipts.list, sid)
+        limit, offset = _count(q.get("limit"), "limit", 50, 1, 1000), _count(q.get("offset"), "offset", 0, 0, 10**12)
+        return (await trio.to_thread.run_sync(lambda: service.receipts.page(sid, limit, offset))).to_json()
 
     return [
         ("POST", "/api/v1/run", run),
@@ -406,6 +409,19 @@ def _renting_routes(service: "Node") -> Routes:
         ("POST", "/api/v1/sessions/{session_id}/calls", session_call),
         ("DELETE", "/api/v1/sessions/{session_id}", close_session),
     ]
+
+
+def _count(value: str | None, field: str, default: int, low: int, high: int) -> int:
+    """A whole number from a query parameter, ``low`` to ``high``.
+
+    Raises:
+        InvalidRequest: not one (naming ``field``).
+    """
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise InvalidRequest(f"{field} must be a whole number from {low} to {high}", field)
+    return int(value)
 
 
 def build_app(service: "Node", token: str, openai_keyless: bool = False, hosts: tuple[str, ...] = ()) -> Starlette:

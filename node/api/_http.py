@@ -43,6 +43,7 @@ import protocol
 from .._daemon_files import DaemonNotRunning
 from .._errors import InvalidRequest, NotAuthorized, NotFound
 from .._home import ConfigError
+from .._receipts import ReceiptStoreError
 from ..consumer._held_sessions import UnknownSession
 from ..consumer._pacing import Busy
 from ..consumer._renter import AtCapacity, RentError
@@ -171,6 +172,7 @@ TABLE: tuple[_Row, ...] = (
     _Row(BackendError, 502, "server_error", "backend_error"),
     _Row(DaemonNotRunning, 503, "server_error", "daemon_not_running"),
     _Row(ConfigError, 500, "server_error", "config_error"),
+    _Row(ReceiptStoreError, 507, "server_error", "storage_error"),  # its disk is full or read-only
 )
 
 _BUG = Problem(500, "server_error", "internal_error", "internal error: the node hit a bug (its log has the details)")

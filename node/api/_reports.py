@@ -1,10 +1,14 @@
 """What a provider earns and how its node is doing: ``node earnings``, ``node stats`` and the
 Prometheus ``/metrics`` endpoint. Everything is computed from the receipts this node keeps (every
-counter-signed receipt it served) and the escrow claims recorded against them — integer µc.
+counter-signed receipt it served) and the escrow agents' confirmed claims recorded beside them
+(``ReceiptStore.record_claim``) — integer µc.
 
-- earned: the cost of every counter-signed receipt served in the period;
-- claimed: the part of it the escrow agent has paid (receipts covered by a successful claim or
-  cooperative close); pending = earned - claimed (vouchers still to be cashed).
+- total: the cost of every counter-signed receipt served in the period (``by`` splits it);
+- claimed: what escrow agents confirmed paying in the period, by their own answers (their
+  channel totals included), so over all time it equals what the agents paid this node;
+- forfeited: what was given up in the period (channels that can no longer pay);
+- pending: everything counter-signed and not yet paid or forfeited, whatever the period: what
+  the settlement worker is still collecting.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def parse_period(period: str) -> int:
 
 
 def earnings(service: "Node", period: str = "30d", by: str = "model") -> dict[str, Any]:
-    """``{period, total, claimed, pending, by: {key: amount}}`` for receipts this node served.
+    """``{period, total, claimed, pending, forfeited, by: {key: amount}}`` for receipts this node served.
 
     Raises:
         InvalidRequest: a period not like 30d, or ``by`` not one of model, client, hour.
@@ -54,13 +58,12 @@ def earnings(service: "Node", period: str = "30d", by: str = "model") -> dict[st
         raise InvalidRequest(str(exc), "period") from exc
     since = int(time.time()) - seconds
     where = "role = 'provider' AND stored_at >= ?"
-    (total, claimed), = service.receipts.query(
-        f"SELECT COALESCE(SUM(cost), 0), COALESCE(SUM(CASE WHEN claimed THEN cost ELSE 0 END), 0) FROM receipts "
-        f"WHERE {where}", (since,))
+    (total,), = service.receipts.query(f"SELECT COALESCE(SUM(cost), 0) FROM receipts WHERE {where}", (since,))
     groups = service.receipts.query(f"SELECT {_BY[by]} AS k, SUM(cost) FROM receipts WHERE {where} GROUP BY k "
                                     "ORDER BY k", (since,))
-    return {"period": period, "total": int(total), "claimed": int(claimed), "pending": int(total) - int(claimed),
-            "by": {str(k): int(v) for k, v in groups}}
+    in_period, ever = service.receipts.earnings(since), service.receipts.earnings(0)
+    return {"period": period, "total": int(total), "claimed": in_period.paid, "pending": ever.pending,
+            "forfeited": in_period.forfeited, "by": {str(k): int(v) for k, v in groups}}
 
 
 def stats(service: "Node") -> dict[str, Any]:

@@ -14,8 +14,14 @@ that counted per session could be made to work unpaid (docs/DESIGN.md, "Settleme
   receipts are claimed first, or the close is declined and the session's receipt claimed.
   While a close is in flight (``closing_channel``) no new session is admitted on the channel.
 - **Claims are due** (``due``) when a session has ended owing something, when its channel is
-  within ``margin_s`` of expiry, and every ``interval_s`` while a session runs. A failed claim
-  is retried after ``retry_s``; a channel past its expiry can no longer pay and its entries go.
+  within ``margin_s`` of expiry, and every ``interval_s`` while a session runs; at most one claim
+  per channel is in flight (so each answer's channel total follows the one before). A failed
+  claim is retried with exponential backoff (``retry_s`` doubling up to ``retry_max_s``), but
+  never later than the channel's margin before expiry while it can still pay. An entry goes
+  only when paid or on the agent's final word (``failed(final=True)``): this side's clock may
+  run ahead of the agent's, so a channel past its expiry here is still claimed (backed off).
+- **Restart.** ``load`` takes the store's unpaid receipts with their expiry unknown; ``learn``
+  sets it once the agent has said (a query or a claim's answer), so margins apply again.
 - **Bounded.** An entry exists only for a session this provider accepted on a channel its agent
   confirmed, and goes once paid (or once its channel expired); at most ``max_sessions`` are
   held (the oldest settled first, then the oldest).
@@ -48,6 +54,7 @@ class SessionDebt:
     claimed: int = 0  # cumulative µc the agent has paid for this session
     next_claim_at: int = 0  # a live session's next periodic claim (wall-clock seconds)
     retry_at: int = 0  # after a failed claim, none before this
+    failures: int = 0  # failed claims in a row (the backoff's exponent)
     claiming: bool = False
 
     @property
@@ -67,16 +74,17 @@ class SessionDebt:
 class ChannelBook:
     """Every session this provider serves or is owed for, grouped by channel."""
 
-    def __init__(self, *, interval_s: int = 30, margin_s: int = 30, retry_s: int = 5,
+    def __init__(self, *, interval_s: int = 30, margin_s: int = 30, retry_s: int = 5, retry_max_s: int = 300,
                  max_sessions: int = 100_000) -> None:
         """
         Args:
             interval_s: how often a live session's new receipts are claimed.
             margin_s: claim everything this long before a channel's expiry (and admit no call
                 after that point: ``closing``).
-            retry_s: wait this long after a failed claim before trying again.
+            retry_s, retry_max_s: after a failed claim wait ``retry_s``, doubled after each
+                further failure up to ``retry_max_s``.
         """
-        self.interval_s, self.margin_s, self.retry_s = interval_s, margin_s, retry_s
+        self.interval_s, self.margin_s, self.retry_s, self.retry_max_s = interval_s, margin_s, retry_s, retry_max_s
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[bytes, SessionDebt] = OrderedDict()
         self._by_channel: dict[bytes, set[bytes]] = {}
@@ -143,6 +151,15 @@ class ChannelBook:
             elif r.cumulative > held.signed:
                 held.last = r
 
+    def learn(self, channel_id: bytes, expires_at: int) -> None:
+        """The agent says ``channel_id`` expires at ``expires_at`` (it only ever moves later)."""
+        for debt in self.on_channel(channel_id):
+            debt.expires_at = expires_at if debt.expires_at is None else max(debt.expires_at, expires_at)
+
+    def channels_unknown(self) -> list[tuple[str, bytes]]:
+        """``(agent, channel id)`` of every channel whose expiry is not known yet (after ``load``)."""
+        return list(dict.fromkeys((d.agent, d.channel_id) for d in self._sessions.values() if d.expires_at is None))
+
     def countersigned(self, receipt: protocol.Receipt) -> None:
         debt = self._sessions.get(receipt.session_id)
         if debt is not None and receipt.cumulative > debt.signed:
@@ -164,19 +181,32 @@ class ChannelBook:
             return
         debt.claimed = max(debt.claimed, receipt.cumulative)
         debt.claiming = False
+        debt.failures = 0
+        debt.retry_at = 0
         if not debt.live and debt.owed <= 0:
             self._drop(receipt.session_id)
 
-    def failed(self, receipt: protocol.Receipt, now: int, final: bool = False) -> None:
-        """A claim of ``receipt`` did not go through: retry later, or (``final``) give it up."""
+    def failed(self, receipt: protocol.Receipt, now: int, final: bool = False) -> int:
+        """A claim of ``receipt`` did not go through: retry later (backed off), or (``final``: the
+        agent will never pay it) give it up.
+
+        Returns:
+            The wall-clock second of the next try (0 when given up or not held).
+        """
         debt = self._sessions.get(receipt.session_id)
         if debt is None:
-            return
+            return 0
         debt.claiming = False
         if final:
             self._drop(receipt.session_id)
-        else:
-            debt.retry_at = now + self.retry_s
+            return 0
+        delay = min(self.retry_max_s, self.retry_s * 2 ** min(debt.failures, 30))
+        debt.failures += 1
+        retry_at = now + delay
+        if debt.expires_at is not None and now < debt.expires_at:  # never sleep through a payable channel's margin
+            retry_at = min(retry_at, max(now + self.retry_s, debt.expires_at - self.margin_s))
+        debt.retry_at = retry_at
+        return retry_at
 
     @contextmanager
     def closing_channel(self, channel_id: bytes) -> Iterator[bool]:
@@ -208,19 +238,16 @@ class ChannelBook:
         """Sessions whose latest receipt should be claimed now (each marked as being claimed:
         ``paid`` or ``failed`` ends that)."""
         out = []
+        busy = {d.channel_id for d in self._sessions.values() if d.claiming} | self._closing
         for debt in list(self._sessions.values()):
-            if debt.claiming:
-                continue
-            if debt.expires_at is not None and now >= debt.expires_at:
-                self._drop(debt.session_id)  # the agent refunds an expired channel: nothing to claim
-                continue
+            if debt.channel_id in busy:
+                continue  # one claim per channel at a time; a close in flight pays it, or the claim follows
             if debt.owed <= 0 or now < debt.retry_at:
                 continue
             near_expiry = debt.expires_at is not None and now >= debt.expires_at - self.margin_s
             if debt.live and not near_expiry and now < debt.next_claim_at:
                 continue
-            if debt.channel_id in self._closing:
-                continue  # a cooperative close of it is in flight: it pays this debt, or the claim follows
+            busy.add(debt.channel_id)
             out.append(self.start_claim(debt, now))
         return out
 

@@ -13,9 +13,11 @@ expiry), the job queue, streamed chunks, provider-signed receipt, counter-signat
 stored. Refused or failed calls cost nothing.
 
 Getting paid (``ChannelBook``): a session is admitted only if its channel can pay it on top of
-everything else this provider may be owed on that channel; counter-signed receipts are claimed
-by ``serve_settlement`` every ``claim_interval_s`` while a session runs, before its channel's
-expiry (no call starts inside that margin), at its end, and again after a failed claim. At the
+everything else this provider may be owed on that channel; counter-signed receipts are held in
+the book (even when ``receipts.db`` cannot store them: the session then serves no further call)
+and claimed by the ``SettlementWorker`` (``_settlement``) every ``claim_interval_s`` while a
+session runs, ``claim_margin_s`` before its channel's expiry (no call starts inside that
+margin), at its end, and after a failed claim with backoff, across restarts. At the
 end, the consumer's half of a cooperative close is completed only when it settles everything
 owed on the channel; a consumer that leaves a receipt unsigned is refused for a while
 (``Admission.record_unpaid``). After a ``Reject`` the consumer may send its half of a close of
@@ -42,7 +44,7 @@ from wallet import Identity
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import active_contract
-from .._receipts import ReceiptStore
+from .._receipts import ReceiptStore, ReceiptStoreError
 from ..escrow import EscrowClient, EscrowUnreachable
 from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._admission import Admission, Refusal
@@ -50,6 +52,7 @@ from ._channels import ChannelBook, SessionDebt
 from ._health import HealthMonitor
 from ._offers import Offer
 from ._queue import JobQueue, QueueFull, QueueTimeout
+from ._settlement import SettlementWorker
 from ._sla import SlaConfig, SlaTracker
 from ._storefront import Storefront
 from .backends import Backend, BackendError
@@ -58,9 +61,6 @@ __all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
 _logger = logging.getLogger(__name__)
 OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us hold a 1 MiB frame
-# the agent's answers after which a claim can never succeed: give the receipt up (logged)
-_FINAL_REFUSALS = {"channel_expired", "channel_closed", "unknown_channel", "over_cap", "bad_receipt", "wrong_agent",
-                   "wrong_provider"}
 
 
 class ProviderService:
@@ -78,6 +78,8 @@ class ProviderService:
         wall_clock: WallClock = SYSTEM_WALL_CLOCK,
         claim_interval_s: float = 30.0,
         claim_margin_s: int = 30,
+        claim_retry_s: int = 5,
+        claim_retry_max_s: int = 300,
         max_waiting: int = 32,
         job_timeout_s: float = 120.0,
         open_timeout_s: float = 10.0,
@@ -91,6 +93,8 @@ class ProviderService:
             claim_interval_s: how often a long session's receipts are claimed while it runs.
             claim_margin_s: everything is claimed this long before a channel expires, and no
                 call starts after that point.
+            claim_retry_s, claim_retry_max_s: a failed claim is retried after ``claim_retry_s``,
+                doubling after each further failure up to ``claim_retry_max_s``.
             max_waiting, job_timeout_s: each model's job queue bounds.
             open_timeout_s, session_idle_s, countersign_timeout_s, write_timeout_s: how long a
                 consumer may keep us waiting for its Open, its next request, its counter-signature,
@@ -105,7 +109,9 @@ class ProviderService:
         self.sla = sla or SlaTracker(SlaConfig())
         self.wall_clock = wall_clock
         self.claim_interval_s = claim_interval_s
-        self.book = ChannelBook(interval_s=int(claim_interval_s), margin_s=claim_margin_s)
+        self.book = ChannelBook(interval_s=int(claim_interval_s), margin_s=claim_margin_s, retry_s=claim_retry_s,
+                                retry_max_s=claim_retry_max_s)
+        self.settlement = SettlementWorker(identity, escrow, receipts, self.book, wall_clock)
         self.max_waiting = max_waiting
         self.job_timeout_s = job_timeout_s
         self.open_timeout_s = open_timeout_s
@@ -113,7 +119,6 @@ class ProviderService:
         self.countersign_timeout_s = countersign_timeout_s
         self.write_timeout_s = write_timeout_s
         self.queues: dict[str, JobQueue] = {}
-        self._claims_due = trio.Event()
 
     @property
     def active(self) -> Any:
@@ -162,66 +167,18 @@ class ProviderService:
             self.health.record(model, ok)
         self.sla.record(model, ttft_ms, ok)
 
-    async def claim(self, receipt: protocol.Receipt) -> bool | None:
-        """Claim what ``receipt`` (doubly signed) is owed.
-
-        Returns:
-            True once the agent has paid it (now or before); None when it never will (the
-            channel expired or closed, the receipt is refused: logged); False to try again later.
-        """
-        try:
-            r = await self.escrow.call(receipt.agent, self.signed(protocol.EscrowClaim, receipt=receipt))
-        except (EscrowUnreachable, ValueError) as exc:
-            _logger.warning("claim of %s µc failed: %s", receipt.cumulative, exc)
-            return False
-        replayed_ok = r.error == "replayed" and r.detail.startswith(("already answered (ok)",
-                                                                     "already answered (already_claimed)"))
-        if r.ok or replayed_ok or r.error == "already_claimed":
-            await trio.to_thread.run_sync(self.receipts.mark_claimed, receipt)
-            return True
-        if r.error in _FINAL_REFUSALS:
-            _logger.error("claim of %s µc refused for good (%s: %s): it will not be paid", receipt.cumulative,
-                          r.error, r.detail)
-            return None
-        _logger.warning("claim refused: %s %s", r.error, r.detail)
-        return False
-
     async def claim_debt(self, debt: SessionDebt) -> bool:
-        """Claim ``debt``'s latest receipt (marked as being claimed by ``ChannelBook.start_claim``
-        or ``due``) and record the outcome in the book; True once paid."""
-        receipt = debt.last
-        if receipt is None:  # nothing signed yet: nothing to claim
-            debt.claiming = False
-            return True
-        outcome = await self.claim(receipt)
-        if outcome:
-            self.book.paid(receipt)
-        else:
-            self.book.failed(receipt, self.now(), final=outcome is None)
-        return bool(outcome)
+        """Claim ``debt``'s latest receipt now (``SettlementWorker.claim_debt``); True once paid."""
+        return await self.settlement.claim_debt(debt)
 
     def wake_settlement(self) -> None:
-        self._claims_due.set()
+        """Have the settlement worker look at what is due now (a counter-signature near expiry,
+        a session's end, a receipt delivered late)."""
+        self.settlement.wake()
 
     async def serve_settlement(self, tick_s: float = 1.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Claim what is due (``ChannelBook.due``) until cancelled: first every receipt the store
-        holds unpaid (a restart), then as sessions run, end and near their channels' expiry."""
-        rows = await trio.to_thread.run_sync(self.receipts.unclaimed, "provider")
-        self.book.load(rows)
-        task_status.started()
-        limiter = trio.CapacityLimiter(8)
-
-        async def one(debt: SessionDebt) -> None:
-            async with limiter:
-                await self.claim_debt(debt)
-
-        async with trio.open_nursery() as nursery:
-            while True:
-                for debt in self.book.due(self.now()):
-                    nursery.start_soon(one, debt)
-                with trio.move_on_after(tick_s):
-                    await self._claims_due.wait()
-                self._claims_due = trio.Event()
+        """Run the settlement worker until cancelled (``SettlementWorker.serve``)."""
+        await self.settlement.serve(tick_s, task_status=task_status)
 
 
 class _StreamSession:
@@ -236,6 +193,7 @@ class _StreamSession:
         self.weight = 1  # the tier's queue priority
         self.last_latency_ms: int | None = None
         self.walked_away = False  # the consumer stopped taking an answer while it streamed
+        self.storage_error: str | None = None  # receipts.db could not store a receipt of this session
 
     async def _flush(self) -> None:
         await self.service.send(self.framed, self.machine.outgoing())
@@ -346,8 +304,11 @@ class _StreamSession:
 
     async def _countersigned(self, receipt: protocol.Receipt) -> None:
         latency, self.last_latency_ms = self.last_latency_ms, None
-        await self.service.receipts.put(receipt, "provider", latency)
-        self.service.book.countersigned(receipt)
+        self.service.book.countersigned(receipt)  # claimed from memory even if the store cannot keep it
+        try:
+            await self.service.receipts.put(receipt, "provider", latency)
+        except ReceiptStoreError as exc:  # logged by the store; no further call is served on this session
+            self.storage_error = str(exc)
         if self.service.book.closing(self.machine.open_msg.channel, self.service.now()):  # type: ignore[union-attr]
             self.service.wake_settlement()
 
@@ -355,6 +316,8 @@ class _StreamSession:
         assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
         consumer = self.machine.open_msg.consumer
         refusal = self.service.admission.check_call(consumer, self.offer, request, trio.current_time())
+        if refusal is None and self.storage_error is not None:
+            refusal = Refusal("backend_error", f"the provider cannot store receipts: {self.storage_error}")
         if refusal is None and self.service.book.closing(self.machine.open_msg.channel, self.service.now()):
             refusal = Refusal("expired", "the escrow channel expires too soon to pay for another call")
         if refusal is not None:
@@ -427,44 +390,54 @@ class _StreamSession:
         if half is not None and half.channel_id == channel_id and half.receipt == last:
             # still live in the book while the close is tried: the settlement task leaves it alone
             with book.closing_channel(channel_id) as mine:
-                settled = mine and await self._clear_channel_for_close(sid, channel_id) \
-                    and await self._complete_close(open_msg.channel.agent, half)
-            if settled:
-                if last is not None:
-                    await trio.to_thread.run_sync(service.receipts.mark_claimed, last)
+                settled = None
+                if mine and await self._clear_channel_for_close(sid, channel_id):
+                    settled = await self._complete_close(open_msg.channel.agent, half)
+            if settled is not None:
+                await service.settlement.closed(last, settled)
                 book.channel_settled(channel_id)
                 return
         book.end(sid)
         debt = book.session(sid)
-        if debt is not None and debt.owed > 0 and not debt.claiming:
+        if debt is not None and debt.owed > 0 and not any(d.claiming for d in book.on_channel(channel_id)):
             await service.claim_debt(book.start_claim(debt, service.now()))
+        else:
+            service.wake_settlement()  # the worker claims it after the claim in flight on its channel
 
     async def _clear_channel_for_close(self, session_id: bytes, channel_id: bytes) -> bool:
         """True when a close of ``channel_id`` settling this session's receipt loses nothing: no
         other session runs on it, and every other one owed on it has been paid (claimed now)."""
         book = self.service.book
+        if any(d.claiming for d in book.on_channel(channel_id)):
+            _logger.info("cooperative close declined: a claim on the channel is in flight")
+            return False
         others = book.others(session_id, channel_id)
         if any(d.live for d in others):
             _logger.info("cooperative close declined: %d other sessions still run on the channel",
                          sum(d.live for d in others))
             return False
         for debt in others:
-            if debt.claiming or not await self.service.claim_debt(book.start_claim(debt, self.service.now())):
+            if not await self.service.claim_debt(book.start_claim(debt, self.service.now())):
                 _logger.info("cooperative close declined: another session's receipts are not paid yet")
                 return False
         return True
 
-    async def _complete_close(self, agent: str, half: protocol.EscrowClose) -> bool:
-        """Add this provider's signature to the consumer's half of a cooperative close and submit it."""
+    async def _complete_close(self, agent: str, half: protocol.EscrowClose) -> protocol.EscrowResponse | None:
+        """Add this provider's signature to the consumer's half of a cooperative close and submit it.
+
+        Returns:
+            The agent's answer once the close is done, else None (logged).
+        """
         request = protocol.sign(half, "provider_sig", self.service.identity)
         try:
             r = await self.service.escrow.call(agent, request)
         except (EscrowUnreachable, ValueError) as exc:
             _logger.warning("cooperative close failed: %s", exc)
-            return False
+            return None
         if not r.ok:
             _logger.warning("cooperative close refused: %s %s", r.error, r.detail)
-        return r.ok
+            return None
+        return r
 
     async def _release_unused(self, open_msg: Open) -> None:
         """After a Reject: if the consumer sends its half of a close of the channel it offered and
@@ -485,5 +458,5 @@ class _StreamSession:
             if not mine or service.book.on_channel(half.channel_id):
                 _logger.info("not releasing a channel this provider has sessions on")
                 return
-            if await self._complete_close(open_msg.channel.agent, half):
+            if await self._complete_close(open_msg.channel.agent, half) is not None:
                 _logger.info("released the unused channel of a refused session")

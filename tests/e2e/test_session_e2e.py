@@ -30,7 +30,7 @@ def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
     price = protocol.Price(input_per_1k=500_000, output_per_1k=1_500_000)
     assert cost == protocol.call_cost(price, usage["prompt_tokens"], usage["completion_tokens"])
 
-    (stored,) = json.loads(consumer.cli("receipts", "--json").stdout)
+    (stored,) = json.loads(consumer.cli("receipts", "--json").stdout)["receipts"]
     receipt = protocol.decode(bytes.fromhex(stored["encoded"]), expect=(protocol.Receipt,))
     assert protocol.receipt_hash(receipt).hex() == doc["cost"]["receipt_id"]
     protocol.verify(receipt, "provider_sig", protocol.public_key_from_peer_id(pid))
@@ -65,9 +65,9 @@ def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
                           capture_output=True, text=True, cwd=ROOT, env=node_env(), timeout=120)
     assert chat.returncode == 0, chat.stderr
     assert "session closed: 2 turns" in chat.stderr
-    rows = json.loads(consumer.cli("receipts", "--json").stdout)
-    chat_session = rows[-1]["session_id"]
-    turns = [r for r in rows if r["session_id"] == chat_session]
+    rows = json.loads(consumer.cli("receipts", "--json").stdout)["receipts"]  # newest first
+    chat_session = rows[0]["session_id"]
+    turns = [r for r in reversed(rows) if r["session_id"] == chat_session]
     assert [r["call_seq"] for r in turns] == [0, 1] and turns[1]["prev_hash"] == turns[0]["receipt_id"]
     for d in started:
         assert d.stop() == 0

@@ -18,6 +18,7 @@ import protocol
 from node._daemon_files import DaemonNotRunning
 from node._errors import InvalidRequest, LocalError, NodeError, NotAuthorized, NotFound, RemoteError
 from node._home import ConfigError
+from node._receipts import ReceiptStoreError
 from node.api import build_app
 from node.api._http import TABLE, problem_of
 from node.consumer._held_sessions import UnknownSession
@@ -59,6 +60,7 @@ CASES = [
     (ConfigError("config.toml: [node] must be a table"), 500, "config_error"),
     (AtCapacity("every provider of 'm' is at capacity", retry_after_s=3), 429, "capacity"),
     (Busy("capacity: 4 sessions run, 128 wait"), 429, "capacity"),
+    (ReceiptStoreError("cannot store a receipt in receipts.db: database or disk is full"), 507, "storage_error"),
 ]
 BUGS = [ValueError("a secret-looking detail"), TypeError("a secret-looking detail"), KeyError("secret"),
         ExceptionGroup("one", [ValueError("a secret-looking detail")])]

@@ -83,17 +83,17 @@ async def test_1_a_second_session_cannot_close_away_the_first_sessions_receipts(
 async def test_1b_a_zero_close_after_an_ended_session_pays_that_session_first():
     async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="h1b", claim_interval_s=3600) as rig:
         channel = await rig.open_channel(cap=100_000)
-        real_claim = rig.provider_service.claim
+        real_claim = rig.provider_service.settlement.claim
 
         async def agent_unreachable(receipt):  # the first session's end-of-session claim fails
             return False
 
-        rig.provider_service.claim = agent_unreachable
+        rig.provider_service.settlement.claim = agent_unreachable
         async with rig.session(channel, spend_limit=50_000) as first:
             owed = (await first.call(USER, 8)).receipt.cumulative
             await first.close(settle_escrow=False)
         assert rig.balance(rig.provider_id).available == 0  # owed, not yet paid
-        rig.provider_service.claim = real_claim
+        rig.provider_service.settlement.claim = real_claim
         async with rig.session(channel, spend_limit=50_000):
             pass  # the attack: a close with no receipt, while the first session is owed
         assert rig.balance(rig.provider_id).available == owed  # claimed before the close was completed

@@ -1,4 +1,5 @@
-"""Earnings add up to the micro-credit: the sum of the receipts served, split into claimed and pending."""
+"""Earnings add up to the micro-credit: the sum of the receipts served, split into what the agent
+confirmed paying and pending."""
 
 from __future__ import annotations
 
@@ -40,12 +41,14 @@ def test_earnings_equal_the_receipts_and_claims(tmp_path):
             store._put(last, "provider", 10)
             total += cost
             by_model[model] = by_model.get(model, 0) + cost
-        if s % 3:  # two sessions in three were settled with the escrow
+        if s % 3:  # two sessions in three were settled with the escrow: the agent said it paid them
+            store.record_claim(PROVIDER.peer_id, b"c" * 16, last.session_id, cumulative, cumulative)
             store.mark_claimed(last)
             claimed += cumulative
     store._put(receipt(CLIENTS[0], b"x" * 16, 0, 999, 999, "a"), "consumer", None)  # what we paid: not earnings
     doc = earnings(types.SimpleNamespace(receipts=store), "1d", "model")
-    assert doc == {"period": "1d", "total": total, "claimed": claimed, "pending": total - claimed, "by": by_model}
+    assert doc == {"period": "1d", "total": total, "claimed": claimed, "pending": total - claimed, "forfeited": 0,
+                   "by": by_model}
     by_client = earnings(types.SimpleNamespace(receipts=store), "1d", "client")["by"]
     assert sum(by_client.values()) == total and set(by_client) <= {c.peer_id for c in CLIENTS}
     hours = earnings(types.SimpleNamespace(receipts=store), "1d", "hour")["by"]
