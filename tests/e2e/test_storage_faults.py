@@ -3,7 +3,9 @@ start stops money operations with one clear line to the client and one in the ag
 traceback, no crash); `node escrow check` says so with the node stopped (and refuses while it
 runs) and restores the latest backup, keeping the damaged file aside, with every balance back.
 A disk that refuses the ledger's writes is one error line in the agent's log per episode and a
-refusal that says so to a remote client, not a dropped stream; nothing is half-applied.
+refusal that says so to a remote client, not a dropped stream; nothing is half-applied. The
+agent's service (in memory, virtual time) survives a damaged page its sweep meets and keeps its
+backups on schedule.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ import resource
 import subprocess
 import sys
 import threading
+import types
 
+import pytest
+import trio
+
+import protocol
+from node.escrow._service import serve_escrow
+from node.net._streams import FramedStream
+from protocol import ESCROW_PROTOCOL, EscrowMint, EscrowOpen
 from tests.e2e.daemons import ROOT, Daemon, node_env, poll
-from tests.wallet.test_ledger_integrity import damage_table_page
-from wallet import list_ledger_backups
+from tests.node.memory_stream import memory_stream_pair
+from tests.wallet.escrow_support import AGENT, ok, signed
+from tests.wallet.test_ledger_integrity import ALICE, BOB, NOW, damage_table_page
+from wallet import EscrowAgent, Ledger, list_ledger_backups
 
 
 def _log_since(daemon: Daemon, offset: int) -> str:
@@ -116,3 +128,62 @@ def test_a_disk_refusing_the_ledgers_writes_is_logged_once_and_told_to_the_clien
     doc = json.loads(agent.cli("escrow", "check", "--json").stdout)
     assert doc["ok"] and doc["totals"] == {"minted": 5_000_000, "withdrawn": 0, "available": 4_000_000,
                                            "locked": 1_000_000}
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.handlers: dict[str, object] = {}
+
+    def set_stream_handler(self, proto, handler) -> None:
+        self.handlers[proto] = handler
+
+
+@pytest.fixture
+def inline_threads(monkeypatch):
+    """Ledger work inline, so that the autojumping clock does not jump during an fsync."""
+
+    async def run_sync(fn, *args, **_options):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+
+
+async def _ask(handler, nursery, request) -> protocol.EscrowResponse:
+    client, server = memory_stream_pair()
+    server.muxed_conn = types.SimpleNamespace(peer_id=ALICE.peer_id)
+    nursery.start_soon(handler, server)
+    framed = FramedStream(client)
+    await framed.send(request)
+    return await framed.receive(expect=(protocol.EscrowResponse,))
+
+
+async def test_the_service_survives_a_damaged_row_its_sweep_meets_and_backs_up_on_schedule(
+        tmp_path, inline_threads, autojump_clock, caplog):
+    agent = EscrowAgent(Ledger(tmp_path / "escrow.db"), AGENT)
+    ok(agent.handle(signed(EscrowMint, AGENT, NOW, to=ALICE.peer_id, amount=1_000), NOW))
+    ok(agent.handle(signed(EscrowOpen, ALICE, NOW, provider=BOB.peer_id, cap=100, expires_at=NOW + 60), NOW))
+    host = FakeHost()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_escrow(
+                host, agent, lambda: NOW + trio.current_time(), sweep_interval_s=60, backup_interval_s=3600,
+                backup_keep=3, task_status=task_status))
+            await trio.sleep(4 * 3600 + 1)  # at start, then hourly: 5 backups taken, the newest 3 kept
+            assert [b.taken_at - NOW for b in list_ledger_backups(agent.ledger.path)] == [7200, 10800, 14400]
+            assert not agent.damaged  # the channel expired and was swept
+            ok(agent.handle(signed(EscrowOpen, ALICE, NOW + 14401, provider=BOB.peer_id, cap=100,
+                                   expires_at=NOW + 14500), NOW + 14401))
+            agent.ledger.db.execute("UPDATE channels SET grant_ = x'00ff00' WHERE status = 'open'")  # bit rot
+            await trio.sleep(200)  # the sweep meets it past its expiry: one line, the service goes on
+            assert agent.damaged
+            answer = await _ask(host.handlers[ESCROW_PROTOCOL], nursery,
+                                signed(EscrowMint, AGENT, NOW + 14601, to=ALICE.peer_id, amount=1))
+            assert answer.error == "ledger_damaged"
+            await trio.sleep(2 * 3600)  # no backup of a damaged ledger, on schedule or at shutdown
+            nursery.cancel_scope.cancel()
+        assert [b.taken_at - NOW for b in list_ledger_backups(agent.ledger.path)] == [7200, 10800, 14400]
+        damaged = [r for r in caplog.records if r.levelname == "ERROR" and "damaged" in r.getMessage()]
+        assert len(damaged) == 1 and "Traceback" not in caplog.text
+    finally:
+        agent.ledger.close()
