@@ -15,9 +15,10 @@ from rich.table import Table
 
 import protocol
 import wallet
-from node import ConfigError, Home, resolve_home
+from node import ConfigError, Home, LocalError, resolve_home
 
 from ._common import (
+    CliError,
     DaemonClient,
     credits_option,
     emit_json,
@@ -66,7 +67,15 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:  # a start-up failure inside the node's nurseries: one line, no traceback
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, (LocalError, wallet.WalletError, OSError)):  # a bad config, receipts.db, a taken port
+            raise CliError(str(leaf)) from group
+        raise
 
 
 @click.command()

@@ -297,6 +297,8 @@ class ReceiptStore:
 
 def _reason(exc: BaseException) -> str:
     """SQLite's (or the OS's) reason, in words: 'database or disk is full', 'attempt to write a readonly database'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
     return str(exc) or type(exc).__name__
 
 
