@@ -51,6 +51,11 @@ is a deliberate act that re-checks every trap.
    need, by its own rules. Our ``ConnectionManager`` decides what to prune, so py-libp2p's pruner
    is switched off here, and ``HostLimits`` sets no grace period: an identity's extra connections
    are trimmed as they arrive.
+10. A peer all of whose addresses failed once is refused for 60 s without a dial
+   (``_NegativePeerCache``): an escrow agent or provider restarted on its own port stayed
+   unreachable for a minute through every libp2p dial (``new_stream``, the DHT, bootstrap).
+   The cache now holds a failure ``NEGATIVE_CACHE_TTL_S``; our own dialler (``_dial``) lifts it
+   outright before it dials.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.provider_store import ProviderRecord, ProviderStore
 from libp2p.kad_dht.value_store import ValueStore
 from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.swarm import Swarm
+from libp2p.network.swarm import Swarm, _NegativePeerCache
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux import yamux as _yamux_module
 from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, GO_AWAY_PROTOCOL_ERROR, YamuxStream
@@ -90,6 +95,7 @@ __all__ = [
     "KAD_MAX_REQUEST",
     "KAD_READ_TIMEOUT_S",
     "MAX_RECV_WINDOW",
+    "NEGATIVE_CACHE_TTL_S",
 ]
 
 PINNED_LIBP2P = "0.8.1"
@@ -112,6 +118,9 @@ DHT_MAX_VALUE_BYTES = 32 << 20
 #: provider-record keys (models) stored, and addresses kept per provider record
 DHT_MAX_PROVIDER_KEYS = 4_096
 DHT_MAX_PROVIDER_ADDRS = 8
+#: how long libp2p refuses to redial a peer all of whose addresses just failed (py-libp2p: 60 s);
+#: enough to stop a tight loop of dials to a dead peer, short against a restart
+NEGATIVE_CACHE_TTL_S = 5.0
 
 
 # ---- 1. inbound connections: a pool of handshake slots, an inbound cap, slots end with their connection
@@ -483,6 +492,15 @@ def _bounded_add_provider(self: ProviderStore, key: bytes, provider: PeerInfo) -
     self._save()
 
 
+_original_negative_cache_init = _NegativePeerCache.__init__
+
+
+def _short_negative_cache_init(self: _NegativePeerCache, ttl: float = NEGATIVE_CACHE_TTL_S,
+                               max_size: int = 10000) -> None:
+    """py-libp2p's negative cache, holding a failure at most ``NEGATIVE_CACHE_TTL_S``."""
+    _original_negative_cache_init(self, min(ttl, NEGATIVE_CACHE_TTL_S), max_size)
+
+
 def _no_global_prune(self: Swarm) -> None:
     """py-libp2p's pruner stays off: ``ConnectionManager`` (``_host``) closes idle connections."""
 
@@ -510,5 +528,6 @@ def apply() -> None:
     ValueStore._evict_if_full = _value_store_evict  # type: ignore[method-assign]
     ProviderStore.add_provider = _bounded_add_provider  # type: ignore[method-assign]
     Swarm._schedule_prune = _no_global_prune  # type: ignore[method-assign]
+    _NegativePeerCache.__init__ = _short_negative_cache_init  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     _applied = True

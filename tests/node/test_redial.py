@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from contextlib import AsyncExitStack
 
 import nacl.pwhash
@@ -18,6 +19,7 @@ from node import Home, init_home
 from node._config import load_config
 from node.net._dial import DialFailed, describe, dial, dialer
 from node.net._host import open_host, parse_peer_addr, peer_addrs
+from node.net._libp2p_fixes import NEGATIVE_CACHE_TTL_S
 from node.net._market import MarketConfig, open_market
 from tests.node.helpers import LOOPBACK, wait_until
 from tests.support import identity
@@ -47,6 +49,9 @@ async def test_a_peer_back_on_its_port_is_dialled_at_once_despite_libp2p_s_negat
         await wait_until(lambda: info.peer_id not in a.get_connected_peers(), 10, "b's connection to end")
         with pytest.raises(Exception):  # down: libp2p's own dial fails, and caches the failure for 60 s
             await a.connect(info)
+        # libp2p now refuses to dial b for NEGATIVE_CACHE_TTL_S (py-libp2p: 60 s, fix 10)
+        expiry = a.get_network()._negative_peer_cache._cache[str(info.peer_id)]
+        assert expiry - time.monotonic() <= NEGATIVE_CACHE_TTL_S
         async with open_host(b_id, [f"/ip4/127.0.0.1/tcp/{port}"]):
             with pytest.raises(Exception, match="negative cache"):  # the trap: b is up, libp2p will not dial
                 await a.connect(info)
