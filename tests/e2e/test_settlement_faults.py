@@ -1,0 +1,76 @@
+"""Issue #12 findings 1, 2 and 8 with real daemons and ``kill -9``: what a provider holds counter-signed
+is paid by its agent without any manual command, after the provider crashed with it unclaimed and
+after the agent was down when the session ended; ``node earnings`` then says exactly what the agent
+paid, and ``node receipts`` pages. A receipts.db that cannot be opened stops ``node start`` with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from cli._common import DaemonClient
+from tests.e2e.daemons import ROOT, node, node_env, poll, start_market
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def balance(daemon, aid: str) -> int:
+    return json.loads(daemon.cli("wallet", "balance", "--escrow", aid, "--json").stdout)["available"]
+
+
+def calls(consumer, aid: str, n: int) -> tuple[str, int]:
+    """Open a held session on the consumer, make ``n`` paid calls; (session id, cumulative signed)."""
+    api = DaemonClient(str(consumer.home))
+    sid = api.request("POST", "/api/v1/sessions", json={"model": "tiny", "budget": 500_000, "escrow": aid})["session_id"]
+    cumulative = 0
+    for _ in range(n):
+        doc = api.request("POST", f"/api/v1/sessions/{sid}/calls", json={"messages": USER, "max_tokens": 4})
+        cumulative = doc["cost"]["cumulative"]
+    assert cumulative > 0
+    return sid, cumulative
+
+
+def earnings(daemon) -> dict:
+    return json.loads(daemon.cli("earnings", "--json").stdout)
+
+
+def test_a_provider_killed_with_unclaimed_receipts_is_paid_after_its_restart(daemons):
+    base, started = daemons
+    agent, provider, consumer, aid = start_market(base, started)
+    _, owed = calls(consumer, aid, 2)  # the periodic claim is 30 s away: nothing is claimed yet
+    provider.kill()
+    provider.start()  # same home: receipts.db holds the two counter-signed receipts, unpaid
+    poll(lambda: balance(provider, aid) == owed, 60, "the restarted provider's claim")
+    doc = earnings(provider)
+    assert (doc["claimed"], doc["pending"], doc["forfeited"]) == (owed, 0, 0)
+    page = json.loads(provider.cli("receipts", "--limit", "1", "--json").stdout)
+    assert (page["total"], page["has_more"], len(page["receipts"])) == (2, True, 1)
+    assert page["receipts"][0]["cumulative"] == owed and page["receipts"][0]["claimed"]  # newest first, paid
+    rest = json.loads(provider.cli("receipts", "--limit", "1", "--offset", "1", "--json").stdout)
+    assert rest["has_more"] is False and rest["receipts"][0]["cumulative"] < owed
+
+
+def test_an_agent_down_when_the_session_ends_is_paid_once_it_is_back(daemons):
+    base, started = daemons
+    agent, provider, consumer, aid = start_market(base, started)
+    sid, owed = calls(consumer, aid, 1)
+    agent.kill()
+    DaemonClient(str(consumer.home)).request("DELETE", f"/api/v1/sessions/{sid}")  # its close cannot reach the agent
+    agent.start()  # a new port; nobody runs `node escrow claim`
+    poll(lambda: balance(provider, aid) == owed, 90, "the retried claim")
+    doc = earnings(provider)
+    assert (doc["claimed"], doc["pending"]) == (owed, 0)
+    assert "refused for good" not in (provider.home / "daemon.log").read_text()
+
+
+def test_a_receipt_store_that_cannot_be_opened_stops_the_start_with_one_line(tmp_path):
+    home = tmp_path / "home"
+    node("init", "--home", str(home))
+    (home / "receipts.db").mkdir()
+    out = subprocess.run([sys.executable, "-m", "cli.main", "start", "--home", str(home), "--listen",
+                          "/ip4/127.0.0.1/tcp/0"], capture_output=True, text=True, cwd=ROOT, env=node_env(), timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [f"Error: cannot open the receipt store {home / 'receipts.db'}: "
+                                               "is a directory"]
