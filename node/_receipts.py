@@ -127,6 +127,7 @@ class ReceiptStore:
             self.db = sqlite3.connect(private_file(path), isolation_level=None, check_same_thread=False)  # 0600
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=10000")  # the consumer's delivery queue writes the same file
             self.db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise ReceiptStoreError(f"cannot open the receipt store {path}: {_reason(exc)}") from exc
