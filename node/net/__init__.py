@@ -1,7 +1,9 @@
 """The network role: everything that touches libp2p, and nothing that knows what is sold.
 
     _libp2p_fixes   version-gated patches of py-libp2p 0.8.1's traps (each with a test)
-    _host           the libp2p host: Noise + Yamux over TCP only, listen, dial, addresses
+    _host           the libp2p host: Noise + Yamux over TCP only, listen (a taken port is refused), addresses
+    _dial           dialling a known peer across its restarts (fresh addresses, no negative cache, the
+                    cause of every failure named); the peer cache a node rejoins at start
     _streams        FramedStream: protocol frames over a libp2p stream, with bounded reads
     _market_view    the validated view of every listing (pure: no I/O)
     _market         the market: DHT records + GossipSub, publishing our listing, lookups
