@@ -199,3 +199,21 @@ async def test_a_port_another_node_holds_is_not_shared():
         with pytest.raises(OSError, match="cannot listen on"):
             async with open_host(identity("redial-second"), [addr]):
                 pass
+
+
+async def test_concurrent_dials_of_one_peer_share_one_connection():
+    b_id = identity("redial-burst-b")
+    async with open_host(identity("redial-burst-a"), LOOPBACK) as a, open_host(b_id, LOOPBACK) as b:
+        addr = peer_addrs(b)[0]
+        done: list[None] = []
+
+        async def one() -> None:
+            await dial(a, b.get_id(), [addr], timeout_s=5.0)
+            done.append(None)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(one)
+        assert len(done) == 50
+        assert len(a.get_network().get_connections(b.get_id())) == 1
+        assert not dialer(a)._locks  # nothing kept once nobody waits
