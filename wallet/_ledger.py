@@ -30,7 +30,8 @@ Storage faults (issue 12, finding 7) are translated here, once, at the edge that
   a consistent snapshot, without the ledger's lock): each is written 0600 under another name,
   verified (``integrity_check`` and the invariant) before it takes its own, and only then are
   the oldest beyond ``keep`` removed. ``restore_ledger`` verifies the backup, moves the damaged file
-  (and its ``-wal``/``-shm``) aside, never deleting it, and writes the backup in its place.
+  (and its ``-wal``/``-shm``) aside, never deleting it, and writes the backup in its place,
+  its refusal horizon dated the restore (requests signed before it are ``stale_request``).
 """
 
 from __future__ import annotations
@@ -664,12 +665,27 @@ def check_ledger_file(path: str | os.PathLike[str], full: bool = True) -> FileCh
         return FileCheck(path, (str(exc),), None, None)
 
 
+def _raise_refusal_horizon(path: Path, now: int) -> None:
+    """Date the escrow's refusal horizon (``_escrow_store``) ``now`` in the file at ``path``."""
+    from ._escrow_store import EscrowStore  # it imports this module
+
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        EscrowStore(db).set_refused_through(now)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
 def restore_ledger(path: str | os.PathLike[str], backup: str | os.PathLike[str], now: int) -> Path:
     """Put ``backup`` in the place of the ledger at ``path``, keeping what was there aside.
 
     The backup is verified first; the ledger file and its ``-wal``/``-shm`` (a stale log must
     never meet the restored file) move to ``<name>.damaged-<time>[...]``, never deleted; the
-    backup is copied in (0600) through the backup API and verified again.
+    backup is copied in (0600) through the backup API and verified again. The escrow's refusal
+    horizon is dated ``now``: a request signed before the restore that the backup has no record
+    of (refused, or applied after the backup) is ``stale_request``, never applied by a replay.
 
     Returns:
         Where the old ledger file now is (``path`` itself when there was none).
@@ -699,6 +715,7 @@ def restore_ledger(path: str | os.PathLike[str], backup: str | os.PathLike[str],
         _private_new(part)
         try:
             _copy(backup, part)
+            _raise_refusal_horizon(part, now)
             again = check_ledger_file(part, full=True)
             if not again.ok:
                 raise LedgerDamaged(f"the restored copy of {backup} fails its check ({again.problem})")
