@@ -98,6 +98,7 @@ class PipedDaemon(Daemon):
         resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
 
 
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit(2) (Linux) to limit a running daemon")
 def test_a_disk_refusing_the_ledgers_writes_is_logged_once_and_told_to_the_client(daemons):
     """The file size limit makes the write-ahead log's next append fail (``EFBIG``, which SQLite
     reports as an I/O error: ``storage_error``; a full disk's ``ENOSPC`` is ``storage_full``, as
