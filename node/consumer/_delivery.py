@@ -106,6 +106,7 @@ class ReceiptDelivery:
         self._host: Any = None
         self._wake = trio.Event()
         self._busy: set[str] = set()
+        self._due_now: set[str] = set()  # providers reached again: their receipts are due at once
         self._limiter = trio.CapacityLimiter(max_providers)
         with self._lock:
             self._owed_by = {p for (p,) in self.db.execute(
@@ -202,8 +203,8 @@ class ReceiptDelivery:
         """Resend now: ``provider``'s receipts (we reach it again), or whatever is due."""
         if provider is not None:
             if provider not in self._owed_by:
-                return  # nothing owed to it: no write on every session open
-            self._make_due(provider)
+                return  # nothing owed to it: nothing to do on every session open
+            self._due_now.add(provider)
         self._wake.set()
 
     async def serve(self, host: Any, tick_s: float = 5.0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -212,6 +213,8 @@ class ReceiptDelivery:
         task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
+                while self._due_now:
+                    await trio.to_thread.run_sync(self._make_due, self._due_now.pop())
                 for provider, receipts in (await trio.to_thread.run_sync(self._due)).items():
                     if provider not in self._busy:
                         self._busy.add(provider)

@@ -342,6 +342,8 @@ async def open_session_on(
     delivery = delivery if delivery is not None else delivery_for(receipts)
     handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust, call_timeout_s,
                                    delivery, ack_timeout_s)
+    if delivery is not None:
+        delivery.wake(provider)  # we reach it again: what it has not acknowledged goes now
     try:
         try:
             machine.open(handle.now())
@@ -355,8 +357,6 @@ async def open_session_on(
                         await handle.withdraw()
                     raise SessionRejected(event.reject.reason, event.reject.detail, event.reject.retry_after_s)
                 assert isinstance(event, Accepted)
-            if delivery is not None:
-                delivery.wake(provider)  # we reach it again: what it has not acknowledged goes now
         except SessionError as exc:  # the open failed: what it teaches about the provider is recorded here
             learn(trust, provider, exc)
             raise
