@@ -44,16 +44,8 @@ def emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2))
 
 
-def _sole(exc: BaseException) -> BaseException:
-    """The one exception a chain of one-member exception groups (trio's nurseries) carries."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def fail_on(*errors: type[BaseException]) -> Callable[[F], F]:
-    """Turn the listed exceptions into one-line CLI errors (exit 1), also when a nursery
-    (``node start``) wraps one alone in an exception group."""
+    """Turn the listed exceptions into one-line CLI errors (exit 1)."""
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
@@ -62,11 +54,6 @@ def fail_on(*errors: type[BaseException]) -> Callable[[F], F]:
                 return fn(*args, **kwargs)
             except errors as exc:
                 raise CliError(str(exc)) from exc
-            except BaseExceptionGroup as group:
-                sole = _sole(group)
-                if isinstance(sole, errors):
-                    raise CliError(str(sole)) from group
-                raise
 
         return wrapper  # type: ignore[return-value]
 
