@@ -4,11 +4,11 @@ them, hands them to settlement and acknowledges each.
 
 Rules: only a receipt this provider signed itself, delivered by its own consumer, with a consumer
 signature that verifies, is taken (``protocol.check_delivered``); anything else is refused with
-its reason and costs nothing. Taking one is idempotent: a receipt already held is acknowledged
-again without touching the store or the book. A newly taken receipt is stored
-(``service.receipts``) before the book learns of it (``service.book``: a session it no longer
-knows is loaded as ended and owed) and settlement is woken; the ``CounterSignAck`` leaves only
-after that.
+its reason and costs nothing. Taking one is idempotent: a receipt already stored is acknowledged
+again without touching the store or the book. A new one goes to the book (``service.book``: a
+session it no longer knows is loaded as ended and owed), settlement is woken, and it is stored
+(``service.receipts``); the ``CounterSignAck`` leaves only once it is stored (a store that
+cannot take it answers ``unavailable``: the consumer sends it again later).
 
 Bounds (a hostile peer can make us hold little): each frame at most ``RECEIPT_FRAME_MAX``, each
 read within ``read_timeout_s``, a stream lives at most ``lifetime_s`` and carries at most
@@ -28,6 +28,7 @@ import trio
 
 import protocol
 
+from .._receipts import ReceiptStoreError
 from ..net._streams import FramedStream, StreamClosed
 
 __all__ = ["ReceiptIntake"]
@@ -110,15 +111,17 @@ class ReceiptIntake:
         service = self.service
         try:
             if not await trio.to_thread.run_sync(self._held, rid):
-                await service.receipts.put(receipt, "provider")
+                # the book first, as for a counter-signature on the session: claimed even if the
+                # store fails (then it is not acknowledged, and comes again)
                 if service.book.session(receipt.session_id) is not None:
                     service.book.countersigned(receipt)
                 else:
                     service.book.load([receipt])
                 service.wake_settlement()
+                await service.receipts.put(receipt, "provider")
                 _logger.info("took a redelivered receipt of %s µc from %s", receipt.cumulative, sender)
-        except (sqlite3.Error, OSError) as exc:
-            _logger.error("cannot store a redelivered receipt: %s", exc)
+        except (ReceiptStoreError, sqlite3.Error, OSError) as exc:
+            _logger.error("cannot store a redelivered receipt: %s", exc)  # not acknowledged: it comes again
             return protocol.ReceiptRefused(receipt_hash=rid, reason="unavailable",
                                            detail="this provider cannot store receipts now", retry_after_s=30)
         return protocol.acknowledge(receipt, service.identity)

@@ -273,3 +273,31 @@ async def test_a_burst_of_200_concurrent_calls_leaves_no_counter_signed_receipt_
         consumer = rig.balance(consumer_id(rig))
         assert consumer.available + consumer.locked == MINT - total
         rig.agent.check()
+
+
+async def test_a_provider_that_cannot_store_a_redelivered_receipt_does_not_acknowledge_it(tmp_path):
+    from node._receipts import ReceiptStoreError
+
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="full", countersign_timeout_s=0.5) as rig, \
+            delivering(rig, tmp_path, intake=False) as (delivery, intake):
+        channel = await rig.open_channel(cap=100_000)
+        async with rig.session(channel) as session:
+            drop_countersign(session)
+            with pytest.raises(SettlementUnconfirmed) as caught:
+                await session.call(USER, 16)
+        receipt = caught.value.receipt
+        store = rig.provider_service.receipts
+
+        async def full_disk(*args, **kwargs):
+            raise ReceiptStoreError("database or disk is full")
+
+        store.put = full_disk  # an instance attribute: the class's put comes back on delete
+        answer = await intake.take(receipt, consumer_id(rig))
+        assert isinstance(answer, protocol.ReceiptRefused) and answer.reason == "unavailable"
+        rig.provider_host.set_stream_handler(protocol.RECEIPT_PROTOCOL, intake.handle)
+        assert not await delivery.confirm_now(receipt)  # refused on the wire too: still queued
+        assert delivery.pending() == [receipt]
+        del store.put
+        assert await delivery.confirm_now(receipt)
+        assert provider_holds(rig, receipt) and delivery.pending() == []
+        await wait_until(lambda: rig.balance(rig.provider_id).available == receipt.cumulative, what="the claim")
