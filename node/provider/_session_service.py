@@ -408,8 +408,11 @@ class _StreamSession:
         """True when a close of ``channel_id`` settling this session's receipt loses nothing: no
         other session runs on it, and every other one owed on it has been paid (claimed now)."""
         book = self.service.book
+        with trio.move_on_after(10):  # a claim in flight on the channel (a periodic one) ends first
+            while any(d.claiming for d in book.on_channel(channel_id)):
+                await trio.sleep(0.05)
         if any(d.claiming for d in book.on_channel(channel_id)):
-            _logger.info("cooperative close declined: a claim on the channel is in flight")
+            _logger.info("cooperative close declined: a claim on the channel is still in flight")
             return False
         others = book.others(session_id, channel_id)
         if any(d.live for d in others):

@@ -154,6 +154,38 @@ async def test_a_lost_answer_is_recovered_by_replaying_the_claim_and_by_reconcil
         assert_books_agree(rig, rig.provider_service.receipts, one.cumulative + two.cumulative)
 
 
+async def test_a_cooperative_close_waits_for_a_claim_in_flight_on_its_channel_then_settles_it():
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="sw7", claim_interval_s=1) as rig:
+        agent = faulty_agent(rig)
+        gate, entered = trio.Event(), trio.Event()
+        real_call = agent.call
+
+        async def slow_claims(who: str | None, request: Any, timeout: float = 30.0) -> Any:
+            if isinstance(request, protocol.EscrowClaim):
+                entered.set()
+                await gate.wait()
+            return await real_call(who, request, timeout)
+
+        agent.call = slow_claims  # type: ignore[method-assign]
+        channel = await rig.open_channel(cap=100_000)
+        async with rig.session(channel) as session:
+            owed = (await session.call(USER, 8)).receipt.cumulative
+            rig.clock.offset += 2  # the periodic claim starts, and hangs at the agent
+            rig.provider_service.wake_settlement()
+            with trio.fail_after(10):
+                await entered.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.close)  # the consumer's half of a cooperative close
+                await wait_until(lambda: channel.channel_id in rig.provider_service.book._closing,
+                                 what="the close to wait on the claim")
+                gate.set()
+        # the close went through after the claim: paid exactly once, the rest refunded at once
+        assert rig.balance(rig.provider_id).available == owed
+        assert rig.balance(consumer_of(rig)) == protocol.Balance(available=MINTED - owed, locked=0)
+        assert report(rig.provider_service.receipts)["claimed"] == owed
+        rig.agent.check()
+
+
 @asynccontextmanager
 async def restarted(rig: Rig) -> AsyncIterator[ProviderService]:
     """A second provider process on the same identity and receipts.db (the first one crashed)."""
