@@ -28,6 +28,7 @@ from ._messages import (
     Chunk,
     Close,
     CounterSign,
+    CounterSignAck,
     Open,
     Receipt,
     Reject,
@@ -352,6 +353,13 @@ class ProviderSession(_Machine):
         self._outbox.append(acknowledge(signed, self._signer))
         self.state = ProviderState.READY
         return Countersigned(signed)
+
+    def withhold_ack(self) -> bool:
+        """Take back the queued ``CounterSignAck`` (not sent yet): the node could not store the
+        receipt, so the consumer must keep it in doubt and redeliver it. True if one was queued."""
+        kept = [m for m in self._outbox if not isinstance(m, CounterSignAck)]
+        withheld, self._outbox = len(kept) != len(self._outbox), kept
+        return withheld
 
     @_guarded
     def close(self, now: int, reason: str = "done") -> Close:

@@ -366,3 +366,18 @@ def test_a_redelivered_receipt_is_checked_against_both_signatures_and_its_sender
         protocol.check_delivered(foreign, PROVIDER.peer_id, CONSUMER.peer_id)
     ack = protocol.acknowledge(receipt, PROVIDER)
     protocol.verify_ack(ack, receipt)
+
+
+def test_an_ack_not_yet_sent_can_be_withheld_when_the_receipt_cannot_be_stored():
+    pair = Pair()
+    pair.open()
+    pair.consumer.request((protocol.ChatMessage(role="user", content="a"),), 8)
+    pair.to_provider()
+    pair.provider.start_call(3, pair.now)
+    pair.provider.chunk("b", 1)
+    pair.provider.finish_call("stop", pair.now)
+    pair.to_consumer()
+    pair.to_provider()
+    assert pair.provider.withhold_ack() is True
+    assert pair.provider.outgoing() == [] and pair.provider.withhold_ack() is False
+    assert pair.consumer.unacked is not None  # still in doubt: the consumer redelivers it
