@@ -25,7 +25,7 @@ import protocol
 from node.escrow._service import serve_escrow
 from node.net._streams import FramedStream
 from protocol import ESCROW_PROTOCOL, EscrowMint, EscrowOpen
-from tests.e2e.daemons import ROOT, Daemon, node_env, poll
+from tests.e2e.daemons import ROOT, Daemon, node, node_env, poll
 from tests.node.memory_stream import memory_stream_pair
 from tests.wallet.escrow_support import AGENT, ok, signed
 from tests.wallet.test_ledger_integrity import ALICE, BOB, NOW, damage_table_page
@@ -77,6 +77,17 @@ def test_a_damaged_ledger_page_refuses_money_clearly_and_escrow_check_restores_e
     balance = json.loads(consumer.cli("wallet", "balance", "--escrow", agent.addr, "--json").stdout)
     assert (balance["available"], balance["locked"]) == (5_000_000, 0)
     consumer.cli("escrow", "open", "--escrow", agent.addr, "--provider", aid, "--amount", "1", "--expires", "1h")
+
+
+def test_a_ledger_that_is_not_a_database_stops_the_start_with_one_line(tmp_path):
+    home = tmp_path / "agent"
+    node("init", "--home", str(home))
+    (home / "escrow.db").write_bytes(b"this is not an sqlite database\n" * 256)
+    out = node("start", "--home", str(home), "--escrow", "--listen", "/ip4/127.0.0.1/tcp/0", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert "not a usable ledger" in out.stderr and "node escrow check" in out.stderr
+    assert (home / "escrow.db").read_bytes().startswith(b"this is not")  # left as it was
 
 
 class PipedDaemon(Daemon):
