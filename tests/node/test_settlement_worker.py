@@ -392,3 +392,40 @@ def test_sqlite_errors_are_translated_at_the_store(tmp_path):
     with pytest.raises(ReceiptStoreError, match="cannot read") as raised:
         store.query("SELECT 1")
     assert isinstance(raised.value.__cause__, sqlite3.Error)
+
+
+async def test_a_consumer_that_cannot_store_its_copy_gets_a_storage_error_from_the_call(caplog):
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="sw8", claim_interval_s=3600) as rig:
+        channel = await rig.open_channel(cap=100_000)
+        caplog.set_level(logging.INFO, logger="node._receipts")
+        rig.consumer_receipts.db.execute("PRAGMA query_only = ON")
+        with pytest.raises(ReceiptStoreError, match="readonly"):
+            async with rig.session(channel) as session:
+                await session.call(USER, 8)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "readonly" in errors[0]
+        rig.consumer_receipts.db.execute("PRAGMA query_only = OFF")
+
+
+async def test_a_receipt_its_channel_can_no_longer_pay_is_forfeited_logged_once_with_the_amount(caplog):
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="sw9", claim_interval_s=3600,
+                           claim_retry_s=1, claim_retry_max_s=1) as rig:
+        agent = faulty_agent(rig)
+        channel = await rig.open_channel(cap=100_000, ttl=200)
+        async with rig.session(channel) as session:
+            owed = (await session.call(USER, 8)).receipt.cumulative
+            agent.down = True  # down until after the channel expired: the agent refunds it
+            await session.close(settle_escrow=False)
+        rig.clock.offset += 201
+        await wait_until(lambda: rig.balance(consumer_of(rig)).locked == 0, what="the refund")
+        caplog.set_level(logging.INFO, logger="node.provider._settlement")
+        agent.down = False
+        await wait_until(lambda: len(rig.provider_service.book) == 0, what="the debt given up")
+        forfeits = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(forfeits) == 1 and f"{owed} µc of session" in forfeits[0] and "forfeited" in forfeits[0]
+        doc = report(rig.provider_service.receipts)
+        assert (doc["claimed"], doc["pending"], doc["forfeited"]) == (0, 0, owed)
+        assert rig.balance(rig.provider_id).available == 0
+        assert rig.balance(consumer_of(rig)) == protocol.Balance(available=MINTED, locked=0)
+        assert rig.provider_service.receipts.unclaimed("provider") == []  # not claimed again after a restart
+        rig.agent.check()
