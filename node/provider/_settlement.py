@@ -176,8 +176,10 @@ class SettlementWorker:
                 self.book.learn(receipt.channel_id, state.channel.expires_at)
             await self._paid(receipt, r.paid, state, "claim")
             return True
-        if code == "already_claimed":
+        if code == "already_claimed":  # paid, perhaps by a payment recorded nowhere here: learn the channel's total
             state = await self.channel_state(receipt.agent, receipt.channel_id)
+            if state is None:
+                return False  # asked again later, so the report learns what was paid
             await self._paid(receipt, 0, state, "claim")
             return True
         if code in FINAL_REFUSALS:
