@@ -6,8 +6,11 @@ attempt is never paid — nothing was counter-signed. Each attempt first takes o
 slots for the provider (``_pacing``: at most what it lists it serves at once, the rest queued,
 bounded, with a deadline), then dials it, and only then locks money for it, so an attempt that
 will not run opens no channel. A failed attempt's channel is closed at once when the provider
-co-signs (after a Reject or a refused call: the session's end offers it); otherwise it returns to
-this node when it expires (run channels live ten minutes). When every provider tried was at
+co-signs (after a Reject or a refused call: the session's end offers it); one on which no session
+was ever accepted and nothing was offered back (the provider closed the stream or went silent
+before its Accept) is kept as a spare and taken by the next attempt to that provider through that
+agent, so a flaky provider cannot make each attempt lock a channel; otherwise it returns to this
+node when it expires (run channels live ten minutes). When every provider tried was at
 capacity (ours or theirs) the request fails with ``AtCapacity`` (HTTP 429, Retry-After); every
 attempt's error names its cause and whose fault it was."""
 
@@ -47,6 +50,8 @@ _logger = logging.getLogger(__name__)
 _RUN_CHANNEL_S = 600
 _SESSION_CHANNEL_S = 3600
 _MAX_ATTEMPTS = 3
+_SPARE_MIN_LIFE_S = 180  # a provider admits a channel that lives 120 s more; a spare keeps a margin
+_SPARES_PER_PROVIDER, _SPARES_MAX = 4, 256
 
 
 class RentError(RemoteError):
@@ -108,6 +113,7 @@ class Renter:
         self.rng = rng or random.Random()
         self.contracts = contracts  # fixed-rate contracts this node holds as a client
         self.pacing = pacing or Pacing()  # this node's own bound on sessions at once per provider
+        self._spares: dict[tuple[str, str], list[protocol.ChannelGrant]] = {}  # (agent, provider): unused channels
 
     async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
         rows = self.market.view.rows(self.market.now(), model)
@@ -164,13 +170,42 @@ class Renter:
         ``c.batch_calls``), over a new channel of ``budget`` µc."""
         # dial first: a provider that cannot be reached never gets a channel (and locks no money)
         await reach(self.market.host, c.provider, c.listing.addrs, trust=self.trust)
-        channel = await self.escrow.open_grant(c.agent, c.provider, max(1, budget), ttl_s)
-        async with open_session(self.market.host, self.market.identity, provider=c.provider, addrs=c.listing.addrs,
-                                model=model, price=c.terms, listing_seq=c.listing.seq, channel=channel,
-                                spend_limit=channel.cap, max_context=c.offer.max_context, receipts=self.receipts,
-                                clock=self.clock, tier=c.tier, batch_calls=c.batch_calls, trust=self.trust,
-                                withdraw_on_reject=True) as handle:
-            yield handle, channel
+        spend = max(1, budget)
+        channel = self._spare(c, spend, ttl_s) or await self.escrow.open_grant(c.agent, c.provider, spend, ttl_s)
+        opened = False
+        try:
+            async with open_session(self.market.host, self.market.identity, provider=c.provider,
+                                    addrs=c.listing.addrs, model=model, price=c.terms, listing_seq=c.listing.seq,
+                                    channel=channel, spend_limit=min(spend, channel.cap),
+                                    max_context=c.offer.max_context, receipts=self.receipts, clock=self.clock,
+                                    tier=c.tier, batch_calls=c.batch_calls, trust=self.trust,
+                                    withdraw_on_reject=True) as handle:
+                opened = True
+                yield handle, channel
+        except SessionRejected:
+            raise  # its channel was offered back to the provider (a close of the unused channel)
+        except SessionError:
+            if not opened:  # no Accept, nothing offered back: the channel is unused; the next attempt takes it
+                self._keep_spare(c, channel)
+            raise
+
+    def _spare(self, c: Candidate, spend: int, ttl_s: int) -> protocol.ChannelGrant | None:
+        """An unused channel to ``c``'s provider through its agent that pays for ``spend`` and lives
+        long enough, taken out of the spares; None: open a new one."""
+        now = int(self.clock())
+        kept = self._spares.get((c.agent, c.provider), [])
+        kept[:] = [g for g in kept if g.expires_at - now >= _SPARE_MIN_LIFE_S]
+        for i, grant in enumerate(kept):
+            if spend <= grant.cap <= 2 * spend and grant.expires_at - now >= ttl_s // 2:
+                return kept.pop(i)
+        return None
+
+    def _keep_spare(self, c: Candidate, channel: protocol.ChannelGrant) -> None:
+        """Keep ``channel`` (no session was ever accepted on it) for the next attempt to its provider,
+        instead of leaving it locked until it expires for nothing (bounded)."""
+        kept = self._spares.setdefault((c.agent, c.provider), [])
+        if len(kept) < _SPARES_PER_PROVIDER and sum(map(len, self._spares.values())) < _SPARES_MAX:
+            kept.append(channel)
 
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                   prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,

@@ -21,12 +21,14 @@ from node._receipts import ReceiptStore
 from node.api import build_app
 from node.consumer import AtCapacity, Busy, Pacing, Preferences, Renter, TrustBook
 from node.consumer._failures import ProviderFailed
-from node.consumer._renter import _named
+from node.consumer._renter import RentError, _named, estimate_prompt_tokens
 from node.consumer._routing import rank
 from node.consumer._trust import START
-from node.net._host import peer_addrs
+from node.net._host import open_host, peer_addrs
+from node.net._streams import FramedStream
 from node.provider._offers import Offer
-from tests.node.helpers import wait_until
+from protocol import SESSION_PROTOCOL
+from tests.node.helpers import LOOPBACK, wait_until
 from tests.node.session_rig import Rig, ScriptedBackend, session_rig
 from tests.support import identity
 
@@ -198,4 +200,45 @@ async def test_a_burst_of_200_calls_is_served_or_refused_for_capacity_and_locks_
             assert trust.get(rig.provider_id).score == START + len(served)  # our burst cost it nothing
             trust.close()
             renter.receipts.close()
+        rig.agent.check()
+
+
+async def test_a_provider_that_drops_every_open_locks_one_channel_not_one_per_attempt():
+    """No Accept and nothing offered back: the channel is unused, and the next attempt to that
+    provider takes it instead of locking another until it expires."""
+    offer = Offer(model="m", backend="builtin", input_price=PRICE.input_per_1k, output_price=PRICE.output_per_1k,
+                  max_context=2048, max_concurrent=SLOTS)
+    async with session_rig({"m": offer}, {"m": ScriptedBackend()}, tag="burst-drop", mint=MINTED) as rig:
+        dropper = identity("burst-dropper")
+        async with open_host(dropper, LOOPBACK) as host:
+            opens: list[bytes] = []
+
+            async def drop(stream: Any) -> None:  # reads the Open, then hangs up
+                framed = FramedStream(stream, read_timeout_s=10)
+                try:
+                    opens.append((await framed.receive()).channel.channel_id)
+                finally:
+                    await framed.close()
+
+            host.set_stream_handler(SESSION_PROTOCOL, drop)
+            now = int(time.time())
+            listing = protocol.sign(protocol.Listing(
+                provider=dropper.peer_id, addrs=tuple(peer_addrs(host)), seq=1, issued_at=now, expires_at=now + 300,
+                provider_type="self_hosted", models=(protocol.ModelOffer(name="m", price=PRICE, max_context=2048),),
+                escrow_agents=(rig.agent.identity.peer_id,), hardware=protocol.Hardware()), "sig", dropper)
+            with tempfile.TemporaryDirectory() as tmp:
+                trust = TrustBook(Path(tmp) / "trust.db")
+                renter = Renter(_Market(rig, [listing]), rig.consumer_ops, None,
+                                ReceiptStore(Path(tmp) / "receipts.db"), trust, clock=rig.clock,
+                                rng=random.Random(0))
+                for _ in range(5):
+                    with pytest.raises(RentError, match="closed the session") as failed:
+                        await renter.run("m", USER, max_tokens=8, temperature_milli=0)
+                    assert [a.fault for a in failed.value.attempts] == ["provider"]
+                assert len(opens) == 5 and len(set(opens)) == 1  # one channel, offered five times
+                me = rig.consumer_ops.identity.peer_id
+                cap = protocol.expected_call_cost(PRICE, estimate_prompt_tokens(USER), 8, 2048)
+                assert rig.balance(me) == protocol.Balance(available=MINTED - cap, locked=cap)
+                trust.close()
+                renter.receipts.close()
         rig.agent.check()
