@@ -72,7 +72,7 @@ def test_claims_fall_due_periodically_near_expiry_at_the_end_and_after_a_restart
     book.end(b"a" * 16)
     (debt,) = book.due(NOW + 172)  # ended owing: due at once
     assert debt.owed == 100
-    assert book.due(NOW + 201) == []  # past expiry nothing can be claimed (an in-flight claim is kept)
+    assert book.due(NOW + 201) == []  # its claim is in flight (past expiry the agent says whether it pays)
     restarted = ChannelBook()
     restarted.load([receipt(b"z" * 16, 700, cid=b"d" * 16)])
     (debt,) = restarted.due(NOW)
