@@ -26,6 +26,8 @@ from tests.node.session_rig import Rig, ScriptedBackend, session_rig
 from tests.node.test_channels import NOW, grant, receipt
 from tests.node.test_hostile_sessions import MINTED, USER, consumer_of, offer
 
+TOKEN = "t0ken"
+
 
 class Agent:
     """What the provider's settlement worker sees of the agent: the real one, or down (unreachable),
@@ -319,6 +321,29 @@ def test_receipts_page_newest_first_and_say_when_there_are_more(tmp_path):
     assert (last["total"], last["has_more"], last["offset"], last["limit"]) == (7, False, 6, 3)
     one = store.page(session_id=bytes([2]) * 16)
     assert [r["cumulative"] for r in one.receipts] == [102] and not one.has_more
+    store.close()
+
+
+def test_the_receipts_endpoint_pages_and_refuses_bad_bounds(tmp_path):
+    from starlette.testclient import TestClient
+
+    from node.api import build_app
+
+    store = ReceiptStore(tmp_path / "r.db")
+    for i in range(60):
+        store._put(receipt(bytes([i]) * 16, 1000 + i), "provider", None)
+    client = TestClient(build_app(types.SimpleNamespace(receipts=store, escrow=None), TOKEN), backend="trio",
+                        base_url="http://127.0.0.1")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    doc = client.get("/api/v1/receipts", headers=auth).json()
+    assert (len(doc["receipts"]), doc["total"], doc["has_more"], doc["limit"]) == (50, 60, True, 50)  # default 50
+    assert doc["receipts"][0]["cumulative"] == 1059  # newest first
+    tail = client.get("/api/v1/receipts", params={"limit": 20, "offset": 50}, headers=auth).json()
+    assert [r["cumulative"] for r in tail["receipts"]] == list(range(1009, 999, -1)) and not tail["has_more"]
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}):
+        r = client.get("/api/v1/receipts", params=bad, headers=auth)
+        field = next(iter(bad))
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(f"{field} must be a whole number")
     store.close()
 
 
