@@ -288,6 +288,11 @@ class ConsumerSession(_Machine):
             return self._proven(prior, CallFailed(msg))
         raise self._unexpected(msg)
 
+    def confirmed(self, receipt: Receipt) -> None:
+        """The provider acknowledged ``receipt`` out of the session (a redelivery): no longer in doubt."""
+        if self.unacked == receipt:
+            self.unacked = None
+
     def _on_ack(self, msg: CounterSignAck) -> CountersignConfirmed:
         self._check_session(msg, self.session_id)
         if self.unacked is None:

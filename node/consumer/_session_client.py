@@ -20,7 +20,9 @@ call within ``call_timeout_s``; what it may stream is bounded by the protocol's 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
+import sqlite3
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -53,6 +55,8 @@ from ._delivery import ReceiptDelivery, SettlementUnconfirmed, delivery_for
 from ._failures import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected, learn
 from ._reach import reach
 from ._trust import TrustBook
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved",
            "SettlementUnconfirmed", "CallResult", "learn",
@@ -111,21 +115,26 @@ class ConsumerSessionHandle:
         except protocol.RemoteProtocolError as exc:
             raise ProviderMisbehaved(exc) from exc
         settled = [e.receipt for e in events if isinstance(e, ReceiptSettled)]
-        for receipt in settled:  # kept before the counter-signature leaves: never only in memory
+        for receipt in settled:  # queued before the counter-signature leaves: never only in memory
             with trio.CancelScope(shield=True):
-                await self._keep(receipt)
+                await self._queue(receipt)
         try:
             await self._framed.send_all(self.machine.outgoing())
         except StreamClosed as exc:
             if not settled:  # a counter-signature that did not leave is in doubt: _confirm sees to it
                 raise ProviderFailed(f"the provider closed the session ({exc})") from exc
+        for receipt in settled:
+            if self._receipts is not None:
+                await self._receipts.put(receipt, "consumer")
         return events
 
-    async def _keep(self, receipt: protocol.Receipt) -> None:
-        if self._delivery is not None:
+    async def _queue(self, receipt: protocol.Receipt) -> None:
+        if self._delivery is None:
+            return
+        try:
             await self._delivery.add(receipt, self.machine.channel.expires_at)
-        if self._receipts is not None:
-            await self._receipts.put(receipt, "consumer")
+        except (sqlite3.Error, OSError) as exc:  # the provider is paid all the same; only a resend is lost
+            _logger.error("cannot queue a counter-signed receipt for redelivery: %s", exc)
 
     async def _confirm(self, receipt: protocol.Receipt) -> None:
         """Wait for the provider's acknowledgement of ``receipt``; without it within the bound,
@@ -153,6 +162,7 @@ class ConsumerSessionHandle:
         except SessionError as exc:
             cause = exc
         if self._delivery is not None and await self._delivery.confirm_now(receipt):
+            self.machine.confirmed(receipt)
             return
         raise SettlementUnconfirmed(receipt, cause, queued=self._delivery is not None)
 
@@ -175,7 +185,10 @@ class ConsumerSessionHandle:
                     result = await self._call(messages, max_tokens, temperature_milli, top_p_milli, stop, on_text,
                                               on_queue)
                 if deadline.cancelled_caught:
-                    raise ProviderFailed(f"the call did not finish within {self._call_timeout:.0f}s")
+                    late = ProviderFailed(f"the call did not finish within {self._call_timeout:.0f}s")
+                    if self.machine.unacked is not None:  # its answer came: counter-signed, in doubt
+                        raise SettlementUnconfirmed(self.machine.unacked, late, queued=self._delivery is not None)
+                    raise late
             except SessionError as exc:
                 learn(self._trust, self.provider, exc)
                 raise

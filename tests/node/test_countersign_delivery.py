@@ -301,3 +301,14 @@ async def test_a_provider_that_cannot_store_a_redelivered_receipt_does_not_ackno
         assert await delivery.confirm_now(receipt)
         assert provider_holds(rig, receipt) and delivery.pending() == []
         await wait_until(lambda: rig.balance(rig.provider_id).available == receipt.cumulative, what="the claim")
+
+
+async def test_a_call_that_runs_out_of_time_after_its_counter_signature_says_it_is_in_doubt(tmp_path):
+    async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, provider_cls=NoAckProvider,
+                           tag="late-call") as rig, delivering(rig, tmp_path, intake=False) as (delivery, _):
+        channel = await rig.open_channel(cap=100_000)
+        async with rig.session(channel) as session:
+            session._call_timeout, session._ack_timeout = 1.0, 60.0  # the call's own deadline ends the wait
+            with pytest.raises(SettlementUnconfirmed, match="did not finish within") as caught:
+                await session.call(USER, 16)
+        assert delivery.pending() == [caught.value.receipt]

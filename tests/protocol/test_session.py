@@ -381,3 +381,13 @@ def test_an_ack_not_yet_sent_can_be_withheld_when_the_receipt_cannot_be_stored()
     assert pair.provider.withhold_ack() is True
     assert pair.provider.outgoing() == [] and pair.provider.withhold_ack() is False
     assert pair.consumer.unacked is not None  # still in doubt: the consumer redelivers it
+
+
+def test_a_receipt_acknowledged_out_of_the_session_is_no_longer_in_doubt():
+    pair = Pair()
+    pair.open()
+    receipt, _ = _counter_signed(pair)
+    pair.consumer.confirmed(dataclasses.replace(receipt, call_seq=7))  # another receipt: nothing changes
+    assert pair.consumer.unacked == receipt
+    pair.consumer.confirmed(receipt)
+    assert pair.consumer.unacked is None
