@@ -43,6 +43,7 @@ async def _serve_api(service: "Node", api: str, token: str, openai_keyless: bool
     config.accesslog = None
     config.errorlog = logging.getLogger("node.api")
     config.graceful_timeout = 1.0
+    config.backlog = 1024  # hypercorn's 100 reset connections of a 1,000-call burst before any was read
     app = build_app(service, token, openai_keyless=openai_keyless, hosts=(_api_host(api),))
     await hypercorn.trio.serve(app, config, task_status=task_status)
 
