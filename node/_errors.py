@@ -21,6 +21,7 @@ closings or breakages.
         │   ├── SessionRejected      [refused] the provider said no to the session (.reason, .retry_after_s)
         │   ├── CallRefused          [refused] the provider said no to the call (.reason)
         │   ├── ProviderFailed       [broken] the provider went away or stopped answering
+        │   │   └── SettlementUnconfirmed  [broken] a counter-signed call's acknowledgement never came (.receipt)
         │   └── ProviderMisbehaved   [broken] the provider broke the protocol (.code); nothing counter-signed
         ├── EscrowRefused            [refused] the escrow agent said no (.code, e.g. insufficient_funds)
         ├── EscrowUnreachable        [broken] no route to the agent, no answer, or an answer that is not its own

@@ -44,6 +44,7 @@ from .._daemon_files import DaemonNotRunning
 from .._errors import InvalidRequest, NotAuthorized, NotFound
 from .._home import ConfigError
 from .._receipts import ReceiptStoreError
+from ..consumer._delivery import SettlementUnconfirmed
 from ..consumer._held_sessions import UnknownSession
 from ..consumer._pacing import Busy
 from ..consumer._renter import AtCapacity, RentError
@@ -159,6 +160,8 @@ TABLE: tuple[_Row, ...] = (
     _Row(CallRefused, 409, "provider_refused", lambda e: e.reason),
     # a provider that broke (went away, broke the protocol) mid-session: 502
     _Row(ProviderMisbehaved, 502, "provider_error", lambda e: e.code),
+    # served and counter-signed, but the provider never acknowledged it: not a success, not retried elsewhere
+    _Row(SettlementUnconfirmed, 502, "provider_error", "settlement_unconfirmed"),
     _Row(ProviderFailed, 502, "provider_error", "provider_failed"),
     _Row(SessionError, 502, "provider_error", "provider_error"),
     _Row(StreamTimeout, 504, "provider_error", "peer_timeout"),  # a peer went quiet past the read deadline

@@ -36,6 +36,7 @@ from .._receipts import ReceiptStore
 from ..escrow._ops import EscrowOps
 from ..net._dial import describe
 from ..net._market import Market
+from ._delivery import SettlementUnconfirmed
 from ._failures import CAPACITY, SessionRejected, fault
 from ._pacing import RETRY_AFTER_S, Busy, Pacing
 from ._request_check import check_call
@@ -251,6 +252,8 @@ class Renter:
                 retry_after = max(retry_after, exc.retry_after_s)
                 _logger.info("not calling %s: %s", c.provider, exc)
                 continue
+            except SettlementUnconfirmed:
+                raise  # the call was served and paid for: never run it again elsewhere
             except SessionError as exc:
                 attempts.append(Attempt(c.provider, _named(exc), fault(exc)))
                 if isinstance(exc, SessionRejected):

@@ -21,6 +21,7 @@ from node._home import ConfigError
 from node._receipts import ReceiptStoreError
 from node.api import build_app
 from node.api._http import TABLE, problem_of
+from node.consumer._delivery import SettlementUnconfirmed
 from node.consumer._held_sessions import UnknownSession
 from node.consumer._pacing import Busy
 from node.consumer._renter import AtCapacity, RentError
@@ -30,6 +31,7 @@ from node.escrow._ops import EscrowRefused
 from node.net._streams import StreamClosed, StreamTimeout
 from node.provider._queue import QueueFull, QueueTimeout
 from node.provider.backends._base import BackendError
+from tests.support import identity
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -60,6 +62,12 @@ CASES = [
     (ConfigError("config.toml: [node] must be a table"), 500, "config_error"),
     (AtCapacity("every provider of 'm' is at capacity", retry_after_s=3), 429, "capacity"),
     (Busy("capacity: 4 sessions run, 128 wait"), 429, "capacity"),
+    (SettlementUnconfirmed(protocol.Receipt(
+        session_id=b"s" * 16, call_seq=0, model="m", provider=identity("t-p").peer_id,
+        consumer=identity("t-c").peer_id, agent=identity("t-a").peer_id, channel_id=b"c" * 16, input_hash=bytes(32),
+        output_hash=bytes(32), tokens_in=1, tokens_out=1, finish_reason="stop",
+        price=protocol.Price(input_per_1k=1, output_per_1k=1), cost=5, cumulative=5, prev_hash=bytes(32),
+        issued_at=1), None, True), 502, "settlement_unconfirmed"),
     (ReceiptStoreError("cannot store a receipt in receipts.db: database or disk is full"), 507, "storage_error"),
 ]
 BUGS = [ValueError("a secret-looking detail"), TypeError("a secret-looking detail"), KeyError("secret"),
