@@ -211,12 +211,14 @@ class Dialer:
         cancelled (and any that also connected closed)."""
         network = self.host.get_network()
         once = getattr(network, "_dial_addr_single_attempt", None) or network.dial_addr
+        limiter = getattr(network, "_global_dial_limiter", None) or trio.CapacityLimiter(MAX_ADDRS)
         won: list[multiaddr.Multiaddr] = []
         extra: list[object] = []
 
         async def attempt(addr: multiaddr.Multiaddr, failed: trio.Event, scope: trio.CancelScope) -> None:
             try:
-                conn = await once(addr, peer)
+                async with limiter:  # py-libp2p's bound on dials in flight (32), which its own dials keep
+                    conn = await once(addr, peer)
             except Exception as exc:
                 causes.append(f"{addr}: {describe(exc)}")
                 failed.set()
