@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from cli._common import DaemonClient
 from tests.e2e.daemons import ROOT, node, node_env, poll, start_market
@@ -57,8 +58,10 @@ def test_an_agent_down_when_the_session_ends_is_paid_once_it_is_back(daemons):
     sid, owed = calls(consumer, aid, 1)
     agent.kill()
     DaemonClient(str(consumer.home)).request("DELETE", f"/api/v1/sessions/{sid}")  # its close cannot reach the agent
+    back = time.monotonic()
     agent.start()  # a new port; nobody runs `node escrow claim`
     poll(lambda: balance(provider, aid) == owed, 90, "the retried claim")
+    print(f"paid {time.monotonic() - back:.1f}s after the agent's restart began")
     doc = earnings(provider)
     assert (doc["claimed"], doc["pending"]) == (owed, 0)
     assert "refused for good" not in (provider.home / "daemon.log").read_text()
