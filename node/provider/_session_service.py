@@ -14,7 +14,8 @@ stored. Refused or failed calls cost nothing.
 
 Getting paid (``ChannelBook``): a session is admitted only if its channel can pay it on top of
 everything else this provider may be owed on that channel; counter-signed receipts are held in
-the book (even when ``receipts.db`` cannot store them: the session then serves no further call)
+the book (even when ``receipts.db`` cannot store one: then its acknowledgement is withheld and the
+session closed)
 and claimed by the ``SettlementWorker`` (``_settlement``) every ``claim_interval_s`` while a
 session runs, ``claim_margin_s`` before its channel's expiry (no call starts inside that
 margin), at its end, and after a failed claim with backoff, across restarts. At the
@@ -300,6 +301,10 @@ class _StreamSession:
                     await self._countersigned(event.receipt)
                 elif isinstance(event, SessionClosed):
                     return event.close
+            if self.storage_error is not None:  # its receipt is claimed from memory; nothing more is served
+                self.machine.close(service.now(), "error")
+                await self._flush()
+                return None
             await self._flush()
 
     async def _countersigned(self, receipt: protocol.Receipt) -> None:
@@ -307,8 +312,9 @@ class _StreamSession:
         self.service.book.countersigned(receipt)  # claimed from memory even if the store cannot keep it
         try:
             await self.service.receipts.put(receipt, "provider", latency)
-        except ReceiptStoreError as exc:  # logged by the store; no further call is served on this session
+        except ReceiptStoreError as exc:  # logged by the store; the session ends after this message
             self.storage_error = str(exc)
+            self.machine.withhold_ack()  # not held durably: the consumer keeps it in doubt and redelivers it
         if self.service.book.closing(self.machine.open_msg.channel, self.service.now()):  # type: ignore[union-attr]
             self.service.wake_settlement()
 
@@ -316,8 +322,6 @@ class _StreamSession:
         assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
         consumer = self.machine.open_msg.consumer
         refusal = self.service.admission.check_call(consumer, self.offer, request, trio.current_time())
-        if refusal is None and self.storage_error is not None:
-            refusal = Refusal("backend_error", f"the provider cannot store receipts: {self.storage_error}")
         if refusal is None and self.service.book.closing(self.machine.open_msg.channel, self.service.now()):
             refusal = Refusal("expired", "the escrow channel expires too soon to pay for another call")
         if refusal is not None:

@@ -17,6 +17,7 @@ import trio
 import protocol
 from node._receipts import FORFEITED, ReceiptStore, ReceiptStoreError
 from node.api._reports import earnings
+from node.consumer._delivery import SettlementUnconfirmed
 from node.consumer._session_client import CallRefused
 from node.escrow._client import EscrowClient, EscrowUnreachable
 from node.provider import ProviderService
@@ -392,19 +393,20 @@ def test_a_full_or_read_only_receipts_db_is_a_clear_error_logged_once(tmp_path, 
         ReceiptStore(tmp_path / "dir.db")
 
 
-async def test_a_receipt_the_provider_cannot_store_is_still_claimed_and_the_session_says_why(caplog):
+async def test_a_receipt_the_provider_cannot_store_is_still_claimed_but_never_acknowledged(caplog):
     async with session_rig({"m": offer()}, {"m": ScriptedBackend()}, tag="sw6", claim_interval_s=3600) as rig:
         channel = await rig.open_channel(cap=100_000)
         store = rig.provider_service.receipts
         caplog.set_level(logging.INFO, logger="node._receipts")
         store.db.execute("PRAGMA query_only = ON")  # the provider's receipts.db turns read-only
-        async with rig.session(channel) as session:
-            owed = (await session.call(USER, 8)).receipt.cumulative  # served and counter-signed
-            with pytest.raises(CallRefused, match="cannot store receipts") as refused:
+        with pytest.raises(SettlementUnconfirmed):  # served and counter-signed, but never a success in doubt
+            async with rig.session(channel) as session:
                 await session.call(USER, 8)
-            assert "readonly" in str(refused.value)
-            await session.close(settle_escrow=False)
-        await wait_until(lambda: rig.balance(rig.provider_id).available == owed, what="the claim from memory")
+        (kept,) = rig.consumer_receipts.list()  # the consumer's copy, counter-signed
+        owed = kept["cumulative"]
+        with trio.fail_after(5):
+            await wait_until(lambda: rig.balance(rig.provider_id).available == owed, what="the claim from memory")
+        assert rig.provider_service.receipts.list() == []  # nothing was stored on the provider's side
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and "readonly" in errors[0]
         store.db.execute("PRAGMA query_only = OFF")
