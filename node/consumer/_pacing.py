@@ -22,11 +22,14 @@ from typing import AsyncIterator
 import trio
 
 from .._errors import LocalError
+from ..net._host import SESSION_STREAMS_PER_PEER
 from ._routing import Candidate
 
 __all__ = ["Busy", "Pacing", "RETRY_AFTER_S"]
 
 RETRY_AFTER_S = 2  # what a refused caller is told to wait before trying again
+#: a provider resets session streams past its per-peer cap: stay below it whatever a listing says
+MAX_PER_PROVIDER = SESSION_STREAMS_PER_PEER - 4
 
 
 class Busy(LocalError):
@@ -58,7 +61,7 @@ class Pacing:
         wait_s: the longest one waits for a slot.
     """
 
-    def __init__(self, *, max_per_provider: int = 64, queue_per_slot: int = 32, max_queue: int = 512,
+    def __init__(self, *, max_per_provider: int = MAX_PER_PROVIDER, queue_per_slot: int = 32, max_queue: int = 512,
                  wait_s: float = 30.0) -> None:
         self.max_per_provider, self.queue_per_slot, self.max_queue = max_per_provider, queue_per_slot, max_queue
         self.wait_s = wait_s

@@ -22,10 +22,17 @@ from wallet import EscrowAgent
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._errors import RemoteError
 from ..net._dial import DialFailed, describe, dialer
-from ..net._host import parse_peer_addr
+from ..net._host import ESCROW_STREAMS_PER_PEER, parse_peer_addr
 from ..net._streams import FramedStream, StreamClosed
 
-__all__ = ["EscrowClient", "EscrowUnreachable"]
+__all__ = ["EscrowClient", "EscrowUnreachable", "REQUESTS_PER_AGENT"]
+
+#: requests this node has in flight to one agent at once; the rest wait their turn (inside their
+#: timeout). Below the agent's per-peer stream cap, which resets the streams past it: a burst of
+#: channel opens or claims queues here instead of failing there (a closed stream is counted by the
+#: agent until it sees the close).
+REQUESTS_PER_AGENT = ESCROW_STREAMS_PER_PEER - 2
+_MAX_AGENT_GATES = 256
 
 
 class EscrowUnreachable(RemoteError):
@@ -42,6 +49,16 @@ class EscrowClient:
         self.dht = dht
         self.clock = clock
         self._local_lock = trio.Lock()
+        self._gates: dict[str, trio.CapacityLimiter] = {}
+
+    def _gate(self, peer_id: str) -> trio.CapacityLimiter:
+        gate = self._gates.get(peer_id)
+        if gate is None:
+            if len(self._gates) >= _MAX_AGENT_GATES:  # forget idle ones: agents come and go
+                for key in [k for k, g in self._gates.items() if g.borrowed_tokens == 0]:
+                    del self._gates[key]
+            gate = self._gates[peer_id] = trio.CapacityLimiter(REQUESTS_PER_AGENT)
+        return gate
 
     def resolve(self, agent: str | None) -> tuple[str, PeerInfo | None]:
         """``(peer id, dialable info or None)`` of an agent given as a peer id or a …/p2p/ address;
@@ -87,13 +104,14 @@ class EscrowClient:
         deadline = trio.current_time() + timeout
         try:
             with trio.fail_after(timeout):
-                try:
-                    return await self._exchange(pid, addrs, request, deadline)
-                except (StreamClosed, protocol.ProtocolError, DialFailed):
-                    raise
-                except Exception:  # a connection that died under us (the agent restarted): dial afresh, once
-                    await self.host.disconnect(pid)
-                    return await self._exchange(pid, addrs, request, deadline)
+                async with self._gate(peer_id):
+                    try:
+                        return await self._exchange(pid, addrs, request, deadline)
+                    except (StreamClosed, protocol.ProtocolError, DialFailed):
+                        raise
+                    except Exception:  # a connection that died under us (the agent restarted): dial afresh, once
+                        await self.host.disconnect(pid)
+                        return await self._exchange(pid, addrs, request, deadline)
         except trio.TooSlowError as exc:
             cause = dialer(self.host).last_failure.get(peer_id)
             raise EscrowUnreachable(f"escrow agent {peer_id} did not answer within {timeout:.0f}s"

@@ -62,10 +62,13 @@ _logger = logging.getLogger(__name__)
 # stream per peer (4 covers reconnects and both meshsub versions); DHT queries from one peer rarely
 # overlap by more than a few (8). Over all protocols 64 per peer, 1024 in all: ~5 per connection at
 # the 200-connection watermark; buffered bytes at most 1024 x 512 KiB (the Yamux window cap), 32 MiB a peer.
+SESSION_STREAMS_PER_PEER = 16
+ESCROW_STREAMS_PER_PEER = 8
 DEFAULT_STREAM_LIMITS = StreamLimits(
     total=1024,
     per_peer=64,
-    per_protocol=((SESSION_PROTOCOL, 16), (ESCROW_PROTOCOL, 8), ("/meshsub/", 4), ("/ipfs/kad/", 8)),
+    per_protocol=((SESSION_PROTOCOL, SESSION_STREAMS_PER_PEER), (ESCROW_PROTOCOL, ESCROW_STREAMS_PER_PEER),
+                  ("/meshsub/", 4), ("/ipfs/kad/", 8)),
     linger_s=2.0,
 )
 
