@@ -45,7 +45,7 @@ def test_node_run_pays_exactly_the_receipt_and_refunds_the_rest(daemons):
 
     # the provider's books: earnings equal its receipts, all claimed after the cooperative close
     books = json.loads(provider.cli("earnings", "--period", "1h", "--by", "client", "--json").stdout)
-    assert books == {"period": "1h", "total": cost, "claimed": cost, "pending": 0, "by": {cid: cost}}
+    assert books == {"period": "1h", "total": cost, "claimed": cost, "pending": 0, "forfeited": 0, "by": {cid: cost}}
     node_stats = json.loads(provider.cli("stats", "--json").stdout)
     assert node_stats["node"]["requests"] == 1 and node_stats["node"]["earnings"] == cost
     assert node_stats["node"]["tokens_served"] == usage["total_tokens"] and node_stats["node"]["avg_latency_ms"] >= 0
