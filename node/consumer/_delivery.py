@@ -35,6 +35,7 @@ import protocol
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._home import private_file
 from .._receipts import ReceiptStore
+from ..net._dial import describe, dial
 from ..net._streams import FramedStream, StreamClosed
 from ._failures import ProviderFailed
 
@@ -249,9 +250,11 @@ class ReceiptDelivery:
         error = "not delivered"
         try:
             with trio.fail_after(self.connect_timeout_s):
-                stream = await self._host.new_stream(ID.from_base58(provider), [protocol.RECEIPT_PROTOCOL])
+                pid = ID.from_base58(provider)
+                await dial(self._host, pid, (), timeout_s=self.connect_timeout_s)  # fresh addresses if it moved
+                stream = await self._host.new_stream(pid, [protocol.RECEIPT_PROTOCOL])
         except Exception as exc:  # libp2p's dial and negotiation errors, and the timeout
-            error = f"cannot reach the provider: {exc or type(exc).__name__}"
+            error = f"cannot reach the provider: {describe(exc)}"
         else:
             framed = FramedStream(stream, max_size=protocol.RECEIPT_FRAME_MAX, read_timeout_s=self.answer_timeout_s)
             try:

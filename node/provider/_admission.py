@@ -91,6 +91,11 @@ class Admission:
         while len(self._unpaid) > _MAX_TRACKED:
             self._unpaid.popitem(last=False)
 
+    def forgive_unpaid(self, consumer: str) -> None:
+        """``consumer`` delivered the counter-signature it owed after all (``/inferswarm/receipt``):
+        its sessions are no longer refused for it."""
+        self._unpaid.pop(consumer, None)
+
     def unpaid_until(self, consumer: str, now: float) -> float | None:
         until = self._unpaid.get(consumer)
         if until is not None and until <= now:

@@ -119,6 +119,7 @@ class ReceiptIntake:
                     service.book.load([receipt])
                 service.wake_settlement()
                 await service.receipts.put(receipt, "provider")
+                service.admission.forgive_unpaid(receipt.consumer)  # it paid the call it was refused for
                 _logger.info("took a redelivered receipt of %s µc from %s", receipt.cumulative, sender)
         except (ReceiptStoreError, sqlite3.Error, OSError) as exc:
             _logger.error("cannot store a redelivered receipt: %s", exc)  # not acknowledged: it comes again

@@ -115,6 +115,8 @@ async def test_the_counter_signature_lost_after_the_provider_gave_up_waiting_is_
         consumer = rig.balance(consumer_id(rig))
         assert consumer.available + consumer.locked == MINT - receipt.cumulative
         rig.agent.check()
+        # it paid the call it was marked unpaid for: its sessions are no longer refused
+        assert rig.provider_service.admission.unpaid_until(consumer_id(rig), trio.current_time()) is None
 
 
 async def test_a_call_whose_ack_never_comes_is_not_a_success_and_its_receipt_is_resent_until_paid(tmp_path):
