@@ -105,7 +105,7 @@ CREATE TABLE IF NOT EXISTS claims (
     paid INTEGER NOT NULL,         -- what the agent said it paid
     forfeited INTEGER NOT NULL DEFAULT 0,  -- 'forfeited' rows: what was given up
     channel_claimed INTEGER,       -- the channel's total paid, as the agent reported with it
-    how TEXT NOT NULL,             -- 'claim', 'close', 'reconciled' or 'forfeited'
+    how TEXT NOT NULL,             -- 'claim', 'close', 'reconciled', 'forfeited' or 'migrated'
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS claims_by_channel ON claims(channel_id);
@@ -129,12 +129,24 @@ class ReceiptStore:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=10000")  # the consumer's delivery queue writes the same file
             self.db.executescript(_SCHEMA)
+            self._migrate()
         except (sqlite3.Error, OSError) as exc:
             raise ReceiptStoreError(f"cannot open the receipt store {path}: {_reason(exc)}") from exc
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self.db.close()
+
+    def _migrate(self) -> None:
+        """A store from before ``claims`` existed: what it marked paid becomes one ``migrated`` row
+        per channel (once), so its earnings do not count those receipts as pending."""
+        if self.db.execute("SELECT 1 FROM claims LIMIT 1").fetchone() is not None:
+            return
+        self.db.execute(
+            "INSERT INTO claims(agent, channel_id, session_id, cumulative, paid, how, at) "
+            "SELECT agent, channel_id, NULL, 0, SUM(top), 'migrated', MAX(at) FROM ("
+            "  SELECT agent, channel_id, MAX(cumulative) AS top, MAX(stored_at) AS at FROM receipts "
+            "  WHERE role = 'provider' AND claimed = 1 GROUP BY session_id) GROUP BY channel_id")
 
     def _write(self, what: str, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` (a write, under the lock) and translate SQLite's failure once, here.

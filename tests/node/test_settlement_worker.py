@@ -5,6 +5,7 @@ paid. Exact balances, the agent's ledger checked. Also receipts paging and stora
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import types
@@ -368,6 +369,24 @@ def test_the_claims_of_a_channel_add_up_to_what_its_agent_paid(tmp_path):
     assert (e.signed, e.paid, e.forfeited, e.pending) == (1070, 1000, 70, 0)
     assert store.unclaimed("provider") != [] and all(r.session_id != b"x" * 16 for r in store.unclaimed("provider"))
     store.close()
+
+
+def test_a_store_from_before_claims_were_recorded_keeps_what_it_had_marked_paid(tmp_path):
+    store = ReceiptStore(tmp_path / "r.db")
+    for sid, cum in ((b"a" * 16, 300), (b"b" * 16, 500)):
+        store._put(receipt(sid, cum - 100), "provider", None)
+        store._put(dataclasses.replace(receipt(sid, cum), call_seq=1), "provider", None)
+    store.mark_claimed(receipt(b"a" * 16, 300))  # the old books: session a paid, b not
+    store.db.execute("DELETE FROM claims")  # as the file was before this version
+    store.close()
+    store = ReceiptStore(tmp_path / "r.db")
+    e = store.earnings()
+    assert (e.signed, e.paid, e.pending) == (800, 300, 500)
+    assert [c["how"] for c in store.claims()] == ["migrated"]
+    store.close()
+    again = ReceiptStore(tmp_path / "r.db")
+    assert again.earnings().paid == 300  # migrated once
+    again.close()
 
 
 def test_a_full_or_read_only_receipts_db_is_a_clear_error_logged_once(tmp_path, caplog):
