@@ -31,10 +31,10 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
+from .._clock import SYSTEM_WALL_CLOCK
 from .._home import private_file
 
 __all__ = ["TrustBook", "ProviderStats", "START", "FLOOR", "probe_backoff"]
@@ -89,7 +89,7 @@ _COLUMNS = {"busy": "REAL NOT NULL DEFAULT 0", "busy_at": "INTEGER", "strikes": 
 class TrustBook:
     """This node's persistent trust in each provider (sqlite), learned from every attributed outcome."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = SYSTEM_WALL_CLOCK) -> None:
         self.clock = clock
         self.db = sqlite3.connect(private_file(path), isolation_level=None, check_same_thread=False)  # 0600
         self.db.execute("PRAGMA journal_mode=WAL")
