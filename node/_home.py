@@ -3,7 +3,10 @@
 Layout (mode 0700):
     keystore.json   encrypted identity and upstream API keys (wallet.Keystore), mode 0600
     config.toml     the operator's settings (comments preserved when the node edits it)
-    *.db (-wal, -shm)  receipts, trust and the escrow agent's ledger (sqlite)
+    *.db (-wal, -shm)  receipts (with the claims the agent confirmed and the receipts in doubt),
+                    trust and the escrow agent's ledger (sqlite)
+    escrow.db.lock  held by the node that has the ledger open (``node escrow check`` refuses then)
+    escrow-backups/ verified online backups of the ledger (hourly and at a clean stop; the last 24)
     api.token, daemon.json   the daemon's runtime files
     peers.json      the peers this node was last connected to, dialled at start (a hint, rewritten)
 The home is ``--home`` if given, else ``$INFERSWARM_HOME``, else the platform's user data dir.
