@@ -148,6 +148,22 @@ async def open_swarm(
     secret = passphrase or wallet.resolve_passphrase()
     keystore = (wallet.Keystore.open(h.keystore, secret) if h.is_initialised() else init_home(h.path, secret))
     config = resolve_config(h, tuple(listen), tuple(bootstrap), None, tuple(accept_escrow))
-    async with open_node(h, keystore.identity, dataclasses.replace(config), escrow=escrow,
-                         api_key=keystore.api_key, mdns=mdns) as service:
-        yield Swarm(service)
+    try:
+        async with open_node(h, keystore.identity, dataclasses.replace(config), escrow=escrow,
+                             api_key=keystore.api_key, mdns=mdns) as service:
+            yield Swarm(service)
+    except BaseExceptionGroup as group:  # the node's nurseries wrap what the block raised, ten deep
+        leaf = _sole_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None  # the caller's own error (a RentError, a ValueError), as itself
+
+
+def _sole_leaf(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception inside nested single-member groups, or None when there are several."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        if len(leaf.exceptions) != 1:
+            return None
+        leaf = leaf.exceptions[0]
+    return leaf
