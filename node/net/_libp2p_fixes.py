@@ -530,4 +530,7 @@ def apply() -> None:
     Swarm._schedule_prune = _no_global_prune  # type: ignore[method-assign]
     _NegativePeerCache.__init__ = _short_negative_cache_init  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
+    # a failed TCP dial is logged at error level there; ours (the dialler) names each cause where it
+    # matters, and a restart's rejoin of remembered peers at old ports would print a line per address
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
     _applied = True
