@@ -15,6 +15,7 @@ there are more than ``high_watermark``, keeping busy, protected, outbound and DH
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import socket
 from contextlib import asynccontextmanager
@@ -306,31 +307,53 @@ async def open_host(
             dialled at start (``_dial.PeerCache``: a node restarted on a new port is found again).
 
     Raises:
-        ValueError: a listen address is not a valid multiaddr.
+        ValueError: a listen address is not a TCP multiaddr on an IP, naming it.
         OSError: a listen address could not be bound (its port taken, say), naming it.
     """
-    addrs = [multiaddr.Multiaddr(a) for a in listen]
+    addrs = [_listen_addr(a) for a in listen]
     for addr in addrs:
         _check_bindable(addr)
     host = _build_host(identity, mdns, limits)
+    missing: list[str] = []
     async with host.run(listen_addrs=addrs):
-        if listen and not host.get_addrs():
+        # py-libp2p logs a failed listen at debug level and carries on with the rest
+        missing = [str(a) for a in addrs if str(a) not in host.get_network().listeners]  # type: ignore[attr-defined]
+        if not missing:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(connection_manager(host).run)
+                    if peer_cache is not None:
+                        nursery.start_soon(PeerCache(host, peer_cache).run)
+                    try:
+                        yield host
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                # even when cancelled (shutdown, an embedding program's cancel scope): close the sockets
+                # so peers see the connections end now, not at process exit
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await host.close()
+        else:
             await host.close()
-            raise OSError(f"could not listen on {', '.join(listen)}")
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(connection_manager(host).run)
-                if peer_cache is not None:
-                    nursery.start_soon(PeerCache(host, peer_cache).run)
-                try:
-                    yield host
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            # even when cancelled (shutdown, an embedding program's cancel scope): close the sockets
-            # so peers see the connections end now, not at process exit
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await host.close()
+    if missing:  # raised here, not inside host.run's nursery (which would wrap it in an exception group)
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {', '.join(missing)} (another process has the "
+                                        "port? set [node] listen in config.toml, or pass --listen)")
+
+
+def _listen_addr(text: str) -> multiaddr.Multiaddr:
+    """A listen address: a TCP multiaddr on an IP (``/ip4/0.0.0.0/tcp/4001``, ``/ip6/::/tcp/0``).
+
+    Raises:
+        ValueError: not a multiaddr, or not IP and TCP, naming it.
+    """
+    try:
+        addr = multiaddr.Multiaddr(text)
+        protocols = [p.name for p in addr.protocols()]
+    except Exception as exc:  # multiaddr raises several unrelated types
+        raise ValueError(f"not a listen address (e.g. /ip4/0.0.0.0/tcp/4001): {text!r}") from exc
+    if protocols[:1] not in (["ip4"], ["ip6"]) or protocols[1:] != ["tcp"]:
+        raise ValueError(f"not a listen address (e.g. /ip4/0.0.0.0/tcp/4001; TCP on an IP only): {text!r}")
+    return addr
 
 
 def _check_bindable(addr: multiaddr.Multiaddr) -> None:

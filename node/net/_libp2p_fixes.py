@@ -56,12 +56,18 @@ is a deliberate act that re-checks every trap.
    unreachable for a minute through every libp2p dial (``new_stream``, the DHT, bootstrap).
    The cache now holds a failure ``NEGATIVE_CACHE_TTL_S``; our own dialler (``_dial``) lifts it
    outright before it dials.
+11. Listeners share their port: every TCP listen socket gets ``SO_REUSEPORT`` (``_set_reuse_flags``,
+   for hole punching we do not use), so a second node started on a taken port listens beside the
+   first and the kernel splits inbound connections between them (handshake failures, a node left
+   with no peers). Listen sockets (and sourced dials) now get ``SO_REUSEADDR`` only: a port in use
+   fails the bind, and ``open_host`` reports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from collections import Counter, OrderedDict
 from importlib.metadata import version
 from typing import Any, Awaitable, Callable
@@ -79,6 +85,7 @@ from libp2p.network.swarm import Swarm, _NegativePeerCache
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.stream_muxer.yamux import yamux as _yamux_module
 from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, GO_AWAY_PROTOCOL_ERROR, YamuxStream
+from libp2p.transport.tcp import tcp as _tcp_module
 
 __all__ = [
     "apply",
@@ -505,6 +512,18 @@ def _no_global_prune(self: Swarm) -> None:
     """py-libp2p's pruner stays off: ``ConnectionManager`` (``_host``) closes idle connections."""
 
 
+# ---- 11. TCP listeners: no SO_REUSEPORT
+
+
+def _reuse_address_only(sock: Any) -> None:
+    """``SO_REUSEADDR`` (a restart may bind over its own TIME_WAIT connections), never
+    ``SO_REUSEPORT``: a port another process listens on must fail the bind."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except OSError:
+        pass
+
+
 def apply() -> None:
     """Apply every fix (idempotent).
 
@@ -529,6 +548,7 @@ def apply() -> None:
     ProviderStore.add_provider = _bounded_add_provider  # type: ignore[method-assign]
     Swarm._schedule_prune = _no_global_prune  # type: ignore[method-assign]
     _NegativePeerCache.__init__ = _short_negative_cache_init  # type: ignore[method-assign]
+    _tcp_module._set_reuse_flags = _reuse_address_only  # type: ignore[attr-defined]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     # a failed TCP dial is logged at error level there; ours (the dialler) names each cause where it
     # matters, and a restart's rejoin of remembered peers at old ports would print a line per address
