@@ -2,6 +2,12 @@
 
 A counter-signed receipt stays ``unacked`` until the provider's signed ``CounterSignAck`` for it
 comes (or its answer to the next call proves it took the signature): ``CountersignConfirmed``.
+
+``cancel`` stops the running call at the chunks received so far (or fewer: those its caller
+was shown): the machine then counter-signs only a receipt of exactly that prefix. Chunks that
+come after the cut are checked against the call's bounds and then dropped, unbilled; a receipt
+of the whole call that crossed the ``Cancel`` is ignored (the provider replaces it); any other
+receipt is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ._messages import (
     Accept,
     CallError,
     CallQueued,
+    Cancel,
     ChannelGrant,
     ChatMessage,
     Chunk,
@@ -39,7 +46,13 @@ from ._messages import (
     Reject,
     Request,
 )
-from ._metering import MAX_BYTES_PER_TOKEN, billable_output_tokens, completion_byte_limit, prompt_token_bound
+from ._metering import (
+    MAX_BYTES_PER_TOKEN,
+    billable_output_tokens,
+    cancelled_output_tokens,
+    completion_byte_limit,
+    prompt_token_bound,
+)
 from ._pricing import Price, call_cost, discounted
 from ._session import (
     Accepted,
@@ -68,12 +81,14 @@ __all__ = ["ConsumerState", "ConsumerSession"]
 class ConsumerState(enum.Enum):
     """Where a ``ConsumerSession`` stands: IDLE (not opened), OPENING (Open sent, awaiting Accept or
     Reject), READY (may request), IN_CALL (streaming, awaiting the receipt or a CallError),
+    CANCELLING (``Cancel`` sent: awaiting the receipt of the prefix received, or a CallError),
     CLOSED, or ERROR (a protocol error was raised; it takes nothing more)."""
 
     IDLE = "idle"
     OPENING = "opening"
     READY = "ready"
     IN_CALL = "in_call"
+    CANCELLING = "cancelling"
     CLOSED = "closed"
     ERROR = "error"
 
@@ -122,7 +137,9 @@ class ConsumerSession(_Machine):
         self.rejected = False
         self.unacked: Receipt | None = None  # counter-signed, not yet acknowledged by the provider
         self._request: Request | None = None
-        self._text: list[str] = []
+        self._text: list[str] = []  # each chunk's text, and the tokens it claimed
+        self._claims: list[int] = []
+        self._cut = 0  # once cancelled: the chunks the receipt may bill
         self._tokens_out = 0
         self._text_bytes = 0
         self._next_chunk = 0
@@ -200,9 +217,33 @@ class ConsumerSession(_Machine):
         )
         self._outbox.append(msg)
         self._request = msg
-        self._text, self._tokens_out, self._text_bytes, self._next_chunk = [], 0, 0, 0
+        self._text, self._claims, self._tokens_out, self._text_bytes, self._next_chunk = [], [], 0, 0, 0
         self.state = ConsumerState.IN_CALL
         return msg
+
+    @_guarded
+    def cancel(self, chunks: int | None = None) -> Cancel:
+        """Queue a ``Cancel`` of the running call after its first ``chunks`` chunks (default: every
+        chunk received so far). Only a receipt of exactly that prefix will be counter-signed.
+
+        Raises:
+            IllegalTransition: no call in flight (or it is cancelled already), or ``chunks`` is
+                more than were received.
+        """
+        self._expect(ConsumerState.IN_CALL)
+        cut = self._next_chunk if chunks is None else chunks
+        if not 0 <= cut <= self._next_chunk:
+            raise IllegalTransition(f"cannot cut after {cut} chunks: {self._next_chunk} were received")
+        msg = Cancel(session_id=self.session_id, call_seq=self.next_seq, chunks=cut)
+        self._outbox.append(msg)
+        self._cut = cut
+        self.state = ConsumerState.CANCELLING
+        return msg
+
+    @property
+    def cancelled_text(self) -> str:
+        """The prefix a cancelled call pays for (the text of its first ``chunks`` chunks)."""
+        return "".join(self._text[: self._cut])
 
     @_guarded
     def close(self, now: int, reason: str = "done", escrow_close: EscrowClose | None = None) -> Close:
@@ -212,7 +253,8 @@ class ConsumerSession(_Machine):
             escrow_close: optionally, this consumer's signed half of a cooperative channel close,
                 for the provider to complete and submit (see ``escrow_close_half``).
         """
-        self._expect(ConsumerState.IDLE, ConsumerState.OPENING, ConsumerState.READY, ConsumerState.IN_CALL)
+        self._expect(ConsumerState.IDLE, ConsumerState.OPENING, ConsumerState.READY, ConsumerState.IN_CALL,
+                     ConsumerState.CANCELLING)
         msg = sign(
             Close(
                 session_id=self.session_id,
@@ -266,20 +308,21 @@ class ConsumerSession(_Machine):
             self.state = ConsumerState.CLOSED
             self.rejected = True
             return [Rejected(msg)]
-        if isinstance(msg, CounterSignAck) and self.state in (ConsumerState.READY, ConsumerState.IN_CALL):
+        calling = self.state in (ConsumerState.IN_CALL, ConsumerState.CANCELLING)
+        if isinstance(msg, CounterSignAck) and (calling or self.state is ConsumerState.READY):
             return [self._on_ack(msg)]
         # the provider answers call n+1 only after it took call n's counter-signature: proof of delivery
-        prior = self.unacked if self.state is ConsumerState.IN_CALL else None
+        prior = self.unacked if calling else None
         if isinstance(msg, Receipt):
             return self._proven(prior, self._on_receipt(msg))
-        if isinstance(msg, Chunk) and self.state is ConsumerState.IN_CALL:
+        if isinstance(msg, Chunk) and calling:
             return self._proven(prior, self._on_chunk(msg))
-        if isinstance(msg, CallQueued) and self.state is ConsumerState.IN_CALL:
+        if isinstance(msg, CallQueued) and calling:
             self._check_session(msg, self.session_id)
             if msg.call_seq != self.next_seq or self._next_chunk:
                 raise UnexpectedMessage("queue position for another call, or after the answer began")
             return self._proven(prior, Queued(msg))
-        if isinstance(msg, CallError) and self.state is ConsumerState.IN_CALL:
+        if isinstance(msg, CallError) and calling:
             self._check_session(msg, self.session_id)
             if msg.call_seq != self.next_seq:
                 raise UnexpectedMessage(f"call_error for call {msg.call_seq}, expected {self.next_seq}")
@@ -301,14 +344,15 @@ class ConsumerSession(_Machine):
         receipt, self.unacked = self.unacked, None
         return CountersignConfirmed(receipt, msg)
 
-    def _proven(self, prior: Receipt | None, event: Any) -> list[Any]:
-        """``event``, after the proof that ``prior`` (counter-signed, unacknowledged when call n+1's
-        answer came) was delivered."""
+    def _proven(self, prior: Receipt | None, event: Any | None) -> list[Any]:
+        """``event`` (if any), after the proof that ``prior`` (counter-signed, unacknowledged when
+        call n+1's answer came) was delivered."""
+        events = [] if event is None else [event]
         if prior is None:
-            return [event]
+            return events
         if self.unacked is prior:
             self.unacked = None
-        return [CountersignConfirmed(prior, None), event]
+        return [CountersignConfirmed(prior, None), *events]
 
     def _on_accept(self, msg: Accept) -> Accepted:
         self._check_session(msg, self.session_id)
@@ -340,15 +384,26 @@ class ConsumerSession(_Machine):
         self._tokens_out += msg.tokens
         self._text_bytes += size
         self._text.append(msg.text)
+        self._claims.append(msg.tokens)
         return ChunkReceived(msg)
 
-    def _on_receipt(self, r: Receipt) -> ReceiptSettled:
+    def _on_receipt(self, r: Receipt) -> ReceiptSettled | None:
         self._check_session(r, self.session_id)
         if r.call_seq < self.next_seq:
             raise ReceiptReplay(f"receipt for call {r.call_seq} was already settled")
-        if self.state is not ConsumerState.IN_CALL or r.call_seq != self.next_seq:
+        cancelled = self.state is ConsumerState.CANCELLING
+        if self.state not in (ConsumerState.IN_CALL, ConsumerState.CANCELLING) or r.call_seq != self.next_seq:
             raise UnexpectedMessage(f"receipt for call {r.call_seq} with no such call in flight")
         assert self._request is not None and self.accept is not None
+        if cancelled:  # bill the prefix received before the cut, and nothing after it
+            text = self.cancelled_text
+            text_bytes = len(text.encode("utf-8"))
+            tokens_out = cancelled_output_tokens(sum(self._claims[: self._cut]), text_bytes)
+            whole = (output_hash("".join(self._text)), self._tokens_out)
+            if (r.output_hash, r.tokens_out) != (output_hash(text), tokens_out) and (r.output_hash, r.tokens_out) == whole:
+                return None  # the whole call's receipt crossed our Cancel: the prefix's comes next
+        else:
+            text, text_bytes, tokens_out = "".join(self._text), self._text_bytes, self._tokens_out
         verify(r, "provider_sig", self._provider_key)
         ch = self.channel
         if (r.model, r.provider, r.consumer, r.agent, r.channel_id) != (
@@ -359,17 +414,17 @@ class ConsumerSession(_Machine):
             ch.channel_id,
         ):
             raise TermsMismatch("receipt names another model, party or channel")
-        text = "".join(self._text)
         if r.input_hash != request_hash(self._request):
             raise ReceiptHashMismatch("input hash is not the hash of the request sent")
         if r.output_hash != output_hash(text):
             raise ReceiptHashMismatch("output hash is not the hash of the text received")
-        if r.tokens_out != self._tokens_out:
-            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens, {self._tokens_out} streamed")
-        if r.tokens_out > billable_output_tokens(r.tokens_out, self._text_bytes):
-            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens for {self._text_bytes} bytes of text")
-        if self._text_bytes > r.tokens_out * MAX_BYTES_PER_TOKEN:
-            raise ReceiptPriceMismatch(f"{self._text_bytes} bytes of text for {r.tokens_out} tokens: over "
+        if r.tokens_out != tokens_out:
+            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens, {tokens_out} "
+                                       + ("received before the cancel" if cancelled else "streamed"))
+        if r.tokens_out > billable_output_tokens(r.tokens_out, text_bytes):
+            raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens for {text_bytes} bytes of text")
+        if text_bytes > r.tokens_out * MAX_BYTES_PER_TOKEN:
+            raise ReceiptPriceMismatch(f"{text_bytes} bytes of text for {r.tokens_out} tokens: over "
                                        f"{MAX_BYTES_PER_TOKEN} bytes per token")
         if r.tokens_in > self.accept.max_context:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the context")
@@ -397,7 +452,7 @@ class ConsumerSession(_Machine):
         self.unacked = signed
         self._request = None
         self.state = ConsumerState.READY
-        return ReceiptSettled(signed, text)
+        return ReceiptSettled(signed, text, cancelled)
 
     def _on_close(self, msg: Close) -> SessionClosed:
         self._check_session(msg, self.session_id)

@@ -47,6 +47,8 @@ __all__ = [
     "Chunk",
     "CallQueued",
     "CallError",
+    "Cancel",
+    "CANCELLED_FINISH",
     "Receipt",
     "CounterSign",
     "CounterSignAck",
@@ -99,6 +101,9 @@ CALL_ERROR_REASONS = (
 RECEIPT_REFUSALS = ("not_mine", "bad_signature", "not_sender", "rate_limited", "unavailable")
 CLOSE_REASONS = ("done", "expired", "error", "shutdown", "protocol_error")
 FINISH_REASONS = ("stop", "length")
+#: the finish reason of a cancelled call's receipt: receipt v1's choices are frozen, and a call the
+#: consumer cut short ended on the length it chose (docs/PROTOCOL.md, "Cancellation")
+CANCELLED_FINISH = "length"
 ZERO_HASH = bytes(32)
 
 _SIG = Bytes(max_len=64)  # empty until signed; verification demands exactly 64 bytes
@@ -305,6 +310,19 @@ class CallError:
     call_seq: int = wire(UInt())
     reason: str = wire(Str(choices=CALL_ERROR_REASONS))
     detail: str = wire(Str(512), default="")
+
+
+@message("call_cancel", 1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    """The consumer wants no more of the running call: it received (and pays for) the call's first
+    ``chunks`` chunks and nothing after them. The provider stops generating and answers with a
+    receipt of exactly that prefix (``cancelled_output_tokens``), or a ``CallError``. Unsigned, as a
+    ``Request``: it travels only on the consumer's own session stream."""
+
+    session_id: bytes = wire(_ID)
+    call_seq: int = wire(UInt())
+    chunks: int = wire(UInt())
 
 
 @message("receipt", 1, signatures=("provider_sig", "consumer_sig"))

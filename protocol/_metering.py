@@ -12,6 +12,10 @@ the consumer refuses, and a dishonest one is never paid past what the consumer c
 - **Completion text** is bounded by the tokens asked for and billed: at most
   ``completion_byte_limit(max_tokens)`` bytes may stream in a call (so a provider cannot make a
   consumer hold more), and at most ``MAX_BYTES_PER_TOKEN`` bytes per billed token in the end.
+- **A cancelled call** (``Cancel``) bills the prefix the consumer says it received: its chunks'
+  claims in sum, but never under one token per ``MAX_BYTES_PER_TOKEN`` bytes of that prefix
+  (``cancelled_output_tokens``), so a backend that counts tokens only at the end (an upstream
+  server's usage) still bills received text within the rules above.
 - **Context**: ``max_context`` is the one in the signed listing the consumer chose from; an
   Accept naming more is refused.
 Pure arithmetic on integers: no clock, no I/O.
@@ -30,6 +34,7 @@ __all__ = [
     "prompt_token_bound",
     "completion_byte_limit",
     "billable_output_tokens",
+    "cancelled_output_tokens",
 ]
 
 PROMPT_OVERHEAD = 16  # the template's generation prompt
@@ -53,3 +58,11 @@ def completion_byte_limit(max_tokens: int) -> int:
 def billable_output_tokens(tokens: int, text_bytes: int) -> int:
     """Of ``tokens`` generated for ``text_bytes`` bytes of text, how many may be billed."""
     return max(0, min(tokens, text_bytes + TOKEN_SLACK))
+
+
+def cancelled_output_tokens(claimed: int, text_bytes: int) -> int:
+    """The completion tokens a cancelled call bills for a received prefix of ``text_bytes`` bytes
+    whose chunks claimed ``claimed`` tokens: the claims, raised to one token per
+    ``MAX_BYTES_PER_TOKEN`` bytes (a backend that claims its count only at the end has claimed
+    nothing yet). Both machines compute it; it never passes the bounds of ``billable_output_tokens``."""
+    return max(claimed, -(-text_bytes // MAX_BYTES_PER_TOKEN))

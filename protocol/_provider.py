@@ -1,7 +1,12 @@
 """The provider side of a session: decides on an open, meters calls, signs receipts, waits for
 counter-signatures and acknowledges each one (``CounterSignAck``: the node sends it only after
 it has stored the doubly-signed receipt, as the outbox drains after the ``Countersigned`` event
-is handled)."""
+is handled).
+
+A call the consumer cancels (``Cancel``) stops at the chunk count it names: the machine takes
+no more chunks (CANCELLING) and ``finish_call`` bills exactly that prefix; if the receipt of the
+whole call had already gone out, the prefix's receipt is queued in its place (the consumer signs
+only that one)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from ._messages import (
     Accept,
     CallError,
     CallQueued,
+    Cancel,
     Chunk,
     Close,
     CounterSign,
@@ -33,10 +39,12 @@ from ._messages import (
     Receipt,
     Reject,
     Request,
+    CANCELLED_FINISH,
 )
-from ._metering import billable_output_tokens, completion_byte_limit, prompt_token_bound
+from ._metering import billable_output_tokens, cancelled_output_tokens, completion_byte_limit, prompt_token_bound
 from ._pricing import Price, call_cost, discounted, max_output_tokens_within
 from ._session import (
+    CallCancelled,
     CallRequested,
     Countersigned,
     OpenReceived,
@@ -67,7 +75,8 @@ def _detail(text: str) -> str:
 class ProviderState(enum.Enum):
     """Where a ``ProviderSession`` stands: AWAITING_OPEN, DECIDING (an Open to accept or reject),
     READY (awaiting a Request), CALL_REQUESTED (to admit or fail), IN_CALL (streaming chunks until
-    the receipt), AWAITING_COUNTERSIGN (the receipt is out; no next call until it comes back
+    the receipt), CANCELLING (the consumer cancelled the call: no more chunks, the receipt bills the
+    prefix it received), AWAITING_COUNTERSIGN (the receipt is out; no next call until it comes back
     signed), CLOSED, or ERROR (a protocol error was raised; it takes nothing more)."""
 
     AWAITING_OPEN = "awaiting_open"
@@ -75,6 +84,7 @@ class ProviderState(enum.Enum):
     READY = "ready"
     CALL_REQUESTED = "call_requested"
     IN_CALL = "in_call"
+    CANCELLING = "cancelling"
     AWAITING_COUNTERSIGN = "awaiting_countersign"
     CLOSED = "closed"
     ERROR = "error"
@@ -97,7 +107,10 @@ class ProviderSession(_Machine):
         self._tokens_out = 0  # billed so far (what the chunks claim)
         self._generated = 0  # produced so far, billed or not
         self._text_bytes = 0
-        self._text: list[str] = []
+        self._text: list[str] = []  # each chunk's text, and the tokens it claimed
+        self._claims: list[int] = []
+        self._cut: int | None = None  # the chunks the consumer received, once it cancelled
+        self._input_hash = b""
         self._pending: Receipt | None = None
 
     @property
@@ -144,7 +157,31 @@ class ProviderSession(_Machine):
             return [self._on_request(msg)]
         if isinstance(msg, CounterSign):
             return [self._on_countersign(msg)]
+        if isinstance(msg, Cancel):
+            return self._on_cancel(msg, now)
         raise self._unexpected(msg)
+
+    def _on_cancel(self, msg: Cancel, now: int) -> list[Any]:
+        self._check_session(msg, self.session_id)
+        if self.state is ProviderState.READY and msg.call_seq == self.next_seq:
+            return []  # the call failed already: its CallError crossed the Cancel; nothing is owed
+        racing = self.state is ProviderState.AWAITING_COUNTERSIGN and self._pending is not None \
+            and msg.call_seq == self._pending.call_seq
+        if not racing and (self.state is not ProviderState.IN_CALL or msg.call_seq != self.next_seq):
+            raise self._unexpected(msg)
+        if msg.chunks > len(self._text):
+            raise UnexpectedMessage(f"cancel after {msg.chunks} chunks, {len(self._text)} were sent")
+        self._cut = msg.chunks
+        if not racing:
+            self.state = ProviderState.CANCELLING
+            return [CallCancelled(msg)]
+        # the whole call's receipt went out before the Cancel came: the prefix's replaces it
+        assert self._pending is not None
+        prefix = self._bill(self._pending.tokens_in, now, self._pending.discount_permille)
+        if (prefix.output_hash, prefix.tokens_out) != (self._pending.output_hash, self._pending.tokens_out):
+            self._pending = prefix
+            self._outbox.append(prefix)
+        return [CallCancelled(msg)]
 
     def _on_open(self, msg: Open, now: int) -> OpenReceived:
         if msg.provider != self.me:
@@ -236,7 +273,8 @@ class ProviderSession(_Machine):
         limit = max_output_tokens_within(self.accept.price, billed_in, self.cap - self.cumulative, ceiling)
         if limit < 0:
             return self._refuse("over_budget", f"{self.cap - self.cumulative} µc left in this session")
-        self._limit, self._tokens_in, self._text = limit, billed_in, []
+        self._limit, self._tokens_in, self._text, self._claims, self._cut = limit, billed_in, [], [], None
+        self._input_hash = request_hash(self._request)
         self._tokens_out = self._generated = self._text_bytes = 0
         self.state = ProviderState.IN_CALL
         return limit
@@ -259,8 +297,8 @@ class ProviderSession(_Machine):
 
     @_guarded
     def fail_call(self, reason: str, detail: str = "") -> CallError:
-        """Give up on the requested or running call: queue a ``CallError``; nothing is charged."""
-        self._expect(ProviderState.CALL_REQUESTED, ProviderState.IN_CALL)
+        """Give up on the requested, running or cancelled call: queue a ``CallError``; nothing is charged."""
+        self._expect(ProviderState.CALL_REQUESTED, ProviderState.IN_CALL, ProviderState.CANCELLING)
         self._refuse(reason, _detail(detail))
         return self._outbox[-1]
 
@@ -272,6 +310,7 @@ class ProviderSession(_Machine):
         Raises:
             SpendLimitReached: more tokens than ``start_call`` admitted, or more text than the
                 request's ``max_tokens`` allows (``completion_byte_limit``).
+            IllegalTransition: no call running, or the consumer cancelled it (CANCELLING).
         """
         self._expect(ProviderState.IN_CALL)
         assert self._request is not None
@@ -287,6 +326,7 @@ class ProviderSession(_Machine):
             session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text, tokens=claimed
         )
         self._text.append(text)
+        self._claims.append(claimed)
         self._tokens_out += claimed
         self._outbox.append(msg)
         return msg
@@ -294,19 +334,40 @@ class ProviderSession(_Machine):
     @_guarded
     def finish_call(self, finish_reason: str, now: int, tokens_in: int | None = None,
                     discount_permille: int = 0) -> Receipt:
-        """Queue the provider-signed receipt of the running call.
+        """Queue the provider-signed receipt of the running call. A cancelled call (CANCELLING)
+        bills only the prefix the consumer received, with ``CANCELLED_FINISH`` as its finish reason.
 
         Args:
             tokens_in: the prompt's actual token count when the admitted one was an upper bound
                 (an upstream server's usage); never more than what ``start_call`` admitted.
         """
-        self._expect(ProviderState.IN_CALL)
-        assert self._request is not None and self.accept is not None and self.open_msg is not None
+        self._expect(ProviderState.IN_CALL, ProviderState.CANCELLING)
+        assert self._request is not None
         if tokens_in is not None:
             if tokens_in > self._tokens_in:
                 raise SpendLimitReached(f"billing {tokens_in} prompt tokens, {self._tokens_in} were admitted")
             self._tokens_in = tokens_in
-        cost = discounted(call_cost(self.accept.price, self._tokens_in, self._tokens_out), discount_permille)
+        receipt = self._bill(self._tokens_in, now, discount_permille, finish_reason)
+        if receipt.cumulative > self.cap:  # start_call's clamp makes this unreachable
+            raise SpendLimitReached("receipt would pass the spend cap")
+        self._pending = receipt
+        self._outbox.append(receipt)
+        self._request = None
+        self.state = ProviderState.AWAITING_COUNTERSIGN
+        return receipt
+
+    def _bill(self, tokens_in: int, now: int, discount_permille: int, finish_reason: str = CANCELLED_FINISH
+              ) -> Receipt:
+        """The signed receipt of the current call: all its chunks, or (once cancelled) the first
+        ``_cut`` of them, billed by ``cancelled_output_tokens``."""
+        assert self.accept is not None and self.open_msg is not None
+        if self._cut is None:
+            text, tokens_out = "".join(self._text), self._tokens_out
+        else:
+            text = "".join(self._text[: self._cut])
+            tokens_out = cancelled_output_tokens(sum(self._claims[: self._cut]), len(text.encode("utf-8")))
+            finish_reason = CANCELLED_FINISH
+        cost = discounted(call_cost(self.accept.price, tokens_in, tokens_out), discount_permille)
         receipt = Receipt(
             session_id=self.session_id,
             call_seq=self.next_seq,
@@ -315,10 +376,10 @@ class ProviderSession(_Machine):
             consumer=self.open_msg.consumer,
             agent=self.open_msg.channel.agent,
             channel_id=self.open_msg.channel.channel_id,
-            input_hash=request_hash(self._request),
-            output_hash=output_hash("".join(self._text)),
-            tokens_in=self._tokens_in,
-            tokens_out=self._tokens_out,
+            input_hash=self._input_hash,
+            output_hash=output_hash(text),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
             finish_reason=finish_reason,
             price=self.accept.price,
             cost=cost,
@@ -327,14 +388,7 @@ class ProviderSession(_Machine):
             issued_at=now,
             discount_permille=discount_permille,
         )
-        if receipt.cumulative > self.cap:  # start_call's clamp makes this unreachable
-            raise SpendLimitReached("receipt would pass the spend cap")
-        receipt = sign(receipt, "provider_sig", self._signer)
-        self._pending = receipt
-        self._outbox.append(receipt)
-        self._request = None
-        self.state = ProviderState.AWAITING_COUNTERSIGN
-        return receipt
+        return sign(receipt, "provider_sig", self._signer)
 
     def _on_countersign(self, msg: CounterSign) -> Countersigned:
         self._check_session(msg, self.session_id)
@@ -368,6 +422,7 @@ class ProviderSession(_Machine):
             ProviderState.READY,
             ProviderState.CALL_REQUESTED,
             ProviderState.IN_CALL,
+            ProviderState.CANCELLING,
             ProviderState.AWAITING_COUNTERSIGN,
         )
         msg = sign(

@@ -13,6 +13,9 @@ Rules this module owns (docs/DESIGN.md, "Sessions"):
   only then, or when the provider's answer to call n+1 proves it took call n's signature. A
   receipt still unacknowledged is redelivered on ``RECEIPT_PROTOCOL`` (``check_delivered``).
 - A refused or failed call (``CallError``) produces no receipt and costs nothing.
+- The consumer may cancel the running call (``Cancel``, naming how many chunks it received): the
+  provider stops and bills exactly that prefix (``cancelled_output_tokens``); chunks it sent after
+  the consumer's cut are not billed, and a receipt for more than the cut is never counter-signed.
 - Any error raised by a machine moves it to its ERROR state; it accepts nothing afterwards.
 The machines never read the clock (``now`` is a parameter) and never do I/O: messages to send
 queue up and ``outgoing()`` drains them; ``node/`` moves them over a stream.
@@ -37,6 +40,7 @@ from ._messages import (
     Accept,
     CallError,
     CallQueued,
+    Cancel,
     ChannelGrant,
     Chunk,
     Close,
@@ -58,6 +62,7 @@ __all__ = [
     "SessionClosed",
     "OpenReceived",
     "CallRequested",
+    "CallCancelled",
     "Countersigned",
     "CountersignConfirmed",
     "acknowledge",
@@ -183,10 +188,12 @@ class CallFailed:
 
 @dataclasses.dataclass(frozen=True)
 class ReceiptSettled:
-    """The consumer checked and counter-signed ``receipt`` (now doubly signed)."""
+    """The consumer checked and counter-signed ``receipt`` (now doubly signed) for ``text``; with
+    ``cancelled``, the receipt of a cancelled call, covering only the prefix the consumer received."""
 
     receipt: Receipt
     text: str
+    cancelled: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +226,15 @@ class CallRequested:
     up with ``fail_call``)."""
 
     request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCancelled:
+    """Provider event: the consumer cancelled the running call after ``cancel.chunks`` chunks: stop
+    generating and ``finish_call`` (it bills that prefix). When the call's receipt had already
+    gone out, the machine has queued the prefix's receipt in its place."""
+
+    cancel: Cancel
 
 
 @dataclasses.dataclass(frozen=True)
