@@ -2,6 +2,12 @@
 ChatML chat template, built on first use into a folder and then served like any local model
 folder (``transformers:PATH``) — the loading code is the real one.
 
+Building is atomic and safe across processes: the model is built in a temporary folder beside
+its final place and renamed into it, with its marker file written last, under an OS lock on
+``MODELS_DIR/.inferswarm-tiny.lock`` held only while building. A folder without a valid marker
+(an older version, a folder cut short by a kill) is never loaded: it is rebuilt. Two processes
+asking at once both end with the one good folder; the second waits for the first and builds nothing.
+
 Its weights are random, so its words are noise; what it proves is the whole path: real
 tokenization, real generation, exact token counts, streaming, metering. Generation is limited
 to printable ASCII (``suppress_tokens`` in its generation config), so output is always valid text.
@@ -9,6 +15,7 @@ to printable ASCII (``suppress_tokens`` in its generation config), so output is 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -86,24 +93,49 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
+def _is_built(folder: Path) -> bool:
+    """The folder holds a complete build of this version (its marker is written last)."""
+    try:
+        return json.loads((folder / _MARKER).read_text()).get("version") == _VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def ensure_builtin_model(models_dir: Path, seed: int = 1234) -> Path:
-    """The builtin model's folder under ``models_dir``, built (atomically) if absent."""
+    """The builtin model's folder under ``models_dir``, built (atomically) if absent or incomplete.
+
+    Safe to call from several threads and processes at once: one builds, the others wait on the
+    build lock and then find the finished folder.
+
+    Raises:
+        OSError: ``models_dir`` cannot be written.
+    """
     folder = models_dir / BUILTIN_MODEL
-    marker = folder / _MARKER
-    try:
-        if json.loads(marker.read_text()).get("version") == _VERSION:
-            return folder
-    except (FileNotFoundError, ValueError):
-        pass
+    if _is_built(folder):
+        return folder
     models_dir.mkdir(parents=True, exist_ok=True)
-    _logger.warning("building the builtin model into %s (first use)", folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=models_dir))
-    try:
-        _build(tmp, seed)
-        (tmp / _MARKER).write_text(json.dumps({"version": _VERSION, "seed": seed}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(models_dir / f".{BUILTIN_MODEL}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if _is_built(folder):  # another process built it while this one waited
+            return folder
+        _clear_leftovers(models_dir)
+        _logger.warning("building the builtin model into %s (first use)", folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL}.build-", dir=models_dir))
+        try:
+            _build(tmp, seed)
+            (tmp / _MARKER).write_text(json.dumps({"version": _VERSION, "seed": seed}))
+            if folder.exists() or folder.is_symlink():  # incomplete or outdated: out of the way first
+                old = models_dir / f".{BUILTIN_MODEL}.old-{os.getpid()}"
+                os.replace(folder, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _clear_leftovers(models_dir: Path) -> None:
+    """Remove what killed builds left (temporary folders, folders set aside); called under the lock."""
+    for prefix in (f".{BUILTIN_MODEL}.build-", f".{BUILTIN_MODEL}.old-", ".build-"):
+        for path in models_dir.glob(prefix + "*"):
+            shutil.rmtree(path, ignore_errors=True)
