@@ -9,15 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-import protocol
 import wallet as _wallet
 from node import Home, resolve_home
 from node.daemon import DaemonNotRunning, read_daemon_info
 
-from ._common import CliError, DaemonClient, credits_option, emit_json, fail_on, home_option, json_option
+from ._common import (
+    CliError,
+    DaemonClient,
+    credits,
+    credits_option,
+    emit_json,
+    fail_on,
+    home_option,
+    json_option,
+    local_time,
+    print_rows,
+    show_id,
+    when,
+)
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -51,11 +61,9 @@ def _show_channels(channels: list[dict[str, Any]]) -> None:
     if not channels:
         click.echo("no channels", err=True)
         return
-    table = Table("channel", "consumer", "provider", "cap", "claimed", "status", "expires")
-    for c in channels:
-        table.add_row(c["channel_id"], c["consumer"][-8:], c["provider"][-8:], protocol.format_credits(c["cap"]),
-                      protocol.format_credits(c["claimed"]), c["status"], str(c["expires_at"]))
-    Console().print(table)
+    print_rows(("channel", "status", "cap", "claimed", "expires", "consumer", "provider"),
+               [(show_id(c["channel_id"]), c["status"], credits(c["cap"]), credits(c["claimed"]), when(c["expires_at"]),
+                 show_id(c["consumer"]), show_id(c["provider"])) for c in channels])
 
 
 @click.group()
@@ -73,9 +81,9 @@ def wallet_balance(home: str | None, as_json: bool, escrow: str | None) -> None:
     if as_json:
         emit_json(doc)
         return
-    click.echo(f"escrow:    {doc['escrow']}")
-    click.echo(f"available: {protocol.format_credits(doc['available'])}")
-    click.echo(f"locked:    {protocol.format_credits(doc['locked'])}")
+    click.echo(f"escrow:    {show_id(doc['escrow'])}")
+    click.echo(f"available: {credits(doc['available'])}")
+    click.echo(f"locked:    {credits(doc['locked'])}")
     _show_channels(doc["channels"])
 
 
@@ -87,7 +95,8 @@ def wallet_balance(home: str | None, as_json: bool, escrow: str | None) -> None:
 def wallet_withdraw(home: str | None, as_json: bool, escrow: str | None, amount: int) -> None:
     """Take credits out of the escrow system."""
     doc = DaemonClient(home).request("POST", "/api/v1/wallet/withdraw", json={"escrow": escrow, "amount": amount})
-    emit_json(doc) if as_json else click.echo(f"withdrew {protocol.format_credits(doc['withdrawn'])}")
+    emit_json(doc) if as_json else click.echo(f"withdrew {credits(doc['withdrawn'])}; "
+                                              f"{credits(doc['available'])} left at {show_id(doc['escrow'])}")
 
 
 @click.group()
@@ -108,7 +117,7 @@ def _emit(doc: Any, as_json: bool, line: str) -> None:
 def escrow_mint(home: str | None, as_json: bool, escrow: str | None, to: str, amount: int) -> None:
     """Credit PEER at the agent (the agent's operator only; a devnet rail)."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/mint", json={"escrow": escrow, "to": to, "amount": amount})
-    _emit(doc, as_json, f"minted {protocol.format_credits(doc['minted'])} to {to}")
+    _emit(doc, as_json, f"minted {credits(doc['minted'])} to {show_id(to)} at {show_id(doc['escrow'])}")
 
 
 @escrow.command("open")
@@ -127,7 +136,9 @@ def escrow_open(home: str | None, as_json: bool, escrow: str | None, provider: s
     if as_json:
         emit_json({"channel_id": doc["channel_id"], "cap": doc["cap"], "expires_at": doc["expires_at"]})
     else:
-        click.echo(f"channel {doc['channel_id']}: {protocol.format_credits(doc['cap'])} until {doc['expires_at']}")
+        click.echo(f"channel {show_id(doc['channel_id'])}: {credits(doc['cap'])} to {show_id(doc['provider'])}, "
+                   f"until {when(doc['expires_at'])}")
+        click.echo(f"use it: node run --channel {doc['channel_id']} --escrow {doc['escrow']} PROMPT", err=True)
 
 
 @escrow.command("ls")
@@ -140,6 +151,35 @@ def escrow_ls(home: str | None, as_json: bool, escrow: str | None) -> None:
     emit_json(doc["channels"]) if as_json else _show_channels(doc["channels"])
 
 
+@escrow.command("accept")
+@home_option
+@json_option
+@click.argument("agent", metavar="[PEER]", required=False)
+@click.option("--remove", is_flag=True, help="stop accepting PEER (sessions already running keep their channels)")
+def escrow_accept(home: str | None, as_json: bool, agent: str | None, remove: bool) -> None:
+    """Accept escrow agent PEER for this node's offers, on the running node (kept in the config's
+    [node] accept_escrow and republished at once); without PEER, list the accepted agents."""
+    client = DaemonClient(home)
+    if agent is None:
+        if remove:
+            raise CliError("name the agent to stop accepting: node escrow accept --remove PEER")
+        doc = client.request("GET", "/api/v1/escrow/accepted")
+    else:
+        doc = client.request("POST", "/api/v1/escrow/accepted", json={"agent": agent, "remove": remove})
+    if as_json:
+        emit_json(doc)
+        return
+    if agent is not None:
+        click.echo(f"{'no longer accepting' if remove else 'accepting'} escrow agent {show_id(agent)}; listing "
+                   "republished", err=True)
+    if doc["own_agent"]:
+        click.echo(f"{show_id(doc['own_agent'])}  (this node's own agent)")
+    for a in doc["accepted"]:
+        click.echo(show_id(a))
+    if not doc["accepted"] and not doc["own_agent"]:
+        click.echo("no escrow agents accepted: consumers cannot pay this node (node escrow accept PEER)", err=True)
+
+
 @escrow.command("claim")
 @home_option
 @json_option
@@ -149,8 +189,13 @@ def escrow_ls(home: str | None, as_json: bool, escrow: str | None) -> None:
 def escrow_claim(home: str | None, as_json: bool, escrow: str | None, receipt: str) -> None:
     """Be paid what a doubly-signed receipt proves (as the channel's provider)."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/claim", json={"escrow": escrow, "receipt": _read_hex(receipt)})
-    _emit(doc, as_json, f"paid {protocol.format_credits(doc['paid'])}; claimed "
-                        f"{protocol.format_credits(doc['channel']['claimed'])} of {protocol.format_credits(doc['channel']['cap'])}")
+    ch = doc["channel"]
+    total = f"{credits(ch['claimed'])} of {credits(ch['cap'])} claimed on channel {show_id(ch['channel_id'])}"
+    if doc.get("already_paid"):
+        _emit(doc, as_json, f"nothing more to pay: this receipt's session was paid already (this node claims on "
+                            f"its own); {total}")
+    else:
+        _emit(doc, as_json, f"paid {credits(doc['paid'])}; {total}")
 
 
 @escrow.command("close")
@@ -170,8 +215,13 @@ def escrow_close(home: str | None, as_json: bool, escrow: str | None, channel: s
         "partial": _read_hex(partial) if partial else None, "sign_only": sign_only})
     if sign_only:
         emit_json(doc) if as_json else click.echo(doc["partial"])
+        if not as_json:
+            click.echo(f"the other party completes it with --with FILE before {local_time(doc['valid_until'])}",
+                       err=True)
     else:
-        _emit(doc, as_json, f"closed; paid {protocol.format_credits(doc['paid'])}, refunded the rest")
+        ch = doc["channel"]
+        _emit(doc, as_json, f"closed channel {show_id(ch['channel_id'])}; paid {credits(doc['paid'])} "
+                            f"({credits(ch['claimed'])} in all), refunded {credits(ch['cap'] - ch['claimed'])}")
 
 
 @escrow.command("refund")
@@ -182,11 +232,7 @@ def escrow_close(home: str | None, as_json: bool, escrow: str | None, channel: s
 def escrow_refund(home: str | None, as_json: bool, escrow: str | None, channel: str) -> None:
     """Reclaim what an expired channel never paid out (as its consumer)."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/refund", json={"escrow": escrow, "channel_id": channel})
-    _emit(doc, as_json, f"channel {channel} {doc['channel']['status']}")
-
-
-def _when(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    _emit(doc, as_json, f"channel {show_id(channel)} {doc['channel']['status']}")
 
 
 def _check_doc(report: _wallet.FileCheck, backups: list[_wallet.Backup]) -> dict[str, Any]:
@@ -200,13 +246,12 @@ def _print_check(report: _wallet.FileCheck, backups: list[_wallet.Backup]) -> No
     click.echo(f"integrity:     {'ok' if not report.integrity else 'DAMAGED: ' + '; '.join(report.integrity)}")
     if report.totals is not None:
         t = report.totals
-        click.echo(f"invariant:     ok (minted {protocol.format_credits(t['minted'])}, withdrawn "
-                   f"{protocol.format_credits(t['withdrawn'])}, available {protocol.format_credits(t['available'])}, "
-                   f"locked {protocol.format_credits(t['locked'])})")
+        click.echo(f"invariant:     ok (minted {credits(t['minted'])}, withdrawn {credits(t['withdrawn'])}, "
+                   f"available {credits(t['available'])}, locked {credits(t['locked'])})")
     elif report.invariant is not None:
         click.echo(f"invariant:     VIOLATED: {report.invariant}")
     if backups:
-        click.echo(f"latest backup: {backups[-1].path} ({_when(backups[-1].taken_at)}; {len(backups)} kept)")
+        click.echo(f"latest backup: {backups[-1].path} ({when(backups[-1].taken_at)}; {len(backups)} kept)")
     else:
         click.echo("latest backup: none")
 
@@ -240,7 +285,7 @@ def escrow_check(home: str | None, as_json: bool, backup: str | None) -> None:
             chosen = Path(backup)
         aside = _wallet.restore_ledger(path, chosen, int(time.time()))
         taken = next((b.taken_at for b in kept if b.path.resolve() == chosen.resolve()), None)
-        click.echo(f"restored {path} from {chosen}" + (f" (taken {_when(taken)})" if taken else ""), err=True)
+        click.echo(f"restored {path} from {chosen}" + (f" (taken {when(taken)})" if taken else ""), err=True)
         if aside != path:
             click.echo(f"the previous ledger is kept as {aside}", err=True)
         click.echo("operations the agent applied after that backup are not in it", err=True)
@@ -278,7 +323,7 @@ def budget_create(home: str | None, as_json: bool, escrow: str | None, amount: i
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/budgets", json={
         "escrow": escrow, "amount": amount, "whitelist": list(whitelist), "per_session_limit": per_session,
         "expires_s": expires})
-    _emit(doc, as_json, f"budget {doc['budget_id']}: {protocol.format_credits(doc['amount'])}")
+    _emit(doc, as_json, f"budget {show_id(doc['budget_id'])}: {credits(doc['amount'])} until {when(doc['expires_at'])}")
 
 
 @budget.command("ls")
@@ -291,12 +336,13 @@ def budget_ls(home: str | None, as_json: bool, escrow: str | None) -> None:
     if as_json:
         emit_json(doc)
         return
-    table = Table("budget", "funder", "amount", "remaining", "per session", "status", "expires")
-    for b in doc:
-        table.add_row(b["budget_id"], b["funder"][-8:], protocol.format_credits(b["amount"]),
-                      protocol.format_credits(b["remaining"]), protocol.format_credits(b["per_session_limit"]),
-                      b["status"], str(b["expires_at"]))
-    Console().print(table)
+    if not doc:
+        click.echo("no budgets", err=True)
+        return
+    print_rows(("budget", "status", "amount", "remaining", "per session", "expires", "funder", "whitelist"),
+               [(show_id(b["budget_id"]), b["status"], credits(b["amount"]), credits(b["remaining"]),
+                 credits(b["per_session_limit"]), when(b["expires_at"]), show_id(b["funder"]),
+                 ", ".join(map(show_id, b["whitelist"]))) for b in doc])
 
 
 @budget.command("refund")
@@ -308,7 +354,7 @@ def budget_refund(home: str | None, as_json: bool, escrow: str | None, budget_id
     """Return a budget's undrawn credits to its funder now."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/budgets/refund",
                                      json={"escrow": escrow, "budget_id": budget_id})
-    _emit(doc, as_json, f"budget {budget_id} {doc['status']}")
+    _emit(doc, as_json, f"budget {show_id(budget_id)} {doc['status']}; {credits(doc['remaining'])} left in it")
 
 
 COMMANDS = [wallet, escrow]

@@ -8,22 +8,28 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-import protocol
 import wallet
 from node import Home, resolve_home
 
 from ._common import (
     CliError,
     DaemonClient,
+    amount,
+    credits,
     credits_option,
     emit_json,
     fail_on,
     home_option,
+    in_credits,
     json_option,
+    local_time,
+    print_rows,
+    show_id,
 )
+
+_CHANNEL_HELP = ("pay from this open channel of yours (`node escrow open`; name its agent with --escrow): the call "
+                 "goes to its provider and the channel stays open")
 
 
 def _temperature(_ctx: Any, _param: Any, value: str | None) -> int:
@@ -45,7 +51,8 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
         with client.stream("POST", path, json=payload) as response:
             if response.status_code >= 400:
                 response.read()
-                raise CliError(response.json().get("error", {}).get("message", f"HTTP {response.status_code}"))
+                raise CliError(in_credits(response.json().get("error", {}).get("message",
+                                                                             f"HTTP {response.status_code}")))
             for line in response.iter_lines():
                 if not line:
                     continue
@@ -54,7 +61,7 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
                     sys.stdout.write(doc["delta"])
                     sys.stdout.flush()
                 elif "error" in doc:
-                    raise CliError(doc["error"]["message"])
+                    raise CliError(in_credits(doc["error"]["message"]))
                 elif "result" in doc:
                     result = doc["result"]
     except (OSError, ValueError) as exc:
@@ -77,14 +84,16 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
 @click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
 @click.option("--stream", is_flag=True, help="print the completion as it arrives")
 @click.option("--tier", type=click.Choice(["basic", "premium", "enterprise"]), help="a provider service tier")
+@click.option("--channel", metavar="ID", help=_CHANNEL_HELP)
 @click.argument("prompt")
 def run(home: str | None, as_json: bool, model: str, strategy: str, provider: str | None, max_tokens: int,
-        temperature: int, budget: int | None, escrow: str | None, stream: bool, tier: str | None, prompt: str) -> None:
-    """One paid completion: open a channel, run one call, settle, print the result."""
+        temperature: int, budget: int | None, escrow: str | None, stream: bool, tier: str | None,
+        channel: str | None, prompt: str) -> None:
+    """One paid completion: open a channel (or use --channel), run one call, settle, print the result."""
     client = DaemonClient(home)
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
                "provider": provider, "budget": budget, "escrow": escrow, "stream": stream, "sort": strategy,
-               "tier": tier or ""}
+               "tier": tier or "", "channel": channel}
     if stream:
         doc = _stream_call(client, "/api/v1/run", payload, echo_text=not as_json)
         if not as_json:
@@ -97,9 +106,10 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
     if not stream:
         click.echo(doc["choices"][0]["message"]["content"])
     usage, cost = doc["usage"], doc["cost"]
-    click.echo(f"[{doc['provider'][:8]}…{doc['provider'][-6:]} · {usage['prompt_tokens']}+{usage['completion_tokens']} "
-               f"tokens · {protocol.format_credits(cost['amount'])} credits · {doc['latency_ms']} ms · "
-               f"receipt {cost['receipt_id'][:16]}…]", err=True)
+    click.echo(f"[{usage['prompt_tokens']}+{usage['completion_tokens']} tokens · {credits(cost['amount'])} · "
+               f"{doc['latency_ms']} ms]", err=True)
+    click.echo(f"[provider {show_id(doc['provider'])}]", err=True)
+    click.echo(f"[receipt {show_id(cost['receipt_id'])}]", err=True)
 
 
 @click.command()
@@ -108,12 +118,30 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
 @click.argument("session", required=False)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="receipts per page")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="skip this many newest first")
-def receipts(home: str | None, as_json: bool, session: str | None, limit: int, offset: int) -> None:
-    """The receipts this node keeps, newest first, with both signatures and chain links (one page)."""
+@click.option("--export", "export", metavar="RECEIPT",
+              help="print one receipt (its id, a unique prefix of it, or `latest`) as the hex that "
+                   "`node escrow claim --receipt` and `node escrow close --receipt` read")
+def receipts(home: str | None, as_json: bool, session: str | None, limit: int, offset: int,
+             export: str | None) -> None:
+    """The receipts this node keeps, newest first, with both signatures and chain links (one page).
+
+    With --export RECEIPT, that one receipt as hex on stdout: node receipts --export latest > receipt.hex
+    """
+    client = DaemonClient(home)
+    if export is not None:
+        one = client.request("GET", f"/api/v1/receipts/{export}")
+        if as_json:
+            emit_json(one)
+            return
+        click.echo(one["encoded"])
+        click.echo(f"receipt {show_id(one['receipt_id'])}: call #{one['call_seq']} of session "
+                   f"{show_id(one['session_id'])}, {credits(one['cumulative'])} in all, channel "
+                   f"{show_id(one['channel_id'])}", err=True)
+        return
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if session:
         params["session"] = session
-    doc = DaemonClient(home).request("GET", "/api/v1/receipts", params=params)
+    doc = client.request("GET", "/api/v1/receipts", params=params)
     if as_json:
         emit_json(doc)
         return
@@ -121,13 +149,13 @@ def receipts(home: str | None, as_json: bool, session: str | None, limit: int, o
     if not rows:
         click.echo(f"no receipts{' at this offset' if doc['total'] else ''} ({doc['total']} in all)", err=True)
         return
-    table = Table("receipt", "session", "#", "role", "model", "tokens", "cost", "cumulative", "prev", "settled")
-    for r in rows:
-        settled = "paid" if r["claimed"] else "forfeited" if r.get("forfeited") else ""
-        table.add_row(r["receipt_id"][:12], r["session_id"][:8], str(r["call_seq"]), r["role"], r["model"],
-                      f"{r['tokens_in']}+{r['tokens_out']}", protocol.format_credits(r["cost"]),
-                      protocol.format_credits(r["cumulative"]), r["prev_hash"][:8], settled)
-    Console().print(table)
+    # whole ids (to paste into --export, --session, --channel); the chain links and signatures: --json
+    print_rows(("receipt", "call", "role", "model", "tokens", "cost", "session total", "settled", "issued",
+                "session", "channel"),
+               [(show_id(r["receipt_id"]), f"#{r['call_seq']}", r["role"], r["model"],
+                 f"{r['tokens_in']}+{r['tokens_out']}", amount(r["cost"]), amount(r["cumulative"]),
+                 "paid" if r["claimed"] else "forfeited" if r.get("forfeited") else "pending",
+                 local_time(r["issued_at"]), show_id(r["session_id"]), show_id(r["channel_id"])) for r in rows])
     shown = f"{offset + 1}–{offset + len(rows)} of {doc['total']}"
     click.echo(f"receipts {shown}; more with --offset {offset + len(rows)}" if doc["has_more"] else f"receipts {shown}",
                err=True)
@@ -177,19 +205,22 @@ COMMANDS = [run, receipts, key]
 @click.option("--escrow", metavar="PEER", help="escrow agent to pay through")
 @click.option("--tier", type=click.Choice(["basic", "premium", "enterprise"]), help="a provider service tier")
 @click.option("--batch-calls", type=click.IntRange(0), default=0, help="calls you will make (batch discounts)")
+@click.option("--channel", metavar="ID", help=_CHANNEL_HELP.replace("the call goes", "the session goes")
+              + " (--budget caps what this session spends of it)")
 def chat(home: str | None, model: str, provider: str | None, max_tokens: int, temperature: int, budget: int,
-         escrow: str | None, tier: str | None, batch_calls: int) -> None:
-    """Interactive chat: one escrow channel for the session, one receipt per turn, streamed replies.
+         escrow: str | None, tier: str | None, batch_calls: int, channel: str | None) -> None:
+    """Interactive chat: one escrow channel for the session (or --channel), one receipt per turn, streamed replies.
 
     Type a message and Enter; an empty line, "exit" or end of input ends the session."""
     client = DaemonClient(home)
     opened = client.request("POST", "/api/v1/sessions", json={"model": model, "provider": provider, "escrow": escrow,
                                                                "budget": budget, "tier": tier or "",
-                                                               "batch_calls": batch_calls})
+                                                               "batch_calls": batch_calls, "channel": channel})
     sid = opened["session_id"]
     interactive = sys.stdin.isatty()
-    click.echo(f"session with {opened['provider']} ({model}); budget {protocol.format_credits(opened['cap'])} credits",
-               err=True)
+    paying = (f"from channel {show_id(opened['channel_id'])} (up to {credits(budget)} of it)" if channel
+              else f"budget {credits(opened['cap'])}")
+    click.echo(f"session {show_id(sid)} with {show_id(opened['provider'])} ({model}); {paying}", err=True)
     history: list[dict[str, str]] = []
     try:
         while True:
@@ -204,12 +235,11 @@ def chat(home: str | None, model: str, provider: str | None, max_tokens: int, te
             click.echo()
             history.append({"role": "assistant", "content": doc["choices"][0]["message"]["content"]})
             click.echo(f"[{doc['usage']['prompt_tokens']}+{doc['usage']['completion_tokens']} tokens · "
-                       f"{protocol.format_credits(doc['cost']['amount'])} credits · session "
-                       f"{protocol.format_credits(doc['cost']['cumulative'])}]", err=True)
+                       f"{credits(doc['cost']['amount'])} · session {credits(doc['cost']['cumulative'])}]", err=True)
     finally:
         closed = client.request("DELETE", f"/api/v1/sessions/{sid}")
-        click.echo(f"session closed: {closed['calls']} turns, {protocol.format_credits(closed['cumulative'])} credits",
-                   err=True)
+        click.echo(f"session closed: {closed['calls']} turns, {credits(closed['cumulative'])}"
+                   + (f"; channel {show_id(opened['channel_id'])} stays open" if channel else ""), err=True)
 
 
 COMMANDS.append(chat)

@@ -11,6 +11,7 @@ any channel opens; errors are JSON ``{"error": {"message", "type", "code"}}`` wi
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
 import trio
@@ -25,6 +26,7 @@ from starlette.routing import Route
 import protocol
 
 from .._errors import InvalidRequest, NotFound
+from .._receipts import FORFEITED, PAID, receipt_json
 from ..consumer._request_check import check_call
 from ..consumer._routing import SORTS, Preferences
 from ..escrow._ops import _decode_hex, _hex_id
@@ -211,6 +213,7 @@ class RunBody(CallBody):
     budget: Budget | None = None
     escrow: str | None = None
     tier: Tier = ""
+    channel: HexId | None = None  # an open channel of this node's to pay from (``escrow``: its agent)
 
 
 class SessionBody(Body):
@@ -221,6 +224,7 @@ class SessionBody(Body):
     escrow: str | None = None
     tier: Tier = ""
     batch_calls: Annotated[int, Field(ge=0, le=1 << 20)] = 0  # the wire's bound on a declared batch
+    channel: HexId | None = None  # an open channel of this node's to pay from (``escrow``: its agent)
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def _renting_routes(service: "Node") -> Routes:
             raise InvalidRequest("prompt: missing (it is required without messages)", "prompt", "missing_field")
         check_call(msgs, d.max_tokens, d.temperature_milli, 1000, ())  # before any channel opens
         kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli, prefs=prefs(d.sort, d.provider),
-                      budget=d.budget, escrow=escrow(d.escrow), tier=d.tier)
+                      budget=d.budget, escrow=escrow(d.escrow), tier=d.tier, channel=d.channel)
         if not d.stream:
             return (await service.renter.run(d.model, msgs, **kwargs)).to_json()
         return _streamed(lambda on_text: service.renter.run(d.model, msgs, on_text=on_text, **kwargs))
@@ -367,7 +371,8 @@ def _renting_routes(service: "Node") -> Routes:
     async def open_session(request: Request) -> Any:
         d = await _body(request, SessionBody)
         info = await service.sessions.open(d.model, budget=d.budget, prefs=prefs(d.sort, d.provider),
-                                           escrow=escrow(d.escrow), tier=d.tier, batch_calls=d.batch_calls)
+                                           escrow=escrow(d.escrow), tier=d.tier, batch_calls=d.batch_calls,
+                                           channel=d.channel)
         return info.to_json()
 
     async def session_call(request: Request) -> Any:
@@ -400,15 +405,49 @@ def _renting_routes(service: "Node") -> Routes:
         limit, offset = _count(q.get("limit"), "limit", 50, 1, 1000), _count(q.get("offset"), "offset", 0, 0, 10**12)
         return (await trio.to_thread.run_sync(lambda: service.receipts.page(sid, limit, offset))).to_json()
 
+    async def receipt(request: Request) -> Any:
+        """One receipt by its id, a unique prefix of it, or ``latest``; ``encoded`` is the hex that
+        ``escrow claim`` and ``escrow close`` take."""
+        return await trio.to_thread.run_sync(_find_receipt, service, request.path_params["receipt_id"])
+
     return [
         ("POST", "/api/v1/run", run),
         ("GET", "/api/v1/receipts", receipts),
+        ("GET", "/api/v1/receipts/{receipt_id}", receipt),
         ("GET", "/api/v1/earnings", earnings_),
         ("GET", "/api/v1/stats", stats_),
         ("POST", "/api/v1/sessions", open_session),
         ("POST", "/api/v1/sessions/{session_id}/calls", session_call),
         ("DELETE", "/api/v1/sessions/{session_id}", close_session),
     ]
+
+
+_RECEIPT_PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
+
+
+def _find_receipt(service: "Node", wanted: str) -> dict[str, Any]:
+    """The receipt ``wanted`` names (its id, a unique prefix of 4 or more hex digits, or ``latest``)
+    as ``node receipts --json`` shows one.
+
+    Raises:
+        InvalidRequest: not hex, or a prefix more than one receipt has. NotFound: no such receipt.
+    """
+    wanted = wanted.strip().lower()
+    if wanted == "latest":
+        rows = service.receipts.query("SELECT receipt, role, claimed FROM receipts ORDER BY rowid DESC LIMIT 1")
+    elif _RECEIPT_PREFIX.match(wanted):
+        rows = service.receipts.query("SELECT receipt, role, claimed FROM receipts WHERE lower(hex(receipt_id)) "
+                                      "LIKE ? ORDER BY rowid DESC LIMIT 2", (wanted + "%",))
+    else:
+        raise InvalidRequest("a receipt is named by its id (hex, at least 4 digits of it) or `latest`", "receipt_id")
+    if not rows:
+        raise NotFound("no receipts yet" if wanted == "latest" else f"no receipt {wanted}")
+    if len(rows) > 1:
+        raise InvalidRequest(f"more than one receipt starts with {wanted}: give more of its id", "receipt_id")
+    blob, role, claimed = rows[0]
+    r = protocol.decode(bytes(blob), expect=(protocol.Receipt,))
+    return receipt_json(r) | {"role": role, "claimed": claimed == PAID, "forfeited": claimed == FORFEITED,
+                              "encoded": bytes(blob).hex()}
 
 
 def _count(value: str | None, field: str, default: int, low: int, high: int) -> int:

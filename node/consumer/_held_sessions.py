@@ -47,16 +47,24 @@ class HeldSessions:
             await trio.sleep_forever()
 
     async def open(self, model: str, *, budget: int, prefs: Preferences, escrow: str | None,
-                   ttl_s: int = 3600, tier: str = "", batch_calls: int = 0) -> SessionInfo:
+                   ttl_s: int = 3600, tier: str = "", batch_calls: int = 0, channel: str | None = None) -> SessionInfo:
+        """Open a session held until ``close`` (``Renter.session``: with ``channel``, on that open
+        channel of this node's, which stays open after it).
+
+        Raises:
+            RentError, EscrowRefused, EscrowUnreachable, InvalidRequest, protocol.SpendLimitReached:
+            as ``Renter.session`` raises them, when nothing was opened.
+        """
         assert self._nursery is not None
-        return await self._nursery.start(self._hold, model, budget, prefs, escrow, ttl_s, tier, batch_calls)
+        return await self._nursery.start(self._hold, model, budget, prefs, escrow, ttl_s, tier, batch_calls, channel)
 
     async def _hold(self, model: str, budget: int, prefs: Preferences, escrow: str | None, ttl_s: int,
-                    tier: str, batch_calls: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    tier: str, batch_calls: int, channel_id: str | None,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         held: _Held | None = None
         try:
             async with self.renter.session(model, budget=budget, prefs=prefs, escrow=escrow, ttl_s=ttl_s, tier=tier,
-                                           batch_calls=batch_calls) as (handle, listing, channel):
+                                           batch_calls=batch_calls, channel=channel_id) as (handle, listing, channel):
                 sid = handle.machine.session_id.hex()
                 held = _Held(handle, SessionInfo(sid, listing.provider, model, channel, tier, handle.machine.price))
                 self._sessions[sid] = held

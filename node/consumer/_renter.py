@@ -16,6 +16,7 @@ attempt's error names its cause and whose fault it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import random
@@ -31,9 +32,10 @@ from wallet import EscrowAgent
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import Contract, active_contract
-from .._errors import RemoteError
+from .._errors import InvalidRequest, RemoteError
 from .._receipts import ReceiptStore
-from ..escrow._ops import EscrowOps
+from ..escrow._client import EscrowUnreachable
+from ..escrow._ops import EscrowOps, EscrowRefused
 from ..net._dial import describe
 from ..net._market import Market
 from ._delivery import SettlementUnconfirmed
@@ -41,7 +43,7 @@ from ._failures import CAPACITY, SessionRejected, fault
 from ._pacing import RETRY_AFTER_S, Busy, Pacing
 from ._request_check import check_call
 from ._results import Attempt, Completion
-from ._routing import Candidate, Preferences, rank
+from ._routing import Candidate, Preferences, rank, why_none
 from ._session_client import ConsumerSessionHandle, SessionError, open_session, reach
 from ._trust import TrustBook
 
@@ -159,20 +161,90 @@ class Renter:
                       stats=self.trust.get, agent_for=self._agent_picker(escrow), rng=self.rng, tier=tier,
                       batch_calls=batch_calls, contract_for=self._contract_for())
         if not ranked:
-            offered = f"{model!r} with a {tier} tier" if tier else repr(model)
-            raise RentError(f"no provider offers {offered} within the routing preferences "
-                            "(price, trust floor, escrow agents, only/ignore)")
+            raise RentError(await self._why_none(model, prefs, escrow, tier))
         return ranked
 
+    async def _why_none(self, model: str, prefs: Preferences, escrow: str | None, tier: str) -> str:
+        """Why nobody can be rented for ``model``, saying what to do next (``_routing.why_none``)."""
+        if escrow is not None:
+            wanted: tuple[str, ...] = (self.escrow.agent_id(escrow),)
+        else:
+            wanted = (self.local_agent.identity.peer_id,) if self.local_agent is not None else ()
+        me = self.market.identity.peer_id
+        known = {r.offer.name for r in self.market.view.rows(self.market.now(), None) if r.listing.provider != me}
+        return why_none(model, await self.rows(model), prefs, known_models=known,
+                        agent_for=self._agent_picker(escrow), wanted_agents=wanted, tier=tier)
+
+    async def channel(self, channel_id: str, agent: str | None) -> tuple[protocol.ChannelGrant, int]:
+        """An open channel of this node's (``node escrow open``) to rent on, and what it can still pay.
+
+        What it can pay is its cap less the larger of what its agent has paid out of it and what
+        this node has counter-signed on it (each session's latest receipt): what a provider owed on
+        it, but not yet paid, is never spent twice.
+
+        Args:
+            agent: the channel's escrow agent; None: the one this node's receipts name for the
+                channel, else this node's own agent.
+
+        Raises:
+            InvalidRequest: no agent to ask; the channel is not this node's, not open, or too close to its expiry.
+            protocol.SpendLimitReached: it cannot pay for any more calls.
+            EscrowRefused, EscrowUnreachable: the agent does not know it, or cannot be asked.
+        """
+        cid = bytes.fromhex(channel_id)
+        if agent is None:
+            named = self.receipts.query("SELECT agent FROM receipts WHERE channel_id = ? LIMIT 1", (cid,))
+            if named:
+                agent = named[0][0]
+            elif self.local_agent is None:
+                raise InvalidRequest(f"name channel {channel_id}'s escrow agent (--escrow PEER): this node runs none "
+                                     "and has no receipt on that channel", "escrow")
+        info = await self.escrow.channel(agent, channel_id)
+        grant = info.grant
+        me = self.market.identity.peer_id
+        if grant.consumer != me:
+            raise InvalidRequest(f"channel {channel_id} is not this node's to spend: its consumer is {grant.consumer}",
+                                 "channel")
+        if info.state.status != "open":
+            raise InvalidRequest(f"channel {channel_id} is {info.state.status}: open a new one (node escrow open)",
+                                 "channel")
+        left_s = grant.expires_at - int(self.clock())
+        if left_s < _SPARE_MIN_LIFE_S:
+            raise InvalidRequest(f"channel {channel_id} expires in {max(0, left_s)} s; providers need at least "
+                                 f"{_SPARE_MIN_LIFE_S // 60} min to serve and claim: open a new one", "channel")
+        (signed,), = self.receipts.query(
+            "SELECT COALESCE(SUM(top), 0) FROM (SELECT MAX(cumulative) AS top FROM receipts "
+            "WHERE role = 'consumer' AND channel_id = ? GROUP BY session_id)", (cid,))
+        remaining = grant.cap - max(info.state.claimed, int(signed))
+        if remaining <= 0:
+            raise protocol.SpendLimitReached(f"channel {channel_id} is spent ({protocol.format_credits(grant.cap)} "
+                                             "credits): open a new one (node escrow open)")
+        return grant, remaining
+
+    @staticmethod
+    def _on_channel(prefs: Preferences, grant: protocol.ChannelGrant) -> Preferences:
+        """``prefs`` narrowed to the one provider ``grant`` pays."""
+        if prefs.only and grant.provider not in prefs.only:
+            raise InvalidRequest(f"the channel pays provider {grant.provider}, not {', '.join(prefs.only)}",
+                                 "provider")
+        return dataclasses.replace(prefs, only=(grant.provider,))
+
     @asynccontextmanager
-    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int
+    async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int,
+                       given: protocol.ChannelGrant | None = None
                        ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
         """Open a session with ``c`` on the terms it was ranked on (``c.terms``, ``c.tier``,
-        ``c.batch_calls``), over a new channel of ``budget`` µc."""
+        ``c.batch_calls``), over a new channel of ``budget`` µc — or over ``given``, the caller's
+        own channel (``node escrow open``), spending at most ``budget`` of it: that one is never
+        closed here (the session ends without settling it: the provider claims what it is owed and
+        the rest stays in the channel for the next session), never offered back, never kept as a spare."""
         # dial first: a provider that cannot be reached never gets a channel (and locks no money)
         await reach(self.market.host, c.provider, c.listing.addrs, trust=self.trust)
         spend = max(1, budget)
-        channel = self._spare(c, spend, ttl_s) or await self.escrow.open_grant(c.agent, c.provider, spend, ttl_s)
+        if given is not None:
+            channel = given
+        else:
+            channel = self._spare(c, spend, ttl_s) or await self._open_channel(c, spend, ttl_s)
         opened = False
         try:
             async with open_session(self.market.host, self.market.identity, provider=c.provider,
@@ -180,15 +252,46 @@ class Renter:
                                     channel=channel, spend_limit=min(spend, channel.cap),
                                     max_context=c.offer.max_context, receipts=self.receipts, clock=self.clock,
                                     tier=c.tier, batch_calls=c.batch_calls, trust=self.trust,
-                                    withdraw_on_reject=True) as handle:
+                                    withdraw_on_reject=given is None) as handle:
                 opened = True
-                yield handle, channel
+                try:
+                    yield handle, channel
+                finally:
+                    if given is not None:  # end it before open_session would settle (close) the channel
+                        with trio.CancelScope(shield=True):
+                            await handle.close(settle_escrow=False, wait_s=10.0)
         except SessionRejected:
-            raise  # its channel was offered back to the provider (a close of the unused channel)
+            raise  # a channel of its own was offered back to the provider (a close of the unused channel)
         except SessionError:
-            if not opened:  # no Accept, nothing offered back: the channel is unused; the next attempt takes it
+            if not opened and given is None:  # no Accept, nothing offered back: the next attempt takes it
                 self._keep_spare(c, channel)
             raise
+
+    async def _open_channel(self, c: Candidate, spend: int, ttl_s: int) -> protocol.ChannelGrant:
+        """A new channel of ``spend`` µc to ``c``'s provider through ``c``'s agent.
+
+        Raises:
+            EscrowRefused: the agent said no; without the credits, with this node's balance there
+                and what to do about it in the message.
+            EscrowUnreachable: the agent could not be asked.
+        """
+        try:
+            return await self.escrow.open_grant(c.agent, c.provider, spend, ttl_s)
+        except EscrowRefused as exc:
+            if exc.code != "insufficient_funds":
+                raise
+            raise EscrowRefused(exc.code, exc.detail, await self._no_funds(c.agent, spend)) from exc
+
+    async def _no_funds(self, agent: str, needed: int) -> str:
+        """What to tell a consumer whose credits at ``agent`` do not cover ``needed`` µc."""
+        me = self.market.identity.peer_id
+        try:
+            held = f"{protocol.format_credits((await self.escrow.balance(agent)).available)} credits"
+        except (EscrowRefused, EscrowUnreachable):
+            held = "less than that"
+        return (f"your balance at escrow agent {agent} is {held}, and the channel for this needs "
+                f"{protocol.format_credits(needed)}: mint or deposit first (on the agent: "
+                f"node escrow mint --to {me} --amount CREDITS)")
 
     def _spare(self, c: Candidate, spend: int, ttl_s: int) -> protocol.ChannelGrant | None:
         """An unused channel to ``c``'s provider through its agent that pays for ``spend`` and lives
@@ -211,9 +314,11 @@ class Renter:
     async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
                   prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,
                   top_p_milli: int = 1000, stop: tuple[str, ...] = (), tier: str = "",
-                  on_text: Callable[[str], Awaitable[None]] | None = None) -> Completion:
+                  on_text: Callable[[str], Awaitable[None]] | None = None, channel: str | None = None) -> Completion:
         """One paid call with failover, start to settlement. Trust learns from every attempt (the
-        session handle records each outcome).
+        session handle records each outcome). With ``channel`` (an open channel of this node's,
+        ``escrow`` its agent) the call goes to that channel's provider and is paid from it, which
+        stays open (``channel()``); without, a channel is opened for the call and settled after it.
 
         Raises:
             AtCapacity: every provider tried was at capacity (ours or theirs); retry later.
@@ -225,10 +330,14 @@ class Renter:
         check_call(messages, max_tokens, temperature_milli, top_p_milli, stop)  # before any money moves
         started = trio.current_time()
         prompt = estimate_prompt_tokens(messages)
+        given, left = await self.channel(channel, escrow) if channel is not None else (None, None)
+        if given is not None:
+            prefs, escrow = self._on_channel(prefs, given), given.agent
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
                                        tier=tier)
         if budget is not None and all(budget < protocol.call_cost(c.terms, 1, 1) for c in ranked[:_MAX_ATTEMPTS]):
-            raise protocol.SpendLimitReached(f"a budget of {budget} µc pays for no call at these providers' prices")
+            raise protocol.SpendLimitReached(f"a budget of {protocol.format_credits(budget)} credits pays for no call "
+                                             "at these providers' prices")
         attempts: list[Attempt] = []
         retry_after = 0
         for c in ranked[:_MAX_ATTEMPTS]:
@@ -243,8 +352,10 @@ class Renter:
             try:
                 # ranked on this very request: its expected cost is one full call at the session's terms
                 budget_here = budget if budget is not None else c.expected_cost
+                if left is not None:
+                    budget_here = min(budget_here, left)
                 async with self.pacing.slot(c), \
-                        self._session(c, model, budget_here, _RUN_CHANNEL_S) as (session, channel):
+                        self._session(c, model, budget_here, _RUN_CHANNEL_S, given) as (session, paid_from):
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
                                                 top_p_milli=top_p_milli, stop=stop, on_text=relay)
             except Busy as exc:  # nothing was dialled or locked for it
@@ -265,17 +376,24 @@ class Renter:
                 continue
             return Completion(id=secrets.token_hex(12), provider=c.provider, model=model, text=result.text,
                               finish_reason=result.finish_reason, receipt=result.receipt,
-                              latency_ms=int((trio.current_time() - started) * 1000), channel=channel,
+                              latency_ms=int((trio.current_time() - started) * 1000), channel=paid_from,
                               attempts=(*attempts, Attempt(c.provider)))
         raise _failed(model, attempts, retry_after)
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, prefs: Preferences = Preferences(), escrow: str | None = None,
-                      ttl_s: int = _SESSION_CHANNEL_S, tier: str = "", batch_calls: int = 0
+                      ttl_s: int = _SESSION_CHANNEL_S, tier: str = "", batch_calls: int = 0,
+                      channel: str | None = None
                       ) -> AsyncIterator[tuple[ConsumerSessionHandle, Listing, protocol.ChannelGrant]]:
         """A multi-call session with the best candidate that accepts it (one channel of ``budget`` µc);
         settled when the block ends. ``tier`` picks a provider's service tier (only providers offering
-        it are tried); ``batch_calls`` declares the calls to come, for a batch discount."""
+        it are tried); ``batch_calls`` declares the calls to come, for a batch discount. With
+        ``channel`` (an open channel of this node's; ``escrow`` its agent) the session is with that
+        channel's provider and spends at most ``budget`` of what the channel has left, and the
+        channel stays open when it ends (``channel()``, ``_session``)."""
+        given, left = await self.channel(channel, escrow) if channel is not None else (None, None)
+        if given is not None:
+            prefs, escrow, budget = self._on_channel(prefs, given), given.agent, min(budget, left)
         # a session's calls are unknown yet: rank by a nominal call of 1K tokens in and 1K out
         ranked = await self.candidates(model, prefs, prompt_tokens=1000, max_tokens=1000, escrow=escrow, tier=tier,
                                        batch_calls=batch_calls)
@@ -285,8 +403,8 @@ class Renter:
             async with AsyncExitStack() as stack:
                 try:  # fail over only while opening: errors inside the caller's block are the caller's
                     await stack.enter_async_context(self.pacing.slot(c))  # held for the session's life
-                    handle, channel = await stack.enter_async_context(
-                        self._session(c, model, budget, ttl_s))
+                    handle, paid_from = await stack.enter_async_context(
+                        self._session(c, model, budget, ttl_s, given))
                 except Busy as exc:
                     attempts.append(Attempt(c.provider, str(exc), CAPACITY))
                     retry_after = max(retry_after, exc.retry_after_s)
@@ -296,6 +414,6 @@ class Renter:
                     if isinstance(exc, SessionRejected):
                         retry_after = max(retry_after, exc.retry_after_s)
                     continue
-                yield handle, c.listing, channel
+                yield handle, c.listing, paid_from
                 return
         raise _failed(model, attempts, retry_after, opening=True)

@@ -18,6 +18,10 @@ marks them: the ``Renter`` runs one probe of a provider at a time. Orders:
   unmeasured provider is tried first, so new providers get measured;
 - ``best_trust``: trust score, then cost.
 Ties fall back to cost, then peer id, so the order is stable.
+
+When nothing is left, ``why_none`` says which filter left nothing, in words a person can act on
+(no provider of the model at all, none with that tier, none accepting an agent this node can pay
+through, none under the price caps), naming what the market does offer.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from protocol import Listing, ModelOffer, Price
 
 from ._trust import FLOOR, ProviderStats
 
-__all__ = ["SORTS", "Preferences", "Candidate", "rank"]
+__all__ = ["SORTS", "Preferences", "Candidate", "rank", "why_none"]
 
 SORTS = ("cheapest", "fastest", "best_trust")
 
@@ -161,3 +165,48 @@ def rank(
         else:
             out = out + due
     return out if prefs.allow_fallbacks else out[:1]
+
+
+def _agents(rows: list[tuple[Listing, ModelOffer]]) -> str:
+    agents = sorted({a for listing, _ in rows for a in listing.escrow_agents})
+    return ", ".join(agents) if agents else "none"
+
+
+def why_none(model: str, rows: list[tuple[Listing, ModelOffer]], prefs: Preferences, *, known_models: Iterable[str],
+             agent_for: Callable[[Listing], str | None], wanted_agents: tuple[str, ...], tier: str = "") -> str:
+    """Why ``rank`` left no candidate for ``model``: the first filter that left nothing, in words
+    that say what to do next.
+
+    Args:
+        rows: the market's rows for ``model`` (as ``rank`` was given them).
+        known_models: every model the market view knows of (named when nobody offers ``model``).
+        agent_for: ``rank``'s picker of an escrow agent for a listing.
+        wanted_agents: the agents this node would pay through (``--escrow``, or its own), for the message.
+    """
+    if not rows:
+        known = sorted(set(known_models) - {model})
+        return (f"no provider offers {model!r} (known models: {', '.join(known)})" if known else
+                f"no provider offers {model!r}, and this node knows of no offers at all yet (is it connected? "
+                "`node status` counts its peers and the listings it knows)")
+    left = [(lst, o) for lst, o in rows if (not prefs.only or lst.provider in prefs.only)
+            and lst.provider not in prefs.ignore]
+    if not left:
+        chosen = ", ".join(prefs.only) if prefs.only else "the providers you allow"
+        return (f"{chosen} does not offer {model!r}; {len(rows)} provider(s) do: "
+                + ", ".join(sorted({lst.provider for lst, _ in rows})))
+    if tier:
+        with_tier = [(lst, o) for lst, o in left if any(t.name == tier for t in o.tiers)]
+        if not with_tier:
+            return f"no provider of {model!r} offers the {tier} tier ({len(left)} offer it without tiers or with others)"
+        left = with_tier
+    payable = [(lst, o) for lst, o in left if agent_for(lst) is not None]
+    if not payable:
+        n = len(left)
+        if wanted_agents:
+            return (f"no provider of {model!r} accepts your escrow agent {', '.join(wanted_agents)}; {n} offer(s) it "
+                    f"with agents {_agents(left)}: pay through one of those (--escrow PEER), or have the provider "
+                    f"accept yours (on the provider: node escrow accept {wanted_agents[0]})")
+        return f"{n} provider(s) offer {model!r} but accept no escrow agent this node can pay through"
+    if prefs.max_input_price is not None or prefs.max_output_price is not None:
+        return f"no provider of {model!r} is within your price limits ({len(payable)} offer it above them)"
+    return f"no provider of {model!r} passes the routing preferences (trust floor, only/ignore)"

@@ -3,6 +3,7 @@ answered through ``EscrowClient``, presented as JSON (integer µc, hex ids) for 
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any, Callable
 
@@ -25,15 +26,33 @@ from .._errors import InvalidRequest, RemoteError
 from ._client import EscrowClient, EscrowUnreachable
 from ._results import BudgetInfo, ChannelInfo, ChannelOpened, CloseHalf, Settlement, Transfer, WalletBalance
 
-__all__ = ["EscrowOps", "EscrowRefused"]
+__all__ = ["EscrowOps", "EscrowRefused", "in_credits"]
 
 
 class EscrowRefused(RemoteError):
-    """The agent refused the request; ``code`` is its error code."""
+    """The agent refused the request; ``code`` is its error code, ``detail`` its words (µc), and
+    the message says it for a person (credits; ``message`` when the caller knows better)."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}" if detail else code)
+    def __init__(self, code: str, detail: str, message: str | None = None) -> None:
+        super().__init__(message or (f"{code}: {in_credits(detail)}" if detail else code))
         self.code = code
+        self.detail = detail
+
+
+# the agent's details that carry amounts (``wallet``'s refusals): µc, said as credits
+_AMOUNTS = re.compile(r"\b(holds|needs|reach|cap|most) (\d+)\b|^(\d+) (already claimed)")
+
+
+def in_credits(detail: str) -> str:
+    """An agent's refusal detail with its µc amounts said in credits (``holds 2000`` -> ``holds
+    0.002000 credits``); anything else is left as the agent wrote it."""
+
+    def credits(m: re.Match[str]) -> str:
+        if m.group(3) is not None:
+            return f"{protocol.format_credits(int(m.group(3)))} credits {m.group(4)}"
+        return f"{m.group(1)} {protocol.format_credits(int(m.group(2)))} credits"
+
+    return _AMOUNTS.sub(credits, detail)
 
 
 def _hex_id(value: str, what: str, field: str | None = None) -> bytes:
@@ -123,8 +142,24 @@ class EscrowOps:
         return r.channels[0].channel
 
     async def claim(self, agent: str | None, receipt_hex: str) -> Settlement:
+        """Be paid what a doubly-signed receipt proves, beyond what its session was paid already.
+
+        A receipt already paid in full (this node's settlement worker claims on its own, at each
+        session's end) is no refusal here: the answer pays 0 and says ``already_paid``, with the
+        channel as its agent reports it.
+
+        Raises:
+            InvalidRequest: not a hex-encoded receipt.
+            EscrowRefused, EscrowUnreachable: the agent said no (another reason), or could not be asked.
+        """
         receipt = _decode_hex(receipt_hex, protocol.Receipt, "receipt", "receipt")
-        r = await self._call(agent or receipt.agent, self._signed(EscrowClaim, receipt=receipt))
+        agent = agent or receipt.agent
+        try:
+            r = await self._call(agent, self._signed(EscrowClaim, receipt=receipt))
+        except EscrowRefused as exc:
+            if exc.code != "already_claimed":
+                raise
+            return Settlement(await self.channel(agent, receipt.channel_id.hex()), 0, already_paid=True)
         return Settlement(ChannelInfo(r.channels[0]), r.paid)
 
     async def refund(self, agent: str | None, channel_id: str) -> Settlement:

@@ -110,11 +110,14 @@ class Settlement:
 
     channel: ChannelInfo
     paid: int | None = None
+    already_paid: bool = False  # a claim of a receipt whose session was paid that much already
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"channel": self.channel.to_json()}
         if self.paid is not None:
             doc = {"paid": self.paid, **doc}
+        if self.already_paid:
+            doc["already_paid"] = True
         return doc
 
 
