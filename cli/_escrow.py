@@ -128,12 +128,15 @@ def escrow_mint(home: str | None, as_json: bool, escrow: str | None, to: str, am
 @click.option("--amount", required=True, callback=credits_option, metavar="CREDITS", help="the channel's cap")
 @click.option("--expires", required=True, callback=_duration, metavar="DURATION", help="e.g. 1h, 7d")
 @click.option("--budget", metavar="ID", help="draw on a budget this node is whitelisted for")
+@click.option("-q", "--quiet", is_flag=True, help="print only the channel id (CH=$(node escrow open … -q))")
 def escrow_open(home: str | None, as_json: bool, escrow: str | None, provider: str, amount: int, expires: int,
-                budget: str | None) -> None:
-    """Lock credits in a channel to one provider."""
+                budget: str | None, quiet: bool) -> None:
+    """Lock credits in a channel to one provider (then: node run/chat --channel ID)."""
     doc = DaemonClient(home).request("POST", "/api/v1/escrow/open", json={
         "escrow": escrow, "provider": provider, "amount": amount, "expires_s": expires, "budget_id": budget})
-    if as_json:
+    if quiet and not as_json:
+        click.echo(doc["channel_id"])
+    elif as_json:
         emit_json({"channel_id": doc["channel_id"], "cap": doc["cap"], "expires_at": doc["expires_at"]})
     else:
         click.echo(f"channel {show_id(doc['channel_id'])}: {credits(doc['cap'])} to {show_id(doc['provider'])}, "

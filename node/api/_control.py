@@ -189,6 +189,11 @@ class BudgetIdBody(Escrowed):
     budget_id: HexId
 
 
+class AcceptBody(Body):
+    agent: PeerId  # an escrow agent this node's offers accept (or stop accepting, with ``remove``)
+    remove: bool = False
+
+
 Tier = Literal["", "basic", "premium", "enterprise"]  # protocol.TIERS, or "": the offer's own
 
 
@@ -328,6 +333,30 @@ def _escrow_routes(service: "Node") -> Routes:
         d = await _body(request, BudgetIdBody)
         return (await ops.budget_refund(agent(d), d.budget_id)).to_json()
 
+    def own_agent() -> str | None:
+        return service.identity.peer_id if service.escrow_agent is not None else None
+
+    def configured() -> tuple[str, ...]:  # the accepted agents, less this node's own (always accepted)
+        return tuple(sorted(set(service.storefront.accepted_agents()) - {own_agent()}))
+
+    def accepted() -> dict[str, Any]:
+        return {"accepted": list(configured()), "own_agent": own_agent()}
+
+    async def list_accepted(request: Request) -> Any:
+        return accepted()
+
+    async def accept(request: Request) -> Any:
+        """Accept an escrow agent (or stop, ``remove``) on the running node: kept in the config's
+        ``[node] accept_escrow`` and republished at once, so consumers see the listing with it."""
+        from .._config import save_accept_escrow  # noqa: PLC0415 (node/_config.py grows it: requests-h5.md)
+
+        d = await _body(request, AcceptBody)
+        store = service.storefront
+        agents = tuple(a for a in configured() if a != d.agent) + (() if d.remove else (d.agent,))
+        await trio.to_thread.run_sync(save_accept_escrow, service.home.config, agents)
+        store.set_accepted_agents(agents)
+        return accepted()
+
     return [
         ("GET", "/api/v1/wallet/balance", balance),
         ("POST", "/api/v1/wallet/withdraw", withdraw),
@@ -340,6 +369,8 @@ def _escrow_routes(service: "Node") -> Routes:
         ("GET", "/api/v1/escrow/budgets", budgets),
         ("POST", "/api/v1/escrow/budgets", budget_create),
         ("POST", "/api/v1/escrow/budgets/refund", budget_refund),
+        ("GET", "/api/v1/escrow/accepted", list_accepted),
+        ("POST", "/api/v1/escrow/accepted", accept),
     ]
 
 
