@@ -141,6 +141,14 @@ def print_rows(headers: Sequence[str], rows: Iterable[Sequence[str]], *, width: 
             click.echo(f"  {header + ':':<{label + 1}} {cell}", err=err)
 
 
+def set_verbose(ctx: click.Context, _param: Any, value: bool) -> bool:
+    """A click callback: ``-v`` asks for tracebacks (and, on ``node start``, the daemon's log);
+    the CLI's error edge (``main._Edge``) reads it from the root context."""
+    if value:
+        ctx.find_root().meta["verbose"] = True
+    return value
+
+
 class CliError(click.ClickException):
     """A clear one-line error, exit status 1."""
 

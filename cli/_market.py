@@ -15,16 +15,16 @@ from rich.table import Table
 
 import protocol
 import wallet
-from node import ConfigError, Home, LocalError, resolve_home
+from node import ConfigError, Home, resolve_home
 
 from ._common import (
-    CliError,
     DaemonClient,
     credits_option,
     emit_json,
     fail_on,
     home_option,
     json_option,
+    set_verbose,
 )
 
 
@@ -37,8 +37,8 @@ from ._common import (
 @click.option("--escrow", is_flag=True, help="also run the escrow agent role (ledger in HOME/escrow.db)")
 @click.option("--openai-keyless", is_flag=True, help="serve /v1/* without the bearer token (loopback only)")
 @click.option("--mdns", is_flag=True, help="find and join peers on the local network (mDNS)")
-@click.option("-v", "--verbose", is_flag=True, help="log progress to stderr")
-@fail_on(wallet.WalletError, ConfigError, ValueError, OSError)
+@click.option("-v", "--verbose", is_flag=True, callback=set_verbose,
+              help="log progress (libp2p's too) to stderr; a failure prints its traceback")
 def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str | None,
           accept_escrow: tuple[str, ...], escrow: bool, openai_keyless: bool, mdns: bool, verbose: bool) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM (then exit 0)."""
@@ -46,6 +46,8 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        quiet_libp2p()
     h = Home(resolve_home(home))
     keystore = wallet.Keystore.open(h.keystore, wallet.resolve_passphrase())
 
@@ -67,15 +69,14 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                     nursery.cancel_scope.cancel()
                     break
 
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:  # a start-up failure inside the node's nurseries: one line, no traceback
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
-        if isinstance(leaf, (LocalError, wallet.WalletError, OSError)):  # a bad config, receipts.db, a taken port
-            raise CliError(str(leaf)) from group
-        raise
+    trio.run(main)  # a failure, however deep in the node's nurseries, is one line at the CLI's edge (main.py)
+
+
+def quiet_libp2p() -> None:
+    """Keep libp2p's own log lines (its warnings about peers that go away, dials that fail, the
+    auto-connector's chatter) out of the daemon's log: what matters of them the node says itself."""
+    for name in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @click.command()

@@ -1,11 +1,13 @@
 """The daemon: ``run_daemon`` runs the node and its HTTP API until cancelled.
 
-Lifecycle: the host listens, the market starts, offers from the config are published, the API
+Lifecycle: the home's ``node.lock`` is taken (one daemon per home: a second start fails with
+``HomeInUse`` naming the first one's pid, and touches nothing of the first's), the host listens, the market starts, offers from the config are published, the API
 binds, then ``daemon.json`` ({peer_id, addrs, api_url, pid}) is written — its presence means
 "ready". The API binds to loopback only (keyless or not), and answers only to a ``Host`` naming
 loopback or the host it was told to bind (``node.api``'s guard). Cancelling ``run_daemon``
 (SIGINT/SIGTERM in ``node start``) closes the API, the market's tasks, the DHT and gossip services
-and the host with its connections, and removes ``daemon.json``.
+and the host with its connections, removes ``daemon.json`` if it is still the one this daemon
+wrote, and releases the lock (the lock file stays).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import trio
 
 from ._daemon_files import api_token, daemon_info_path, write_private
-from ._home import Home
+from ._home import Home, hold_home
 
 if TYPE_CHECKING:
     from wallet import Identity
@@ -54,7 +56,11 @@ def _api_host(api: str) -> str:
 
 
 def _check_loopback_api(api: str) -> None:
-    """Raises ValueError unless ``api`` (``HOST:PORT``) names a loopback address or ``localhost``."""
+    """Raises ValueError unless ``api`` is ``HOST:PORT`` with a port (0 to 65535) on a loopback
+    address or ``localhost``."""
+    port = api.rsplit(":", 1)[1] if ":" in api else ""
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"the API address must be HOST:PORT on loopback (e.g. 127.0.0.1:8080), not {api!r}")
     host = _api_host(api)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -82,6 +88,7 @@ async def run_daemon(
 
     Raises:
         ConfigError: a bad config file. ValueError: a bad address. OSError: cannot listen.
+        HomeInUse: another node runs on this home (its pid in the message).
         wallet.LedgerError: with ``escrow``, the ledger cannot be opened (not a database, damaged
             where opening reads, a disk that refuses its first writes): one line, ``node start``
             prints it as its error. A ledger that opens but fails its integrity check does not
@@ -91,10 +98,11 @@ async def run_daemon(
 
     config = resolve_config(home, listen, bootstrap, api, accept_escrow)
     _check_loopback_api(config.api)
-    token = api_token(home, create=True)
-    async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
-        await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
-                             task_status=task_status)
+    with hold_home(home):
+        token = api_token(home, create=True)
+        async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
+            await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
+                                 task_status=task_status)
 
 
 async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyless: bool = False,
@@ -120,6 +128,16 @@ async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyles
             await trio.sleep_forever()
         finally:
             if info_file:
-                info_path.unlink(missing_ok=True)
+                _remove_if_ours(info_path)
             nursery.cancel_scope.cancel()
+
+
+def _remove_if_ours(info_path: Any) -> None:
+    """Remove ``daemon.json`` if it still names this process: never another daemon's."""
+    try:
+        if json.loads(info_path.read_text()).get("pid") != os.getpid():
+            return
+    except (OSError, ValueError, AttributeError):
+        return
+    info_path.unlink(missing_ok=True)
 

@@ -6,6 +6,8 @@ Layout (mode 0700):
     *.db (-wal, -shm)  receipts (with the claims the agent confirmed and the receipts in doubt),
                     trust and the escrow agent's ledger (sqlite)
     escrow.db.lock  held by the node that has the ledger open (``node escrow check`` refuses then)
+    node.lock       held (``flock``) by the one node running on this home, for its whole life; it names
+                    that node's pid. Never deleted: a lock file removed while held locks nothing
     escrow-backups/ verified online backups of the ledger (hourly and at a clean stop; the last 24)
     api.token, daemon.json   the daemon's runtime files
     peers.json      the peers this node was last connected to, dialled at start (a hint, rewritten)
@@ -19,14 +21,16 @@ sqlite gives its -wal and -shm files the database's own mode).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
 import socket
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import platformdirs
 import tomlkit
@@ -35,7 +39,8 @@ from wallet import Keystore
 
 from ._errors import LocalError
 
-__all__ = ["HOME_ENV", "Home", "resolve_home", "init_home", "ConfigError", "secure_home", "private_file"]
+__all__ = ["HOME_ENV", "Home", "resolve_home", "init_home", "ConfigError", "HomeInUse", "hold_home", "secure_home",
+           "private_file"]
 
 _logger = logging.getLogger(__name__)
 
@@ -60,6 +65,18 @@ accept_escrow = []
 
 class ConfigError(LocalError):
     """The config file is unreadable or holds a value of the wrong shape."""
+
+
+class HomeInUse(LocalError):
+    """Another node (another process) runs on this home.
+
+    Attributes:
+        pid: that process's id, when its lock file names one.
+    """
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 def resolve_home(explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Path:
@@ -214,3 +231,55 @@ def init_home(path: Path, passphrase: str, **keystore_kwargs: Any) -> Keystore:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(_DEFAULT_CONFIG.format(port=pick_listen_port()))
     return ks
+
+
+#: the homes this process holds: lock file (device, inode) -> [fd, holders]; a node opened again
+#: inside one already running in this process (``run_daemon`` around ``open_node``) shares the lock
+_held: dict[tuple[int, int], list[int]] = {}
+
+
+@contextmanager
+def hold_home(home: Home) -> Iterator[None]:
+    """Hold the home's ``node.lock`` (an exclusive ``flock``) for the block: one node per home,
+    since two would share one keystore, receipts database and escrow ledger. The lock file holds
+    the holder's pid, for the message of the next one to try; it is never deleted (the kernel
+    drops the lock when the process ends, however it ends). Re-entrant within a process.
+
+    Raises:
+        HomeInUse: another process holds it ("another node runs on this home (pid N)").
+        OSError: the lock file cannot be created.
+    """
+    path = home.path / "node.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    if key in _held:
+        os.close(fd)
+        _held[key][1] += 1
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_holder(fd)
+            os.close(fd)
+            raise HomeInUse(f"another node runs on {home.path}" + (f" (pid {pid})" if pid else "")
+                            + ": stop it first, or use another --home", pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if not _held[key][1]:
+            os.close(_held.pop(key)[0])  # closing the last fd releases the flock; the file stays
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid written in a lock file (None if it holds none yet: its holder is just starting)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
