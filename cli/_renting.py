@@ -238,7 +238,7 @@ def chat(home: str | None, model: str, provider: str | None, max_tokens: int, te
                        f"{credits(doc['cost']['amount'])} · session {credits(doc['cost']['cumulative'])}]", err=True)
     finally:
         closed = client.request("DELETE", f"/api/v1/sessions/{sid}")
-        click.echo(f"session closed: {closed['calls']} turns, {credits(closed['cumulative'])}"
+        click.echo(f"session closed: {closed['calls']} turn{'' if closed['calls'] == 1 else 's'}, {credits(closed['cumulative'])}"
                    + (f"; channel {show_id(opened['channel_id'])} stays open" if channel else ""), err=True)
 
 
