@@ -10,8 +10,6 @@ from typing import Any
 
 import click
 import trio
-from rich.console import Console
-from rich.table import Table
 
 import protocol
 import wallet
@@ -19,12 +17,18 @@ from node import ConfigError, Home, resolve_home
 
 from ._common import (
     DaemonClient,
+    amount,
+    credits,
     credits_option,
+    duration,
     emit_json,
     fail_on,
     home_option,
     json_option,
+    print_rows,
     set_verbose,
+    show_id,
+    when,
 )
 
 
@@ -97,7 +101,7 @@ def status(home: str | None, as_json: bool) -> None:
     click.echo(f"connected peers: {doc['connected_peers']}")
     click.echo(f"listings known:  {doc['listings_known']}")
     click.echo(f"offers:          {doc['offers']}")
-    click.echo(f"uptime:          {doc['uptime_s']} s")
+    click.echo(f"uptime:          {duration(doc['uptime_s'])}")
     click.echo(f"hardware:        {caps['cpu_count']} CPUs, {caps['ram_mb']} MiB RAM, GPUs: {gpus}")
 
 
@@ -137,8 +141,8 @@ def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_p
     if as_json:
         emit_json(doc)
     else:
-        click.echo(f"offering {doc['model']} at {protocol.format_credits(doc['input_price'])} / "
-                   f"{protocol.format_credits(doc['output_price'])} credits per 1K tokens (in/out)")
+        click.echo(f"offering {doc['model']} at {amount(doc['input_price'])} / "
+                   f"{amount(doc['output_price'])} credits per 1K tokens (in/out)")
 
 
 def _tier(text: str) -> dict[str, Any]:
@@ -159,12 +163,13 @@ def offer_ls(home: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(doc)
         return
-    table = Table("model", "backend", "in/1K", "out/1K", "context", "min charge", "rpm", "sessions")
-    for o in doc:
-        table.add_row(o["model"], o["backend"], protocol.format_credits(o["input_price"]),
-                      protocol.format_credits(o["output_price"]), str(o["max_context"]),
-                      protocol.format_credits(o["min_charge"]), str(o["rate_limit"] or "-"), str(o["max_concurrent"]))
-    Console().print(table)
+    if not doc:
+        click.echo("no offers (add one with `node offer add`)", err=True)
+        return
+    print_rows(("model", "backend", "in/1K", "out/1K", "context", "min charge", "rpm", "sessions"),
+               [(o["model"], o["backend"], amount(o["input_price"]), amount(o["output_price"]), str(o["max_context"]),
+                 amount(o["min_charge"]), str(o["rate_limit"] or "-"), str(o["max_concurrent"])) for o in doc])
+    click.echo("prices in credits per 1K tokens", err=True)
 
 
 @offer.command("rm")
@@ -191,16 +196,13 @@ def providers(home: str | None, as_json: bool, model: str | None, sort: str) -> 
     if not rows:
         click.echo("no providers known" + (f" for {model}" if model else ""), err=True)
         return
-    table = Table("provider", "model", "in/1K", "out/1K", "context", "trust", "latency", "GPUs", "expires in")
     now = time.time()
-    for r in rows:
-        gpus = ", ".join(g["name"] for g in r["gpus"]) or "-"
-        table.add_row(r["peer_id"][:8] + "…" + r["peer_id"][-6:], r["model"], protocol.format_credits(r["input_price"]),
-                      protocol.format_credits(r["output_price"]), str(r["max_context"]),
-                      "-" if r["trust"] is None else str(r["trust"]),
-                      "-" if r["latency_ms"] is None else f"{r['latency_ms']} ms", gpus,
-                      f"{max(0, int(r['expires_at'] - now))} s")
-    Console().print(table)
+    print_rows(("provider", "model", "in/1K", "out/1K", "context", "trust", "latency", "GPUs", "listing expires"),
+               [(show_id(r["peer_id"]), r["model"], amount(r["input_price"]), amount(r["output_price"]),
+                 str(r["max_context"]), "-" if r["trust"] is None else str(r["trust"]),
+                 "-" if r["latency_ms"] is None else f"{r['latency_ms']} ms",
+                 ", ".join(g["name"] for g in r["gpus"]) or "-", when(r["expires_at"], now)) for r in rows])
+    click.echo("prices in credits per 1K tokens", err=True)
 
 
 COMMANDS = [start, status, offer, providers]
@@ -250,14 +252,13 @@ def earnings(home: str | None, as_json: bool, period: str, by: str) -> None:
     if as_json:
         emit_json(doc)
         return
-    click.echo(f"last {doc['period']}: earned {protocol.format_credits(doc['total'])} credits; "
-               f"paid by escrow {protocol.format_credits(doc['claimed'])}"
-               + (f", forfeited {protocol.format_credits(doc['forfeited'])}" if doc.get("forfeited") else "")
-               + f"; pending now {protocol.format_credits(doc['pending'])}")
-    table = Table(by, "earned")
-    for key, amount in doc["by"].items():
-        table.add_row(key, protocol.format_credits(amount))
-    Console().print(table)
+    click.echo(f"last {doc['period']}: earned {credits(doc['total'])}; "
+               f"paid by escrow {credits(doc['claimed'])}"
+               + (f", forfeited {credits(doc['forfeited'])}" if doc.get("forfeited") else "")
+               + f"; pending now {credits(doc['pending'])}")
+    if doc["by"]:
+        print_rows((by, "earned (credits)"), [(show_id(key) if by == "client" else key, amount(micro))
+                                              for key, micro in doc["by"].items()])
 
 
 @click.command()
@@ -271,14 +272,14 @@ def stats(home: str | None, as_json: bool) -> None:
         return
     n = doc["node"]
     click.echo(f"requests {n['requests']} · tokens served {n['tokens_served']} · earned "
-               f"{protocol.format_credits(n['earnings'])} credits · avg latency {n['avg_latency_ms']} ms · "
+               f"{credits(n['earnings'])} · avg latency {n['avg_latency_ms']} ms · "
                f"listed {n['uptime_score'] * 100:.1f}% of the time")
-    table = Table("model", "providers", "input /1K", "output /1K")
-    for name, m in doc["network"]["models"].items():
-        table.add_row(name, str(m["providers"]),
-                      f"{protocol.format_credits(m['min_input_price'])}–{protocol.format_credits(m['max_input_price'])}",
-                      f"{protocol.format_credits(m['min_output_price'])}–{protocol.format_credits(m['max_output_price'])}")
-    Console().print(table)
+    models = doc["network"]["models"]
+    if models:
+        print_rows(("model", "providers", "input /1K", "output /1K"),
+                   [(name, str(m["providers"]), f"{amount(m['min_input_price'])}–{amount(m['max_input_price'])}",
+                     f"{amount(m['min_output_price'])}–{amount(m['max_output_price'])}") for name, m in models.items()])
+        click.echo("prices in credits per 1K tokens", err=True)
 
 
 COMMANDS += [earnings, stats]
