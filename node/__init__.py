@@ -25,12 +25,13 @@ the swarm types load the networking stack on first use.
 from typing import Any as _Any
 
 from ._errors import InvalidRequest, LocalError, NodeError, RemoteError
-from ._home import HOME_ENV, ConfigError, Home, init_home, resolve_home
+from ._home import HOME_ENV, ConfigError, Home, HomeInUse, init_home, resolve_home
 
 __all__ = [
     "ConfigError",
     "Home",
     "HOME_ENV",
+    "HomeInUse",
     "init_home",
     "InvalidRequest",
     "LocalError",
