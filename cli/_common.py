@@ -206,6 +206,9 @@ class DaemonClient:
         try:
             doc = response.json()
         except ValueError as exc:
+            if response.status_code >= 500:
+                raise CliError(f"the node failed on this request (HTTP {response.status_code}): a bug, its log "
+                               "has the traceback") from exc
             raise CliError(f"the node answered {response.status_code} with something that is not JSON") from exc
         if response.status_code >= 400:
             message = doc.get("error", {}).get("message") if isinstance(doc, dict) else None

@@ -78,9 +78,15 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
 
 def quiet_libp2p() -> None:
     """Keep libp2p's own log lines (its warnings about peers that go away, dials that fail, the
-    auto-connector's chatter) out of the daemon's log: what matters of them the node says itself."""
-    for name in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    auto-connector's chatter) out of the daemon's log: what matters of them the node says itself.
+    A filter on the log's handlers, so that no later ``setLevel`` (``_libp2p_fixes.apply``) lets
+    them back in."""
+
+    def not_libp2p(record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("libp2p", "multiaddr", "async_service"))
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(not_libp2p)
 
 
 @click.command()
