@@ -9,18 +9,36 @@ export INFERSWARM_PASSPHRASE ?= inferswarm-demo
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when pyproject.toml changes.
+# Idempotent: re-runs only when pyproject.toml changes. One line per step, and while pip works
+# (minutes on a fresh machine: torch alone is large) a line every 15 s saying how far it got; pip's
+# own output goes to $(VENV)/install.log and is shown only when it fails.
 $(STAMP): pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,inference]' 'torch==2.13.0'
-	touch $(STAMP)
+	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
+	@test -x $(PY) || { echo "creating the virtual environment $(VENV)…"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing dependencies into $(VENV) (a few minutes on a fresh machine, once)…"
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[test,inference]' 'torch==2.13.0' \
+		> $(VENV)/install.log 2>&1 & pid=$$!; t=0; \
+	while kill -0 $$pid 2>/dev/null; do \
+		sleep 1; t=$$((t + 1)); \
+		if [ $$((t % 15)) -eq 0 ]; then \
+			if grep -q '^Installing collected packages' $(VENV)/install.log; then \
+				echo "  … $$t s: unpacking the packages into $(VENV)"; \
+			else \
+				echo "  … $$t s: $$(grep -c '^Collecting' $(VENV)/install.log) packages fetched"; \
+			fi; \
+		fi; \
+	done; \
+	if ! wait $$pid; then \
+		tail -n 25 $(VENV)/install.log; echo "installing the dependencies failed (the whole log: $(VENV)/install.log)"; exit 1; \
+	fi
+	@touch $(STAMP)
+	@echo "✓ dependencies installed"
 
 # The main job: a local market on loopback (escrow agent, three providers, a consumer), a paid
 # chat, its receipts and balances; then the consumer's OpenAI-compatible API until Ctrl-C.
 run: install
-	$(VENV)/bin/node demo --home .demo
+	@$(VENV)/bin/node demo --home .demo
 
 test: install
 	$(PY) -m pytest -q
