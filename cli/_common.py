@@ -166,7 +166,9 @@ def emit_json(doc: Any) -> None:
 
 
 def fail_on(*errors: type[BaseException]) -> Callable[[F], F]:
-    """Turn the listed exceptions into one-line CLI errors (exit 1)."""
+    """Turn the listed exceptions into one-line CLI errors (exit 1). Not needed any more: the
+    CLI's error edge (``main._Edge``) does this for every expected failure of every command;
+    kept so the commands that still name their errors keep working."""
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
