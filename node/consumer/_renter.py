@@ -273,7 +273,7 @@ class Renter:
         Raises:
             EscrowRefused: the agent said no; without the credits, with this node's balance there
                 and what to do about it in the message.
-            EscrowUnreachable: the agent could not be asked.
+            EscrowUnreachable: the agent could not be asked (saying what else may work).
         """
         try:
             return await self.escrow.open_grant(c.agent, c.provider, spend, ttl_s)
@@ -281,6 +281,11 @@ class Renter:
             if exc.code != "insufficient_funds":
                 raise
             raise EscrowRefused(exc.code, exc.detail, await self._no_funds(c.agent, spend)) from exc
+        except EscrowUnreachable as exc:
+            others = [a for a in c.listing.escrow_agents if a != c.agent]
+            raise EscrowUnreachable(f"{exc}; nothing was paid. Try again once the agent is back"
+                                    + (f", or pay through another agent this provider accepts (--escrow {others[0]})"
+                                       if others else "")) from exc
 
     async def _no_funds(self, agent: str, needed: int) -> str:
         """What to tell a consumer whose credits at ``agent`` do not cover ``needed`` µc."""

@@ -10,15 +10,21 @@ exported (``GET /api/v1/receipts/latest``) as the hex ``escrow claim`` takes, wh
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from unittest import mock
+
 import httpx
 import pytest
 import trio
 
 import protocol
+import wallet
 from node import open_swarm
-from node.consumer import Preferences, RentError
+from node.consumer import Preferences, RentError, _renter
+from node.consumer._renter import Renter
+from node.consumer._trust import ProviderStats
 from node.daemon import serve_node_api
-from node.escrow import EscrowRefused
+from node.escrow import EscrowRefused, EscrowUnreachable
 
 TOKEN = "test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -108,3 +114,35 @@ async def test_each_missing_step_says_what_to_do_and_a_channel_pays_runs_and_ses
 async def _listed_with(consumer, agent: str | None) -> bool:
     rows = await consumer.providers("tiny")
     return bool(rows) and rows[0]["escrows"] == ([agent] if agent else [])
+
+
+async def test_an_unreachable_agent_says_nothing_was_paid_and_names_another_the_provider_accepts():
+    me, provider, down, other = (wallet.Identity.generate() for _ in range(4))
+    offer = protocol.ModelOffer(name="tiny", price=protocol.Price(input_per_1k=1000, output_per_1k=1000),
+                                max_context=4096)
+    listing = protocol.Listing(provider=provider.peer_id, addrs=(), seq=1, issued_at=0, expires_at=2**40,
+                               provider_type="self_hosted", models=(offer,),
+                               escrow_agents=tuple(sorted((down.peer_id, other.peer_id))), hardware=protocol.Hardware())
+    rows = [SimpleNamespace(listing=listing, offer=offer)]
+    market = SimpleNamespace(identity=me, host=None, now=lambda: 0, lookup=_nothing,
+                             view=SimpleNamespace(rows=lambda now, model: [r for r in rows if model in (None, "tiny")]))
+
+    class Down:
+        def agent_id(self, agent):
+            return agent
+
+        async def open_grant(self, agent, provider, cap, ttl_s):
+            raise EscrowUnreachable(f"escrow agent {agent} unreachable: connection refused")
+
+    renter = Renter(market, Down(), None, None, SimpleNamespace(get=ProviderStats), clock=lambda: 0)
+    with mock.patch.object(_renter, "reach", _nothing):
+        with pytest.raises(EscrowUnreachable) as caught:
+            await renter.run("tiny", [{"role": "user", "content": "hi"}], max_tokens=4, temperature_milli=1000,
+                             escrow=down.peer_id)
+    assert str(caught.value) == (f"escrow agent {down.peer_id} unreachable: connection refused; nothing was paid. "
+                                 f"Try again once the agent is back, or pay through another agent this provider "
+                                 f"accepts (--escrow {other.peer_id})")
+
+
+async def _nothing(*args, **kwargs) -> None:
+    pass
