@@ -106,7 +106,12 @@ def status(home: str | None, as_json: bool) -> None:
         click.echo(f"listening:       {addr}")
     click.echo(f"connected peers: {doc['connected_peers']}")
     click.echo(f"listings known:  {doc['listings_known']}")
-    click.echo(f"offers:          {doc['offers']}")
+    click.echo(f"offers:          {doc['offers']}"
+               + ("" if doc.get("available", True) else " (not serving now: outside [schedule] hours or maintenance)"))
+    for model, why in (doc.get("unhealthy") or {}).items():
+        click.echo(f"unhealthy:       {model}: {why}")
+    if doc.get("escrow_agent"):
+        click.echo("escrow agent:    yes (this node runs one; its id is the peer id above)")
     click.echo(f"uptime:          {duration(doc['uptime_s'])}")
     click.echo(f"hardware:        {caps['cpu_count']} CPUs, {caps['ram_mb']} MiB RAM, GPUs: {gpus}")
 
