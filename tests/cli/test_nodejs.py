@@ -117,3 +117,10 @@ def test_the_real_nodejs_runs_scripts_and_reports_its_version(path_dirs, tmp_pat
     assert call(path, "-e", "console.log(6*7)").stdout.strip() == "42"
     version = call(path, "--version").stdout.strip()
     assert version.startswith("v") and version[1].isdigit()
+
+
+def test_both_names_are_installed_as_the_same_command():
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.value.startswith("cli.main")}
+    assert scripts == {"inferswarm": "cli.main:main", "node": "cli.main:node_main"}
