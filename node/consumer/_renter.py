@@ -295,7 +295,7 @@ class Renter:
         except (EscrowRefused, EscrowUnreachable):
             held = "less than that"
         return (f"your balance at escrow agent {agent} is {held}, and the channel for this needs "
-                f"{protocol.format_credits(needed)}: mint or deposit first (on the agent: "
+                f"{protocol.format_credits(needed)} credits: mint or deposit first (on the agent: "
                 f"node escrow mint --to {me} --amount CREDITS)")
 
     def _spare(self, c: Candidate, spend: int, ttl_s: int) -> protocol.ChannelGrant | None:
