@@ -126,6 +126,11 @@ class ProviderSession(_Machine):
         return self._pending is not None
 
     @property
+    def cancelled_after(self) -> int | None:
+        """The chunks the consumer received before it cancelled the current call (None: not cancelled)."""
+        return self._cut
+
+    @property
     def cap(self) -> int:
         assert self.accept is not None
         return self.accept.spend_cap

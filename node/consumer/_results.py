@@ -2,18 +2,26 @@
 them: ``to_json()`` is the CLI contract's document (the control API, ``node run --json`` and
 the library's ``Swarm`` return it), and the OpenAI face builds its own shape from the fields.
 Amounts are integer µc, prices µc per 1K tokens.
+
+A cancelled call has no ``Completion``: the trio cancellation goes on up (it is not turned into
+an exception of ours), and what the call cost is a ``CancelledCall``, kept on the session handle
+(``last_cancelled``) and reported to every ``cancelled_calls()`` block the cancelled task runs in,
+so a face that cancelled a call itself (the control API's cancel route) can tell its client.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import protocol
 
 from ._routing import Candidate
 
-__all__ = ["Attempt", "Completion", "ProviderRow", "SessionInfo", "SessionSummary"]
+__all__ = ["Attempt", "CancelledCall", "Completion", "ProviderRow", "SessionInfo", "SessionSummary",
+           "cancelled_calls", "report_cancelled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,60 @@ class Completion:
         if self.session_id is not None:
             doc["session_id"] = self.session_id
         return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelledCall:
+    """What a cancelled call cost: the doubly-signed receipt of the prefix this node received
+    (``text``), or None when nothing was paid (``outcome`` says why). ``confirmed``: the provider
+    acknowledged the receipt (else it waits in the redelivery queue, paid all the same)."""
+
+    provider: str
+    model: str
+    text: str
+    receipt: protocol.Receipt | None
+    outcome: str  # "settled", or why nothing was paid
+    confirmed: bool = False
+
+    @property
+    def cost(self) -> int:
+        return self.receipt.cost if self.receipt is not None else 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The document of a cancelled call: delivered text, usage, cost and receipt (µc)."""
+        r = self.receipt
+        doc: dict[str, Any] = {"provider": self.provider, "model": self.model, "text": self.text,
+                               "outcome": self.outcome, "confirmed": self.confirmed,
+                               "usage": {"prompt_tokens": r.tokens_in if r else 0,
+                                         "completion_tokens": r.tokens_out if r else 0,
+                                         "total_tokens": (r.tokens_in + r.tokens_out) if r else 0},
+                               "cost": {"amount": self.cost,
+                                        "receipt_id": protocol.receipt_hash(r).hex() if r else None,
+                                        "cumulative": r.cumulative if r else None}}
+        return doc
+
+
+_CANCELLED: contextvars.ContextVar[list[CancelledCall] | None] = contextvars.ContextVar("inferswarm_cancelled",
+                                                                                        default=None)
+
+
+@contextmanager
+def cancelled_calls() -> Iterator[list[CancelledCall]]:
+    """Collect, in the list it gives, what each call cancelled inside the block cost (in this
+    task and the tasks it starts): the caller that cancels a call learns its price here."""
+    box: list[CancelledCall] = []
+    token = _CANCELLED.set(box)
+    try:
+        yield box
+    finally:
+        _CANCELLED.reset(token)
+
+
+def report_cancelled(call: CancelledCall) -> None:
+    """Tell the innermost ``cancelled_calls()`` block (if any) what a cancelled call cost."""
+    box = _CANCELLED.get()
+    if box is not None:
+        box.append(call)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,15 @@ close of the unused channel, so a refusal locks nothing.
 Bounds: the provider is dialled (``reach``) before any channel is opened for it; its Accept must
 come within ``open_timeout_s``, each message of a call within ``idle_timeout_s`` and the whole
 call within ``call_timeout_s``; what it may stream is bounded by the protocol's metering rules.
+
+Cancellation: a call cancelled by its caller (a cancelled library call, a closed HTTP stream at
+the daemon's API) is not abandoned: shielded, for at most ``cancel_timeout_s``, this side sends
+``Cancel`` naming the chunks its caller was given, checks and counter-signs the provider's receipt
+of exactly that prefix, and waits for its acknowledgement; then the cancellation goes on. What
+the call cost is a ``CancelledCall`` (``last_cancelled``, and ``_results.cancelled_calls``). A
+provider that ignores the Cancel, or bills more than the prefix, is never counter-signed: when
+the bound passes the session is closed and the call is unpaid. A call that runs past
+``call_timeout_s`` is abandoned unpaid, as before.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from protocol import (
     ChatMessage,
     ChunkReceived,
     ConsumerSession,
+    ConsumerState,
     CountersignConfirmed,
     Price,
     Queued,
@@ -54,6 +64,7 @@ from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._delivery import ReceiptDelivery, SettlementUnconfirmed, delivery_for
 from ._failures import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected, learn
 from ._reach import reach
+from ._results import CancelledCall, report_cancelled
 from ._trust import TrustBook
 
 _logger = logging.getLogger(__name__)
@@ -81,7 +92,7 @@ class ConsumerSessionHandle:
     def __init__(self, machine: ConsumerSession, framed: FramedStream, receipts: ReceiptStore | None,
                  clock: Callable[[], float], idle_timeout_s: float, trust: TrustBook | None = None,
                  call_timeout_s: float = 600.0, delivery: ReceiptDelivery | None = None,
-                 ack_timeout_s: float = 15.0) -> None:
+                 ack_timeout_s: float = 15.0, cancel_timeout_s: float = 5.0) -> None:
         self.machine = machine
         self._framed = framed
         self._receipts = receipts
@@ -91,7 +102,10 @@ class ConsumerSessionHandle:
         self._clock = clock
         self._idle = idle_timeout_s
         self._call_timeout = call_timeout_s
+        self._cancel_timeout = cancel_timeout_s
+        self._deadline: trio.CancelScope | None = None  # the running call's own call_timeout_s
         self._lock = trio.Lock()
+        self.last_cancelled: CancelledCall | None = None  # what the last cancelled call cost
 
     @property
     def provider(self) -> str:
@@ -136,15 +150,15 @@ class ConsumerSessionHandle:
         except (sqlite3.Error, OSError) as exc:  # the provider is paid all the same; only a resend is lost
             _logger.error("cannot queue a counter-signed receipt for redelivery: %s", exc)
 
-    async def _confirm(self, receipt: protocol.Receipt) -> None:
-        """Wait for the provider's acknowledgement of ``receipt``; without it within the bound,
-        redeliver it at once on the receipt protocol.
+    async def _confirm(self, receipt: protocol.Receipt, within_s: float | None = None) -> None:
+        """Wait for the provider's acknowledgement of ``receipt`` (at most ``within_s``, default
+        ``ack_timeout_s``); without it, redeliver it at once on the receipt protocol.
 
         Raises:
             SettlementUnconfirmed: neither came; the receipt stays queued for resending.
         """
         cause: SessionError | None = None
-        deadline = trio.current_time() + self._ack_timeout
+        deadline = trio.current_time() + (self._ack_timeout if within_s is None else within_s)
         try:
             while True:
                 left = deadline - trio.current_time()
@@ -178,10 +192,14 @@ class ConsumerSessionHandle:
             SettlementUnconfirmed: the answer was counter-signed but the provider has not confirmed
                 it (no ack, and an immediate redelivery failed); the receipt will be resent.
             protocol.SpendLimitReached: the session's budget is spent.
+
+        Cancellation: cancelling the call pays for the prefix ``on_text`` was given and nothing
+        more (the module's docstring); ``last_cancelled`` then says what it cost.
         """
         async with self._lock:
             try:
                 with trio.move_on_after(self._call_timeout) as deadline:
+                    self._deadline = deadline
                     result = await self._call(messages, max_tokens, temperature_milli, top_p_milli, stop, on_text,
                                               on_queue)
                 if deadline.cancelled_caught:
@@ -200,9 +218,24 @@ class ConsumerSessionHandle:
                     stop: tuple[str, ...], on_text: Callable[[str], Awaitable[None]] | None,
                     on_queue: Callable[[int], Awaitable[None]] | None) -> CallResult:
         chat = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        seq = self.machine.next_seq
         self.machine.request(chat, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
                              stop=stop)
         start = trio.current_time()
+        given = [0]  # chunks handed to the caller: a cancelled call pays for these only
+        try:
+            return await self._answer(start, on_text, on_queue, given)
+        except trio.Cancelled:
+            if self._deadline is None or not self._deadline.cancel_called:  # our caller's, not our own timeout
+                with trio.CancelScope(shield=True):
+                    self.last_cancelled = await self._cancel(seq, given[0])
+                report_cancelled(self.last_cancelled)
+            raise
+
+    async def _answer(self, start: float, on_text: Callable[[str], Awaitable[None]] | None,
+                      on_queue: Callable[[int], Awaitable[None]] | None, given: list[int]) -> CallResult:
+        """Send the request, stream its answer to ``on_text`` (counting in ``given[0]`` the chunks
+        handed over) until its receipt is settled and acknowledged."""
         first: float | None = None
         try:
             await self._framed.send_all(self.machine.outgoing())
@@ -215,6 +248,7 @@ class ConsumerSessionHandle:
                         first = trio.current_time() - start
                     if on_text is not None and event.chunk.text:
                         await on_text(event.chunk.text)
+                    given[0] += 1
                 elif isinstance(event, Queued):
                     if on_queue is not None:
                         await on_queue(event.queued.position)
@@ -227,6 +261,62 @@ class ConsumerSessionHandle:
                                       first if first is not None else duration, duration)
                 elif isinstance(event, SessionClosed):
                     raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
+
+    async def _cancel(self, seq: int, given: int) -> CancelledCall:
+        """Cancel the running call (``seq``) after the ``given`` chunks its caller got, and settle exactly
+        that prefix, within ``cancel_timeout_s`` (run shielded: the caller is being cancelled).
+
+        Returns:
+            What the call cost. When the provider sends no valid receipt of the prefix in time (it
+            kept streaming, billed more, failed or went away) nothing was counter-signed: the
+            session is closed and the outcome says why.
+        """
+        machine = self.machine
+        model, provider = machine.model, self.provider
+        if machine.receipts and machine.receipts[-1].call_seq == seq:
+            # the whole answer was counter-signed before the cancel came: it is paid (in doubt until acked)
+            return CancelledCall(provider, model, "", machine.receipts[-1], "settled before the cancel",
+                                 machine.unacked is None)
+        if machine.state is not ConsumerState.IN_CALL:
+            return CancelledCall(provider, model, "", None, f"nothing to cancel (session {machine.state.value})")
+        machine.cancel(chunks=given)
+        failure: SessionError | None = None
+        with trio.move_on_after(self._cancel_timeout) as wait:
+            deadline = trio.current_time() + self._cancel_timeout
+            try:
+                await self._framed.send_all(machine.outgoing())
+                while True:
+                    for event in await self._next(max(0.0, deadline - trio.current_time())):
+                        if isinstance(event, ReceiptSettled):
+                            confirmed = True
+                            try:
+                                await self._confirm(event.receipt, max(0.0, deadline - trio.current_time()))
+                            except SettlementUnconfirmed:
+                                confirmed = False  # paid all the same: it waits in the redelivery queue
+                            _logger.info("cancelled call to %s settled for %d µc (%d of its tokens)", provider,
+                                         event.receipt.cost, event.receipt.tokens_out)
+                            return CancelledCall(provider, model, event.text, event.receipt, "settled", confirmed)
+                        if isinstance(event, CallFailed):
+                            return CancelledCall(provider, model, "", None,
+                                                 f"the provider failed the call first ({event.error.reason})")
+                        if isinstance(event, SessionClosed):
+                            failure = ProviderFailed("the provider closed the session instead of billing the "
+                                                     "cancelled call")
+                            break
+                    if failure is not None:
+                        break
+            except StreamClosed as exc:
+                failure = ProviderFailed(f"the provider closed the session ({exc})")
+            except SessionError as exc:  # it went away, went quiet or billed more than the prefix
+                failure = exc
+        if wait.cancelled_caught or failure is None:
+            failure = ProviderFailed(f"no receipt of the cancelled call within {self._cancel_timeout:g}s")
+        learn(self._trust, provider, failure)
+        _logger.warning("cancelled call to %s not settled: %s", provider, failure)
+        if machine.state is ConsumerState.CANCELLING:  # nothing more on this session: end it
+            with trio.move_on_after(1.0):
+                await self.close(wait_s=0.5)
+        return CancelledCall(provider, model, "", None, f"nothing paid: {failure}")
 
     async def close(self, settle_escrow: bool = True, wait_s: float = 30.0) -> None:
         """End the session; with ``settle_escrow`` the channel is settled and refunded at once.
@@ -280,6 +370,7 @@ async def open_session(
     withdraw_on_reject: bool = False,
     delivery: ReceiptDelivery | None = None,
     ack_timeout_s: float = 15.0,
+    cancel_timeout_s: float = 5.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
 
@@ -302,7 +393,7 @@ async def open_session(
                                batch_calls=batch_calls, open_timeout_s=open_timeout_s,
                                idle_timeout_s=idle_timeout_s, call_timeout_s=call_timeout_s, trust=trust,
                                withdraw_on_reject=withdraw_on_reject, delivery=delivery,
-                               ack_timeout_s=ack_timeout_s) as handle:
+                               ack_timeout_s=ack_timeout_s, cancel_timeout_s=cancel_timeout_s) as handle:
         yield handle
 
 
@@ -329,6 +420,7 @@ async def open_session_on(
     withdraw_on_reject: bool = False,
     delivery: ReceiptDelivery | None = None,
     ack_timeout_s: float = 15.0,
+    cancel_timeout_s: float = 5.0,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """``open_session`` on a stream already open to ``provider`` (anything with libp2p's
     ``read``/``write``/``close``/``reset``); the stream is closed when the block ends.
@@ -339,7 +431,8 @@ async def open_session_on(
             channel was opened for this session only): the refusal then locks nothing.
         delivery: where counter-signed receipts wait for the provider's acknowledgement (default:
             the queue attached to ``receipts``, ``_delivery.attach``). ack_timeout_s: how long a
-            call waits for that acknowledgement before redelivering at once.
+            call waits for that acknowledgement before redelivering at once. cancel_timeout_s: how
+            long a cancelled call waits (shielded) for the receipt of its prefix.
 
     Raises:
         SessionRejected: the provider said no (reason code). ProviderFailed: it went away or
@@ -354,7 +447,7 @@ async def open_session_on(
                               max_context=max_context, tier=tier, batch_calls=batch_calls)
     delivery = delivery if delivery is not None else delivery_for(receipts)
     handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust, call_timeout_s,
-                                   delivery, ack_timeout_s)
+                                   delivery, ack_timeout_s, cancel_timeout_s)
     if delivery is not None:
         delivery.wake(provider)  # we reach it again: what it has not acknowledged goes now
     try:

@@ -10,7 +10,10 @@ model, schedule, terms, agent, capacity, rate limit -> the agent is asked about 
 Accept or Reject (always built by the machine). Per call: admission's rate limit and
 ``max_tokens`` check, prompt tokens counted by the backend, the machine's clamp (context, budget,
 expiry), the job queue, streamed chunks, provider-signed receipt, counter-signature, receipt
-stored. Refused or failed calls cost nothing.
+stored. Refused or failed calls cost nothing. While a call generates, the stream is read too:
+the consumer's ``Cancel`` (or any message, or the stream ending) stops the backend at once
+(it ends at its next token), and a cancelled call's receipt bills only the prefix the consumer
+says it received (docs/PROTOCOL.md, "Cancellation").
 
 Getting paid (``ChannelBook``): a session is admitted only if its channel can pay it on top of
 everything else this provider may be owed on that channel; counter-signed receipts are held in
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import secrets
 from typing import Any
 
@@ -56,7 +60,7 @@ from ._queue import JobQueue, QueueFull, QueueTimeout
 from ._settlement import SettlementWorker
 from ._sla import SlaConfig, SlaTracker
 from ._storefront import Storefront
-from .backends import Backend, BackendError
+from .backends import Backend, BackendError, Generation
 
 __all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
@@ -195,6 +199,8 @@ class _StreamSession:
         self.last_latency_ms: int | None = None
         self.walked_away = False  # the consumer stopped taking an answer while it streamed
         self.storage_error: str | None = None  # receipts.db could not store a receipt of this session
+        self.consumer_close: protocol.Close | None = None  # its Close, when it came in the middle of a call
+        self._inbox: trio.MemoryReceiveChannel[Any]  # the session's messages, read by ``_read_frames``
 
     async def _flush(self) -> None:
         await self.service.send(self.framed, self.machine.outgoing())
@@ -275,13 +281,55 @@ class _StreamSession:
         return await trio.to_thread.run_sync(self.service.receipts.has_session, session_id)
 
     async def _serve(self) -> protocol.Close | None:
-        """Calls until the consumer closes (its Close), goes away or idles too long (None)."""
+        """Calls until the consumer closes (its Close), goes away or idles too long (None).
+
+        One task reads the stream for the whole session and hands each message over (``_receive``),
+        so the reading that goes on while a call generates (``_while_listening``) can stop at any
+        point without losing a byte."""
+        send, self._inbox = trio.open_memory_channel[Any](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_frames, send)
+            try:
+                return await self._serve_calls()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _read_frames(self, send: trio.MemorySendChannel[Any]) -> None:
+        """Read the session's messages one at a time into ``send``; the stream's end or a frame
+        that is not a message goes the same way (as the exception), and then reading stops."""
+        async with send:
+            while True:
+                try:
+                    msg = await self.framed.receive(timeout_s=math.inf)
+                except (StreamClosed, protocol.ProtocolError) as exc:
+                    await send.send(exc)
+                    return
+                await send.send(msg)
+
+    async def _receive(self, timeout_s: float) -> Any:
+        """The consumer's next message.
+
+        Raises:
+            StreamTimeout: none within ``timeout_s``. StreamClosed: the stream ended.
+            protocol.DecodeError: the bytes were not a message.
+        """
+        with trio.move_on_after(timeout_s):
+            try:
+                item = await self._inbox.receive()
+            except trio.EndOfChannel:
+                raise StreamClosed("end of stream") from None
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        raise StreamTimeout(f"no message within {timeout_s:g}s")
+
+    async def _serve_calls(self) -> protocol.Close | None:
         service = self.service
         while True:
             waiting_signature = self.machine.state is protocol.ProviderState.AWAITING_COUNTERSIGN
             try:
-                msg = await self.framed.receive(
-                    timeout_s=service.countersign_timeout_s if waiting_signature else service.session_idle_s)
+                msg = await self._receive(
+                    service.countersign_timeout_s if waiting_signature else service.session_idle_s)
             except StreamTimeout as exc:
                 _logger.info("closing an idle session: %s", exc)
                 self.machine.close(service.now(), "expired")
@@ -297,6 +345,8 @@ class _StreamSession:
                     started = trio.current_time()
                     await self._call(event.request)
                     self.last_latency_ms = int((trio.current_time() - started) * 1000)
+                    if self.consumer_close is not None:  # it closed the session while the call ran
+                        return self.consumer_close
                 elif isinstance(event, Countersigned):
                     await self._countersigned(event.receipt)
                 elif isinstance(event, SessionClosed):
@@ -344,8 +394,11 @@ class _StreamSession:
         service, offer, backend, machine = self.service, self.offer, self.backend, self.machine
         started = trio.current_time()
         first: list[int] = []
+        running = False  # the backend has the call (a slot was granted)
 
         async def on_piece(text: str, tokens: int) -> None:
+            if machine.state is not protocol.ProviderState.IN_CALL:
+                return  # cancelled: the backend stops at its next checkpoint; nothing more is sent
             if not first:
                 first.append(int((trio.current_time() - started) * 1000))
             machine.chunk(text, tokens)
@@ -356,13 +409,22 @@ class _StreamSession:
                 raise
 
         async def on_position(position: int) -> None:
-            machine.report_queue(position)
-            await self._flush()
+            if machine.state is protocol.ProviderState.IN_CALL:
+                machine.report_queue(position)
+                await self._flush()
+
+        async def run() -> Generation:
+            nonlocal running
+            async with service.queue_for(offer, backend).slot(machine.open_msg.consumer, self.weight, on_position):
+                running = True
+                return await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
+                                              top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
 
         try:
-            async with service.queue_for(offer, backend).slot(machine.open_msg.consumer, self.weight, on_position):
-                result = await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
-                                                top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
+            result = await self._while_listening(run)
+        except StreamClosed:
+            self.walked_away = self.walked_away or bool(first)  # part of an answer, and gone
+            raise
         except QueueFull as exc:
             machine.fail_call("capacity", str(exc))
             return
@@ -375,10 +437,55 @@ class _StreamSession:
             service.record_outcome(offer.model, False, None)
             machine.fail_call("backend_error", str(exc))
             return
+        if machine.state is protocol.ProviderState.CANCELLING:  # bill the prefix the consumer received
+            _logger.info("call %d cancelled by the consumer after %s chunks", request.call_seq, machine.cancelled_after)
+            # not begun yet (still queued): nothing was done, nothing is billed (a full discount)
+            machine.finish_call(protocol.CANCELLED_FINISH, service.now(), tokens_in=None if running else 0,
+                                discount_permille=service.sla.discount(offer.model) if running else 1000)
+            return
+        if machine.state is not protocol.ProviderState.IN_CALL:  # the consumer closed the session mid-call
+            self.walked_away = self.walked_away or bool(first)
+            return
+        assert result is not None
         service.record_outcome(offer.model, True, first[0] if first else None)
         actual_in = min(result.tokens_in, tokens_in) if result.tokens_in is not None else None
         machine.finish_call(result.finish_reason, service.now(), tokens_in=actual_in,
                             discount_permille=service.sla.discount(offer.model))
+
+    async def _while_listening(self, run: Any) -> Any:
+        """``await run()`` (the generation) while reading the stream: whatever the consumer sends
+        mid-call (its ``Cancel``, a ``Close``) goes to the machine and stops the generation at
+        once, and so does the stream's end (the consumer went away). Returns ``run()``'s result,
+        or None when it was stopped.
+
+        Raises:
+            StreamClosed: the consumer's stream ended mid-call (raised once the backend stopped).
+            protocol.ProtocolError: what it sent broke the protocol. Whatever ``run`` raises.
+        """
+        outcome: dict[str, Any] = {}
+
+        async def listen(generation: trio.CancelScope) -> None:
+            try:
+                msg = await self._receive(math.inf)
+                for event in self.machine.receive(msg, self.service.now()):  # Cancel: CANCELLING; Close: CLOSED
+                    if isinstance(event, SessionClosed):
+                        self.consumer_close = event.close
+            except (StreamClosed, protocol.ProtocolError) as exc:
+                outcome["error"] = exc
+            generation.cancel()
+
+        async with trio.open_nursery() as nursery:
+            generation = trio.CancelScope()
+            nursery.start_soon(listen, generation)
+            with generation:
+                try:
+                    outcome["result"] = await run()
+                except Exception as exc:  # raised as itself below, not inside the nursery's group
+                    outcome.setdefault("error", exc)
+            nursery.cancel_scope.cancel()  # the call is over: stop listening (a message is never half-taken)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
 
     async def _settle(self, close: protocol.Close | None) -> None:
         """At the session's end: remember an unpaid call; complete the consumer's cooperative close

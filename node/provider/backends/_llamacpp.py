@@ -1,7 +1,8 @@
 """The ``llamacpp:PATH`` backend: a GGUF model through llama-cpp-python (an optional extra:
 ``pip install llama-cpp-python``; it compiles for minutes). Generation runs token by token in a
 worker thread under our own loop, so ``max_tokens`` is exact and every token is counted; text is
-decoded incrementally and never split inside a UTF-8 character."""
+decoded incrementally and never split inside a UTF-8 character. A cancelled ``generate`` stops
+the model at its next token."""
 
 from __future__ import annotations
 
@@ -102,15 +103,15 @@ class LlamaCppBackend(Backend):
                 finally:
                     trio.from_thread.run_sync(send.send_nowait, None, trio_token=token)
 
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(trio.to_thread.run_sync, run)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, run)
+                try:
                     async for item in receive:
                         if item is None:
                             break
                         await on_piece(*item)
-            finally:
-                cancel.set()
+                finally:
+                    cancel.set()  # cancelled or failed: the thread stops at its next token, before we wait for it
             if "error" in result:
                 raise BackendError(f"llama.cpp generation failed: {result['error']}") from result["error"]
             return result["generation"]

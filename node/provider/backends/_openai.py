@@ -11,7 +11,10 @@ only up to 64 KiB and logged nowhere. httpx and httpcore log upstream answers (s
 reason phrase) themselves: a filter on their loggers redacts every key this module holds.
 Prompt tokens are admitted at ``protocol.prompt_token_bound`` (UTF-8 bytes plus per-message overhead: a
 byte-level tokenizer never needs more) and billed at the server's own count when it reports
-one; completion tokens are the server's count.
+one; completion tokens are the server's count: each streamed piece of text claims one token as
+it comes (a server sends no text without a token), and the usage at the end claims the rest, so
+a call cancelled halfway has claimed what it streamed. A cancelled ``generate`` closes the
+upstream stream at once (the upstream server stops generating when its client goes away).
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ class OpenAIBackend(Backend):
         }
         if stop:
             body["stop"] = list(stop)
-        finish, usage = "stop", None
+        finish, usage, claimed = "stop", None, 0
         try:
             async with self._client.stream("POST", "/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -180,14 +183,15 @@ class OpenAIBackend(Backend):
                     usage = event_usage or usage
                     for text, piece_finish in pieces:
                         if text:
-                            await on_piece(text, 0)
+                            claimed += 1  # at least one token; the usage at the end tells the rest
+                            await on_piece(text, 1)
                         finish = piece_finish or finish
         except httpx.HTTPError as exc:  # its type only: its text may quote what was sent
             raise BackendError(f"upstream {httpx.URL(self.base_url).host} failed: {type(exc).__name__}") from None
         tokens_in, tokens_out = _counts(usage)
-        if tokens_out:
-            await on_piece("", tokens_out)  # the exact count, from the server that did the work
-        return Generation("length" if finish == "length" else "stop", tokens_out, tokens_in=tokens_in)
+        if tokens_out > claimed:
+            await on_piece("", tokens_out - claimed)  # the exact count, from the server that did the work
+        return Generation("length" if finish == "length" else "stop", max(tokens_out, claimed), tokens_in=tokens_in)
 
     def _event(self, data: str) -> tuple[dict[str, Any] | None, list[tuple[str, str | None]]]:
         """One stream event: its usage (if any) and each choice's ``(text, finish_reason)``.

@@ -1,5 +1,8 @@
 """The ``transformers:PATH`` (and ``builtin``) backend: a local Hugging Face model folder, generated
-in a worker thread with exact token counts. torch and transformers are imported on load only."""
+in a worker thread with exact token counts. torch and transformers are imported on load only.
+
+Cancellation: a cancelled ``generate`` (the consumer cancelled the call or went away) stops the
+model at its next token and returns once the worker thread has ended."""
 
 from __future__ import annotations
 
@@ -160,15 +163,17 @@ class TransformersBackend(Backend):
                 result["error"] = exc
                 send.send_nowait(None)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(worker)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            try:
                 async for item in receive:
                     if item is None:
                         break
                     await on_piece(*item)
-        finally:
-            cancel.set()  # if the consumer went away, stop the model at its next token
+            finally:
+                # cancelled (the consumer cancelled or went away) or failed: stop the model at its
+                # next token, here, before the nursery waits for its thread
+                cancel.set()
         if "error" in result:
             raise BackendError(f"generation failed: {result['error']}") from result["error"]
         return Generation(result["finish"], state["sent_tokens"])
