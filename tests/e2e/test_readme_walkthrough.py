@@ -58,8 +58,8 @@ def test_the_readme_has_the_walkthroughs():
 
 def test_the_readme_walkthroughs_run_as_written(tmp_path):
     blocks = walkthroughs((ROOT / "README.md").read_text())
-    script = "set -euo pipefail\n" + "".join(f"echo '### walkthrough {name}' >&2\n{body}"
-                                             for name, body in blocks.items())
+    script = "set -euo pipefail\n" + "".join(f"echo \"### walkthrough {name} (at ${{SECONDS}} s)\" >&2\n{body}"
+                                             for name, body in blocks.items()) + 'echo "### done in ${SECONDS} s" >&2\n'
     base = tmp_path / "homes"
     base.mkdir()
     (tmp_path / "walkthrough.sh").write_text(script.replace("/tmp/", f"{base}/"))
@@ -80,6 +80,8 @@ def test_the_readme_walkthroughs_run_as_written(tmp_path):
     assert proc.returncode != -signal.SIGTERM, f"the walkthroughs did not finish in 240 s:\n{err[-4000:]}"
     assert proc.returncode == 0, f"a README command failed ({proc.returncode}):\n{err[-4000:]}\n{out[-2000:]}"
     # what the reader is told happened
+    assert re.search(r"channel [0-9a-f]{32} stays open", err), err[-3000:]  # chat --channel left it open
+    assert re.search(r"(nothing more to pay: .*|paid \S+ credits); \S+ credits of 4.00 credits claimed", out), out[-2000:]
     assert "closed channel" in out and "refunded" in out, out[-2000:]
     assert '"available"' in out and "integrity:     ok" in out, out[-2000:]
     assert "Traceback" not in err, err[-4000:]
