@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 import protocol
 
+from .._config import save_accept_escrow
 from .._errors import InvalidRequest, NotFound
 from .._receipts import FORFEITED, PAID, receipt_json
 from ..consumer._request_check import check_call
@@ -348,8 +349,6 @@ def _escrow_routes(service: "Node") -> Routes:
     async def accept(request: Request) -> Any:
         """Accept an escrow agent (or stop, ``remove``) on the running node: kept in the config's
         ``[node] accept_escrow`` and republished at once, so consumers see the listing with it."""
-        from .._config import save_accept_escrow  # noqa: PLC0415 (node/_config.py grows it: requests-h5.md)
-
         d = await _body(request, AcceptBody)
         store = service.storefront
         agents = tuple(a for a in configured() if a != d.agent) + (() if d.remove else (d.agent,))
