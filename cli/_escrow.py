@@ -53,6 +53,31 @@ def _read_hex(path: str) -> str:
         return data.hex()
 
 
+_CHANNEL_ID = re.compile(r"^[0-9a-f]{32}$")
+_CHANNEL_PREFIX = re.compile(r"^[0-9a-f]{4,31}$")
+
+
+def resolve_channel(client: DaemonClient, escrow: str | None, value: str) -> str:
+    """A channel id given whole, or as a unique prefix (4 hex digits or more) of one of this
+    node's channels at the agent (as consumer or provider).
+
+    Raises:
+        CliError: not hex, or no channel / more than one starts with it.
+    """
+    wanted = value.strip().lower()
+    if _CHANNEL_ID.match(wanted):
+        return wanted
+    if not _CHANNEL_PREFIX.match(wanted):
+        raise CliError(f"{value!r} is not a channel id: 32 hex digits, or a unique prefix of at least 4")
+    doc = client.request("GET", "/api/v1/wallet/balance", params={"escrow": escrow} if escrow else {})
+    hits = [c["channel_id"] for c in doc["channels"] if c["channel_id"].startswith(wanted)]
+    if len(hits) != 1:
+        raise CliError(f"{'no channel' if not hits else f'{len(hits)} channels'} of this node at "
+                       f"{show_id(doc['escrow'])} start with {wanted}" + (": give more of its id" if hits else
+                                                                          " (node escrow ls lists them)"))
+    return hits[0]
+
+
 escrow_option = click.option("--escrow", metavar="PEER", help="the escrow agent (peer id or /p2p/ address; "
                                                                "default: this node's own agent)")
 
@@ -205,7 +230,7 @@ def escrow_claim(home: str | None, as_json: bool, escrow: str | None, receipt: s
 @home_option
 @json_option
 @escrow_option
-@click.option("--channel", required=True, metavar="ID")
+@click.option("--channel", required=True, metavar="ID", help="the channel (its id, or a unique prefix of it)")
 @click.option("--receipt", type=click.Path(exists=True, dir_okay=False), help="final doubly-signed receipt (hex)")
 @click.option("--sign-only", is_flag=True, help="print this party's signed half for the other party (valid 5 min)")
 @click.option("--with", "partial", type=click.Path(exists=True, dir_okay=False),
@@ -213,7 +238,9 @@ def escrow_claim(home: str | None, as_json: bool, escrow: str | None, receipt: s
 def escrow_close(home: str | None, as_json: bool, escrow: str | None, channel: str, receipt: str | None,
                  sign_only: bool, partial: str | None) -> None:
     """Cooperative close: settle the final receipt and refund the rest at once (both parties sign)."""
-    doc = DaemonClient(home).request("POST", "/api/v1/escrow/close", json={
+    client = DaemonClient(home)
+    channel = resolve_channel(client, escrow, channel)
+    doc = client.request("POST", "/api/v1/escrow/close", json={
         "escrow": escrow, "channel_id": channel, "receipt": _read_hex(receipt) if receipt else None,
         "partial": _read_hex(partial) if partial else None, "sign_only": sign_only})
     if sign_only:
@@ -234,7 +261,9 @@ def escrow_close(home: str | None, as_json: bool, escrow: str | None, channel: s
 @click.option("--channel", required=True, metavar="ID")
 def escrow_refund(home: str | None, as_json: bool, escrow: str | None, channel: str) -> None:
     """Reclaim what an expired channel never paid out (as its consumer)."""
-    doc = DaemonClient(home).request("POST", "/api/v1/escrow/refund", json={"escrow": escrow, "channel_id": channel})
+    client = DaemonClient(home)
+    channel = resolve_channel(client, escrow, channel)
+    doc = client.request("POST", "/api/v1/escrow/refund", json={"escrow": escrow, "channel_id": channel})
     _emit(doc, as_json, f"channel {show_id(channel)} {doc['channel']['status']}")
 
 

@@ -27,9 +27,10 @@ from ._common import (
     print_rows,
     show_id,
 )
+from ._escrow import resolve_channel
 
-_CHANNEL_HELP = ("pay from this open channel of yours (`node escrow open`; name its agent with --escrow): the call "
-                 "goes to its provider and the channel stays open")
+_CHANNEL_HELP = ("pay from this open channel of yours (`node escrow open`; its id or a unique prefix; name its agent "
+                 "with --escrow): the call goes to its provider and the channel stays open")
 
 
 def _temperature(_ctx: Any, _param: Any, value: str | None) -> int:
@@ -91,6 +92,7 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
         channel: str | None, prompt: str) -> None:
     """One paid completion: open a channel (or use --channel), run one call, settle, print the result."""
     client = DaemonClient(home)
+    channel = resolve_channel(client, escrow, channel) if channel else None
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
                "provider": provider, "budget": budget, "escrow": escrow, "stream": stream, "sort": strategy,
                "tier": tier or "", "channel": channel}
@@ -213,6 +215,7 @@ def chat(home: str | None, model: str, provider: str | None, max_tokens: int, te
 
     Type a message and Enter; an empty line, "exit" or end of input ends the session."""
     client = DaemonClient(home)
+    channel = resolve_channel(client, escrow, channel) if channel else None
     opened = client.request("POST", "/api/v1/sessions", json={"model": model, "provider": provider, "escrow": escrow,
                                                                "budget": budget, "tier": tier or "",
                                                                "batch_calls": batch_calls, "channel": channel})

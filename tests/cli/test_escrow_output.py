@@ -7,10 +7,11 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from cli import _escrow
-from cli._common import credits
+from cli._common import CliError, credits
 
 AGENT = "12D3KooWLN2ie86tE4aZhrcAaLnEKokhNywHnofZCCicnMvLCvGa"
 CONSUMER = "12D3KooWHiYHHh73AZtcDzmYcVBvczgt77CYCxr6mdnJzuNxB1Vd"
@@ -53,3 +54,19 @@ def test_escrow_open_quiet_prints_the_channel_id_alone(monkeypatch):
     loud = CliRunner().invoke(_escrow.escrow, args)
     assert f"channel {CHANNEL}: 4.00 credits to {PROVIDER}, until " in loud.output and "(in 60 min)" in loud.output
     assert f"node run --channel {CHANNEL} --escrow {AGENT}" in loud.output
+
+
+def test_a_channel_is_named_by_a_unique_prefix_too():
+    other = "4625ffffffffffffffffffffffffffff"
+
+    class Client:
+        def request(self, method, path, json=None, params=None):
+            assert (method, path) == ("GET", "/api/v1/wallet/balance")
+            return {"escrow": AGENT, "channels": [_channel(3600), _channel(3600) | {"channel_id": other}]}
+
+    assert _escrow.resolve_channel(Client(), AGENT, CHANNEL.upper()) == CHANNEL  # whole: asks nobody
+    assert _escrow.resolve_channel(Client(), AGENT, CHANNEL[:6]) == CHANNEL
+    for bad, said in (("4625", "2 channels of this node at"), ("abcd", "no channel of this node"),
+                      ("xyz", "is not a channel id")):
+        with pytest.raises(CliError, match=said):
+            _escrow.resolve_channel(Client(), AGENT, bad)
