@@ -21,6 +21,10 @@ Rules:
   its validation failure becomes ``InvalidRequest``. A caller's value that only a lower layer can
   check (an escrow agent's name) is checked here too, before any I/O, and its ValueError becomes
   ``InvalidRequest`` here, once.
+- A streamed response (``EventStream``) runs its work only while its client listens: a client that
+  closes the stream cancels it (hypercorn does not: it only tells the app ``http.disconnect``),
+  and a cancelled renting call pays for what was delivered, nothing more. ``RunningCalls`` lets a
+  client cancel a stream it started by id and read, as the stream's last event, what that cost.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ import ipaddress
 import json
 import logging
 import re
-from typing import Annotated, Any, Awaitable, Callable, ClassVar, Iterable, Sequence, TypeVar
+import secrets
+from contextlib import ExitStack, contextmanager
+from typing import Annotated, Any, Awaitable, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
+
+import trio
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
@@ -48,6 +56,7 @@ from ..consumer._delivery import SettlementUnconfirmed
 from ..consumer._held_sessions import UnknownSession
 from ..consumer._pacing import Busy
 from ..consumer._renter import AtCapacity, RentError
+from ..consumer._results import CancelledCall, cancelled_calls
 from ..consumer._routing import SORTS
 from ..consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected
 from ..escrow._client import EscrowUnreachable
@@ -58,7 +67,8 @@ from ..provider.backends._base import BackendError
 
 __all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
            "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "PricePer1K",
-           "WireText", "ModelName", "MAX_MESSAGES", "EventStream", "NDJSONStream", "SSEStream", "EdgeRefusal",
+           "WireText", "ModelName", "MAX_MESSAGES", "EventStream", "NDJSONStream", "SSEStream", "RunningCalls",
+           "EdgeRefusal",
            "MisdirectedHost", "ForeignOrigin", "NotJSON", "BodyTooLarge", "WebGuard", "MAX_BODY", "MAX_DEPTH",
            "LOOPBACK_HOSTS"]
 
@@ -456,16 +466,60 @@ def checked_agent(ops: EscrowOps, agent: str | None) -> str | None:
 Emit = Callable[[Any], Awaitable[None]]
 
 
+class RunningCalls:
+    """The streamed calls in progress on a face, by id, so a client can cancel one it started
+    (``POST /api/v1/calls/{id}/cancel``) and still read, on the same stream, what it cost."""
+
+    def __init__(self) -> None:
+        self._scopes: dict[str, trio.CancelScope] = {}
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    @contextmanager
+    def running(self) -> Iterator[tuple[str, trio.CancelScope]]:
+        """A new call's id and the cancel scope ``cancel`` cancels, for the block."""
+        call_id, scope = secrets.token_hex(12), trio.CancelScope()
+        self._scopes[call_id] = scope
+        try:
+            yield call_id, scope
+        finally:
+            self._scopes.pop(call_id, None)
+
+    def cancel(self, call_id: str) -> None:
+        """Cancel the running call ``call_id``: it settles what was delivered and its stream ends
+        with what that cost.
+
+        Raises:
+            NotFound: no such call runs (never started, or over).
+        """
+        scope = self._scopes.get(call_id)
+        if scope is None:
+            raise NotFound(f"no call {call_id[:40]!r} is running")
+        scope.cancel()
+
+
 class EventStream:
     """An ASGI response that runs ``produce(emit)`` and sends each emitted document as one event as
     soon as it is emitted (no generator holds a nursery open across a yield). An error after the
-    headers went out is sent as a last event, ``error_event(problem_of(exc))``."""
+    headers went out is sent as a last event, ``error_event(problem_of(exc))``.
+
+    Cancellation: a client that closes the stream (``http.disconnect``) cancels ``produce`` — the
+    server would otherwise run it to its end, and a call would be paid for in full with nobody
+    reading (a renting call then settles only what was delivered: ``_session_client``). With
+    ``calls``, the stream is one of the face's running calls: its first event is
+    ``started_event(call_id)``, ``RunningCalls.cancel`` cancels it, and its last event is then
+    ``cancelled_event(cost)``, the ``CancelledCall`` the cancelled call reported (None if none
+    had started)."""
 
     media_type: ClassVar[bytes]
     end: ClassVar[bytes] = b""
 
-    def __init__(self, produce: Callable[[Emit], Awaitable[None]], error_event: Callable[[Problem], Any]) -> None:
+    def __init__(self, produce: Callable[[Emit], Awaitable[None]], error_event: Callable[[Problem], Any], *,
+                 calls: RunningCalls | None = None, started_event: Callable[[str], Any] | None = None,
+                 cancelled_event: Callable[[CancelledCall | None], Any] | None = None) -> None:
         self.produce, self.error_event = produce, error_event
+        self.calls, self.started_event, self.cancelled_event = calls, started_event, cancelled_event
 
     @staticmethod
     def frame(doc: Any) -> bytes:
@@ -478,11 +532,36 @@ class EventStream:
         async def emit(doc: Any) -> None:
             await send({"type": "http.response.body", "body": self.frame(doc), "more_body": True})
 
-        try:
-            await self.produce(emit)
-        except Exception as exc:
-            await emit(self.error_event(problem_of(exc)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            await self._run(emit)
+            nursery.cancel_scope.cancel()
         await send({"type": "http.response.body", "body": self.end, "more_body": False})
+
+    async def _run(self, emit: Emit) -> None:
+        with ExitStack() as stack:
+            cost = stack.enter_context(cancelled_calls())
+            own = trio.CancelScope()
+            if self.calls is not None:
+                call_id, own = stack.enter_context(self.calls.running())
+                if self.started_event is not None:
+                    await emit(self.started_event(call_id))
+            with own:
+                try:
+                    await self.produce(emit)
+                except Exception as exc:
+                    await emit(self.error_event(problem_of(exc)))
+            if own.cancelled_caught and self.cancelled_event is not None:
+                await emit(self.cancelled_event(cost[-1] if cost else None))
+
+
+async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` when the client goes away (the request's body has been read by now)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
 
 
 class NDJSONStream(EventStream):

@@ -13,6 +13,8 @@ Auth: the node's bearer token, or none when the daemon runs with ``--openai-keyl
 listens on loopback only, and ``_http.WebGuard`` refuses what a web page could send it: a foreign
 ``Host`` or ``Origin``, a body that is not JSON). Every field is bounded as the wire bounds it, and the
 call is checked whole (``check_call``) before any channel opens: bad input costs nothing.
+A streaming client that closes its connection mid-answer cancels the call: the provider stops,
+and the receipt (``node receipts``) bills only what was streamed before the daemon saw it go.
 """
 
 from __future__ import annotations
