@@ -31,6 +31,7 @@ from wallet import EscrowAgent, Identity, Ledger
 
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._config import NodeConfig, load_config, save_offers
+from ._errors import InvalidRequest
 from ._home import Home, private_file
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
@@ -40,7 +41,7 @@ from .net import Market, MarketConfig, PeerInfo, connection_manager, open_host, 
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
 from .provider._receipt_intake import ReceiptIntake
-from .provider._storefront import Storefront
+from .provider._storefront import OfferUnloadable, Storefront
 from .provider.backends import Backend, open_backend
 
 __all__ = ["Node", "ApiBinding", "open_node", "resolve_config"]
@@ -98,13 +99,25 @@ class Node:
     def offers(self) -> list[Offer]:
         return self.storefront.offers()
 
-    def add_offer(self, fields: dict[str, Any]) -> Offer:
-        """Add or replace the offer for a model; persisted and republished at once.
+    async def add_offer(self, fields: dict[str, Any]) -> Offer:
+        """Add or replace the offer for a model once its model is loaded and benchmarked; then
+        persisted and republished at once. Replacing an offer's backend swaps the model every
+        session of it serves from its next call on.
 
         Raises:
-            ValueError, TypeError: a missing or invalid field.
+            ValueError, TypeError: a missing or invalid field, or already ``MAX_OFFERS`` models.
+            InvalidRequest: (field ``backend``) the backend names something that cannot serve: no
+                such folder or file, no such key, files that are not a model.
+            BackendError: the backend's upstream server cannot be reached or fails.
+            Nothing is changed (offers, config file, listing) when any of these is raised.
         """
-        return self.storefront.add_offer(Offer(**fields))
+        offer = Offer(**fields)
+        try:
+            return await self.storefront.add_offer(offer)
+        except OfferUnloadable as exc:
+            if exc.upstream:
+                raise
+            raise InvalidRequest(str(exc), field="backend") from exc
 
     def remove_offer(self, model: str) -> bool:
         return self.storefront.remove_offer(model)

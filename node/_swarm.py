@@ -86,10 +86,18 @@ class Swarm:
                     await market.wait_changed(seen)
         raise TimeoutError(f"no provider of {model!r} appeared within {timeout:.0f}s")
 
-    def offer(self, model: str, *, backend: str = "builtin", input_price: int, output_price: int,
-              **limits: int) -> Offer:
-        """Sell ``model`` (persisted in the home's config and published at once)."""
-        return self.service.add_offer({"model": model, "backend": backend, "input_price": input_price,
+    async def offer(self, model: str, *, backend: str = "builtin", input_price: int, output_price: int,
+                    **limits: int) -> Offer:
+        """Sell ``model``: its model is loaded and benchmarked first, then the offer is persisted in
+        the home's config and published at once. Offering it again with another backend swaps the
+        model its sessions serve.
+
+        Raises:
+            ValueError, TypeError: a missing or invalid field.
+            InvalidRequest: the backend names something that cannot serve (no folder, no key, not a model).
+            BackendError: the backend's upstream server cannot be reached or fails.
+        """
+        return await self.service.add_offer({"model": model, "backend": backend, "input_price": input_price,
                                        "output_price": output_price, **limits})
 
     async def run(self, model: str, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,

@@ -7,8 +7,15 @@ contracts and the escrow agents we accept; from those it builds the listing and 
 given this object; nothing reaches into its state any other way.
 
 Background work, each a ``serve_*``-style loop the composition root starts: ``warm`` (load
-and benchmark each new offer), ``adjust_prices`` (republish when a dynamic price moves) and
-``watch_schedule`` (withdraw and republish at the schedule's edges).
+and benchmark the offers the node started with, close backends set aside), ``adjust_prices``
+(republish when a dynamic price moves) and ``watch_schedule`` (withdraw and republish at the
+schedule's edges).
+
+Adding an offer loads and benchmarks its model first (``add_offer``): a model that cannot load
+changes nothing (not the offers, not the config file, not the listing) and the caller hears why.
+Sessions hold a model's ``LiveBackend``, never a backend itself, so replacing an offer's backend
+swaps what every session serves from its next call on; the old backend finishes the calls it
+is running and is then closed.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from typing import AbstractSet, Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import AbstractSet, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 
@@ -29,15 +37,30 @@ from ._capabilities import derive_max_jobs, hardware_of
 from ._offers import Offer
 from ._pricing_models import DynamicPricing
 from ._schedule import Schedule
-from .backends import Backend
+from .backends import Backend, BackendError, Generation, OnPiece
 
-__all__ = ["Storefront", "BackendFactory", "MAX_OFFERS"]
+__all__ = ["Storefront", "BackendFactory", "MAX_OFFERS", "LiveBackend", "OfferUnloadable", "BENCHMARK_TIMEOUT_S"]
 
 _logger = logging.getLogger(__name__)
 
 #: starts the backend serving an offer (``open_backend`` in a node; scripted ones in tests)
 BackendFactory = Callable[[Offer], Awaitable[Backend]]
 MAX_OFFERS = 32
+#: the longest an offer's benchmark (32 tokens) may take before the offer is refused as not answering
+BENCHMARK_TIMEOUT_S = 120.0
+
+
+class OfferUnloadable(BackendError):
+    """An offer's model could not be loaded or benchmarked; nothing was changed.
+
+    Attributes:
+        upstream: the failure is an upstream server's (unreachable, failing: a gateway's error);
+            otherwise the offer names something unusable (no folder or file, no key, not a model).
+    """
+
+    def __init__(self, message: str, *, upstream: bool) -> None:
+        super().__init__(message)
+        self.upstream = upstream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +69,93 @@ class Benchmark:
 
     tokens_per_s: int
     max_jobs: int  # sessions its memory allows at once; 0: unknown
+
+
+def _cannot(offer: Offer, exc: BaseException) -> str:
+    return f"cannot offer {offer.model!r} with backend {offer.backend!r}: {str(exc) or type(exc).__name__}"
+
+
+class LiveBackend(Backend):
+    """The backend a model is served by right now: what sessions hold.
+
+    ``swap`` points it at another backend; a call started before keeps the backend it started on,
+    every call after goes to the new one. A backend swapped out is closed when its last running
+    call ends (``swap`` hands it back to be closed at once when none runs).
+    """
+
+    def __init__(self, model: str, backend: Backend) -> None:
+        self.model = model
+        self._current: Backend | None = backend
+        self._running: dict[int, int] = {}  # id(backend) -> its calls in flight
+        self._retiring: dict[int, Backend] = {}  # swapped out with calls in flight
+
+    @property
+    def current(self) -> Backend | None:
+        return self._current
+
+    @property
+    def spec(self) -> str:  # type: ignore[override]
+        return self._current.spec if self._current is not None else ""
+
+    @property
+    def parallel(self) -> int | None:  # type: ignore[override]
+        return self._current.parallel if self._current is not None else 1
+
+    def footprint_mb(self) -> int | None:
+        return self._current.footprint_mb() if self._current is not None else None
+
+    def on_gpu(self) -> bool:
+        return self._current.on_gpu() if self._current is not None else False
+
+    def swap(self, backend: Backend | None) -> Backend | None:
+        """Serve ``backend`` from the next call on (None: no longer offered; calls then fail).
+
+        Returns:
+            the old backend when no call runs on it (the caller closes it), else None (its
+            last call closes it).
+        """
+        old, self._current = self._current, backend
+        if old is None or old is backend:
+            return None
+        if id(old) in self._running:
+            self._retiring[id(old)] = old
+            return None
+        return old
+
+    @asynccontextmanager
+    async def _using(self) -> AsyncIterator[Backend]:
+        backend = self._current
+        if backend is None:
+            raise BackendError(f"{self.model} is no longer offered")
+        key = id(backend)
+        self._running[key] = self._running.get(key, 0) + 1
+        try:
+            yield backend
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+                retired = self._retiring.pop(key, None)
+                if retired is not None:
+                    with trio.CancelScope(shield=True):
+                        await retired.aclose()
+
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        async with self._using() as backend:
+            return await backend.count_prompt_tokens(messages)
+
+    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+        async with self._using() as backend:
+            return await backend.generate(messages, max_tokens=max_tokens, temperature_milli=temperature_milli,
+                                          top_p_milli=top_p_milli, stop=stop, on_piece=on_piece)
+
+    async def aclose(self) -> None:
+        """Close every backend this one holds, running calls or not (the node is stopping)."""
+        backends = list(self._retiring.values()) + ([self._current] if self._current is not None else [])
+        self._current, self._retiring = None, {}
+        for backend in backends:
+            await backend.aclose()
 
 
 class Storefront:
@@ -88,8 +198,10 @@ class Storefront:
         self._market = market
         self._persist = persist
         self._wall_clock = wall_clock
-        self._backends: dict[tuple[str, str], Backend] = {}
-        self._backend_lock = trio.Lock()
+        self._backends: dict[str, LiveBackend] = {}  # model -> what its sessions are served by
+        self._backend_lock = trio.Lock()  # one lazy load at a time
+        self._offer_lock = trio.Lock()  # one offer change (load, benchmark, switch) at a time
+        self._swapped_out: list[Backend] = []  # idle backends to close (``warm`` closes them)
         self.benchmarks: dict[str, Benchmark] = {}
         self.load_errors: dict[str, str] = {}
         self.unhealthy: dict[str, str] = {}  # model -> why (set by the health monitor)
@@ -108,6 +220,12 @@ class Storefront:
         """Escrow agents this node's offers accept: the configured ones, and itself if it is one."""
         own = {self._own_agent} if self._own_agent else set()
         return set(self._accept_escrow) | own
+
+    def set_accepted_agents(self, agents: tuple[str, ...]) -> None:
+        """Replace the configured escrow agents (``node escrow accept``) and republish at once, so
+        consumers see the listing with them; sessions already admitted keep their channels."""
+        self._accept_escrow = tuple(dict.fromkeys(agents))
+        self.publish()
 
     def available(self) -> bool:
         """Inside the operator's availability schedule right now."""
@@ -131,23 +249,97 @@ class Storefront:
                                            self.admission.utilization(offer.model, offer.max_concurrent))
         return dataclasses.replace(listed, price=price)
 
-    def add_offer(self, offer: Offer) -> Offer:
-        """Add or replace the offer for a model; saved and republished at once.
+    async def add_offer(self, offer: Offer) -> Offer:
+        """Add or replace the offer for a model once its model is loaded and benchmarked; then
+        saved and republished at once. A replaced offer with another backend swaps what every
+        session of the model serves (``LiveBackend.swap``); one with the same backend keeps the
+        loaded model (a price change does not reload it).
 
         Raises:
             ValueError: already ``MAX_OFFERS`` models are listed.
+            OfferUnloadable: the model cannot be loaded or does not answer its benchmark; the
+                offers, the config file and the listing are as they were.
         """
-        if len(self._offers) >= MAX_OFFERS and offer.model not in self._offers:
-            raise ValueError(f"a node lists at most {MAX_OFFERS} models")
-        self._offers[offer.model] = offer
-        self._changed()
-        return offer
+        async with self._offer_lock:
+            if len(self._offers) >= MAX_OFFERS and offer.model not in self._offers:
+                raise ValueError(f"a node lists at most {MAX_OFFERS} models")
+            current = self._offers.get(offer.model)
+            if current is not None and current.backend == offer.backend and offer.model not in self.load_errors:
+                await self._measure(offer)  # the same backend serves on: loaded (or loading) once
+            else:
+                backend, bench = await self._load(offer)
+                live = self._backends.get(offer.model)  # a session may have loaded the old one meanwhile
+                if live is None:
+                    self._backends[offer.model] = LiveBackend(offer.model, backend)
+                else:
+                    await self._close_idle(live.swap(backend))
+                self.benchmarks[offer.model] = bench
+            self._offers[offer.model] = offer
+            self._changed()
+            return offer
 
     def remove_offer(self, model: str) -> bool:
+        """Stop selling ``model``: withdrawn at once, its backend closed once its running calls end."""
         if self._offers.pop(model, None) is None:
             return False
+        live = self._backends.pop(model, None)
+        if live is not None:
+            idle = live.swap(None)
+            if idle is not None:
+                self._swapped_out.append(idle)  # closed by ``warm``, woken by the change
         self._changed()
         return True
+
+    async def _load(self, offer: Offer) -> tuple[Backend, Benchmark]:
+        """A newly started backend for ``offer``, and its benchmark.
+
+        Raises:
+            OfferUnloadable: with the reason (the backend, if it started, is closed).
+        """
+        try:
+            backend = await self._backend_factory(offer)
+        except Exception as exc:  # any backend's load failure: the offer names something unusable
+            raise OfferUnloadable(_cannot(offer, exc), upstream=False) from exc
+        try:
+            return backend, await self._benchmark_checked(offer, backend)
+        except BaseException:
+            await self._close_idle(backend)
+            raise
+
+    async def _measure(self, offer: Offer) -> None:
+        """Make sure ``offer``'s model is loaded (through the shared lazy load: the one ``warm`` or a
+        session started is waited for, not repeated) and benchmarked.
+
+        Raises:
+            OfferUnloadable: with the reason.
+        """
+        try:
+            live = await self.backend_for(offer)
+        except Exception as exc:
+            raise OfferUnloadable(_cannot(offer, exc), upstream=False) from exc
+        if offer.model not in self.benchmarks:
+            self.benchmarks[offer.model] = await self._benchmark_checked(offer, live)
+
+    async def _benchmark_checked(self, offer: Offer, backend: Backend) -> Benchmark:
+        """``backend``'s benchmark, within ``BENCHMARK_TIMEOUT_S``.
+
+        Raises:
+            OfferUnloadable: it failed (an upstream's failure for ``openai:``) or took too long.
+        """
+        upstream = offer.backend.startswith("openai:")
+        try:
+            with trio.fail_after(BENCHMARK_TIMEOUT_S):
+                return await self._benchmark(backend)
+        except trio.TooSlowError as exc:
+            slow = TimeoutError(f"it did not answer a 32-token benchmark within {BENCHMARK_TIMEOUT_S:.0f} s")
+            raise OfferUnloadable(_cannot(offer, slow), upstream=upstream) from exc
+        except Exception as exc:  # the upstream failed, or the loaded model cannot generate
+            raise OfferUnloadable(_cannot(offer, exc), upstream=upstream) from exc
+
+    async def _close_idle(self, backend: Backend | None) -> None:
+        if backend is not None:
+            with trio.CancelScope(shield=True):
+                await backend.aclose()
 
     def _changed(self) -> None:
         if self._persist is not None:
@@ -162,25 +354,36 @@ class Storefront:
     # ---- backends ---------------------------------------------------------------------------
 
     async def backend_for(self, offer: Offer) -> Backend:
-        """The started backend serving ``offer`` (started on first use, then kept).
+        """The live backend serving ``offer``'s model (loaded on first use, then kept; an
+        ``add_offer`` swaps what it serves).
 
         Raises:
             BackendError: it cannot be started.
         """
-        key = (offer.backend, offer.model)
+        live = self._backends.get(offer.model)
+        if live is not None:
+            return live
         async with self._backend_lock:
-            if key not in self._backends:
-                self._backends[key] = await self._backend_factory(offer)
-            return self._backends[key]
+            live = self._backends.get(offer.model)
+            if live is None:
+                backend = await self._backend_factory(offer)
+                live = self._backends.get(offer.model)  # ``add_offer`` may have installed one meanwhile
+                if live is None:
+                    live = self._backends[offer.model] = LiveBackend(offer.model, backend)
+                else:
+                    await self._close_idle(backend)
+            return live
 
     def loaded_backend(self, model: str) -> Backend | None:
-        offer = self._offers.get(model)
-        return self._backends.get((offer.backend, offer.model)) if offer else None
+        return self._backends.get(model) if model in self._offers else None
 
     async def aclose(self) -> None:
-        for backend in self._backends.values():
-            await backend.aclose()
+        for live in self._backends.values():
+            await live.aclose()
         self._backends.clear()
+        for backend in self._swapped_out:
+            await backend.aclose()
+        self._swapped_out.clear()
 
     # ---- the listing ------------------------------------------------------------------------
 
@@ -217,19 +420,27 @@ class Storefront:
     # ---- background work ----------------------------------------------------------------------
 
     async def warm(self, on_load_error: Callable[[], Awaitable[Any]] | None = None) -> None:
-        """Load each offered model once it is offered, benchmark it, and republish with the figures.
-        A model that cannot load is not sold (``load_errors``) until its offer changes."""
+        """Load and benchmark each offer not measured yet (those the node started with: an added
+        one is measured before it is added), republish with the figures, and close the backends
+        a removed offer set aside. A model that cannot load is not sold (``load_errors``) until
+        its offer changes."""
         while True:
+            while self._swapped_out:
+                await self._close_idle(self._swapped_out.pop())
             for offer in list(self._offers.values()):
                 if offer.model in self.benchmarks or offer.model in self.load_errors:
                     continue
                 try:
                     backend = await self.backend_for(offer)
-                    self.benchmarks[offer.model] = await self._benchmark(backend)
+                    bench = await self._benchmark(backend)
                 except Exception as exc:  # any backend failure: unhealthy (not listed) until the offer changes
-                    self.load_errors[offer.model] = f"could not load: {exc}"
-                    if on_load_error is not None:
-                        await on_load_error()
+                    if self._offers.get(offer.model) is offer:  # not replaced while it loaded
+                        self.load_errors[offer.model] = f"could not load: {exc}"
+                        if on_load_error is not None:
+                            await on_load_error()
+                else:
+                    if self._offers.get(offer.model) is offer:
+                        self.benchmarks[offer.model] = bench
                 self.publish()
             await self._offers_changed.wait()
             self._offers_changed = trio.Event()
