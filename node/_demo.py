@@ -1,14 +1,20 @@
 """``node demo``: a whole market on loopback in one process — an escrow agent, providers with
 different prices serving the builtin model, and a consumer — then a paid chat with ``cheapest``,
 its receipts and the balances before and after. The consumer keeps serving its OpenAI-compatible
-API (keyless, loopback) until Ctrl-C, unless ``once``."""
+API (keyless, loopback) until Ctrl-C, unless ``once``.
+
+It runs again and again on the same homes (``make run`` keeps ``.demo/``): each start forgets the
+peers the last run's nodes met (``peers.json``: this run's nodes listen on new ports, and the old
+ones may now belong to another of them), the builtin model is built once, and the providers load
+it together. A failure is one ``DemoError`` naming the step and its cause, not the exception
+groups of the nodes' nurseries."""
 
 from __future__ import annotations
 
 import os
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import trio
 from rich.console import Console
@@ -18,6 +24,7 @@ import protocol
 import wallet
 
 from ._daemon import serve_node_api
+from ._errors import NodeError
 from ._home import Home, init_home
 from ._node import Node, open_node, resolve_config
 from .consumer import Preferences
@@ -25,7 +32,7 @@ from .escrow import WalletBalance
 from .provider._offers import Offer
 from .provider.backends._builtin_model import BUILTIN_MODEL, ensure_builtin_model
 
-__all__ = ["run_demo", "DEMO_PASSPHRASE"]
+__all__ = ["run_demo", "DemoError", "DEMO_PASSPHRASE"]
 
 DEMO_PASSPHRASE = "inferswarm-demo"
 MODEL = "tiny"
@@ -35,6 +42,22 @@ LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TURNS = ("Hello! Who are you?", "Tell me something about peer-to-peer markets.")
 
 
+class DemoError(NodeError):
+    """A step of the demo failed; the message names the step and the cause (``__cause__`` is it)."""
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The first exception at the bottom of ``exc``'s groups that is not trio's ``Cancelled`` (a
+    sibling cancelled because another failed), or None when there is only cancellation."""
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _cause(sub)
+            if found is not None:
+                return found
+        return None
+    return None if isinstance(exc, trio.Cancelled) else exc
+
+
 def _fmt(micro: int) -> str:
     return protocol.format_credits(micro)
 
@@ -42,6 +65,7 @@ def _fmt(micro: int) -> str:
 async def _start(stack: AsyncExitStack, path: Path, passphrase: str, *, escrow: bool = False,
                  bootstrap: tuple[str, ...] = (), accept: tuple[str, ...] = (), models: Path) -> Node:
     home = Home(path)
+    (path / "peers.json").unlink(missing_ok=True)  # the last run's ports: this run's nodes have new ones
     ks = (wallet.Keystore.open(home.keystore, passphrase) if home.is_initialised() else init_home(path, passphrase))
     config = resolve_config(home, LOOPBACK, bootstrap, "127.0.0.1:0", accept)
     service = await stack.enter_async_context(open_node(home, ks.identity, config, escrow=escrow, api_key=ks.api_key,
@@ -50,6 +74,14 @@ async def _start(stack: AsyncExitStack, path: Path, passphrase: str, *, escrow: 
         while bootstrap and not service.host.get_connected_peers():
             await trio.sleep(0.02)
     return service
+
+
+@contextmanager
+def _step(console: Console, step: list[str], text: str) -> Iterator[None]:
+    """A spinner saying what the demo does now, and ``step[0]`` saying it for a failure's message."""
+    step[0] = text
+    with console.status(f"{text}…"):
+        yield
 
 
 def _balances(console: Console, title: str, rows: list[tuple[str, WalletBalance]]) -> None:
@@ -62,42 +94,71 @@ def _balances(console: Console, title: str, rows: list[tuple[str, WalletBalance]
 
 
 async def run_demo(base: Path, providers: int = 3, once: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run the demo; returns its summary (for tests)."""
+    """Run the demo; returns its summary (for tests).
+
+    Raises:
+        DemoError: a step failed (its message names the step and the cause).
+    """
     console = console or Console()
+    step = ["building the builtin model"]
+    try:
+        return await _run(base, providers, once, console, step)
+    except BaseException as exc:
+        cause = _cause(exc)
+        if cause is None or isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            raise  # stopped (Ctrl-C, a cancelled caller): not a failure
+        text = (f"{cause.filename}: {cause.strerror}" if isinstance(cause, OSError) and cause.strerror and cause.filename
+                else str(cause) or type(cause).__name__)
+        raise DemoError(f"the demo failed while {step[0]}: {text}\n"
+                        f"(its nodes' homes are in {base}; delete that folder to start afresh)") from cause
+
+
+async def _run(base: Path, providers: int, once: bool, console: Console, step: list[str]) -> dict[str, Any]:
     passphrase = os.environ.get(wallet.PASSPHRASE_ENV) or DEMO_PASSPHRASE
     providers = max(1, min(providers, len(PRICES)))
     models = base / "models"
-    with console.status("building the builtin model (first run only)…"):
+    with _step(console, step, "building the builtin model (first run only)"):
         folder = await trio.to_thread.run_sync(ensure_builtin_model, models / "models")
     console.print(f"[green]✓[/] model [bold]{BUILTIN_MODEL}[/] ready in {folder}")
     async with AsyncExitStack() as stack:
-        with console.status("starting the escrow agent…"):
+        with _step(console, step, "starting the escrow agent"):
             agent = await _start(stack, base / "agent", passphrase, escrow=True, models=models)
         aid = agent.identity.peer_id
         boot = tuple(str(a) for a in agent.host.get_addrs())
         console.print(f"[green]✓[/] escrow agent  {aid}")
         sellers = []
         for i in range(providers):
-            with console.status(f"starting provider {i + 1}…"):
-                p = await _start(stack, base / f"provider-{i + 1}", passphrase, bootstrap=boot, accept=(aid,),
-                                 models=models)
+            with _step(console, step, f"starting provider {i + 1}"):
+                sellers.append(await _start(stack, base / f"provider-{i + 1}", passphrase, bootstrap=boot,
+                                            accept=(aid,), models=models))
+        with _step(console, step, f"loading and benchmarking the model in {providers} providers at once"):
+            async with trio.open_nursery() as nursery:
+                for i, p in enumerate(sellers):
+                    inp, out = PRICES[i]
+                    nursery.start_soon(p.add_offer, Offer(
+                        model=MODEL, backend="builtin", input_price=protocol.parse_credits(inp),
+                        output_price=protocol.parse_credits(out), max_context=2048).to_json())
+        for i, p in enumerate(sellers):
             inp, out = PRICES[i]
-            p.add_offer(Offer(model=MODEL, backend="builtin", input_price=protocol.parse_credits(inp),
-                              output_price=protocol.parse_credits(out), max_context=2048).to_json())
-            sellers.append(p)
             console.print(f"[green]✓[/] provider {i + 1}    {p.identity.peer_id}  ({inp} / {out} credits per 1K in/out)")
-        with console.status("starting the consumer…"):
+        with _step(console, step, "starting the consumer"):
             consumer = await _start(stack, base / "consumer", passphrase, bootstrap=boot, models=models)
         cid = consumer.identity.peer_id
         console.print(f"[green]✓[/] consumer      {cid}")
 
+        step[0] = "minting the consumer's demo credits"
         before_c = await consumer.escrow.balance(aid)
         if before_c.available < 5_000_000:
             await agent.escrow.mint(None, cid, 10_000_000 - before_c.available)
             console.print(f"[green]✓[/] minted demo credits: the consumer holds {_fmt(10_000_000)} credits")
-        with console.status("waiting for every listing to reach the consumer…"), trio.fail_after(60):
-            while len(await consumer.providers(MODEL, "cheapest")) < providers:
-                await trio.sleep(0.2)
+        with _step(console, step, "waiting for every listing to reach the consumer"):
+            with trio.move_on_after(60):
+                while len(await consumer.providers(MODEL, "cheapest")) < providers:
+                    await trio.sleep(0.2)
+            seen = len(await consumer.providers(MODEL, "cheapest"))
+            if seen < providers:
+                raise TimeoutError(f"only {seen} of the {providers} providers' listings arrived within 60 s")
+        step[0] = "holding the paid chat"
         rows = [row.to_json() for row in await consumer.providers(MODEL, "cheapest")]
         table = Table(title=f"providers of {MODEL} (cheapest first)", title_justify="left")
         for col in ("provider", "in/1K", "out/1K", "context", "trust", "escrows"):
@@ -146,6 +207,7 @@ async def run_demo(base: Path, providers: int = 3, once: bool = False, console: 
         summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider}
         if once:
             return summary
+        step[0] = "serving the OpenAI-compatible API"
 
         async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             await serve_node_api(consumer, "127.0.0.1:0", "demo-unused", openai_keyless=True, task_status=task_status)
