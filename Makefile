@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[test,inference]' 'torch==2.13.0' \
 		> $(VENV)/install.log 2>&1 & pid=$$!; t=0; \
+	trap 'kill $$pid 2>/dev/null; echo " stopped: run make again to finish the install"; exit 130' INT TERM; \
 	while kill -0 $$pid 2>/dev/null; do \
 		sleep 1; t=$$((t + 1)); \
 		if [ $$((t % 15)) -eq 0 ]; then \
