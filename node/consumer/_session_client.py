@@ -197,6 +197,9 @@ class ConsumerSessionHandle:
         more (the module's docstring); ``last_cancelled`` then says what it cost.
         """
         async with self._lock:
+            if self.machine.state is not ConsumerState.READY:  # not a new fault: the one that ended it was learnt
+                raise ProviderFailed(f"this session takes no more calls (it is {self.machine.state.value}: a "
+                                     "failed or unsettled call, or a close, ended it)")
             try:
                 with trio.move_on_after(self._call_timeout) as deadline:
                     self._deadline = deadline

@@ -250,4 +250,6 @@ async def test_a_provider_that_keeps_streaming_after_the_cancel_is_not_paid(monk
             assert cancelled is not None and cancelled.receipt is None
             assert "no receipt of the cancelled call within" in cancelled.outcome
             assert not session.machine.receipts and session.machine.state.name == "CLOSED"
+            with pytest.raises(ProviderFailed, match="takes no more calls"):  # a plain failure, not a bug
+                await session.call(USER, 4)
         assert rig.balance(rig.provider_id).available == 0
