@@ -264,18 +264,25 @@ class Storefront:
             if len(self._offers) >= MAX_OFFERS and offer.model not in self._offers:
                 raise ValueError(f"a node lists at most {MAX_OFFERS} models")
             current = self._offers.get(offer.model)
+            offers = {**self._offers, offer.model: offer}
             if current is not None and current.backend == offer.backend and offer.model not in self.load_errors:
                 await self._measure(offer)  # the same backend serves on: loaded (or loading) once
+                self._save(offers)
             else:
                 backend, bench = await self._load(offer)
+                try:
+                    self._save(offers)
+                except BaseException:
+                    await self._close_idle(backend)
+                    raise
                 live = self._backends.get(offer.model)  # a session may have loaded the old one meanwhile
                 if live is None:
                     self._backends[offer.model] = LiveBackend(offer.model, backend)
                 else:
                     await self._close_idle(live.swap(backend))
                 self.benchmarks[offer.model] = bench
-            self._offers[offer.model] = offer
-            self._changed()
+            self._offers = offers
+            self._changed(saved=True)
             return offer
 
     def remove_offer(self, model: str) -> bool:
@@ -341,9 +348,18 @@ class Storefront:
             with trio.CancelScope(shield=True):
                 await backend.aclose()
 
-    def _changed(self) -> None:
+    def _save(self, offers: dict[str, Offer]) -> None:
+        """Persist ``offers`` (before they are taken up: a failed write changes nothing).
+
+        Raises:
+            OSError, ConfigError: the config file cannot be written.
+        """
         if self._persist is not None:
-            self._persist(tuple(self._offers.values()))
+            self._persist(tuple(offers.values()))
+
+    def _changed(self, *, saved: bool = False) -> None:
+        if not saved:
+            self._save(self._offers)
         for model in list(self.benchmarks):  # a changed offer is measured afresh
             if model not in self._offers:
                 del self.benchmarks[model]

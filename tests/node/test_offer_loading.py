@@ -179,3 +179,24 @@ async def test_an_offer_in_the_config_that_cannot_load_is_not_sold(tmp_path):
                 await trio.sleep(0.05)  # the background load has no event to wait on
         assert {m.name for m in swarm.service.market._own.models} == {"tiny"}
         assert "no model folder" in swarm.service.health.unhealthy["broken"]
+
+
+async def test_an_offer_whose_config_cannot_be_written_changes_nothing():
+    made: dict[str, _Scripted] = {}
+    saved: list[tuple[Offer, ...]] = []
+
+    def persist(offers: tuple[Offer, ...]) -> None:
+        if any(o.backend != "builtin" for o in offers):
+            raise OSError(28, "No space left on device")
+        saved.append(offers)
+
+    async def factory(offer: Offer) -> Backend:
+        made[offer.backend] = _Scripted(offer.backend)
+        return made[offer.backend]
+
+    store = Storefront(wallet.Identity.generate(), (), factory, Admission(), persist=persist, wall_clock=time.time)
+    await store.add_offer(Offer(model="m", backend="builtin", input_price=1, output_price=1))
+    with pytest.raises(OSError, match="No space"):
+        await store.add_offer(Offer(model="m", backend="openai:http://127.0.0.1:1/v1", input_price=1, output_price=1))
+    assert store.offer("m").backend == "builtin" and store.loaded_backend("m").spec == "builtin"
+    assert made["openai:http://127.0.0.1:1/v1"].closed and not made["builtin"].closed and len(saved) == 1
