@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -45,9 +46,39 @@ def _temperature(_ctx: Any, _param: Any, value: str | None) -> int:
     return milli
 
 
+class _Cancelled(Exception):
+    """The call was cancelled (Ctrl-C); ``doc`` is what it cost (None: no provider was called)."""
+
+    def __init__(self, doc: dict[str, Any] | None) -> None:
+        super().__init__("cancelled")
+        self.doc = doc
+
+
 def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_text: bool = True) -> dict[str, Any]:
-    """POST a streaming call; print text as it arrives; return the final result document."""
-    result = None
+    """POST a streaming call; print text as it arrives; return the final result document.
+
+    Ctrl-C cancels the call at the node (``POST /api/v1/calls/{id}/cancel``: the provider stops and
+    is paid for what was delivered) and reads on to the stream's last line, what the cancelled call
+    cost; a second Ctrl-C quits at once. A handler, not ``KeyboardInterrupt`` caught around the
+    read: an exception raised through httpx's line iterator leaves the stream unreadable.
+
+    Raises:
+        _Cancelled: the call was cancelled (with its cost document).
+    """
+    result, call_id, asked = None, None, False
+    cancelled: list[Any] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        nonlocal asked
+        if call_id is None or asked:
+            raise KeyboardInterrupt  # no call to cancel yet, or a second Ctrl-C: quit now
+        asked = True
+        try:
+            client.request("POST", f"/api/v1/calls/{call_id}/cancel")
+        except CliError:
+            pass  # it ended meanwhile: its result line comes
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         with client.stream("POST", path, json=payload) as response:
             if response.status_code >= 400:
@@ -58,18 +89,38 @@ def _stream_call(client: DaemonClient, path: str, payload: dict[str, Any], echo_
                 if not line:
                     continue
                 doc = json.loads(line)
-                if "delta" in doc and echo_text:
-                    sys.stdout.write(doc["delta"])
-                    sys.stdout.flush()
+                if "call" in doc:
+                    call_id = doc["call"]["id"]
+                elif "delta" in doc:
+                    if echo_text:
+                        sys.stdout.write(doc["delta"])
+                        sys.stdout.flush()
                 elif "error" in doc:
                     raise CliError(in_credits(doc["error"]["message"]))
                 elif "result" in doc:
                     result = doc["result"]
+                elif "cancelled" in doc:
+                    cancelled.append(doc["cancelled"])
     except (OSError, ValueError) as exc:
         raise CliError(f"the node's answer broke off: {exc}") from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if cancelled:
+        raise _Cancelled(cancelled[0])
     if result is None:
         raise CliError("the node ended the stream without a result")
     return result
+
+
+def _cancelled_line(doc: dict[str, Any] | None) -> str:
+    """What a cancelled call cost, for people: "[cancelled · 12+40 tokens · 0.000090 credits · receipt 0f85…]"."""
+    if doc is None:
+        return "[cancelled before any provider was called: nothing was paid]"
+    if doc["cost"]["receipt_id"] is None:
+        return f"[cancelled: nothing was paid ({doc['outcome']})]"
+    usage = doc["usage"]
+    return (f"[cancelled · {usage['prompt_tokens']}+{usage['completion_tokens']} tokens · "
+            f"{credits(doc['cost']['amount'])} · receipt {doc['cost']['receipt_id']}]")
 
 
 @click.command()
@@ -96,12 +147,19 @@ def run(home: str | None, as_json: bool, model: str, strategy: str, provider: st
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature_milli": temperature,
                "provider": provider, "budget": budget, "escrow": escrow, "stream": stream, "sort": strategy,
                "tier": tier or "", "channel": channel}
-    if stream:
-        doc = _stream_call(client, "/api/v1/run", payload, echo_text=not as_json)
-        if not as_json:
-            click.echo()
-    else:
-        doc = client.request("POST", "/api/v1/run", json=payload)
+    payload["stream"] = True  # streamed either way, so that Ctrl-C can cancel the call, not only the display
+    try:
+        doc = _stream_call(client, "/api/v1/run", payload, echo_text=stream and not as_json)
+    except _Cancelled as cancelled:
+        if as_json:
+            emit_json({"cancelled": cancelled.doc})
+        else:
+            if stream:
+                click.echo()
+            click.echo(_cancelled_line(cancelled.doc), err=True)
+        raise SystemExit(130) from None  # interrupted, as a shell expects
+    if stream and not as_json:
+        click.echo()
     if as_json:
         emit_json(doc)
         return
@@ -234,7 +292,13 @@ def chat(home: str | None, model: str, provider: str | None, max_tokens: int, te
                 break
             history.append({"role": "user", "content": line.rstrip("\n")})
             payload = {"messages": history, "max_tokens": max_tokens, "temperature_milli": temperature, "stream": True}
-            doc = _stream_call(client, f"/api/v1/sessions/{sid}/calls", payload)
+            try:
+                doc = _stream_call(client, f"/api/v1/sessions/{sid}/calls", payload)
+            except _Cancelled as cancelled:  # Ctrl-C stops this reply, not the chat
+                click.echo()
+                click.echo(_cancelled_line(cancelled.doc), err=True)
+                history.pop()  # the unanswered turn
+                continue
             click.echo()
             history.append({"role": "assistant", "content": doc["choices"][0]["message"]["content"]})
             click.echo(f"[{doc['usage']['prompt_tokens']}+{doc['usage']['completion_tokens']} tokens · "

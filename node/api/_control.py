@@ -28,6 +28,7 @@ import protocol
 from .._config import save_accept_escrow
 from .._errors import InvalidRequest, NotFound
 from .._receipts import FORFEITED, PAID, receipt_json
+from ..consumer._results import CancelledCall
 from ..consumer._request_check import check_call
 from ..consumer._routing import SORTS, Preferences
 from ..escrow._ops import _decode_hex, _hex_id
@@ -43,6 +44,7 @@ from ._http import (
     NDJSONStream,
     PeerId,
     Problem,
+    RunningCalls,
     Sort,
     WebGuard,
     WireText,
@@ -74,8 +76,15 @@ async def _body(request: Request, model: type[Body]) -> Any:
     return await read_body(request, model, empty=b"{}")  # no body at all reads as {}
 
 
-def _streamed(call: Callable[[OnText], Awaitable[Any]]) -> NDJSONStream:
-    """``call(on_text)`` as NDJSON: each piece of text as ``{"delta"}`` when it arrives, then ``{"result"}``."""
+def _cancelled(cost: CancelledCall | None) -> dict[str, Any]:
+    """The last line of a cancelled call's stream: what it cost (null: no provider was called yet)."""
+    return {"cancelled": cost.to_json() if cost is not None else None}
+
+
+def _streamed(call: Callable[[OnText], Awaitable[Any]], calls: RunningCalls) -> NDJSONStream:
+    """``call(on_text)`` as NDJSON: first ``{"call": {"id"}}`` (what ``POST /api/v1/calls/{id}/cancel``
+    takes), each piece of text as ``{"delta"}`` when it arrives, then ``{"result"}``; a cancelled
+    call ends with ``{"cancelled": ...}`` instead, saying what it cost."""
 
     async def produce(emit: Callable[[Any], Awaitable[None]]) -> None:
         async def on_text(text: str) -> None:
@@ -83,7 +92,8 @@ def _streamed(call: Callable[[OnText], Awaitable[Any]]) -> NDJSONStream:
 
         await emit({"result": (await call(on_text)).to_json()})
 
-    return NDJSONStream(produce, _stream_error)
+    return NDJSONStream(produce, _stream_error, calls=calls, started_event=lambda call_id: {"call": {"id": call_id}},
+                        cancelled_event=_cancelled)
 
 
 # ---- request bodies ----------------------------------------------------------------------------
@@ -246,7 +256,7 @@ def _market_routes(service: "Node") -> Routes:
     async def add_offer(request: Request) -> Any:
         d = await _body(request, OfferBody)
         try:
-            return service.add_offer(d.model_dump()).to_json()
+            return (await service.add_offer(d.model_dump())).to_json()
         except ValueError as exc:  # Offer refused a value, or the storefront is full (Node.add_offer's contract)
             raise InvalidRequest(str(exc)) from exc
 
@@ -374,6 +384,8 @@ def _escrow_routes(service: "Node") -> Routes:
 
 
 def _renting_routes(service: "Node") -> Routes:
+    calls = RunningCalls()  # the streamed calls running now, by id
+
     def prefs(sort: str, provider: str | None) -> Preferences:
         return Preferences(sort=sort, only=(provider,) if provider else ())
 
@@ -396,7 +408,7 @@ def _renting_routes(service: "Node") -> Routes:
                       budget=d.budget, escrow=escrow(d.escrow), tier=d.tier, channel=d.channel)
         if not d.stream:
             return (await service.renter.run(d.model, msgs, **kwargs)).to_json()
-        return _streamed(lambda on_text: service.renter.run(d.model, msgs, on_text=on_text, **kwargs))
+        return _streamed(lambda on_text: service.renter.run(d.model, msgs, on_text=on_text, **kwargs), calls)
 
     async def open_session(request: Request) -> Any:
         d = await _body(request, SessionBody)
@@ -412,7 +424,14 @@ def _renting_routes(service: "Node") -> Routes:
         kwargs = dict(max_tokens=d.max_tokens, temperature_milli=d.temperature_milli)
         if not d.stream:
             return (await service.sessions.call(sid, messages(d), **kwargs)).to_json()
-        return _streamed(lambda on_text: service.sessions.call(sid, messages(d), on_text=on_text, **kwargs))
+        return _streamed(lambda on_text: service.sessions.call(sid, messages(d), on_text=on_text, **kwargs), calls)
+
+    async def cancel_call(request: Request) -> Any:
+        """Cancel a streamed call this node runs: it settles what was delivered; its own stream ends
+        with what that cost."""
+        call_id = request.path_params["call_id"]
+        calls.cancel(call_id)  # NotFound -> 404
+        return {"cancelling": call_id}
 
     async def close_session(request: Request) -> Any:
         return (await service.sessions.close(request.path_params["session_id"])).to_json()
@@ -448,6 +467,7 @@ def _renting_routes(service: "Node") -> Routes:
         ("GET", "/api/v1/stats", stats_),
         ("POST", "/api/v1/sessions", open_session),
         ("POST", "/api/v1/sessions/{session_id}/calls", session_call),
+        ("POST", "/api/v1/calls/{call_id}/cancel", cancel_call),
         ("DELETE", "/api/v1/sessions/{session_id}", close_session),
     ]
 
