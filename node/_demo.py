@@ -24,7 +24,7 @@ import protocol
 import wallet
 
 from ._daemon import serve_node_api
-from ._errors import NodeError
+from ._errors import DemoError
 from ._home import Home, init_home
 from ._node import Node, open_node, resolve_config
 from .consumer import Preferences
@@ -40,10 +40,6 @@ MODEL = "tiny"
 PRICES = [("0.30", "0.90"), ("0.20", "0.60"), ("0.50", "1.50"), ("0.40", "1.20"), ("0.25", "0.75")]
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TURNS = ("Hello! Who are you?", "Tell me something about peer-to-peer markets.")
-
-
-class DemoError(NodeError):
-    """A step of the demo failed; the message names the step and the cause (``__cause__`` is it)."""
 
 
 def _cause(exc: BaseException) -> BaseException | None:

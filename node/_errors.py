@@ -8,11 +8,14 @@ closings or breakages.
     │   ├── NotFound                 the request names something this node does not hold (an offer)
     │   │   └── UnknownSession       [closed] no open session with that id: never opened, or closed since
     │   ├── ConfigError              the config file is unreadable or holds a value of the wrong shape
+    │   ├── HomeInUse                another process runs a node on this home (.pid)
     │   ├── DaemonNotRunning         no ready daemon for this home
     │   ├── QueueFull                this provider has no room for another job of that model
     │   ├── QueueTimeout             a job waited past its deadline for a slot
     │   ├── Busy                     [refused] this node runs all a provider serves at once; no slot came in time
     │   ├── BackendError             this node's model backend could not serve (load failure, upstream error)
+    │   │   └── OfferUnloadable      an offer's model could not be loaded or benchmarked; nothing changed (.upstream)
+    │   ├── DemoError                a step of ``node demo`` failed (the message names it and the cause)
     │   └── ReceiptStoreError        receipts.db could not be opened, read or written (full disk, read-only file)
     └── RemoteError                  the fault is on the far side: a peer refused, or it (or the network) broke
         ├── RentError                no provider could be rented: none offers the model, or all failed (.attempts)
@@ -31,10 +34,10 @@ closings or breakages.
 [refused]: the peer answered, validly, no; asking again later may work. [closed]: this side ended
 it. [broken]: the peer or the network ended it mid-way. Nothing else is either.
 
-The first six classes live here. Every other one lives beside the code that raises it
+The first six classes and ``DemoError`` live here. Every other one lives beside the code that raises it
 (``consumer/_failures``, ``consumer/_renter``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
-``escrow/_client``, ``net/_streams``, ``provider/_queue``, ``provider/backends/_base``, ``_home``,
-``_daemon_files``, ``_receipts``) and only its base comes from here, so this module imports nothing: ``node.net``
+``escrow/_client``, ``net/_streams``, ``provider/_queue``, ``provider/_storefront``, ``provider/backends/_base``,
+``_home``, ``_daemon_files``, ``_receipts``) and only its base comes from here, so this module imports nothing: ``node.net``
 and the light ``node/__init__`` may both use it.
 
 Rules: a lower-layer exception (trio, libp2p, sqlite, pydantic, a ValueError from parsing a
@@ -45,7 +48,7 @@ caller's fault. How each error reaches an HTTP client is ``node/api/_http.py``'s
 
 from __future__ import annotations
 
-__all__ = ["NodeError", "LocalError", "RemoteError", "InvalidRequest", "NotAuthorized", "NotFound"]
+__all__ = ["NodeError", "LocalError", "RemoteError", "InvalidRequest", "NotAuthorized", "NotFound", "DemoError"]
 
 
 class NodeError(Exception):
@@ -83,3 +86,7 @@ class NotAuthorized(LocalError):
 
 class NotFound(LocalError):
     """The request names something this node does not hold."""
+
+
+class DemoError(LocalError):
+    """A step of ``node demo`` failed; the message names the step and the cause (``__cause__`` is it)."""

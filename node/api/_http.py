@@ -40,7 +40,6 @@ from contextlib import ExitStack, contextmanager
 from typing import Annotated, Any, Awaitable, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
 import trio
-
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -49,8 +48,8 @@ from starlette.responses import JSONResponse, Response
 import protocol
 
 from .._daemon_files import DaemonNotRunning
-from .._errors import InvalidRequest, NotAuthorized, NotFound
-from .._home import ConfigError
+from .._errors import DemoError, InvalidRequest, NotAuthorized, NotFound
+from .._home import ConfigError, HomeInUse
 from .._receipts import ReceiptStoreError
 from ..consumer._delivery import SettlementUnconfirmed
 from ..consumer._held_sessions import UnknownSession
@@ -63,6 +62,7 @@ from ..escrow._client import EscrowUnreachable
 from ..escrow._ops import EscrowOps, EscrowRefused
 from ..net._streams import StreamClosed, StreamTimeout
 from ..provider._queue import QueueFull, QueueTimeout
+from ..provider._storefront import OfferUnloadable
 from ..provider.backends._base import BackendError
 
 __all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
@@ -182,8 +182,11 @@ TABLE: tuple[_Row, ...] = (
     # answers to consumers): busy -> 503, its backend broke -> 502, its config -> 500
     _Row(QueueFull, 503, "server_error", "queue_full"),
     _Row(QueueTimeout, 503, "server_error", "queue_timeout"),
+    _Row(OfferUnloadable, 502, "server_error", "upstream_unavailable"),  # an upstream: Node.add_offer words the rest
     _Row(BackendError, 502, "server_error", "backend_error"),
     _Row(DaemonNotRunning, 503, "server_error", "daemon_not_running"),
+    _Row(HomeInUse, 409, "server_error", "home_in_use"),  # another process runs a node on this home
+    _Row(DemoError, 500, "server_error", "demo_failed"),  # raised by run_demo only, never in a handler
     _Row(ConfigError, 500, "server_error", "config_error"),
     _Row(ReceiptStoreError, 507, "server_error", "storage_error"),  # its disk is full or read-only
 )

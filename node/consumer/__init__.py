@@ -8,7 +8,7 @@
     _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
     _renter           Renter: rank, open an escrow channel, run the session with failover, settle
     _results          Completion (with its Attempts), SessionInfo, SessionSummary, ProviderRow: what
-                      renting gives back, typed
+                      renting gives back, typed; CancelledCall: what a cancelled call cost
     _held_sessions    sessions held open across API calls (``node chat``), expired when idle
     _request_check    check_call: a call fits the wire's Request and one frame (pure), before money moves
 
@@ -18,7 +18,7 @@ Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
 from ._held_sessions import HeldSessions, UnknownSession
 from ._pacing import Busy, Pacing
 from ._renter import AtCapacity, Renter, RentError, estimate_prompt_tokens
-from ._results import Attempt, Completion, ProviderRow, SessionInfo, SessionSummary
+from ._results import Attempt, CancelledCall, Completion, ProviderRow, SessionInfo, SessionSummary, cancelled_calls
 from ._routing import SORTS, Candidate, Preferences, rank
 from ._session_client import (
     CallRefused,
@@ -39,6 +39,8 @@ __all__ = [
     "Busy",
     "CallRefused",
     "CallResult",
+    "cancelled_calls",
+    "CancelledCall",
     "Candidate",
     "Completion",
     "ConsumerSessionHandle",

@@ -16,8 +16,8 @@ from starlette.testclient import TestClient
 import node._errors
 import protocol
 from node._daemon_files import DaemonNotRunning
-from node._errors import InvalidRequest, LocalError, NodeError, NotAuthorized, NotFound, RemoteError
-from node._home import ConfigError
+from node._errors import DemoError, InvalidRequest, LocalError, NodeError, NotAuthorized, NotFound, RemoteError
+from node._home import ConfigError, HomeInUse
 from node._receipts import ReceiptStoreError
 from node.api import build_app
 from node.api._http import TABLE, problem_of
@@ -30,6 +30,7 @@ from node.escrow._client import EscrowUnreachable
 from node.escrow._ops import EscrowRefused
 from node.net._streams import StreamClosed, StreamTimeout
 from node.provider._queue import QueueFull, QueueTimeout
+from node.provider._storefront import OfferUnloadable
 from node.provider.backends._base import BackendError
 from tests.support import identity
 
@@ -69,6 +70,10 @@ CASES = [
         price=protocol.Price(input_per_1k=1, output_per_1k=1), cost=5, cumulative=5, prev_hash=bytes(32),
         issued_at=1), None, True), 502, "settlement_unconfirmed"),
     (ReceiptStoreError("cannot store a receipt in receipts.db: database or disk is full"), 507, "storage_error"),
+    (OfferUnloadable("cannot offer 'm' with backend 'openai:http://127.0.0.1:1/v1': connection refused",
+                     upstream=True), 502, "upstream_unavailable"),
+    (HomeInUse("another node runs on /tmp/h (pid 7)", 7), 409, "home_in_use"),
+    (DemoError("the demo failed while starting the consumer: no room"), 500, "demo_failed"),
 ]
 BUGS = [ValueError("a secret-looking detail"), TypeError("a secret-looking detail"), KeyError("secret"),
         ExceptionGroup("one", [ValueError("a secret-looking detail")])]
