@@ -66,7 +66,7 @@ async def main(base_url: str, model: str, tmp: Path) -> None:
         boot = tuple(str(a) for a in agent.host.get_addrs())
         aid = agent.identity.peer_id
         dear = await start(stack, tmp / "dear", bootstrap=boot, accept=(aid,))
-        dear.add_offer({"model": model, "backend": f"openai:{base_url}", "input_price": 900, "output_price": 900})
+        await dear.add_offer({"model": model, "backend": f"openai:{base_url}", "input_price": 900, "output_price": 900})
         consumer = await start(stack, tmp / "consumer", bootstrap=boot)
         await agent.escrow.mint(None, consumer.identity.peer_id, 10**9)
         async with trio.open_nursery() as nursery:
@@ -87,8 +87,8 @@ async def main(base_url: str, model: str, tmp: Path) -> None:
                 with cheap_scope:
                     async with AsyncExitStack() as s:
                         cheap = await start(s, tmp / "cheap", bootstrap=boot, accept=(aid,))
-                        cheap.add_offer({"model": model, "backend": f"openai:{base_url}", "input_price": 100,
-                                         "output_price": 100})
+                        await cheap.add_offer({"model": model, "backend": f"openai:{base_url}", "input_price": 100,
+                                               "output_price": 100})
                         task_status.started(cheap.identity.peer_id)
                         await trio.sleep_forever()
 

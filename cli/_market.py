@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import click
+import httpx
 import trio
 
 import protocol
@@ -144,7 +145,8 @@ def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_p
         batch_calls, percent = (int(x) for x in batch.split(":")) if batch else (0, 0)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    doc = DaemonClient(home).request("POST", "/api/v1/offers", json={
+    click.echo(f"loading and benchmarking {model} ({backend})…", err=True)
+    doc = DaemonClient(home).request("POST", "/api/v1/offers", timeout=httpx.Timeout(60, read=900), json={
         "model": model, "backend": backend, "input_price": input_price, "output_price": output_price,
         "max_context": max_context, "min_charge": min_charge, "rate_limit": rate_limit, "max_concurrent": max_concurrent,
         "tiers": parsed_tiers, "batch_min_calls": batch_calls, "batch_discount_permille": percent * 10,
@@ -152,7 +154,7 @@ def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_p
     if as_json:
         emit_json(doc)
     else:
-        click.echo(f"offering {doc['model']} at {amount(doc['input_price'])} / "
+        click.echo(f"offering {doc['model']} (loaded and benchmarked) at {amount(doc['input_price'])} / "
                    f"{amount(doc['output_price'])} credits per 1K tokens (in/out)")
 
 
@@ -232,6 +234,7 @@ def demo(home: str, providers: int, once: bool) -> None:
     from node.daemon import run_demo
 
     logging.basicConfig(level=logging.ERROR)
+    quiet_libp2p()
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -65,7 +65,7 @@ def _named(doc: dict, expected: str) -> bool:
 
 async def test_bad_input_is_a_4xx_and_no_money_moves(tmp_path):
     async with open_swarm(tmp_path / "agent", passphrase="pw", escrow=True) as agent:
-        agent.offer("tiny", input_price=100_000, output_price=200_000)
+        await agent.offer("tiny", input_price=100_000, output_price=200_000)
         async with open_swarm(tmp_path / "consumer", passphrase="pw", bootstrap=agent.addrs) as consumer, \
                 trio.open_nursery() as nursery:
             await agent.mint(consumer.peer_id, MINTED)

@@ -62,7 +62,7 @@ async def test_every_route_answers_bad_input_with_a_4xx_json_error(tmp_path):
     assert _control and _openai  # both faces' bodies are declared in these modules
     fields = _field_names()
     async with open_swarm(tmp_path / "agent", passphrase="pw", escrow=True) as agent:
-        agent.offer("tiny", input_price=100_000, output_price=200_000)
+        await agent.offer("tiny", input_price=100_000, output_price=200_000)
         async with open_swarm(tmp_path / "consumer", passphrase="pw", bootstrap=agent.addrs) as consumer:
             await agent.mint(consumer.peer_id, MINTED)
             app = build_app(consumer.service, TOKEN, hosts=("127.0.0.1",))

@@ -62,7 +62,7 @@ output_price = 70000
 until = "{until}"
 ''')
     async with open_swarm(tmp_path / "p", passphrase="pw", escrow=True) as provider:
-        provider.offer("tiny", input_price=500_000, output_price=900_000, max_concurrent=2)
+        await provider.offer("tiny", input_price=500_000, output_price=900_000, max_concurrent=2)
         async with open_swarm(tmp_path / "c", passphrase="pw", bootstrap=provider.addrs) as client, \
                 open_swarm(tmp_path / "o", passphrase="pw", bootstrap=provider.addrs) as other:
             for s in (client, other):

@@ -10,7 +10,7 @@ import trio
 from node.provider import Offer
 from node.provider._admission import Admission
 from node.provider._health import HealthConfig, HealthMonitor, parse_health
-from node.provider._storefront import Storefront
+from node.provider._storefront import LiveBackend, Storefront
 from tests.support import identity
 
 
@@ -38,7 +38,7 @@ class CountingStorefront(Storefront):
         super().__init__(identity("health"), offers, never, Admission(), wall_clock=lambda: 0.0)
         for offer in offers:
             if backends[offer.model] is not None:  # None: not loaded yet
-                self._backends[(offer.backend, offer.model)] = backends[offer.model]
+                self._backends[offer.model] = LiveBackend(offer.model, backends[offer.model])
         self.changes = []
 
     def publish(self):
@@ -96,8 +96,8 @@ async def test_an_unhealthy_model_leaves_the_listing(tmp_path):
     from node import open_swarm
 
     async with open_swarm(tmp_path / "h", passphrase="pw") as swarm:
-        swarm.offer("a", input_price=1, output_price=1)
-        swarm.offer("b", input_price=1, output_price=1)
+        await swarm.offer("a", input_price=1, output_price=1)
+        await swarm.offer("b", input_price=1, output_price=1)
         assert [m.name for m in swarm.service.market._own.models] == ["a", "b"]
         swarm.service.storefront.set_unhealthy({"a": "test"})
         assert [m.name for m in swarm.service.market._own.models] == ["b"]

@@ -77,7 +77,7 @@ async def test_a_node_in_maintenance_publishes_no_listing(tmp_path):
     now = dt.datetime.now(UTC)
     home = tmp_path / "home"
     async with open_swarm(home, passphrase="pw") as swarm:  # creates the home and its config
-        swarm.offer("m", input_price=1, output_price=1)
+        await swarm.offer("m", input_price=1, output_price=1)
         assert swarm.service.status()["available"] and swarm.service.market._own is not None  # to be published
     config = home / "config.toml"
     config.write_text(config.read_text() + f'''

@@ -15,7 +15,7 @@ TIERS = [{"name": "basic", "input_price": 100_000, "output_price": 200_000, "max
 
 async def test_tiers_and_batches_end_to_end(tmp_path):
     async with open_swarm(tmp_path / "p", passphrase="pw", escrow=True) as provider:
-        provider.offer("tiny", input_price=200_000, output_price=400_000, max_concurrent=8, tiers=TIERS,
+        await provider.offer("tiny", input_price=200_000, output_price=400_000, max_concurrent=8, tiers=TIERS,
                        batch_min_calls=5, batch_discount_permille=500)
         async with open_swarm(tmp_path / "c", passphrase="pw", bootstrap=provider.addrs) as consumer:
             await provider.mint(consumer.peer_id, 5_000_000)
