@@ -220,8 +220,11 @@ async def test_a_waiting_call_hears_its_queue_position_and_a_full_queue_says_cap
             told.set()
 
         async with trio.open_nursery() as nursery:
+            hog_handle: list = []
+
             async def hog():  # holds the model's only slot
                 async with rig.session(await rig.open_channel(cap=10_000)) as s:
+                    hog_handle.append(s)
                     await s.call(USER, 8)
 
             nursery.start_soon(hog)
@@ -240,4 +243,7 @@ async def test_a_waiting_call_hears_its_queue_position_and_a_full_queue_says_cap
                     await third.call(USER, 8)
                 assert full.value.reason == "capacity"
                 nursery.cancel_scope.cancel()
-        assert rig.balance(rig.provider_id).available == 0
+        # cancelled calls pay exactly the prefixes they were given (the hog's "slow"), nothing more
+        paid = sum(h.last_cancelled.cost for h in (*hog_handle, second) if h.last_cancelled is not None)
+        assert paid >= hog_handle[0].last_cancelled.cost > 0
+        assert rig.balance(rig.provider_id).available == paid
