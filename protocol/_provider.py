@@ -27,6 +27,7 @@ from ._errors import (
 )
 from ._identity import public_key_from_peer_id
 from ._messages import (
+    CANCELLED_FINISH,
     Accept,
     CallError,
     CallQueued,
@@ -39,7 +40,6 @@ from ._messages import (
     Receipt,
     Reject,
     Request,
-    CANCELLED_FINISH,
 )
 from ._metering import billable_output_tokens, cancelled_output_tokens, completion_byte_limit, prompt_token_bound
 from ._pricing import Price, call_cost, discounted, max_output_tokens_within
