@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import trio
 
 from ._daemon_files import api_token, daemon_info_path, write_private
-from ._home import Home, hold_home
+from ._home import Home
 
 if TYPE_CHECKING:
     from wallet import Identity
@@ -98,11 +98,10 @@ async def run_daemon(
 
     config = resolve_config(home, listen, bootstrap, api, accept_escrow)
     _check_loopback_api(config.api)
-    with hold_home(home):
-        token = api_token(home, create=True)
-        async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
-            await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
-                                 task_status=task_status)
+    async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
+        token = api_token(home, create=True)  # under open_node's hold of the home's lock
+        await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
+                             task_status=task_status)
 
 
 async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyless: bool = False,

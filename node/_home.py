@@ -233,48 +233,37 @@ def init_home(path: Path, passphrase: str, **keystore_kwargs: Any) -> Keystore:
     return ks
 
 
-#: the homes this process holds: lock file (device, inode) -> [fd, holders]; a node opened again
-#: inside one already running in this process (``run_daemon`` around ``open_node``) shares the lock
-_held: dict[tuple[int, int], list[int]] = {}
-
-
 @contextmanager
 def hold_home(home: Home) -> Iterator[None]:
     """Hold the home's ``node.lock`` (an exclusive ``flock``) for the block: one node per home,
     since two would share one keystore, receipts database and escrow ledger. The lock file holds
     the holder's pid, for the message of the next one to try; it is never deleted (the kernel
-    drops the lock when the process ends, however it ends). Re-entrant within a process.
+    drops the lock when the process ends, however it ends). Not re-entrant: a second node on the
+    home in this same process (two ``open_swarm`` of one folder) is refused like another process's
+    (each ``open`` is its own open file description, which ``flock`` tells apart).
 
     Raises:
-        HomeInUse: another process holds it ("another node runs on this home (pid N)").
+        HomeInUse: another node holds it ("another node runs on this home (pid N)").
         OSError: the lock file cannot be created.
     """
     path = home.path / "node.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
-    if key in _held:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _lock_holder(fd)
         os.close(fd)
-        _held[key][1] += 1
-    else:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _lock_holder(fd)
-            os.close(fd)
-            raise HomeInUse(f"another node runs on {home.path}" + (f" (pid {pid})" if pid else "")
-                            + ": stop it first, or use another --home", pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        raise HomeInUse(f"another node runs on {home.path}" + (f" (pid {pid})" if pid else "")
+                        + ": stop it first, or use another --home", pid) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _held[key] = [fd, 1]
-    try:
         yield
     finally:
-        _held[key][1] -= 1
-        if not _held[key][1]:
-            os.close(_held.pop(key)[0])  # closing the last fd releases the flock; the file stays
+        os.close(fd)  # releases the flock; the file stays
 
 
 def _lock_holder(fd: int) -> int | None:

@@ -32,7 +32,7 @@ from wallet import EscrowAgent, Identity, Ledger
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._config import NodeConfig, load_config, save_offers
 from ._errors import InvalidRequest
-from ._home import Home, private_file
+from ._home import Home, hold_home, private_file
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .consumer._delivery import ReceiptDelivery, attach
@@ -261,7 +261,22 @@ async def open_node(
         mdns: also find (and join) peers on the local network without bootstrap addresses.
         wall_clock: seconds since the epoch, for expiries, receipts and schedules (every part of
             the node reads this one; durations read trio's clock).
+
+    Raises:
+        HomeInUse: another process runs a node on ``home`` (its ``node.lock``, held for the
+            block's whole life, before any database of the home is opened).
     """
+    with hold_home(home):
+        async with _run_node(home, identity, config, escrow=escrow, api_key=api_key, models_dir=models_dir,
+                             mdns=mdns, wall_clock=wall_clock) as node:
+            yield node
+
+
+@asynccontextmanager
+async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escrow: bool,
+                    api_key: Callable[[str], str] | None, models_dir: Path | None, mdns: bool,
+                    wall_clock: WallClock) -> AsyncIterator[Node]:
+    """``open_node``'s body, under the home's lock."""
     market_config = MarketConfig(max_peers_per_subnet=0 if _all_loopback(config.listen) else None)
     capabilities = probe_capabilities()
     agent = EscrowAgent(Ledger(private_file(home.path / "escrow.db")), identity) if escrow else None

@@ -1,5 +1,5 @@
 """One node per home: node.lock is an OS lock held for the node's life (another process is refused,
-naming the holder's pid), re-entrant within a process, released when its holder ends however it
+naming the holder's pid, and so is a second node in the same process), released when its holder ends however it
 ends, and its file never deleted."""
 
 from __future__ import annotations
@@ -53,12 +53,25 @@ def test_a_killed_holder_leaves_a_stale_pid_that_locks_nothing(tmp_path):
         pass
 
 
-def test_re_entrant_within_a_process(tmp_path):
-    home = Home(tmp_path)
-    with hold_home(home):
-        with hold_home(Home(tmp_path)):  # run_daemon around open_node: one lock
-            pass
+def test_a_second_node_in_the_same_process_is_refused_too(tmp_path):
+    with hold_home(Home(tmp_path)):
+        with pytest.raises(HomeInUse, match=rf"\(pid {os.getpid()}\)"):
+            with hold_home(Home(tmp_path)):
+                pass  # pragma: no cover
         # still held by the outer block: another process is refused
         out = subprocess.run([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=ROOT, input="", text=True,
                              capture_output=True, timeout=60)
         assert out.returncode != 0 and "HomeInUse" in out.stderr
+    with hold_home(Home(tmp_path)):  # released by the outer block's end
+        pass
+
+
+async def test_open_swarm_holds_the_home(tmp_path):
+    from node import open_swarm
+
+    async with open_swarm(tmp_path / "a", passphrase="pw"):
+        with pytest.raises(HomeInUse):
+            async with open_swarm(tmp_path / "a", passphrase="pw"):
+                pass  # pragma: no cover
+    async with open_swarm(tmp_path / "a", passphrase="pw"):  # the first one's end released it
+        pass
