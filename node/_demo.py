@@ -156,11 +156,12 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
                 raise TimeoutError(f"only {seen} of the {providers} providers' listings arrived within 60 s")
         step[0] = "holding the paid chat"
         rows = [row.to_json() for row in await consumer.providers(MODEL, "cheapest")]
+        names = {p.identity.peer_id: f"provider {i + 1}" for i, p in enumerate(sellers)}  # ids shown whole above
         table = Table(title=f"providers of {MODEL} (cheapest first)", title_justify="left")
         for col in ("provider", "in/1K", "out/1K", "context", "trust", "escrows"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["peer_id"][:10] + "…" + r["peer_id"][-6:], _fmt(r["input_price"]), _fmt(r["output_price"]),
+            table.add_row(names.get(r["peer_id"], r["peer_id"]), _fmt(r["input_price"]), _fmt(r["output_price"]),
                           str(r["max_context"]), str(r["trust"]), str(len(r["escrows"])))
         console.print(table)
 
@@ -187,14 +188,15 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
                 console.print(f"  [bold]{MODEL}[/]> {result.text!r}")
             receipts = list(session.machine.receipts)
         table = Table(title="receipts (both signatures verified, chained)", title_justify="left")
-        for col in ("#", "tokens in+out", "cost", "cumulative", "receipt id", "prev"):
+        for col in ("#", "tokens in+out", "cost", "cumulative"):
             table.add_column(col)
         for r in receipts:
             protocol.verify(r, "provider_sig", protocol.public_key_from_peer_id(r.provider))
             protocol.verify(r, "consumer_sig", protocol.public_key_from_peer_id(r.consumer))
-            table.add_row(str(r.call_seq), f"{r.tokens_in}+{r.tokens_out}", _fmt(r.cost), _fmt(r.cumulative),
-                          protocol.receipt_hash(r).hex()[:16] + "…", r.prev_hash.hex()[:8])
+            table.add_row(str(r.call_seq), f"{r.tokens_in}+{r.tokens_out}", _fmt(r.cost), _fmt(r.cumulative))
         console.print(table)
+        for r in receipts:  # whole, so they can be pasted back (80 columns: one a line)
+            console.print(f"  receipt {r.call_seq}  {protocol.receipt_hash(r).hex()}", soft_wrap=True)
         after = await everyone()
         _balances(console, "balances after (credits)", after)
         spent = before[0][1].available - after[0][1].available
