@@ -83,6 +83,10 @@ class EdgeRefusal(Exception):
     Not a node error: it is raised and answered inside this package, through ``TABLE``."""
 
 
+class ClientGone(EdgeRefusal):
+    """The client closed the connection before its answer was ready (nothing reaches it)."""
+
+
 class MisdirectedHost(EdgeRefusal):
     """The ``Host`` header names someone else (a DNS-rebinding page's domain): 421."""
 
@@ -143,6 +147,7 @@ TABLE: tuple[_Row, ...] = (
     _Row(ForeignOrigin, 403, "permission_error", "cross_origin_refused"),
     _Row(NotJSON, 415, "invalid_request_error", "unsupported_media_type"),
     _Row(BodyTooLarge, 413, "invalid_request_error", "request_too_large"),
+    _Row(ClientGone, 499, "invalid_request_error", "client_closed_request"),  # nginx's 499: nobody reads it
     # the caller's fault
     _Row(InvalidRequest, 400, "invalid_request_error", lambda e: e.code),  # the only 400: a field is wrong
     _Row(NotAuthorized, 401, "authentication_error", "invalid_api_key"),
@@ -230,13 +235,38 @@ def endpoint(fn: Handler, shape: Shape, token: str | None) -> Handler:
         try:
             if token is not None:
                 check_bearer(request, token)
-            result = await fn(request)
+            result = await _unless_the_client_goes(request, fn)
         except Exception as exc:
             problem = problem_of(exc)
             return JSONResponse(shape(problem), status_code=problem.status, headers=problem.headers)
         return result if isinstance(result, (Response, EventStream)) else JSONResponse(result)
 
     return handler
+
+
+async def _unless_the_client_goes(request: Request, fn: Handler) -> Any:
+    """``fn(request)``, cancelled if the client disconnects first: hypercorn only tells the app
+    ``http.disconnect`` and would run a non-streamed call to its end, paid in full, for a client
+    that gave up (an agent's timeout). The body is read first (bounded by the guard, cached for
+    ``fn``), so what the watcher hears next is the disconnect. A streamed answer (``EventStream``)
+    watches on its own once returned.
+
+    Raises:
+        ClientGone: the client went away; the call was cancelled (and settled what it had been given).
+    """
+    if request.method in ("POST", "PUT", "PATCH"):
+        await request.body()
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        async def run() -> None:
+            result.append(await fn(request))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
+        nursery.start_soon(run)
+    if not result:
+        raise ClientGone("the client closed the connection before the answer was ready")
+    return result[0]
 
 
 # ---- the web guard ------------------------------------------------------------------------------
