@@ -550,6 +550,12 @@ def apply() -> None:
     _NegativePeerCache.__init__ = _short_negative_cache_init  # type: ignore[method-assign]
     _tcp_module._set_reuse_flags = _reuse_address_only  # type: ignore[attr-defined]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
+    # libp2p's logging setup (utils/logging.py, LIBP2P_DEBUG unset) clears the "libp2p" logger's
+    # handlers and stops its propagation to silence it; with no handler anywhere Python prints its
+    # records through logging.lastResort, past the application's handlers and their filters (bare
+    # error lines in node demo and node start). Let them reach the root's handlers: the application
+    # decides (the CLI drops them unless -v).
+    logging.getLogger("libp2p").propagate = True
     # a failed TCP dial is logged at error level there; ours (the dialler) names each cause where it
     # matters, and a restart's rejoin of remembered peers at old ports would print a line per address
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
