@@ -215,7 +215,7 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
             console.print(f"\n[bold]OpenAI-compatible API[/] (keyless, loopback): {info['api_url']}/v1")
             console.print(f"  curl {info['api_url']}/v1/chat/completions -H 'content-type: application/json' \\\n"
                           f"       -d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", "
-                          f"\"content\": \"Hi\"}}], \"max_tokens\": 32}}'")
+                          f"\"content\": \"Hi\"}}], \"max_tokens\": 32}}'", soft_wrap=True)  # pasteable whole
             console.print("serving until Ctrl-C…")
             await trio.sleep_forever()
     return summary
