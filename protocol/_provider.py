@@ -171,7 +171,7 @@ class ProviderSession(_Machine):
         if self.state is ProviderState.READY and msg.call_seq == self.next_seq:
             return []  # the call failed already: its CallError crossed the Cancel; nothing is owed
         racing = self.state is ProviderState.AWAITING_COUNTERSIGN and self._pending is not None \
-            and msg.call_seq == self._pending.call_seq
+            and msg.call_seq == self._pending.call_seq and self._cut is None  # one Cancel a call, never a second
         if not racing and (self.state is not ProviderState.IN_CALL or msg.call_seq != self.next_seq):
             raise self._unexpected(msg)
         if msg.chunks > len(self._text):
@@ -314,7 +314,7 @@ class ProviderSession(_Machine):
 
         Raises:
             SpendLimitReached: more tokens than ``start_call`` admitted, or more text than the
-                request's ``max_tokens`` allows (``completion_byte_limit``).
+                admitted limit (or ``max_tokens``, the smaller) allows (``completion_byte_limit``).
             IllegalTransition: no call running, or the consumer cancelled it (CANCELLING).
         """
         self._expect(ProviderState.IN_CALL)
@@ -322,8 +322,11 @@ class ProviderSession(_Machine):
         if self._generated + tokens > self._limit:
             raise SpendLimitReached(f"completion would pass its {self._limit}-token limit")
         size = len(text.encode("utf-8"))
-        if self._text_bytes + size > completion_byte_limit(self._request.max_tokens):
-            raise SpendLimitReached(f"completion would pass {completion_byte_limit(self._request.max_tokens)} bytes")
+        # the text's bound is the admitted limit's, not only max_tokens': a cancelled call's bill is
+        # at least one token per MAX_BYTES_PER_TOKEN of its text and must stay within the limit too
+        byte_limit = completion_byte_limit(min(self._request.max_tokens, self._limit))
+        if self._text_bytes + size > byte_limit:
+            raise SpendLimitReached(f"completion would pass {byte_limit} bytes")
         self._generated += tokens
         self._text_bytes += size
         claimed = billable_output_tokens(self._generated, self._text_bytes) - self._tokens_out

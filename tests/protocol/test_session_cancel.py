@@ -155,6 +155,35 @@ def test_a_receipt_of_the_whole_call_crossing_the_cancel_is_replaced_by_the_pref
     assert receipt.tokens_out == 2 < whole.tokens_out and receipt.output_hash == protocol.output_hash("one ")
 
 
+def test_a_second_cancel_of_a_call_is_a_protocol_error():
+    # each accepted Cancel in the race would make the provider sign and send a fresh receipt, and
+    # reset its wait for the counter-signature: a consumer could hold the seat forever, unpaid
+    pair = Pair()
+    pair.open()
+    pieces = [("one ", 2), ("two ", 2)]
+    _begin(pair)
+    _stream(pair, pieces)
+    pair.provider.finish_call("stop", pair.now)  # the whole call's receipt is out
+    again = protocol.Cancel(session_id=b"s" * 16, call_seq=0, chunks=1)
+    assert isinstance(pair.provider.receive(again, pair.now)[0], protocol.CallCancelled)  # the race: once
+    with pytest.raises(protocol.UnexpectedMessage):
+        pair.provider.receive(dataclasses.replace(again, chunks=0), pair.now)
+    assert pair.provider.state is ProviderState.ERROR
+
+
+def test_the_text_of_a_call_is_bounded_by_its_admitted_limit_so_a_cancelled_bill_stays_within_it():
+    # a backend that claims its tokens only at the end sends text with zero claims; cancelled, the
+    # call is billed one token per MAX_BYTES_PER_TOKEN of it, which must not pass the admitted limit
+    pair = Pair(cap=50_000)  # room for 31 output tokens after the prompt
+    pair.open()
+    limit = _begin(pair, max_tokens=200)
+    assert limit == 31
+    room = protocol.completion_byte_limit(limit)
+    pair.provider.chunk("x" * room, 0)
+    with pytest.raises(protocol.SpendLimitReached):
+        pair.provider.chunk("x", 0)
+
+
 def test_a_call_error_crossing_the_cancel_ends_the_call_unpaid():
     pair = Pair()
     pair.open()
