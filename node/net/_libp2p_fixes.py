@@ -61,6 +61,12 @@ is a deliberate act that re-checks every trap.
    first and the kernel splits inbound connections between them (handshake failures, a node left
    with no peers). Listen sockets (and sourced dials) now get ``SO_REUSEADDR`` only: a port in use
    fails the bind, and ``open_host`` reports it.
+12. A cancelled read loses bytes: ``YamuxStream.read`` takes the data out of the stream's buffer,
+   then awaits the window update it sends; a reader cancelled there (a consumer whose caller hit
+   Ctrl-C while a chunk arrived) drops what it took, and the next frame it reads is out of order
+   ("chunk 0/41 out of order": a cancelled call then went unpaid instead of paying its prefix).
+   The window update now runs shielded, bounded by ``WINDOW_UPDATE_TIMEOUT_S``: once bytes are
+   taken, the read returns them.
 """
 
 from __future__ import annotations
@@ -512,6 +518,18 @@ def _no_global_prune(self: Swarm) -> None:
     """py-libp2p's pruner stays off: ``ConnectionManager`` (``_host``) closes idle connections."""
 
 
+# ---- 12. Yamux: a cancelled read never drops the bytes it took
+
+WINDOW_UPDATE_TIMEOUT_S = 5.0  # a window update is one small frame; past this it is skipped, the data kept
+_original_window_update = YamuxStream._auto_tune_and_send_window_update
+
+
+async def _window_update_uncancelled(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """The window update a read sends after taking its bytes, shielded from the reader's cancel."""
+    with trio.CancelScope(shield=True), trio.move_on_after(WINDOW_UPDATE_TIMEOUT_S):
+        await _original_window_update(self, bytes_read=bytes_read)
+
+
 # ---- 11. TCP listeners: no SO_REUSEPORT
 
 
@@ -549,6 +567,7 @@ def apply() -> None:
     Swarm._schedule_prune = _no_global_prune  # type: ignore[method-assign]
     _NegativePeerCache.__init__ = _short_negative_cache_init  # type: ignore[method-assign]
     _tcp_module._set_reuse_flags = _reuse_address_only  # type: ignore[attr-defined]
+    YamuxStream._auto_tune_and_send_window_update = _window_update_uncancelled  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     # libp2p's logging setup (utils/logging.py, LIBP2P_DEBUG unset) clears the "libp2p" logger's
     # handlers and stops its propagation to silence it; with no handler anywhere Python prints its
