@@ -66,6 +66,11 @@ __all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
 _logger = logging.getLogger(__name__)
 OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us hold a 1 MiB frame
+# A Cancel names the chunks the consumer received; chunks sent after it can only be the ones still
+# on their way. One that drops a chunk this node handed to the stream longer ago than this says it
+# never got what it had (the whole answer for the prompt's price): it pays the prefix it named, the
+# session ends, and its sessions are refused for a while, as for an answer left unsigned.
+CANCEL_GRACE_S = 5.0
 
 
 class ProviderService:
@@ -198,6 +203,8 @@ class _StreamSession:
         self.weight = 1  # the tier's queue priority
         self.last_latency_ms: int | None = None
         self.walked_away = False  # the consumer stopped taking an answer while it streamed
+        self.stale_cut = False  # its Cancel disowned chunks it had long had (CANCEL_GRACE_S)
+        self._flushed_at: list[float] = []  # when each chunk of the running call went to the stream
         self.storage_error: str | None = None  # receipts.db could not store a receipt of this session
         self.consumer_close: protocol.Close | None = None  # its Close, when it came in the middle of a call
         self._inbox: trio.MemoryReceiveChannel[Any]  # the session's messages, read by ``_read_frames``
@@ -340,7 +347,9 @@ class _StreamSession:
                 return None
             except StreamClosed:
                 return None
-            for event in self.machine.receive(msg, self.service.now()):
+            events = self.machine.receive(msg, self.service.now())
+            self._judge_cut(msg)  # a Cancel racing the whole call's receipt
+            for event in events:
                 if isinstance(event, CallRequested):
                     started = trio.current_time()
                     await self._call(event.request)
@@ -353,6 +362,10 @@ class _StreamSession:
                     return event.close
             if self.storage_error is not None:  # its receipt is claimed from memory; nothing more is served
                 self.machine.close(service.now(), "error")
+                await self._flush()
+                return None
+            if self.stale_cut and self.machine.state is protocol.ProviderState.READY:  # the prefix is settled
+                self.machine.close(service.now(), "protocol_error")
                 await self._flush()
                 return None
             await self._flush()
@@ -395,6 +408,7 @@ class _StreamSession:
         started = trio.current_time()
         first: list[int] = []
         running = False  # the backend has the call (a slot was granted)
+        self._flushed_at = []
 
         async def on_piece(text: str, tokens: int) -> None:
             if machine.state is not protocol.ProviderState.IN_CALL:
@@ -404,6 +418,7 @@ class _StreamSession:
             machine.chunk(text, tokens)
             try:
                 await self._flush()
+                self._flushed_at.append(trio.current_time())
             except StreamClosed:
                 self.walked_away = True  # it has part of an answer and will not sign for it
                 raise
@@ -452,6 +467,18 @@ class _StreamSession:
         machine.finish_call(result.finish_reason, service.now(), tokens_in=actual_in,
                             discount_permille=service.sla.discount(offer.model))
 
+    def _judge_cut(self, msg: Any) -> None:
+        """After ``msg`` reached the machine: a Cancel that disowns a chunk handed to the stream more
+        than ``CANCEL_GRACE_S`` ago marks the session (``stale_cut``): the prefix it named is billed,
+        then the session ends and the consumer is refused for a while (``Admission.record_unpaid``)."""
+        cut = self.machine.cancelled_after
+        if not isinstance(msg, protocol.Cancel) or cut is None or cut >= len(self._flushed_at):
+            return
+        if trio.current_time() - self._flushed_at[cut] > CANCEL_GRACE_S:
+            _logger.info("a Cancel disowned chunk %d, sent %.1f s before it: the session ends", cut,
+                         trio.current_time() - self._flushed_at[cut])
+            self.stale_cut = self.walked_away = True
+
     async def _while_listening(self, run: Any) -> Any:
         """``await run()`` (the generation) while reading the stream: whatever the consumer sends
         mid-call (its ``Cancel``, a ``Close``) goes to the machine and stops the generation at
@@ -470,6 +497,7 @@ class _StreamSession:
                 for event in self.machine.receive(msg, self.service.now()):  # Cancel: CANCELLING; Close: CLOSED
                     if isinstance(event, SessionClosed):
                         self.consumer_close = event.close
+                self._judge_cut(msg)
             except (StreamClosed, protocol.ProtocolError) as exc:
                 outcome["error"] = exc
             generation.cancel()

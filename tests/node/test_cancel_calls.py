@@ -253,3 +253,31 @@ async def test_a_provider_that_keeps_streaming_after_the_cancel_is_not_paid(monk
             with pytest.raises(ProviderFailed, match="takes no more calls"):  # a plain failure, not a bug
                 await session.call(USER, 4)
         assert rig.balance(rig.provider_id).available == 0
+
+
+async def test_a_cancel_that_disowns_chunks_long_received_ends_the_session_and_marks_the_consumer(monkeypatch):
+    # the hostile consumer reads the answer, then says it got none of it (chunks=0): the whole answer
+    # for the prompt's price, call after call. Disowning a chunk sent longer ago than the grace (0
+    # here, so the test needs no clock) bills the named prefix, ends the session, and marks it unpaid
+    monkeypatch.setattr(_session_service, "CANCEL_GRACE_S", 0.0)
+    real_cancel = protocol.ConsumerSession.cancel
+
+    def lying_cancel(self, chunks=None):
+        return real_cancel(self, chunks=0)
+
+    monkeypatch.setattr(protocol.ConsumerSession, "cancel", lying_cancel)
+    async with session_rig({"m": offer()}, {"m": Slow(delay_s=0.005)}, tag="cancel-lies", mint=MINT) as rig:
+        channel = await rig.open_channel(cap=1_000_000)
+        scope, shown, on_text = _cut_after(30)
+        async with rig.session(channel) as session:
+            with scope:
+                await session.call(USER, 400, on_text=on_text)
+            cancelled = session.last_cancelled
+            assert cancelled is not None and cancelled.receipt is not None
+            assert cancelled.receipt.tokens_out == 0  # what it named: the prompt only
+            with trio.fail_after(10):  # the provider ends the session once the prefix is settled
+                while session.machine.state.name not in ("CLOSED", "ERROR"):
+                    with pytest.raises(ProviderFailed):
+                        await session.call(USER, 4)
+        consumer = rig.consumer_ops.identity.peer_id
+        assert rig.provider_service.admission.unpaid_until(consumer, trio.current_time()) is not None
