@@ -312,6 +312,10 @@ class ConsumerSessionHandle:
                 failure = ProviderFailed(f"the provider closed the session ({exc})")
             except SessionError as exc:  # it went away, went quiet or billed more than the prefix
                 failure = exc
+        if machine.receipts and machine.receipts[-1].call_seq == seq:
+            # counter-signed, but its acknowledgement (or the redelivery) ran past the wait: paid all
+            # the same, in doubt until acknowledged (the redelivery queue holds it), not "nothing paid"
+            return CancelledCall(provider, model, machine.cancelled_text, machine.receipts[-1], "settled", False)
         if wait.cancelled_caught or failure is None:
             failure = ProviderFailed(f"no receipt of the cancelled call within {self._cancel_timeout:g}s")
         learn(self._trust, provider, failure)

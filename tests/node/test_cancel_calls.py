@@ -281,3 +281,26 @@ async def test_a_cancel_that_disowns_chunks_long_received_ends_the_session_and_m
                         await session.call(USER, 4)
         consumer = rig.consumer_ops.identity.peer_id
         assert rig.provider_service.admission.unpaid_until(consumer, trio.current_time()) is not None
+
+
+class NeverAcks(ProviderService):
+    """Takes the counter-signature of a cancelled call but never acknowledges it in the session."""
+
+    async def send(self, framed: Any, msgs: list[Any]) -> None:
+        await framed.send_all([m for m in msgs if not isinstance(m, protocol.CounterSignAck)])
+
+
+async def test_a_cancelled_call_whose_ack_never_comes_is_reported_paid_not_free():
+    # the prefix receipt is doubly signed and queued for redelivery: the caller is told what it
+    # costs (in doubt, confirmed False), never "nothing paid", and the provider is not blamed
+    async with session_rig({"m": offer()}, {"m": Slow(delay_s=0.005)}, provider_cls=NeverAcks,
+                           tag="cancel-no-ack", mint=MINT) as rig:
+        channel = await rig.open_channel(cap=1_000_000)
+        scope, shown, on_text = _cut_after(9)
+        async with _session_with_cancel_bound(rig, channel, 1.0) as session:
+            with scope:
+                await session.call(USER, 400, on_text=on_text)
+            cancelled = session.last_cancelled
+            assert cancelled is not None and cancelled.outcome == "settled" and not cancelled.confirmed
+            assert cancelled.receipt is not None and cancelled.receipt == session.machine.receipts[-1]
+            assert cancelled.cost > 0 and cancelled.text == "".join(shown)[:len(cancelled.text)]
