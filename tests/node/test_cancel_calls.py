@@ -95,6 +95,14 @@ def _cut_after(chars: int) -> tuple[trio.CancelScope, list[str], Any]:
     return scope, shown, on_text
 
 
+async def _call_cut_after(session: Any, chars: int, max_tokens: int) -> tuple[Any, list[str]]:
+    """A call cancelled once ``chars`` characters were shown: what it cost, and the text shown."""
+    scope, shown, on_text = _cut_after(chars)
+    with scope:
+        await session.call(USER, max_tokens, on_text=on_text)
+    return session.last_cancelled, shown
+
+
 async def _wait_paid(rig: Any, amount: int) -> None:
     with trio.fail_after(20):
         while rig.balance(rig.provider_id).available < amount:
@@ -226,11 +234,8 @@ async def test_a_receipt_for_more_than_the_delivered_prefix_is_never_counter_sig
     async with session_rig({"m": offer()}, {"m": Slow(delay_s=0.005)}, provider_cls=BillsTheWholeCall,
                            tag="cancel-bills-more", mint=MINT) as rig:
         channel = await rig.open_channel(cap=1_000_000)
-        scope, shown, on_text = _cut_after(9)
         async with _session_with_cancel_bound(rig, channel, 1.0) as session:
-            with scope:
-                await session.call(USER, 400, on_text=on_text)
-            cancelled = session.last_cancelled
+            cancelled, shown = await _call_cut_after(session, 9, 400)
             assert cancelled is not None and cancelled.receipt is None and cancelled.cost == 0
             assert cancelled.outcome.startswith("nothing paid")
             assert not session.machine.receipts  # nothing was counter-signed
@@ -242,11 +247,8 @@ async def test_a_provider_that_keeps_streaming_after_the_cancel_is_not_paid(monk
     monkeypatch.setattr(_session_service, "_StreamSession", DeafSession)
     async with session_rig({"m": offer()}, {"m": Slow(delay_s=0.005)}, tag="cancel-deaf", mint=MINT) as rig:
         channel = await rig.open_channel(cap=1_000_000)
-        scope, shown, on_text = _cut_after(9)
         async with _session_with_cancel_bound(rig, channel, 0.5) as session:
-            with scope:
-                await session.call(USER, 2000, on_text=on_text)
-            cancelled = session.last_cancelled
+            cancelled, shown = await _call_cut_after(session, 9, 2000)
             assert cancelled is not None and cancelled.receipt is None
             assert "no receipt of the cancelled call within" in cancelled.outcome
             assert not session.machine.receipts and session.machine.state.name == "CLOSED"
@@ -268,11 +270,8 @@ async def test_a_cancel_that_disowns_chunks_long_received_ends_the_session_and_m
     monkeypatch.setattr(protocol.ConsumerSession, "cancel", lying_cancel)
     async with session_rig({"m": offer()}, {"m": Slow(delay_s=0.005)}, tag="cancel-lies", mint=MINT) as rig:
         channel = await rig.open_channel(cap=1_000_000)
-        scope, shown, on_text = _cut_after(30)
         async with rig.session(channel) as session:
-            with scope:
-                await session.call(USER, 400, on_text=on_text)
-            cancelled = session.last_cancelled
+            cancelled, shown = await _call_cut_after(session, 30, 400)
             assert cancelled is not None and cancelled.receipt is not None
             assert cancelled.receipt.tokens_out == 0  # what it named: the prompt only
             with trio.fail_after(10):  # the provider ends the session once the prefix is settled
@@ -296,11 +295,8 @@ async def test_a_cancelled_call_whose_ack_never_comes_is_reported_paid_not_free(
     async with session_rig({"m": offer()}, {"m": Slow(delay_s=0.005)}, provider_cls=NeverAcks,
                            tag="cancel-no-ack", mint=MINT) as rig:
         channel = await rig.open_channel(cap=1_000_000)
-        scope, shown, on_text = _cut_after(9)
         async with _session_with_cancel_bound(rig, channel, 1.0) as session:
-            with scope:
-                await session.call(USER, 400, on_text=on_text)
-            cancelled = session.last_cancelled
+            cancelled, shown = await _call_cut_after(session, 9, 400)
             assert cancelled is not None and cancelled.outcome == "settled" and not cancelled.confirmed
             assert cancelled.receipt is not None and cancelled.receipt == session.machine.receipts[-1]
             assert cancelled.cost > 0 and cancelled.text == "".join(shown)[:len(cancelled.text)]
