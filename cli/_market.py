@@ -40,12 +40,16 @@ from ._common import (
 @click.option("--api", metavar="HOST:PORT", help="local API address (loopback)")
 @click.option("--accept-escrow", multiple=True, metavar="PEER", help="escrow agent this node's offers accept")
 @click.option("--escrow", is_flag=True, help="also run the escrow agent role (ledger in HOME/escrow.db)")
+@click.option("--announce", multiple=True, metavar="MADDR",
+              help="address peers can dial this node at, published first (a forwarded port; repeatable)")
+@click.option("--relay", is_flag=True, help="also relay connections to peers behind NAT (a public node)")
 @click.option("--openai-keyless", is_flag=True, help="serve /v1/* without the bearer token (loopback only)")
 @click.option("--mdns", is_flag=True, help="find and join peers on the local network (mDNS)")
 @click.option("-v", "--verbose", is_flag=True, callback=set_verbose,
               help="log progress (libp2p's too) to stderr; a failure prints its traceback")
 def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str | None,
-          accept_escrow: tuple[str, ...], escrow: bool, openai_keyless: bool, mdns: bool, verbose: bool) -> None:
+          accept_escrow: tuple[str, ...], escrow: bool, announce: tuple[str, ...], relay: bool, openai_keyless: bool,
+          mdns: bool, verbose: bool) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM (then exit 0)."""
     from node.daemon import run_daemon
 
@@ -62,7 +66,7 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                 info = await nursery.start(
                     lambda task_status: run_daemon(h, keystore.identity, listen=listen or None, bootstrap=bootstrap,
                                                    api=api, accept_escrow=accept_escrow, escrow=escrow,
-                                                   api_key=keystore.api_key, openai_keyless=openai_keyless, mdns=mdns,
+                                                   announce=announce, relay=relay, api_key=keystore.api_key, openai_keyless=openai_keyless, mdns=mdns,
                                                    task_status=task_status)
                 )
                 click.echo(f"node {info['peer_id']} ready; API {info['api_url']} "

@@ -34,11 +34,11 @@ from .provider._pricing_models import DynamicPricing, parse_dynamic
 from .provider._schedule import Schedule, parse_schedule
 from .provider._sla import SlaConfig, parse_sla
 
-__all__ = ["NodeConfig", "load_config", "save_accept_escrow", "save_offers"]
+__all__ = ["NodeConfig", "load_config", "save_accept_escrow", "save_offers", "check_announce_addr"]
 
 #: the top-level tables config.toml may hold, and the keys of [node]
 _TABLES = ("node", "offers", "schedule", "health", "pricing", "sla", "contracts")
-_NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s")
+_NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s", "announce", "relay")
 #: the keys of the tables that do not parse straight into a dataclass, with their types
 _SCHEDULE_KEYS: dict[str, Any] = {"timezone": str, "hours": dict, "maintenance": list}
 _CONTRACT_KEYS: dict[str, Any] = {"client": str, "provider": str, "model": str, "input_price": int,
@@ -58,6 +58,8 @@ class NodeConfig:
     contracts: tuple[Contract, ...] = ()  # as a provider (entries name a client) …
     client_contracts: tuple[Contract, ...] = ()  # … and as a client (entries name a provider)
     claim_margin_s: int = 30  # [node] claim_margin_s: claim everything this long before a channel expires
+    announce: tuple[str, ...] = ()  # [node] announce: addresses published first (a port forwarded by hand, a DNS name)
+    relay: bool = False  # [node] relay: also relay circuits for peers behind NAT (public nodes only)
 
 
 class _Where:
@@ -216,6 +218,15 @@ def load_config(path: Path) -> NodeConfig:
             protocol.public_key_from_peer_id(escrow)
         except protocol.WrongFieldType as exc:
             raise ConfigError(f"{where('node', 'accept_escrow')}: [node] accept_escrow: {exc}") from exc
+    announce = _strings(where, node, "announce", ())
+    for addr in announce:
+        try:
+            check_announce_addr(addr)
+        except ValueError as exc:
+            raise ConfigError(f"{where('node', 'announce')}: [node] announce: {exc}") from exc
+    relay = node.get("relay", False)
+    if not isinstance(relay, bool):
+        raise ConfigError(f"{where('node', 'relay')}: [node] relay must be true or false, not {relay!r}")
     pricing = _check_table(where, "pricing", data.get("pricing") or {}, {"dynamic": dict})
     raw_contracts = _array_of_tables(where, "contracts", data.get("contracts"))
     for i, raw in enumerate(raw_contracts):
@@ -250,7 +261,33 @@ def load_config(path: Path) -> NodeConfig:
         accept_escrow=_strings(where, node, "accept_escrow", ()),
         offers=tuple(offers),
         claim_margin_s=_claim_margin(where, node.get("claim_margin_s", NodeConfig.claim_margin_s)),
+        announce=announce,
+        relay=relay,
     )
+
+
+def check_announce_addr(text: str) -> str:
+    """An address to announce: TCP on an IP or a DNS name (``/ip4/203.0.113.7/tcp/4001``,
+    ``/dns4/gpu.example.org/tcp/4001``), never an unspecified IP (0.0.0.0, ::).
+
+    Raises:
+        ValueError: anything else, naming it.
+    """
+    import ipaddress
+
+    import multiaddr
+
+    example = "e.g. /ip4/203.0.113.7/tcp/4001 or /dns4/host.example.org/tcp/4001"
+    try:
+        names = [p.name for p in multiaddr.Multiaddr(text).protocols()]
+    except Exception as exc:  # multiaddr raises several unrelated types
+        raise ValueError(f"not an address to announce ({example}): {text!r}") from exc
+    if names not in (["ip4", "tcp"], ["ip6", "tcp"], ["dns", "tcp"], ["dns4", "tcp"], ["dns6", "tcp"]):
+        raise ValueError(f"not an address to announce ({example}; TCP on an IP or DNS name, no /p2p/): {text!r}")
+    if names[0] in ("ip4", "ip6") and ipaddress.ip_address(text.split("/")[2]).is_unspecified:
+        raise ValueError(f"{text!r} is no address a peer can dial (0.0.0.0 and :: mean 'every interface' "
+                         f"only to a listener; {example})")
+    return text
 
 
 def _claim_margin(where: _Where, value: Any) -> int:

@@ -79,6 +79,8 @@ async def run_daemon(
     api: str | None = None,
     accept_escrow: tuple[str, ...] = (),
     escrow: bool = False,
+    announce: tuple[str, ...] = (),
+    relay: bool = False,
     api_key: Callable[[str], str] | None = None,
     openai_keyless: bool = False,
     mdns: bool = False,
@@ -96,7 +98,7 @@ async def run_daemon(
     """
     from ._node import open_node, resolve_config
 
-    config = resolve_config(home, listen, bootstrap, api, accept_escrow)
+    config = resolve_config(home, listen, bootstrap, api, accept_escrow, announce, relay)
     _check_loopback_api(config.api)
     async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
         token = api_token(home, create=True)  # under open_node's hold of the home's lock

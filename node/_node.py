@@ -30,13 +30,14 @@ from protocol import RECEIPT_PROTOCOL, SESSION_PROTOCOL
 from wallet import EscrowAgent, Identity, Ledger
 
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
-from ._config import NodeConfig, load_config, save_offers
+from ._config import NodeConfig, check_announce_addr, load_config, save_offers
 from ._errors import InvalidRequest
 from ._home import Home, hold_home, private_file
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .consumer._delivery import ReceiptDelivery, attach
 from .escrow import EscrowClient, EscrowOps, serve_escrow
+from .net._liveness import keep_alive
 from .net import Market, MarketConfig, PeerInfo, connection_manager, open_host, open_market, parse_peer_addr, peer_addrs
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
@@ -177,22 +178,41 @@ async def _observe_uptime(node: Node, interval_s: float = 30.0) -> None:
         await trio.sleep(interval_s)
 
 
+#: a lost bootstrap peer is redialled after 0.5 s, backing off to this (a healed partition, a
+#: restarted peer: found again within it)
+BOOTSTRAP_BACKOFF_MAX_S = 15.0
+#: how often a connected bootstrap peer's connection is checked
+BOOTSTRAP_CHECK_S = 1.0
+
+
 async def _bootstrap(market: Market, addrs: tuple[str, ...]) -> None:
-    """Dial each bootstrap peer until connected, backing off to 30 s between attempts."""
+    """Keep a connection to each bootstrap peer for the node's whole life: dial until connected
+    (backing off to ``BOOTSTRAP_BACKOFF_MAX_S`` between attempts), and dial again whenever the
+    connection is lost (a partition, the peer restarted), so a node never stays cut off from the
+    network it joined through."""
 
     async def one(addr: str) -> None:
         info = parse_peer_addr(addr)
         connection_manager(market.host).protect(info.peer_id)  # never pruned as idle
-        delay = 0.5
+        delay, was_connected = 0.5, False
         while True:
+            if info.peer_id in market.host.get_connected_peers():
+                if not was_connected:
+                    _logger.info("connected to bootstrap peer %s", addr)
+                was_connected, delay = True, 0.5
+                await trio.sleep(BOOTSTRAP_CHECK_S)
+                continue
+            if was_connected:
+                _logger.info("lost bootstrap peer %s; redialling", addr)
+                was_connected = False
             try:
-                await market.host.connect(info)
-                _logger.info("connected to bootstrap peer %s", addr)
-                return
+                with trio.fail_after(10):
+                    await market.host.connect(info)
+                continue
             except Exception as exc:  # unreachable for now: keep trying, quietly
-                _logger.info("bootstrap peer %s unreachable (%s); retrying in %.0fs", addr, exc, delay)
+                _logger.info("bootstrap peer %s unreachable (%s); retrying in %.1fs", addr, exc, delay)
             await trio.sleep(delay)
-            delay = min(30.0, delay * 2)
+            delay = min(BOOTSTRAP_BACKOFF_MAX_S, delay * 2)
 
     async with trio.open_nursery() as nursery:
         for addr in addrs:
@@ -221,7 +241,8 @@ async def _join_discovered(host: Any, interval_s: float = 1.0) -> None:
 
 
 def resolve_config(home: Home, listen: tuple[str, ...] | None = None, bootstrap: tuple[str, ...] = (),
-                   api: str | None = None, accept_escrow: tuple[str, ...] = ()) -> NodeConfig:
+                   api: str | None = None, accept_escrow: tuple[str, ...] = (), announce: tuple[str, ...] = (),
+                   relay: bool = False) -> NodeConfig:
     """The config file with command-line overrides applied, checked.
 
     Raises:
@@ -234,6 +255,8 @@ def resolve_config(home: Home, listen: tuple[str, ...] | None = None, bootstrap:
         bootstrap=tuple(dict.fromkeys(config.bootstrap + tuple(bootstrap))),
         api=api or config.api,
         accept_escrow=tuple(dict.fromkeys(config.accept_escrow + tuple(accept_escrow))),
+        announce=tuple(dict.fromkeys(tuple(check_announce_addr(a) for a in announce) + config.announce)),
+        relay=relay or config.relay,
     )
     for agent_id in config.accept_escrow:
         protocol.public_key_from_peer_id(agent_id)
@@ -321,6 +344,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                     await nursery.start(delivery.serve, host)
                     await nursery.start(node.sessions.serve)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
+                    nursery.start_soon(keep_alive, host)
                     nursery.start_soon(_observe_uptime, node)
                     nursery.start_soon(storefront.watch_schedule)
                     nursery.start_soon(health.run)

@@ -19,6 +19,9 @@ Rules:
   what it returns, merges what the view already holds (first), and drops providers whose listing
   cannot be found, so Sybil provider records cannot push an honest provider out.
 - The host's dialer (``_dial``) asks ``fresh_addrs`` for a peer whose known addresses all failed.
+- When peers we were not connected to join (a healed partition, a restart, a newcomer), our listing
+  is republished a couple of heartbeats later (``rejoin_republish_*``): gossip does not replay what a
+  peer missed, and a listing that expired in a long partition would otherwise wait for half its TTL.
 Every task lives in the nursery of ``open_market``; leaving the block stops them all.
 """
 
@@ -91,6 +94,10 @@ class MarketConfig:
     dht_inbound_handlers: int = 64
     lookup_timeout_s: float = 15.0
     lookup_fetches: int = 8  # listings fetched from the DHT at once during a lookup
+    # a peer (re)joins (a healed partition, a restart, a newcomer): our listing is republished
+    # this long after (the gossip mesh forms at the next heartbeats), at most once per ..._every_s
+    rejoin_republish_delay_s: float = 2.0
+    rejoin_republish_every_s: float = 10.0
 
 
 class _ListingValidator(Validator):
@@ -276,6 +283,24 @@ class Market:
             known &= set(self.host.get_connected_peers())
             await trio.sleep(self.config.routing_interval_s)
 
+    async def _rejoin_loop(self) -> None:
+        """Republish our listing soon after peers we were not connected to appear (see the rules)."""
+        connected = set(self.host.get_connected_peers())
+        last = -math.inf
+        while True:
+            await trio.sleep(self.config.routing_interval_s)
+            now_connected = set(self.host.get_connected_peers())
+            joined, connected = now_connected - connected, now_connected
+            if not joined or self._own is None:
+                continue
+            wait = max(self.config.rejoin_republish_delay_s, last + self.config.rejoin_republish_every_s
+                       - trio.current_time())
+            await trio.sleep(wait)
+            if self._own is not None:
+                _logger.debug("%d peer(s) joined: republishing our listing", len(joined))
+                last = trio.current_time()
+                self._changed.set()
+
     async def _expire_loop(self) -> None:
         while True:
             self.view.expire(self.now())
@@ -416,6 +441,7 @@ async def open_market(
             nursery.start_soon(market._publish_loop)
             nursery.start_soon(market._dht_loop)
             nursery.start_soon(market._routing_loop)
+            nursery.start_soon(market._rejoin_loop)
             nursery.start_soon(market._expire_loop)
             try:
                 yield market

@@ -66,3 +66,28 @@ def test_bad_config_names_the_key(home):
     home.config.write_text('[node]\naccept_escrow = ["not-a-peer"]\n')
     with pytest.raises(ConfigError, match="accept_escrow"):
         load_config(home.config)
+
+
+def test_announce_and_relay_are_read_and_checked(home):
+    home.config.write_text('[node]\nannounce = ["/ip4/203.0.113.7/tcp/4001", "/dns4/gpu.example.org/tcp/4001"]\n'
+                           'relay = true\n')
+    config = load_config(home.config)
+    assert config.announce == ("/ip4/203.0.113.7/tcp/4001", "/dns4/gpu.example.org/tcp/4001")
+    assert config.relay is True
+    for bad in ('"/ip4/0.0.0.0/tcp/4001"', '"203.0.113.7:4001"', '"/ip4/203.0.113.7/udp/4001"'):
+        home.config.write_text(f"[node]\nannounce = [{bad}]\n")
+        with pytest.raises(ConfigError, match=r"config.toml:2: \[node\] announce: .*"):
+            load_config(home.config)
+    home.config.write_text('[node]\nrelay = "yes"\n')
+    with pytest.raises(ConfigError, match=r"\[node\] relay must be true or false"):
+        load_config(home.config)
+
+
+def test_announce_on_the_command_line_comes_first_and_is_checked(home):
+    from node._node import resolve_config
+
+    home.config.write_text('[node]\nannounce = ["/ip4/203.0.113.7/tcp/4001"]\n')
+    config = resolve_config(home, announce=("/ip4/198.51.100.1/tcp/9",), relay=True)
+    assert config.announce == ("/ip4/198.51.100.1/tcp/9", "/ip4/203.0.113.7/tcp/4001") and config.relay
+    with pytest.raises(ValueError, match="0.0.0.0"):
+        resolve_config(home, announce=("/ip4/0.0.0.0/tcp/9",))

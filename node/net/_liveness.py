@@ -1,0 +1,88 @@
+"""Dead connections are found and closed: a libp2p ping to every connected peer at intervals.
+
+A network link that goes down (a partition, a laptop's Wi-Fi, a NAT that forgot its mapping)
+sends no FIN and no RST: TCP keeps such a connection "open" for as long as nothing is written,
+and for ~15 minutes of retransmissions when something is. Until it is closed, py-libp2p dials
+nobody anew (one connection per peer), gossip keeps the peer in its mesh and the bootstrap loop
+sees a peer that looks connected, so the node never heals. ``keep_alive`` pings every connected
+peer (``/ipfs/ping/1.0.0``, which every py-libp2p host answers) every ``interval_s``; a peer that
+does not answer within ``timeout_s`` has its connections closed, which ends its sessions' streams
+(the session code then fails the unfinished call, unpaid) and lets the reconnect logic dial anew.
+
+Cost: one 32-byte ping stream per peer per interval (200 connections at 15 s: ~13 small streams
+a second), at most ``concurrency`` at once. Peers ping us the same way; the ping protocol is a
+background protocol (``_host.BACKGROUND_PROTOCOLS``): it never makes a connection look busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import trio
+from libp2p.abc import IHost
+from libp2p.host.ping import ID as PING_PROTOCOL_ID
+from libp2p.host.ping import PING_LENGTH
+from libp2p.peer.id import ID
+
+__all__ = ["keep_alive", "ping_once", "KEEPALIVE_INTERVAL_S", "KEEPALIVE_TIMEOUT_S"]
+
+_logger = logging.getLogger(__name__)
+
+#: a dead link is found within interval + timeout (25 s by default)
+KEEPALIVE_INTERVAL_S = 15.0
+KEEPALIVE_TIMEOUT_S = 10.0
+
+
+async def ping_once(host: IHost, peer: ID, timeout_s: float) -> bool:
+    """One ping round trip to ``peer`` on its existing connection; whether it answered in time."""
+    payload = secrets.token_bytes(PING_LENGTH)
+    with trio.move_on_after(timeout_s):
+        stream = None
+        try:
+            stream = await host.new_stream(peer, [PING_PROTOCOL_ID])
+            await stream.write(payload)
+            got = b""
+            while len(got) < PING_LENGTH:
+                chunk = await stream.read(PING_LENGTH - len(got))
+                if not chunk:
+                    return False
+                got += chunk
+            return got == payload
+        except Exception as exc:  # reset, refused, gone: not alive
+            _logger.debug("ping to %s failed: %s", peer, exc)
+            return False
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await stream.close()
+                    except Exception:
+                        pass
+    return False
+
+
+async def keep_alive(host: IHost, interval_s: float = KEEPALIVE_INTERVAL_S, timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                     concurrency: int = 32) -> None:
+    """Ping every connected peer every ``interval_s`` and close the connections of those that do not
+    answer within ``timeout_s`` (until cancelled)."""
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def check(peer: ID) -> None:
+        async with limiter:
+            if peer not in host.get_connected_peers() or await ping_once(host, peer, timeout_s):
+                return
+            _logger.info("peer %s did not answer a ping within %.0f s: closing its connection", peer, timeout_s)
+            with trio.move_on_after(5):
+                try:
+                    await host.get_network().close_peer(peer)
+                except Exception as exc:  # already going
+                    _logger.debug("closing the connection of %s failed: %s", peer, exc)
+
+    while True:
+        await trio.sleep(interval_s)
+        me = host.get_id()
+        async with trio.open_nursery() as nursery:
+            for peer in list(host.get_connected_peers()):
+                if peer != me:
+                    nursery.start_soon(check, peer)
