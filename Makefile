@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export INFERSWARM_PASSPHRASE ?= inferswarm-demo
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean netns-tools
 
 install: $(STAMP)
 
@@ -41,8 +41,18 @@ $(STAMP): pyproject.toml
 run: install
 	@$(VENV)/bin/node demo --home .demo
 
-test: install
+# The multi-host tests (tests/netns) build networks of namespaces with `ip` and `iptables`; as root
+# on Debian/Ubuntu, a missing iptables is installed here. Elsewhere (not root, no apt-get) they skip,
+# saying why.
+test: install netns-tools
 	$(PY) -m pytest -q
+
+netns-tools:
+	@if [ "$$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing iptables for the multi-host tests…"; \
+		{ apt-get install -y -q iptables || { apt-get update -q && apt-get install -y -q iptables; }; } \
+			> $(VENV)/apt.log 2>&1 || echo "  could not install iptables (see $(VENV)/apt.log): the NAT tests will skip"; \
+	fi
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
