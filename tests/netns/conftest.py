@@ -1,0 +1,46 @@
+"""Fixtures of the multi-host tests: ``topology`` builds namespaces under the test's tmp_path and
+removes them (and every process in them) after the test; a failing test's report carries the
+last lines of every daemon's log. Every test module here marks its tests ``netns`` (``pytest -m netns`` runs
+only them, ``-m "not netns"`` all but them); they run by default, and skip with the reason where
+the machine cannot build namespaces (not root, no ``ip`` or ``iptables``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.netns.harness import Topology, unavailable_reason
+
+_reason: list[str | None] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "netns: builds Linux network namespaces (root, ip, iptables)")
+
+
+def _unavailable() -> str | None:
+    if not _reason:
+        _reason.append(unavailable_reason())
+    return _reason[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    topo = getattr(item, "_netns_topology", None)
+    if topo is not None and report.when == "call" and report.failed:
+        report.sections.append(("netns daemon logs (last lines each)", topo.logs()))
+
+
+@pytest.fixture
+def topology(request, tmp_path):
+    """A ``Topology`` in ``tmp_path``, closed after the test whatever happened."""
+    reason = _unavailable()
+    if reason:
+        pytest.skip(f"multi-host netns tests need root, ip and iptables: {reason}")
+    topo = Topology(tmp_path, check=False)
+    request.node._netns_topology = topo
+    try:
+        yield topo
+    finally:
+        topo.close()
