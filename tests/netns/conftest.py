@@ -1,6 +1,6 @@
 """Fixtures of the multi-host tests: ``topology`` builds namespaces under the test's tmp_path and
 removes them (and every process in them) after the test; a failing test's report carries the
-last lines of every daemon's log. Every test module here marks its tests ``netns`` (``pytest -m netns`` runs
+last lines of every daemon's log. Every test module here marks its tests ``netns`` (registered in pyproject.toml) (``pytest -m netns`` runs
 only them, ``-m "not netns"`` all but them); they run by default, and skip with the reason where
 the machine cannot build namespaces (not root, no ``ip`` or ``iptables``)."""
 
@@ -11,10 +11,6 @@ import pytest
 from tests.netns.harness import Topology, unavailable_reason
 
 _reason: list[str | None] = []
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "netns: builds Linux network namespaces (root, ip, iptables)")
 
 
 def _unavailable() -> str | None:
