@@ -676,15 +676,21 @@ class NsDaemon:
             self.proc.wait()
 
 
-def make_daemons(topo: Topology, specs: Sequence[tuple[Host, Sequence[str]]], *, listen: str | None = DEFAULT_LISTEN,
+def make_daemons(topo: Topology, specs: Sequence[tuple[Host, Sequence[str]]], *,
+                 listen: str | None | Callable[[Host], str | None] = DEFAULT_LISTEN,
                  workers: int = 8) -> list[NsDaemon]:
     """Create (``node init``, ``node id``) one daemon per ``(host, extra_args)`` on ``workers``
     threads, without starting them (``start_all`` does); homes are named after the hosts, so each
-    host appears once. Returns them in the order of ``specs``."""
+    host appears once. ``listen``: an address, None (the config's default), or a function of the
+    host (``lambda h: f"/ip4/{h.ip}/tcp/4001"``). Returns them in the order of ``specs``."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def one(spec: tuple[Host, Sequence[str]]) -> NsDaemon:
+        host, extra = spec
+        return topo.daemon(host, *extra, listen=listen(host) if callable(listen) else listen, start=False)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda spec: topo.daemon(spec[0], *spec[1], listen=listen, start=False), specs))
+        return list(pool.map(one, specs))
 
 
 def start_all(daemons: Iterable[NsDaemon], timeout: float = 120) -> None:
