@@ -29,11 +29,16 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def topology(request, tmp_path):
-    """A ``Topology`` in ``tmp_path``, closed after the test whatever happened."""
+def netns_available():
+    """Skips the test, with the reason, where namespaces cannot be built."""
     reason = _unavailable()
     if reason:
         pytest.skip(f"multi-host netns tests need root, ip and iptables: {reason}")
+
+
+@pytest.fixture
+def topology(request, tmp_path, netns_available):
+    """A ``Topology`` in ``tmp_path``, closed after the test whatever happened."""
     topo = Topology(tmp_path, check=False)
     request.node._netns_topology = topo
     try:
