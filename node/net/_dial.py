@@ -91,13 +91,29 @@ def _addrs_of(host: IHost, peer: ID) -> list[multiaddr.Multiaddr]:
 
 
 def _dialable(addr: multiaddr.Multiaddr) -> bool:
+    """A TCP address, direct or through a relay (``…/p2p/RELAY/p2p-circuit``)."""
     protocols = {p.name for p in addr.protocols()}
-    return "tcp" in protocols and "p2p-circuit" not in protocols and not protocols & {"ws", "wss", "quic", "quic-v1"}
+    if "p2p-circuit" in protocols:
+        return str(addr).endswith("/p2p-circuit") and "/p2p/" in str(addr) and "tcp" in protocols
+    return "tcp" in protocols and not protocols & {"ws", "wss", "quic", "quic-v1"}
+
+
+def _is_circuit(addr: multiaddr.Multiaddr) -> bool:
+    return "/p2p-circuit" in str(addr)
 
 
 def _without_peer(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    """``addr`` without its final /p2p/<peer> part; a circuit address keeps its relay's
+    (``…/p2p/RELAY/p2p-circuit/p2p/PEER`` -> ``…/p2p/RELAY/p2p-circuit``)."""
     text = str(addr)
+    if "/p2p-circuit" in text:
+        head, _, _ = text.partition("/p2p-circuit")
+        return multiaddr.Multiaddr(head + "/p2p-circuit")
     return multiaddr.Multiaddr(text.split("/p2p/")[0]) if "/p2p/" in text else addr
+
+
+def _direct_first(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    return [a for a in addrs if not _is_circuit(a)] + [a for a in addrs if _is_circuit(a)]
 
 
 class Dialer:
@@ -175,7 +191,7 @@ class Dialer:
                     await trio.sleep(pause)
                     tried.clear()
                     continue
-            todo = todo[:MAX_ADDRS]
+            todo = _direct_first(todo)[:MAX_ADDRS]
             won = await self._race(peer, todo, deadline, causes)
             tried.update(str(a) for a in todo)
             if won is not None:
@@ -217,8 +233,12 @@ class Dialer:
 
         async def attempt(addr: multiaddr.Multiaddr, failed: trio.Event, scope: trio.CancelScope) -> None:
             try:
-                async with limiter:  # py-libp2p's bound on dials in flight (32), which its own dials keep
-                    conn = await once(addr, peer)
+                if _is_circuit(addr):  # through a relay (its own dial of the relay takes the limiter)
+                    from ._relay import dial_circuit
+                    conn = await dial_circuit(self.host, addr, peer, deadline=deadline)
+                else:
+                    async with limiter:  # py-libp2p's bound on dials in flight (32), which its own dials keep
+                        conn = await once(addr, peer)
             except Exception as exc:
                 causes.append(f"{addr}: {describe(exc)}")
                 failed.set()
@@ -247,8 +267,27 @@ class Dialer:
                     pass
         return won[0] if won else None
 
+    async def dial_direct(self, peer: ID, addrs: Sequence[multiaddr.Multiaddr], *, deadline: float) -> None:
+        """A direct connection to ``peer`` through ``addrs`` even if a relayed one exists (DCUtR).
+
+        Raises:
+            DialFailed: none connected by the deadline; names the last cause.
+        """
+        todo = [a for a in dict.fromkeys(_without_peer(a) for a in addrs) if _dialable(a) and not _is_circuit(a)]
+        if not todo:
+            raise DialFailed("no direct address to dial")
+        getattr(self.host.get_network(), "unblock_peer", lambda _peer: None)(peer)
+        causes: list[str] = []
+        won = await self._race(peer, todo[:MAX_ADDRS], deadline, causes)
+        if won is None:
+            raise DialFailed(f"{len(todo)} direct address(es) tried; last: {causes[-1] if causes else '?'}")
+        self._prefer(peer, won, _addrs_of(self.host, peer))
+
     def _prefer(self, peer: ID, good: multiaddr.Multiaddr, known: list[multiaddr.Multiaddr]) -> None:
-        """The address that worked first in the peerstore (libp2p dials only the first TCP one)."""
+        """The address that worked first in the peerstore (libp2p dials only the first TCP one);
+        a circuit address never goes first (libp2p's own dials would try it as plain TCP)."""
+        if _is_circuit(good):
+            return
         store = self.host.get_peerstore()
         rest = [a for a in known if str(a) != str(good)][:PEER_CACHE_ADDRS]
         try:

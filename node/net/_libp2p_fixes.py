@@ -67,6 +67,12 @@ is a deliberate act that re-checks every trap.
    ("chunk 0/41 out of order": a cancelled call then went unpaid instead of paying its prefix).
    The window update now runs shielded, bounded by ``WINDOW_UPDATE_TIMEOUT_S``: once bytes are
    taken, the read returns them.
+13. A direct connection that appears beside a relayed one is closed at once: ``Swarm._trim_connections``
+   keeps ``max_connections_per_peer`` (1) connections of a peer, trimming the one with the fewest
+   streams first, so the fresh direct connection DCUtR just made (no streams yet) was closed and the
+   session stayed on the relay. Direct and relayed connections are now trimmed apart: a peer keeps up
+   to ``max_connections_per_peer`` direct ones and one relayed one (``_relay`` closes the relayed one
+   once idle; new streams already prefer the direct one, ``Swarm._best_connection``).
 """
 
 from __future__ import annotations
@@ -530,6 +536,40 @@ async def _window_update_uncancelled(self: YamuxStream, *, bytes_read: int = 0) 
         await _original_window_update(self, bytes_read=bytes_read)
 
 
+# ---- 13. per-peer trim: direct and relayed connections apart
+
+_original_trim = Swarm._trim_connections
+
+
+def _trim_by_kind(self: Swarm, peer_id: Any) -> None:
+    """Trim ``peer_id``'s direct connections to ``max_connections_per_peer`` and its relayed ones to
+    one, each by py-libp2p's own rules (grace, protection, fewest streams then oldest)."""
+    from libp2p.connection_types import ConnectionType
+
+    conns = list(self.connections.get(peer_id, []))
+
+    def relayed(conn: Any) -> bool:
+        try:
+            return conn.get_connection_type() == ConnectionType.RELAYED
+        except Exception:
+            return False
+
+    groups = ([c for c in conns if not relayed(c)], [c for c in conns if relayed(c)])
+    kept: list[Any] = []
+    saved = self.connection_config.max_connections_per_peer
+    for group, cap in zip(groups, (saved, 1)):
+        if not group:
+            continue
+        self.connections[peer_id] = group
+        self.connection_config.max_connections_per_peer = cap
+        try:
+            _original_trim(self, peer_id)
+        finally:
+            self.connection_config.max_connections_per_peer = saved
+        kept.extend(self.connections[peer_id])
+    self.connections[peer_id] = [c for c in conns if any(c is k for k in kept)]
+
+
 # ---- 11. TCP listeners: no SO_REUSEPORT
 
 
@@ -568,6 +608,7 @@ def apply() -> None:
     _NegativePeerCache.__init__ = _short_negative_cache_init  # type: ignore[method-assign]
     _tcp_module._set_reuse_flags = _reuse_address_only  # type: ignore[attr-defined]
     YamuxStream._auto_tune_and_send_window_update = _window_update_uncancelled  # type: ignore[method-assign]
+    Swarm._trim_connections = _trim_by_kind  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     # libp2p's logging setup (utils/logging.py, LIBP2P_DEBUG unset) clears the "libp2p" logger's
     # handlers and stops its propagation to silence it; with no handler anywhere Python prints its

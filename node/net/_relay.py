@@ -1,0 +1,752 @@
+"""Circuit relay v2 (the relay role and the client) and a DCUtR upgrade to a direct connection.
+
+Rules: this module speaks the standard wire protocols (``/libp2p/circuit/relay/0.2.0/hop`` and
+``/stop``, ``/libp2p/dcutr``; varint-prefixed protobufs from ``libp2p.relay.circuit_v2.pb``), so
+other libp2p implementations can use our relays and we theirs. Every read a remote party can make
+us wait on has a deadline, every message a size cap, every reservation and circuit a count.
+
+Why not py-libp2p 0.8.1's ``circuit_v2``: its hop handler (``protocol.py``) keeps active circuits in
+a dict keyed by the *source* peer, so a second circuit from one peer overwrites the first and the
+first's cleanup tears down the second; it checks the circuit duration only when a chunk arrives
+(an idle circuit outlives its limit for ever); when a limit is hit it writes a HopMessage STATUS
+*into the relayed byte stream* (the two ends see garbage inside their Noise session); it sleeps
+0.5 s inside handlers on every refusal; and the byte limit is shared by both directions while the
+spec says "per direction". Its transport/listener wrap a circuit in a ``RawConnection`` but never
+count it against the host's bounds, and its DCUtR needs its own NAT service. The parts here are
+compact replacements that reuse py-libp2p's Noise/Yamux upgrade for the relayed byte stream.
+
+The relay (``serve_relay``): a RESERVE over a direct connection gets a reservation for
+``reservation_ttl_s`` (one per peer; renewing replaces it), within ``reservations`` in all and
+``reservations_per_ip`` per remote IP; a reservation ends early when its holder disconnects. A
+CONNECT to a peer holding a reservation opens the STOP stream to it and splices the two streams,
+within ``circuits`` in all and ``circuits_per_peer`` per peer (as source or target); a circuit is
+reset after ``circuit_duration_s`` or once ``circuit_bytes`` went one way. Refusals carry the
+spec's status (RESERVATION_REFUSED, RESOURCE_LIMIT_EXCEEDED, NO_RESERVATION, PERMISSION_DENIED,
+CONNECTION_FAILED, MALFORMED_MESSAGE, UNEXPECTED_MESSAGE); a hop request over a relayed connection
+is refused (PERMISSION_DENIED). With a DHT the relay provides ``RELAY_DHT_KEY`` every
+``reprovide_s``.
+
+The client (``RelayClient``): keeps reservations on up to ``MAX_RELAYS`` relays while
+``need_relay()`` holds, renews them before they expire, replaces a relay that went away; accepts
+STOP streams only from relays it holds a reservation on, turns each into a connection (Noise +
+Yamux, the peer's identity checked by Noise) counted like a direct inbound connection; on such a
+connection it runs DCUtR as the spec's B: Connect (its addresses), Connect back (A's), Sync, then
+dials A's addresses itself. A, per the spec, would also dial B on Sync; ours does not: TCP hole
+punching needs simultaneous open from the listen port (SO_REUSEPORT, which libp2p fix 11 removes),
+and two crossing dials leave two direct connections that each side would trim differently. So our
+upgrade is connection reversal: it works when A is reachable (the usual case: a consumer with a
+public address, or a private provider dialled by a public consumer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.connection_types import ConnectionType
+from libp2p.custom_types import TProtocol
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId, Reservation, Status, StopMessage
+from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+
+from ._dial import DialFailed, describe, dialer
+from ._libp2p_fixes import handshake_gate
+
+__all__ = [
+    "HOP_PROTOCOL", "STOP_PROTOCOL", "DCUTR_PROTOCOL", "RELAY_DHT_KEY", "MAX_RELAYS", "RelayLimits",
+    "Relay", "serve_relay", "RelayClient", "RelayRefused", "dial_circuit", "connection_kind", "is_circuit",
+]
+
+_logger = logging.getLogger(__name__)
+
+HOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/hop")
+STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
+DCUTR_PROTOCOL = TProtocol("/libp2p/dcutr")
+#: the DHT provider-record key relays announce (a sha256 multihash in hex, like the market's model keys)
+RELAY_DHT_KEY = "1220" + "4c5a1e0e3b2f6d7a8c9b0a1f2e3d4c5b6a79880716253443526170819a0b1c2d"[:64]
+MAX_RELAYS = 2
+MAX_MESSAGE = 4096  # go-libp2p's cap on a circuit or DCUtR message
+MAX_OBS_ADDRS = 8  # addresses taken from a peer's DCUtR Connect
+MESSAGE_TIMEOUT_S = 10.0  # one message read, one STOP/CONNECT round trip
+CHUNK = 16 * 1024
+_STATUS_NAMES = {v: k for k, v in Status.items()}
+
+
+class RelayRefused(DialFailed):
+    """A relay (or the target behind it) refused; ``status`` is the spec's status name."""
+
+    def __init__(self, status: str, what: str) -> None:
+        super().__init__(f"{what}: relay answered {status}")
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayLimits:
+    """What a relay gives away at most (the defaults are the daemon's).
+
+    reservations / reservations_per_ip: live reservations in all and per remote IP (go-libp2p: 128, 8).
+    reservation_ttl_s: a reservation's life (go-libp2p: 1 h); the holder renews it before the end.
+    circuits / circuits_per_peer: open circuits in all, and per peer as source or target (go: 16).
+    circuit_duration_s / circuit_bytes: a circuit is reset after this long, or once this many bytes
+        went in one direction. go-libp2p's 2 min / 128 KiB suits hole punching only; ours carry an
+        inference session until DCUtR moves it (prompts and answers are KiB to a few MiB), so 10 min
+        and 16 MiB: at 64 circuits at most 2 GiB relayed a direction per 10 minutes.
+    reprovide_s: how often the DHT provider record is renewed.
+    """
+
+    reservations: int = 128
+    reservations_per_ip: int = 8
+    reservation_ttl_s: int = 3600
+    circuits: int = 64
+    circuits_per_peer: int = 8
+    circuit_duration_s: float = 600.0
+    circuit_bytes: int = 16 << 20
+    reprovide_s: float = 1800.0
+
+
+# ---- wire helpers
+
+
+async def _write(stream: Any, msg: Any) -> None:
+    with trio.fail_after(MESSAGE_TIMEOUT_S):
+        await stream.write(encode_varint_prefixed(msg.SerializeToString()))
+
+
+async def _read(stream: Any, cls: type) -> Any:
+    """One message of ``cls`` within ``MESSAGE_TIMEOUT_S`` and ``MAX_MESSAGE`` bytes.
+
+    Raises:
+        ValueError: malformed, too large, or the stream ended (the cause chained).
+        trio.TooSlowError: not within the deadline.
+    """
+    with trio.fail_after(MESSAGE_TIMEOUT_S):
+        try:
+            data = await read_varint_prefixed_bytes_limited(stream, MAX_MESSAGE)
+        except trio.TooSlowError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"unreadable message: {describe(exc)}") from exc
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except Exception as exc:
+        raise ValueError(f"malformed {cls.__name__}") from exc
+    return msg
+
+
+def _status_name(code: int) -> str:
+    return _STATUS_NAMES.get(code, f"status {code}")
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:  # already gone
+        pass
+
+
+async def _close(thing: Any) -> None:
+    try:
+        with trio.move_on_after(5):
+            await thing.close()
+    except Exception:  # already gone
+        pass
+
+
+def _live_conns(host: IHost, peer: ID) -> list[Any]:
+    return [c for c in host.get_network().get_connections(peer) if not getattr(c, "is_closed", False)]
+
+
+def _is_relayed_conn(conn: Any) -> bool:
+    try:
+        return conn.get_connection_type() == ConnectionType.RELAYED
+    except Exception:
+        return False
+
+
+def connection_kind(host: IHost, peer: ID) -> str | None:
+    """"direct" if ``host`` has a direct connection to ``peer``, "relayed" if only a relayed one, else None."""
+    conns = _live_conns(host, peer)
+    if not conns:
+        return None
+    return "relayed" if all(_is_relayed_conn(c) for c in conns) else "direct"
+
+
+def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:
+    return "/p2p-circuit" in str(addr)
+
+
+def _split_circuit(addr: multiaddr.Multiaddr) -> tuple[multiaddr.Multiaddr, ID]:
+    """``…/p2p/RELAY/p2p-circuit[/p2p/PEER]`` as (the relay's address with /p2p/RELAY, RELAY).
+
+    Raises:
+        ValueError: not a circuit address naming its relay.
+    """
+    text = str(addr)
+    relay_part = text.split("/p2p-circuit")[0]
+    if "/p2p/" not in relay_part:
+        raise ValueError(f"a circuit address must name its relay (…/p2p/RELAY/p2p-circuit): {text}")
+    relay = ID.from_base58(relay_part.rsplit("/p2p/", 1)[1])
+    return multiaddr.Multiaddr(relay_part), relay
+
+
+def _direct_addrs(addrs: Sequence[Any], limit: int) -> list[multiaddr.Multiaddr]:
+    out = []
+    for raw in addrs:
+        try:
+            addr = multiaddr.Multiaddr(raw)
+        except Exception:  # a peer's garbage: skipped
+            continue
+        names = {p.name for p in addr.protocols()}
+        if "tcp" in names and "p2p-circuit" not in names and names & {"ip4", "ip6"}:
+            out.append(addr)
+        if len(out) >= limit:
+            break
+    return out
+
+
+# ---- the relay role
+
+
+@dataclasses.dataclass
+class _Reservation:
+    expire: float  # unix time
+    ip: str
+
+
+class Relay:
+    """The relay's state: live reservations and circuits, and counts of what it refused."""
+
+    def __init__(self, host: IHost, limits: RelayLimits) -> None:
+        self.host = host
+        self.limits = limits
+        self.reservations: dict[ID, _Reservation] = {}
+        self.circuits: dict[ID, int] = {}  # peer -> open circuits it is an end of
+        self.open_circuits = 0
+        self.refused: dict[str, int] = {}
+        self.cut = 0  # circuits reset at their duration or byte limit
+
+    def _refuse(self, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+
+    def _prune(self) -> None:
+        now = time.time()
+        for peer in [p for p, r in self.reservations.items() if r.expire <= now or not _live_conns(self.host, p)]:
+            del self.reservations[peer]
+
+    def holds(self, peer: ID) -> bool:
+        self._prune()
+        return peer in self.reservations
+
+    async def handle_hop(self, stream: Any) -> None:
+        """One hop stream: one RESERVE or CONNECT (go-libp2p reads one message per stream too)."""
+        peer = stream.muxed_conn.peer_id
+        try:
+            if _is_relayed_conn(getattr(stream, "muxed_conn", None)):
+                self._refuse("relayed")
+                await self._status(stream, Status.PERMISSION_DENIED)
+                return
+            try:
+                msg = await _read(stream, HopMessage)
+            except (ValueError, trio.TooSlowError):
+                self._refuse("malformed")
+                await self._status(stream, Status.MALFORMED_MESSAGE)
+                return
+            if msg.type == HopMessage.RESERVE:
+                await self._reserve(stream, peer)
+            elif msg.type == HopMessage.CONNECT:
+                await self._connect(stream, peer, msg)
+            else:
+                self._refuse("unexpected")
+                await self._status(stream, Status.UNEXPECTED_MESSAGE)
+        except Exception as exc:  # the peer went away mid-answer
+            _logger.debug("hop stream from %s ended: %s", peer, describe(exc))
+        finally:
+            await _close(stream)
+
+    async def _status(self, stream: Any, status: int, **fields: Any) -> None:
+        try:
+            await _write(stream, HopMessage(type=HopMessage.STATUS, status=status, **fields))
+        except Exception:  # the peer went away
+            pass
+
+    def _limit(self) -> Limit:
+        return Limit(duration=int(self.limits.circuit_duration_s), data=int(self.limits.circuit_bytes))
+
+    async def _reserve(self, stream: Any, peer: ID) -> None:
+        self._prune()
+        ip = _remote_ip(stream)
+        if peer not in self.reservations:
+            same_ip = sum(1 for r in self.reservations.values() if r.ip == ip)
+            if len(self.reservations) >= self.limits.reservations or same_ip >= self.limits.reservations_per_ip:
+                self._refuse("reservations")
+                await self._status(stream, Status.RESERVATION_REFUSED)
+                return
+        expire = int(time.time()) + self.limits.reservation_ttl_s
+        self.reservations[peer] = _Reservation(expire, ip)
+        addrs = [a.to_bytes() for a in self.host.get_addrs() if not is_circuit(a)]
+        await self._status(stream, Status.OK, reservation=Reservation(expire=expire, addrs=addrs),
+                           limit=self._limit())
+
+    async def _connect(self, src_stream: Any, src: ID, msg: HopMessage) -> None:
+        try:
+            dst = ID(msg.peer.id)
+            dst.to_base58()
+        except Exception:
+            self._refuse("malformed")
+            await self._status(src_stream, Status.MALFORMED_MESSAGE)
+            return
+        if not self.holds(dst):
+            self._refuse("no_reservation")
+            await self._status(src_stream, Status.NO_RESERVATION)
+            return
+        per = self.limits.circuits_per_peer
+        if (self.open_circuits >= self.limits.circuits or self.circuits.get(src, 0) >= per
+                or self.circuits.get(dst, 0) >= per or src == dst):
+            self._refuse("circuits")
+            await self._status(src_stream, Status.RESOURCE_LIMIT_EXCEEDED)
+            return
+        self.open_circuits += 1
+        for p in (src, dst):
+            self.circuits[p] = self.circuits.get(p, 0) + 1
+        try:
+            await self._circuit(src_stream, src, dst)
+        finally:
+            self.open_circuits -= 1
+            for p in (src, dst):
+                self.circuits[p] -= 1
+                if not self.circuits[p]:
+                    del self.circuits[p]
+
+    async def _circuit(self, src_stream: Any, src: ID, dst: ID) -> None:
+        dst_stream = None
+        try:
+            with trio.fail_after(MESSAGE_TIMEOUT_S):
+                dst_stream = await self.host.new_stream(dst, [STOP_PROTOCOL])
+                await _write(dst_stream, StopMessage(type=StopMessage.CONNECT, peer=PeerId(id=src.to_bytes()),
+                                                     limit=self._limit()))
+                reply = await _read(dst_stream, StopMessage)
+            if reply.type != StopMessage.STATUS or reply.status != Status.OK:
+                raise ValueError(f"target answered {_status_name(reply.status)}")
+        except Exception as exc:
+            _logger.debug("circuit %s -> %s failed: %s", src, dst, describe(exc))
+            self._refuse("connection_failed")
+            if dst_stream is not None:
+                await _reset(dst_stream)
+            await self._status(src_stream, Status.CONNECTION_FAILED)
+            return
+        await self._status(src_stream, Status.OK, limit=self._limit())
+        if await _splice(src_stream, dst_stream, self.limits.circuit_duration_s, self.limits.circuit_bytes):
+            self.cut += 1
+
+
+def _remote_ip(stream: Any) -> str:
+    try:
+        remote = stream.muxed_conn.get_remote_address()
+        return str(remote[0]) if remote else "?"
+    except Exception:
+        return "?"
+
+
+async def _splice(a: Any, b: Any, duration_s: float, max_bytes: int) -> bool:
+    """Copy ``a`` <-> ``b`` until both directions ended; reset both at ``duration_s`` or when one
+    direction passed ``max_bytes``. Returns whether it cut the circuit."""
+    cut = False
+
+    async def pump(src: Any, dst: Any, scope: trio.CancelScope) -> None:
+        nonlocal cut
+        sent = 0
+        try:
+            while True:
+                data = await src.read(CHUNK)
+                if not data:
+                    break
+                if sent + len(data) > max_bytes:
+                    await dst.write(data[: max_bytes - sent])
+                    cut = True
+                    scope.cancel()
+                    return
+                sent += len(data)
+                with trio.fail_after(MESSAGE_TIMEOUT_S * 3):  # a peer that stops reading holds nothing long
+                    await dst.write(data)
+        except (trio.TooSlowError, Exception) as exc:  # EOF, reset, a stalled reader: the circuit is over
+            if not _is_eof(exc):
+                scope.cancel()
+                return
+        try:
+            await dst.close()  # half-close: the other direction carries on
+        except Exception:
+            scope.cancel()
+
+    with trio.move_on_after(duration_s) as timer:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, a, b, nursery.cancel_scope)
+            nursery.start_soon(pump, b, a, nursery.cancel_scope)
+    if timer.cancelled_caught:
+        cut = True
+    await _reset(a)
+    await _reset(b)
+    return cut
+
+
+def _is_eof(exc: BaseException) -> bool:
+    return isinstance(exc, EOFError) or "EOF" in type(exc).__name__
+
+
+async def serve_relay(host: IHost, limits: RelayLimits = RelayLimits(), *, dht: Any = None,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the hop protocol on ``host`` until cancelled (``nursery.start``: started with the ``Relay``).
+
+    With ``dht`` (a running ``KadDHT``) the relay provides ``RELAY_DHT_KEY`` at once and every
+    ``limits.reprovide_s``; a failed provide is retried after a minute. Peers holding a reservation
+    are kept by the host's connection manager (``keep_peers``).
+    """
+    from ._host import connection_manager
+
+    relay = Relay(host, limits)
+    host.set_stream_handler(HOP_PROTOCOL, relay.handle_hop)
+    try:
+        connection_manager(host).keep_peers(relay.holds)
+    except LookupError:  # a host not opened by open_host
+        pass
+    task_status.started(relay)
+    try:
+        while True:
+            pause = limits.reprovide_s
+            if dht is not None:
+                try:
+                    with trio.fail_after(60):
+                        await dht.provide(RELAY_DHT_KEY)
+                except Exception as exc:  # no DHT peers yet
+                    _logger.info("relay provider record not stored: %s", describe(exc))
+                    pause = min(pause, 60.0)
+            await trio.sleep(pause)
+    finally:
+        try:
+            host.remove_stream_handler(HOP_PROTOCOL)
+        except Exception:  # host closing
+            pass
+
+
+# ---- the client: dialling through a relay
+
+
+async def dial_circuit(host: IHost, addr: multiaddr.Multiaddr, peer: ID, *, deadline: float) -> Any:
+    """Connect to ``peer`` through the relay ``addr`` names (``…/p2p/RELAY/p2p-circuit``).
+
+    Returns:
+        The new (relayed) swarm connection.
+
+    Raises:
+        RelayRefused: the relay or the target refused (the spec's status in the message).
+        DialFailed: the relay unreachable, or the upgrade failed; names the cause.
+    """
+    relay_addr, relay = _split_circuit(addr)
+    if relay == peer:
+        raise DialFailed("a circuit through the peer itself")
+    await dialer(host).dial(relay, [relay_addr], deadline=deadline)
+    stream = None
+    try:
+        with trio.fail_after(max(0.01, deadline - trio.current_time())):
+            stream = await host.new_stream(relay, [HOP_PROTOCOL])
+            await _write(stream, HopMessage(type=HopMessage.CONNECT, peer=PeerId(id=peer.to_bytes())))
+            reply = await _read(stream, HopMessage)
+            if reply.type != HopMessage.STATUS or reply.status != Status.OK:
+                raise RelayRefused(_status_name(reply.status), f"circuit to {peer} via {relay}")
+            raw = RawConnection(stream, True, ConnectionType.RELAYED, [multiaddr.Multiaddr(f"{addr}")])
+            return await host.get_network().upgrade_outbound_raw_conn(raw, peer)
+    except RelayRefused:
+        if stream is not None:
+            await _reset(stream)
+        raise
+    except BaseException as exc:
+        if stream is not None:
+            await _reset(stream)
+        if isinstance(exc, Exception):
+            raise DialFailed(f"circuit to {peer} via {relay}: {describe(exc)}") from exc
+        raise
+
+
+# ---- the client: reservations, inbound circuits, DCUtR
+
+
+@dataclasses.dataclass
+class _Held:
+    relay: ID
+    addrs: list[multiaddr.Multiaddr]  # the relay's, each ending in /p2p/RELAY
+    expire: float  # unix time
+    since: float  # when it was granted (unix time)
+
+
+class RelayClient:
+    """Keeps reservations on relays while needed, accepts relayed connections, upgrades them (DCUtR).
+
+    Bounds: at most ``MAX_RELAYS`` reservations; candidates tried at most ``MAX_CANDIDATES`` a round,
+    a relay that failed is not retried for ``RETRY_S``; relayed inbound connections count against the
+    host's inbound cap (``_libp2p_fixes`` fix 1) and stream caps like direct ones; one DCUtR attempt
+    per relayed connection (``DCUTR_ATTEMPTS`` dials); a relayed connection is closed once a direct one
+    to the same peer exists and no stream of a non-background protocol is open on it.
+    """
+
+    CHECK_S = 1.0
+    RETRY_S = 30.0
+    DHT_QUERY_S = 30.0
+    MAX_CANDIDATES = 8
+    DCUTR_ATTEMPTS = 3
+    RENEW_MARGIN = 0.25  # renew when a quarter of the reservation's life is left
+
+    def __init__(self, host: IHost, *, dht: Any = None,
+                 own_addrs: Callable[[], Sequence[str]] | None = None) -> None:
+        self.host = host
+        self.dht = dht
+        self.own_addrs = own_addrs  # what DCUtR tells the other side (default: the listen addresses)
+        self.held: dict[ID, _Held] = {}
+        self.explicit: dict[ID, multiaddr.Multiaddr] = {}
+        self.failed: dict[ID, float] = {}
+        self.upgrades = 0  # direct connections DCUtR made
+        self._dht_found: list[tuple[ID, list[multiaddr.Multiaddr]]] = []
+        self._dht_at = -1e9
+        self._nursery: trio.Nursery | None = None
+        self._active = False
+
+    def add_relay(self, addr: str) -> None:
+        """Use the relay at ``addr`` (``/ip4/…/tcp/…/p2p/RELAY``) as a candidate.
+
+        Raises:
+            ValueError: not an address naming a peer.
+        """
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            relay = ID.from_base58(str(maddr).rsplit("/p2p/", 1)[1])
+        except Exception as exc:
+            raise ValueError(f"not a relay address (…/p2p/<peer id>): {addr!r}") from exc
+        self.explicit[relay] = maddr
+
+    def circuit_addrs(self) -> list[str]:
+        """Our addresses through the relays we hold live reservations on (``…/p2p-circuit/p2p/ME``)."""
+        if not self._active:
+            return []
+        me = self.host.get_id().to_base58()
+        now = time.time()
+        out = []
+        for held in self.held.values():
+            if held.expire > now and _live_conns(self.host, held.relay):
+                out.extend(f"{a}/p2p-circuit/p2p/{me}" for a in held.addrs)
+        return out
+
+    def connection_kind(self, peer: ID) -> str | None:
+        """"direct", "relayed" or None (not connected)."""
+        return connection_kind(self.host, peer)
+
+    async def run(self, need_relay: Callable[[], bool], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve STOP and DCUtR, and keep reservations while ``need_relay()`` holds, until cancelled."""
+        self.host.set_stream_handler(STOP_PROTOCOL, self._handle_stop)
+        self.host.set_stream_handler(DCUTR_PROTOCOL, self._handle_dcutr)
+        try:
+            from ._host import connection_manager
+            connection_manager(self.host).keep_peers(lambda p: p in self.held)
+        except LookupError:
+            pass
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                while True:
+                    self._active = bool(need_relay())
+                    if self._active:
+                        await self._maintain()
+                    self._close_superseded(nursery)
+                    await trio.sleep(self.CHECK_S)
+        finally:
+            self._nursery = None
+            for proto in (STOP_PROTOCOL, DCUTR_PROTOCOL):
+                try:
+                    self.host.remove_stream_handler(proto)
+                except Exception:  # host closing
+                    pass
+
+    async def _maintain(self) -> None:
+        now = time.time()
+        for relay, held in list(self.held.items()):
+            if not _live_conns(self.host, relay) or held.expire <= now:
+                del self.held[relay]
+            elif held.expire - now < self.RENEW_MARGIN * (held.expire - held.since):
+                await self._try(relay, held.addrs)
+        if len(self.held) >= MAX_RELAYS:
+            return
+        for relay, addrs in (await self._candidates())[: self.MAX_CANDIDATES]:
+            if len(self.held) >= MAX_RELAYS:
+                break
+            if relay not in self.held and self.failed.get(relay, 0) <= trio.current_time():
+                await self._try(relay, addrs)
+
+    async def _try(self, relay: ID, addrs: list[multiaddr.Multiaddr]) -> None:
+        try:
+            await self.reserve(relay, addrs)
+        except DialFailed as exc:
+            _logger.info("no reservation on relay %s: %s", relay, exc)
+            self.held.pop(relay, None)
+            self.failed[relay] = trio.current_time() + self.RETRY_S
+
+    async def _candidates(self) -> list[tuple[ID, list[multiaddr.Multiaddr]]]:
+        me = self.host.get_id()
+        found: dict[ID, list[multiaddr.Multiaddr]] = {r: [a] for r, a in self.explicit.items()}
+        store = self.host.get_peerstore()
+        for peer in self.host.get_connected_peers():
+            try:
+                if HOP_PROTOCOL in (store.get_protocols(peer) or []):
+                    found.setdefault(peer, [])
+            except Exception:  # unknown to the peerstore
+                continue
+        if self.dht is not None and trio.current_time() - self._dht_at > self.DHT_QUERY_S:
+            self._dht_at = trio.current_time()
+            try:
+                with trio.move_on_after(10):
+                    infos = await self.dht.find_providers(RELAY_DHT_KEY, 20)
+                    self._dht_found = [(i.peer_id, _direct_addrs(i.addrs, 4)) for i in infos]
+            except Exception as exc:  # no DHT peers yet
+                _logger.debug("relay lookup failed: %s", describe(exc))
+        for relay, addrs in self._dht_found:
+            found.setdefault(relay, addrs)
+        return [(r, a) for r, a in found.items() if r != me]
+
+    async def reserve(self, relay: ID, addrs: Sequence[multiaddr.Multiaddr] = (), *, timeout_s: float = 10.0) -> None:
+        """Reserve (or renew) a slot on ``relay``.
+
+        Raises:
+            RelayRefused: the relay refused (its status in the message).
+            DialFailed: unreachable, or it does not speak the hop protocol; names the cause.
+        """
+        deadline = trio.current_time() + timeout_s
+        await dialer(self.host).dial(relay, [a for a in addrs if not is_circuit(a)], deadline=deadline)
+        stream = None
+        try:
+            with trio.fail_after(timeout_s):
+                stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
+                await _write(stream, HopMessage(type=HopMessage.RESERVE))
+                reply = await _read(stream, HopMessage)
+        except Exception as exc:
+            if stream is not None:
+                await _reset(stream)
+            raise DialFailed(f"reservation on {relay}: {describe(exc)}") from exc
+        await _close(stream)
+        if reply.type != HopMessage.STATUS or reply.status != Status.OK:
+            raise RelayRefused(_status_name(reply.status), f"reservation on {relay}")
+        suffix = f"/p2p/{relay.to_base58()}"
+        given = _direct_addrs(reply.reservation.addrs, 4) or _direct_addrs(
+            [str(a) for a in addrs] + [str(a) for a in self.host.get_peerstore().addrs(relay)], 4)
+        relay_addrs = [a if str(a).endswith(suffix) else multiaddr.Multiaddr(f"{str(a).split('/p2p/')[0]}{suffix}")
+                       for a in given]
+        expire = float(reply.reservation.expire) if reply.reservation.expire else time.time() + 3600
+        expire = min(expire, time.time() + 24 * 3600)  # a relay's claim; we renew well before anyway
+        self.held[relay] = _Held(relay, relay_addrs, expire, time.time())
+
+    async def _handle_stop(self, stream: Any) -> None:
+        """A relay hands us a circuit: accept only from a relay we hold a reservation on."""
+        relay = stream.muxed_conn.peer_id
+        network = self.host.get_network()
+        gate = handshake_gate(network)  # type: ignore[arg-type]
+        cfg = network.connection_config  # type: ignore[attr-defined]
+        try:
+            try:
+                msg = await _read(stream, StopMessage)
+                src = ID(msg.peer.id)
+                src.to_base58()
+            except Exception:
+                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.MALFORMED_MESSAGE))
+                return
+            if relay not in self.held or msg.type != StopMessage.CONNECT:
+                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.PERMISSION_DENIED))
+                return
+            if gate.inbound >= max(1, cfg.max_connections - cfg.min_connections):
+                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.RESOURCE_LIMIT_EXCEEDED))
+                return
+            await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.OK))
+            circuit = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{src.to_base58()}")
+            raw = RawConnection(stream, False, ConnectionType.RELAYED, [circuit])
+            muxed = await network.upgrade_inbound_raw_conn(raw, circuit)  # type: ignore[attr-defined]
+        except Exception as exc:
+            _logger.debug("relayed connection via %s failed: %s", relay, describe(exc))
+            await _reset(stream)
+            return
+        if muxed.peer_id != src:  # Noise proved who it is; the relay's word named someone else
+            _logger.info("relayed connection via %s: the relay said %s, Noise proved %s", relay, src, muxed.peer_id)
+        gate.inbound += 1
+        try:
+            if self._nursery is not None:
+                self._nursery.start_soon(self._dcutr_initiate, muxed.peer_id)
+            event = getattr(muxed, "event_shutting_down", None)
+            await (event if event is not None else muxed.event_closed).wait()
+        finally:
+            gate.inbound -= 1
+
+    def _my_addrs(self) -> list[bytes]:
+        texts = list(self.own_addrs()) if self.own_addrs is not None else [str(a) for a in self.host.get_addrs()]
+        return [a.to_bytes() for a in _direct_addrs(texts, MAX_OBS_ADDRS)]
+
+    async def _dcutr_initiate(self, peer: ID) -> None:
+        """B's side: Connect, Connect back, Sync, then dial A's addresses (our connection reversal)."""
+        stream = None
+        try:
+            with trio.fail_after(MESSAGE_TIMEOUT_S):
+                stream = await self.host.new_stream(peer, [DCUTR_PROTOCOL])
+                sent = trio.current_time()
+                await _write(stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=self._my_addrs()))
+                reply = await _read(stream, HolePunch)
+                rtt = trio.current_time() - sent
+                if reply.type != HolePunch.CONNECT:
+                    raise ValueError("expected Connect")
+                await _write(stream, HolePunch(type=HolePunch.SYNC))
+            await _close(stream)
+            addrs = _direct_addrs(reply.ObsAddrs, MAX_OBS_ADDRS)
+            if not addrs:
+                return
+            await trio.sleep(rtt / 2)
+            for _ in range(self.DCUTR_ATTEMPTS):
+                if connection_kind(self.host, peer) == "direct":
+                    return
+                try:
+                    await dialer(self.host).dial_direct(peer, addrs, deadline=trio.current_time() + 5)
+                    self.upgrades += 1
+                    return
+                except DialFailed as exc:
+                    _logger.debug("DCUtR dial of %s failed: %s", peer, exc)
+        except Exception as exc:
+            _logger.debug("DCUtR with %s failed: %s", peer, describe(exc))
+            if stream is not None:
+                await _reset(stream)
+
+    async def _handle_dcutr(self, stream: Any) -> None:
+        """A's side: answer Connect with our addresses, wait for Sync (B dials us)."""
+        try:
+            msg = await _read(stream, HolePunch)
+            if msg.type != HolePunch.CONNECT:
+                return
+            await _write(stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=self._my_addrs()))
+            await _read(stream, HolePunch)  # Sync
+        except Exception as exc:  # the peer's garbage or its departure
+            _logger.debug("DCUtR stream ended: %s", describe(exc))
+        finally:
+            await _close(stream)
+
+    def _close_superseded(self, nursery: trio.Nursery) -> None:
+        """Close relayed connections to peers we also reach directly, once nothing but background runs."""
+        from ._host import BACKGROUND_PROTOCOLS
+
+        for conn in list(self.host.get_network().get_connections()):
+            if not _is_relayed_conn(conn) or getattr(conn, "is_closed", False):
+                continue
+            peer = conn.muxed_conn.peer_id
+            if not any(not _is_relayed_conn(c) for c in _live_conns(self.host, peer)):
+                continue
+            busy = any(str(s.get_protocol() or "") and not str(s.get_protocol()).startswith(BACKGROUND_PROTOCOLS)
+                       for s in conn.get_streams())
+            if not busy:
+                nursery.start_soon(_close, conn)

@@ -1,0 +1,150 @@
+"""Circuit relay v2: a provider with only a relayed address is reachable; the relay's limits hold
+and it keeps serving; garbage on the hop protocol does not hurt it."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import multiaddr
+import pytest
+import trio
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Status
+
+from node.net._dial import DialFailed, dialer
+from node.net._host import open_host, parse_peer_addr, peer_addrs
+from node.net._relay import HOP_PROTOCOL, RelayClient, RelayLimits, RelayRefused, _read, _write, serve_relay
+from tests.node.helpers import LOOPBACK, wait_until
+from tests.support import identity
+
+ECHO = "/test/echo/1.0.0"
+
+
+async def echo(stream):
+    try:
+        while data := await stream.read(65536):
+            await stream.write(data)
+    except Exception:
+        pass
+    await stream.close()
+
+
+@asynccontextmanager
+async def relay_rig(limits: RelayLimits = RelayLimits(), providers: int = 1):
+    """R serving the relay role, providers each reserving on R, and a consumer A knowing neither."""
+    async with AsyncExitStack() as stack:
+        relay_host = await stack.enter_async_context(open_host(identity("relay-R"), LOOPBACK))
+        hosts = [await stack.enter_async_context(open_host(identity(f"relay-P{i}"), LOOPBACK)) for i in range(providers)]
+        consumer = await stack.enter_async_context(open_host(identity("relay-A"), LOOPBACK))
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(serve_relay, relay_host, limits)
+            clients = []
+            for host in hosts:
+                host.set_stream_handler(ECHO, echo)
+                client = RelayClient(host)
+                client.add_relay(peer_addrs(relay_host)[0])
+                await nursery.start(client.run, lambda: True)
+                clients.append(client)
+            try:
+                yield relay_host, relay, clients, consumer, nursery
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def roundtrip(stream, payload: bytes) -> bytes:
+    await stream.write(payload)
+    got = b""
+    while len(got) < len(payload):
+        got += await stream.read(65536)
+    return got
+
+
+async def test_consumer_reaches_provider_through_the_relay_only():
+    async with relay_rig() as (relay_host, relay, (client,), consumer, _):
+        await wait_until(lambda: client.circuit_addrs(), what="a reservation")
+        provider = client.host.get_id()
+        (circuit,) = [a for a in client.circuit_addrs() if "127.0.0.1" in a]
+        assert circuit.endswith(f"/p2p-circuit/p2p/{provider}") and f"/p2p/{relay_host.get_id()}/" in circuit
+        await dialer(consumer).dial(provider, [multiaddr.Multiaddr(circuit)], deadline=trio.current_time() + 10)
+        assert client.connection_kind(consumer.get_id()) == "relayed"
+        stream = await consumer.new_stream(provider, [ECHO])
+        payload = bytes(range(256)) * 64  # 16 KiB each way
+        assert await roundtrip(stream, payload) == payload
+        await stream.close()
+        assert relay.open_circuits == 1
+
+
+async def test_relay_refuses_over_reservation_and_circuit_limits_and_keeps_serving():
+    limits = RelayLimits(reservations=2, circuits=1, circuits_per_peer=1)
+    async with relay_rig(limits, providers=3) as (relay_host, relay, clients, consumer, nursery):
+        await wait_until(lambda: sum(bool(c.circuit_addrs()) for c in clients) == 2, what="two reservations")
+        await wait_until(lambda: relay.refused.get("reservations", 0) >= 1, what="the third refused")
+        refused = next(c for c in clients if not c.held)
+        with pytest.raises(RelayRefused) as info:
+            await refused.reserve(relay_host.get_id(), [multiaddr.Multiaddr(peer_addrs(relay_host)[0])])
+        assert info.value.status == "RESERVATION_REFUSED"
+        a, b = [c for c in clients if c.held]
+        via = f"{peer_addrs(relay_host)[0]}/p2p-circuit"
+        await dialer(consumer).dial(a.host.get_id(), [multiaddr.Multiaddr(via)], deadline=trio.current_time() + 10)
+        with pytest.raises(DialFailed, match="RESOURCE_LIMIT_EXCEEDED"):  # one circuit in all
+            await dialer(consumer).dial(b.host.get_id(), [multiaddr.Multiaddr(via)], deadline=trio.current_time() + 3)
+        # a fresh honest peer once the holders left: its reservation and circuit work
+        for conn in list(a.host.get_network().get_connections()):
+            await conn.close()
+        await wait_until(lambda: relay.open_circuits == 0, what="the circuit released")
+        for c in clients:
+            if c is not b:
+                c.add_relay("/ip4/127.0.0.1/tcp/1/p2p/" + str(relay_host.get_id()))  # harmless duplicate
+        async with open_host(identity("relay-fresh"), LOOPBACK) as fresh:
+            fresh.set_stream_handler(ECHO, echo)
+            fc = RelayClient(fresh)
+            await fc.reserve(relay_host.get_id(), [multiaddr.Multiaddr(peer_addrs(relay_host)[0])])
+            await nursery.start(fc.run, lambda: True)
+            await dialer(consumer).dial(fresh.get_id(), [multiaddr.Multiaddr(fc.circuit_addrs()[0])],
+                                        deadline=trio.current_time() + 10)
+            stream = await consumer.new_stream(fresh.get_id(), [ECHO])
+            assert await roundtrip(stream, b"x" * 5000) == b"x" * 5000
+
+
+@pytest.mark.parametrize("cut", ["bytes", "duration"])
+async def test_circuit_past_its_byte_or_duration_limit_is_cut(cut):
+    limits = RelayLimits(circuit_bytes=64 * 1024) if cut == "bytes" else RelayLimits(circuit_duration_s=1.0)
+    async with relay_rig(limits) as (relay_host, relay, (client,), consumer, _):
+        await wait_until(lambda: client.circuit_addrs(), what="a reservation")
+        provider = client.host.get_id()
+        await dialer(consumer).dial(provider, [multiaddr.Multiaddr(client.circuit_addrs()[0])],
+                                    deadline=trio.current_time() + 10)
+        stream = await consumer.new_stream(provider, [ECHO])
+        assert await roundtrip(stream, b"y" * 1000) == b"y" * 1000
+        with pytest.raises(Exception):
+            with trio.fail_after(10):
+                if cut == "bytes":
+                    while True:  # Noise + Yamux framing count too: the 64 KiB pass within ~60 KiB of payload
+                        await roundtrip(stream, b"z" * 8192)
+                else:
+                    await trio.sleep_forever() if False else await stream.read(10)  # the cut ends it
+                    raise RuntimeError("stream ended")
+        await wait_until(lambda: relay.cut == 1 and relay.open_circuits == 0, what="the circuit cut")
+        await wait_until(lambda: client.connection_kind(consumer.get_id()) is None, what="the relayed connection gone")
+
+
+async def test_garbage_on_the_hop_protocol_does_not_crash_the_relay():
+    async with relay_rig() as (relay_host, relay, (client,), consumer, _):
+        await consumer.connect(parse_peer_addr(peer_addrs(relay_host)[0]))
+        for garbage in (b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x05\x08\xff\xff", b"\x03abc",
+                        b"\x80\x80\x04" + b"a" * 100):
+            stream = await consumer.new_stream(relay_host.get_id(), [HOP_PROTOCOL])
+            await stream.write(garbage)
+            try:
+                with trio.fail_after(5):
+                    reply = await _read(stream, HopMessage)
+                assert reply.status in (Status.MALFORMED_MESSAGE, Status.UNEXPECTED_MESSAGE)
+            except ValueError:  # closed without an answer is fine too
+                pass
+        stream = await consumer.new_stream(relay_host.get_id(), [HOP_PROTOCOL])
+        await _write(stream, HopMessage(type=HopMessage.STATUS))  # a message the relay never expects
+        assert (await _read(stream, HopMessage)).status == Status.UNEXPECTED_MESSAGE
+        # still serves: a circuit to the provider
+        await wait_until(lambda: client.circuit_addrs(), what="a reservation")
+        await dialer(consumer).dial(client.host.get_id(), [multiaddr.Multiaddr(client.circuit_addrs()[0])],
+                                    deadline=trio.current_time() + 10)
+        assert relay.refused["malformed"] >= 3
