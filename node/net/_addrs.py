@@ -34,7 +34,7 @@ import ipaddress
 import logging
 import random
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import multiaddr
 import trio
@@ -383,10 +383,16 @@ class AddressBook:
         """Call ``hook(published())`` whenever the published addresses change (from ``run``)."""
         self._hooks.append(hook)
 
-    async def wait_changed(self) -> list[str]:
-        """Wait for the next change of ``published()`` (seen by ``run``); return the new list."""
-        await self._changed.wait()
-        return list(self._last_published)
+    def wait_changed(self) -> Awaitable[list[str]]:
+        """An awaitable for the first change of ``published()`` after this call (seen by ``run`` or
+        ``refresh``), giving the new list: take it before looking, await it after."""
+        event = self._changed
+
+        async def wait() -> list[str]:
+            await event.wait()
+            return list(self._last_published)
+
+        return wait()
 
     def refresh(self) -> bool:
         """Recompute ``published()``; on a change, run the hooks and wake ``wait_changed``."""

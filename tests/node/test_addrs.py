@@ -7,6 +7,7 @@ import ipaddress
 
 import multiaddr
 import pytest
+import trio
 
 from node.net._addrs import AddressBook, interface_ips
 from node.net._host import open_host
@@ -129,3 +130,26 @@ async def test_observed_address_is_trusted_only_from_enough_distinct_observers(m
         # a loopback or unspecified observation is never counted
         book.observe(host.get_id(), multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/1"))
         assert len(book.status()["observed"]) == 1
+
+
+async def test_a_change_of_published_runs_the_hook_and_wakes_waiters():
+    async with open_host(identity("addrs-change"), LOOPBACK) as host:
+        relay = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWGSrXQQXYp31AUbZ64eJMb3hGywN4dmzpaZW3rWW22EfF/p2p-circuit"
+        book = AddressBook(host, relay_addrs=lambda: [relay])
+        seen: list[list[str]] = []
+        book.on_change(seen.append)
+        assert book.refresh() and len(seen) == 1  # the first computation
+        assert not book.refresh() and len(seen) == 1  # nothing changed
+        got: list[list[str]] = []
+
+        changed = book.wait_changed()  # taken before the change
+
+        async def waiter() -> None:
+            got.append(await changed)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            book._judge.record("dial_error")  # private: the relay address joins
+            assert book.refresh()
+        assert got == [book.published()] == [seen[-1]]
+        assert any("/p2p-circuit" in a for a in got[0])
