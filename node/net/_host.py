@@ -69,13 +69,18 @@ DEFAULT_STREAM_LIMITS = StreamLimits(
     total=1024,
     per_peer=64,
     per_protocol=((SESSION_PROTOCOL, SESSION_STREAMS_PER_PEER), (ESCROW_PROTOCOL, ESCROW_STREAMS_PER_PEER),
-                  ("/meshsub/", 4), ("/ipfs/kad/", 8)),
+                  ("/meshsub/", 4), ("/ipfs/kad/", 8),
+                  # circuit relay (_relay): a hop stream lives as long as its circuit (the relay allows 8
+                  # a peer); a relay we reserved on opens one stop stream per circuit it hands us; one
+                  # DCUtR exchange per relayed connection
+                  ("/libp2p/circuit/relay/0.2.0/hop", 12), ("/libp2p/circuit/relay/0.2.0/stop", 32),
+                  ("/libp2p/dcutr", 2)),
     linger_s=2.0,
 )
 
 #: stream protocols that do not make a connection busy: gossip streams live as long as the
 #: connection, identify/ping/DHT exchanges are background chatter any peer can keep up
-BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/", "/ipfs/id/", "/ipfs/ping/", "/ipfs/kad/")
+BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/", "/ipfs/id/", "/ipfs/ping/", "/ipfs/kad/", "/libp2p/dcutr")
 
 
 @dataclasses.dataclass(frozen=True)

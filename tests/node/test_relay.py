@@ -3,6 +3,7 @@ and it keeps serving; garbage on the hop protocol does not hurt it."""
 
 from __future__ import annotations
 
+import functools
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import multiaddr
@@ -11,7 +12,7 @@ import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Status
 
 from node.net._dial import DialFailed, dialer
-from node.net._host import open_host, parse_peer_addr, peer_addrs
+from node.net._host import connection_manager, open_host, parse_peer_addr, peer_addrs
 from node.net._relay import HOP_PROTOCOL, RelayClient, RelayLimits, RelayRefused, _read, _write, serve_relay
 from tests.node.helpers import LOOPBACK, wait_until
 from tests.support import identity
@@ -69,6 +70,12 @@ async def test_consumer_reaches_provider_through_the_relay_only():
         stream = await consumer.new_stream(provider, [ECHO])
         payload = bytes(range(256)) * 64  # 16 KiB each way
         assert await roundtrip(stream, payload) == payload
+        # the relayed connection carries a session-like stream: the connection manager keeps it,
+        # however long past its grace and idle time
+        (conn,) = consumer.get_network().get_connections(provider)
+        first, rest, _ = connection_manager(consumer).candidates(trio.current_time())
+        first, rest, _ = connection_manager(consumer).candidates(trio.current_time() + 3600)
+        assert conn not in first + rest
         await stream.close()
         assert relay.open_circuits == 1
 
@@ -149,3 +156,31 @@ async def test_garbage_on_the_hop_protocol_does_not_crash_the_relay():
         await dialer(consumer).dial(client.host.get_id(), [multiaddr.Multiaddr(client.circuit_addrs()[0])],
                                     deadline=trio.current_time() + 10)
         assert relay.refused["malformed"] >= 3
+
+
+async def test_relays_are_found_by_identify_and_through_the_dht():
+    """Nobody configures a relay: P finds R among its connected peers (identify lists the hop
+    protocol); Q, connected only to a DHT peer D, finds R's provider record."""
+    from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+    from libp2p.tools.anyio_service import background_trio_service
+
+    async with AsyncExitStack() as stack:
+        hosts = [await stack.enter_async_context(open_host(identity(f"find-{n}"), LOOPBACK)) for n in "RDPQ"]
+        r, d, p, q = hosts
+        dhts = [KadDHT(h, DHTMode.SERVER, max_peers_per_subnet=100) for h in (r, d, q)]
+        for dht in dhts:
+            await stack.enter_async_context(background_trio_service(dht))
+        await d.connect(parse_peer_addr(peer_addrs(r)[0]))
+        await q.connect(parse_peer_addr(peer_addrs(d)[0]))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_relay, r, RelayLimits(), dht=dhts[0]))
+            await p.connect(parse_peer_addr(peer_addrs(r)[0]))
+            by_identify = RelayClient(p)
+            await nursery.start(by_identify.run, lambda: True)
+            by_dht = RelayClient(q, dht=dhts[2])
+            by_dht.DHT_QUERY_S = 0.5
+            await nursery.start(by_dht.run, lambda: True)
+            await wait_until(lambda: by_identify.circuit_addrs(), what="a relay found by identify")
+            await wait_until(lambda: by_dht.circuit_addrs(), what="a relay found through the DHT")
+            assert all(f"/p2p/{r.get_id()}/p2p-circuit/" in a for a in by_dht.circuit_addrs())
+            nursery.cancel_scope.cancel()
