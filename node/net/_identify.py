@@ -34,7 +34,7 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.identity.identify_push import identify_push as _push
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
-from libp2p.peer.peerstore import create_signed_peer_record
+from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils import varint
 
 from ._libp2p_fixes import PINNED_LIBP2P
@@ -75,9 +75,15 @@ def _remote_multiaddr(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | N
 
 
 def _message(host: IHost, addrs: list[multiaddr.Multiaddr], observed: multiaddr.Multiaddr | None) -> bytes:
-    """An Identify message listing ``addrs``, with a signed peer record over the same list."""
+    """An Identify message listing ``addrs``, with the host's signed peer record.
+
+    The record is the one py-libp2p attaches to every gossip and DHT message (``env_to_send_in_RPC``:
+    the host's published addresses, re-signed only when they change), never one signed for this
+    answer alone: a receiver refuses a record older than the last it accepted, and it drops the whole
+    gossip message or DHT stream carrying it. A fresh record per identify answer made every later
+    gossip message and DHT request of ours look stale to its peers: no listing travelled at all."""
     plain = [_identify._strip_p2p_suffix(a) for a in addrs]
-    envelope = create_signed_peer_record(host.get_id(), plain, host.get_private_key())
+    envelope_bytes, _ = env_to_send_in_RPC(host)
     msg = Identify(
         protocol_version=_identify.PROTOCOL_VERSION,
         agent_version=_identify.AGENT_VERSION,
@@ -85,7 +91,7 @@ def _message(host: IHost, addrs: list[multiaddr.Multiaddr], observed: multiaddr.
         listen_addrs=[a.to_bytes() for a in plain],
         observed_addr=observed.to_bytes() if observed is not None else b"",
         protocols=tuple(str(p) for p in host.get_mux().get_protocols() if p is not None),
-        signedPeerRecord=envelope.marshal_envelope(),
+        signedPeerRecord=envelope_bytes,
     )
     data = msg.SerializeToString()
     return varint.encode_uvarint(len(data)) + data
