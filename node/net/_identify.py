@@ -5,7 +5,9 @@ Rules (checked against py-libp2p 0.8.1 only: ``apply`` refuses any other version
 
 - Our ``/ipfs/id/1.0.0`` answer and our ``/ipfs/id/push/1.0.0`` pushes list ``addrs_for(remote)``
   (``install_identify``; the address book's ``for_peer``), where ``remote`` is the peer's address on
-  that connection, and carry a signed peer record over exactly those addresses. py-libp2p's own
+  that connection, and carry the host's one signed peer record (``env_to_send_in_RPC``: the
+  published addresses, the record gossip and the DHT carry too; one signed per answer would make
+  those look stale to the peer, which drops them). py-libp2p's own
   handler lists ``host.get_addrs()``: the listen addresses as bound, ``/ip4/0.0.0.0/tcp/…`` for a
   wildcard listen, which no peer can dial, and loopback to a peer on another machine.
 - What peers tell us (an identify answer or push): unspecified addresses (``0.0.0.0``, ``::``) and
