@@ -12,7 +12,7 @@ from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.utils.varint import encode_varint_prefixed
 
-from node.net._addrs import AddressBook, AddressConfig
+from node.net._addrs import AddressBook, AddressConfig, interface_ips
 from node.net._autonat import AUTONAT_PROTOCOL, AutoNATLimits, Judge, ask_dial_back, autonat_server
 from node.net._host import open_host, parse_peer_addr, peer_addrs
 from tests.node.helpers import LOOPBACK, wait_until
@@ -149,3 +149,19 @@ def test_judge_follows_the_ambient_rule():
     assert not judge.record("dial_error") and not judge.record("dial_error")  # spends confidence
     assert judge.record("dial_error") and judge.status.value == "private"
     assert judge.record("ok") and judge.status.value == "public"  # someone reached us: public at once
+
+
+async def test_a_wildcard_host_confirmed_over_loopback_still_publishes_no_loopback():
+    if not [ip for ip in interface_ips() if not ip.is_loopback]:
+        pytest.skip("this machine has no non-loopback interface (loopback is then published: nothing else reaches it)")
+    async with open_host(identity("an-server6"), LOOPBACK) as server, \
+            open_host(identity("an-wild"), ["/ip4/0.0.0.0/tcp/0"]) as client, trio.open_nursery() as nursery:
+        autonat_server(server)
+        book = AddressBook(client, config=FAST)
+        await nursery.start(book.run)
+        await _connect(client, server)
+        await wait_until(lambda: book.reachability == "public", what="judged public")
+        port = client.get_transport_addrs()[0].value_for_protocol("tcp")
+        assert book.status()["confirmed"] == [f"/ip4/127.0.0.1/tcp/{port}"]  # the server saw us on loopback
+        assert not any(a.startswith(("/ip4/127.", "/ip4/0.0.0.0")) for a in book.published()), book.published()
+        nursery.cancel_scope.cancel()
