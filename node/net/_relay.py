@@ -41,6 +41,7 @@ public address, or a private provider dialled by a public consumer).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -70,7 +71,7 @@ HOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/hop")
 STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
 DCUTR_PROTOCOL = TProtocol("/libp2p/dcutr")
 #: the DHT provider-record key relays announce (a sha256 multihash in hex, like the market's model keys)
-RELAY_DHT_KEY = "1220" + "4c5a1e0e3b2f6d7a8c9b0a1f2e3d4c5b6a79880716253443526170819a0b1c2d"[:64]
+RELAY_DHT_KEY = "1220" + hashlib.sha256(b"inferswarm/relay/v1").hexdigest()
 MAX_RELAYS = 2
 MAX_MESSAGE = 4096  # go-libp2p's cap on a circuit or DCUtR message
 MAX_OBS_ADDRS = 8  # addresses taken from a peer's DCUtR Connect

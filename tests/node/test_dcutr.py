@@ -11,9 +11,8 @@ import trio
 
 from node.net._dial import dialer
 from node.net._relay import RelayClient, connection_kind
-from tests.node.helpers import LOOPBACK, wait_until
+from tests.node.helpers import wait_until
 from tests.node.test_relay import ECHO, relay_rig, roundtrip
-from tests.support import identity
 
 
 async def rtts(host, peer, n=50):
