@@ -72,7 +72,7 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                 click.echo(f"node {info['peer_id']} ready; API {info['api_url']} "
                            f"(OpenAI-compatible: {info['api_url']}/v1)", err=True)
                 for addr in info["addrs"]:
-                    click.echo(f"  listening on {addr}", err=True)
+                    click.echo(f"  reachable at {addr}", err=True)
                 async for _ in signals:
                     click.echo("stopping…", err=True)
                     nursery.cancel_scope.cancel()
@@ -107,8 +107,10 @@ def status(home: str | None, as_json: bool) -> None:
     gpus = ", ".join(f"{g['name']} ({g['memory_total_mb']} MiB)" for g in caps["gpus"]) or "none"
     click.echo(f"peer id:         {doc['peer_id']}")
     click.echo(f"api:             {doc['api_url']}")
+    reach = doc.get("reach") or {}
+    click.echo(f"reachability:    {_reach_line(reach)}")
     for addr in doc["addrs"]:
-        click.echo(f"listening:       {addr}")
+        click.echo(f"address:         {addr}")
     click.echo(f"connected peers: {doc['connected_peers']}")
     click.echo(f"listings known:  {doc['listings_known']}")
     click.echo(f"offers:          {doc['offers']}"
@@ -119,6 +121,25 @@ def status(home: str | None, as_json: bool) -> None:
         click.echo("escrow agent:    yes (this node runs one; its id is the peer id above)")
     click.echo(f"uptime:          {duration(doc['uptime_s'])}")
     click.echo(f"hardware:        {caps['cpu_count']} CPUs, {caps['ram_mb']} MiB RAM, GPUs: {gpus}")
+
+
+def _reach_line(reach: dict) -> str:
+    """How peers reach this node, in words (``Node.reach``)."""
+    verdict = reach.get("reachability", "unknown")
+    how = reach.get("how", "none")
+    relays = len(reach.get("relays_held") or [])
+    if how == "direct":
+        text = "public: peers dial this node directly"
+    elif how == "relay":
+        text = f"{verdict}: peers reach this node through {relays or 'a'} relay{'s' if relays > 1 else ''}"
+    elif verdict == "private":
+        text = "private (behind NAT) and no relay reservation yet: only peers it dials can reach it"
+    else:
+        text = "unknown yet (asking peers to dial back)"
+    role = reach.get("relay_role")
+    if role is not None:
+        text += f"; relaying for others ({role['reservations']} reservations, {role['circuits']} circuits)"
+    return text
 
 
 @click.group()

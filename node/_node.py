@@ -37,8 +37,11 @@ from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .consumer._delivery import ReceiptDelivery, attach
 from .escrow import EscrowClient, EscrowOps, serve_escrow
-from .net._liveness import keep_alive
 from .net import Market, MarketConfig, PeerInfo, connection_manager, open_host, open_market, parse_peer_addr, peer_addrs
+from .net._addrs import AddressBook
+from .net._autonat import autonat_server
+from .net._liveness import keep_alive
+from .net._relay import Relay, RelayClient, RelayLimits, serve_relay
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
 from .provider._receipt_intake import ReceiptIntake
@@ -85,7 +88,10 @@ class Node:
     sessions: HeldSessions
     started_at: float  # seconds since the epoch, by wall_clock
     wall_clock: WallClock
+    addresses: AddressBook
+    relay_client: RelayClient
     api: ApiBinding = dataclasses.field(default_factory=ApiBinding)
+    relay: list[Relay] = dataclasses.field(default_factory=list)  # the relay role, once started (--relay)
 
     @property
     def host(self) -> Any:
@@ -139,6 +145,7 @@ class Node:
         return {
             "peer_id": self.identity.peer_id,
             "addrs": peer_addrs(self.host),
+            "reach": self.reach(),
             "api_url": self.api.url,
             "connected_peers": len(self.host.get_connected_peers()),
             "listings_known": len(self.market.view.listings(now)),
@@ -153,6 +160,19 @@ class Node:
                                     else {})}
                        for o in store.offers()},
         }
+
+    def reach(self) -> dict[str, Any]:
+        """How peers reach this node: reachability (AutoNAT), the addresses published and where each
+        comes from, the relays it holds reservations on, and the relay role's counters when it runs one."""
+        doc = self.addresses.status()
+        doc["relays_held"] = [str(r) for r in self.relay_client.held]
+        doc["relay_role"] = None
+        if self.relay:
+            relay = self.relay[0]
+            relay.holds(self.host.get_id())  # drops expired reservations first
+            doc["relay_role"] = {"reservations": len(relay.reservations), "circuits": relay.open_circuits,
+                                 "refused": dict(relay.refused), "cut": relay.cut}
+        return doc
 
     def market_stats(self) -> dict[str, Any]:
         return {**self.market.view.stats(), "published": self.market.published_count}
@@ -296,6 +316,21 @@ async def open_node(
 
 
 @asynccontextmanager
+async def _open_network(home: Home, identity: Identity, config: NodeConfig, mdns: bool, market_config: MarketConfig,
+                        wall_clock: WallClock, trust: TrustBook, relay_addrs: Callable[[], list[str]],
+                        ) -> AsyncIterator[tuple[Any, AddressBook, Market]]:
+    """The host, its address book and AutoNAT server, and the market on it. The book is installed
+    before any peer is dialled or identified, so identify tells peers only dialable addresses from
+    the first connection on (and advertises AutoNAT)."""
+    async with open_host(identity, config.listen, mdns, peer_cache=home.path / "peers.json") as host:
+        autonat_server(host)
+        addresses = AddressBook(host, announce=config.announce, relay_addrs=relay_addrs)
+        async with open_market(host, identity, market_config, clock=wall_clock,
+                               keep_score=lambda peer: trust.get(peer).score) as market:
+            yield host, addresses, market
+
+
+@asynccontextmanager
 async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escrow: bool,
                     api_key: Callable[[str], str] | None, models_dir: Path | None, mdns: bool,
                     wall_clock: WallClock) -> AsyncIterator[Node]:
@@ -309,10 +344,11 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
         return await open_backend(offer.backend, models, offer.model, api_key)
 
     trust = TrustBook(home.path / "trust.db")  # also what a full market view keeps listings by
+    relay_clients: list[RelayClient] = []  # the relay client, once the DHT it asks exists
     try:
-        async with open_host(identity, config.listen, mdns, peer_cache=home.path / "peers.json") as host, \
-                open_market(host, identity, market_config, clock=wall_clock,
-                            keep_score=lambda peer: trust.get(peer).score) as market:
+        async with _open_network(home, identity, config, mdns, market_config, wall_clock, trust,
+                                 relay_addrs=lambda: relay_clients[0].circuit_addrs() if relay_clients else []) \
+                as (host, addresses, market):
             receipts = ReceiptStore(home.path / "receipts.db", wall_clock)
             delivery = ReceiptDelivery(home.path / "receipts.db", wall_clock)  # receipts in doubt, resent
             attach(receipts, delivery)
@@ -330,10 +366,13 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                                        claim_margin_s=config.claim_margin_s)
             renter = Renter(market, escrow_ops, agent, receipts, trust, clock=wall_clock,
                             contracts=config.client_contracts)
+            relay_client = RelayClient(host, dht=market.dht, own_addrs=addresses.published)
+            relay_clients.append(relay_client)
             node = Node(home=home, identity=identity, config=config, capabilities=capabilities, market=market,
                         storefront=storefront, health=health, provider=provider, escrow=escrow_ops,
                         escrow_agent=agent, receipts=receipts, trust=trust, renter=renter,
-                        sessions=HeldSessions(renter), started_at=wall_clock(), wall_clock=wall_clock)
+                        sessions=HeldSessions(renter), started_at=wall_clock(), wall_clock=wall_clock,
+                        addresses=addresses, relay_client=relay_client)
             try:
                 async with trio.open_nursery() as nursery:
                     if agent is not None:
@@ -343,6 +382,12 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                     host.set_stream_handler(RECEIPT_PROTOCOL, ReceiptIntake(provider).handle)
                     await nursery.start(delivery.serve, host)
                     await nursery.start(node.sessions.serve)
+                    if config.relay:
+                        node.relay.append(await nursery.start(
+                            lambda task_status: serve_relay(host, RelayLimits(), dht=market.dht, task_status=task_status)))
+                    await nursery.start(relay_client.run, addresses.need_relay)
+                    addresses.on_change(lambda _addrs: storefront.publish())  # the listing names them
+                    await nursery.start(addresses.run)
                     nursery.start_soon(_bootstrap, market, config.bootstrap)
                     nursery.start_soon(keep_alive, host)
                     nursery.start_soon(_observe_uptime, node)
