@@ -74,13 +74,18 @@ DEFAULT_STREAM_LIMITS = StreamLimits(
                   # a peer); a relay we reserved on opens one stop stream per circuit it hands us; one
                   # DCUtR exchange per relayed connection
                   ("/libp2p/circuit/relay/0.2.0/hop", 12), ("/libp2p/circuit/relay/0.2.0/stop", 32),
-                  ("/libp2p/dcutr", 2)),
+                  ("/libp2p/dcutr", 2),
+                  # AutoNAT (_autonat): the server answers one request per peer at a time
+                  ("/libp2p/autonat/", 2),
+                  # keep-alive pings (_liveness): one per peer per interval, each way
+                  ("/ipfs/ping/", 4)),
     linger_s=2.0,
 )
 
 #: stream protocols that do not make a connection busy: gossip streams live as long as the
 #: connection, identify/ping/DHT exchanges are background chatter any peer can keep up
-BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/", "/ipfs/id/", "/ipfs/ping/", "/ipfs/kad/", "/libp2p/dcutr")
+BACKGROUND_PROTOCOLS = ("/meshsub/", "/floodsub/", "/ipfs/id/", "/ipfs/ping/", "/ipfs/kad/", "/libp2p/dcutr",
+                        "/libp2p/autonat/")
 
 
 @dataclasses.dataclass(frozen=True)
