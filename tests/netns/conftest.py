@@ -36,10 +36,17 @@ def netns_available():
         pytest.skip(f"multi-host netns tests need root, ip and iptables: {reason}")
 
 
+@pytest.fixture(scope="session")
+def builtin_models(tmp_path_factory):
+    """One folder for the builtin model of every node of the session (built by the first offer)."""
+    return tmp_path_factory.mktemp("netns-models")
+
+
 @pytest.fixture
-def topology(request, tmp_path, netns_available):
-    """A ``Topology`` in ``tmp_path``, closed after the test whatever happened."""
-    topo = Topology(tmp_path, check=False)
+def topology(request, tmp_path, netns_available, builtin_models):
+    """A ``Topology`` in ``tmp_path``, closed after the test whatever happened; its nodes share
+    ``builtin_models``."""
+    topo = Topology(tmp_path, check=False, models_dir=builtin_models)
     request.node._netns_topology = topo
     try:
         yield topo

@@ -46,16 +46,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+from node import Home
 from tests.e2e.daemons import ROOT, node_env
+from wallet import read_public_identity
 
 __all__ = [
     "NetnsUnavailable", "unavailable_reason", "Topology", "Switch", "Host", "Router", "NsDaemon", "ProcUsage",
-    "proc_usage", "in_netns", "tcp_connect_outcome", "poll_until", "start_all", "make_daemons", "sweep_stale", "DEFAULT_LISTEN", "NODE_PORT",
+    "proc_usage", "in_netns", "tcp_connect_outcome", "poll_until", "start_all", "make_daemons", "sweep_stale", "DEFAULT_LISTEN", "NODE_PORT", "VERBOSE_ENV",
 ]
 
 #: the port every node listens on inside its own namespace (each namespace has its own ports)
 NODE_PORT = 4001
 DEFAULT_LISTEN = f"/ip4/0.0.0.0/tcp/{NODE_PORT}"
+#: set (to anything) in the environment, every daemon starts with ``-v``: its log has the
+#: node's progress lines (bootstrap redials, keep-alive verdicts …) and libp2p's
+VERBOSE_ENV = "NETNS_VERBOSE"
 _PREFIX = "isw"
 _NAME_RE = re.compile(rf"^{_PREFIX}(\d+)t\d+-")
 _CLONE_NEWNET = 0x40000000
@@ -258,7 +263,7 @@ class Topology:
         NetnsUnavailable: with the reason, when this machine cannot build namespaces.
     """
 
-    def __init__(self, workdir: Path | str, *, check: bool = True) -> None:
+    def __init__(self, workdir: Path | str, *, check: bool = True, models_dir: Path | str | None = None) -> None:
         global _topologies
         if check:
             reason = unavailable_reason()
@@ -269,6 +274,8 @@ class Topology:
             index = _topologies
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # one folder for the builtin model of every node (see NsDaemon): built once, not once a provider
+        self.models_dir = Path(models_dir) if models_dir is not None else None
         self.prefix = f"{_PREFIX}{os.getpid()}t{index}-"
         self.namespaces: list[str] = []
         self.hosts: dict[str, Host] = {}
@@ -424,7 +431,8 @@ class Topology:
         """``node init`` a home under the workdir and (unless ``start=False``) ``node start`` it in
         ``host``'s namespace, waiting until it is ready. ``listen=None`` keeps the config's default
         (``/ip4/0.0.0.0/tcp/0``)."""
-        d = NsDaemon(self, host, self.workdir / (name or host.name), *extra, listen=listen)
+        d = NsDaemon(self, host, self.workdir / (name or host.name), *extra, listen=listen,
+                     models_dir=self.models_dir)
         self.daemons.append(d)
         if start:
             d.start()
@@ -508,18 +516,26 @@ class NsDaemon:
     where its loopback-only API lives."""
 
     def __init__(self, topo: Topology | None, host: Host, home: Path, *extra: str,
-                 listen: str | None = DEFAULT_LISTEN) -> None:
+                 listen: str | None = DEFAULT_LISTEN, models_dir: Path | None = None) -> None:
+        """``node init`` the home unless it exists; with ``models_dir``, ``HOME/models`` (where the
+        ``builtin`` backend builds its model) is a link to it, so nodes share one build (the build
+        is atomic under a lock: concurrent first uses end with one good folder)."""
         self.topo = topo
         self.host = host
         self.home = Path(home)
         self.extra = tuple(extra)
         self.listen = listen
         self.proc: subprocess.Popen | None = None
+        self._interrupted = False
         self.info: dict[str, Any] = {}
         self._log = None
         if not (self.home / "config.toml").exists():
             self._node("init", "--home", str(self.home))
-        self.peer_id = self._node("id", "--home", str(self.home)).stdout.strip().split()[-1]
+        if models_dir is not None and not (self.home / "models").exists():
+            Path(models_dir).mkdir(parents=True, exist_ok=True)
+            (self.home / "models").symlink_to(Path(models_dir).resolve(), target_is_directory=True)
+        # what `node id` prints, read from the keystore's public header (no Python start-up)
+        self.peer_id = read_public_identity(Home(self.home).keystore)[0]
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -586,9 +602,11 @@ class NsDaemon:
     def launch(self) -> None:
         """Start ``node start`` without waiting for it to be ready (``wait_ready`` waits)."""
         listen = ("--listen", self.listen) if self.listen else ()
+        verbose = ("-v",) if os.environ.get(VERBOSE_ENV) else ()
         self._log = open(self.home / "daemon.log", "a")
+        self._interrupted = False
         self.proc = subprocess.Popen(
-            self._argv("start", "--home", str(self.home), *listen, *self.extra),
+            self._argv("start", "--home", str(self.home), *listen, *verbose, *self.extra),
             cwd=ROOT, env=node_env(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = 90) -> dict[str, Any]:
@@ -651,15 +669,17 @@ class NsDaemon:
 
     def interrupt(self) -> None:
         """Send SIGINT (the way Ctrl-C stops ``node start``) without waiting."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None and not self._interrupted:
+            self._interrupted = True  # once: a second Ctrl-C aborts the orderly shutdown ("Aborted!")
             self.proc.send_signal(signal.SIGINT)
 
     def stop(self, timeout: float = 30) -> int | None:
-        """SIGINT, wait up to ``timeout`` s, then SIGKILL; returns the exit status."""
+        """SIGINT (unless ``interrupt`` sent it), wait up to ``timeout`` s, then SIGKILL; returns
+        the exit status (0 for an orderly stop)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.interrupt()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -679,7 +699,7 @@ class NsDaemon:
 def make_daemons(topo: Topology, specs: Sequence[tuple[Host, Sequence[str]]], *,
                  listen: str | None | Callable[[Host], str | None] = DEFAULT_LISTEN,
                  workers: int = 8) -> list[NsDaemon]:
-    """Create (``node init``, ``node id``) one daemon per ``(host, extra_args)`` on ``workers``
+    """Create (``node init``) one daemon per ``(host, extra_args)`` on ``workers``
     threads, without starting them (``start_all`` does); homes are named after the hosts, so each
     host appears once. ``listen``: an address, None (the config's default), or a function of the
     host (``lambda h: f"/ip4/{h.ip}/tcp/4001"``). Returns them in the order of ``specs``."""

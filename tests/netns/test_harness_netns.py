@@ -1,5 +1,6 @@
-"""The harness itself: links carry traffic and ``link_down`` really cuts them; ``close`` leaves no
-namespace and no process behind, even one the topology did not start; namespaces of a dead run
+"""The harness itself: links carry traffic and ``link_down`` really cuts them; ``close`` stops its
+daemons in order (exit 0) and leaves no namespace and no process behind, even one the topology
+did not start; namespaces of a dead run
 are swept; ``proc_usage`` reads a live process."""
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def test_close_removes_every_namespace_and_process(tmp_path, netns_available):
     try:
         lan = topo.switch("lan", "10.9.3.0/24")
         host = topo.host("a", lan)
+        daemon = topo.daemon(host)
         tracked = topo.popen(host.ns, ["sleep", "600"])
         # a process the topology never heard of, still inside one of its namespaces
         stray = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-c", "import time; time.sleep(600)"])
@@ -70,6 +72,7 @@ def test_close_removes_every_namespace_and_process(tmp_path, netns_available):
     finally:
         topo.close()
     assert stray.wait(10) is not None and tracked.wait(10) is not None
+    assert daemon.proc.returncode == 0, daemon.log_text()  # stopped in order by its SIGINT, not killed
     assert {n for n in _namespaces() if n.startswith(topo.prefix)} == set()
     with pytest.raises(ProcessLookupError):
         proc_usage(stray.pid)
