@@ -27,9 +27,6 @@ def _assert_honest(addrs: list[str], own_ip: str, what: str) -> None:
     assert own_ip in ips, f"{what} does not publish its LAN address {own_ip}: {addrs}"
 
 
-@pytest.mark.xfail(strict=False, reason="today's node publishes its listen address /ip4/0.0.0.0 as is "
-                                        "(node.net.peer_addrs); the 'addrs' fix replaces it with the "
-                                        "host's interface addresses")
 def test_published_addresses_are_dialable_across_a_bridge(topology):
     lan = topology.switch("lan", "10.7.0.0/24")
     a, b = topology.host("a", lan), topology.host("b", lan)
