@@ -3,6 +3,11 @@
     wan 10.60.0.0/24:  relay (--relay), agent (--escrow), consumer, router's public side
     home 192.168.77.0/24: provider (default route via the router), router's LAN side (.1)
 
+The second variant puts the consumer behind a NAT of its own (office 192.168.88.0/24, router
+``nat2``): a public consumer is usually dialled *by* the NATed provider (the DHT, the auto-connector),
+and its call then rides that outbound connection; with two NATs the relay (or a punched hole) is
+the only way.
+
 The router MASQUERADEs the LAN's traffic and drops every connection opened from the public side
 (public hosts do have a route to 192.168.77.0/24 through it, so what stops them is the NAT's
 filter, not a missing route). ``test_the_nat_is_real`` proves that with plain sockets;
@@ -23,13 +28,21 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 PROBE_PORT = 5001
 
 
-def _nat(topo):
+def _nat(topo, consumer_behind_nat: bool = False):
+    """The topology of the module docstring; with ``consumer_behind_nat`` the consumer sits on a LAN
+    of its own (192.168.88.0/24) behind a second NAT router, so neither end can dial the other."""
     wan = topo.switch("wan", "10.60.0.0/24")
     home = topo.switch("home", "192.168.77.0/24")
     router = topo.router("nat", wan, home)
-    hosts = {name: topo.host(name, wan) for name in ("relay", "agent", "consumer")}
+    public = ["relay", "agent"] + ([] if consumer_behind_nat else ["consumer"])
+    hosts = {name: topo.host(name, wan) for name in public}
     for h in hosts.values():
         topo.route(h.ns, str(home.subnet), router.public_ip)
+    if consumer_behind_nat:
+        office = topo.switch("office", "192.168.88.0/24")
+        router2 = topo.router("nat2", wan, office)
+        topo.route(router2.ns, str(home.subnet), router.public_ip)
+        hosts["consumer"] = topo.host("consumer", office, gateway=office.gateway())
     hosts["provider"] = topo.host("provider", home, gateway=home.gateway())
     return router, hosts
 
@@ -49,14 +62,14 @@ def _listener(ns: str, port: int) -> socket.socket:
 def assert_nat_is_real(router, hosts) -> None:
     """Inbound to the LAN is dropped (a connect times out although something listens); outbound
     works and arrives from the router's public address."""
-    provider, consumer = hosts["provider"], hosts["consumer"]
+    provider, consumer, relay = hosts["provider"], hosts["consumer"], hosts["relay"]
     with _listener(provider.ns, PROBE_PORT):
         assert tcp_connect_outcome(router.ns, provider.ip, PROBE_PORT) == "connected"  # it does listen
         assert tcp_connect_outcome(consumer.ns, provider.ip, PROBE_PORT, timeout=2) == "timeout"
     assert tcp_connect_outcome(consumer.ns, router.public_ip, NODE_PORT, timeout=2) == "timeout"
-    with _listener(consumer.ns, PROBE_PORT) as server:
+    with _listener(relay.ns, PROBE_PORT) as server:
         def dial_out() -> None:
-            with socket.create_connection((consumer.ip, PROBE_PORT), timeout=5):
+            with socket.create_connection((relay.ip, PROBE_PORT), timeout=5):
                 pass
 
         in_netns(provider.ns, dial_out)
@@ -65,8 +78,9 @@ def assert_nat_is_real(router, hosts) -> None:
     assert peer_ip == router.public_ip, f"the LAN's traffic is not masqueraded: it came from {peer_ip}"
 
 
-def test_the_nat_is_real(topology):
-    router, hosts = _nat(topology)
+@pytest.mark.parametrize("consumer_behind_nat", [False, True], ids=["public-consumer", "consumer-behind-nat"])
+def test_the_nat_is_real(topology, consumer_behind_nat):
+    router, hosts = _nat(topology, consumer_behind_nat)
     assert_nat_is_real(router, hosts)
 
 
@@ -81,8 +95,9 @@ def _tcp_peers(topo, ns: str) -> set[str]:
                                         "appends ours: the reserved /ip4/RELAY/tcp/4001/p2p/RELAY/p2p-circuit "
                                         "becomes /ip4/RELAY/tcp/4001/p2p/PROVIDER (the relay's IP under the "
                                         "provider's id); the address book's own published() list is right")
-def test_provider_behind_nat_serves_through_a_relay(topology, record_property):
-    router, hosts = _nat(topology)
+@pytest.mark.parametrize("consumer_behind_nat", [False, True], ids=["public-consumer", "consumer-behind-nat"])
+def test_provider_behind_nat_serves_through_a_relay(topology, record_property, consumer_behind_nat):
+    router, hosts = _nat(topology, consumer_behind_nat)
     assert_nat_is_real(router, hosts)
     agent = topology.daemon(hosts["agent"], "--escrow")
     relay = topology.daemon(hosts["relay"], "--relay", "--bootstrap", agent.dial_addr)
