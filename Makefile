@@ -42,16 +42,17 @@ run: install
 	@$(VENV)/bin/node demo --home .demo
 
 # The multi-host tests (tests/netns) build networks of namespaces with `ip` and `iptables`; as root
-# on Debian/Ubuntu, a missing iptables is installed here. Elsewhere (not root, no apt-get) they skip,
+# on Debian/Ubuntu, missing ones are installed here. Elsewhere (not root, no apt-get) they skip,
 # saying why.
 test: install netns-tools
 	$(PY) -m pytest -q
 
 netns-tools:
-	@if [ "$$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing iptables for the multi-host tests…"; \
-		{ apt-get install -y -q iptables || { apt-get update -q && apt-get install -y -q iptables; }; } \
-			> $(VENV)/apt.log 2>&1 || echo "  could not install iptables (see $(VENV)/apt.log): the NAT tests will skip"; \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+			! { command -v iptables && command -v ip; } >/dev/null 2>&1; then \
+		echo "installing iproute2 and iptables for the multi-host tests…"; \
+		{ apt-get install -y -q iproute2 iptables || { apt-get update -q && apt-get install -y -q iproute2 iptables; }; } \
+			> $(VENV)/apt.log 2>&1 || echo "  could not install them (see $(VENV)/apt.log): the namespace tests will skip"; \
 	fi
 
 bench: install

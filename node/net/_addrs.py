@@ -11,6 +11,9 @@ only a claim we ask servers to test. Operator announcements (``--announce``) com
 Order of ``published()``: announced; confirmed by a dial-back; observed by enough peers; public
 interface addresses; relay (``/p2p-circuit``) addresses when we need a relay; private interface
 addresses (a LAN peer can use them); at most ``max_published``, each ending ``/p2p/<our id>``.
+Once AutoNAT says private, observed addresses that no dial-back confirmed are not published (they
+are the NAT's: a dialer would spend a whole connect timeout on each before the relay address), and
+public interface addresses go after the relay addresses.
 
 Reachability (``AutoNAT``, ``_autonat``): unknown at start; a few connected peers that speak AutoNAT
 are asked to dial our claims back every ``probe_unknown_s`` while unknown, every ``probe_known_s``
@@ -281,13 +284,21 @@ class AddressBook:
 
     def _direct(self) -> tuple[list[multiaddr.Multiaddr], list[multiaddr.Multiaddr]]:
         """(public-ish, private interface) direct addresses, loopback excluded, best first."""
-        first = list(self._announced) + self._confirmed_live() + self._observed_candidates(trusted_only=True)
+        private_verdict = self._judge.status is Reachability.PRIVATE
+        # once AutoNAT says private, an observed address is our NAT's (inbound dropped, or a port it
+        # never maps): published only if a dial-back confirmed it, never ahead of the relay addresses
+        first = list(self._announced) + self._confirmed_live()
+        if not private_verdict:
+            first += self._observed_candidates(trusted_only=True)
         public, private = [], []
         for ip, port in self._expanded():
             if ip.is_loopback:
                 continue
             (private if ip.is_private else public).append(_ma(ip, port))
-        first += public
+        if private_verdict:
+            private = public + private  # after the relay addresses: a firewalled public interface
+        else:
+            first += public
         keep = [a for a in first if not ((t := _tcp(a)) and t[0].is_loopback)]
         return keep, [a for a in private if str(a) not in {str(k) for k in keep}]
 

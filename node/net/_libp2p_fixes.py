@@ -73,6 +73,11 @@ is a deliberate act that re-checks every trap.
    session stayed on the relay. Direct and relayed connections are now trimmed apart: a peer keeps up
    to ``max_connections_per_peer`` direct ones and one relayed one (``_relay`` closes the relayed one
    once idle; new streams already prefer the direct one, ``Swarm._best_connection``).
+14. ``BasicHost.get_addrs`` mangles circuit addresses: it strips the *first* ``/p2p/`` of each address
+   and appends our id, so ``/ip4/R/tcp/4001/p2p/RELAY/p2p-circuit`` became ``/ip4/R/tcp/4001/p2p/US``:
+   the relay's IP under our id, in our signed listing, our peer record and the DHT's provider records
+   (a dial reaches the relay and fails the peer-id check; a NATed provider was unreachable). Now only
+   a *trailing* ``/p2p/<id>`` is replaced; a circuit address keeps its relay part.
 """
 
 from __future__ import annotations
@@ -570,6 +575,35 @@ def _trim_by_kind(self: Swarm, peer_id: Any) -> None:
     self.connections[peer_id] = [c for c in conns if any(c is k for k in kept)]
 
 
+# ---- 14. get_addrs keeps circuit addresses whole
+
+_PY_LIBP2P_GET_ADDRS = BasicHost.get_addrs  # the original, for the test that shows the trap
+
+
+def _get_addrs_keeping_circuits(self: BasicHost) -> list[Any]:
+    """py-libp2p's ``get_addrs`` (candidates, then the address factory), ending each address with
+    ``/p2p/<our id>`` by replacing only a trailing ``/p2p/`` component."""
+    import multiaddr
+
+    candidates = list(self.get_transport_addrs())
+    if self._observed_addr_manager is not None:
+        seen = {str(a) for a in candidates}
+        for observed in self._observed_addr_manager.addrs():
+            if str(observed) not in seen:
+                seen.add(str(observed))
+                candidates.append(observed)
+    addrs = list(self._addrs_factory(candidates)) if self._addrs_factory is not None else candidates
+    suffix = f"/p2p/{self.get_id()!s}"
+    out = []
+    for addr in addrs:
+        text = str(addr)
+        last = text.rfind("/p2p/")
+        if last != -1 and "/" not in text[last + len("/p2p/"):]:  # a trailing /p2p/<id>
+            text = text[:last]
+        out.append(multiaddr.Multiaddr(text + suffix))
+    return out
+
+
 # ---- 11. TCP listeners: no SO_REUSEPORT
 
 
@@ -609,6 +643,7 @@ def apply() -> None:
     _tcp_module._set_reuse_flags = _reuse_address_only  # type: ignore[attr-defined]
     YamuxStream._auto_tune_and_send_window_update = _window_update_uncancelled  # type: ignore[method-assign]
     Swarm._trim_connections = _trim_by_kind  # type: ignore[method-assign]
+    BasicHost.get_addrs = _get_addrs_keeping_circuits  # type: ignore[method-assign]
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     # libp2p's logging setup (utils/logging.py, LIBP2P_DEBUG unset) clears the "libp2p" logger's
     # handlers and stops its propagation to silence it; with no handler anywhere Python prints its

@@ -127,6 +127,10 @@ async def test_observed_address_is_trusted_only_from_enough_distinct_observers(m
         book.observe(host.get_id(), seen)  # the third
         assert expected in book.published()
         assert book.status()["observed"] == [{"ip": "198.51.100.9", "peers": 3}]
+        # AutoNAT says private: the observed address is our NAT's, not published unless a dial-back reached it
+        book._judge.record("dial_error")
+        assert book.reachability == "private" and expected not in book.published()
+        book._judge = type(book._judge)()
         # a loopback or unspecified observation is never counted
         book.observe(host.get_id(), multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/1"))
         assert len(book.status()["observed"]) == 1
