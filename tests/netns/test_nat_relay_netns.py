@@ -90,6 +90,18 @@ def _tcp_peers(topo, ns: str) -> set[str]:
     return {m.group(1) for m in re.finditer(r"\s(\d+\.\d+\.\d+\.\d+):\d+\s*$", out, re.M)}
 
 
+@pytest.mark.parametrize("consumer_behind_nat", [False, True], ids=["public-consumer", "consumer-behind-nat"])
+def test_the_nat_is_real(topology, consumer_behind_nat):
+    router, hosts = _nat(topology, consumer_behind_nat)
+    assert_nat_is_real(router, hosts)
+
+
+def _tcp_peers(topo, ns: str) -> set[str]:
+    """The remote addresses of the established TCP connections in ``ns`` (``ss``)."""
+    out = topo.exec(ns, "ss", "-Htn", "state", "established").stdout
+    return {m.group(1) for m in re.finditer(r"\s(\d+\.\d+\.\d+\.\d+):\d+\s*$", out, re.M)}
+
+
 @pytest.mark.xfail(strict=False, reason="the listing is built from host.get_addrs() (node.net.peer_addrs), and "
                                         "py-libp2p 0.8.1's get_addrs cuts every address at its first /p2p/ and "
                                         "appends ours: the reserved /ip4/RELAY/tcp/4001/p2p/RELAY/p2p-circuit "
