@@ -31,7 +31,7 @@ from tests.netns.harness import make_daemons, poll_until, start_all
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-#: a dead link is noticed within the keep-alive's interval + timeout (node.net._liveness: 25 s)
+#: a dead link is noticed within the keep-alive's misses x (interval + timeout) (node.net._liveness: 30 s)
 BREAK_BOUND_S = 45
 #: lost bootstrap peers are redialled within 15 s (node._node.BOOTSTRAP_BACKOFF_MAX_S), a rejoined
 #: peer gets our listing 2 s later (MarketConfig.rejoin_republish_delay_s), gossip heartbeats 1 s
