@@ -68,8 +68,8 @@ LOOKUPS = 20
 IDLE_S = 10.0
 POLL_S = 0.1  # how often a node that does not list the offer yet is asked (the figures' resolution)
 READY_TIMEOUT_S = 240.0
-LOOKUP_BUDGET_S = 60.0  # lookups stop being started after this (their count is printed)
-PROPAGATION_TIMEOUT_S = 20.0  # a node that has not listed an offer by then is counted as missed
+LOOKUP_BUDGET_S = 30.0  # lookups stop being started after this (their count is printed)
+PROPAGATION_TIMEOUT_S = 10.0  # a node that has not listed an offer by then is counted as missed
 SUBNET = "10.213.0.0/24"
 
 
