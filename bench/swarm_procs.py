@@ -9,7 +9,7 @@ the other 48 then start all at once, each with both as its ``--bootstrap``. Each
 API is on loopback in its own namespace; the bench calls it from a thread inside that namespace.
 
 Prints:
-- start: how long the homes took (``node init``), until all 50 were ready (``daemon.json``), and
+- start: how long the homes took (``init_home``, in this process), until all 50 were ready (``daemon.json``), and
   until each was connected to as many peers as there are bootstrap nodes;
 - idle: each node's CPU (% of one core, over ``IDLE_S`` s, nothing asked of it) and RSS, median
   and max, measured before any offer exists;
@@ -17,6 +17,7 @@ Prints:
   the moment its API answers, the time until each of the 49 others lists it in
   ``GET /api/v1/providers`` (its market view: gossip or DHT), each asked every ``POLL_S`` until it
   does (the figures' resolution): per offer the time until all 49 did, and over all arrivals;
+  a node that has not within ``PROPAGATION_TIMEOUT_S`` is listed as missed, with its peer count;
 - DHT lookup: ``GET /api/v1/providers?model=M`` (the node asks the DHT for M's provider records,
   then fetches any listing it lacks) from ``LOOKUPS`` (node, model) pairs not asked before (a
   node keeps the provider records it found), from nodes that are not among the 20 closest to the
