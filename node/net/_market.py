@@ -19,6 +19,8 @@ Rules:
   what it returns, merges what the view already holds (first), and drops providers whose listing
   cannot be found, so Sybil provider records cannot push an honest provider out.
 - The host's dialer (``_dial``) asks ``fresh_addrs`` for a peer whose known addresses all failed.
+- A node with fewer than ``min_peers`` connections looks itself up in the DHT and dials the closest
+  peers it learns of (``_neighbour_loop``): nodes join a mesh, not a star around their bootstrap peers.
 - When peers we were not connected to join (a healed partition, a restart, a newcomer), our listing
   is republished a couple of heartbeats later (``rejoin_republish_*``): gossip does not replay what a
   peer missed, and a listing that expired in a long partition would otherwise wait for half its TTL.
@@ -98,6 +100,11 @@ class MarketConfig:
     # this long after (the gossip mesh forms at the next heartbeats), at most once per ..._every_s
     rejoin_republish_delay_s: float = 2.0
     rejoin_republish_every_s: float = 10.0
+    # below this many connections we look ourselves up in the DHT and connect to our neighbourhood:
+    # without it every node knows only its bootstrap peers, the swarm is a star and gossip (6-12 mesh
+    # peers a node) leaves leaves out; checked every neighbours_every_s (sooner until it first worked)
+    min_peers: int = 8
+    neighbours_every_s: float = 30.0
 
 
 class _ListingValidator(Validator):
@@ -283,6 +290,37 @@ class Market:
             known &= set(self.host.get_connected_peers())
             await trio.sleep(self.config.routing_interval_s)
 
+    async def _neighbour_loop(self) -> None:
+        """Keep at least ``min_peers`` connections: look ourselves up in the DHT (the lookup's queries
+        connect to the peers they ask) and dial the closest peers found, at most ``min_peers`` at once."""
+        me = self.host.get_id()
+        pause = self.config.routing_interval_s * 2
+        while True:
+            await trio.sleep(pause)
+            connected = set(self.host.get_connected_peers()) - {me}
+            if not connected or len(connected) >= self.config.min_peers:
+                pause = self.config.neighbours_every_s if connected else self.config.routing_interval_s * 2
+                continue
+            found: list[ID] = []
+            with trio.move_on_after(self.config.lookup_timeout_s):
+                try:
+                    found = await self.dht.peer_routing.find_closest_peers_network(me.to_bytes())
+                except Exception as exc:  # a half-built network: try again later
+                    _logger.debug("neighbourhood lookup failed: %s", exc)
+            wanted = [p for p in found if p != me and p not in self.host.get_connected_peers()]
+            wanted = wanted[: max(0, self.config.min_peers - len(connected))]
+
+            async def one(peer: ID) -> None:
+                try:
+                    await dialer(self.host).dial(peer, deadline=trio.current_time() + 5)
+                except Exception as exc:  # gone, or unreachable from here
+                    _logger.debug("neighbour %s unreachable: %s", peer, exc)
+
+            async with trio.open_nursery() as nursery:
+                for peer in wanted:
+                    nursery.start_soon(one, peer)
+            pause = self.config.neighbours_every_s
+
     async def _rejoin_loop(self) -> None:
         """Republish our listing soon after peers we were not connected to appear (see the rules)."""
         connected = set(self.host.get_connected_peers())
@@ -442,6 +480,7 @@ async def open_market(
             nursery.start_soon(market._dht_loop)
             nursery.start_soon(market._routing_loop)
             nursery.start_soon(market._rejoin_loop)
+            nursery.start_soon(market._neighbour_loop)
             nursery.start_soon(market._expire_loop)
             try:
                 yield market
