@@ -17,10 +17,14 @@ compact replacements that reuse py-libp2p's Noise/Yamux upgrade for the relayed 
 
 The relay (``serve_relay``): a RESERVE over a direct connection gets a reservation for
 ``reservation_ttl_s`` (one per peer; renewing replaces it), within ``reservations`` in all and
-``reservations_per_ip`` per remote IP; a reservation ends early when its holder disconnects. A
-CONNECT to a peer holding a reservation opens the STOP stream to it and splices the two streams,
-within ``circuits`` in all and ``circuits_per_peer`` per peer (as source or target); a circuit is
-reset after ``circuit_duration_s`` or once ``circuit_bytes`` went one way. Refusals carry the
+``reservations_per_ip`` per remote IP (an IPv4 address, an IPv6 /64: one subscriber's allocation);
+a reservation ends early when its holder disconnects. A CONNECT to a peer holding a reservation
+opens the STOP stream to it and splices the two streams, within ``circuits`` in all,
+``circuits_per_target`` to one target (a provider receives many consumers), ``circuits_per_pair``
+from one source to one target and ``circuits_per_ip`` from one source IP (IPv6 /64) over all
+targets; a circuit is reset after ``circuit_duration_s``, after ``circuit_idle_s`` without a byte
+either way, or once ``circuit_bytes`` went one way. So throwaway identities cannot park idle
+circuits on a provider: each costs a source IP slot and dies within a minute of silence. Refusals carry the
 spec's status (RESERVATION_REFUSED, RESOURCE_LIMIT_EXCEEDED, NO_RESERVATION, PERMISSION_DENIED,
 CONNECTION_FAILED, MALFORMED_MESSAGE, UNEXPECTED_MESSAGE); a hop request over a relayed connection
 is refused (PERMISSION_DENIED). With a DHT the relay provides ``RELAY_DHT_KEY`` every
@@ -29,9 +33,16 @@ is refused (PERMISSION_DENIED). With a DHT the relay provides ``RELAY_DHT_KEY`` 
 The client (``RelayClient``): keeps reservations on up to ``MAX_RELAYS`` relays while
 ``need_relay()`` holds, renews them before they expire, replaces a relay that went away; accepts
 STOP streams only from relays it holds a reservation on, turns each into a connection (Noise +
-Yamux, the peer's identity checked by Noise) counted like a direct inbound connection; on such a
+Yamux, the peer's identity checked by Noise) counted like a direct inbound connection (the count
+taken before the handshake, so parallel STOP streams cannot pass the cap); it closes such a
+connection once no application stream was open on it for ``RELAYED_IDLE_S``. It keeps only the
+reservation's relay addresses at the IP it reached the relay at (a relay cannot make us publish
+a third party's IP), and forgets its reservations when it stops needing a relay. On a relayed
 connection it runs DCUtR as the spec's B: Connect (its addresses), Connect back (A's), Sync, then
-dials A's addresses itself. A, per the spec, would also dial B on Sync; ours does not: TCP hole
+dials A's addresses itself: at most ``DCUTR_MAX_ADDRS`` of them, once each, at most one attempt per
+peer per ``DCUTR_PEER_S``, never unspecified, link-local or multicast ones, loopback only when the
+relay itself is on loopback (one machine), private ones only in a network we are on (an interface's,
+or a relay's we reach directly), so a peer cannot make us scan our LAN or a third party. A, per the spec, would also dial B on Sync; ours does not: TCP hole
 punching needs simultaneous open from the listen port (SO_REUSEPORT, which libp2p fix 11 removes),
 and two crossing dials leave two direct connections that each side would trim differently. So our
 upgrade is connection reversal: it works when A is reachable (the usual case: a consumer with a
@@ -42,7 +53,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import logging
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -74,7 +87,7 @@ DCUTR_PROTOCOL = TProtocol("/libp2p/dcutr")
 RELAY_DHT_KEY = "1220" + hashlib.sha256(b"inferswarm/relay/v1").hexdigest()
 MAX_RELAYS = 2
 MAX_MESSAGE = 4096  # go-libp2p's cap on a circuit or DCUtR message
-MAX_OBS_ADDRS = 8  # addresses taken from a peer's DCUtR Connect
+MAX_OBS_ADDRS = 8  # addresses we tell a peer in our DCUtR Connect
 MESSAGE_TIMEOUT_S = 10.0  # one message read, one STOP/CONNECT round trip
 CHUNK = 16 * 1024
 _STATUS_NAMES = {v: k for k, v in Status.items()}
@@ -92,9 +105,17 @@ class RelayRefused(DialFailed):
 class RelayLimits:
     """What a relay gives away at most (the defaults are the daemon's).
 
-    reservations / reservations_per_ip: live reservations in all and per remote IP (go-libp2p: 128, 8).
+    reservations / reservations_per_ip: live reservations in all and per remote IP, an IPv6 /64
+        counted as one IP (go-libp2p: 128, 8).
     reservation_ttl_s: a reservation's life (go-libp2p: 1 h); the holder renews it before the end.
-    circuits / circuits_per_peer: open circuits in all, and per peer as source or target (go: 16).
+    circuits: open circuits in all.
+    circuits_per_target: open circuits to one target: a provider serves many consumers through
+        its relay, so well above the per-pair cap (go-libp2p counts 16 per peer, either end).
+    circuits_per_pair: open circuits from one source to one target (a consumer needs one).
+    circuits_per_ip: open circuits from one source IP (IPv6 /64) over all targets: throwaway
+        identities from one machine take at most this many of a target's slots.
+    circuit_idle_s: a circuit that carried no byte either way this long is reset (an honest
+        relayed connection pings, or DCUtR moved it; the target also closes an idle one at 30 s).
     circuit_duration_s / circuit_bytes: a circuit is reset after this long, or once this many bytes
         went in one direction. go-libp2p's 2 min / 128 KiB suits hole punching only; ours carry an
         inference session until DCUtR moves it (prompts and answers are KiB to a few MiB), so 10 min
@@ -106,7 +127,10 @@ class RelayLimits:
     reservations_per_ip: int = 8
     reservation_ttl_s: int = 3600
     circuits: int = 64
-    circuits_per_peer: int = 8
+    circuits_per_target: int = 32
+    circuits_per_pair: int = 2
+    circuits_per_ip: int = 16
+    circuit_idle_s: float = 60.0
     circuit_duration_s: float = 600.0
     circuit_bytes: int = 16 << 20
     reprovide_s: float = 1800.0
@@ -213,6 +237,38 @@ def _direct_addrs(addrs: Sequence[Any], limit: int) -> list[multiaddr.Multiaddr]
     return out
 
 
+def _ip_of(addr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a ``/ip4|ip6/…`` multiaddr or of an IP's text, else None."""
+    try:
+        if isinstance(addr, multiaddr.Multiaddr):
+            names = [p.name for p in addr.protocols()]
+            addr = addr.value_for_protocol(names[0]) if names and names[0] in ("ip4", "ip6") else ""
+        ip = ipaddress.ip_address(str(addr).split("%", 1)[0])
+    except Exception:  # not an IP address
+        return None
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+
+
+def _dcutr_targets(raw: Sequence[Any], nets: Sequence[Any], *, loopback: bool, limit: int) -> list[multiaddr.Multiaddr]:
+    """Which of a peer's DCUtR addresses we dial: at most ``limit``; never unspecified, link-local,
+    multicast or reserved; loopback only if ``loopback``; a private IP only inside ``nets``."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in _direct_addrs(raw, MAX_OBS_ADDRS):
+        ip = _ip_of(addr)
+        if ip is None or ip.is_unspecified or ip.is_link_local or ip.is_multicast or (ip.version == 4 and ip.is_reserved):
+            continue
+        if ip.is_loopback:
+            if not loopback:
+                continue
+        elif ip.is_private and not any(ip in net for net in nets if net.version == ip.version):
+            continue
+        if addr not in out:
+            out.append(addr)
+        if len(out) >= limit:
+            break
+    return out
+
+
 # ---- the relay role
 
 
@@ -229,10 +285,13 @@ class Relay:
         self.host = host
         self.limits = limits
         self.reservations: dict[ID, _Reservation] = {}
-        self.circuits: dict[ID, int] = {}  # peer -> open circuits it is an end of
+        self.circuits: dict[ID, int] = {}  # target -> open circuits to it
+        self._pairs: dict[tuple[ID, ID], int] = {}  # (source, target) -> open circuits
+        self._ips: dict[str, int] = {}  # source IP key (_ip_key) -> open circuits
         self.open_circuits = 0
         self.refused: dict[str, int] = {}
         self.cut = 0  # circuits reset at their duration or byte limit
+        self.idled = 0  # circuits reset after circuit_idle_s of silence
 
     def _refuse(self, why: str) -> None:
         self.refused[why] = self.refused.get(why, 0) + 1
@@ -283,7 +342,7 @@ class Relay:
 
     async def _reserve(self, stream: Any, peer: ID) -> None:
         self._prune()
-        ip = _remote_ip(stream)
+        ip = _ip_key(_remote_ip(stream))
         if peer not in self.reservations:
             same_ip = sum(1 for r in self.reservations.values() if r.ip == ip)
             if len(self.reservations) >= self.limits.reservations or same_ip >= self.limits.reservations_per_ip:
@@ -308,23 +367,26 @@ class Relay:
             self._refuse("no_reservation")
             await self._status(src_stream, Status.NO_RESERVATION)
             return
-        per = self.limits.circuits_per_peer
-        if (self.open_circuits >= self.limits.circuits or self.circuits.get(src, 0) >= per
-                or self.circuits.get(dst, 0) >= per or src == dst):
+        lim, ip = self.limits, _ip_key(_remote_ip(src_stream))
+        counts: list[tuple[dict[Any, int], Any, int]] = [
+            (self.circuits, dst, lim.circuits_per_target), (self._pairs, (src, dst), lim.circuits_per_pair),
+            (self._ips, ip, lim.circuits_per_ip)]
+        if (src == dst or self.open_circuits >= lim.circuits
+                or any(table.get(key, 0) >= cap for table, key, cap in counts)):
             self._refuse("circuits")
             await self._status(src_stream, Status.RESOURCE_LIMIT_EXCEEDED)
             return
         self.open_circuits += 1
-        for p in (src, dst):
-            self.circuits[p] = self.circuits.get(p, 0) + 1
+        for table, key, _cap in counts:
+            table[key] = table.get(key, 0) + 1
         try:
             await self._circuit(src_stream, src, dst)
         finally:
             self.open_circuits -= 1
-            for p in (src, dst):
-                self.circuits[p] -= 1
-                if not self.circuits[p]:
-                    del self.circuits[p]
+            for table, key, _cap in counts:
+                table[key] -= 1
+                if not table[key]:
+                    del table[key]
 
     async def _circuit(self, src_stream: Any, src: ID, dst: ID) -> None:
         dst_stream = None
@@ -344,7 +406,11 @@ class Relay:
             await self._status(src_stream, Status.CONNECTION_FAILED)
             return
         await self._status(src_stream, Status.OK, limit=self._limit())
-        if await _splice(src_stream, dst_stream, self.limits.circuit_duration_s, self.limits.circuit_bytes):
+        why = await _splice(src_stream, dst_stream, self.limits.circuit_duration_s, self.limits.circuit_bytes,
+                            self.limits.circuit_idle_s)
+        if why == "idle":
+            self.idled += 1
+        elif why is not None:
             self.cut += 1
 
 
@@ -356,22 +422,42 @@ def _remote_ip(stream: Any) -> str:
         return "?"
 
 
-async def _splice(a: Any, b: Any, duration_s: float, max_bytes: int) -> bool:
-    """Copy ``a`` <-> ``b`` until both directions ended; reset both at ``duration_s`` or when one
-    direction passed ``max_bytes``. Returns whether it cut the circuit."""
-    cut = False
+def _ip_key(ip: str) -> str:
+    """What per-IP limits count: an IPv4 address, an IPv6 /64 (one subscriber gets a /64 or more;
+    counting full IPv6 addresses would let one host take every slot), an IPv4-mapped IPv6 as IPv4."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+async def _splice(a: Any, b: Any, duration_s: float, max_bytes: int, idle_s: float = math.inf) -> str | None:
+    """Copy ``a`` <-> ``b`` until both directions ended; reset both at ``duration_s``, after
+    ``idle_s`` without a byte either way, or when one direction passed ``max_bytes``.
+
+    Returns:
+        Why it cut the circuit ("duration", "idle", "bytes"), or None when both ends finished.
+    """
+    cut: str | None = None
+    last = trio.current_time()
 
     async def pump(src: Any, dst: Any, scope: trio.CancelScope) -> None:
-        nonlocal cut
+        nonlocal cut, last
         sent = 0
         try:
             while True:
                 data = await src.read(CHUNK)
                 if not data:
                     break
+                last = trio.current_time()
                 if sent + len(data) > max_bytes:
                     await dst.write(data[: max_bytes - sent])
-                    cut = True
+                    cut = "bytes"
                     scope.cancel()
                     return
                 sent += len(data)
@@ -386,12 +472,22 @@ async def _splice(a: Any, b: Any, duration_s: float, max_bytes: int) -> bool:
         except Exception:
             scope.cancel()
 
+    async def watch(scope: trio.CancelScope) -> None:
+        nonlocal cut
+        while (left := last + idle_s - trio.current_time()) > 0:
+            await trio.sleep(left)
+        cut = cut or "idle"
+        scope.cancel()
+
     with trio.move_on_after(duration_s) as timer:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, nursery.cancel_scope)
-            nursery.start_soon(pump, b, a, nursery.cancel_scope)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watch, outer.cancel_scope)
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(pump, a, b, outer.cancel_scope)
+                pumps.start_soon(pump, b, a, outer.cancel_scope)
+            outer.cancel_scope.cancel()  # both directions ended: the watch is over
     if timer.cancelled_caught:
-        cut = True
+        cut = cut or "duration"
     await _reset(a)
     await _reset(b)
     return cut
@@ -489,18 +585,24 @@ class _Held:
 class RelayClient:
     """Keeps reservations on relays while needed, accepts relayed connections, upgrades them (DCUtR).
 
-    Bounds: at most ``MAX_RELAYS`` reservations; candidates tried at most ``MAX_CANDIDATES`` a round,
-    a relay that failed is not retried for ``RETRY_S``; relayed inbound connections count against the
-    host's inbound cap (``_libp2p_fixes`` fix 1) and stream caps like direct ones; one DCUtR attempt
-    per relayed connection (``DCUTR_ATTEMPTS`` dials); a relayed connection is closed once a direct one
-    to the same peer exists and no stream of a non-background protocol is open on it.
+    Bounds: at most ``MAX_RELAYS`` reservations, dropped when a relay is no longer needed;
+    candidates tried at most ``MAX_CANDIDATES`` a round, a relay that failed is not retried for
+    ``RETRY_S``; relayed inbound connections count against the host's inbound cap (``_libp2p_fixes``
+    fix 1, counted from the STOP stream on) and stream caps like direct ones, and are closed after
+    ``RELAYED_IDLE_S`` without a stream of a non-background protocol; DCUtR dials at most
+    ``DCUTR_MAX_ADDRS`` addresses once, at most once per peer per ``DCUTR_PEER_S`` (remembered for
+    ``DCUTR_MEMORY`` peers at most); a relayed connection is closed once a direct one to the same
+    peer exists and no stream of a non-background protocol is open on it.
     """
 
     CHECK_S = 1.0
     RETRY_S = 30.0
     DHT_QUERY_S = 30.0
     MAX_CANDIDATES = 8
-    DCUTR_ATTEMPTS = 3
+    DCUTR_MAX_ADDRS = 4
+    DCUTR_PEER_S = 60.0
+    DCUTR_MEMORY = 1024
+    RELAYED_IDLE_S = 30.0
     RENEW_MARGIN = 0.25  # renew when a quarter of the reservation's life is left
 
     def __init__(self, host: IHost, *, dht: Any = None,
@@ -516,6 +618,8 @@ class RelayClient:
         self._dht_at = -1e9
         self._nursery: trio.Nursery | None = None
         self._active = False
+        self._dcutr_at: dict[ID, float] = {}  # peer -> when we last ran DCUtR with it (trio time)
+        self._relayed_in: dict[Any, float] = {}  # our inbound relayed muxed conns -> last busy (trio time)
 
     def add_relay(self, addr: str) -> None:
         """Use the relay at ``addr`` (``/ip4/…/tcp/…/p2p/RELAY``) as a candidate.
@@ -563,7 +667,10 @@ class RelayClient:
                     self._active = bool(need_relay())
                     if self._active:
                         await self._maintain()
+                    else:
+                        self.held.clear()  # frees the relays' connections for the connection manager
                     self._close_superseded(nursery)
+                    self._close_idle_relayed(nursery)
                     await trio.sleep(self.CHECK_S)
         finally:
             self._nursery = None
@@ -641,8 +748,13 @@ class RelayClient:
         if reply.type != HopMessage.STATUS or reply.status != Status.OK:
             raise RelayRefused(_status_name(reply.status), f"reservation on {relay}")
         suffix = f"/p2p/{relay.to_base58()}"
-        given = _direct_addrs(reply.reservation.addrs, 4) or _direct_addrs(
-            [str(a) for a in addrs] + [str(a) for a in self.host.get_peerstore().addrs(relay)], 4)
+        # the relay's word on its addresses holds only at the IP we reached it at (or dialled):
+        # any other would make us publish a third party's IP under our circuit address
+        ips = {_ip_of(a) for a in addrs} | {_ip_of(_remote_ip(stream))}
+        ips.discard(None)
+        given = [a for a in _direct_addrs(reply.reservation.addrs, 64) if _ip_of(a) in ips][:4] or [
+            a for a in _direct_addrs([str(a) for a in addrs] + [str(a) for a in self.host.get_peerstore().addrs(relay)],
+                                     64) if _ip_of(a) in ips][:4]
         relay_addrs = [a if str(a).endswith(suffix) else multiaddr.Multiaddr(f"{str(a).split('/p2p/')[0]}{suffix}")
                        for a in given]
         expire = float(reply.reservation.expire) if reply.reservation.expire else time.time() + 3600
@@ -655,6 +767,8 @@ class RelayClient:
         network = self.host.get_network()
         gate = handshake_gate(network)  # type: ignore[arg-type]
         cfg = network.connection_config  # type: ignore[attr-defined]
+        counted = False
+        muxed = None
         try:
             try:
                 msg = await _read(stream, StopMessage)
@@ -669,31 +783,76 @@ class RelayClient:
             if gate.inbound >= max(1, cfg.max_connections - cfg.min_connections):
                 await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.RESOURCE_LIMIT_EXCEEDED))
                 return
-            await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.OK))
-            circuit = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{src.to_base58()}")
-            raw = RawConnection(stream, False, ConnectionType.RELAYED, [circuit])
-            muxed = await network.upgrade_inbound_raw_conn(raw, circuit)  # type: ignore[attr-defined]
-        except Exception as exc:
-            _logger.debug("relayed connection via %s failed: %s", relay, describe(exc))
-            await _reset(stream)
-            return
-        if muxed.peer_id != src:  # Noise proved who it is; the relay's word named someone else
-            _logger.info("relayed connection via %s: the relay said %s, Noise proved %s", relay, src, muxed.peer_id)
-        gate.inbound += 1
-        try:
+            gate.inbound += 1  # before the handshake: parallel STOP streams each see the others
+            counted = True
+            try:
+                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.OK))
+                circuit = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{src.to_base58()}")
+                raw = RawConnection(stream, False, ConnectionType.RELAYED, [circuit])
+                muxed = await network.upgrade_inbound_raw_conn(raw, circuit)  # type: ignore[attr-defined]
+            except Exception as exc:
+                _logger.debug("relayed connection via %s failed: %s", relay, describe(exc))
+                await _reset(stream)
+                return
+            if muxed.peer_id != src:  # Noise proved who it is; the relay's word named someone else
+                _logger.info("relayed connection via %s: the relay said %s, Noise proved %s", relay, src, muxed.peer_id)
+            self._relayed_in[muxed] = trio.current_time()
             if self._nursery is not None:
-                self._nursery.start_soon(self._dcutr_initiate, muxed.peer_id)
+                self._nursery.start_soon(self._dcutr_initiate, muxed.peer_id, relay)
             event = getattr(muxed, "event_shutting_down", None)
             await (event if event is not None else muxed.event_closed).wait()
         finally:
-            gate.inbound -= 1
+            if muxed is not None:
+                self._relayed_in.pop(muxed, None)
+            if counted:
+                gate.inbound -= 1
 
     def _my_addrs(self) -> list[bytes]:
         texts = list(self.own_addrs()) if self.own_addrs is not None else [str(a) for a in self.host.get_addrs()]
         return [a.to_bytes() for a in _direct_addrs(texts, MAX_OBS_ADDRS)]
 
-    async def _dcutr_initiate(self, peer: ID) -> None:
+    def _dcutr_allowed(self, peer: ID) -> bool:
+        """At most one DCUtR attempt per peer per ``DCUTR_PEER_S`` (reconnecting does not buy dials)."""
+        now = trio.current_time()
+        if now - self._dcutr_at.get(peer, -math.inf) < self.DCUTR_PEER_S:
+            return False
+        for old in [p for p, at in self._dcutr_at.items() if now - at >= self.DCUTR_PEER_S]:
+            del self._dcutr_at[old]
+        if len(self._dcutr_at) >= self.DCUTR_MEMORY:  # that many attempts a minute: rest until one ages out
+            return False
+        self._dcutr_at[peer] = now
+        return True
+
+    def _dcutr_scope(self, relay: ID) -> tuple[list[Any], bool]:
+        """The networks a DCUtR dial may go to (ours: interfaces', relays' we reach directly), and
+        whether loopback may (only when ``relay`` itself is reached over loopback: one machine)."""
+        from ._addrs import interface_ips
+
+        ips = []
+        try:
+            ips.extend(i for i in interface_ips() if not i.is_loopback)
+        except Exception as exc:  # no interface list: relays' networks only
+            _logger.debug("no interface list: %s", describe(exc))
+        loopback = False
+        for held in list(self.held.values()):
+            for conn in _live_conns(self.host, held.relay):
+                if _is_relayed_conn(conn):
+                    continue
+                try:
+                    ip = _ip_of(str(conn.muxed_conn.get_remote_address()[0]))
+                except Exception:  # no address: nothing learned
+                    continue
+                if ip is not None and ip.is_loopback:
+                    loopback = loopback or held.relay == relay
+                elif ip is not None:
+                    ips.append(ip)
+        nets = [ipaddress.ip_network((ip, 24 if ip.version == 4 else 64), strict=False) for ip in ips]
+        return nets, loopback
+
+    async def _dcutr_initiate(self, peer: ID, relay: ID) -> None:
         """B's side: Connect, Connect back, Sync, then dial A's addresses (our connection reversal)."""
+        if not self._dcutr_allowed(peer):
+            return
         stream = None
         try:
             with trio.fail_after(MESSAGE_TIMEOUT_S):
@@ -706,19 +865,18 @@ class RelayClient:
                     raise ValueError("expected Connect")
                 await _write(stream, HolePunch(type=HolePunch.SYNC))
             await _close(stream)
-            addrs = _direct_addrs(reply.ObsAddrs, MAX_OBS_ADDRS)
+            nets, loopback = self._dcutr_scope(relay)
+            addrs = _dcutr_targets(reply.ObsAddrs, nets, loopback=loopback, limit=self.DCUTR_MAX_ADDRS)
             if not addrs:
                 return
             await trio.sleep(rtt / 2)
-            for _ in range(self.DCUTR_ATTEMPTS):
-                if connection_kind(self.host, peer) == "direct":
-                    return
-                try:
-                    await dialer(self.host).dial_direct(peer, addrs, deadline=trio.current_time() + 5)
-                    self.upgrades += 1
-                    return
-                except DialFailed as exc:
-                    _logger.debug("DCUtR dial of %s failed: %s", peer, exc)
+            if connection_kind(self.host, peer) == "direct":
+                return
+            try:  # one round: each address at most once
+                await dialer(self.host).dial_direct(peer, addrs, deadline=trio.current_time() + 5)
+                self.upgrades += 1
+            except DialFailed as exc:
+                _logger.debug("DCUtR dial of %s failed: %s", peer, exc)
         except Exception as exc:
             _logger.debug("DCUtR with %s failed: %s", peer, describe(exc))
             if stream is not None:
@@ -736,6 +894,24 @@ class RelayClient:
             _logger.debug("DCUtR stream ended: %s", describe(exc))
         finally:
             await _close(stream)
+
+    def _close_idle_relayed(self, nursery: trio.Nursery) -> None:
+        """Close our inbound relayed connections that carried no application stream for
+        ``RELAYED_IDLE_S`` (each holds a circuit slot on the relay, and one of our inbound slots)."""
+        from ._host import BACKGROUND_PROTOCOLS
+
+        now = trio.current_time()
+        for conn in list(self.host.get_network().get_connections()):
+            muxed = getattr(conn, "muxed_conn", None)
+            if muxed not in self._relayed_in or getattr(conn, "is_closed", False):
+                continue
+            if any(str(s.get_protocol() or "") and not str(s.get_protocol()).startswith(BACKGROUND_PROTOCOLS)
+                   for s in conn.get_streams()):
+                self._relayed_in[muxed] = now
+            elif now - self._relayed_in[muxed] >= self.RELAYED_IDLE_S:
+                del self._relayed_in[muxed]
+                _logger.debug("closing idle relayed connection from %s", muxed.peer_id)
+                nursery.start_soon(_close, conn)
 
     def _close_superseded(self, nursery: trio.Nursery) -> None:
         """Close relayed connections to peers we also reach directly, once nothing but background runs."""

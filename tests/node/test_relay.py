@@ -82,7 +82,7 @@ async def test_consumer_reaches_provider_through_the_relay_only():
 
 
 async def test_relay_refuses_over_reservation_and_circuit_limits_and_keeps_serving():
-    limits = RelayLimits(reservations=2, circuits=1, circuits_per_peer=1)
+    limits = RelayLimits(reservations=2, circuits=1)
     async with relay_rig(limits, providers=3) as (relay_host, relay, clients, consumer, nursery):
         await wait_until(lambda: sum(bool(c.circuit_addrs()) for c in clients) == 2, what="two reservations")
         await wait_until(lambda: relay.refused.get("reservations", 0) >= 1, what="the third refused")
