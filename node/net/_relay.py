@@ -41,8 +41,9 @@ a third party's IP), and forgets its reservations when it stops needing a relay.
 connection it runs DCUtR as the spec's B: Connect (its addresses), Connect back (A's), Sync, then
 dials A's addresses itself: at most ``DCUTR_MAX_ADDRS`` of them, once each, at most one attempt per
 peer per ``DCUTR_PEER_S``, never unspecified, link-local or multicast ones, loopback only when the
-relay itself is on loopback (one machine), private ones only in a network we are on (an interface's,
-or a relay's we reach directly), so a peer cannot make us scan our LAN or a third party. A, per the spec, would also dial B on Sync; ours does not: TCP hole
+relay itself is on loopback (one machine), non-global ones (private, CGNAT) only in a network we are
+on (an interface's, or a relay's we reach directly), so a peer cannot make us scan our LAN or a
+third party. A, per the spec, would also dial B on Sync; ours does not: TCP hole
 punching needs simultaneous open from the listen port (SO_REUSEPORT, which libp2p fix 11 removes),
 and two crossing dials leave two direct connections that each side would trim differently. So our
 upgrade is connection reversal: it works when A is reachable (the usual case: a consumer with a
@@ -251,7 +252,8 @@ def _ip_of(addr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def _dcutr_targets(raw: Sequence[Any], nets: Sequence[Any], *, loopback: bool, limit: int) -> list[multiaddr.Multiaddr]:
     """Which of a peer's DCUtR addresses we dial: at most ``limit``; never unspecified, link-local,
-    multicast or reserved; loopback only if ``loopback``; a private IP only inside ``nets``."""
+    multicast or reserved; loopback only if ``loopback``; a non-global IP (private, CGNAT's
+    100.64/10, documentation ranges) only inside ``nets``."""
     out: list[multiaddr.Multiaddr] = []
     for addr in _direct_addrs(raw, MAX_OBS_ADDRS):
         ip = _ip_of(addr)
@@ -260,7 +262,7 @@ def _dcutr_targets(raw: Sequence[Any], nets: Sequence[Any], *, loopback: bool, l
         if ip.is_loopback:
             if not loopback:
                 continue
-        elif ip.is_private and not any(ip in net for net in nets if net.version == ip.version):
+        elif not ip.is_global and not any(ip in net for net in nets if net.version == ip.version):
             continue
         if addr not in out:
             out.append(addr)

@@ -117,7 +117,7 @@ def test_dcutr_targets_skip_what_a_peer_must_not_make_us_dial():
     raw = [multiaddr.Multiaddr(a).to_bytes() for a in (
         "/ip4/0.0.0.0/tcp/1", "/ip4/169.254.1.1/tcp/1", "/ip4/127.0.0.1/tcp/1", "/ip4/192.168.1.9/tcp/1",
         "/ip4/10.60.0.7/tcp/1", "/ip6/fe80::1/tcp/1", "/ip6/::1/tcp/1", "/ip4/224.0.0.1/tcp/1",
-        "/ip4/198.51.100.1/tcp/1", "/ip4/8.8.8.8/tcp/1", "/ip4/8.8.4.4/tcp/1")]
+        "/ip4/100.64.0.9/tcp/1", "/ip4/8.8.8.8/tcp/1", "/ip4/8.8.4.4/tcp/1")]
     lan = [ipaddress.ip_network("10.60.0.0/24")]
 
     def chosen(nets, loopback, limit=8):
@@ -126,6 +126,9 @@ def test_dcutr_targets_skip_what_a_peer_must_not_make_us_dial():
     # 8 addresses looked at; of those, only the private one in our network (no loopback)
     assert chosen(lan, False) == ["/ip4/10.60.0.7/tcp/1"]
     assert chosen([], True) == ["/ip4/127.0.0.1/tcp/1", "/ip6/::1/tcp/1"]
+    # CGNAT is no more ours than a LAN; public addresses pass, at most ``limit`` of them
+    assert [str(a) for a in _dcutr_targets(raw[8:], lan, loopback=False, limit=8)] == [
+        "/ip4/8.8.8.8/tcp/1", "/ip4/8.8.4.4/tcp/1"]
     public = [multiaddr.Multiaddr(f"/ip4/8.8.{i}.8/tcp/1").to_bytes() for i in range(8)]
     assert len(_dcutr_targets(public, [], loopback=False, limit=4)) == 4
 
