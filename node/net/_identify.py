@@ -13,11 +13,19 @@ Rules (checked against py-libp2p 0.8.1 only: ``apply`` refuses any other version
 - What peers tell us (an identify answer or push): unspecified addresses (``0.0.0.0``, ``::``) and
   port 0 are dropped from ``listen_addrs``; a signed peer record listing one is ignored (its
   signature covers the list, it cannot be trimmed), so our peerstore never dials them.
+- What peers tell us is looked at only up to ``MAX_PEER_ADDRS`` listen addresses (the rest are
+  dropped unparsed: a 1 MiB message holds ~100k addresses, and parsing each froze the event loop
+  for ~6 s); a signed peer record listing more than ``MAX_PEER_ADDRS`` is dropped after counting its
+  entries (protobuf only, no multiaddr parsed). Our node lists at most 16 + loopback.
+- An identify push is read with ``PUSH_READ_LIMIT`` (64 KiB; py-libp2p's handler reads 1 MiB)
+  within ``PUSH_READ_TIMEOUT_S`` (``install_identify`` replaces py-libp2p's push handler).
 - Each answer we receive hands ``(peer, observed_addr)`` to the observer installed for that host,
   so the address book counts how peers see us.
 
 Bounds: an identify answer is written within ``WRITE_TIMEOUT_S``; its address list is at most what
-``addrs_for`` returns (the book caps it at 16 + loopback); nothing is read from the peer.
+``addrs_for`` returns (the book caps it at 16 + loopback). A push we receive costs at most
+``PUSH_READ_LIMIT`` bytes and ``MAX_PEER_ADDRS`` multiaddr parses (plus py-libp2p's own parse of
+the addresses kept: at most ``MAX_PEER_ADDRS``).
 """
 
 from __future__ import annotations
@@ -36,15 +44,23 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.identity.identify_push import identify_push as _push
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
+from libp2p.peer.pb.envelope_pb2 import Envelope
+from libp2p.peer.pb.peer_record_pb2 import PeerRecord
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.utils import varint
+from libp2p.utils.varint import read_length_prefixed_protobuf
 
 from ._libp2p_fixes import PINNED_LIBP2P
 
-__all__ = ["apply", "install_identify", "is_unspecified", "WRITE_TIMEOUT_S"]
+__all__ = ["apply", "install_identify", "is_unspecified", "MAX_PEER_ADDRS", "PUSH_READ_LIMIT", "WRITE_TIMEOUT_S"]
 
 _logger = logging.getLogger(__name__)
 WRITE_TIMEOUT_S = 10.0
+#: listen addresses of a peer we look at (and keep); a signed record listing more is dropped
+MAX_PEER_ADDRS = 64
+#: the largest identify push read (64 addresses of ~50 bytes, protocols and a record fit in ~8 KiB)
+PUSH_READ_LIMIT = 64 * 1024
+PUSH_READ_TIMEOUT_S = 10.0
 _applied = False
 _original_update = _basic_host.update_peerstore_from_identify
 _original_push = _push.push_identify_to_peer
@@ -130,6 +146,31 @@ def install_identify(host: IHost, addrs_for: Callable[[multiaddr.Multiaddr | Non
 
     host.set_stream_handler(_identify.ID, handle_identify)
 
+    async def handle_push(stream: INetStream) -> None:
+        """py-libp2p's push handler with a 64 KiB read (its own reads up to 1 MiB)."""
+        peer = stream.muxed_conn.peer_id  # type: ignore[attr-defined]
+        try:
+            with trio.fail_after(PUSH_READ_TIMEOUT_S):
+                data = await read_length_prefixed_protobuf(stream, True, PUSH_READ_LIMIT)
+            msg = Identify()
+            msg.ParseFromString(data)
+            await _update_peerstore_from_identify(host.get_peerstore(), peer, msg)
+        except Exception as exc:  # oversize, slow, garbage: the push is ignored
+            _logger.debug("identify push from %s ignored: %s", peer, exc)
+            with trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+            return
+        with trio.move_on_after(1):
+            try:
+                await stream.close()
+            except Exception:
+                pass
+
+    host.set_stream_handler(_push.ID_PUSH, handle_push)
+
 
 def _remote_of(host: IHost, peer: ID) -> multiaddr.Multiaddr | None:
     for conn in host.get_network().get_connections(peer):
@@ -169,11 +210,25 @@ async def _push_identify_to_peer(host: IHost, peer_id: ID, observed_multiaddr: m
             return False
 
 
+def _record_addr_count(envelope: bytes) -> int | None:
+    """How many addresses a signed peer record lists (protobuf only: no multiaddr, no signature
+    check); None when it is not an envelope holding a peer record (py-libp2p rejects it itself)."""
+    try:
+        env = Envelope()
+        env.ParseFromString(envelope)
+        record = PeerRecord()
+        record.ParseFromString(env.payload)
+        return len(record.addresses)
+    except Exception:  # protobuf's DecodeError and friends
+        return None
+
+
 def _without_unspecified(msg: Identify) -> Identify:
-    """``msg`` less unspecified listen addresses, and less a signed record listing one."""
+    """``msg`` with its first ``MAX_PEER_ADDRS`` listen addresses less unspecified ones, and less a
+    signed record listing one or listing more than ``MAX_PEER_ADDRS``."""
     keep = []
-    dropped = 0
-    for raw in msg.listen_addrs:
+    dropped = max(0, len(msg.listen_addrs) - MAX_PEER_ADDRS)
+    for raw in msg.listen_addrs[:MAX_PEER_ADDRS]:
         try:
             addr = multiaddr.Multiaddr(raw)
         except Exception:  # py-libp2p skips unparseable ones itself
@@ -185,11 +240,15 @@ def _without_unspecified(msg: Identify) -> Identify:
             keep.append(raw)
     record_bad = False
     if msg.HasField("signedPeerRecord"):
-        try:
-            _, record = consume_envelope(msg.signedPeerRecord, "libp2p-peer-record")
-            record_bad = any(is_unspecified(a) for a in record.addrs)
-        except Exception:  # py-libp2p rejects a bad envelope itself
-            record_bad = False
+        count = _record_addr_count(msg.signedPeerRecord)
+        if count is not None and count > MAX_PEER_ADDRS:
+            record_bad = True
+        else:
+            try:
+                _, record = consume_envelope(msg.signedPeerRecord, "libp2p-peer-record")
+                record_bad = any(is_unspecified(a) for a in record.addrs)
+            except Exception:  # py-libp2p rejects a bad envelope itself
+                record_bad = False
     if not dropped and not record_bad:
         return msg
     clean = Identify()
