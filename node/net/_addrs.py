@@ -5,27 +5,41 @@ this machine's interface addresses on its port. Loopback is published only when 
 reach us (the node listens on loopback only, or the machine has no other interface), and identify
 tells loopback addresses only to a peer that is itself on loopback. An address peers report seeing
 us at (identify's observed address) is trusted once ``observed_min_peers`` distinct observers
-(IPv4 address, IPv6 /56) report its IP, or when an AutoNAT dial-back reached it; until then it is
-only a claim we ask servers to test. Operator announcements (``--announce``) come first.
+(IPv4 address, IPv6 /48) report its IP, each observer counting for its latest report only (one
+peer cannot vote for many IPs), or when AutoNAT confirmed it; until then it is only a claim we ask
+other servers to test, never the observers that reported it. Operator announcements
+(``--announce``) come first.
 
 Order of ``published()``: announced; confirmed by a dial-back; observed by enough peers; public
 interface addresses; relay (``/p2p-circuit``) addresses when we need a relay; private interface
-addresses (a LAN peer can use them); at most ``max_published``, each ending ``/p2p/<our id>``.
+addresses (a LAN peer can use them); at most ``max_published``, each ending ``/p2p/<our id>``,
+of which at most ``MAX_OBSERVED_PUBLISHED`` observed addresses per IP family, and the relay
+addresses keep their slots when we need a relay (what comes before them is cut instead).
 Once AutoNAT says private, observed addresses that no dial-back confirmed are not published (they
 are the NAT's: a dialer would spend a whole connect timeout on each before the relay address), and
 public interface addresses go after the relay addresses.
 
 Reachability (``AutoNAT``, ``_autonat``): unknown at start; a few connected peers that speak AutoNAT
 are asked to dial our claims back every ``probe_unknown_s`` while unknown, every ``probe_known_s``
-once known, and soon after our claimed addresses change. ``need_relay()`` holds when private, or
-unknown for ``relay_after_s`` with no confirmed address.
+once known, and soon after our claimed addresses change. A server's OK counts only when it names
+one of the claims we sent it (else it is no vote at all). An address is confirmed, and the verdict
+turns public, only once OKs for it came from ``confirm_groups`` (2) servers in different groups
+(IPv4 /24, IPv6 /48) within ``confirmed_ttl_s``, so one hostile server (or several in one
+network) cannot make us publish an address or drop our relay address; with a single server off
+our network we honestly stay unknown. The exception: a server on loopback confirming a loopback
+address, or one on the same private LAN subnet (an interface's network) confirming an address in
+it: one is enough there (tests, LAN swarms), and such a server cannot confirm a public IP. A
+dial-back failure ("dial_error") is a vote for private from any one server, as in go-libp2p.
+``need_relay()`` holds when private, or unknown for ``relay_after_s`` with no confirmed address.
 
 Construction installs two things on the host (py-libp2p 0.8.1 only, ``_identify.apply``): our
 identify handler (``for_peer``), and ``published()`` as the host's address factory, so
 ``host.get_addrs()`` (the DHT's provider records and peer routing, ``peer_addrs``) tells the same.
 
 Bounds: observed IPs kept at most ``MAX_OBSERVED`` (fewest observers evicted), observers per IP at
-most ``MAX_OBSERVERS``, confirmed addresses at most ``MAX_CONFIRMED``, each for ``confirmed_ttl_s``;
+most ``MAX_OBSERVERS`` (so at most ``MAX_OBSERVED * MAX_OBSERVERS`` observer votes), confirmed
+addresses at most ``MAX_CONFIRMED``, each for ``confirmed_ttl_s``; addresses with OKs pending
+confirmation at most ``MAX_PENDING``, each with at most ``MAX_OK_GROUPS`` server groups;
 one probe round asks at most ``probe_peers`` servers, a server at most once per ``server_cooldown_s``
 (under go-libp2p's 3 a minute), each within ``probe_timeout_s``.
 """
@@ -54,6 +68,9 @@ _logger = logging.getLogger(__name__)
 MAX_OBSERVED = 32
 MAX_OBSERVERS = 64
 MAX_CONFIRMED = 16
+MAX_PENDING = 32
+MAX_OK_GROUPS = 8
+MAX_OBSERVED_PUBLISHED = 2
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -71,6 +88,7 @@ class AddressConfig:
     probe_timeout_s: float = 30.0
     server_cooldown_s: float = 60.0
     relay_after_s: float = 60.0
+    confirm_groups: int = 2
     interface_refresh_s: float = 30.0
     tick_s: float = 1.0
 
@@ -85,6 +103,33 @@ def _ip(text: str) -> _IP | None:
 def _usable(ip: _IP) -> bool:
     """An IP a peer could dial us at (loopback included: it is filtered by who asks)."""
     return not (ip.is_unspecified or ip.is_multicast or ip.is_link_local or (ip.version == 4 and ip.is_reserved))
+
+
+def _observer_group(ip: _IP) -> str:
+    """Who counts as one observer: an IPv4 address, an IPv6 /48."""
+    return str(ipaddress.ip_network(f"{ip}/48", strict=False).network_address) if ip.version == 6 else str(ip)
+
+
+def _server_group(ip: _IP) -> str:
+    """Servers in one group agree as one: an IPv4 /24, an IPv6 /48."""
+    return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 48}", strict=False))
+
+
+def interface_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of this machine's private (non-loopback, non-link-local) interfaces."""
+    import ifaddr
+
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for adapter in ifaddr.get_adapters():
+        for entry in adapter.ips:
+            text = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
+            ip = _ip(text)
+            if ip is None or not _usable(ip) or ip.is_loopback or not ip.is_private:
+                continue
+            net = ipaddress.ip_network(f"{ip}/{entry.network_prefix}", strict=False)
+            if net not in out:
+                out.append(net)
+    return out
 
 
 def interface_ips() -> list[_IP]:
@@ -174,7 +219,10 @@ class AddressBook:
         self._relay_addrs = relay_addrs
         self._judge = Judge()
         self._started = clock()
-        self._observed: dict[_IP, dict[str, float]] = {}  # observed IP -> observer group -> last seen
+        self._observed: dict[_IP, dict[str, tuple[float, str]]] = {}  # IP -> observer group -> (last seen, peer)
+        self._votes: dict[str, _IP] = {}  # observer group -> the IP it reported last
+        self._oks: dict[str, dict[str, float]] = {}  # address -> server group -> when it said OK
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self._confirmed: dict[str, float] = {}  # address -> expiry
         self._asked: dict[ID, float] = {}  # server -> when we last asked it
         self._interfaces: list[_IP] = []
@@ -196,6 +244,7 @@ class AddressBook:
         if now - self._interfaces_at >= self.config.interface_refresh_s:
             try:
                 self._interfaces = interface_ips()
+                self._networks = interface_networks()
             except Exception as exc:  # a machine whose interfaces cannot be read: keep the last list
                 _logger.warning("cannot read this machine's interface addresses: %s", exc)
             self._interfaces_at = now
@@ -222,10 +271,17 @@ class AddressBook:
     def _observed_candidates(self, trusted_only: bool) -> list[multiaddr.Multiaddr]:
         ports = self._listen()
         out = []
+        per_family: dict[int, int] = {}
         for ip, observers in sorted(self._observed.items(), key=lambda kv: -len(kv[1])):
             if trusted_only and len(observers) < self.config.observed_min_peers:
                 continue
-            out.extend(_ma(ip, port) for lip, port in ports if lip.version == ip.version)
+            for lip, port in ports:
+                if lip.version != ip.version:
+                    continue
+                if trusted_only and per_family.get(ip.version, 0) >= MAX_OBSERVED_PUBLISHED:
+                    break
+                per_family[ip.version] = per_family.get(ip.version, 0) + 1
+                out.append(_ma(ip, port))
         return out
 
     def _confirmed_live(self) -> list[multiaddr.Multiaddr]:
@@ -266,19 +322,34 @@ class AddressBook:
                 continue
             ip = _ip(remote[0]) if remote else None
             if ip is not None:
-                group = str(ipaddress.ip_network(f"{ip}/56", strict=False).network_address) if ip.version == 6 else str(ip)
+                group = _observer_group(ip)
                 break
         if group is None:
             return
+        before = self._votes.get(group)
+        if before is not None and before != tcp[0]:  # an observer counts for its latest report only
+            self._unvote(before, group)
         observers = self._observed.get(tcp[0])
         if observers is None:
             if len(self._observed) >= MAX_OBSERVED:
                 fewest = min(self._observed, key=lambda k: (len(self._observed[k]), max(self._observed[k].values())))
-                del self._observed[fewest]
+                for g in self._observed.pop(fewest):
+                    self._votes.pop(g, None)
             observers = self._observed[tcp[0]] = {}
         if group not in observers and len(observers) >= MAX_OBSERVERS:
-            del observers[min(observers, key=observers.__getitem__)]
-        observers[group] = self._clock()
+            oldest = min(observers, key=observers.__getitem__)
+            del observers[oldest]
+            self._votes.pop(oldest, None)
+        observers[group] = (self._clock(), str(peer))
+        self._votes[group] = tcp[0]
+
+    def _unvote(self, ip: _IP, group: str) -> None:
+        observers = self._observed.get(ip)
+        if observers is not None:
+            observers.pop(group, None)
+            if not observers:
+                del self._observed[ip]
+        self._votes.pop(group, None)
 
     # ---- what we tell
 
@@ -308,6 +379,8 @@ class AddressBook:
     def _plain_published(self) -> list[multiaddr.Multiaddr]:
         first, private = self._direct()
         relay = self._relay() if self.need_relay() else []
+        if relay:  # the relay addresses keep their slots: what would rank before them is cut instead
+            first = first[: max(0, self.config.max_published - len(relay))]
         out = first + relay + private
         if not first and not private:
             out = relay + self._loopback()  # listens on loopback only, or the machine has nothing else
@@ -338,12 +411,20 @@ class AddressBook:
     def _addrs_factory(self, _candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return self._plain_published()
 
-    def claims_for(self, remote: multiaddr.Multiaddr | None) -> list[multiaddr.Multiaddr]:
-        """The addresses we ask a server at ``remote`` to dial back: announced IPs, observed ones
-        (trusted or not), our interface addresses (loopback only to a loopback server); at most 16."""
+    def claims_for(self, remote: multiaddr.Multiaddr | None, server: ID | None = None) -> list[multiaddr.Multiaddr]:
+        """The addresses we ask a server at ``remote`` (peer ``server``) to dial back: announced IPs,
+        observed ones (trusted or not) except those this server (its peer id or its observer group)
+        reported, our interface addresses (loopback only to a loopback server); at most 16."""
         tcp = _tcp(_strip_p2p(remote)) if remote is not None else None
         loop_ok = tcp is not None and tcp[0].is_loopback
-        out = [a for a in self._announced if _tcp(a) is not None] + self._observed_candidates(trusted_only=False)
+        out = [a for a in self._announced if _tcp(a) is not None]
+        if server is not None or tcp is not None:
+            group = _observer_group(tcp[0]) if tcp is not None else None
+            reported = {ip for ip, obs in self._observed.items()
+                        if group in obs or any(p == str(server) for _, p in obs.values())}
+            out += [a for a in self._observed_candidates(trusted_only=False) if (_tcp(a) or (None,))[0] not in reported]
+        else:
+            out += self._observed_candidates(trusted_only=False)
         out += [_ma(ip, port) for ip, port in self._expanded() if loop_ok or not ip.is_loopback]
         seen: set[str] = set()
         unique = []
@@ -448,6 +529,46 @@ class AddressBook:
         random.shuffle(out)
         return out[: self.config.probe_peers]
 
+    def _local_server(self, server_ip: _IP, addr_ip: _IP) -> bool:
+        """A server that alone may confirm ``addr_ip``: both on loopback, or both in the network of
+        one of our private interfaces (it cannot confirm a public IP)."""
+        if server_ip.is_loopback or addr_ip.is_loopback:
+            return server_ip.is_loopback and addr_ip.is_loopback
+        self._interface_ips()  # refreshes the networks too
+        return any(server_ip in net and addr_ip in net for net in self._networks)
+
+    def _take_ok(self, named: multiaddr.Multiaddr | None, claims: Sequence[multiaddr.Multiaddr],
+                 remote: multiaddr.Multiaddr | None) -> bool:
+        """A server at ``remote`` answered OK naming ``named`` after we sent it ``claims``: count it
+        (module docstring: the rules); return whether it confirmed the address (and was a vote for
+        public). An OK naming no claim of ours, or from a server whose IP we do not know, is no vote."""
+        if named is None or remote is None:
+            return False
+        addr = _strip_p2p(named)
+        mine = _tcp(addr)
+        server = _tcp(_strip_p2p(remote))
+        if mine is None or server is None or str(addr) not in {str(_strip_p2p(c)) for c in claims}:
+            return False
+        now = self._clock()
+        key = str(addr)
+        if not self._local_server(server[0], mine[0]):
+            oks = {g: t for g, t in self._oks.get(key, {}).items() if now - t < self.config.confirmed_ttl_s}
+            oks[_server_group(server[0])] = now
+            while len(oks) > MAX_OK_GROUPS:
+                del oks[min(oks, key=oks.__getitem__)]
+            self._oks.pop(key, None)
+            self._oks[key] = oks
+            while len(self._oks) > MAX_PENDING:
+                del self._oks[next(iter(self._oks))]  # the least recently answered
+            if len(oks) < self.config.confirm_groups:
+                return False
+        self._confirmed[key] = now + self.config.confirmed_ttl_s
+        while len(self._confirmed) > MAX_CONFIRMED:
+            del self._confirmed[min(self._confirmed, key=self._confirmed.__getitem__)]
+        if self._judge.record("ok"):
+            _logger.info("reachability is now %s (%s confirmed by a dial-back)", self.reachability, key)
+        return True
+
     async def probe_once(self) -> int:
         """One round: ask up to ``probe_peers`` servers to dial our claims back; return how many answered."""
         now = self._clock()
@@ -456,7 +577,7 @@ class AddressBook:
 
         async def ask(peer: ID, remote: multiaddr.Multiaddr | None) -> None:
             nonlocal answered
-            claims = self.claims_for(remote)
+            claims = self.claims_for(remote, peer)
             if not claims:
                 return
             self._asked[peer] = self._clock()
@@ -467,12 +588,9 @@ class AddressBook:
             if outcome.status == "no_answer":
                 return
             answered += 1
-            if outcome.status == "ok" and outcome.addr is not None:
-                addr = _strip_p2p(outcome.addr)
-                if str(addr) in {str(c) for c in claims}:  # a server's answer names one of our claims or nothing
-                    self._confirmed[str(addr)] = self._clock() + self.config.confirmed_ttl_s
-                    while len(self._confirmed) > MAX_CONFIRMED:
-                        del self._confirmed[min(self._confirmed, key=self._confirmed.__getitem__)]
+            if outcome.status == "ok":
+                self._take_ok(outcome.addr, claims, remote)
+                return
             if self._judge.record(outcome.status):
                 _logger.info("reachability is now %s (%s said %s)", self.reachability, peer, outcome.status)
 

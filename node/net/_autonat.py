@@ -21,7 +21,9 @@ purpose: the requester's swarm never registers the connection (with one connecti
 might otherwise trim the connection the request came on); it logs a failed inbound upgrade at debug.
 
 The client's verdicts follow go-libp2p's ambient AutoNAT (``Judge``): the spec's "more than three
-servers agree" cannot be met in a market of a handful of nodes.
+servers agree" cannot be met in a market of a handful of nodes. The address book feeds the judge
+an "ok" only for an address OK'd by servers in two different networks (or one on our loopback or
+LAN subnet): one hostile server's OK is no vote (``_addrs``, module docstring).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class AutoNATLimits:
     """What one AutoNAT server does for others at most (go-libp2p's defaults where it has them).
 
     per_peer_per_minute: requests from one peer that lead to dials, in any 60 s (go: 3).
+    per_ip_per_minute: requests from one IPv4 address or IPv6 /64 that lead to dials, in any 60 s
+        (throwaway peer ids from one machine share it).
     total_per_minute: requests leading to dials from everyone, in any 60 s (go: 30).
     concurrent: requests being dialled at once (one per peer at most).
     addrs_per_request: addresses dialled for one request (after the observed-IP filter).
@@ -75,6 +79,7 @@ class AutoNATLimits:
     """
 
     per_peer_per_minute: int = 3
+    per_ip_per_minute: int = 10
     total_per_minute: int = 30
     concurrent: int = 4
     addrs_per_request: int = 4
@@ -91,6 +96,11 @@ def _ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def _ip_group(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What the per-IP limit counts: an IPv4 address, an IPv6 /64 (one subscriber's prefix)."""
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 
 def dialable_claims(raw_addrs: Sequence[bytes], observed_ip: str | None, requester: ID,
@@ -152,7 +162,7 @@ class AutoNATServer:
 
     Bounds (``AutoNATLimits``): a request is read within ``read_timeout_s`` and is at most
     ``max_request`` bytes; a peer gets at most ``per_peer_per_minute`` dialled requests and one at a
-    time, everyone together ``total_per_minute`` and ``concurrent`` at once; each request dials at
+    time, one IPv4 address or IPv6 /64 (any number of peer ids) ``per_ip_per_minute``, everyone together ``total_per_minute`` and ``concurrent`` at once; each request dials at
     most ``addrs_per_request`` addresses, one after another, each within ``dial_timeout_s``. So a
     remote can make us hold at most ``concurrent`` dials of ``addrs_per_request * dial_timeout_s``
     seconds, and make at most ``total_per_minute * addrs_per_request`` outbound dials a minute, every
@@ -167,14 +177,14 @@ class AutoNATServer:
         self.host = host
         self.limits = limits
         self._clock = clock
-        self._recent: deque[tuple[float, ID]] = deque()  # accepted requests in the last minute
+        self._recent: deque[tuple[float, ID, str]] = deque()  # accepted requests in the last minute: (when, peer, IP group)
         self._busy: set[ID] = set()
         self.dials = 0
         self.refused = 0
         self.bad = 0
 
-    def _admit(self, peer: ID) -> str | None:
-        """Take a slot for ``peer`` now, or say why not."""
+    def _admit(self, peer: ID, ip_group: str = "") -> str | None:
+        """Take a slot for ``peer`` (connecting from ``ip_group``, ``_ip_group``) now, or say why not."""
         now = self._clock()
         while self._recent and now - self._recent[0][0] >= 60.0:
             self._recent.popleft()
@@ -184,9 +194,11 @@ class AutoNATServer:
             return "busy"
         if len(self._recent) >= self.limits.total_per_minute:
             return "rate limited"
-        if sum(1 for _, p in self._recent if p == peer) >= self.limits.per_peer_per_minute:
+        if sum(1 for _, p, _ in self._recent if p == peer) >= self.limits.per_peer_per_minute:
             return "rate limited (this peer)"
-        self._recent.append((now, peer))
+        if sum(1 for _, _, g in self._recent if g == ip_group) >= self.limits.per_ip_per_minute:
+            return "rate limited (this IP)"
+        self._recent.append((now, peer, ip_group))
         self._busy.add(peer)
         return None
 
@@ -228,7 +240,8 @@ class AutoNATServer:
         if not claims:
             self.refused += 1
             return _response(Message.E_DIAL_REFUSED, "no claimed address is on the IP you connect from")
-        why = self._admit(peer)
+        seen = _ip_of(remote[0]) if remote else None
+        why = self._admit(peer, _ip_group(seen) if seen is not None else "")
         if why is not None:
             self.refused += 1
             return _response(Message.E_DIAL_REFUSED, why)
