@@ -172,3 +172,43 @@ async def test_three_observers_cannot_push_out_relay_addresses(monkeypatch):
         published = book.published()
         assert sum(1 for a in published if a.startswith("/ip4/203.0.113.")) == 2, published
         assert any("p2p-circuit" in a for a in published), published
+
+
+async def test_one_server_on_our_lan_subnet_or_loopback_confirms_only_an_address_there():
+    """A LAN swarm or a test may have one server: one on our private subnet (or loopback) is enough
+    for an address in that subnet, never for a public IP."""
+    import ipaddress
+
+    async with open_host(identity("ah-v5"), LOOPBACK) as host:
+        book = AddressBook(host, config=FAST)
+        book._interface_ips()  # read the machine's interfaces once, then pretend we sit on 10.9.8.0/24
+        book._networks = [ipaddress.ip_network("10.9.8.0/24")]
+        lan_server = multiaddr.Multiaddr("/ip4/10.9.8.7/tcp/4001")
+        public = multiaddr.Multiaddr("/ip4/198.51.100.9/tcp/4001")
+        assert not book._take_ok(public, [public], lan_server)  # a LAN server cannot confirm a public IP
+        other_lan = multiaddr.Multiaddr("/ip4/10.9.9.5/tcp/4001")  # private, but not our subnet
+        assert not book._take_ok(other_lan, [other_lan], lan_server)
+        assert book.reachability == "unknown"
+        mine = multiaddr.Multiaddr("/ip4/10.9.8.2/tcp/4001")
+        assert book._take_ok(mine, [mine], lan_server) and book.reachability == "public"
+        loop = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001")
+        assert not book._take_ok(loop, [loop], lan_server)  # loopback only from a loopback server
+        assert book._take_ok(loop, [loop], multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/5"))
+
+
+async def test_an_observed_ip_is_never_sent_to_a_server_from_the_reporters_network(monkeypatch):
+    """Another peer id from the reporter's IP (a sybil) is not asked to confirm it either."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    async with open_host(identity("ah-v6"), LOOPBACK) as host:
+        book = AddressBook(host, config=FAST)
+        current = {"ip": "198.18.0.1"}
+        monkeypatch.setattr(host.get_network(), "get_connections", _fake_connection_from(current))
+        book.observe(host.get_id(), multiaddr.Multiaddr("/ip4/203.0.113.66/tcp/1"))
+        sybil = ID.from_pubkey(create_new_key_pair().public_key)
+        same = book.claims_for(multiaddr.Multiaddr("/ip4/198.18.0.1/tcp/4001"), sybil)
+        other = book.claims_for(multiaddr.Multiaddr("/ip4/198.18.0.2/tcp/4001"), sybil)
+        reporter = book.claims_for(multiaddr.Multiaddr("/ip4/198.18.0.3/tcp/4001"), host.get_id())
+        assert not any("203.0.113.66" in str(a) for a in same + reporter), (same, reporter)
+        assert any("203.0.113.66" in str(a) for a in other), other
