@@ -7,7 +7,8 @@ tells loopback addresses only to a peer that is itself on loopback. An address p
 us at (identify's observed address) is trusted once ``observed_min_peers`` distinct observers
 (IPv4 address, IPv6 /48) report its IP, each observer counting for its latest report only (one
 peer cannot vote for many IPs), or when AutoNAT confirmed it; until then it is only a claim we ask
-other servers to test, never the observers that reported it. Operator announcements
+servers to test, and no server's OK for an IP it (its peer id or its observer group) reported
+counts: its dial failure does (the NAT it sees us behind). Operator announcements
 (``--announce``) come first.
 
 Order of ``published()``: announced; confirmed by a dial-back; observed by enough peers; public
@@ -411,20 +412,13 @@ class AddressBook:
     def _addrs_factory(self, _candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return self._plain_published()
 
-    def claims_for(self, remote: multiaddr.Multiaddr | None, server: ID | None = None) -> list[multiaddr.Multiaddr]:
-        """The addresses we ask a server at ``remote`` (peer ``server``) to dial back: announced IPs,
-        observed ones (trusted or not) except those this server (its peer id or its observer group)
-        reported, our interface addresses (loopback only to a loopback server); at most 16."""
+    def claims_for(self, remote: multiaddr.Multiaddr | None) -> list[multiaddr.Multiaddr]:
+        """The addresses we ask a server at ``remote`` to dial back: announced IPs, observed ones
+        (trusted or not; a server's OK for an IP it reported itself is not counted, ``_take_ok``),
+        our interface addresses (loopback only to a loopback server); at most 16."""
         tcp = _tcp(_strip_p2p(remote)) if remote is not None else None
         loop_ok = tcp is not None and tcp[0].is_loopback
-        out = [a for a in self._announced if _tcp(a) is not None]
-        if server is not None or tcp is not None:
-            group = _observer_group(tcp[0]) if tcp is not None else None
-            reported = {ip for ip, obs in self._observed.items()
-                        if group in obs or any(p == str(server) for _, p in obs.values())}
-            out += [a for a in self._observed_candidates(trusted_only=False) if (_tcp(a) or (None,))[0] not in reported]
-        else:
-            out += self._observed_candidates(trusted_only=False)
+        out = [a for a in self._announced if _tcp(a) is not None] + self._observed_candidates(trusted_only=False)
         out += [_ma(ip, port) for ip, port in self._expanded() if loop_ok or not ip.is_loopback]
         seen: set[str] = set()
         unique = []
@@ -537,23 +531,32 @@ class AddressBook:
         self._interface_ips()  # refreshes the networks too
         return any(server_ip in net and addr_ip in net for net in self._networks)
 
+    def _reported_by(self, ip: _IP, server_ip: _IP, server: ID | None) -> bool:
+        """Whether the server (peer ``server`` at ``server_ip``, or another id from its observer
+        group) told us it sees us at ``ip``."""
+        observers = self._observed.get(ip, {})
+        return _observer_group(server_ip) in observers or any(p == str(server) for _, p in observers.values())
+
     def _take_ok(self, named: multiaddr.Multiaddr | None, claims: Sequence[multiaddr.Multiaddr],
-                 remote: multiaddr.Multiaddr | None) -> bool:
-        """A server at ``remote`` answered OK naming ``named`` after we sent it ``claims``: count it
-        (module docstring: the rules); return whether it confirmed the address (and was a vote for
-        public). An OK naming no claim of ours, or from a server whose IP we do not know, is no vote."""
+                 remote: multiaddr.Multiaddr | None, server: ID | None = None) -> bool:
+        """A server (peer ``server``) at ``remote`` answered OK naming ``named`` after we sent it
+        ``claims``: count it (module docstring: the rules); return whether it confirmed the address
+        (and was a vote for public). An OK naming no claim of ours, from a server whose IP we do not
+        know, or for an IP that server reported seeing us at, is no vote."""
         if named is None or remote is None:
             return False
         addr = _strip_p2p(named)
         mine = _tcp(addr)
-        server = _tcp(_strip_p2p(remote))
-        if mine is None or server is None or str(addr) not in {str(_strip_p2p(c)) for c in claims}:
+        at = _tcp(_strip_p2p(remote))
+        if mine is None or at is None or str(addr) not in {str(_strip_p2p(c)) for c in claims}:
             return False
+        if self._reported_by(mine[0], at[0], server):
+            return False  # a peer's word that it sees us there, then its word that it reached us there
         now = self._clock()
         key = str(addr)
-        if not self._local_server(server[0], mine[0]):
+        if not self._local_server(at[0], mine[0]):
             oks = {g: t for g, t in self._oks.get(key, {}).items() if now - t < self.config.confirmed_ttl_s}
-            oks[_server_group(server[0])] = now
+            oks[_server_group(at[0])] = now
             while len(oks) > MAX_OK_GROUPS:
                 del oks[min(oks, key=oks.__getitem__)]
             self._oks.pop(key, None)
@@ -577,7 +580,7 @@ class AddressBook:
 
         async def ask(peer: ID, remote: multiaddr.Multiaddr | None) -> None:
             nonlocal answered
-            claims = self.claims_for(remote, peer)
+            claims = self.claims_for(remote)
             if not claims:
                 return
             self._asked[peer] = self._clock()
@@ -589,7 +592,7 @@ class AddressBook:
                 return
             answered += 1
             if outcome.status == "ok":
-                self._take_ok(outcome.addr, claims, remote)
+                self._take_ok(outcome.addr, claims, remote, peer)
                 return
             if self._judge.record(outcome.status):
                 _logger.info("reachability is now %s (%s said %s)", self.reachability, peer, outcome.status)
