@@ -102,11 +102,6 @@ def _tcp_peers(topo, ns: str) -> set[str]:
     return {m.group(1) for m in re.finditer(r"\s(\d+\.\d+\.\d+\.\d+):\d+\s*$", out, re.M)}
 
 
-@pytest.mark.xfail(strict=False, reason="the listing is built from host.get_addrs() (node.net.peer_addrs), and "
-                                        "py-libp2p 0.8.1's get_addrs cuts every address at its first /p2p/ and "
-                                        "appends ours: the reserved /ip4/RELAY/tcp/4001/p2p/RELAY/p2p-circuit "
-                                        "becomes /ip4/RELAY/tcp/4001/p2p/PROVIDER (the relay's IP under the "
-                                        "provider's id); the address book's own published() list is right")
 @pytest.mark.parametrize("consumer_behind_nat", [False, True], ids=["public-consumer", "consumer-behind-nat"])
 def test_provider_behind_nat_serves_through_a_relay(topology, record_property, consumer_behind_nat):
     router, hosts = _nat(topology, consumer_behind_nat)
