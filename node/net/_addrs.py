@@ -51,7 +51,6 @@ import dataclasses
 import ipaddress
 import logging
 import random
-import time
 from typing import Any, Awaitable, Callable, Sequence
 
 import multiaddr
@@ -203,7 +202,7 @@ class AddressBook:
         announce: operator-announced addresses (``--announce``, ``[node] announce``).
         relay_addrs: our relay (``/p2p-circuit``) addresses now; published when ``need_relay()``.
         config: timings and thresholds.
-        clock: seconds, monotonic (tests may pass their own).
+        clock: seconds for durations (trio's clock; tests may pass their own).
 
     Raises:
         ValueError: an announced address is malformed, naming it.
@@ -212,7 +211,7 @@ class AddressBook:
 
     def __init__(self, host: IHost, *, announce: tuple[str, ...] = (),
                  relay_addrs: Callable[[], list[str]] = lambda: [], config: AddressConfig = AddressConfig(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.host = host
         self.config = config
         self._clock = clock

@@ -57,7 +57,6 @@ import hashlib
 import ipaddress
 import logging
 import math
-import time
 from typing import Any, Callable, Sequence
 
 import multiaddr
@@ -71,6 +70,7 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId, Re
 from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from .._clock import SYSTEM_WALL_CLOCK  # reservation expiries are unix times on the wire
 from ._dial import DialFailed, describe, dialer
 from ._libp2p_fixes import handshake_gate
 
@@ -299,7 +299,7 @@ class Relay:
         self.refused[why] = self.refused.get(why, 0) + 1
 
     def _prune(self) -> None:
-        now = time.time()
+        now = SYSTEM_WALL_CLOCK()
         for peer in [p for p, r in self.reservations.items() if r.expire <= now or not _live_conns(self.host, p)]:
             del self.reservations[peer]
 
@@ -351,7 +351,7 @@ class Relay:
                 self._refuse("reservations")
                 await self._status(stream, Status.RESERVATION_REFUSED)
                 return
-        expire = int(time.time()) + self.limits.reservation_ttl_s
+        expire = int(SYSTEM_WALL_CLOCK()) + self.limits.reservation_ttl_s
         self.reservations[peer] = _Reservation(expire, ip)
         addrs = [a.to_bytes() for a in self.host.get_addrs() if not is_circuit(a)]
         await self._status(stream, Status.OK, reservation=Reservation(expire=expire, addrs=addrs),
@@ -641,7 +641,7 @@ class RelayClient:
         if not self._active:
             return []
         me = self.host.get_id().to_base58()
-        now = time.time()
+        now = SYSTEM_WALL_CLOCK()
         out = []
         for held in self.held.values():
             if held.expire > now and _live_conns(self.host, held.relay):
@@ -683,7 +683,7 @@ class RelayClient:
                     pass
 
     async def _maintain(self) -> None:
-        now = time.time()
+        now = SYSTEM_WALL_CLOCK()
         for relay, held in list(self.held.items()):
             if not _live_conns(self.host, relay) or held.expire <= now:
                 del self.held[relay]
@@ -759,9 +759,9 @@ class RelayClient:
                                      64) if _ip_of(a) in ips][:4]
         relay_addrs = [a if str(a).endswith(suffix) else multiaddr.Multiaddr(f"{str(a).split('/p2p/')[0]}{suffix}")
                        for a in given]
-        expire = float(reply.reservation.expire) if reply.reservation.expire else time.time() + 3600
-        expire = min(expire, time.time() + 24 * 3600)  # a relay's claim; we renew well before anyway
-        self.held[relay] = _Held(relay, relay_addrs, expire, time.time())
+        expire = float(reply.reservation.expire) if reply.reservation.expire else SYSTEM_WALL_CLOCK() + 3600
+        expire = min(expire, SYSTEM_WALL_CLOCK() + 24 * 3600)  # a relay's claim; we renew well before anyway
+        self.held[relay] = _Held(relay, relay_addrs, expire, SYSTEM_WALL_CLOCK())
 
     async def _handle_stop(self, stream: Any) -> None:
         """A relay hands us a circuit: accept only from a relay we hold a reservation on."""

@@ -46,7 +46,14 @@ async def test_listing_spreads_updates_expires_and_late_joiner_uses_the_dht():
 
         await wait_until_async(lookup_finds, what="DHT lookup by model")
         assert [lst.provider for lst in found] == [pid]
-        assert late.view.listing(pid, late.now()).seq == provider.own_listing.seq
+
+        # the provider republishes when peers join (the late one among them): the DHT catches up
+        async def lookup_has_the_latest():
+            await late.lookup("tiny")
+            held = late.view.listing(pid, late.now())
+            return held is not None and held.seq == provider.own_listing.seq
+
+        await wait_until_async(lookup_has_the_latest, what="the DHT holding the provider's latest listing")
 
         # a price change (seq + 1) replaces the old listing everywhere
         old_seq = provider.own_listing.seq
