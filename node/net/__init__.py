@@ -5,8 +5,10 @@
     _addrs          the address book: what we publish and tell each peer, reachability (AutoNAT client)
     _autonat        AutoNAT v1 client and bounded server (py-libp2p's answers OK without dialling)
     _identify       identify lists per-peer addresses; unspecified addresses peers send are dropped
-    _relay          circuit relay v2 (the relay role with limits, the client's reservations) and DCUtR
-                    connection reversal to a direct connection
+    _relay          circuit relay v2: the relay role with limits, the client's reservations and circuits
+    _dcutr          DCUtR on a relayed connection: connection reversal to a direct one, with dial bounds
+    _circuit        what relay, DCUtR, AutoNAT and the address book share: IPs, direct addresses,
+                    relayed vs direct connections, bounded protobuf messages on streams
     _liveness       keep-alive pings: a connection whose peer went silent is closed (partitions heal)
     _dial           dialling a known peer across its restarts (fresh addresses, no negative cache, the
                     cause of every failure named); the peer cache a node rejoins at start

@@ -59,6 +59,7 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
 from ._autonat import AUTONAT_PROTOCOL, Judge, Reachability, ask_dial_back
+from ._circuit import ip_of, is_circuit
 from ._identify import install_identify, is_unspecified
 
 __all__ = ["AddressBook", "AddressConfig", "Reachability", "interface_ips", "parse_announce"]
@@ -93,13 +94,6 @@ class AddressConfig:
     tick_s: float = 1.0
 
 
-def _ip(text: str) -> _IP | None:
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
 def _usable(ip: _IP) -> bool:
     """An IP a peer could dial us at (loopback included: it is filtered by who asks)."""
     return not (ip.is_unspecified or ip.is_multicast or ip.is_link_local or (ip.version == 4 and ip.is_reserved))
@@ -123,7 +117,7 @@ def interface_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     for adapter in ifaddr.get_adapters():
         for entry in adapter.ips:
             text = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
-            ip = _ip(text)
+            ip = ip_of(text)
             if ip is None or not _usable(ip) or ip.is_loopback or not ip.is_private:
                 continue
             net = ipaddress.ip_network(f"{ip}/{entry.network_prefix}", strict=False)
@@ -140,7 +134,7 @@ def interface_ips() -> list[_IP]:
     for adapter in ifaddr.get_adapters():
         for entry in adapter.ips:
             text = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
-            ip = _ip(text)
+            ip = ip_of(text)
             if ip is not None and _usable(ip) and ip not in out:
                 out.append(ip)
     return out
@@ -152,7 +146,7 @@ def _tcp(addr: multiaddr.Multiaddr) -> tuple[_IP, int] | None:
         names = [p.name for p in addr.protocols()]
         if names[:2] not in (["ip4", "tcp"], ["ip6", "tcp"]) or len(names) != 2:
             return None
-        ip = _ip(addr.value_for_protocol(names[0]))
+        ip = ip_of(addr.value_for_protocol(names[0]))
         return (ip, int(addr.value_for_protocol("tcp"))) if ip is not None else None
     except Exception:  # multiaddr raises several unrelated types
         return None
@@ -315,12 +309,12 @@ class AddressBook:
         group = None
         for conn in self.host.get_network().get_connections(peer):
             try:
-                if any("/p2p-circuit" in str(a) for a in conn.muxed_conn.get_transport_addresses()):  # type: ignore[attr-defined]
+                if any(is_circuit(a) for a in conn.muxed_conn.get_transport_addresses()):  # type: ignore[attr-defined]
                     return  # a relay's pipe, not our address
                 remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
             except Exception:
                 continue
-            ip = _ip(remote[0]) if remote else None
+            ip = ip_of(remote[0]) if remote else None
             if ip is not None:
                 group = _observer_group(ip)
                 break
@@ -511,9 +505,9 @@ class AddressBook:
             relayed = False
             for conn in self.host.get_network().get_connections(peer):
                 try:
-                    relayed = any("/p2p-circuit" in str(a) for a in conn.muxed_conn.get_transport_addresses())  # type: ignore[attr-defined]
+                    relayed = any(is_circuit(a) for a in conn.muxed_conn.get_transport_addresses())  # type: ignore[attr-defined]
                     r = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
-                    remote = _ma(_ip(r[0]), r[1]) if r and _ip(r[0]) is not None else None  # type: ignore[arg-type]
+                    remote = _ma(ip_of(r[0]), r[1]) if r and ip_of(r[0]) is not None else None  # type: ignore[arg-type]
                 except Exception:
                     continue
                 break

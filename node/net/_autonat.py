@@ -43,6 +43,8 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
+from ._circuit import ip_of
+
 __all__ = [
     "AUTONAT_PROTOCOL",
     "AutoNATLimits",
@@ -87,16 +89,6 @@ class AutoNATLimits:
     max_request: int = MAX_MESSAGE
 
 
-def _ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def _ip_group(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """What the per-IP limit counts: an IPv4 address, an IPv6 /64 (one subscriber's prefix)."""
     return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
@@ -107,7 +99,7 @@ def dialable_claims(raw_addrs: Sequence[bytes], observed_ip: str | None, request
     """The claimed addresses a server may dial: ``/ip4|ip6/<ip>/tcp/<port>`` (optionally
     ``/p2p/<requester>``) whose IP is the requester's observed IP, port non-zero; deduplicated,
     at most ``limit``. Anything else (other IPs, relay, DNS, another peer id) is dropped."""
-    seen_ip = _ip_of(observed_ip) if observed_ip else None
+    seen_ip = ip_of(observed_ip) if observed_ip else None
     if seen_ip is None or seen_ip.is_unspecified:
         return []
     out: list[multiaddr.Multiaddr] = []
@@ -123,7 +115,7 @@ def dialable_claims(raw_addrs: Sequence[bytes], observed_ip: str | None, request
                 names = names[:-1]
             if names not in (["ip4", "tcp"], ["ip6", "tcp"]):
                 continue
-            ip = _ip_of(addr.value_for_protocol(names[0]))
+            ip = ip_of(addr.value_for_protocol(names[0]))
             port = int(addr.value_for_protocol("tcp"))
         except Exception:  # multiaddr raises several unrelated types
             continue
@@ -239,7 +231,7 @@ class AutoNATServer:
         if not claims:
             self.refused += 1
             return _response(Message.E_DIAL_REFUSED, "no claimed address is on the IP you connect from")
-        seen = _ip_of(remote[0]) if remote else None
+        seen = ip_of(remote[0]) if remote else None
         why = self._admit(peer, _ip_group(seen) if seen is not None else "")
         if why is not None:
             self.refused += 1

@@ -39,6 +39,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from protocol import ESCROW_PROTOCOL, SESSION_PROTOCOL
 from wallet import Identity
 
+from ._circuit import carries_app_stream
 from ._dial import PeerCache
 from ._libp2p_fixes import StreamLimits, handshake_gate, set_stream_limits
 from ._libp2p_fixes import apply as _apply_libp2p_fixes
@@ -159,11 +160,7 @@ class ConnectionManager:
         self._protected.add(peer)
 
     def _busy(self, conn: object) -> bool:
-        for stream in getattr(conn, "get_streams", lambda: ())():
-            protocol = str(stream.get_protocol() or "")
-            if protocol and not protocol.startswith(BACKGROUND_PROTOCOLS):
-                return True
-        return False
+        return carries_app_stream(conn)
 
     def _kept(self, peer: ID) -> bool:
         for predicate in self._keep:

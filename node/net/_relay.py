@@ -1,4 +1,4 @@
-"""Circuit relay v2 (the relay role and the client) and a DCUtR upgrade to a direct connection.
+"""Circuit relay v2: the relay role and the client (reservations, inbound circuits, DCUtR on them).
 
 Rules: this module speaks the standard wire protocols (``/libp2p/circuit/relay/0.2.0/hop`` and
 ``/stop``, ``/libp2p/dcutr``; varint-prefixed protobufs from ``libp2p.relay.circuit_v2.pb``), so
@@ -38,16 +38,8 @@ taken before the handshake, so parallel STOP streams cannot pass the cap); it cl
 connection once no application stream was open on it for ``RELAYED_IDLE_S``. It keeps only the
 reservation's relay addresses at the IP it reached the relay at (a relay cannot make us publish
 a third party's IP), and forgets its reservations when it stops needing a relay. On a relayed
-connection it runs DCUtR as the spec's B: Connect (its addresses), Connect back (A's), Sync, then
-dials A's addresses itself: at most ``DCUTR_MAX_ADDRS`` of them, once each, at most one attempt per
-peer per ``DCUTR_PEER_S``, never unspecified, link-local or multicast ones, loopback only when the
-relay itself is on loopback (one machine), non-global ones (private, CGNAT) only in a network we are
-on (an interface's, or a relay's we reach directly), so a peer cannot make us scan our LAN or a
-third party. A, per the spec, would also dial B on Sync; ours does not: TCP hole
-punching needs simultaneous open from the listen port (SO_REUSEPORT, which libp2p fix 11 removes),
-and two crossing dials leave two direct connections that each side would trim differently. So our
-upgrade is connection reversal: it works when A is reachable (the usual case: a consumer with a
-public address, or a private provider dialled by a public consumer).
+connection it runs DCUtR (``_dcutr``: connection reversal to a direct connection, with its
+own dial bounds).
 """
 
 from __future__ import annotations
@@ -67,10 +59,23 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId, Reservation, Status, StopMessage
-from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
-from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from .._clock import SYSTEM_WALL_CLOCK  # reservation expiries are unix times on the wire
+from ._circuit import (
+    MESSAGE_TIMEOUT_S,
+    carries_app_stream,
+    close_quietly,
+    connection_kind,
+    direct_addrs,
+    ip_of,
+    is_circuit,
+    is_relayed_conn,
+    live_conns,
+    read_message,
+    reset_quietly,
+    write_message,
+)
+from ._dcutr import DCUTR_PROTOCOL, DCUtR
 from ._dial import DialFailed, describe, dialer
 from ._libp2p_fixes import handshake_gate
 
@@ -83,13 +88,9 @@ _logger = logging.getLogger(__name__)
 
 HOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/hop")
 STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
-DCUTR_PROTOCOL = TProtocol("/libp2p/dcutr")
 #: the DHT provider-record key relays announce (a sha256 multihash in hex, like the market's model keys)
 RELAY_DHT_KEY = "1220" + hashlib.sha256(b"inferswarm/relay/v1").hexdigest()
 MAX_RELAYS = 2
-MAX_MESSAGE = 4096  # go-libp2p's cap on a circuit or DCUtR message
-MAX_OBS_ADDRS = 8  # addresses we tell a peer in our DCUtR Connect
-MESSAGE_TIMEOUT_S = 10.0  # one message read, one STOP/CONNECT round trip
 CHUNK = 16 * 1024
 _STATUS_NAMES = {v: k for k, v in Status.items()}
 
@@ -137,78 +138,6 @@ class RelayLimits:
     reprovide_s: float = 1800.0
 
 
-# ---- wire helpers
-
-
-async def _write(stream: Any, msg: Any) -> None:
-    with trio.fail_after(MESSAGE_TIMEOUT_S):
-        await stream.write(encode_varint_prefixed(msg.SerializeToString()))
-
-
-async def _read(stream: Any, cls: type) -> Any:
-    """One message of ``cls`` within ``MESSAGE_TIMEOUT_S`` and ``MAX_MESSAGE`` bytes.
-
-    Raises:
-        ValueError: malformed, too large, or the stream ended (the cause chained).
-        trio.TooSlowError: not within the deadline.
-    """
-    with trio.fail_after(MESSAGE_TIMEOUT_S):
-        try:
-            data = await read_varint_prefixed_bytes_limited(stream, MAX_MESSAGE)
-        except trio.TooSlowError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"unreadable message: {describe(exc)}") from exc
-    msg = cls()
-    try:
-        msg.ParseFromString(data)
-    except Exception as exc:
-        raise ValueError(f"malformed {cls.__name__}") from exc
-    return msg
-
-
-def _status_name(code: int) -> str:
-    return _STATUS_NAMES.get(code, f"status {code}")
-
-
-async def _reset(stream: Any) -> None:
-    try:
-        await stream.reset()
-    except Exception:  # already gone
-        pass
-
-
-async def _close(thing: Any) -> None:
-    try:
-        with trio.move_on_after(5):
-            await thing.close()
-    except Exception:  # already gone
-        pass
-
-
-def _live_conns(host: IHost, peer: ID) -> list[Any]:
-    return [c for c in host.get_network().get_connections(peer) if not getattr(c, "is_closed", False)]
-
-
-def _is_relayed_conn(conn: Any) -> bool:
-    try:
-        return conn.get_connection_type() == ConnectionType.RELAYED
-    except Exception:
-        return False
-
-
-def connection_kind(host: IHost, peer: ID) -> str | None:
-    """"direct" if ``host`` has a direct connection to ``peer``, "relayed" if only a relayed one, else None."""
-    conns = _live_conns(host, peer)
-    if not conns:
-        return None
-    return "relayed" if all(_is_relayed_conn(c) for c in conns) else "direct"
-
-
-def is_circuit(addr: multiaddr.Multiaddr | str) -> bool:
-    return "/p2p-circuit" in str(addr)
-
-
 def _split_circuit(addr: multiaddr.Multiaddr) -> tuple[multiaddr.Multiaddr, ID]:
     """``…/p2p/RELAY/p2p-circuit[/p2p/PEER]`` as (the relay's address with /p2p/RELAY, RELAY).
 
@@ -223,52 +152,8 @@ def _split_circuit(addr: multiaddr.Multiaddr) -> tuple[multiaddr.Multiaddr, ID]:
     return multiaddr.Multiaddr(relay_part), relay
 
 
-def _direct_addrs(addrs: Sequence[Any], limit: int) -> list[multiaddr.Multiaddr]:
-    out = []
-    for raw in addrs:
-        try:
-            addr = multiaddr.Multiaddr(raw)
-        except Exception:  # a peer's garbage: skipped
-            continue
-        names = {p.name for p in addr.protocols()}
-        if "tcp" in names and "p2p-circuit" not in names and names & {"ip4", "ip6"}:
-            out.append(addr)
-        if len(out) >= limit:
-            break
-    return out
-
-
-def _ip_of(addr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP of a ``/ip4|ip6/…`` multiaddr or of an IP's text, else None."""
-    try:
-        if isinstance(addr, multiaddr.Multiaddr):
-            names = [p.name for p in addr.protocols()]
-            addr = addr.value_for_protocol(names[0]) if names and names[0] in ("ip4", "ip6") else ""
-        ip = ipaddress.ip_address(str(addr).split("%", 1)[0])
-    except Exception:  # not an IP address
-        return None
-    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
-
-
-def _dcutr_targets(raw: Sequence[Any], nets: Sequence[Any], *, loopback: bool, limit: int) -> list[multiaddr.Multiaddr]:
-    """Which of a peer's DCUtR addresses we dial: at most ``limit``; never unspecified, link-local,
-    multicast or reserved; loopback only if ``loopback``; a non-global IP (private, CGNAT's
-    100.64/10, documentation ranges) only inside ``nets``."""
-    out: list[multiaddr.Multiaddr] = []
-    for addr in _direct_addrs(raw, MAX_OBS_ADDRS):
-        ip = _ip_of(addr)
-        if ip is None or ip.is_unspecified or ip.is_link_local or ip.is_multicast or (ip.version == 4 and ip.is_reserved):
-            continue
-        if ip.is_loopback:
-            if not loopback:
-                continue
-        elif not ip.is_global and not any(ip in net for net in nets if net.version == ip.version):
-            continue
-        if addr not in out:
-            out.append(addr)
-        if len(out) >= limit:
-            break
-    return out
+def _status_name(code: int) -> str:
+    return _STATUS_NAMES.get(code, f"status {code}")
 
 
 # ---- the relay role
@@ -300,7 +185,7 @@ class Relay:
 
     def _prune(self) -> None:
         now = SYSTEM_WALL_CLOCK()
-        for peer in [p for p, r in self.reservations.items() if r.expire <= now or not _live_conns(self.host, p)]:
+        for peer in [p for p, r in self.reservations.items() if r.expire <= now or not live_conns(self.host, p)]:
             del self.reservations[peer]
 
     def holds(self, peer: ID) -> bool:
@@ -311,12 +196,12 @@ class Relay:
         """One hop stream: one RESERVE or CONNECT (go-libp2p reads one message per stream too)."""
         peer = stream.muxed_conn.peer_id
         try:
-            if _is_relayed_conn(getattr(stream, "muxed_conn", None)):
+            if is_relayed_conn(getattr(stream, "muxed_conn", None)):
                 self._refuse("relayed")
                 await self._status(stream, Status.PERMISSION_DENIED)
                 return
             try:
-                msg = await _read(stream, HopMessage)
+                msg = await read_message(stream, HopMessage)
             except (ValueError, trio.TooSlowError):
                 self._refuse("malformed")
                 await self._status(stream, Status.MALFORMED_MESSAGE)
@@ -331,11 +216,11 @@ class Relay:
         except Exception as exc:  # the peer went away mid-answer
             _logger.debug("hop stream from %s ended: %s", peer, describe(exc))
         finally:
-            await _close(stream)
+            await close_quietly(stream)
 
     async def _status(self, stream: Any, status: int, **fields: Any) -> None:
         try:
-            await _write(stream, HopMessage(type=HopMessage.STATUS, status=status, **fields))
+            await write_message(stream, HopMessage(type=HopMessage.STATUS, status=status, **fields))
         except Exception:  # the peer went away
             pass
 
@@ -395,16 +280,16 @@ class Relay:
         try:
             with trio.fail_after(MESSAGE_TIMEOUT_S):
                 dst_stream = await self.host.new_stream(dst, [STOP_PROTOCOL])
-                await _write(dst_stream, StopMessage(type=StopMessage.CONNECT, peer=PeerId(id=src.to_bytes()),
+                await write_message(dst_stream, StopMessage(type=StopMessage.CONNECT, peer=PeerId(id=src.to_bytes()),
                                                      limit=self._limit()))
-                reply = await _read(dst_stream, StopMessage)
+                reply = await read_message(dst_stream, StopMessage)
             if reply.type != StopMessage.STATUS or reply.status != Status.OK:
                 raise ValueError(f"target answered {_status_name(reply.status)}")
         except Exception as exc:
             _logger.debug("circuit %s -> %s failed: %s", src, dst, describe(exc))
             self._refuse("connection_failed")
             if dst_stream is not None:
-                await _reset(dst_stream)
+                await reset_quietly(dst_stream)
             await self._status(src_stream, Status.CONNECTION_FAILED)
             return
         await self._status(src_stream, Status.OK, limit=self._limit())
@@ -490,8 +375,8 @@ async def _splice(a: Any, b: Any, duration_s: float, max_bytes: int, idle_s: flo
             outer.cancel_scope.cancel()  # both directions ended: the watch is over
     if timer.cancelled_caught:
         cut = cut or "duration"
-    await _reset(a)
-    await _reset(b)
+    await reset_quietly(a)
+    await reset_quietly(b)
     return cut
 
 
@@ -555,19 +440,19 @@ async def dial_circuit(host: IHost, addr: multiaddr.Multiaddr, peer: ID, *, dead
     try:
         with trio.fail_after(max(0.01, deadline - trio.current_time())):
             stream = await host.new_stream(relay, [HOP_PROTOCOL])
-            await _write(stream, HopMessage(type=HopMessage.CONNECT, peer=PeerId(id=peer.to_bytes())))
-            reply = await _read(stream, HopMessage)
+            await write_message(stream, HopMessage(type=HopMessage.CONNECT, peer=PeerId(id=peer.to_bytes())))
+            reply = await read_message(stream, HopMessage)
             if reply.type != HopMessage.STATUS or reply.status != Status.OK:
                 raise RelayRefused(_status_name(reply.status), f"circuit to {peer} via {relay}")
             raw = RawConnection(stream, True, ConnectionType.RELAYED, [multiaddr.Multiaddr(f"{addr}")])
             return await host.get_network().upgrade_outbound_raw_conn(raw, peer)
     except RelayRefused:
         if stream is not None:
-            await _reset(stream)
+            await reset_quietly(stream)
         raise
     except BaseException as exc:
         if stream is not None:
-            await _reset(stream)
+            await reset_quietly(stream)
         if isinstance(exc, Exception):
             raise DialFailed(f"circuit to {peer} via {relay}: {describe(exc)}") from exc
         raise
@@ -591,9 +476,8 @@ class RelayClient:
     candidates tried at most ``MAX_CANDIDATES`` a round, a relay that failed is not retried for
     ``RETRY_S``; relayed inbound connections count against the host's inbound cap (``_libp2p_fixes``
     fix 1, counted from the STOP stream on) and stream caps like direct ones, and are closed after
-    ``RELAYED_IDLE_S`` without a stream of a non-background protocol; DCUtR dials at most
-    ``DCUTR_MAX_ADDRS`` addresses once, at most once per peer per ``DCUTR_PEER_S`` (remembered for
-    ``DCUTR_MEMORY`` peers at most); a relayed connection is closed once a direct one to the same
+    ``RELAYED_IDLE_S`` without a stream of a non-background protocol; DCUtR has its own bounds
+    (``_dcutr.DCUtR``); a relayed connection is closed once a direct one to the same
     peer exists and no stream of a non-background protocol is open on it.
     """
 
@@ -601,9 +485,6 @@ class RelayClient:
     RETRY_S = 30.0
     DHT_QUERY_S = 30.0
     MAX_CANDIDATES = 8
-    DCUTR_MAX_ADDRS = 4
-    DCUTR_PEER_S = 60.0
-    DCUTR_MEMORY = 1024
     RELAYED_IDLE_S = 30.0
     RENEW_MARGIN = 0.25  # renew when a quarter of the reservation's life is left
 
@@ -611,16 +492,14 @@ class RelayClient:
                  own_addrs: Callable[[], Sequence[str]] | None = None) -> None:
         self.host = host
         self.dht = dht
-        self.own_addrs = own_addrs  # what DCUtR tells the other side (default: the listen addresses)
         self.held: dict[ID, _Held] = {}
         self.explicit: dict[ID, multiaddr.Multiaddr] = {}
         self.failed: dict[ID, float] = {}
-        self.upgrades = 0  # direct connections DCUtR made
+        self.dcutr = DCUtR(host, self._dcutr_scope, own_addrs)
         self._dht_found: list[tuple[ID, list[multiaddr.Multiaddr]]] = []
         self._dht_at = -1e9
         self._nursery: trio.Nursery | None = None
         self._active = False
-        self._dcutr_at: dict[ID, float] = {}  # peer -> when we last ran DCUtR with it (trio time)
         self._relayed_in: dict[Any, float] = {}  # our inbound relayed muxed conns -> last busy (trio time)
 
     def add_relay(self, addr: str) -> None:
@@ -644,9 +523,14 @@ class RelayClient:
         now = SYSTEM_WALL_CLOCK()
         out = []
         for held in self.held.values():
-            if held.expire > now and _live_conns(self.host, held.relay):
+            if held.expire > now and live_conns(self.host, held.relay):
                 out.extend(f"{a}/p2p-circuit/p2p/{me}" for a in held.addrs)
         return out
+
+    @property
+    def upgrades(self) -> int:
+        """Direct connections DCUtR made."""
+        return self.dcutr.upgrades
 
     def connection_kind(self, peer: ID) -> str | None:
         """"direct", "relayed" or None (not connected)."""
@@ -655,7 +539,7 @@ class RelayClient:
     async def run(self, need_relay: Callable[[], bool], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve STOP and DCUtR, and keep reservations while ``need_relay()`` holds, until cancelled."""
         self.host.set_stream_handler(STOP_PROTOCOL, self._handle_stop)
-        self.host.set_stream_handler(DCUTR_PROTOCOL, self._handle_dcutr)
+        self.host.set_stream_handler(DCUTR_PROTOCOL, self.dcutr.handle)
         try:
             from ._host import connection_manager
             connection_manager(self.host).keep_peers(lambda p: p in self.held)
@@ -685,7 +569,7 @@ class RelayClient:
     async def _maintain(self) -> None:
         now = SYSTEM_WALL_CLOCK()
         for relay, held in list(self.held.items()):
-            if not _live_conns(self.host, relay) or held.expire <= now:
+            if not live_conns(self.host, relay) or held.expire <= now:
                 del self.held[relay]
             elif held.expire - now < self.RENEW_MARGIN * (held.expire - held.since):
                 await self._try(relay, held.addrs)
@@ -720,7 +604,7 @@ class RelayClient:
             try:
                 with trio.move_on_after(10):
                     infos = await self.dht.find_providers(RELAY_DHT_KEY, 20)
-                    self._dht_found = [(i.peer_id, _direct_addrs(i.addrs, 4)) for i in infos]
+                    self._dht_found = [(i.peer_id, direct_addrs(i.addrs, 4)) for i in infos]
             except Exception as exc:  # no DHT peers yet
                 _logger.debug("relay lookup failed: %s", describe(exc))
         for relay, addrs in self._dht_found:
@@ -740,23 +624,23 @@ class RelayClient:
         try:
             with trio.fail_after(timeout_s):
                 stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
-                await _write(stream, HopMessage(type=HopMessage.RESERVE))
-                reply = await _read(stream, HopMessage)
+                await write_message(stream, HopMessage(type=HopMessage.RESERVE))
+                reply = await read_message(stream, HopMessage)
         except Exception as exc:
             if stream is not None:
-                await _reset(stream)
+                await reset_quietly(stream)
             raise DialFailed(f"reservation on {relay}: {describe(exc)}") from exc
-        await _close(stream)
+        await close_quietly(stream)
         if reply.type != HopMessage.STATUS or reply.status != Status.OK:
             raise RelayRefused(_status_name(reply.status), f"reservation on {relay}")
         suffix = f"/p2p/{relay.to_base58()}"
         # the relay's word on its addresses holds only at the IP we reached it at (or dialled):
         # any other would make us publish a third party's IP under our circuit address
-        ips = {_ip_of(a) for a in addrs} | {_ip_of(_remote_ip(stream))}
+        ips = {ip_of(a) for a in addrs} | {ip_of(_remote_ip(stream))}
         ips.discard(None)
-        given = [a for a in _direct_addrs(reply.reservation.addrs, 64) if _ip_of(a) in ips][:4] or [
-            a for a in _direct_addrs([str(a) for a in addrs] + [str(a) for a in self.host.get_peerstore().addrs(relay)],
-                                     64) if _ip_of(a) in ips][:4]
+        given = [a for a in direct_addrs(reply.reservation.addrs, 64) if ip_of(a) in ips][:4] or [
+            a for a in direct_addrs([str(a) for a in addrs] + [str(a) for a in self.host.get_peerstore().addrs(relay)],
+                                     64) if ip_of(a) in ips][:4]
         relay_addrs = [a if str(a).endswith(suffix) else multiaddr.Multiaddr(f"{str(a).split('/p2p/')[0]}{suffix}")
                        for a in given]
         expire = float(reply.reservation.expire) if reply.reservation.expire else SYSTEM_WALL_CLOCK() + 3600
@@ -773,34 +657,34 @@ class RelayClient:
         muxed = None
         try:
             try:
-                msg = await _read(stream, StopMessage)
+                msg = await read_message(stream, StopMessage)
                 src = ID(msg.peer.id)
                 src.to_base58()
             except Exception:
-                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.MALFORMED_MESSAGE))
+                await write_message(stream, StopMessage(type=StopMessage.STATUS, status=Status.MALFORMED_MESSAGE))
                 return
             if relay not in self.held or msg.type != StopMessage.CONNECT:
-                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.PERMISSION_DENIED))
+                await write_message(stream, StopMessage(type=StopMessage.STATUS, status=Status.PERMISSION_DENIED))
                 return
             if gate.inbound >= max(1, cfg.max_connections - cfg.min_connections):
-                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.RESOURCE_LIMIT_EXCEEDED))
+                await write_message(stream, StopMessage(type=StopMessage.STATUS, status=Status.RESOURCE_LIMIT_EXCEEDED))
                 return
             gate.inbound += 1  # before the handshake: parallel STOP streams each see the others
             counted = True
             try:
-                await _write(stream, StopMessage(type=StopMessage.STATUS, status=Status.OK))
+                await write_message(stream, StopMessage(type=StopMessage.STATUS, status=Status.OK))
                 circuit = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{src.to_base58()}")
                 raw = RawConnection(stream, False, ConnectionType.RELAYED, [circuit])
                 muxed = await network.upgrade_inbound_raw_conn(raw, circuit)  # type: ignore[attr-defined]
             except Exception as exc:
                 _logger.debug("relayed connection via %s failed: %s", relay, describe(exc))
-                await _reset(stream)
+                await reset_quietly(stream)
                 return
             if muxed.peer_id != src:  # Noise proved who it is; the relay's word named someone else
                 _logger.info("relayed connection via %s: the relay said %s, Noise proved %s", relay, src, muxed.peer_id)
             self._relayed_in[muxed] = trio.current_time()
             if self._nursery is not None:
-                self._nursery.start_soon(self._dcutr_initiate, muxed.peer_id, relay)
+                self._nursery.start_soon(self.dcutr.initiate, muxed.peer_id, relay)
             event = getattr(muxed, "event_shutting_down", None)
             await (event if event is not None else muxed.event_closed).wait()
         finally:
@@ -808,22 +692,6 @@ class RelayClient:
                 self._relayed_in.pop(muxed, None)
             if counted:
                 gate.inbound -= 1
-
-    def _my_addrs(self) -> list[bytes]:
-        texts = list(self.own_addrs()) if self.own_addrs is not None else [str(a) for a in self.host.get_addrs()]
-        return [a.to_bytes() for a in _direct_addrs(texts, MAX_OBS_ADDRS)]
-
-    def _dcutr_allowed(self, peer: ID) -> bool:
-        """At most one DCUtR attempt per peer per ``DCUTR_PEER_S`` (reconnecting does not buy dials)."""
-        now = trio.current_time()
-        if now - self._dcutr_at.get(peer, -math.inf) < self.DCUTR_PEER_S:
-            return False
-        for old in [p for p, at in self._dcutr_at.items() if now - at >= self.DCUTR_PEER_S]:
-            del self._dcutr_at[old]
-        if len(self._dcutr_at) >= self.DCUTR_MEMORY:  # that many attempts a minute: rest until one ages out
-            return False
-        self._dcutr_at[peer] = now
-        return True
 
     def _dcutr_scope(self, relay: ID) -> tuple[list[Any], bool]:
         """The networks a DCUtR dial may go to (ours: interfaces', relays' we reach directly), and
@@ -837,11 +705,11 @@ class RelayClient:
             _logger.debug("no interface list: %s", describe(exc))
         loopback = False
         for held in list(self.held.values()):
-            for conn in _live_conns(self.host, held.relay):
-                if _is_relayed_conn(conn):
+            for conn in live_conns(self.host, held.relay):
+                if is_relayed_conn(conn):
                     continue
                 try:
-                    ip = _ip_of(str(conn.muxed_conn.get_remote_address()[0]))
+                    ip = ip_of(str(conn.muxed_conn.get_remote_address()[0]))
                 except Exception:  # no address: nothing learned
                     continue
                 if ip is not None and ip.is_loopback:
@@ -851,81 +719,28 @@ class RelayClient:
         nets = [ipaddress.ip_network((ip, 24 if ip.version == 4 else 64), strict=False) for ip in ips]
         return nets, loopback
 
-    async def _dcutr_initiate(self, peer: ID, relay: ID) -> None:
-        """B's side: Connect, Connect back, Sync, then dial A's addresses (our connection reversal)."""
-        if not self._dcutr_allowed(peer):
-            return
-        stream = None
-        try:
-            with trio.fail_after(MESSAGE_TIMEOUT_S):
-                stream = await self.host.new_stream(peer, [DCUTR_PROTOCOL])
-                sent = trio.current_time()
-                await _write(stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=self._my_addrs()))
-                reply = await _read(stream, HolePunch)
-                rtt = trio.current_time() - sent
-                if reply.type != HolePunch.CONNECT:
-                    raise ValueError("expected Connect")
-                await _write(stream, HolePunch(type=HolePunch.SYNC))
-            await _close(stream)
-            nets, loopback = self._dcutr_scope(relay)
-            addrs = _dcutr_targets(reply.ObsAddrs, nets, loopback=loopback, limit=self.DCUTR_MAX_ADDRS)
-            if not addrs:
-                return
-            await trio.sleep(rtt / 2)
-            if connection_kind(self.host, peer) == "direct":
-                return
-            try:  # one round: each address at most once
-                await dialer(self.host).dial_direct(peer, addrs, deadline=trio.current_time() + 5)
-                self.upgrades += 1
-            except DialFailed as exc:
-                _logger.debug("DCUtR dial of %s failed: %s", peer, exc)
-        except Exception as exc:
-            _logger.debug("DCUtR with %s failed: %s", peer, describe(exc))
-            if stream is not None:
-                await _reset(stream)
-
-    async def _handle_dcutr(self, stream: Any) -> None:
-        """A's side: answer Connect with our addresses, wait for Sync (B dials us)."""
-        try:
-            msg = await _read(stream, HolePunch)
-            if msg.type != HolePunch.CONNECT:
-                return
-            await _write(stream, HolePunch(type=HolePunch.CONNECT, ObsAddrs=self._my_addrs()))
-            await _read(stream, HolePunch)  # Sync
-        except Exception as exc:  # the peer's garbage or its departure
-            _logger.debug("DCUtR stream ended: %s", describe(exc))
-        finally:
-            await _close(stream)
-
     def _close_idle_relayed(self, nursery: trio.Nursery) -> None:
         """Close our inbound relayed connections that carried no application stream for
         ``RELAYED_IDLE_S`` (each holds a circuit slot on the relay, and one of our inbound slots)."""
-        from ._host import BACKGROUND_PROTOCOLS
-
         now = trio.current_time()
         for conn in list(self.host.get_network().get_connections()):
             muxed = getattr(conn, "muxed_conn", None)
             if muxed not in self._relayed_in or getattr(conn, "is_closed", False):
                 continue
-            if any(str(s.get_protocol() or "") and not str(s.get_protocol()).startswith(BACKGROUND_PROTOCOLS)
-                   for s in conn.get_streams()):
+            if carries_app_stream(conn):
                 self._relayed_in[muxed] = now
             elif now - self._relayed_in[muxed] >= self.RELAYED_IDLE_S:
                 del self._relayed_in[muxed]
                 _logger.debug("closing idle relayed connection from %s", muxed.peer_id)
-                nursery.start_soon(_close, conn)
+                nursery.start_soon(close_quietly, conn)
 
     def _close_superseded(self, nursery: trio.Nursery) -> None:
         """Close relayed connections to peers we also reach directly, once nothing but background runs."""
-        from ._host import BACKGROUND_PROTOCOLS
-
         for conn in list(self.host.get_network().get_connections()):
-            if not _is_relayed_conn(conn) or getattr(conn, "is_closed", False):
+            if not is_relayed_conn(conn) or getattr(conn, "is_closed", False):
                 continue
             peer = conn.muxed_conn.peer_id
-            if not any(not _is_relayed_conn(c) for c in _live_conns(self.host, peer)):
+            if not any(not is_relayed_conn(c) for c in live_conns(self.host, peer)):
                 continue
-            busy = any(str(s.get_protocol() or "") and not str(s.get_protocol()).startswith(BACKGROUND_PROTOCOLS)
-                       for s in conn.get_streams())
-            if not busy:
-                nursery.start_soon(_close, conn)
+            if not carries_app_stream(conn):
+                nursery.start_soon(close_quietly, conn)

@@ -11,9 +11,11 @@ import pytest
 import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Status
 
+from node.net._circuit import read_message as _read
+from node.net._circuit import write_message as _write
 from node.net._dial import DialFailed, dialer
 from node.net._host import connection_manager, open_host, parse_peer_addr, peer_addrs
-from node.net._relay import HOP_PROTOCOL, RelayClient, RelayLimits, RelayRefused, _read, _write, serve_relay
+from node.net._relay import HOP_PROTOCOL, RelayClient, RelayLimits, RelayRefused, serve_relay
 from tests.node.helpers import LOOPBACK, wait_until
 from tests.support import identity
 

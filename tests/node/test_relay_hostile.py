@@ -17,19 +17,19 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId, Reservation, Status, StopMessage
 from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 
+from node.net._circuit import read_message as _read
+from node.net._circuit import write_message as _write
+from node.net._dcutr import DCUTR_PROTOCOL, DCUtR
+from node.net._dcutr import dcutr_targets as _dcutr_targets
 from node.net._dial import dialer
 from node.net._host import HostLimits, open_host, peer_addrs
 from node.net._relay import (
-    DCUTR_PROTOCOL,
     HOP_PROTOCOL,
     STOP_PROTOCOL,
     Relay,
     RelayClient,
     RelayLimits,
     RelayRefused,
-    _dcutr_targets,
-    _read,
-    _write,
     connection_kind,
     dial_circuit,
     serve_relay,
@@ -134,8 +134,8 @@ def test_dcutr_targets_skip_what_a_peer_must_not_make_us_dial():
 
 
 async def test_a_dcutr_connect_makes_the_provider_dial_at_most_four_addresses_once():
-    """A's Connect names 8 addresses of a third party: the provider dials at most DCUTR_MAX_ADDRS
-    of them, once; a second relayed connection from A within DCUTR_PEER_S buys no more dials."""
+    """A's Connect names 8 addresses of a third party: the provider dials at most DCUtR.MAX_ADDRS
+    of them, once; a second relayed connection from A within DCUtR.PEER_S buys no more dials."""
     async with relay_rig() as (relay_host, relay, (client,), consumer, nursery):
         await wait_until(lambda: client.circuit_addrs(), what="a reservation")
         provider = client.host.get_id()
@@ -166,9 +166,9 @@ async def test_a_dcutr_connect_makes_the_provider_dial_at_most_four_addresses_on
         await dial_circuit(consumer, via, provider, deadline=trio.current_time() + 10)
         await wait_until(lambda: hits >= 1, what="the provider's DCUtR dials")
         with trio.move_on_after(2):  # more would come within the dial deadline if there were rounds
-            while hits <= client.DCUTR_MAX_ADDRS:
+            while hits <= DCUtR.MAX_ADDRS:
                 await trio.sleep(0.01)
-        assert 1 <= hits <= client.DCUTR_MAX_ADDRS and connects == 1
+        assert 1 <= hits <= DCUtR.MAX_ADDRS and connects == 1
         for conn in list(consumer.get_network().get_connections(provider)):
             await conn.close()
         await wait_until(lambda: connection_kind(client.host, consumer.get_id()) is None, what="closed")
