@@ -91,18 +91,6 @@ def _tcp_peers(topo, ns: str) -> set[str]:
 
 
 @pytest.mark.parametrize("consumer_behind_nat", [False, True], ids=["public-consumer", "consumer-behind-nat"])
-def test_the_nat_is_real(topology, consumer_behind_nat):
-    router, hosts = _nat(topology, consumer_behind_nat)
-    assert_nat_is_real(router, hosts)
-
-
-def _tcp_peers(topo, ns: str) -> set[str]:
-    """The remote addresses of the established TCP connections in ``ns`` (``ss``)."""
-    out = topo.exec(ns, "ss", "-Htn", "state", "established").stdout
-    return {m.group(1) for m in re.finditer(r"\s(\d+\.\d+\.\d+\.\d+):\d+\s*$", out, re.M)}
-
-
-@pytest.mark.parametrize("consumer_behind_nat", [False, True], ids=["public-consumer", "consumer-behind-nat"])
 def test_provider_behind_nat_serves_through_a_relay(topology, record_property, consumer_behind_nat):
     router, hosts = _nat(topology, consumer_behind_nat)
     assert_nat_is_real(router, hosts)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import multiaddr
-import pytest
 
 from node.net import _libp2p_fixes
 from node.net._host import open_host
