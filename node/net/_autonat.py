@@ -43,7 +43,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
-from ._circuit import ip_of
+from ._circuit import close_quietly, ip_of
 
 __all__ = [
     "AUTONAT_PROTOCOL",
@@ -354,11 +354,7 @@ async def ask_dial_back(host: IHost, server: ID, addrs: Sequence[multiaddr.Multi
         return DialOutcome("no_answer", text=str(exc)[:200] or type(exc).__name__)
     finally:
         if stream is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream, 1.0, shield=True)
 
 
 class Reachability(enum.Enum):

@@ -130,9 +130,11 @@ async def reset_quietly(stream: Any) -> None:
         pass
 
 
-async def close_quietly(thing: Any) -> None:
-    try:
-        with trio.move_on_after(5):
+async def close_quietly(thing: Any, timeout_s: float = 5.0, *, shield: bool = False) -> None:
+    """Close ``thing`` (a stream, a connection) within ``timeout_s``; with ``shield``, even while
+    the caller is being cancelled (a ``finally`` that must not leave the stream open)."""
+    with trio.CancelScope(shield=shield), trio.move_on_after(timeout_s):
+        try:
             await thing.close()
-    except Exception:  # already gone
-        pass
+        except Exception:  # already gone
+            pass

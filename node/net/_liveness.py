@@ -31,6 +31,8 @@ from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.id import ID
 
+from ._circuit import close_quietly
+
 __all__ = ["keep_alive", "ping_once", "KEEPALIVE_INTERVAL_S", "KEEPALIVE_TIMEOUT_S", "KEEPALIVE_MISSES"]
 
 _logger = logging.getLogger(__name__)
@@ -63,11 +65,7 @@ async def ping_once(host: IHost, peer: ID, timeout_s: float) -> bool:
             return False
         finally:
             if stream is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    try:
-                        await stream.close()
-                    except Exception:
-                        pass
+                await close_quietly(stream, 1.0, shield=True)
     return False
 
 
