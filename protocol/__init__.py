@@ -1,6 +1,7 @@
 """Inferswarm's wire protocol: pure, with no I/O, no clock and no networking imports.
 
     _messages   every message kind on the wire, as frozen dataclasses with versioned field maps
+    _agent_messages  tools, JSON output, logprobs, embeddings: v2 kinds and their pure helpers
     _codec      canonical encoding: strict decoding, exactly one encoding per message
     _framing    varint length-prefixed frames; FrameReader refuses an oversize frame at its prefix
     _signing    signatures tagged by kind, version and role; verification raises with the reason
@@ -19,6 +20,28 @@ Only ``_codec`` imports msgpack and only ``_signing`` imports nacl; nothing here
 libp2p, ``wallet`` or ``node``.
 """
 
+from ._agent_messages import (
+    FEATURES,
+    MAX_EMBED_DIMS,
+    MAX_EMBED_INPUTS,
+    RESPONSE_FORMATS,
+    ChunkV2,
+    EmbedRequest,
+    EmbedResult,
+    RequestV2,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Turn,
+    accumulate_tool_calls,
+    call_output_hash,
+    canonical_json,
+    embedding_hash,
+    metered_bytes,
+    request_token_bound,
+)
 from ._codec import DEFAULT_MAX_MESSAGE, decode, encode, registered_kinds
 from ._consumer import ConsumerSession, ConsumerState
 from ._errors import (
@@ -99,11 +122,13 @@ from ._messages import (
     Tier,
 )
 from ._metering import (
+    EMBED_INPUT_OVERHEAD,
     MAX_BYTES_PER_TOKEN,
     MAX_COMPLETION_BYTES,
     MESSAGE_OVERHEAD,
     PROMPT_OVERHEAD,
     TOKEN_SLACK,
+    TOOLS_OVERHEAD,
     billable_output_tokens,
     cancelled_output_tokens,
     completion_byte_limit,
@@ -130,6 +155,7 @@ from ._session import (
     ChunkReceived,
     CountersignConfirmed,
     Countersigned,
+    EmbeddingsReceived,
     OpenReceived,
     Queued,
     ReceiptSettled,
@@ -149,6 +175,7 @@ from ._terms import session_terms
 __all__ = [
     "Accept",
     "Accepted",
+    "accumulate_tool_calls",
     "acknowledge",
     "BadSignature",
     "BadVarint",
@@ -158,6 +185,7 @@ __all__ = [
     "BudgetState",
     "call_cost",
     "CALL_ERROR_REASONS",
+    "call_output_hash",
     "CallCancelled",
     "CallError",
     "CallFailed",
@@ -166,6 +194,7 @@ __all__ = [
     "Cancel",
     "CANCELLED_FINISH",
     "cancelled_output_tokens",
+    "canonical_json",
     "ChannelGrant",
     "ChannelState",
     "ChatMessage",
@@ -173,6 +202,7 @@ __all__ = [
     "check_listing",
     "Chunk",
     "ChunkReceived",
+    "ChunkV2",
     "CLOCK_SKEW_S",
     "Close",
     "CLOSE_REASONS",
@@ -191,6 +221,11 @@ __all__ = [
     "DHT_NAMESPACE",
     "discounted",
     "domain_tag",
+    "EMBED_INPUT_OVERHEAD",
+    "embedding_hash",
+    "EmbeddingsReceived",
+    "EmbedRequest",
+    "EmbedResult",
     "encode",
     "encode_varint",
     "ESCROW_PROTOCOL",
@@ -208,6 +243,7 @@ __all__ = [
     "expected_call_cost",
     "Expired",
     "ExtraField",
+    "FEATURES",
     "FINISH_REASONS",
     "format_credits",
     "frame",
@@ -223,11 +259,14 @@ __all__ = [
     "MalformedMessage",
     "MAX_BYTES_PER_TOKEN",
     "MAX_COMPLETION_BYTES",
+    "MAX_EMBED_DIMS",
+    "MAX_EMBED_INPUTS",
     "MAX_LISTING_BYTES",
     "MAX_LISTING_TTL_S",
     "max_output_tokens_within",
     "MESSAGE_OVERHEAD",
     "MessageTooLarge",
+    "metered_bytes",
     "MICRO_PER_CREDIT",
     "MissingField",
     "ModelOffer",
@@ -266,6 +305,9 @@ __all__ = [
     "RemoteProtocolError",
     "Request",
     "request_hash",
+    "request_token_bound",
+    "RequestV2",
+    "RESPONSE_FORMATS",
     "SESSION_PROTOCOL",
     "session_terms",
     "SessionClosed",
@@ -278,6 +320,13 @@ __all__ = [
     "Tier",
     "TIERS",
     "TOKEN_SLACK",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "TOOLS_OVERHEAD",
+    "TopLogprob",
+    "Turn",
     "UnexpectedMessage",
     "UnknownKind",
     "UnknownVersion",

@@ -56,6 +56,7 @@ __all__ = [
     "encode",
     "decode",
     "encode_body",
+    "pack",
     "registered_kinds",
 ]
 
@@ -298,6 +299,11 @@ def _body_from_wire(cls: type, raw: Any, path: str) -> Any:
 
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def pack(obj: Any) -> bytes:
+    """The canonical msgpack of a plain value (lists, text, integers): what a hash covers."""
+    return _pack(obj)
 
 
 def encode_body(msg: Any, signatures: bool = True) -> bytes:

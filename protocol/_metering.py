@@ -16,6 +16,11 @@ the consumer refuses, and a dishonest one is never paid past what the consumer c
   claims in sum, but never under one token per ``MAX_BYTES_PER_TOKEN`` bytes of that prefix
   (``cancelled_output_tokens``), so a backend that counts tokens only at the end (an upstream
   server's usage) still bills received text within the rules above.
+- **Agent calls** (``request_token_bound``, protocol/_agent_messages.py): a v2 request's bound
+  adds each turn's ``name``, ``tool_call_id`` and tool calls, ``TOOLS_OVERHEAD`` plus each tool
+  when there are tools, the JSON schema and a legacy ``prompt``; an embeddings request bounds at
+  ``EMBED_INPUT_OVERHEAD`` plus the bytes of each input. A v2 chunk's "text bytes" are its text
+  plus its tool-call deltas' id, name and arguments, for every rule above that counts them.
 - **Context**: ``max_context`` is the one in the signed listing the consumer chose from; an
   Accept naming more is refused.
 Pure arithmetic on integers: no clock, no I/O.
@@ -31,6 +36,8 @@ __all__ = [
     "TOKEN_SLACK",
     "MAX_BYTES_PER_TOKEN",
     "MAX_COMPLETION_BYTES",
+    "TOOLS_OVERHEAD",
+    "EMBED_INPUT_OVERHEAD",
     "prompt_token_bound",
     "completion_byte_limit",
     "billable_output_tokens",
@@ -42,6 +49,8 @@ MESSAGE_OVERHEAD = 8  # per message: the template's markers around role and cont
 TOKEN_SLACK = 16  # completion tokens per call that may decode to no text
 MAX_BYTES_PER_TOKEN = 32  # no vocabulary's tokens average more over a whole completion
 MAX_COMPLETION_BYTES = 8 << 20  # one call's text, whatever max_tokens says
+TOOLS_OVERHEAD = 512  # a chat template's tool preamble, when a request offers tools
+EMBED_INPUT_OVERHEAD = 8  # per embedded text: its special tokens
 
 
 def prompt_token_bound(messages: Iterable[tuple[str, str]]) -> int:

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 from typing import Any, Callable, TypeVar
 
+from ._agent_messages import ChunkV2, EmbedRequest, EmbedResult, RequestV2, ToolCall
 from ._errors import (
     IllegalTransition,
     ProtocolError,
@@ -56,6 +57,7 @@ __all__ = [
     "Accepted",
     "Rejected",
     "ChunkReceived",
+    "EmbeddingsReceived",
     "Queued",
     "CallFailed",
     "ReceiptSettled",
@@ -84,7 +86,7 @@ RECEIPT_FRAME_MAX = 4 << 10
 RECEIPTS_PER_STREAM = 32
 
 
-def request_hash(request: Request) -> bytes:
+def request_hash(request: Request | RequestV2 | EmbedRequest) -> bytes:
     """sha256 of the canonical request: the receipt's ``input_hash``."""
     return body_hash(request)
 
@@ -166,9 +168,17 @@ class Rejected:
 @dataclasses.dataclass(frozen=True)
 class ChunkReceived:
     """Consumer event: the next piece of the running call's completion, in order and within
-    ``max_tokens``."""
+    ``max_tokens`` (a ``ChunkV2`` when the call's request was a ``RequestV2``)."""
 
-    chunk: Chunk
+    chunk: Chunk | ChunkV2
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingsReceived:
+    """Consumer event: the vectors of the running embeddings call, checked against its request;
+    its receipt comes next."""
+
+    result: EmbedResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +198,15 @@ class CallFailed:
 
 @dataclasses.dataclass(frozen=True)
 class ReceiptSettled:
-    """The consumer checked and counter-signed ``receipt`` (now doubly signed) for ``text``; with
-    ``cancelled``, the receipt of a cancelled call, covering only the prefix the consumer received."""
+    """The consumer checked and counter-signed ``receipt`` (now doubly signed) for ``text`` and
+    ``tool_calls`` (accumulated from the billed chunks' deltas); with ``cancelled``, the receipt of
+    a cancelled call, covering only the prefix the consumer received. An embeddings call settles
+    with ``text`` "" after its ``EmbeddingsReceived``."""
 
     receipt: Receipt
     text: str
     cancelled: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,10 +235,10 @@ class OpenReceived:
 
 @dataclasses.dataclass(frozen=True)
 class CallRequested:
-    """Provider event: the consumer asked for the next call; admit it with ``start_call`` (or give
-    up with ``fail_call``)."""
+    """Provider event: the consumer asked for the next call (chat v1 or v2, or embeddings); admit
+    it with ``start_call`` (or give up with ``fail_call``)."""
 
-    request: Request
+    request: Request | RequestV2 | EmbedRequest
 
 
 @dataclasses.dataclass(frozen=True)
