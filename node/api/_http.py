@@ -56,14 +56,14 @@ from ..consumer._held_sessions import UnknownSession
 from ..consumer._pacing import Busy
 from ..consumer._renter import AtCapacity, RentError
 from ..consumer._results import CancelledCall, cancelled_calls
-from ..consumer._routing import SORTS
+from ..consumer._routing import SORTS, UnsupportedFeature
 from ..consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected
 from ..escrow._client import EscrowUnreachable
 from ..escrow._ops import EscrowOps, EscrowRefused
 from ..net._streams import StreamClosed, StreamTimeout
 from ..provider._queue import QueueFull, QueueTimeout
 from ..provider._storefront import OfferUnloadable
-from ..provider.backends._base import BackendError
+from ..provider.backends._base import BackendError, BackendUnsupported
 
 __all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
            "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "PricePer1K",
@@ -149,6 +149,7 @@ TABLE: tuple[_Row, ...] = (
     _Row(BodyTooLarge, 413, "invalid_request_error", "request_too_large"),
     _Row(ClientGone, 499, "invalid_request_error", "client_closed_request"),  # nginx's 499: nobody reads it
     # the caller's fault
+    _Row(UnsupportedFeature, 400, "invalid_request_error", "unsupported_feature"),  # no offer lists what it needs
     _Row(InvalidRequest, 400, "invalid_request_error", lambda e: e.code),  # the only 400: a field is wrong
     _Row(NotAuthorized, 401, "authentication_error", "invalid_api_key"),
     _Row(UnknownSession, 404, "invalid_request_error", "unknown_session"),  # never opened, or closed since
@@ -188,6 +189,7 @@ TABLE: tuple[_Row, ...] = (
     _Row(QueueFull, 503, "server_error", "queue_full"),
     _Row(QueueTimeout, 503, "server_error", "queue_timeout"),
     _Row(OfferUnloadable, 502, "server_error", "upstream_unavailable"),  # an upstream: Node.add_offer words the rest
+    _Row(BackendUnsupported, 502, "server_error", "backend_unsupported"),  # this node's backend: not that option
     _Row(BackendError, 502, "server_error", "backend_error"),
     _Row(DaemonNotRunning, 503, "server_error", "daemon_not_running"),
     _Row(HomeInUse, 409, "server_error", "home_in_use"),  # another process runs a node on this home

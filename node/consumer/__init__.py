@@ -7,10 +7,11 @@
     _reach            reach: dial a provider before money is locked for it
     _session_client   the consumer's side of ``protocol.SESSION_PROTOCOL``: one session on one stream
     _renter           Renter: rank, open an escrow channel, run the session with failover, settle
-    _results          Completion (with its Attempts), SessionInfo, SessionSummary, ProviderRow: what
+    _results          Completion (with its Attempts, tool calls, logprobs), Delta, Embeddings, SessionInfo, SessionSummary, ProviderRow: what
                       renting gives back, typed; CancelledCall: what a cancelled call cost
     _held_sessions    sessions held open across API calls (``node chat``), expired when idle
-    _request_check    check_call: a call fits the wire's Request and one frame (pure), before money moves
+    _request_check    check_call: a call fits the wire's Request (v1 or v2) and one frame; embed_batches:
+                      an embeddings request's calls (pure), before money moves
 
 Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
 """
@@ -18,8 +19,18 @@ Imports ``net`` and ``escrow`` (to pay), never ``provider`` or ``api``.
 from ._held_sessions import HeldSessions, UnknownSession
 from ._pacing import Busy, Pacing
 from ._renter import AtCapacity, Renter, RentError, estimate_prompt_tokens
-from ._results import Attempt, CancelledCall, Completion, ProviderRow, SessionInfo, SessionSummary, cancelled_calls
-from ._routing import SORTS, Candidate, Preferences, rank
+from ._results import (
+    Attempt,
+    CancelledCall,
+    Completion,
+    Delta,
+    Embeddings,
+    ProviderRow,
+    SessionInfo,
+    SessionSummary,
+    cancelled_calls,
+)
+from ._routing import SORTS, Candidate, Preferences, UnsupportedFeature, rank
 from ._session_client import (
     CallRefused,
     CallResult,
@@ -44,6 +55,8 @@ __all__ = [
     "Candidate",
     "Completion",
     "ConsumerSessionHandle",
+    "Delta",
+    "Embeddings",
     "estimate_prompt_tokens",
     "HeldSessions",
     "open_session",
@@ -64,4 +77,5 @@ __all__ = [
     "SORTS",
     "TrustBook",
     "UnknownSession",
+    "UnsupportedFeature",
 ]

@@ -9,9 +9,10 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from .._calls import CallOptions
 from .._errors import NotFound
 from ._renter import Renter
-from ._results import Completion, SessionInfo, SessionSummary
+from ._results import Completion, Delta, SessionInfo, SessionSummary
 from ._routing import Preferences
 from ._session_client import SessionError
 
@@ -85,19 +86,23 @@ class HeldSessions:
         except KeyError:
             raise UnknownSession(f"no open session {sid}") from None
 
-    async def call(self, sid: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                   on_text: Callable[[str], Awaitable[None]] | None = None) -> Completion:
-        """One call of held session ``sid`` (its outcome is recorded by the session handle).
+    async def call(self, sid: str, messages: list[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                   on_text: Callable[[str], Awaitable[None]] | None = None, options: CallOptions = CallOptions(),
+                   on_delta: Callable[[Delta], Awaitable[None]] | None = None) -> Completion:
+        """One call of held session ``sid`` (its outcome is recorded by the session handle);
+        ``options`` as ``Renter.run`` takes them (the session's provider must list what they need).
 
         Raises:
             UnknownSession: no such session. SessionError: the call failed (nothing paid for it).
         """
         held = self._get(sid)
         started = trio.current_time()
-        result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text)
+        result = await held.handle.call(messages, max_tokens, temperature_milli=temperature_milli, on_text=on_text,
+                                        options=options, on_delta=on_delta)
         return Completion(id=secrets.token_hex(12), provider=held.info.provider, model=held.info.model,
                           text=result.text, finish_reason=result.finish_reason, receipt=result.receipt,
-                          latency_ms=int((trio.current_time() - started) * 1000), session_id=sid)
+                          latency_ms=int((trio.current_time() - started) * 1000), session_id=sid,
+                          tool_calls=result.tool_calls, logprobs=result.logprobs)
 
     async def close(self, sid: str) -> SessionSummary:
         """Close held session ``sid``, settling its channel.

@@ -22,7 +22,7 @@ import logging
 import random
 import secrets
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -30,6 +30,7 @@ import protocol
 from protocol import Listing, ModelOffer
 from wallet import EscrowAgent
 
+from .._calls import CallOptions
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import Contract, active_contract
 from .._errors import InvalidRequest, RemoteError
@@ -41,9 +42,9 @@ from ..net._market import Market
 from ._delivery import SettlementUnconfirmed
 from ._failures import CAPACITY, SessionRejected, fault
 from ._pacing import RETRY_AFTER_S, Busy, Pacing
-from ._request_check import check_call
-from ._results import Attempt, Completion
-from ._routing import Candidate, Preferences, rank, why_none
+from ._request_check import check_call, embed_batches
+from ._results import Attempt, Completion, Delta, Embeddings
+from ._routing import Candidate, Preferences, missing_feature, rank, serves, why_none
 from ._session_client import ConsumerSessionHandle, SessionError, open_session, reach
 from ._trust import TrustBook
 
@@ -95,9 +96,12 @@ def _failed(model: str, attempts: list[Attempt], retry_after_s: int, opening: bo
     return RentError(f"every provider of {model!r} failed: {causes}", tuple(attempts))
 
 
-def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
-    """The most prompt tokens a call of ``messages`` can be billed (``protocol.prompt_token_bound``)."""
-    return protocol.prompt_token_bound((m["role"], m["content"]) for m in messages)
+def estimate_prompt_tokens(messages: list[dict[str, Any]], options: CallOptions = CallOptions()) -> int:
+    """The most prompt tokens a call of ``messages`` (and ``options``) can be billed
+    (``protocol.request_token_bound`` of the request it sends)."""
+    if options == CallOptions() and all(set(m) <= {"role", "content"} for m in messages):
+        return protocol.prompt_token_bound((m["role"], m["content"]) for m in messages)
+    return protocol.request_token_bound(check_call(messages, 1, 1000, 1000, (), options))
 
 
 class Renter:
@@ -150,21 +154,29 @@ class Renter:
         return price
 
     async def candidates(self, model: str, prefs: Preferences, *, prompt_tokens: int, max_tokens: int,
-                         escrow: str | None = None, tier: str = "", batch_calls: int = 0) -> list[Candidate]:
+                         escrow: str | None = None, tier: str = "", batch_calls: int = 0,
+                         needs: frozenset[str] = frozenset(), kind: str = "chat") -> list[Candidate]:
         """Ranked candidates for a request, each priced at the terms its session would pin (with
-        ``tier``: only providers offering that tier).
+        ``tier``: only providers offering that tier; only offers that serve a call of ``kind``
+        needing ``needs``, ``_routing.serves``).
 
         Raises:
+            UnsupportedFeature: no offer of the model lists a feature the call needs.
             RentError: nobody offers the model (and tier) within the preferences.
         """
-        ranked = rank(await self.rows(model), prefs, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        rows = await self.rows(model)
+        ranked = rank(rows, prefs, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
                       stats=self.trust.get, agent_for=self._agent_picker(escrow), rng=self.rng, tier=tier,
-                      batch_calls=batch_calls, contract_for=self._contract_for())
+                      batch_calls=batch_calls, contract_for=self._contract_for(), needs=needs, kind=kind)
         if not ranked:
-            raise RentError(await self._why_none(model, prefs, escrow, tier))
+            refusal = missing_feature(model, rows, needs, kind)
+            if refusal is not None:
+                raise refusal
+            raise RentError(await self._why_none(model, prefs, escrow, tier, needs, kind))
         return ranked
 
-    async def _why_none(self, model: str, prefs: Preferences, escrow: str | None, tier: str) -> str:
+    async def _why_none(self, model: str, prefs: Preferences, escrow: str | None, tier: str,
+                        needs: frozenset[str] = frozenset(), kind: str = "chat") -> str:
         """Why nobody can be rented for ``model``, saying what to do next (``_routing.why_none``)."""
         if escrow is not None:
             wanted: tuple[str, ...] = (self.escrow.agent_id(escrow),)
@@ -172,7 +184,8 @@ class Renter:
             wanted = (self.local_agent.identity.peer_id,) if self.local_agent is not None else ()
         me = self.market.identity.peer_id
         known = {r.offer.name for r in self.market.view.rows(self.market.now(), None) if r.listing.provider != me}
-        return why_none(model, await self.rows(model), prefs, known_models=known,
+        rows = [(lst, o) for lst, o in await self.rows(model) if serves(o, needs, kind)]
+        return why_none(model, rows, prefs, known_models=known,
                         agent_for=self._agent_picker(escrow), wanted_agents=wanted, tier=tier)
 
     async def channel(self, channel_id: str, agent: str | None) -> tuple[protocol.ChannelGrant, int]:
@@ -316,30 +329,36 @@ class Renter:
         if len(kept) < _SPARES_PER_PROVIDER and sum(map(len, self._spares.values())) < _SPARES_MAX:
             kept.append(channel)
 
-    async def run(self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature_milli: int,
+    async def run(self, model: str, messages: list[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
                   prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,
                   top_p_milli: int = 1000, stop: tuple[str, ...] = (), tier: str = "",
-                  on_text: Callable[[str], Awaitable[None]] | None = None, channel: str | None = None) -> Completion:
+                  on_text: Callable[[str], Awaitable[None]] | None = None, channel: str | None = None,
+                  options: CallOptions = CallOptions(),
+                  on_delta: Callable[[Delta], Awaitable[None]] | None = None) -> Completion:
         """One paid call with failover, start to settlement. Trust learns from every attempt (the
         session handle records each outcome). With ``channel`` (an open channel of this node's,
         ``escrow`` its agent) the call goes to that channel's provider and is paid from it, which
         stays open (``channel()``); without, a channel is opened for the call and settled after it.
+        ``options`` (tools, response format, logprobs, a legacy prompt, …) route the call only to
+        offers listing the features it needs; ``on_delta`` gets each streamed piece whole (text,
+        tool-call pieces, logprobs) beside ``on_text``'s text.
 
         Raises:
             AtCapacity: every provider tried was at capacity (ours or theirs); retry later.
+            UnsupportedFeature: no offer of the model lists a feature the call needs (the caller's 400).
             RentError: nobody could serve it (with every attempt's error).
             EscrowRefused / EscrowUnreachable: no channel could be opened (e.g. not enough credits).
             protocol.SpendLimitReached: ``budget`` is below what one call may cost.
             InvalidRequest, protocol.MessageTooLarge: the call cannot go on the wire (nothing was locked).
         """
-        check_call(messages, max_tokens, temperature_milli, top_p_milli, stop)  # before any money moves
+        request = check_call(messages, max_tokens, temperature_milli, top_p_milli, stop, options)  # before money
         started = trio.current_time()
-        prompt = estimate_prompt_tokens(messages)
+        prompt = protocol.request_token_bound(request)
         given, left = await self.channel(channel, escrow) if channel is not None else (None, None)
         if given is not None:
             prefs, escrow = self._on_channel(prefs, given), given.agent
         ranked = await self.candidates(model, prefs, prompt_tokens=prompt, max_tokens=max_tokens, escrow=escrow,
-                                       tier=tier)
+                                       tier=tier, needs=options.needs())
         if budget is not None and all(budget < protocol.call_cost(c.terms, 1, 1) for c in ranked[:_MAX_ATTEMPTS]):
             raise protocol.SpendLimitReached(f"a budget of {protocol.format_credits(budget)} credits pays for no call "
                                              "at these providers' prices")
@@ -354,6 +373,12 @@ class Renter:
                 if on_text is not None:
                     await on_text(text)
 
+            async def relay_delta(delta: Delta) -> None:
+                nonlocal streamed
+                streamed = True
+                if on_delta is not None:
+                    await on_delta(delta)
+
             try:
                 # ranked on this very request: its expected cost is one full call at the session's terms
                 budget_here = budget if budget is not None else c.expected_cost
@@ -362,7 +387,8 @@ class Renter:
                 async with self.pacing.slot(c), \
                         self._session(c, model, budget_here, _RUN_CHANNEL_S, given) as (session, paid_from):
                     result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
-                                                top_p_milli=top_p_milli, stop=stop, on_text=relay)
+                                                top_p_milli=top_p_milli, stop=stop, on_text=relay, options=options,
+                                                on_delta=relay_delta)
             except Busy as exc:  # nothing was dialled or locked for it
                 attempts.append(Attempt(c.provider, str(exc), CAPACITY))
                 retry_after = max(retry_after, exc.retry_after_s)
@@ -381,6 +407,70 @@ class Renter:
                 continue
             return Completion(id=secrets.token_hex(12), provider=c.provider, model=model, text=result.text,
                               finish_reason=result.finish_reason, receipt=result.receipt,
+                              latency_ms=int((trio.current_time() - started) * 1000), channel=paid_from,
+                              attempts=(*attempts, Attempt(c.provider)), tool_calls=result.tool_calls,
+                              logprobs=result.logprobs)
+        raise _failed(model, attempts, retry_after)
+
+    async def embed(self, model: str, inputs: list[str] | tuple[str, ...], *, dimensions: int = 0,
+                    prefs: Preferences = Preferences(), budget: int | None = None,
+                    escrow: str | None = None) -> Embeddings:
+        """Embed ``inputs`` with ``model`` (an offer listing ``embeddings``): one session with one
+        provider, a call per batch of at most ``MAX_EMBED_INPUTS`` inputs (and one frame), a
+        doubly-signed receipt per call, billed per input token. Fails over to the next provider
+        only while nothing is paid (before the first batch's receipt).
+
+        Args:
+            dimensions: the vectors' length (0: the model's own); a provider whose model cannot
+                shorten its vectors refuses.
+            budget: the most the whole request may cost (µc); default: the worst case of every batch.
+
+        Raises:
+            InvalidRequest: no inputs, an input too long, ``dimensions`` out of range (nothing locked).
+            UnsupportedFeature: the model is offered only as a chat model.
+            AtCapacity, RentError, EscrowRefused, EscrowUnreachable, protocol.SpendLimitReached: as ``run``.
+        """
+        batches = embed_batches(tuple(inputs), dimensions)  # before any money moves
+        requests = [protocol.EmbedRequest(session_id=bytes(16), call_seq=0, inputs=b, dimensions=dimensions)
+                    for b in batches]
+        bounds = [protocol.request_token_bound(r) for r in requests]
+        started = trio.current_time()
+        ranked = await self.candidates(model, prefs, prompt_tokens=sum(bounds), max_tokens=0, escrow=escrow,
+                                       kind="embeddings")
+        attempts: list[Attempt] = []
+        retry_after = 0
+        for c in ranked[:_MAX_ATTEMPTS]:
+            worst = sum(protocol.call_cost(c.terms, n, 0) for n in bounds)
+            budget_here = max(1, worst if budget is None else min(budget, worst))
+            results: list[Any] = []
+            try:
+                async with self.pacing.slot(c), \
+                        self._session(c, model, budget_here, _RUN_CHANNEL_S) as (session, paid_from):
+                    for batch in batches:
+                        results.append(await session.embed(batch, dimensions))
+            except Busy as exc:
+                attempts.append(Attempt(c.provider, str(exc), CAPACITY))
+                retry_after = max(retry_after, exc.retry_after_s)
+                continue
+            except SettlementUnconfirmed:
+                raise
+            except SessionError as exc:
+                attempts.append(Attempt(c.provider, _named(exc), fault(exc)))
+                if isinstance(exc, SessionRejected):
+                    retry_after = max(retry_after, exc.retry_after_s)
+                if results:  # part of it is paid: running it again elsewhere would pay twice
+                    raise RentError(f"the provider failed after {len(results)} of {len(batches)} embeddings calls: "
+                                    f"{exc}", tuple(attempts)) from exc
+                continue
+            dims = {r.dims for r in results}
+            if len(dims) != 1:
+                raise RentError(f"provider {c.provider} answered vectors of different sizes ({sorted(dims)})",
+                                (*attempts, Attempt(c.provider, "mixed dims", "provider")))
+            (d,) = dims
+            size = d * 4
+            vectors = tuple(r.vectors[i * size:(i + 1) * size] for r in results for i in range(len(r.vectors) // size))
+            return Embeddings(id=secrets.token_hex(12), provider=c.provider, model=model, dims=d, vectors=vectors,
+                              receipts=tuple(r.receipt for r in results),
                               latency_ms=int((trio.current_time() - started) * 1000), channel=paid_from,
                               attempts=(*attempts, Attempt(c.provider)))
         raise _failed(model, attempts, retry_after)

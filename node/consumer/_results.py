@@ -11,17 +11,37 @@ so a face that cancelled a call itself (the control API's cancel route) can tell
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import dataclasses
+import struct
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import protocol
 
+from .._calls import openai_logprobs, openai_tool_calls
 from ._routing import Candidate
 
-__all__ = ["Attempt", "CancelledCall", "Completion", "ProviderRow", "SessionInfo", "SessionSummary",
-           "cancelled_calls", "report_cancelled"]
+__all__ = ["Attempt", "CancelledCall", "Completion", "Delta", "Embeddings", "ProviderRow", "SessionInfo",
+           "SessionSummary", "cancelled_calls", "report_cancelled", "finish_reason"]
+
+
+def finish_reason(receipt_reason: str, tool_calls: tuple[protocol.ToolCall, ...]) -> str:
+    """What OpenAI calls a call's end: ``tool_calls`` when it made calls and stopped of itself,
+    else the receipt's own reason (the receipt bills a call that made tool calls as ``stop``)."""
+    return "tool_calls" if tool_calls and receipt_reason == "stop" else receipt_reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """One streamed piece of a call's answer, as the provider sent it: text, pieces of tool calls
+    (OpenAI's delta shape: the first piece of an index names its id and function, later ones add
+    to its arguments) and the logprobs of its tokens."""
+
+    text: str
+    tool_calls: tuple[protocol.ToolCallDelta, ...] = ()
+    logprobs: tuple[protocol.TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +69,8 @@ class Completion:
     channel: protocol.ChannelGrant | None = None  # the run's own channel (a held session's is in its SessionInfo)
     attempts: tuple[Attempt, ...] = ()
     session_id: str | None = None  # the held session it belongs to
+    tool_calls: tuple[protocol.ToolCall, ...] = ()  # the calls the model made (the receipt's output hash covers them)
+    logprobs: tuple[protocol.TokenLogprob, ...] | None = None  # when asked: each token's, in order
 
     @property
     def receipt_id(self) -> str:
@@ -58,6 +80,20 @@ class Completion:
     def cost(self) -> int:
         return self.receipt.cost
 
+    def message(self) -> dict[str, Any]:
+        """The assistant's turn in OpenAI's shape: ``content`` (None when it only made tool calls)
+        and ``tool_calls`` when it made any."""
+        if not self.tool_calls:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.text or None, "tool_calls": openai_tool_calls(self.tool_calls)}
+
+    def choice(self) -> dict[str, Any]:
+        """The call's one choice in OpenAI's shape (with ``logprobs`` when they were asked for)."""
+        doc: dict[str, Any] = {"index": 0, "message": self.message(), "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            doc["logprobs"] = openai_logprobs(self.logprobs)
+        return doc
+
     def to_json(self) -> dict[str, Any]:
         """The CLI contract's document for ``node run`` (and a held session's call)."""
         r = self.receipt
@@ -65,8 +101,7 @@ class Completion:
             "id": "isw-" + self.id,
             "provider": self.provider,
             "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
-                         "finish_reason": self.finish_reason}],
+            "choices": [self.choice()],
             "usage": {"prompt_tokens": r.tokens_in, "completion_tokens": r.tokens_out,
                       "total_tokens": r.tokens_in + r.tokens_out},
             "cost": {"amount": r.cost, "receipt_id": self.receipt_id, "cumulative": r.cumulative},
@@ -80,6 +115,55 @@ class Completion:
         if self.session_id is not None:
             doc["session_id"] = self.session_id
         return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    """One paid embeddings request: a vector per input (float32 little-endian, ``dims`` each), from
+    one provider over one session, one doubly-signed receipt per call it took (inputs go
+    ``MAX_EMBED_INPUTS`` to a call)."""
+
+    id: str
+    provider: str
+    model: str
+    dims: int
+    vectors: tuple[bytes, ...]  # one per input, in order: dims float32 LE values
+    receipts: tuple[protocol.Receipt, ...]
+    latency_ms: int
+    channel: protocol.ChannelGrant | None = None
+    attempts: tuple[Attempt, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens_in for r in self.receipts)
+
+    @property
+    def cost(self) -> int:
+        return sum(r.cost for r in self.receipts)
+
+    @property
+    def receipt_ids(self) -> list[str]:
+        return [protocol.receipt_hash(r).hex() for r in self.receipts]
+
+    def floats(self) -> list[list[float]]:
+        """The vectors as lists of floats."""
+        fmt = f"<{self.dims}f"
+        return [list(struct.unpack(fmt, v)) for v in self.vectors]
+
+    def to_json(self, encoding_format: str = "float") -> dict[str, Any]:
+        """OpenAI's embeddings response (``float``: lists of numbers; ``base64``: each vector's
+        float32 LE bytes in base64), plus ``provider``, ``cost`` (µc), ``receipt_id`` (the last
+        call's) and ``receipt_ids`` (every call's, in order)."""
+        if encoding_format == "base64":
+            data = [base64.b64encode(v).decode() for v in self.vectors]
+        else:
+            data = self.floats()
+        ids = self.receipt_ids
+        return {"object": "list", "model": self.model,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "usage": {"prompt_tokens": self.tokens, "total_tokens": self.tokens},
+                "provider": self.provider, "cost": self.cost, "receipt_id": ids[-1] if ids else None,
+                "receipt_ids": ids}
 
 
 @dataclasses.dataclass(frozen=True)

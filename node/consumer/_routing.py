@@ -5,7 +5,10 @@ Every candidate is priced at the terms its session would pin (``protocol.session
 chosen tier, the batch discount, a fixed-rate contract), and ``Candidate.terms`` is what the
 session then opens with, so a provider is ranked, budgeted and opened on one price.
 
-Filters: the model, the tier (offers without it are left out), ``only``/``ignore``, a maximum
+Filters: the model, what the call needs (``features``: an offer serves a call only when its
+listed features hold every one the call needs, ``CallOptions.needs()``; an embeddings call only an
+offer listing ``embeddings``; a chat call never an offer that lists embeddings and nothing else),
+the tier (offers without it are left out), ``only``/``ignore``, a maximum
 price per 1K tokens (input and/or output, of those terms), an escrow agent this node can pay
 through, and the trust floor. A provider under the floor is on probation (``_trust``): never one
 with a recent protocol violation; when nobody above the floor is left, every other one comes, as a
@@ -19,7 +22,9 @@ marks them: the ``Renter`` runs one probe of a provider at a time. Orders:
 - ``best_trust``: trust score, then cost.
 Ties fall back to cost, then peer id, so the order is stable.
 
-When nothing is left, ``why_none`` says which filter left nothing, in words a person can act on
+When no offer of the model serves what the call needs, ``missing_feature`` names the feature
+(``UnsupportedFeature``, the caller's 400: asking another provider will not help while none lists
+it). When nothing else is left, ``why_none`` says which filter left nothing, in words a person can act on
 (no provider of the model at all, none with that tier, none accepting an agent this node can pay
 through, none under the price caps), naming what the market does offer.
 """
@@ -33,11 +38,36 @@ from typing import Callable, Iterable
 import protocol
 from protocol import Listing, ModelOffer, Price
 
+from .._errors import InvalidRequest
 from ._trust import FLOOR, ProviderStats
 
-__all__ = ["SORTS", "Preferences", "Candidate", "rank", "why_none"]
+__all__ = ["SORTS", "KINDS", "Preferences", "Candidate", "UnsupportedFeature", "serves", "rank", "missing_feature",
+           "why_none"]
 
 SORTS = ("cheapest", "fastest", "best_trust")
+KINDS = ("chat", "embeddings")  # what a call asks of an offer: a completion, or embedding vectors
+# the request field that asks for each feature (the HTTP faces' ``param`` of the refusal)
+_FIELD = {"tools": "tools", "json": "response_format", "logprobs": "logprobs", "completions": "prompt",
+          "embeddings": "model", "streaming": "stream"}
+
+
+class UnsupportedFeature(InvalidRequest):
+    """No offer of the model lists a feature the call needs (``tools``, ``json``, ``logprobs``,
+    ``completions``, ``embeddings``): the caller's 400, ``unsupported_feature``, ``field`` the
+    request field that asked for it."""
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message, field, "unsupported_feature")
+
+
+def serves(offer: ModelOffer, needs: frozenset[str] = frozenset(), kind: str = "chat") -> bool:
+    """Whether ``offer`` can serve a call of ``kind`` needing ``needs`` (the module's rules)."""
+    features = set(offer.features)
+    if kind == "embeddings":
+        return "embeddings" in features
+    if features and features <= {"embeddings"}:  # an embeddings model: it writes no text
+        return False
+    return needs <= features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +125,8 @@ def rank(
     tier: str = "",
     batch_calls: int = 0,
     contract_for: Callable[[str, str], Price | None] = lambda provider, model: None,
+    needs: frozenset[str] = frozenset(),
+    kind: str = "chat",
 ) -> list[Candidate]:
     """The providers to try, best first (only the first when fallbacks are off).
 
@@ -108,6 +140,7 @@ def rank(
         tier: the tier the session will name; offers without it are left out.
         batch_calls: the calls the session will declare (for a batch discount).
         contract_for: the rate of a fixed-rate contract in force with ``(provider, model)``, if any.
+        needs, kind: what the call asks of an offer (``serves``); offers that cannot serve it are left out.
 
     Returns:
         Candidates carrying the terms their session would pin.
@@ -115,6 +148,8 @@ def rank(
     out: list[Candidate] = []
     probation: list[Candidate] = []
     for listing, offer in rows:
+        if not serves(offer, needs, kind):
+            continue
         if prefs.only and listing.provider not in prefs.only:
             continue
         if listing.provider in prefs.ignore:
@@ -165,6 +200,25 @@ def rank(
         else:
             out = out + due
     return out if prefs.allow_fallbacks else out[:1]
+
+
+def missing_feature(model: str, rows: Iterable[tuple[Listing, ModelOffer]], needs: frozenset[str] = frozenset(),
+                    kind: str = "chat") -> UnsupportedFeature | None:
+    """The refusal of a call no offer of ``model`` can serve (``serves``), naming what is missing;
+    None when some offer can (or there is none at all: ``why_none`` says so)."""
+    offers = [o for _, o in rows]
+    if not offers or any(serves(o, needs, kind) for o in offers):
+        return None
+    if kind == "embeddings":
+        return UnsupportedFeature(f"no provider of {model!r} serves embeddings (it is a chat model)", "model")
+    chat = [o for o in offers if serves(o, frozenset(), "chat")]
+    if not chat:
+        return UnsupportedFeature(f"{model!r} is an embeddings model: it serves /v1/embeddings, not chat", "model")
+    missing = sorted(needs - set().union(*(set(o.features) for o in chat)))
+    if not missing:  # each feature is listed by someone, but no one offer lists them all
+        return UnsupportedFeature(f"no provider of {model!r} supports {' and '.join(sorted(needs))} together",
+                                  _FIELD.get(sorted(needs)[0]))
+    return UnsupportedFeature(f"no provider of {model!r} supports {' or '.join(missing)}", _FIELD.get(missing[0]))
 
 
 def _agents(rows: list[tuple[Listing, ModelOffer]]) -> str:

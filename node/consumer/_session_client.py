@@ -50,6 +50,7 @@ from protocol import (
     ConsumerSession,
     ConsumerState,
     CountersignConfirmed,
+    EmbeddingsReceived,
     Price,
     Queued,
     ReceiptSettled,
@@ -58,30 +59,46 @@ from protocol import (
 )
 from wallet import Identity
 
+from .._calls import CallOptions, request_fields
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._receipts import ReceiptStore
 from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._delivery import ReceiptDelivery, SettlementUnconfirmed, delivery_for
 from ._failures import CallRefused, ProviderFailed, ProviderMisbehaved, SessionError, SessionRejected, learn
 from ._reach import reach
-from ._results import CancelledCall, report_cancelled
+from ._results import CancelledCall, Delta, finish_reason, report_cancelled
 from ._trust import TrustBook
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["SessionError", "SessionRejected", "CallRefused", "ProviderFailed", "ProviderMisbehaved",
-           "SettlementUnconfirmed", "CallResult", "learn",
+           "SettlementUnconfirmed", "CallResult", "EmbedResult", "learn",
            "ConsumerSessionHandle", "open_session", "open_session_on", "reach"]
 
 
 @dataclasses.dataclass(frozen=True)
 class CallResult:
-    """One call's answer, its doubly-signed receipt, and how fast it came (first token, total)."""
+    """One call's answer, its doubly-signed receipt, and how fast it came (first token, total).
+    ``finish_reason`` is OpenAI's (``tool_calls`` when it made calls and the receipt says ``stop``);
+    ``logprobs`` is None unless the call asked for them."""
 
     text: str
     finish_reason: str
     receipt: protocol.Receipt
     ttft_s: float
+    duration_s: float
+    tool_calls: tuple[protocol.ToolCall, ...] = ()
+    logprobs: tuple[protocol.TokenLogprob, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedResult:
+    """One embeddings call's vectors (``dims`` float32 LE values per input, row-major) and its
+    doubly-signed receipt."""
+
+    dims: int
+    vectors: bytes
+    receipt: protocol.Receipt
     duration_s: float
 
 
@@ -180,11 +197,19 @@ class ConsumerSessionHandle:
             return
         raise SettlementUnconfirmed(receipt, cause, queued=self._delivery is not None)
 
-    async def call(self, messages: list[dict[str, str]], max_tokens: int, *, temperature_milli: int = 1000,
+    async def call(self, messages: list[dict[str, Any]], max_tokens: int, *, temperature_milli: int = 1000,
                    top_p_milli: int = 1000, stop: tuple[str, ...] = (),
                    on_text: Callable[[str], Awaitable[None]] | None = None,
-                   on_queue: Callable[[int], Awaitable[None]] | None = None) -> CallResult:
+                   on_queue: Callable[[int], Awaitable[None]] | None = None,
+                   options: CallOptions = CallOptions(),
+                   on_delta: Callable[[Delta], Awaitable[None]] | None = None) -> CallResult:
         """Run one call; return the completion and its doubly-signed receipt.
+
+        Args:
+            messages: OpenAI-shaped turns (``_calls.request_fields`` puts them on the wire).
+            options: tools, response format, logprobs, …: a call with any of them goes as a ``RequestV2``.
+            on_text: each piece of text as it comes. on_delta: each streamed piece whole (text,
+                tool-call pieces, logprobs), as it comes; both may be given.
 
         Raises:
             CallRefused: the provider refused this call (reason code); nothing is charged.
@@ -204,7 +229,7 @@ class ConsumerSessionHandle:
                 with trio.move_on_after(self._call_timeout) as deadline:
                     self._deadline = deadline
                     result = await self._call(messages, max_tokens, temperature_milli, top_p_milli, stop, on_text,
-                                              on_queue)
+                                              on_queue, options, on_delta)
                 if deadline.cancelled_caught:
                     late = ProviderFailed(f"the call did not finish within {self._call_timeout:.0f}s")
                     if self.machine.unacked is not None:  # its answer came: counter-signed, in doubt
@@ -217,17 +242,22 @@ class ConsumerSessionHandle:
                 self._trust.completed(self.provider, result.ttft_s, result.receipt.tokens_out, result.duration_s)
             return result
 
-    async def _call(self, messages: list[dict[str, str]], max_tokens: int, temperature_milli: int, top_p_milli: int,
+    async def _call(self, messages: list[dict[str, Any]], max_tokens: int, temperature_milli: int, top_p_milli: int,
                     stop: tuple[str, ...], on_text: Callable[[str], Awaitable[None]] | None,
-                    on_queue: Callable[[int], Awaitable[None]] | None) -> CallResult:
-        chat = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+                    on_queue: Callable[[int], Awaitable[None]] | None, options: CallOptions,
+                    on_delta: Callable[[Delta], Awaitable[None]] | None) -> CallResult:
         seq = self.machine.next_seq
-        self.machine.request(chat, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
-                             stop=stop)
+        knobs = dict(temperature_milli=temperature_milli, top_p_milli=top_p_milli, stop=stop)
+        if options == CallOptions() and all(set(m) <= {"role", "content"} for m in messages):  # plain chat: v1
+            self.machine.request(tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages),
+                                 max_tokens, **knobs)
+        else:
+            fields = request_fields(messages, options)
+            self.machine.request(fields.pop("messages"), max_tokens, **knobs, **fields)
         start = trio.current_time()
         given = [0]  # chunks handed to the caller: a cancelled call pays for these only
         try:
-            return await self._answer(start, on_text, on_queue, given)
+            return await self._answer(start, on_text, on_queue, given, on_delta, options.logprobs)
         except trio.Cancelled:
             if self._deadline is None or not self._deadline.cancel_called:  # our caller's, not our own timeout
                 with trio.CancelScope(shield=True):
@@ -236,10 +266,13 @@ class ConsumerSessionHandle:
             raise
 
     async def _answer(self, start: float, on_text: Callable[[str], Awaitable[None]] | None,
-                      on_queue: Callable[[int], Awaitable[None]] | None, given: list[int]) -> CallResult:
-        """Send the request, stream its answer to ``on_text`` (counting in ``given[0]`` the chunks
-        handed over) until its receipt is settled and acknowledged."""
+                      on_queue: Callable[[int], Awaitable[None]] | None, given: list[int],
+                      on_delta: Callable[[Delta], Awaitable[None]] | None = None,
+                      logprobs: bool = False) -> CallResult:
+        """Send the request, stream its answer to ``on_text`` and ``on_delta`` (counting in
+        ``given[0]`` the chunks handed over) until its receipt is settled and acknowledged."""
         first: float | None = None
+        lps: list[protocol.TokenLogprob] = []
         try:
             await self._framed.send_all(self.machine.outgoing())
         except StreamClosed as exc:
@@ -249,8 +282,13 @@ class ConsumerSessionHandle:
                 if isinstance(event, ChunkReceived):
                     if first is None:
                         first = trio.current_time() - start
-                    if on_text is not None and event.chunk.text:
-                        await on_text(event.chunk.text)
+                    chunk = event.chunk
+                    calls, probs = getattr(chunk, "tool_calls", ()), getattr(chunk, "logprobs", ())
+                    lps.extend(probs)
+                    if on_text is not None and chunk.text:
+                        await on_text(chunk.text)
+                    if on_delta is not None and (chunk.text or calls or probs):
+                        await on_delta(Delta(chunk.text, tuple(calls), tuple(probs)))
                     given[0] += 1
                 elif isinstance(event, Queued):
                     if on_queue is not None:
@@ -260,8 +298,63 @@ class ConsumerSessionHandle:
                 elif isinstance(event, ReceiptSettled):
                     await self._confirm(event.receipt)  # done only once the provider holds it
                     duration = trio.current_time() - start
-                    return CallResult(event.text, event.receipt.finish_reason, event.receipt,
-                                      first if first is not None else duration, duration)
+                    calls = tuple(event.tool_calls)
+                    return CallResult(event.text, finish_reason(event.receipt.finish_reason, calls), event.receipt,
+                                      first if first is not None else duration, duration, calls,
+                                      tuple(lps) if logprobs else None)
+                elif isinstance(event, SessionClosed):
+                    raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
+
+    async def embed(self, inputs: tuple[str, ...], dimensions: int = 0) -> EmbedResult:
+        """One embeddings call of at most ``protocol.MAX_EMBED_INPUTS`` inputs: their vectors and
+        the call's doubly-signed receipt (the machine checks both: sizes, ``embedding_hash``, price).
+
+        Raises:
+            CallRefused, ProviderFailed, ProviderMisbehaved, SettlementUnconfirmed, protocol.SpendLimitReached:
+            as ``call``.
+
+        Cancellation: an embeddings call is one short batch and cannot be cancelled on the wire;
+        a cancelled caller ends the session (its block's close), and nothing unreceived is paid.
+        """
+        async with self._lock:
+            if self.machine.state is not ConsumerState.READY:
+                raise ProviderFailed(f"this session takes no more calls (it is {self.machine.state.value})")
+            try:
+                with trio.move_on_after(self._call_timeout) as deadline:
+                    self._deadline = deadline
+                    result = await self._embed(inputs, dimensions)
+                if deadline.cancelled_caught:
+                    late = ProviderFailed(f"the embeddings call did not finish within {self._call_timeout:.0f}s")
+                    if self.machine.unacked is not None:
+                        raise SettlementUnconfirmed(self.machine.unacked, late, queued=self._delivery is not None)
+                    raise late
+            except SessionError as exc:
+                learn(self._trust, self.provider, exc)
+                raise
+            if self._trust is not None:
+                self._trust.completed(self.provider, result.duration_s, 0, result.duration_s)
+            return result
+
+    async def _embed(self, inputs: tuple[str, ...], dimensions: int) -> EmbedResult:
+        self.machine.embed(tuple(inputs), dimensions)
+        start = trio.current_time()
+        try:
+            await self._framed.send_all(self.machine.outgoing())
+        except StreamClosed as exc:
+            raise ProviderFailed(f"the provider closed the session ({exc})") from exc
+        got: protocol.EmbedResult | None = None
+        while True:
+            for event in await self._next():
+                if isinstance(event, EmbeddingsReceived):
+                    got = event.result
+                elif isinstance(event, Queued):
+                    pass
+                elif isinstance(event, CallFailed):
+                    raise CallRefused(event.error.reason, event.error.detail)
+                elif isinstance(event, ReceiptSettled):
+                    await self._confirm(event.receipt)
+                    assert got is not None  # the machine settles an embeddings receipt only after its result
+                    return EmbedResult(got.dims, got.vectors, event.receipt, trio.current_time() - start)
                 elif isinstance(event, SessionClosed):
                     raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
 
