@@ -1,6 +1,9 @@
 """The embeddable swarm: ``async with open_swarm(home) as swarm`` runs a full node inside a trio
 program — market, sessions, escrow client (and agent, with ``escrow=True``) — without the HTTP API.
-Amounts are integer micro-credits, prices µc per 1K tokens, as everywhere in the API."""
+Amounts are integer micro-credits, prices µc per 1K tokens, as everywhere in the API. Calls take
+OpenAI's shapes (messages with ``tool_calls`` and ``tool`` turns, ``tools``, ``tool_choice``,
+``response_format``, …) and answer in them (``choices[0].message.tool_calls``, ``logprobs``);
+``embed`` answers OpenAI's embeddings document."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import trio
 
 import wallet
 
+from ._calls import CallOptions
 from ._home import Home, init_home, resolve_home
 from ._node import Node, open_node, resolve_config
 from .consumer import Preferences, SessionInfo
@@ -21,8 +25,15 @@ from .provider._offers import Offer
 __all__ = ["open_swarm", "Swarm", "SwarmSession"]
 
 
-def _messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+def _messages(prompt: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _options(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+             response_format: dict[str, Any] | None, seed: int | None, logprobs: bool, top_logprobs: int,
+             user: str) -> CallOptions:
+    return CallOptions(tools=tuple(tools or ()), tool_choice=tool_choice, response_format=response_format, seed=seed,
+                       logprobs=logprobs, top_logprobs=top_logprobs, user=user)
 
 
 class SwarmSession:
@@ -31,11 +42,15 @@ class SwarmSession:
     def __init__(self, swarm: "Swarm", opened: SessionInfo) -> None:
         self._swarm, self.session_id, self.info = swarm, opened.session_id, opened.to_json()
 
-    async def call(self, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,
-                   temperature: float = 1.0) -> dict[str, Any]:
-        """One call of the session; the same document as a ``node chat`` turn."""
-        done = await self._swarm.service.sessions.call(self.session_id, _messages(prompt), max_tokens=max_tokens,
-                                                       temperature_milli=int(round(temperature * 1000)))
+    async def call(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
+                   temperature: float = 1.0, tools: list[dict[str, Any]] | None = None,
+                   tool_choice: str | dict[str, Any] | None = None, response_format: dict[str, Any] | None = None,
+                   seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                   user: str = "") -> dict[str, Any]:
+        """One call of the session; the same document as a ``node chat`` turn (extras as ``Swarm.run``)."""
+        done = await self._swarm.service.sessions.call(
+            self.session_id, _messages(prompt), max_tokens=max_tokens, temperature_milli=int(round(temperature * 1000)),
+            options=_options(tools, tool_choice, response_format, seed, logprobs, top_logprobs, user))
         return done.to_json()
 
 
@@ -100,15 +115,49 @@ class Swarm:
         return await self.service.add_offer({"model": model, "backend": backend, "input_price": input_price,
                                        "output_price": output_price, **limits})
 
-    async def run(self, model: str, prompt: str | list[dict[str, str]], *, max_tokens: int = 256,
+    async def run(self, model: str, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
                   temperature: float = 1.0, sort: str = "cheapest", provider: str | None = None,
-                  budget: int | None = None, escrow: str | None = None) -> dict[str, Any]:
-        """One paid completion (with failover); the same document as ``node run --json``."""
+                  budget: int | None = None, escrow: str | None = None, tools: list[dict[str, Any]] | None = None,
+                  tool_choice: str | dict[str, Any] | None = None, response_format: dict[str, Any] | None = None,
+                  seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                  user: str = "") -> dict[str, Any]:
+        """One paid completion (with failover); the same document as ``node run --json``.
+
+        ``prompt`` is a string (one user turn) or OpenAI-shaped messages (assistant turns with
+        ``tool_calls``, ``tool`` turns with ``tool_call_id``); ``tools``, ``tool_choice``,
+        ``response_format``, ``seed``, ``logprobs``/``top_logprobs`` and ``user`` are OpenAI's, and
+        route the call only to offers listing what they need. The answer's
+        ``choices[0].message`` carries ``tool_calls`` (OpenAI's shape) when the model made any,
+        its ``finish_reason`` is then ``tool_calls``.
+
+        Raises:
+            UnsupportedFeature: no offer of ``model`` lists a feature the call needs.
+            RentError, AtCapacity, EscrowRefused, EscrowUnreachable, InvalidRequest: as ``Renter.run``.
+        """
         prefs = Preferences(sort=sort, only=(provider,) if provider else ())
         done = await self.service.renter.run(model, _messages(prompt), max_tokens=max_tokens,
                                              temperature_milli=int(round(temperature * 1000)), prefs=prefs,
-                                             budget=budget, escrow=escrow)
+                                             budget=budget, escrow=escrow,
+                                             options=_options(tools, tool_choice, response_format, seed, logprobs,
+                                                              top_logprobs, user))
         return done.to_json()
+
+    async def embed(self, model: str, inputs: str | list[str], *, dimensions: int = 0, sort: str = "cheapest",
+                    provider: str | None = None, budget: int | None = None, escrow: str | None = None,
+                    encoding_format: str = "float") -> dict[str, Any]:
+        """Embed ``inputs`` with ``model`` (an offer listing ``embeddings``): OpenAI's embeddings
+        document (``data[i].embedding``, ``usage``) plus ``provider``, ``cost`` (µc),
+        ``receipt_id`` and ``receipt_ids`` (one doubly-signed receipt per call of at most
+        ``protocol.MAX_EMBED_INPUTS`` inputs).
+
+        Raises:
+            UnsupportedFeature: ``model`` is offered only for chat.
+            RentError, AtCapacity, EscrowRefused, EscrowUnreachable, InvalidRequest: as ``Renter.embed``.
+        """
+        prefs = Preferences(sort=sort, only=(provider,) if provider else ())
+        done = await self.service.renter.embed(model, [inputs] if isinstance(inputs, str) else list(inputs),
+                                               dimensions=dimensions, prefs=prefs, budget=budget, escrow=escrow)
+        return done.to_json(encoding_format)
 
     @asynccontextmanager
     async def session(self, model: str, *, budget: int, sort: str = "cheapest", provider: str | None = None,

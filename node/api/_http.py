@@ -395,7 +395,8 @@ M = TypeVar("M", bound=BaseModel)
 def invalid_request(exc: ValidationError) -> InvalidRequest:
     """The first thing wrong with a body, naming its field (a dotted path: ``messages.0.role``)."""
     err = exc.errors(include_url=False)[0]
-    field = ".".join(str(p) for p in err["loc"]) or None
+    # a union's member names its type in the path (``literal['a','b']``, ``str``, ``NamedToolChoice``): not a field
+    field = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or _FIELD_NAME.fullmatch(p)) or None
     if err["type"] == "json_invalid":
         return InvalidRequest(f"the request body is not valid JSON: {err['ctx']['error']}", None, "invalid_json")
     if field is None:
@@ -406,6 +407,7 @@ def invalid_request(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{field}: {reason}", field)
 
 
+_FIELD_NAME = re.compile(r"(?!(?:str|int|float|bool|list|dict|none)$)[a-z_][a-z0-9_]*")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # linear: no nested quantifier
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _ONE_BRACKET = bytes.maketrans(b"{}", b"[]")

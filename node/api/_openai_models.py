@@ -22,7 +22,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 import protocol
 
@@ -279,17 +287,22 @@ class ChatRequest(_Paid):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "ChatRequest":
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        if isinstance(self.tool_choice, NamedToolChoice):
-            wanted = self.tool_choice.function.name
-            if wanted not in {t.function.name for t in self.tools or ()}:
-                raise ValueError(f"tool_choice names function {wanted!r}, which tools does not define")
-        elif self.tool_choice == "required" and not self.tools:
-            raise ValueError("tool_choice 'required' needs tools to choose from")
-        return self
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_defined_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        names = {t.function.name for t in info.data.get("tools") or ()}
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names function {value.function.name!r}, which tools does not define")
+        if value == "required" and not names:
+            raise ValueError("'required' needs tools to choose from")
+        return value
 
     def limit(self) -> int:
         return next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), 256)

@@ -97,8 +97,8 @@ def check_call(messages: Sequence[dict[str, Any]], max_tokens: int, temperature_
     forced = options.forced_tool()
     if forced not in (None, "*") and forced not in names:
         raise InvalidRequest(f"tool_choice: names function {forced!r}, which tools does not define", "tool_choice")
-    if forced == "*" and not options.tools:
-        raise InvalidRequest("tool_choice: 'required' needs tools to choose from", "tool_choice")
+    if not options.tools and (options.tool_choice == "required" or isinstance(options.tool_choice, dict)):
+        raise InvalidRequest("tool_choice: a forced tool call needs tools to choose from", "tool_choice")
     try:
         fields = request_fields(list(messages), options)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a message or option of the wrong shape
