@@ -151,9 +151,12 @@ def offer() -> None:
 @home_option
 @json_option
 @click.option("--model", required=True, help="model name consumers ask for")
-@click.option("--backend", required=True, metavar="SPEC", help="builtin | transformers:PATH | openai:BASE_URL[#KEYNAME] | llamacpp:PATH")
+@click.option("--backend", required=True, metavar="SPEC",
+              help="builtin | transformers:PATH | openai:BASE_URL[#KEYNAME] | llamacpp:PATH | embeddings:builtin | "
+                   "embeddings:PATH")
 @click.option("--input-price", required=True, callback=credits_option, metavar="CREDITS", help="credits per 1K prompt tokens, e.g. 0.50")
-@click.option("--output-price", required=True, callback=credits_option, metavar="CREDITS", help="credits per 1K completion tokens")
+@click.option("--output-price", required=True, callback=credits_option, metavar="CREDITS",
+              help="credits per 1K completion tokens (0 for an embeddings model)")
 @click.option("--max-context", type=click.IntRange(1), default=4096, show_default=True)
 @click.option("--min-charge", callback=credits_option, default="0", metavar="CREDITS", help="least a call costs")
 @click.option("--rate-limit", type=click.IntRange(0), default=0, metavar="RPM", help="requests/min per consumer (0: none)")
@@ -161,26 +164,42 @@ def offer() -> None:
 @click.option("--tier", "tiers", multiple=True, metavar="NAME:IN:OUT:SESSIONS[:PRIORITY]",
               help="a service tier, prices in credits per 1K, e.g. premium:0.9:2.7:2:3 (repeatable)")
 @click.option("--batch", metavar="CALLS:PERCENT", help="batch discount, e.g. 100:20 (20% off for 100+ calls)")
+@click.option("--features", metavar="NAMES",
+              help=f"what the model serves, comma-separated ({', '.join(protocol.FEATURES)}); default: what its "
+                   "backend serves (an openai: upstream: all but embeddings; declare embeddings for an embedding model)")
 def offer_add(home: str | None, as_json: bool, model: str, backend: str, input_price: int, output_price: int,
               max_context: int, min_charge: int, rate_limit: int, max_concurrent: int, tiers: tuple[str, ...],
-              batch: str | None) -> None:
+              batch: str | None, features: str | None) -> None:
     """Sell a model (replaces an existing offer for the same model)."""
     try:
         parsed_tiers = [_tier(t) for t in tiers]
         batch_calls, percent = (int(x) for x in batch.split(":")) if batch else (0, 0)
+        declared = _features(features or "")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     click.echo(f"loading and benchmarking {model} ({backend})…", err=True)
-    doc = DaemonClient(home).request("POST", "/api/v1/offers", timeout=httpx.Timeout(60, read=900), json={
+    body: dict[str, Any] = {
         "model": model, "backend": backend, "input_price": input_price, "output_price": output_price,
         "max_context": max_context, "min_charge": min_charge, "rate_limit": rate_limit, "max_concurrent": max_concurrent,
         "tiers": parsed_tiers, "batch_min_calls": batch_calls, "batch_discount_permille": percent * 10,
-    })
+    }
+    if declared:
+        body["features"] = declared
+    doc = DaemonClient(home).request("POST", "/api/v1/offers", timeout=httpx.Timeout(60, read=900), json=body)
     if as_json:
         emit_json(doc)
     else:
         click.echo(f"offering {doc['model']} (loaded and benchmarked) at {amount(doc['input_price'])} / "
                    f"{amount(doc['output_price'])} credits per 1K tokens (in/out)")
+
+
+def _features(text: str) -> list[str]:
+    """``tools,json`` as feature names (the daemon's offer checks how they combine)."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if name not in protocol.FEATURES:
+            raise ValueError(f"feature {name!r} is not one of: {', '.join(protocol.FEATURES)}")
+    return names
 
 
 def _tier(text: str) -> dict[str, Any]:

@@ -16,6 +16,11 @@ changes nothing (not the offers, not the config file, not the listing) and the c
 Sessions hold a model's ``LiveBackend``, never a backend itself, so replacing an offer's backend
 swaps what every session serves from its next call on; the old backend finishes the calls it
 is running and is then closed.
+
+What a model serves (``features``): the loaded backend's ``features()`` (an offer's declared ones
+narrow it), else the offer's ``default_features`` until it loads; the listing carries it and the
+session service refuses a call needing anything else. An embeddings model is benchmarked by
+embedding, its speed listed as input tokens per second.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import trio
 
 import protocol
 
+from .._calls import CallOptions
 from .._contracts import Contract
 from ..net import Market, peer_addrs
 from ._admission import Admission
@@ -38,10 +44,12 @@ from ._offers import Offer
 from ._pricing_models import DynamicPricing
 from ._schedule import Schedule
 from .backends import Backend, BackendError, Generation, OnPiece
+from .backends._base import Embedded
 
 __all__ = ["Storefront", "BackendFactory", "MAX_OFFERS", "LiveBackend", "OfferUnloadable", "BENCHMARK_TIMEOUT_S"]
 
 _logger = logging.getLogger(__name__)
+_NO_OPTIONS = CallOptions()
 
 #: starts the backend serving an offer (``open_backend`` in a node; scripted ones in tests)
 BackendFactory = Callable[[Offer], Awaitable[Backend]]
@@ -107,6 +115,13 @@ class LiveBackend(Backend):
     def on_gpu(self) -> bool:
         return self._current.on_gpu() if self._current is not None else False
 
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self._current.kind if self._current is not None else "chat"
+
+    def features(self) -> tuple[str, ...]:
+        return self._current.features() if self._current is not None else ()
+
     def swap(self, backend: Backend | None) -> Backend | None:
         """Serve ``backend`` from the next call on (None: no longer offered; calls then fail).
 
@@ -140,15 +155,30 @@ class LiveBackend(Backend):
                     with trio.CancelScope(shield=True):
                         await retired.aclose()
 
-    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
-        async with self._using() as backend:
-            return await backend.count_prompt_tokens(messages)
+    # A plain call reaches the backend without ``options``, as before they existed (a backend
+    # written for plain chat keeps working); one that asks more hands them on.
 
-    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> int:
+        async with self._using() as backend:
+            if options == _NO_OPTIONS:
+                return await backend.count_prompt_tokens(messages)
+            return await backend.count_prompt_tokens(messages, options)
+
+    async def generate(self, messages: Sequence[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece,
+                       options: CallOptions = _NO_OPTIONS) -> Generation:
+        extra = {} if options == _NO_OPTIONS else {"options": options}
         async with self._using() as backend:
             return await backend.generate(messages, max_tokens=max_tokens, temperature_milli=temperature_milli,
-                                          top_p_milli=top_p_milli, stop=stop, on_piece=on_piece)
+                                          top_p_milli=top_p_milli, stop=stop, on_piece=on_piece, **extra)
+
+    async def count_input_tokens(self, texts: Sequence[str]) -> int:
+        async with self._using() as backend:
+            return await backend.count_input_tokens(texts)  # type: ignore[attr-defined]
+
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> Embedded:
+        async with self._using() as backend:
+            return await backend.embed(texts, dimensions)  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         """Close every backend this one holds, running calls or not (the node is stopping)."""
@@ -234,10 +264,22 @@ class Storefront:
     def healthy(self, model: str) -> bool:
         return model not in self.unhealthy
 
+    def features(self, offer: Offer) -> tuple[str, ...]:
+        """What ``offer``'s model serves now: its loaded backend's ``features()`` (narrowed to the
+        declared ones, when the offer declares any), else the offer's defaults until it loads."""
+        live = self._backends.get(offer.model)
+        claimed = live.features() if live is not None else ()
+        if not claimed:
+            return offer.default_features()
+        if offer.features:  # an openai: backend claims the declared ones; another may claim less
+            claimed = tuple(f for f in claimed if f in offer.features)
+        return tuple(dict.fromkeys(claimed))[:16]
+
     def listed(self, offer: Offer) -> protocol.ModelOffer:
         """The offer as listed now: the dynamic price at current utilization (or the base price),
-        the measured tokens/s, and the concurrency the memory allows (never above the configured)."""
-        listed = offer.to_model_offer()
+        the measured tokens/s, the concurrency the memory allows (never above the configured), and
+        what it serves (``features``)."""
+        listed = dataclasses.replace(offer.to_model_offer(), features=self.features(offer))
         bench = self.benchmarks.get(offer.model)
         if bench is not None:
             listed = dataclasses.replace(listed, tokens_per_s=min(bench.tokens_per_s, 1 << 24),
@@ -462,15 +504,19 @@ class Storefront:
             self._offers_changed = trio.Event()
 
     async def _benchmark(self, backend: Backend) -> Benchmark:
+        """Generate 32 tokens (an embeddings model: embed a sentence) and time it."""
         tokens = 0
 
-        async def count(text: str, n: int) -> None:
+        async def count(text: str, n: int, **extras: Any) -> None:
             nonlocal tokens
             tokens += n
 
         start = trio.current_time()
-        await backend.generate([{"role": "user", "content": "Benchmark."}], max_tokens=32, temperature_milli=0,
-                               top_p_milli=1000, stop=(), on_piece=count)
+        if backend.kind == "embeddings":
+            tokens = (await backend.embed(["Benchmark the embedding of one sentence."])).tokens_in  # type: ignore[attr-defined]
+        else:
+            await backend.generate([{"role": "user", "content": "Benchmark."}], max_tokens=32, temperature_milli=0,
+                                   top_p_milli=1000, stop=(), on_piece=count)
         elapsed = max(trio.current_time() - start, 1e-6)
         jobs = derive_max_jobs(self.capabilities, backend.footprint_mb(), backend.on_gpu())
         return Benchmark(tokens_per_s=int(tokens / elapsed), max_jobs=jobs or 0)

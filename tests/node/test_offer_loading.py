@@ -130,7 +130,7 @@ async def _text(live: Backend) -> str:
     async def on_piece(text: str, tokens: int) -> None:
         pieces.append(text)
 
-    await live.generate([], max_tokens=1, temperature_milli=0, top_p_milli=1000, stop=(), on_piece=on_piece)
+    await live.generate([], max_tokens=WORDS, temperature_milli=0, top_p_milli=1000, stop=(), on_piece=on_piece)
     return "".join(pieces)
 
 
