@@ -4,6 +4,7 @@ closings or breakages.
     NodeError                        root of everything node/ raises on purpose
     ├── LocalError                   the fault is on this side: the caller's request, this node's config or state
     │   ├── InvalidRequest           a request field is missing, malformed or out of range (.field, .code)
+    │   │   └── UnsupportedFeature   no offer of the model lists a feature the call needs (.field; code unsupported_feature)
     │   ├── NotAuthorized            the caller did not show this node's API token
     │   ├── NotFound                 the request names something this node does not hold (an offer)
     │   │   └── UnknownSession       [closed] no open session with that id: never opened, or closed since
@@ -14,7 +15,8 @@ closings or breakages.
     │   ├── QueueTimeout             a job waited past its deadline for a slot
     │   ├── Busy                     [refused] this node runs all a provider serves at once; no slot came in time
     │   ├── BackendError             this node's model backend could not serve (load failure, upstream error)
-    │   │   └── OfferUnloadable      an offer's model could not be loaded or benchmarked; nothing changed (.upstream)
+    │   │   ├── OfferUnloadable      an offer's model could not be loaded or benchmarked; nothing changed (.upstream)
+    │   │   └── BackendUnsupported   the backend cannot serve an option the call asks for (logprobs, a format)
     │   ├── DemoError                a step of ``node demo`` failed (the message names it and the cause)
     │   └── ReceiptStoreError        receipts.db could not be opened, read or written (full disk, read-only file)
     └── RemoteError                  the fault is on the far side: a peer refused, or it (or the network) broke
@@ -35,7 +37,7 @@ closings or breakages.
 it. [broken]: the peer or the network ended it mid-way. Nothing else is either.
 
 The first six classes and ``DemoError`` live here. Every other one lives beside the code that raises it
-(``consumer/_failures``, ``consumer/_renter``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
+(``consumer/_failures``, ``consumer/_renter``, ``consumer/_routing``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
 ``escrow/_client``, ``net/_streams``, ``provider/_queue``, ``provider/_storefront``, ``provider/backends/_base``,
 ``_home``, ``_daemon_files``, ``_receipts``) and only its base comes from here, so this module imports nothing: ``node.net``
 and the light ``node/__init__`` may both use it.

@@ -127,6 +127,7 @@ class OfferBody(Body):
     tiers: list[TierBody] = []
     batch_min_calls: int = _OFFER["batch_min_calls"]
     batch_discount_permille: int = _OFFER["batch_discount_permille"]
+    features: list[str] = []  # declared features (protocol.FEATURES); empty: what the backend serves
 
 
 def _id(value: str) -> str:

@@ -25,13 +25,14 @@ from node.consumer._delivery import SettlementUnconfirmed
 from node.consumer._held_sessions import UnknownSession
 from node.consumer._pacing import Busy
 from node.consumer._renter import AtCapacity, RentError
+from node.consumer._routing import UnsupportedFeature
 from node.consumer._session_client import CallRefused, ProviderFailed, ProviderMisbehaved, SessionRejected
 from node.escrow._client import EscrowUnreachable
 from node.escrow._ops import EscrowRefused
 from node.net._streams import StreamClosed, StreamTimeout
 from node.provider._queue import QueueFull, QueueTimeout
 from node.provider._storefront import OfferUnloadable
-from node.provider.backends._base import BackendError
+from node.provider.backends._base import BackendError, BackendUnsupported
 from tests.support import identity
 
 TOKEN = "t0ken"
@@ -40,6 +41,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # (the error, its status, its code): the contract both faces keep
 CASES = [
     (InvalidRequest("max_tokens: too big", "max_tokens"), 400, "invalid_field"),
+    (UnsupportedFeature("no provider of 'm' supports tools", "tools"), 400, "unsupported_feature"),
+    (BackendUnsupported("this backend cannot serve logprobs"), 502, "backend_unsupported"),
     (NotAuthorized("who are you"), 401, "invalid_api_key"),
     (NotFound("no offer for model 'x'"), 404, "not_found"),
     (UnknownSession("no open session ab"), 404, "unknown_session"),
