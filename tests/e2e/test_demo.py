@@ -12,6 +12,7 @@ import pytest
 import trio
 from rich.console import Console
 
+import protocol
 import wallet
 from node._demo import DemoError, run_demo
 from node.provider.backends import BUILTIN_MODEL
@@ -35,6 +36,9 @@ async def test_demo_once_five_times_in_a_row_on_one_home(tmp_path, monkeypatch):
         summary = await run_demo(home, providers=3, once=True, console=Console(file=out, width=160))
         assert len(summary["receipts"]) == 2 and summary["spent"] == summary["receipts"][-1].cumulative > 0, run
         assert "Error" not in out.getvalue() and "Failed" not in out.getvalue(), out.getvalue()
+        emb = summary["embeddings"]  # the real MiniLM: a paraphrase ranks above an unrelated sentence
+        assert emb.dims == 384 and len(emb.vectors) == 3 and summary["similarity"][0] > summary["similarity"][1] + 0.3
+        assert emb.cost == sum(protocol.call_cost(r.price, r.tokens_in, 0) for r in emb.receipts) > 0
         spent.append(summary["spent"])
     assert sorted(p.name for p in (home / "models" / "models").iterdir() if p.is_dir()) == [BUILTIN_MODEL]
 
@@ -47,7 +51,8 @@ async def test_demo_once_five_times_in_a_row_on_one_home(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
     for needle in ("escrow agent", "provider 3", "providers of tiny (cheapest first)", "balances before",
-                   "receipts (both signatures verified, chained)", "balances after", "the chat cost"):
+                   "receipts (both signatures verified, chained)", "balances after", "the chat cost",
+                   "paid embeddings", "input tokens ×"):
         assert needle in text, needle
     # no dial of the last run's ports (now another node's, or nobody's): libp2p's handshake errors
     assert "Traceback" not in done.stderr and "Failed to open stream" not in done.stderr, done.stderr[-3000:]
