@@ -187,10 +187,14 @@ class Admission:
                 if counter[key] <= 0:
                     del counter[key]
 
-    def check_call(self, consumer: str, offer: Offer, request: protocol.Request, now: float) -> Refusal | None:
-        """The first reason to refuse one call of a running session, or None (the call is counted)."""
+    def check_call(self, consumer: str, offer: Offer, request: protocol.Request | protocol.RequestV2 |
+                   protocol.EmbedRequest, now: float) -> Refusal | None:
+        """The first reason to refuse one call of a running session, or None (the call is counted).
+        An embeddings call counts against the rate limit like any other; it asks for no tokens."""
         if self.rate.allow(consumer, offer.rate_limit, now):
             return Refusal("rate_limited", f"over {offer.rate_limit} requests/min")
+        if isinstance(request, protocol.EmbedRequest):
+            return None
         if request.max_tokens > offer.max_context:
             return Refusal("max_tokens_too_large", f"max_tokens {request.max_tokens} is over {offer.max_context}")
         return None

@@ -27,6 +27,16 @@ owed on the channel; a consumer that leaves a receipt unsigned is refused for a 
 (``Admission.record_unpaid``). After a ``Reject`` the consumer may send its half of a close of
 the unused channel, which is completed when nothing is owed on it, so the refusal locks nothing.
 
+Agent calls (docs/PROTOCOL.md, "Agent calls"): a ``RequestV2`` is read back into OpenAI-shaped
+messages and ``CallOptions`` (``node._calls.from_request``) and handed to the backend whole; its
+tool-call deltas and logprobs go out in ``ChunkV2``s, each backend piece cut into chunks that fit
+a frame (``_wire_pieces``). A call needing a feature the offer's listing does not name, an option
+the backend cannot serve (``BackendUnsupported``), chat on an embeddings offer or embeddings on a
+chat offer is a ``bad_request`` CallError. An ``EmbedRequest``: the inputs' exact token count, the
+machine's budget check, a slot in the model's job queue (as chat: the concurrency limits hold),
+``embed``, the ``EmbedResult``, and a receipt billing those input tokens. Closing the session
+while it embeds stops the wait and bills nothing; a Cancel of an embed call breaks the protocol.
+
 Bounds: the first frame (the Open) is at most ``OPEN_MAX_BYTES`` and must arrive within
 ``open_timeout_s``; an accepted session idle for ``session_idle_s`` is closed; a counter-signature
 must come within ``countersign_timeout_s``; a consumer that stops reading for ``write_timeout_s``
@@ -35,6 +45,7 @@ loses the session.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -47,6 +58,7 @@ import protocol
 from protocol import CallRequested, Countersigned, Open, ProviderSession, SessionClosed
 from wallet import Identity
 
+from .._calls import CallOptions, from_request
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from .._contracts import active_contract
 from .._receipts import ReceiptStore, ReceiptStoreError
@@ -61,6 +73,7 @@ from ._settlement import SettlementWorker
 from ._sla import SlaConfig, SlaTracker
 from ._storefront import Storefront
 from .backends import Backend, BackendError, Generation
+from .backends._base import BackendUnsupported, Embedded
 
 __all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
@@ -71,6 +84,53 @@ OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us h
 # never got what it had (the whole answer for the prompt's price): it pays the prefix it named, the
 # session ends, and its sessions are refused for a while, as for an answer left unsigned.
 CANCEL_GRACE_S = 5.0
+# One backend piece becomes as many chunks as it takes for each to fit a frame with room to spare:
+# text and tool-call arguments cut at character boundaries, 16 deltas and 64 logprobs a chunk.
+_CHUNK_TEXT = 128 << 10
+_CHUNK_ARGS = 128 << 10
+_CHUNK_DELTAS = 16
+_CHUNK_LOGPROBS = 64
+
+
+def _split_utf8(text: str, size: int) -> list[str]:
+    """``text`` in pieces of at most ``size`` UTF-8 bytes, never half a character (``[""]`` for "")."""
+    data = text.encode("utf-8")
+    out, i = [], 0
+    while i < len(data):
+        j = min(i + size, len(data))
+        while j < len(data) and data[j] & 0xC0 == 0x80:
+            j -= 1
+        out.append(data[i:j].decode("utf-8"))
+        i = j
+    return out or [""]
+
+
+def _wire_pieces(text: str, tokens: int, tool_calls: tuple[protocol.ToolCallDelta, ...] = (),
+                 logprobs: tuple[protocol.TokenLogprob, ...] = ()) -> list[tuple[str, int, tuple[Any, ...], tuple[Any, ...]]]:
+    """One backend piece as ``(text, tokens, tool_calls, logprobs)`` chunks that each fit a frame; the
+    first carries the tokens, a long argument continues in deltas of the same index."""
+    deltas = []
+    for d in tool_calls:
+        parts = _split_utf8(d.arguments, _CHUNK_ARGS)
+        deltas.append(dataclasses.replace(d, arguments=parts[0]))
+        deltas += [protocol.ToolCallDelta(index=d.index, arguments=p) for p in parts[1:]]
+    groups: list[tuple[Any, ...]] = []
+    group: list[Any] = []
+    size = 0
+    for d in deltas:
+        n = len(d.arguments.encode("utf-8"))
+        if group and (len(group) == _CHUNK_DELTAS or size + n > _CHUNK_ARGS):
+            groups.append(tuple(group))
+            group, size = [], 0
+        group.append(d)
+        size += n
+    if group:
+        groups.append(tuple(group))
+    texts = _split_utf8(text, _CHUNK_TEXT)
+    lps = [tuple(logprobs[i:i + _CHUNK_LOGPROBS]) for i in range(0, len(logprobs), _CHUNK_LOGPROBS)]
+    count = max(len(texts), len(groups), len(lps))
+    return [(texts[i] if i < len(texts) else "", tokens if i == 0 else 0, groups[i] if i < len(groups) else (),
+             lps[i] if i < len(lps) else ()) for i in range(count)]
 
 
 class ProviderService:
@@ -381,59 +441,139 @@ class _StreamSession:
         if self.service.book.closing(self.machine.open_msg.channel, self.service.now()):  # type: ignore[union-attr]
             self.service.wake_settlement()
 
-    async def _call(self, request: protocol.Request) -> None:
+    async def _call(self, request: protocol.Request | protocol.RequestV2 | protocol.EmbedRequest) -> None:
         assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
         consumer = self.machine.open_msg.consumer
         refusal = self.service.admission.check_call(consumer, self.offer, request, trio.current_time())
         if refusal is None and self.service.book.closing(self.machine.open_msg.channel, self.service.now()):
             refusal = Refusal("expired", "the escrow channel expires too soon to pay for another call")
+        messages: list[dict[str, Any]] = []
+        options = CallOptions()
+        if refusal is None and not isinstance(request, protocol.EmbedRequest):
+            try:
+                messages, options = from_request(request)
+            except ValueError as exc:
+                refusal = Refusal("bad_request", str(exc))
+        if refusal is None:
+            refusal = self._unserved(request, options)
         if refusal is not None:
             self.machine.fail_call(refusal.reason, refusal.detail)
+        elif isinstance(request, protocol.EmbedRequest):
+            await self._embed(request)
         else:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
             try:
-                tokens_in: int | None = await self.backend.count_prompt_tokens(messages)
+                tokens_in: int | None = await self.backend.count_prompt_tokens(messages, options)
             except Exception as exc:  # a tokenizer failing on odd input
                 self.machine.fail_call("bad_request", f"cannot tokenize the prompt: {exc}")
                 tokens_in = None
             limit = self.machine.start_call(tokens_in, self.service.now()) if tokens_in is not None else None
             if limit is not None and tokens_in is not None:
-                await self._generate(request, messages, limit, tokens_in)
+                await self._generate(request, messages, options, limit, tokens_in)
         await self._flush()
 
-    async def _generate(self, request: protocol.Request, messages: list[dict[str, str]], limit: int,
-                        tokens_in: int) -> None:
+    def _unserved(self, request: Any, options: CallOptions) -> Refusal | None:
+        """Why this offer does not serve ``request`` (a call of the other kind, or one needing a
+        feature its listing does not name), or None."""
+        assert self.offer is not None and self.backend is not None
+        embeddings = self.offer.kind == "embeddings" or self.backend.kind == "embeddings"
+        if isinstance(request, protocol.EmbedRequest):
+            return None if embeddings else Refusal("bad_request", "this offer serves chat, not embeddings")
+        if embeddings:
+            return Refusal("bad_request", "this offer serves embeddings, not chat")
+        missing = sorted(options.needs() - set(self.service.storefront.features(self.offer)))
+        return Refusal("bad_request", f"this offer does not support {missing[0]}") if missing else None
+
+    async def _on_position(self, position: int) -> None:
+        """The call waits in the job queue at ``position``: the consumer hears it."""
+        if self.machine.state is protocol.ProviderState.IN_CALL:
+            self.machine.report_queue(position)
+            await self._flush()
+
+    async def _embed(self, request: protocol.EmbedRequest) -> None:
+        """An embeddings call: count, admit, embed in a queue slot, send the vectors, bill the input."""
+        assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
+        service, offer, backend, machine = self.service, self.offer, self.backend, self.machine
+        try:
+            tokens_in = await backend.count_input_tokens(request.inputs)  # type: ignore[attr-defined]
+        except Exception as exc:  # a tokenizer failing on odd input
+            machine.fail_call("bad_request", f"cannot tokenize the inputs: {exc}")
+            return
+        if machine.start_call(tokens_in, service.now()) is None:
+            return  # over budget: the machine queued its CallError
+        started = trio.current_time()
+
+        async def run() -> Embedded:
+            async with service.queue_for(offer, backend).slot(machine.open_msg.consumer, self.weight,  # type: ignore[union-attr]
+                                                              self._on_position):
+                return await backend.embed(request.inputs, request.dimensions)  # type: ignore[attr-defined]
+
+        try:
+            result = await self._while_listening(run)
+        except QueueFull as exc:
+            machine.fail_call("capacity", str(exc))
+            return
+        except QueueTimeout as exc:
+            service.sla.record(offer.model, None, False)
+            machine.fail_call("timeout", str(exc))
+            return
+        except BackendUnsupported as exc:
+            machine.fail_call("bad_request", str(exc))
+            return
+        except BackendError as exc:
+            _logger.warning("backend %s failed: %s", backend.spec, exc)
+            service.record_outcome(offer.model, False, None)
+            machine.fail_call("backend_error", str(exc))
+            return
+        if machine.state is not protocol.ProviderState.IN_CALL:  # the consumer closed the session: nothing billed
+            return
+        n = len(request.inputs)
+        if not 1 <= result.dims <= protocol.MAX_EMBED_DIMS or len(result.vectors) != n * result.dims * 4 \
+                or (request.dimensions and result.dims != request.dimensions):
+            service.record_outcome(offer.model, False, None)
+            machine.fail_call("backend_error", f"the model answered {len(result.vectors)} bytes of {result.dims} "
+                                               f"dimensions for {n} inputs")
+            return
+        machine.embed_result(result.dims, result.vectors)
+        service.record_outcome(offer.model, True, int((trio.current_time() - started) * 1000))
+        machine.finish_call("stop", service.now(), tokens_in=min(result.tokens_in, tokens_in),
+                            discount_permille=service.sla.discount(offer.model))
+
+    async def _generate(self, request: protocol.Request | protocol.RequestV2, messages: list[dict[str, Any]],
+                        options: CallOptions, limit: int, tokens_in: int) -> None:
         assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
         service, offer, backend, machine = self.service, self.offer, self.backend, self.machine
         started = trio.current_time()
         first: list[int] = []
         running = False  # the backend has the call (a slot was granted)
+        v2 = isinstance(request, protocol.RequestV2)  # a v1 call's chunks carry text only
         self._flushed_at = []
 
-        async def on_piece(text: str, tokens: int) -> None:
+        async def on_piece(text: str, tokens: int, *, tool_calls: Any = (), logprobs: Any = ()) -> None:
             if machine.state is not protocol.ProviderState.IN_CALL:
                 return  # cancelled: the backend stops at its next checkpoint; nothing more is sent
             if not first:
                 first.append(int((trio.current_time() - started) * 1000))
-            machine.chunk(text, tokens)
+            pieces = _wire_pieces(text, tokens, tuple(tool_calls) if v2 else (), tuple(logprobs) if v2 else ())
+            for piece_text, piece_tokens, deltas, lps in pieces:
+                if v2:
+                    machine.chunk(piece_text, piece_tokens, tool_calls=deltas, logprobs=lps)
+                else:
+                    machine.chunk(piece_text, piece_tokens)
             try:
                 await self._flush()
-                self._flushed_at.append(trio.current_time())
+                self._flushed_at.extend([trio.current_time()] * len(pieces))
             except StreamClosed:
                 self.walked_away = True  # it has part of an answer and will not sign for it
                 raise
 
-        async def on_position(position: int) -> None:
-            if machine.state is protocol.ProviderState.IN_CALL:
-                machine.report_queue(position)
-                await self._flush()
-
         async def run() -> Generation:
             nonlocal running
-            async with service.queue_for(offer, backend).slot(machine.open_msg.consumer, self.weight, on_position):
+            async with service.queue_for(offer, backend).slot(machine.open_msg.consumer, self.weight,  # type: ignore[union-attr]
+                                                              self._on_position):
                 running = True
                 return await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
-                                              top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece)
+                                              top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece,
+                                              options=options)
 
         try:
             result = await self._while_listening(run)
@@ -446,6 +586,9 @@ class _StreamSession:
         except QueueTimeout as exc:
             service.sla.record(offer.model, None, False)
             machine.fail_call("timeout", str(exc))
+            return
+        except BackendUnsupported as exc:  # an option it cannot serve: the caller's to change, not a failure
+            machine.fail_call("bad_request", str(exc))
             return
         except BackendError as exc:
             _logger.warning("backend %s failed: %s", backend.spec, exc)
