@@ -102,10 +102,12 @@ class Swarm:
         raise TimeoutError(f"no provider of {model!r} appeared within {timeout:.0f}s")
 
     async def offer(self, model: str, *, backend: str = "builtin", input_price: int, output_price: int,
-                    **limits: int) -> Offer:
+                    features: tuple[str, ...] | list[str] = (), **limits: int) -> Offer:
         """Sell ``model``: its model is loaded and benchmarked first, then the offer is persisted in
         the home's config and published at once. Offering it again with another backend swaps the
-        model its sessions serve.
+        model its sessions serve. ``features`` declares what it serves (``protocol.FEATURES``;
+        default: what its backend serves; ``("embeddings",)`` makes an ``openai:`` offer an
+        embeddings one).
 
         Raises:
             ValueError, TypeError: a missing or invalid field.
@@ -113,7 +115,7 @@ class Swarm:
             BackendError: the backend's upstream server cannot be reached or fails.
         """
         return await self.service.add_offer({"model": model, "backend": backend, "input_price": input_price,
-                                       "output_price": output_price, **limits})
+                                             "output_price": output_price, "features": tuple(features), **limits})
 
     async def run(self, model: str, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
                   temperature: float = 1.0, sort: str = "cheapest", provider: str | None = None,
