@@ -1,9 +1,13 @@
 """Inference backends: generate a stream of text pieces with exact token counts, and count
 prompt tokens. Model compute never runs on the trio event loop (worker threads).
 
-    _base            Backend (the interface), Generation, OnPiece (the streaming callback), BackendError
+    _base            Backend, EmbeddingBackend (the interfaces), Generation, Embedded, OnPiece (the
+                     streaming callback), BackendError, BackendUnsupported (an option it cannot serve)
     _builtin_model   the embedded tiny model, built into a folder on first use
     _transformers    transformers:PATH and builtin (CUDA when torch sees a GPU)
+    _tool_format     Hermes <tool_call> tool calls: template input, parsing the output as it streams
+    _constrained     JSON / JSON-schema / forced tool call constrained decoding (lm-format-enforcer)
+    _embeddings      embeddings:builtin (all-MiniLM-L6-v2, shipped in a package) and embeddings:PATH
     _openai          openai:BASE_URL[#KEYNAME]: an upstream server; the key stays in the keystore
     _llamacpp        llamacpp:PATH: a GGUF file through llama-cpp-python (optional extra)
     _factory         open_backend(SPEC): the only module that knows every kind
@@ -12,7 +16,16 @@ Each backend imports only ``_base``; torch and transformers are imported by the 
 that need them, when they load.
 """
 
-from ._base import Backend, BackendError, Generation, OnPiece
+from ._base import (
+    CHAT_FEATURES,
+    Backend,
+    BackendError,
+    BackendUnsupported,
+    Embedded,
+    EmbeddingBackend,
+    Generation,
+    OnPiece,
+)
 from ._builtin_model import BUILTIN_MODEL, ensure_builtin_model
 from ._factory import open_backend
 from ._transformers import TransformersBackend
@@ -20,6 +33,10 @@ from ._transformers import TransformersBackend
 __all__ = [
     "Backend",
     "BackendError",
+    "BackendUnsupported",
+    "CHAT_FEATURES",
+    "Embedded",
+    "EmbeddingBackend",
     "BUILTIN_MODEL",
     "ensure_builtin_model",
     "Generation",

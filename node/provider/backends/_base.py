@@ -1,21 +1,44 @@
 """The backend interface: what the provider's session service asks of a model, and nothing
-about how any one kind serves it."""
+about how any one kind serves it.
+
+A chat backend streams pieces through ``on_piece(text, tokens, *, tool_calls=(), logprobs=())``:
+``tokens`` are the completion tokens the piece accounts for (exact), ``tool_calls`` the
+``protocol.ToolCallDelta`` pieces it carries, ``logprobs`` one ``protocol.TokenLogprob`` per token
+when the call asked for them. An option a backend cannot serve raises ``BackendUnsupported`` (one
+line naming it) before anything is generated; the provider answers it as a bad request.
+An embedding backend (``kind == "embeddings"``) serves ``embed`` instead of ``generate``.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Protocol, Sequence
 
+from ..._calls import CallOptions
 from ..._errors import LocalError
 
-__all__ = ["Backend", "BackendError", "Generation", "OnPiece"]
+__all__ = ["Backend", "BackendError", "BackendUnsupported", "Embedded", "EmbeddingBackend", "Generation", "OnPiece",
+           "CHAT_FEATURES"]
 
-OnPiece = Callable[[str, int], Awaitable[None]]
+#: what a local chat model serves (tools through its template, JSON by constrained decoding)
+CHAT_FEATURES = ("streaming", "tools", "json", "logprobs", "completions")
+_NO_OPTIONS = CallOptions()
+
+
+class OnPiece(Protocol):
+    """The streaming callback: ``await on_piece(text, tokens, tool_calls=..., logprobs=...)``."""
+
+    async def __call__(self, text: str, tokens: int, *, tool_calls: Sequence[Any] = (),
+                       logprobs: Sequence[Any] = ()) -> None: ...
 
 
 class BackendError(LocalError):
     """The backend could not serve the request (load failure, upstream error)."""
+
+
+class BackendUnsupported(BackendError):
+    """The backend cannot serve an option the call asks for (the message names it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +50,21 @@ class Generation:
     tokens_in: int | None = None  # the backend's own prompt count, when it differs from the estimate
 
 
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """An embedding batch: ``len(texts) * dims`` float32 little-endian values, row-major."""
+
+    vectors: bytes
+    dims: int
+    tokens_in: int
+
+
 class Backend(abc.ABC):
     """One model served by this node."""
 
     spec: str
+    #: "chat" (generate) or "embeddings" (embed)
+    kind: str = "chat"
 
     async def start(self) -> None:
         """Load what the backend needs (in a worker thread)."""
@@ -48,15 +82,53 @@ class Backend(abc.ABC):
     def on_gpu(self) -> bool:
         return False
 
+    def features(self) -> tuple[str, ...]:
+        """The listing features (``protocol.FEATURES``) this backend serves."""
+        return ("streaming",)
+
     @abc.abstractmethod
-    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> int:
         """Tokens the prompt will cost (exact, or an upper bound for upstream servers)."""
 
     @abc.abstractmethod
-    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
-        """Generate at most ``max_tokens`` tokens, calling ``on_piece(text, tokens)`` as text is ready.
+    async def generate(self, messages: Sequence[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece,
+                       options: CallOptions = _NO_OPTIONS) -> Generation:
+        """Generate at most ``max_tokens`` tokens, calling ``on_piece(text, tokens, ...)`` as output is ready.
 
         Raises:
+            BackendUnsupported: an option of ``options`` this backend cannot serve (before generating).
+            BackendError: the model failed.
+        """
+
+
+class EmbeddingBackend(Backend):
+    """A sentence-embedding model: ``embed`` instead of ``generate``."""
+
+    kind = "embeddings"
+    #: the model's own vector size
+    dims: int = 0
+
+    def features(self) -> tuple[str, ...]:
+        return ("embeddings",)
+
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> int:
+        return await self.count_input_tokens([m.get("content") or "" for m in messages])
+
+    async def generate(self, messages: Sequence[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece,
+                       options: CallOptions = _NO_OPTIONS) -> Generation:
+        raise BackendUnsupported(f"{self.spec} is an embeddings model: it does not generate text")
+
+    @abc.abstractmethod
+    async def count_input_tokens(self, texts: Sequence[str]) -> int:
+        """The tokens embedding ``texts`` costs (the sum over texts, exact)."""
+
+    @abc.abstractmethod
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> Embedded:
+        """The normalised vectors of ``texts``.
+
+        Raises:
+            BackendUnsupported: ``dimensions`` is neither 0 nor the model's own size.
             BackendError: the model failed.
         """

@@ -1,5 +1,5 @@
 """The embedded default model: a tiny random-weight Llama with a byte-level tokenizer and a
-ChatML chat template, built on first use into a folder and then served like any local model
+ChatML chat template (with Hermes-format tools), built on first use into a folder and then served like any local model
 folder (``transformers:PATH``) — the loading code is the real one.
 
 Building is atomic and safe across processes: the model is built in a temporary folder beside
@@ -27,12 +27,43 @@ __all__ = ["BUILTIN_MODEL", "ensure_builtin_model"]
 
 BUILTIN_MODEL = "inferswarm-tiny"
 _MARKER = "inferswarm-builtin.json"
-_VERSION = 1
+_VERSION = 2  # 2: the chat template renders tools (Hermes format)
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# ChatML with tools in the Hermes / Qwen2.5 format (see _tool_format): the tools as JSON inside
+# <tools></tools> in the system turn, calls as <tool_call> JSON, results as a tool turn. Without
+# tools it renders plain ChatML.
+_CHAT_TEMPLATE = """
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + ((tool.function if tool.function is defined else tool) | tojson(separators=(',', ':'))) }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within '
+        '<tool_call></tool_call>:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+        '</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (tools and loop.first and message['role'] == 'system') %}
+        {{- '<|im_start|>' + message['role'] + '\n' }}
+        {%- if message['role'] == 'tool' %}
+            {{- '<tool_response>\n' + message['content'] + '\n</tool_response>' }}
+        {%- else %}
+            {{- message['content'] or '' }}
+        {%- endif %}
+        {%- if message['role'] == 'assistant' and message['tool_calls'] %}
+            {%- for call in message['tool_calls'] %}
+                {%- set fn = call.function if call.function is defined else call %}
+                {%- if not loop.first or message['content'] %}{{- '\n' }}{%- endif %}
+                {{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' + (fn.arguments | tojson) + '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
 _logger = logging.getLogger(__name__)
 
 

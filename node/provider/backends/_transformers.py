@@ -1,27 +1,53 @@
-"""The ``transformers:PATH`` (and ``builtin``) backend: a local Hugging Face model folder, generated
-in a worker thread with exact token counts. torch and transformers are imported on load only.
+"""The ``transformers:PATH`` (and ``builtin``) backend: a local Hugging Face model folder, decoded
+token by token in a worker thread with exact token counts. torch and transformers are imported
+on load only.
 
-Cancellation: a cancelled ``generate`` (the consumer cancelled the call or went away) stops the
-model at its next token and returns once the worker thread has ended."""
+What a call may ask (``CallOptions``), and how it is served:
+- ``tools`` and tool turns are rendered by the model's own chat template
+  (``apply_chat_template(messages, tools=...)``); tool calls are parsed back out of the output
+  only in the Hermes format (``<tool_call>`` JSON, see ``_tool_format``), when the template writes
+  it; other formats stay text. A template that never mentions ``tools`` does not claim "tools".
+- ``response_format`` json_object / json_schema, and ``tool_choice`` "required" or a named
+  function, are served by constrained decoding (``_constrained``, lm-format-enforcer); a forced
+  call is a Hermes call whose arguments satisfy the tool's parameters, returned as a tool call.
+- ``logprobs``/``top_logprobs``: the log-probabilities of the distribution each token was drawn
+  from (after suppressed tokens, the constraint, temperature and top_p), as ``-logprob × 10^6``.
+- ``seed``: every call samples with its own ``torch.Generator`` (seeded with ``seed``, or at
+  random), so a seeded call repeats its output and calls never share random state.
+- ``prompt`` (legacy completion): the raw text is tokenized and continued, no template.
+- ``stop`` strings cut the text (the stop string is not sent) and end the generation.
+
+The decoding loop is our own (a forward pass with the KV cache per token): its sampler is
+temperature and top_p, the generation config's ``suppress_tokens`` are never drawn, and its
+eos tokens end the output. Cancellation: a cancelled ``generate`` (the consumer cancelled the
+call or went away) stops the model at its next token and returns once the worker thread has ended.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import trio
 
-from ._base import Backend, BackendError, Generation, OnPiece
+import protocol
+
+from ..._calls import CallOptions
+from ._base import CHAT_FEATURES, Backend, BackendError, BackendUnsupported, Generation, OnPiece
+from ._constrained import Constraint, TokenizerData, check_schema, tool_call_schema
+from ._tool_format import HermesParser, ParsedCall, new_call_id, template_messages, uses_hermes
 
 __all__ = ["TransformersBackend"]
 
 _logger = logging.getLogger(__name__)
-
-
-class _Cancelled(Exception):
-    pass
+_NO_OPTIONS = CallOptions()
+_MAX_NEG_MICRO = (1 << 40) - 1
+_FLUSH_TOKENS = 256  # tokens held back (inside an unfinished tool call) before they are claimed anyway
 
 
 # transformers builds a model under a process-wide context (weights first on the "meta" device):
@@ -39,6 +65,12 @@ class TransformersBackend(Backend):
         self._tokenizer: Any = None
         self._model: Any = None
         self._device = "cpu"
+        self._eos: set[int] = set()
+        self._suppressed: list[int] = []
+        self._renders_tools = False
+        self._hermes = False
+        self._tokdata: TokenizerData | None = None
+        self._cache_arg = "past_key_values"
         self._lock = trio.Lock()  # one generation at a time on this model
 
     async def start(self) -> None:
@@ -55,16 +87,24 @@ class TransformersBackend(Backend):
                 self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
                 self._model = AutoModelForCausalLM.from_pretrained(self.folder, local_files_only=True).to(self._device)
             self._model.eval()
+            # transformers 5.x renamed the KV cache argument (past_key_values -> cache)
+            self._cache_arg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
+            config = self._model.generation_config
+            eos = config.eos_token_id if config.eos_token_id is not None else self._tokenizer.eos_token_id
+            self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            self._suppressed = [int(t) for t in (config.suppress_tokens or ())]
+            template = self._tokenizer.chat_template
+            self._renders_tools = "tools" in str(template or "")
+            self._hermes = self._renders_tools and uses_hermes(template)
+            self._tokdata = TokenizerData(self._tokenizer, sorted(self._eos), self._suppressed)
 
         try:
             await trio.to_thread.run_sync(load)
         except Exception as exc:
             raise BackendError(f"cannot load a model from {self.folder}: {exc}") from exc
 
-    def _prompt_ids(self, messages: Sequence[dict[str, str]]) -> Any:
-        encoded = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt",
-                                                      return_dict=True)
-        return encoded["input_ids"]
+    def features(self) -> tuple[str, ...]:
+        return tuple(f for f in CHAT_FEATURES if f != "tools" or self._renders_tools)
 
     def footprint_mb(self) -> int | None:
         if self._model is None:
@@ -74,85 +114,77 @@ class TransformersBackend(Backend):
     def on_gpu(self) -> bool:
         return self._device == "cuda"
 
-    async def count_prompt_tokens(self, messages: Sequence[dict[str, str]]) -> int:
-        ids = await trio.to_thread.run_sync(self._prompt_ids, messages)
-        return int(ids.shape[1])
+    def _check(self, options: CallOptions) -> None:
+        """Refuse what this model cannot serve, before anything runs.
 
-    async def generate(self, messages: Sequence[dict[str, str]], *, max_tokens: int, temperature_milli: int,
-                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
+        Raises:
+            BackendUnsupported: the option, named.
+        """
+        if options.tools and options.tool_choice != "none" and not self._renders_tools:
+            raise BackendUnsupported(f"{self.spec}: this model's chat template does not render tools")
+        if options.forced_tool() is not None and not self._hermes:
+            raise BackendUnsupported(f"{self.spec}: forcing a tool call needs a chat template in the Hermes "
+                                     "<tool_call> format")
+        if options.json_schema() is not None:
+            check_schema(options.json_schema())
+
+    def _prompt_ids(self, messages: Sequence[dict[str, Any]], options: CallOptions) -> list[int]:
+        tok = self._tokenizer
+        if options.prompt is not None:
+            ids = list(tok(options.prompt, add_special_tokens=True)["input_ids"])
+            start = tok.bos_token_id if tok.bos_token_id is not None else min(self._eos, default=0)
+            return ids or [start]  # an empty prompt continues from the start token
+        try:
+            encoded = tok.apply_chat_template(template_messages(messages), tools=list(options.tools) or None,
+                                              add_generation_prompt=True, return_dict=True)
+        except Exception as exc:  # jinja2 raises its own types for a template the messages do not fit
+            raise BackendUnsupported(f"{self.spec}: the chat template cannot render these messages: "
+                                     f"{str(exc)[:200]}") from exc
+        ids = encoded["input_ids"]
+        return [int(i) for i in (ids[0] if ids and isinstance(ids[0], list) else ids)]
+
+    async def count_prompt_tokens(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> int:
+        self._check(options)
+        return len(await trio.to_thread.run_sync(self._prompt_ids, messages, options))
+
+    def _constraint(self, options: CallOptions) -> Constraint | None:
+        assert self._tokdata is not None
+        forced = options.forced_tool()
+        if forced is not None:
+            return Constraint(self._tokdata, tool_schema=tool_call_schema(options.tools, forced))
+        schema = options.json_schema()
+        if schema is not None:
+            return Constraint(self._tokdata, schema=schema)
+        return None
+
+    async def generate(self, messages: Sequence[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                       top_p_milli: int, stop: Sequence[str], on_piece: OnPiece,
+                       options: CallOptions = _NO_OPTIONS) -> Generation:
+        self._check(options)
         if max_tokens <= 0:
             return Generation("length", 0)
         async with self._lock:
-            return await self._generate(messages, max_tokens, temperature_milli, top_p_milli, stop, on_piece)
+            constraint = await trio.to_thread.run_sync(self._constraint, options)
+            return await self._generate(messages, options, constraint, max_tokens, temperature_milli, top_p_milli,
+                                        stop, on_piece)
 
-    async def _generate(self, messages: Sequence[dict[str, str]], max_tokens: int, temperature_milli: int,
-                        top_p_milli: int, stop: Sequence[str], on_piece: OnPiece) -> Generation:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        tokenizer, cancel = self._tokenizer, threading.Event()
-        state = {"ids": [], "sent_text": "", "sent_tokens": 0, "stopped": False}
-        send, receive = trio.open_memory_channel[tuple[str, int] | None](max_buffer_size=1024)
+    async def _generate(self, messages: Sequence[dict[str, Any]], options: CallOptions, constraint: Constraint | None,
+                        max_tokens: int, temperature_milli: int, top_p_milli: int, stop: Sequence[str],
+                        on_piece: OnPiece) -> Generation:
+        cancel = threading.Event()
+        send, receive = trio.open_memory_channel[tuple[str, int, tuple, tuple] | None](max_buffer_size=4096)
         token = trio.lowlevel.current_trio_token()
-
-        def emit(final: bool) -> None:
-            text = tokenizer.decode(state["ids"], skip_special_tokens=True)
-            for s in stop:
-                at = text.find(s, max(0, len(state["sent_text"]) - len(s)))
-                if at >= 0:
-                    text, state["stopped"] = text[:at], True
-                    cancel.set()
-            if not final and not state["stopped"] and text.endswith("\ufffd"):
-                return  # an unfinished multi-byte character: wait for its other bytes
-            new = text[len(state["sent_text"]):]
-            tokens = len(state["ids"]) - state["sent_tokens"]
-            if new or tokens:
-                state["sent_text"], state["sent_tokens"] = text, len(state["ids"])
-                trio.from_thread.run_sync(send.send_nowait, (new, tokens), trio_token=token)
-
-        class Streamer(BaseStreamer):
-            prompt_seen = False
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                if cancel.is_set():
-                    raise _Cancelled
-                state["ids"].extend(int(t) for t in value.reshape(-1).tolist() if int(t) not in eos_ids)
-                emit(final=False)
-
-            def end(self) -> None:
-                pass
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        eos = self._model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        parser = HermesParser() if self._hermes and options.tools and options.tool_choice != "none" else None
+        emitter = _Emitter(self._tokenizer, stop, parser,
+                           lambda item: trio.from_thread.run_sync(send.send_nowait, item, trio_token=token))
+        want = (options.logprobs, min(max(options.top_logprobs, 0), 20))
 
         def run() -> str:
-            ids = self._prompt_ids(messages).to(self._device)
-            sampling = temperature_milli > 0
-            kwargs: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_tokens}
-            if sampling:
-                kwargs.update(temperature=temperature_milli / 1000, top_p=top_p_milli / 1000)
-            else:
-                kwargs.update(temperature=None, top_p=None)
             try:
-                with torch.inference_mode():
-                    out = self._model.generate(ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
-                                               stopping_criteria=StoppingCriteriaList([Stop()]), **kwargs)
-            except _Cancelled:
-                return "stop"
+                return self._decode(self._prompt_ids(messages, options), constraint, max_tokens,
+                                    temperature_milli / 1000, top_p_milli / 1000, options.seed, want, emitter, cancel)
             finally:
-                emit(final=True)
                 trio.from_thread.run_sync(send.send_nowait, None, trio_token=token)
-            generated = out.shape[1] - ids.shape[1]
-            ended_on_eos = generated > 0 and int(out[0, -1]) in eos_ids
-            return "stop" if state["stopped"] or ended_on_eos or generated < max_tokens else "length"
 
         result: dict[str, Any] = {}
 
@@ -161,7 +193,6 @@ class TransformersBackend(Backend):
                 result["finish"] = await trio.to_thread.run_sync(run)
             except Exception as exc:  # torch raises many types
                 result["error"] = exc
-                send.send_nowait(None)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker)
@@ -169,11 +200,166 @@ class TransformersBackend(Backend):
                 async for item in receive:
                     if item is None:
                         break
-                    await on_piece(*item)
+                    text, tokens, calls, lps = item
+                    extras: dict[str, Any] = {}
+                    if calls:
+                        extras["tool_calls"] = calls
+                    if lps:
+                        extras["logprobs"] = lps
+                    await on_piece(text, tokens, **extras)
             finally:
                 # cancelled (the consumer cancelled or went away) or failed: stop the model at its
                 # next token, here, before the nursery waits for its thread
                 cancel.set()
         if "error" in result:
+            if isinstance(result["error"], BackendError):
+                raise result["error"]
             raise BackendError(f"generation failed: {result['error']}") from result["error"]
-        return Generation(result["finish"], state["sent_tokens"])
+        return Generation(result["finish"], emitter.sent_tokens)
+
+    def _decode(self, prompt: list[int], constraint: Constraint | None, max_tokens: int, temperature: float,
+                top_p: float, seed: int | None, want: tuple[bool, int], emitter: _Emitter,
+                cancel: threading.Event) -> str:
+        """The decoding loop (worker thread): returns the finish reason."""
+        import torch
+
+        device = self._device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        generated: list[int] = []
+        finish = "length"
+        with torch.inference_mode():
+            out = self._model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+            try:
+                for step in range(max_tokens):
+                    if cancel.is_set():
+                        finish = "stop"
+                        break
+                    logits = out.logits[0, -1, :].float()
+                    if self._suppressed:
+                        logits[self._suppressed] = -math.inf
+                    if constraint is not None:
+                        mask = torch.full_like(logits, -math.inf)
+                        mask[constraint.allowed(generated)] = 0.0
+                        logits = logits + mask
+                    if temperature > 0:
+                        logits = _top_p(logits / temperature, top_p)
+                        choice = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+                    else:
+                        choice = int(torch.argmax(logits))
+                    lp = self._logprob(logits, choice, want[1]) if want[0] else None
+                    if choice in self._eos:
+                        finish = "stop"
+                        break
+                    generated.append(choice)
+                    if emitter.step(generated, lp):
+                        finish = "stop"  # a stop string
+                        break
+                    if step + 1 < max_tokens:
+                        out = self._model(input_ids=torch.tensor([[choice]], device=device), use_cache=True,
+                                          **{self._cache_arg: _cache_of(out)})
+            finally:
+                emitter.finish(generated)
+        return finish
+
+    def _logprob(self, logits: Any, choice: int, top: int) -> protocol.TokenLogprob:
+        import torch
+
+        logp = torch.log_softmax(logits, -1)
+        alts = []
+        if top:
+            values, ids = torch.topk(logp, min(top, logp.shape[0]))
+            alts = [protocol.TopLogprob(token=self._token_text(int(i)), neg_logprob_micro=_micro(float(v)))
+                    for v, i in zip(values.tolist(), ids.tolist()) if v > -math.inf]
+        return protocol.TokenLogprob(token=self._token_text(choice), neg_logprob_micro=_micro(float(logp[choice])),
+                                     top=tuple(alts))
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._tokenizer.decode([token_id])
+        return text.encode()[:256].decode(errors="ignore")
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _micro(logprob: float) -> int:
+    if logprob == -math.inf or logprob != logprob:
+        return _MAX_NEG_MICRO
+    return min(_MAX_NEG_MICRO, max(0, round(-logprob * 1_000_000)))
+
+
+def _top_p(logits: Any, top_p: float) -> Any:
+    """``logits`` with every token outside the smallest set whose probability reaches ``top_p`` at -inf."""
+    import torch
+
+    if top_p >= 1.0:
+        return logits
+    ordered, order = torch.sort(logits, descending=True)
+    cumulative = torch.softmax(ordered, -1).cumsum(-1)
+    drop = cumulative - torch.softmax(ordered, -1) >= top_p  # the mass before a token already reaches top_p
+    drop[0] = False
+    out = logits.clone()
+    out[order[drop]] = -math.inf
+    return out
+
+
+class _Emitter:
+    """Turns the growing token list into pieces (worker thread): incremental text that never ends
+    inside a UTF-8 character, cut at a stop string, split into text and tool calls by the Hermes
+    parser when the call offers tools; each piece carries the tokens (and logprobs) since the last."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], parser: HermesParser | None, send: Any) -> None:
+        self._tok, self._stop, self._parser, self._send = tokenizer, tuple(s for s in stop if s), parser, send
+        self._text = ""  # the decoded text already handed to the parser
+        self._tokens = 0  # tokens not yet claimed by a piece
+        self._lps: list[protocol.TokenLogprob] = []
+        self.sent_tokens = 0
+        self._calls = 0
+        self._stopped = False
+
+    def step(self, generated: list[int], lp: protocol.TokenLogprob | None) -> bool:
+        """One more token; True when a stop string ended the output."""
+        self._tokens += 1
+        if lp is not None:
+            self._lps.append(lp)
+        self._emit(generated, final=False)
+        return self._stopped
+
+    def finish(self, generated: list[int]) -> None:
+        if not self._stopped:
+            self._emit(generated, final=True)
+
+    def _emit(self, generated: list[int], final: bool) -> None:
+        text = self._tok.decode(generated, skip_special_tokens=True)
+        for s in self._stop:
+            at = text.find(s, max(0, len(self._text) - len(s) + 1))
+            if at >= 0:
+                text, self._stopped = text[:at], True
+        final = final or self._stopped
+        if not final and text.endswith("\ufffd"):
+            return  # an unfinished multi-byte character: wait for its other bytes
+        new, self._text = text[len(self._text):], text
+        if self._parser is None:
+            events: list[str | ParsedCall] = [new] if new else []
+        else:
+            events = self._parser.feed(new) + (self._parser.close() if final else [])
+        for event in events:
+            if isinstance(event, str):
+                self._piece(event, ())
+            else:
+                delta = protocol.ToolCallDelta(index=self._calls, id=new_call_id(), name=event.name,
+                                               arguments=event.arguments)
+                self._calls += 1
+                self._piece("", (delta,))
+        if self._tokens and (final or self._tokens >= _FLUSH_TOKENS):
+            self._piece("", ())
+
+    def _piece(self, text: str, calls: tuple) -> None:
+        lps, self._lps = tuple(self._lps), []
+        tokens, self._tokens = self._tokens, 0
+        self.sent_tokens += tokens
+        for at in range(0, max(len(lps), 1), 1024):  # a chunk carries at most 1024 logprobs
+            self._send((text if at == 0 else "", tokens if at == 0 else 0, calls if at == 0 else (),
+                        lps[at:at + 1024]))
