@@ -12,7 +12,10 @@ before its Accept) is kept as a spare and taken by the next attempt to that prov
 agent, so a flaky provider cannot make each attempt lock a channel; otherwise it returns to this
 node when it expires (run channels live ten minutes). When every provider tried was at
 capacity (ours or theirs) the request fails with ``AtCapacity`` (HTTP 429, Retry-After); every
-attempt's error names its cause and whose fault it was."""
+attempt's error names its cause and whose fault it was. A call is ranked only among offers that
+list what it needs (``_routing.serves``); ``embed`` rents an embeddings offer for a batch of texts,
+one session and a receipt per call of ``MAX_EMBED_INPUTS`` inputs, failing over only while
+nothing of it is paid."""
 
 from __future__ import annotations
 

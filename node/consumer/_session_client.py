@@ -12,6 +12,13 @@ refused or failed call — sends this consumer's half of a cooperative channel c
 provider can settle and the rest is refunded at once; after a ``Reject`` it sends its half of a
 close of the unused channel, so a refusal locks nothing.
 
+Agent calls: a call with options (tools, a response format, logprobs, a legacy prompt) or with
+tool turns goes as a ``RequestV2`` (``_calls.request_fields``), a plain one as v1, so old providers
+keep serving plain chat; its chunks' tool-call pieces and logprobs reach ``on_delta`` whole, its
+text ``on_text`` as before, and its result carries the accumulated calls (``finish_reason``
+``tool_calls`` when it made any and the receipt says ``stop``). ``embed`` runs one embeddings
+call (at most ``protocol.MAX_EMBED_INPUTS`` inputs): its vectors, then its receipt.
+
 Bounds: the provider is dialled (``reach``) before any channel is opened for it; its Accept must
 come within ``open_timeout_s``, each message of a call within ``idle_timeout_s`` and the whole
 call within ``call_timeout_s``; what it may stream is bounded by the protocol's metering rules.

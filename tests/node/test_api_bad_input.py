@@ -17,6 +17,7 @@ import trio
 
 from node import open_swarm
 from node.daemon import serve_node_api
+from tests.e2e.fast_upstream import fast_upstream
 
 MINTED = 5_000_000
 TOKEN = "unused-keyless"
@@ -55,6 +56,22 @@ BAD_BODIES = [
     ("a tier that does not exist, control face", *_control(tier="gold"), 400, "tier"),
     ("a max_price over the wire's price", *_openai(provider={"max_price": {"input": 10**13}}), 400,
      "provider.max_price.input"),
+    # agent calls: what the wire cannot carry, or nobody here serves, is refused before money moves
+    ("129 tools", *_openai(tools=[{"type": "function", "function": {"name": "f"}}] * 129), 400, "tools"),
+    ("a tool schema over 64 KiB", *_openai(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"description": "x" * 70_000}}}]), 400, "tools.0.function.parameters"),
+    ("tool_choice naming no tool", *_openai(tools=[{"type": "function", "function": {"name": "f"}}],
+                                            tool_choice={"type": "function", "function": {"name": "g"}}), 400,
+     "tool_choice"),
+    ("top_logprobs over 20", *_openai(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("n=2", *_openai(n=2), 400, "n"),
+    ("tools on a model no provider lists tools for", *_openai(
+        model="vectors", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_feature"),
+    ("token-id embeddings input", "/v1/embeddings", {"model": "vectors", "input": [[1, 2, 3]]}, 400, "input"),
+    ("embeddings of a chat model", "/v1/embeddings", {"model": "tiny", "input": "x"}, 400, "unsupported_feature"),
+    ("chat on an embeddings model", *_openai(model="vectors"), 400, "unsupported_feature"),
+    ("an echoed legacy completion", "/v1/completions", {"model": "tiny", "prompt": "x", "echo": True}, 400, "echo"),
+    ("a legacy completion of token ids", "/v1/completions", {"model": "tiny", "prompt": [1, 2]}, 400, "prompt"),
 ]
 
 
@@ -66,10 +83,14 @@ def _named(doc: dict, expected: str) -> bool:
 async def test_bad_input_is_a_4xx_and_no_money_moves(tmp_path):
     async with open_swarm(tmp_path / "agent", passphrase="pw", escrow=True) as agent:
         await agent.offer("tiny", input_price=100_000, output_price=200_000)
+        with fast_upstream() as upstream:
+            await agent.offer("vectors", backend=f"openai:{upstream}", input_price=10_000, output_price=0,
+                              features=("embeddings",))
         async with open_swarm(tmp_path / "consumer", passphrase="pw", bootstrap=agent.addrs) as consumer, \
                 trio.open_nursery() as nursery:
             await agent.mint(consumer.peer_id, MINTED)
             await consumer.wait_for("tiny")
+            await consumer.wait_for("vectors")
             await nursery.start(lambda task_status: serve_node_api(consumer.service, "127.0.0.1:0", TOKEN,
                                                                    openai_keyless=True, task_status=task_status))
             url = consumer.service.api_url
