@@ -40,6 +40,7 @@ from ._agent_messages import (
     canonical_json,
     embedding_hash,
     metered_bytes,
+    request_problem,
     request_token_bound,
 )
 from ._codec import DEFAULT_MAX_MESSAGE, decode, encode, registered_kinds
@@ -305,6 +306,7 @@ __all__ = [
     "RemoteProtocolError",
     "Request",
     "request_hash",
+    "request_problem",
     "request_token_bound",
     "RequestV2",
     "RESPONSE_FORMATS",

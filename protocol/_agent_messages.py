@@ -8,6 +8,12 @@ Rules this module owns (docs/PROTOCOL.md, "Agent calls"):
 - No floats on the wire: a logprob travels as ``neg_logprob_micro`` = ``-logprob × 10^6``
   rounded; JSON (tool parameters, a response schema) travels as ``canonical_json`` text;
   embedding vectors travel as float32 little-endian bytes, row-major, never as numbers.
+- A v2 request's shape (``request_problem``): a legacy ``prompt`` comes without messages or
+  tools, and some prompt or message is there; ``tool_choice`` is "", "none", "auto",
+  "required" (tools needed) or "function:NAME" naming one of the tools; ``json_schema`` is
+  given iff ``response_format`` is "json_schema". An embed request has at least one input.
+  The consumer never sends a request that breaks them; the provider refuses one (``CallError``
+  ``bad_request``) without starting it.
 - A streamed tool call is a sequence of ``ToolCallDelta`` pieces (OpenAI's delta shape);
   ``accumulate_tool_calls`` is the one reading of them, and ``call_output_hash`` the one hash of
   what a v2 call produced. ``request_token_bound`` is the one prompt bound of every request kind.
@@ -60,6 +66,7 @@ __all__ = [
     "request_token_bound",
     "metered_bytes",
     "is_plain",
+    "request_problem",
 ]
 
 #: the names a ``ModelOffer.features`` may carry (ModelOffer itself is unchanged)
@@ -275,3 +282,30 @@ def metered_bytes(text: str, tool_calls: Iterable[ToolCallDelta] = ()) -> int:
 def is_plain(turn: ChatMessage | Turn) -> bool:
     """True when ``turn`` says nothing a v1 ``ChatMessage`` cannot."""
     return isinstance(turn, ChatMessage) or not (turn.name or turn.tool_call_id or turn.tool_calls)
+
+
+_CHOICES = ("", "none", "auto", "required")
+
+
+def request_problem(request: Request | RequestV2 | EmbedRequest) -> str:
+    """Why ``request`` breaks the shape rules of its kind ("" when it does not)."""
+    if isinstance(request, EmbedRequest):
+        return "" if request.inputs else "an embeddings call needs at least one input"
+    if isinstance(request, Request):
+        return ""
+    if request.prompt is not None and (request.messages or request.tools):
+        return "a completion prompt comes without messages or tools"
+    if request.prompt is None and not request.messages:
+        return "a call needs messages or a prompt"
+    choice = request.tool_choice
+    if choice not in _CHOICES:
+        name = choice.removeprefix("function:")
+        if name == choice or not name:
+            return f"tool_choice {choice!r:.90} is not none, auto, required or function:NAME"
+        if name not in {t.name for t in request.tools}:
+            return f"tool_choice names {name!r}, which is not one of the tools"
+    elif choice == "required" and not request.tools:
+        return "tool_choice required needs tools"
+    if (request.response_format == "json_schema") != bool(request.json_schema):
+        return "json_schema is given with response_format json_schema, and only then"
+    return ""

@@ -8,6 +8,14 @@ was shown): the machine then counter-signs only a receipt of exactly that prefix
 come after the cut are checked against the call's bounds and then dropped, unbilled; a receipt
 of the whole call that crossed the ``Cancel`` is ignored (the provider replaces it); any other
 receipt is refused.
+
+A call with any agent extra (tools, a response format, a seed, logprobs, a user, a completion
+prompt, or a turn with a name, tool call id or tool calls) goes out as a ``RequestV2`` and takes
+only ``ChunkV2``s; a plain one stays a v1 ``Request`` taking only v1 ``Chunk``s, so old providers
+keep working. Tool-call deltas count as text for every metering rule (``metered_bytes``) and the
+receipt's output hash covers them (``call_output_hash``). An embeddings call (``embed``) takes one
+``EmbedResult`` and then a receipt billing its input only (``tokens_out`` 0, ``embedding_hash``);
+it cannot be cancelled.
 """
 
 from __future__ import annotations
@@ -15,6 +23,24 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from ._agent_messages import (
+    MAX_EMBED_INPUTS,
+    ChunkV2,
+    EmbedRequest,
+    EmbedResult,
+    RequestV2,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Turn,
+    accumulate_tool_calls,
+    call_output_hash,
+    embedding_hash,
+    is_plain,
+    metered_bytes,
+    request_problem,
+    request_token_bound,
+)
 from ._errors import (
     Expired,
     IllegalTransition,
@@ -51,7 +77,6 @@ from ._metering import (
     billable_output_tokens,
     cancelled_output_tokens,
     completion_byte_limit,
-    prompt_token_bound,
 )
 from ._pricing import Price, call_cost, discounted
 from ._session import (
@@ -59,13 +84,13 @@ from ._session import (
     CallFailed,
     ChunkReceived,
     CountersignConfirmed,
+    EmbeddingsReceived,
     Queued,
     ReceiptSettled,
     Rejected,
     SessionClosed,
     _guarded,
     _Machine,
-    output_hash,
     receipt_hash,
     request_hash,
     verify_ack,
@@ -136,13 +161,23 @@ class ConsumerSession(_Machine):
         self.accept: Accept | None = None
         self.rejected = False
         self.unacked: Receipt | None = None  # counter-signed, not yet acknowledged by the provider
-        self._request: Request | None = None
-        self._text: list[str] = []  # each chunk's text, and the tokens it claimed
-        self._claims: list[int] = []
+        self._request: Request | RequestV2 | EmbedRequest | None = None
         self._cut = 0  # once cancelled: the chunks the receipt may bill
-        self._tokens_out = 0
-        self._text_bytes = 0
-        self._next_chunk = 0
+        self._new_call(None)
+
+    def _new_call(self, request: Request | RequestV2 | EmbedRequest | None) -> None:
+        self._request = request
+        self._text: list[str] = []  # each chunk's text, tool-call deltas, metered bytes and claim
+        self._deltas: list[tuple[ToolCallDelta, ...]] = []
+        self._sizes: list[int] = []
+        self._claims: list[int] = []
+        self._tokens_out = self._text_bytes = self._next_chunk = self._logprobs = 0
+        self._embedded: EmbedResult | None = None
+
+    @property
+    def embedding(self) -> bool:
+        """True while the call in flight is an embeddings call (which cannot be cancelled)."""
+        return isinstance(self._request, EmbedRequest)
 
     @property
     def remaining(self) -> int:
@@ -188,38 +223,75 @@ class ConsumerSession(_Machine):
     @_guarded
     def request(
         self,
-        messages: tuple[ChatMessage, ...],
+        messages: tuple[ChatMessage | Turn, ...],
         max_tokens: int,
         *,
         temperature_milli: int = 1000,
         top_p_milli: int = 1000,
         stop: tuple[str, ...] = (),
         stream: bool = True,
-    ) -> Request:
-        """Queue the next call's ``Request``.
+        tools: tuple[Tool, ...] = (),
+        tool_choice: str = "",
+        response_format: str = "",
+        json_schema: str = "",
+        seed: int | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        user: str = "",
+        prompt: str | None = None,
+    ) -> Request | RequestV2:
+        """Queue the next call's request: a v1 ``Request`` when every extra is at its default and
+        every turn is plain, else a ``RequestV2`` (every message as a ``Turn``).
 
         Raises:
             IllegalTransition: not ready (not accepted yet, a call in flight, or closed).
             SpendLimitReached: not even a one-token prompt fits under the cap.
+            InvalidMessage: the request breaks its shape rules (``request_problem``) or a bound.
         """
         self._expect(ConsumerState.READY)
         if call_cost(self.price, 1, 0) > self.remaining:
             raise SpendLimitReached(f"{self.remaining} µc left in this session")
-        msg = Request(
-            session_id=self.session_id,
-            call_seq=self.next_seq,
-            messages=tuple(messages),
-            max_tokens=max_tokens,
-            temperature_milli=temperature_milli,
-            top_p_milli=top_p_milli,
-            stop=tuple(stop),
-            stream=stream,
-        )
-        self._outbox.append(msg)
-        self._request = msg
-        self._text, self._claims, self._tokens_out, self._text_bytes, self._next_chunk = [], [], 0, 0, 0
-        self.state = ConsumerState.IN_CALL
+        common = dict(session_id=self.session_id, call_seq=self.next_seq, max_tokens=max_tokens,
+                      temperature_milli=temperature_milli, top_p_milli=top_p_milli, stop=tuple(stop), stream=stream)
+        extras = dict(tools=tuple(tools), tool_choice=tool_choice, response_format=response_format,
+                      json_schema=json_schema, seed=seed, logprobs=logprobs, top_logprobs=top_logprobs, user=user,
+                      prompt=prompt)
+        plain = extras == dict(tools=(), tool_choice="", response_format="", json_schema="", seed=None,
+                               logprobs=False, top_logprobs=0, user="", prompt=None)
+        msg: Request | RequestV2
+        if plain and all(is_plain(m) for m in messages):
+            msg = Request(messages=tuple(ChatMessage(role=m.role, content=m.content) for m in messages), **common)
+        else:
+            turns = tuple(Turn(role=m.role, content=m.content) if isinstance(m, ChatMessage) else m for m in messages)
+            msg = RequestV2(messages=turns, **common, **extras)
+        self._send_call(msg)
         return msg
+
+    @_guarded
+    def embed(self, inputs: tuple[str, ...], dimensions: int = 0) -> EmbedRequest:
+        """Queue an embeddings call of ``inputs`` (``dimensions`` 0: the model's own size).
+
+        Raises:
+            IllegalTransition: not ready. SpendLimitReached: not even one input token fits.
+            InvalidMessage: no input, too many, or a bound broken.
+        """
+        self._expect(ConsumerState.READY)
+        if call_cost(self.price, 1, 0) > self.remaining:
+            raise SpendLimitReached(f"{self.remaining} µc left in this session")
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise InvalidMessage(f"{len(inputs)} inputs in one embeddings call, at most {MAX_EMBED_INPUTS}")
+        msg = EmbedRequest(session_id=self.session_id, call_seq=self.next_seq, inputs=tuple(inputs),
+                           dimensions=dimensions)
+        self._send_call(msg)
+        return msg
+
+    def _send_call(self, msg: Request | RequestV2 | EmbedRequest) -> None:
+        problem = request_problem(msg)
+        if problem:
+            raise InvalidMessage(problem)
+        self._outbox.append(msg)
+        self._new_call(msg)
+        self.state = ConsumerState.IN_CALL
 
     @_guarded
     def cancel(self, chunks: int | None = None) -> Cancel:
@@ -231,6 +303,8 @@ class ConsumerSession(_Machine):
                 more than were received.
         """
         self._expect(ConsumerState.IN_CALL)
+        if isinstance(self._request, EmbedRequest):
+            raise IllegalTransition("an embeddings call cannot be cancelled: close the session instead")
         cut = self._next_chunk if chunks is None else chunks
         if not 0 <= cut <= self._next_chunk:
             raise IllegalTransition(f"cannot cut after {cut} chunks: {self._next_chunk} were received")
@@ -315,11 +389,13 @@ class ConsumerSession(_Machine):
         prior = self.unacked if calling else None
         if isinstance(msg, Receipt):
             return self._proven(prior, self._on_receipt(msg))
-        if isinstance(msg, Chunk) and calling:
+        if isinstance(msg, (Chunk, ChunkV2)) and calling:
             return self._proven(prior, self._on_chunk(msg))
+        if isinstance(msg, EmbedResult) and calling:
+            return self._proven(prior, self._on_embed_result(msg))
         if isinstance(msg, CallQueued) and calling:
             self._check_session(msg, self.session_id)
-            if msg.call_seq != self.next_seq or self._next_chunk:
+            if msg.call_seq != self.next_seq or self._next_chunk or self._embedded is not None:
                 raise UnexpectedMessage("queue position for another call, or after the answer began")
             return self._proven(prior, Queued(msg))
         if isinstance(msg, CallError) and calling:
@@ -369,23 +445,58 @@ class ConsumerSession(_Machine):
         self.state = ConsumerState.READY
         return Accepted(msg)
 
-    def _on_chunk(self, msg: Chunk) -> ChunkReceived:
-        assert self._request is not None
+    def _on_chunk(self, msg: Chunk | ChunkV2) -> ChunkReceived:
+        req = self._request
+        assert req is not None
         self._check_session(msg, self.session_id)
+        if isinstance(req, EmbedRequest):
+            raise UnexpectedMessage("call_chunk on an embeddings call")
+        if isinstance(req, RequestV2) != isinstance(msg, ChunkV2):
+            raise UnexpectedMessage(f"call_chunk v{type(msg).VERSION} on a call_request v{type(req).VERSION} call")
         if msg.call_seq != self.next_seq or msg.index != self._next_chunk:
             raise UnexpectedMessage(f"chunk {msg.call_seq}/{msg.index} out of order")
-        if self._tokens_out + msg.tokens > self._request.max_tokens:
+        if self._tokens_out + msg.tokens > req.max_tokens:
             raise UnexpectedMessage("the provider streamed more tokens than max_tokens")
-        size = len(msg.text.encode("utf-8"))
-        if self._text_bytes + size > completion_byte_limit(self._request.max_tokens):
-            raise UnexpectedMessage(f"the provider streamed more than {completion_byte_limit(self._request.max_tokens)} "
-                                    f"bytes of text for max_tokens {self._request.max_tokens}")
+        deltas = msg.tool_calls if isinstance(msg, ChunkV2) else ()
+        size = metered_bytes(msg.text, deltas)
+        if self._text_bytes + size > completion_byte_limit(req.max_tokens):
+            raise UnexpectedMessage(f"the provider streamed more than {completion_byte_limit(req.max_tokens)} "
+                                    f"bytes of text and tool calls for max_tokens {req.max_tokens}")
+        if isinstance(msg, ChunkV2) and msg.logprobs:
+            assert isinstance(req, RequestV2)
+            if not req.logprobs:
+                raise UnexpectedMessage("logprobs on a call that did not ask for them")
+            if self._logprobs + len(msg.logprobs) > req.max_tokens:
+                raise UnexpectedMessage("the provider sent logprobs of more tokens than max_tokens")
+            if any(len(lp.top) > req.top_logprobs for lp in msg.logprobs):
+                raise UnexpectedMessage(f"more than the {req.top_logprobs} top logprobs asked for")
+            self._logprobs += len(msg.logprobs)
         self._next_chunk += 1
         self._tokens_out += msg.tokens
         self._text_bytes += size
         self._text.append(msg.text)
+        self._deltas.append(deltas)
+        self._sizes.append(size)
         self._claims.append(msg.tokens)
         return ChunkReceived(msg)
+
+    def _on_embed_result(self, msg: EmbedResult) -> EmbeddingsReceived:
+        req = self._request
+        self._check_session(msg, self.session_id)
+        if not isinstance(req, EmbedRequest):
+            raise UnexpectedMessage("embed_result on a chat call")
+        if msg.call_seq != self.next_seq:
+            raise UnexpectedMessage(f"embed_result for call {msg.call_seq}, expected {self.next_seq}")
+        if self._embedded is not None:
+            raise UnexpectedMessage("embed_result sent twice for one call")
+        if msg.dims < 1 or (req.dimensions and msg.dims != req.dimensions):
+            raise UnexpectedMessage(f"embed_result of {msg.dims} dimensions, asked {req.dimensions or 'any (>= 1)'}")
+        want = len(req.inputs) * msg.dims * 4
+        if len(msg.vectors) != want:
+            raise UnexpectedMessage(f"embed_result of {len(msg.vectors)} bytes, expected {want} "
+                                    f"({len(req.inputs)} vectors of {msg.dims} float32)")
+        self._embedded = msg
+        return EmbeddingsReceived(msg)
 
     def _on_receipt(self, r: Receipt) -> ReceiptSettled | None:
         self._check_session(r, self.session_id)
@@ -394,16 +505,28 @@ class ConsumerSession(_Machine):
         cancelled = self.state is ConsumerState.CANCELLING
         if self.state not in (ConsumerState.IN_CALL, ConsumerState.CANCELLING) or r.call_seq != self.next_seq:
             raise UnexpectedMessage(f"receipt for call {r.call_seq} with no such call in flight")
-        assert self._request is not None and self.accept is not None
-        if cancelled:  # bill the prefix received before the cut, and nothing after it
+        req = self._request
+        assert req is not None and self.accept is not None
+        embed = isinstance(req, EmbedRequest)
+        calls: tuple[ToolCall, ...] = ()
+        if embed:
+            if self._embedded is None:
+                raise UnexpectedMessage("receipt of an embeddings call before its embed_result")
+            text, text_bytes, tokens_out = "", 0, 0
+            out_hash = embedding_hash(self._embedded.dims, self._embedded.vectors)
+        elif cancelled:  # bill the prefix received before the cut, and nothing after it
             text = self.cancelled_text
-            text_bytes = len(text.encode("utf-8"))
+            calls = accumulate_tool_calls(d for ds in self._deltas[: self._cut] for d in ds)
+            text_bytes = sum(self._sizes[: self._cut])
             tokens_out = cancelled_output_tokens(sum(self._claims[: self._cut]), text_bytes)
-            whole = (output_hash("".join(self._text)), self._tokens_out)
-            if (r.output_hash, r.tokens_out) != (output_hash(text), tokens_out) and (r.output_hash, r.tokens_out) == whole:
+            out_hash = call_output_hash(text, calls)
+            whole = (self._whole_hash(), self._tokens_out)
+            if (r.output_hash, r.tokens_out) != (out_hash, tokens_out) and (r.output_hash, r.tokens_out) == whole:
                 return None  # the whole call's receipt crossed our Cancel: the prefix's comes next
         else:
             text, text_bytes, tokens_out = "".join(self._text), self._text_bytes, self._tokens_out
+            calls = accumulate_tool_calls(d for ds in self._deltas for d in ds)
+            out_hash = call_output_hash(text, calls)
         verify(r, "provider_sig", self._provider_key)
         ch = self.channel
         if (r.model, r.provider, r.consumer, r.agent, r.channel_id) != (
@@ -414,10 +537,13 @@ class ConsumerSession(_Machine):
             ch.channel_id,
         ):
             raise TermsMismatch("receipt names another model, party or channel")
-        if r.input_hash != request_hash(self._request):
+        if r.input_hash != request_hash(req):
             raise ReceiptHashMismatch("input hash is not the hash of the request sent")
-        if r.output_hash != output_hash(text):
-            raise ReceiptHashMismatch("output hash is not the hash of the text received")
+        if r.output_hash != out_hash:
+            raise ReceiptHashMismatch("output hash is not the hash of the " + (
+                "vectors received" if embed else "text and tool calls received" if calls else "text received"))
+        if embed and r.tokens_out:
+            raise ReceiptPriceMismatch(f"an embeddings receipt bills {r.tokens_out} output tokens, not 0")
         if r.tokens_out != tokens_out:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_out} output tokens, {tokens_out} "
                                        + ("received before the cancel" if cancelled else "streamed"))
@@ -426,9 +552,9 @@ class ConsumerSession(_Machine):
         if text_bytes > r.tokens_out * MAX_BYTES_PER_TOKEN:
             raise ReceiptPriceMismatch(f"{text_bytes} bytes of text for {r.tokens_out} tokens: over "
                                        f"{MAX_BYTES_PER_TOKEN} bytes per token")
-        if r.tokens_in > self.accept.max_context:
+        if not embed and r.tokens_in > self.accept.max_context:  # embedded inputs are each their own context
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the context")
-        bound = prompt_token_bound((m.role, m.content) for m in self._request.messages)
+        bound = request_token_bound(req)
         if r.tokens_in > bound:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the {bound} this prompt "
                                        "can take")
@@ -452,7 +578,10 @@ class ConsumerSession(_Machine):
         self.unacked = signed
         self._request = None
         self.state = ConsumerState.READY
-        return ReceiptSettled(signed, text, cancelled)
+        return ReceiptSettled(signed, text, cancelled, calls)
+
+    def _whole_hash(self) -> bytes:
+        return call_output_hash("".join(self._text), accumulate_tool_calls(d for ds in self._deltas for d in ds))
 
     def _on_close(self, msg: Close) -> SessionClosed:
         self._check_session(msg, self.session_id)

@@ -6,7 +6,15 @@ is handled).
 A call the consumer cancels (``Cancel``) stops at the chunk count it names: the machine takes
 no more chunks (CANCELLING) and ``finish_call`` bills exactly that prefix; if the receipt of the
 whole call had already gone out, the prefix's receipt is queued in its place (the consumer signs
-only that one)."""
+only that one).
+
+A ``RequestV2`` call streams ``ChunkV2``s (``chunk(..., tool_calls=, logprobs=)``), a v1 call
+v1 ``Chunk``s and no extras; tool-call deltas are metered as text (``metered_bytes``) and the
+receipt's output hash is ``call_output_hash`` of the text and accumulated calls (of the prefix
+when cancelled). An ``EmbedRequest`` call sends one ``embed_result`` and bills its input only
+(``tokens_out`` 0, ``embedding_hash``); a ``Cancel`` of it is a protocol error. A request that
+breaks its kind's shape rules (``request_problem``) is refused with a ``CallError``
+``bad_request`` before any event. Every call bills at most ``request_token_bound`` input tokens."""
 
 from __future__ import annotations
 
@@ -14,10 +22,25 @@ import dataclasses
 import enum
 from typing import Any
 
+from ._agent_messages import (
+    ChunkV2,
+    EmbedRequest,
+    EmbedResult,
+    RequestV2,
+    TokenLogprob,
+    ToolCallDelta,
+    accumulate_tool_calls,
+    call_output_hash,
+    embedding_hash,
+    metered_bytes,
+    request_problem,
+    request_token_bound,
+)
 from ._errors import (
     BadSignature,
     Expired,
     IllegalTransition,
+    InvalidMessage,
     ReceiptHashMismatch,
     ReceiptReplay,
     RemoteProtocolError,
@@ -41,7 +64,7 @@ from ._messages import (
     Reject,
     Request,
 )
-from ._metering import billable_output_tokens, cancelled_output_tokens, completion_byte_limit, prompt_token_bound
+from ._metering import billable_output_tokens, cancelled_output_tokens, completion_byte_limit
 from ._pricing import Price, call_cost, discounted, max_output_tokens_within
 from ._session import (
     CallCancelled,
@@ -52,7 +75,6 @@ from ._session import (
     _guarded,
     _Machine,
     acknowledge,
-    output_hash,
     receipt_hash,
     request_hash,
     verify_channel,
@@ -101,7 +123,12 @@ class ProviderSession(_Machine):
         self.open_msg: Open | None = None
         self.accept: Accept | None = None
         self._consumer_key = b""
-        self._request: Request | None = None
+        self._request: Request | RequestV2 | EmbedRequest | None = None
+        self._embedding = False  # the current (or last billed) call is an embeddings call
+        self._embedded: EmbedResult | None = None
+        self._deltas: list[tuple[ToolCallDelta, ...]] = []  # each chunk's tool-call deltas and metered bytes
+        self._sizes: list[int] = []
+        self._logprobs = 0
         self._limit = 0
         self._tokens_in = 0
         self._tokens_out = 0  # billed so far (what the chunks claim)
@@ -158,8 +185,8 @@ class ProviderSession(_Machine):
             verify(msg, "sig", self._consumer_key)
             self.state = ProviderState.CLOSED
             return [SessionClosed(msg)]
-        if isinstance(msg, Request):
-            return [self._on_request(msg)]
+        if isinstance(msg, (Request, RequestV2, EmbedRequest)):
+            return self._on_request(msg)
         if isinstance(msg, CounterSign):
             return [self._on_countersign(msg)]
         if isinstance(msg, Cancel):
@@ -168,6 +195,8 @@ class ProviderSession(_Machine):
 
     def _on_cancel(self, msg: Cancel, now: int) -> list[Any]:
         self._check_session(msg, self.session_id)
+        if self._embedding and self.state in (ProviderState.IN_CALL, ProviderState.AWAITING_COUNTERSIGN):
+            raise UnexpectedMessage("an embeddings call cannot be cancelled")
         if self.state is ProviderState.READY and msg.call_seq == self.next_seq:
             return []  # the call failed already: its CallError crossed the Cancel; nothing is owed
         racing = self.state is ProviderState.AWAITING_COUNTERSIGN and self._pending is not None \
@@ -242,7 +271,7 @@ class ProviderSession(_Machine):
         self.state = ProviderState.CLOSED
         return msg
 
-    def _on_request(self, msg: Request) -> CallRequested:
+    def _on_request(self, msg: Request | RequestV2 | EmbedRequest) -> list[Any]:
         self._check_session(msg, self.session_id)
         if self.state is ProviderState.AWAITING_COUNTERSIGN:
             raise UnexpectedMessage("request for the next call before this one was counter-signed")
@@ -250,36 +279,45 @@ class ProviderSession(_Machine):
             raise self._unexpected(msg)
         if msg.call_seq != self.next_seq:
             raise UnexpectedMessage(f"request for call {msg.call_seq}, expected {self.next_seq}")
+        problem = request_problem(msg)
+        if problem:  # refused before it starts: nothing to decide, nothing charged
+            self._outbox.append(CallError(session_id=self.session_id, call_seq=self.next_seq, reason="bad_request",
+                                          detail=_detail(problem)))
+            return []
         self._request = msg
         self.state = ProviderState.CALL_REQUESTED
-        return CallRequested(msg)
+        return [CallRequested(msg)]
 
     @_guarded
     def start_call(self, tokens_in: int, now: int) -> int | None:
         """Admit the requested call, whose prompt is ``tokens_in`` tokens by the backend's count.
 
-        The context is checked against that count; the call bills at most
-        ``protocol.prompt_token_bound`` of the request (what the consumer will sign).
+        The context is checked against that count (not for an embeddings call, whose inputs are
+        each their own context); the call bills at most ``protocol.request_token_bound`` of the
+        request (what the consumer will sign).
 
         Returns:
             The most completion tokens the call may produce (``max_tokens`` clamped to what
-            the remaining budget pays for), or ``None`` when the call is refused: a
+            the remaining budget pays for; 0 for an embeddings call), or ``None`` when the call is refused: a
             ``CallError`` (expired, context_too_long or over_budget) is then queued and the
             session is ready for another request. Nothing is charged for a refused call.
         """
         self._expect(ProviderState.CALL_REQUESTED)
         assert self._request is not None and self.accept is not None and self.open_msg is not None
+        req = self._request
+        embed = isinstance(req, EmbedRequest)
         if now >= self.open_msg.channel.expires_at:
             return self._refuse("expired", "the escrow channel has expired")
-        if tokens_in > self.accept.max_context:
+        if not embed and tokens_in > self.accept.max_context:
             return self._refuse("context_too_long", f"{tokens_in} prompt tokens, limit {self.accept.max_context}")
-        ceiling = min(self._request.max_tokens, max(0, self.accept.max_context - tokens_in))
-        billed_in = min(tokens_in, prompt_token_bound((m.role, m.content) for m in self._request.messages))
+        ceiling = 0 if embed else min(req.max_tokens, max(0, self.accept.max_context - tokens_in))
+        billed_in = min(tokens_in, request_token_bound(req))
         limit = max_output_tokens_within(self.accept.price, billed_in, self.cap - self.cumulative, ceiling)
         if limit < 0:
             return self._refuse("over_budget", f"{self.cap - self.cumulative} µc left in this session")
         self._limit, self._tokens_in, self._text, self._claims, self._cut = limit, billed_in, [], [], None
-        self._input_hash = request_hash(self._request)
+        self._embedding, self._embedded, self._deltas, self._sizes, self._logprobs = embed, None, [], [], 0
+        self._input_hash = request_hash(req)
         self._tokens_out = self._generated = self._text_bytes = 0
         self.state = ProviderState.IN_CALL
         return limit
@@ -294,7 +332,7 @@ class ProviderSession(_Machine):
     def report_queue(self, position: int) -> CallQueued:
         """Tell the consumer where its admitted call waits (before any chunk)."""
         self._expect(ProviderState.IN_CALL)
-        if self._text:
+        if self._text or self._embedded is not None:
             raise IllegalTransition("the answer has begun: no queue position any more")
         msg = CallQueued(session_id=self.session_id, call_seq=self.next_seq, position=position)
         self._outbox.append(msg)
@@ -308,34 +346,80 @@ class ProviderSession(_Machine):
         return self._outbox[-1]
 
     @_guarded
-    def chunk(self, text: str, tokens: int) -> Chunk:
-        """Queue a streamed piece of the completion: ``text`` and the ``tokens`` generated for it.
-        The chunk claims only the tokens the consumer will pay for (``billable_output_tokens``).
+    def chunk(self, text: str, tokens: int, *, tool_calls: tuple[ToolCallDelta, ...] = (),
+              logprobs: tuple[TokenLogprob, ...] = ()) -> Chunk | ChunkV2:
+        """Queue a streamed piece of the completion: ``text``, its tool-call deltas and token
+        logprobs, and the ``tokens`` generated for it. The chunk claims only the tokens the
+        consumer will pay for (``billable_output_tokens`` of the text and deltas' bytes). A
+        ``ChunkV2`` iff the call's request was a ``RequestV2``.
 
         Raises:
-            SpendLimitReached: more tokens than ``start_call`` admitted, or more text than the
-                admitted limit (or ``max_tokens``, the smaller) allows (``completion_byte_limit``).
-            IllegalTransition: no call running, or the consumer cancelled it (CANCELLING).
+            SpendLimitReached: more tokens than ``start_call`` admitted, or more text (deltas
+                included) than the admitted limit (or ``max_tokens``, the smaller) allows.
+            IllegalTransition: no call running, the consumer cancelled it (CANCELLING), an
+                embeddings call, extras on a v1 call, logprobs the call did not ask for (or more
+                than ``max_tokens`` of them, or more alternatives than ``top_logprobs``).
         """
         self._expect(ProviderState.IN_CALL)
-        assert self._request is not None
+        req = self._request
+        assert req is not None
+        if isinstance(req, EmbedRequest):
+            raise IllegalTransition("an embeddings call streams no chunks: send its embed_result")
+        v2 = isinstance(req, RequestV2)
+        if not v2 and (tool_calls or logprobs):
+            raise IllegalTransition("tool calls and logprobs travel only on a call_request v2 call")
+        if logprobs:
+            assert isinstance(req, RequestV2)
+            if not req.logprobs:
+                raise IllegalTransition("logprobs on a call that did not ask for them")
+            if self._logprobs + len(logprobs) > req.max_tokens or any(len(lp.top) > req.top_logprobs
+                                                                     for lp in logprobs):
+                raise IllegalTransition(f"more logprobs than max_tokens, or more than {req.top_logprobs} top ones")
         if self._generated + tokens > self._limit:
             raise SpendLimitReached(f"completion would pass its {self._limit}-token limit")
-        size = len(text.encode("utf-8"))
+        size = metered_bytes(text, tool_calls)
         # the text's bound is the admitted limit's, not only max_tokens': a cancelled call's bill is
         # at least one token per MAX_BYTES_PER_TOKEN of its text and must stay within the limit too
-        byte_limit = completion_byte_limit(min(self._request.max_tokens, self._limit))
+        byte_limit = completion_byte_limit(min(req.max_tokens, self._limit))
         if self._text_bytes + size > byte_limit:
             raise SpendLimitReached(f"completion would pass {byte_limit} bytes")
         self._generated += tokens
         self._text_bytes += size
+        self._logprobs += len(logprobs)
         claimed = billable_output_tokens(self._generated, self._text_bytes) - self._tokens_out
-        msg = Chunk(
-            session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text, tokens=claimed
-        )
+        common = dict(session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text,
+                      tokens=claimed)
+        msg: Chunk | ChunkV2 = (ChunkV2(**common, tool_calls=tuple(tool_calls), logprobs=tuple(logprobs)) if v2
+                                else Chunk(**common))
         self._text.append(text)
+        self._deltas.append(tuple(tool_calls))
+        self._sizes.append(size)
         self._claims.append(claimed)
         self._tokens_out += claimed
+        self._outbox.append(msg)
+        return msg
+
+    @_guarded
+    def embed_result(self, dims: int, vectors: bytes) -> EmbedResult:
+        """Queue the vectors of the running embeddings call (float32 little-endian, row-major).
+
+        Raises:
+            IllegalTransition: no embeddings call running, or its result was sent already.
+            InvalidMessage: ``dims`` is 0 or not the dimensions asked, or ``vectors`` is not
+                ``len(inputs) * dims * 4`` bytes.
+        """
+        self._expect(ProviderState.IN_CALL)
+        req = self._request
+        if not isinstance(req, EmbedRequest):
+            raise IllegalTransition("embed_result answers an embeddings call only")
+        if self._embedded is not None:
+            raise IllegalTransition("the embed_result of this call was sent already")
+        if dims < 1 or (req.dimensions and dims != req.dimensions):
+            raise InvalidMessage(f"{dims} dimensions, the call asked {req.dimensions or 'any (>= 1)'}")
+        if len(vectors) != len(req.inputs) * dims * 4:
+            raise InvalidMessage(f"{len(vectors)} bytes of vectors, expected {len(req.inputs) * dims * 4}")
+        msg = EmbedResult(session_id=self.session_id, call_seq=self.next_seq, dims=dims, vectors=vectors)
+        self._embedded = msg
         self._outbox.append(msg)
         return msg
 
@@ -351,6 +435,8 @@ class ProviderSession(_Machine):
         """
         self._expect(ProviderState.IN_CALL, ProviderState.CANCELLING)
         assert self._request is not None
+        if self._embedding and self._embedded is None:
+            raise IllegalTransition("an embeddings call is billed after its embed_result")
         if tokens_in is not None:
             if tokens_in > self._tokens_in:
                 raise SpendLimitReached(f"billing {tokens_in} prompt tokens, {self._tokens_in} were admitted")
@@ -369,11 +455,16 @@ class ProviderSession(_Machine):
         """The signed receipt of the current call: all its chunks, or (once cancelled) the first
         ``_cut`` of them, billed by ``cancelled_output_tokens``."""
         assert self.accept is not None and self.open_msg is not None
-        if self._cut is None:
-            text, tokens_out = "".join(self._text), self._tokens_out
+        if self._embedded is not None:
+            out_hash, tokens_out = embedding_hash(self._embedded.dims, self._embedded.vectors), 0
+        elif self._cut is None:
+            tokens_out = self._tokens_out
+            out_hash = call_output_hash("".join(self._text), accumulate_tool_calls(d for ds in self._deltas for d in ds))
         else:
             text = "".join(self._text[: self._cut])
-            tokens_out = cancelled_output_tokens(sum(self._claims[: self._cut]), len(text.encode("utf-8")))
+            calls = accumulate_tool_calls(d for ds in self._deltas[: self._cut] for d in ds)
+            tokens_out = cancelled_output_tokens(sum(self._claims[: self._cut]), sum(self._sizes[: self._cut]))
+            out_hash = call_output_hash(text, calls)
             finish_reason = CANCELLED_FINISH
         cost = discounted(call_cost(self.accept.price, tokens_in, tokens_out), discount_permille)
         receipt = Receipt(
@@ -385,7 +476,7 @@ class ProviderSession(_Machine):
             agent=self.open_msg.channel.agent,
             channel_id=self.open_msg.channel.channel_id,
             input_hash=self._input_hash,
-            output_hash=output_hash(text),
+            output_hash=out_hash,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             finish_reason=finish_reason,
