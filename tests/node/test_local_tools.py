@@ -1,0 +1,148 @@
+"""Tools on local models: the Hermes format (rendered by the builtin model's template, parsed
+back out of streamed text), and a forced tool call by constrained decoding on the builtin model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+import protocol
+from node._calls import CallOptions, request_fields
+from node.provider.backends import TransformersBackend
+from node.provider.backends._builtin_model import ensure_builtin_model
+from node.provider.backends._tool_format import HermesParser, ParsedCall, parse_call, template_messages
+from tests.node.session_rig import _MODELS
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                                    "celsius": {"type": "boolean"}},
+                   "required": ["city", "celsius"]}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"]}}}
+OUTPUT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",  "celsius": true}}\n'
+          '</tool_call>\n<tool_call>\n{"arguments": {"zone": "UTC"}, "name": "get_time"}\n</tool_call>\n')
+
+
+def _parse(text: str, size: int) -> list:
+    parser, out = HermesParser(), []
+    for at in range(0, len(text), size):
+        out += parser.feed(text[at:at + size])
+    out += parser.close()
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 11, 1000])
+def test_hermes_calls_are_parsed_however_the_stream_splits_them(size):
+    out = _parse(OUTPUT, size)
+    text = "".join(e for e in out if isinstance(e, str))
+    calls = [e for e in out if isinstance(e, ParsedCall)]
+    assert text == "Let me check. "  # no markup, no layout whitespace between or after the calls
+    assert calls == [ParsedCall("get_weather", '{"city": "Paris",  "celsius": true}'),  # as the model wrote it
+                     ParsedCall("get_time", '{"zone": "UTC"}')]
+
+
+@pytest.mark.parametrize("body", ['{"name": "f", "arguments": {"a": 1}', '[1, 2]', '{"arguments": {}}',
+                                  '{"name": "f", "arguments": "x"}', '{"name": "' + "n" * 65 + '"}', "not json"])
+def test_a_malformed_call_stays_text_markup_included(body):
+    text = f"a <tool_call>{body}</tool_call> b"
+    for size in (1, 3, 1000):
+        assert _parse(text, size) == [text] or "".join(_parse(text, size)) == text
+
+
+def test_an_unfinished_call_and_a_lone_angle_bracket_stay_text():
+    assert "".join(_parse('x <tool_call>\n{"name": "f", "argu', 4)) == 'x <tool_call>\n{"name": "f", "argu'
+    assert "".join(_parse("1 < 2 <tool", 1)) == "1 < 2 <tool"
+    assert parse_call('{"name": "f"}') == ParsedCall("f", "{}")
+
+
+def test_tool_call_arguments_reach_templates_as_objects():
+    msgs = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "not json"}}]}]
+    calls = template_messages(msgs)[0]["tool_calls"]
+    assert calls[0]["function"]["arguments"] == {"a": 1} and calls[1]["function"]["arguments"] == "not json"
+    assert msgs[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # the caller's messages untouched
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    backend = TransformersBackend("builtin", ensure_builtin_model(_MODELS))
+    trio.run(backend.start)
+    return backend
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "celsius": true}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21"},
+]
+
+
+def test_the_builtin_template_renders_tools_calls_and_results_in_the_hermes_format(builtin):
+    rendered = builtin._tokenizer.apply_chat_template(template_messages(CONVERSATION), tools=[WEATHER],
+                                                      tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
+    assert "<tools>\n" + json.dumps(WEATHER["function"], separators=(",", ":")) + "\n</tools>" in rendered
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"celsius": true}}\n</tool_call><|im_end|>\n') in rendered
+    assert "<|im_start|>tool\n<tool_response>\nsunny, 21\n</tool_response><|im_end|>\n" in rendered
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert rendered.count("Be brief.") == 1
+    assert "tools" in builtin.features()
+
+
+async def test_the_prompt_with_tools_costs_its_template_and_stays_within_the_request_bound(builtin):
+    options = CallOptions(tools=(WEATHER, CLOCK))
+    with_tools = await builtin.count_prompt_tokens(CONVERSATION, options)
+    assert with_tools > await builtin.count_prompt_tokens(CONVERSATION) + 300
+    request = protocol.RequestV2(session_id=bytes(16), call_seq=0, max_tokens=8, stop=(), stream=True,
+                                 **request_fields(CONVERSATION, options))
+    assert with_tools <= protocol.request_token_bound(request)
+
+
+def _valid_call(name: str, arguments: str) -> None:
+    args = json.loads(arguments)
+    if name == "get_weather":
+        assert set(args) == {"city", "celsius"} and args["city"] in ("Paris", "Rome", "Oslo")
+        assert isinstance(args["celsius"], bool)
+    else:
+        assert name == "get_time" and args == {"zone": args["zone"]} and args["zone"] in ("UTC", "CET")
+
+
+@pytest.mark.parametrize("choice,names", [({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+                                          ("required", {"get_weather", "get_time"})])
+@pytest.mark.parametrize("temperature", [0, 1000])
+async def test_a_forced_tool_call_on_the_builtin_model_is_a_schema_valid_call(builtin, choice, names, temperature):
+    pieces = []
+
+    async def on_piece(text, tokens, *, tool_calls=(), logprobs=()):
+        pieces.append((text, tokens, tuple(tool_calls)))
+
+    result = await builtin.generate(CONVERSATION[:2], max_tokens=400, temperature_milli=temperature, top_p_milli=1000,
+                                    stop=(), on_piece=on_piece,
+                                    options=CallOptions(tools=(WEATHER, CLOCK), tool_choice=choice, seed=3))
+    deltas = [d for _, _, calls in pieces for d in calls]
+    assert result.finish_reason == "stop" and result.tokens_out == sum(t for _, t, _ in pieces) <= 400
+    assert "".join(t for t, _, _ in pieces) == ""  # the markup is never text
+    (call,) = protocol.accumulate_tool_calls(deltas)
+    assert call.id.startswith("call_") and len(call.id) == 29 and call.name in names
+    _valid_call(call.name, call.arguments)
+
+
+async def test_a_forced_call_to_an_unknown_function_is_refused(builtin):
+    from node.provider.backends import BackendUnsupported
+
+    async def on_piece(text, tokens, **extras):
+        raise AssertionError("nothing is generated")
+
+    with pytest.raises(BackendUnsupported, match="nope"):
+        await builtin.generate(CONVERSATION[:2], max_tokens=10, temperature_milli=0, top_p_milli=1000, stop=(),
+                               on_piece=on_piece, options=CallOptions(
+                                   tools=(WEATHER,), tool_choice={"type": "function", "function": {"name": "nope"}}))
