@@ -60,9 +60,12 @@ class UnsupportedFeature(InvalidRequest):
         super().__init__(message, field, "unsupported_feature")
 
 
-def serves(offer: ModelOffer, needs: frozenset[str] = frozenset(), kind: str = "chat") -> bool:
-    """Whether ``offer`` can serve a call of ``kind`` needing ``needs`` (the module's rules)."""
+def serves(offer: ModelOffer, needs: frozenset[str] = frozenset(), kind: str | None = "chat") -> bool:
+    """Whether ``offer`` can serve a call of ``kind`` needing ``needs`` (the module's rules);
+    ``kind`` None: any call (a listing of every provider of a model, ``node providers``)."""
     features = set(offer.features)
+    if kind is None:
+        return needs <= features
     if kind == "embeddings":
         return "embeddings" in features
     if features and features <= {"embeddings"}:  # an embeddings model: it writes no text
@@ -126,7 +129,7 @@ def rank(
     batch_calls: int = 0,
     contract_for: Callable[[str, str], Price | None] = lambda provider, model: None,
     needs: frozenset[str] = frozenset(),
-    kind: str = "chat",
+    kind: str | None = None,
 ) -> list[Candidate]:
     """The providers to try, best first (only the first when fallbacks are off).
 
@@ -140,7 +143,8 @@ def rank(
         tier: the tier the session will name; offers without it are left out.
         batch_calls: the calls the session will declare (for a batch discount).
         contract_for: the rate of a fixed-rate contract in force with ``(provider, model)``, if any.
-        needs, kind: what the call asks of an offer (``serves``); offers that cannot serve it are left out.
+        needs, kind: what the call asks of an offer (``serves``); offers that cannot serve it are left
+            out. ``kind`` None (the default): chat and embeddings offers alike (a listing of providers).
 
     Returns:
         Candidates carrying the terms their session would pin.

@@ -38,7 +38,7 @@ def row(peer, features):
 ROWS = [row(A, ("streaming",)), row(B, ("streaming", "tools", "json")), row(C, ("embeddings",))]
 
 
-def chosen(options=CallOptions(), kind="chat", rows=ROWS):
+def chosen(options=CallOptions(), kind: str | None = "chat", rows=ROWS):
     return [c.provider for c in rank(rows, Preferences(), prompt_tokens=10, max_tokens=10,
                                      stats=lambda p: ProviderStats(p), agent_for=lambda lst: AGENT,
                                      rng=random.Random(0), needs=options.needs(), kind=kind)]
@@ -57,6 +57,7 @@ def test_a_call_with_tools_goes_only_to_offers_listing_tools():
 
 def test_an_embeddings_call_goes_only_to_embeddings_offers():
     assert chosen(kind="embeddings") == [C]
+    assert sorted(chosen(kind=None)) == sorted([A, B, C])  # a listing of the model's providers: every kind
     both = row(A, ("streaming", "embeddings"))
     assert serves(both[1], frozenset(), "embeddings") and serves(both[1], frozenset(), "chat")
 
