@@ -15,7 +15,8 @@ What a call may ask (``CallOptions``), and how it is served:
 - ``seed``: every call samples with its own ``torch.Generator`` (seeded with ``seed``, or at
   random), so a seeded call repeats its output and calls never share random state.
 - ``prompt`` (legacy completion): the raw text is tokenized and continued, no template.
-- ``stop`` strings cut the text (the stop string is not sent) and end the generation.
+- ``stop`` strings cut the text (the stop string is not sent) and end the generation; text that
+  may be the start of a stop string is held back until the next token settles it.
 
 The decoding loop is our own (a forward pass with the KV cache per token): its sampler is
 temperature and top_p, the generation config's ``suppress_tokens`` are never drawn, and its
@@ -279,6 +280,17 @@ class TransformersBackend(Backend):
         return text.encode()[:256].decode(errors="ignore")
 
 
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that is a proper start of one of ``stops``."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
 def _cache_of(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -340,6 +352,10 @@ class _Emitter:
         final = final or self._stopped
         if not final and text.endswith("\ufffd"):
             return  # an unfinished multi-byte character: wait for its other bytes
+        if not final:  # an end that may yet become a stop string waits for the next token
+            text = text[:len(text) - _stop_prefix(text, self._stop)]
+            if len(text) <= len(self._text):
+                return
         new, self._text = text[len(self._text):], text
         if self._parser is None:
             events: list[str | ParsedCall] = [new] if new else []

@@ -1,0 +1,113 @@
+"""The builtin model under call options: JSON output by constrained decoding (schema-valid for
+json_schema; parseable or cut by max_tokens for json_object), logprobs consistent with their top
+alternatives, seeded sampling that repeats, stop strings, and legacy raw-text completions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from node._calls import CallOptions
+from node.provider.backends import BackendUnsupported, TransformersBackend
+from node.provider.backends._builtin_model import ensure_builtin_model
+from tests.node.session_rig import _MODELS
+
+USER = [{"role": "user", "content": "Describe a pet as JSON."}]
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6}, "kind": {"enum": ["cat", "dog"]}, "vaccinated": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["name", "kind", "vaccinated"]}
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    backend = TransformersBackend("builtin", ensure_builtin_model(_MODELS))
+    trio.run(backend.start)
+    return backend
+
+
+async def _run(backend, options=CallOptions(), *, messages=USER, max_tokens=300, temperature=1000, stop=()):
+    pieces = []
+
+    async def on_piece(text, tokens, *, tool_calls=(), logprobs=()):
+        pieces.append((text, tokens, tuple(logprobs)))
+
+    result = await backend.generate(messages, max_tokens=max_tokens, temperature_milli=temperature,
+                                    top_p_milli=1000, stop=stop, on_piece=on_piece, options=options)
+    assert result.tokens_out == sum(t for _, t, _ in pieces) <= max_tokens
+    return result, "".join(t for t, _, _ in pieces), [lp for _, _, lps in pieces for lp in lps]
+
+
+def _check_pet(doc) -> None:
+    """SCHEMA, checked by hand (jsonschema is not a dependency)."""
+    assert isinstance(doc, dict) and {"name", "kind", "vaccinated"} <= set(doc) <= set(SCHEMA["properties"])
+    assert isinstance(doc["name"], str) and len(doc["name"]) <= 6
+    assert doc["kind"] in ("cat", "dog") and isinstance(doc["vaccinated"], bool)
+    assert set(doc.get("tags", [])) <= {"a", "b"} and len(doc.get("tags", [])) <= 2
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_json_schema_output_is_valid_for_its_schema(builtin, seed):
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}}
+    result, text, _ = await _run(builtin, CallOptions(response_format=fmt, seed=seed))
+    assert result.finish_reason == "stop"
+    _check_pet(json.loads(text))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_json_object_output_is_an_object_or_cut_by_max_tokens(builtin, seed):
+    result, text, _ = await _run(builtin, CallOptions(response_format={"type": "json_object"}, seed=seed),
+                                 max_tokens=120)
+    if result.finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert result.finish_reason == "length" and result.tokens_out == 120
+    assert text.isascii()
+
+
+async def test_a_schema_the_enforcer_cannot_read_is_refused(builtin):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}
+    with pytest.raises(BackendUnsupported, match="JSON schema"):
+        await _run(builtin, CallOptions(response_format=fmt))
+
+
+@pytest.mark.parametrize("temperature", [0, 800])
+async def test_logprobs_come_one_per_token_and_agree_with_their_top(builtin, temperature):
+    result, text, lps = await _run(builtin, CallOptions(logprobs=True, top_logprobs=5, seed=9), max_tokens=40,
+                                   temperature=temperature)
+    assert len(lps) == result.tokens_out and "".join(lp.token for lp in lps) == text
+    for lp in lps:
+        assert len(lp.top) == 5 and [t.neg_logprob_micro for t in lp.top] == sorted(t.neg_logprob_micro for t in lp.top)
+        assert lp.neg_logprob_micro >= lp.top[0].neg_logprob_micro
+        if any(t.token == lp.token for t in lp.top):
+            assert next(t for t in lp.top if t.token == lp.token).neg_logprob_micro == lp.neg_logprob_micro
+        if temperature == 0:  # greedy: the chosen token is the most likely one
+            assert lp.neg_logprob_micro == lp.top[0].neg_logprob_micro
+    _, _, none = await _run(builtin, CallOptions(seed=9), max_tokens=5)
+    assert none == []  # logprobs only when asked
+
+
+async def test_a_seeded_call_repeats_and_seeds_differ(builtin):
+    runs = [(await _run(builtin, CallOptions(seed=s), max_tokens=60, temperature=1000))[1] for s in (42, 42, 43)]
+    assert runs[0] == runs[1] != runs[2]
+    greedy = [(await _run(builtin, max_tokens=30, temperature=0))[1] for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+async def test_a_stop_string_ends_the_output_before_it(builtin):
+    _, free, _ = await _run(builtin, CallOptions(seed=5), max_tokens=60)
+    if len(free) < 6:
+        pytest.skip("the seeded output is too short to cut")
+    stop = free[3:5]
+    result, text, _ = await _run(builtin, CallOptions(seed=5), max_tokens=60, stop=(stop,))
+    assert result.finish_reason == "stop" and text == free[:free.index(stop)]
+
+
+async def test_a_legacy_prompt_is_continued_as_raw_text(builtin):
+    options = CallOptions(prompt="Once upon a time")
+    assert await builtin.count_prompt_tokens([], options) == len("Once upon a time")  # bytes, no template
+    result, text, _ = await _run(builtin, options, messages=[], max_tokens=20)
+    assert result.tokens_out <= 20 and text.isascii()
+    assert await builtin.count_prompt_tokens([], CallOptions(prompt="")) == 1  # continued from the start token
