@@ -428,6 +428,8 @@ class ProviderSession(_Machine):
                     discount_permille: int = 0) -> Receipt:
         """Queue the provider-signed receipt of the running call. A cancelled call (CANCELLING)
         bills only the prefix the consumer received, with ``CANCELLED_FINISH`` as its finish reason.
+        A v2 call's output hash is ``call_output_hash`` of its text and accumulated tool calls; an
+        embeddings call (after its ``embed_result``) bills ``tokens_out`` 0 and ``embedding_hash``.
 
         Args:
             tokens_in: the prompt's actual token count when the admitted one was an upper bound

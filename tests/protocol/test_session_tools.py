@@ -330,3 +330,21 @@ def test_a_malformed_v2_request_is_refused_by_the_consumer_and_the_provider(extr
     (error,) = pair.provider.outgoing()
     assert isinstance(error, protocol.CallError) and error.reason == "bad_request" and says in error.detail
     assert pair.provider.state is protocol.ProviderState.READY
+
+
+def test_a_whole_v2_receipt_crossing_the_cancel_is_replaced_by_the_prefix_receipt():
+    pair = _opened()
+    _start(pair)
+    first = (ToolCallDelta(index=0, id="c", name="get_weather", arguments='{"a'),)
+    pair.provider.chunk("", 2, tool_calls=first)
+    pair.to_consumer()
+    pair.consumer.cancel()  # after one chunk
+    pair.provider.chunk("", 2, tool_calls=(ToolCallDelta(index=0, arguments='":1}'),))
+    whole = pair.provider.finish_call("stop", pair.now)  # finished before it read the Cancel
+    events = pair.to_consumer()
+    assert not any(isinstance(e, protocol.ReceiptSettled) for e in events)
+    (ev,) = pair.to_provider()
+    assert isinstance(ev, protocol.CallCancelled)
+    _, settled = _settle(pair)
+    assert settled.cancelled and settled.tool_calls == (ToolCall(id="c", name="get_weather", arguments='{"a'),)
+    assert settled.receipt.tokens_out < whole.tokens_out
