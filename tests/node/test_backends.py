@@ -52,3 +52,16 @@ async def test_several_backends_load_the_same_model_folder_at_once():
             nursery.start_soon(b.start)
     for b in backends:
         assert await b.count_prompt_tokens([{"role": "user", "content": "hi"}]) > 0
+
+
+async def test_local_chat_backends_claim_their_features_and_count_tools(tmp_path):
+    from node._calls import CallOptions
+    from node.provider.backends import CHAT_FEATURES
+
+    backend = await open_backend(f"transformers:{ensure_builtin_model(_MODELS)}", tmp_path)
+    assert backend.kind == "chat" and backend.features() == CHAT_FEATURES
+    messages = [{"role": "user", "content": "abc"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert await backend.count_prompt_tokens(messages, CallOptions()) == await backend.count_prompt_tokens(messages)
+    assert await backend.count_prompt_tokens(messages, CallOptions(tools=(tool,))) > \
+        await backend.count_prompt_tokens(messages)

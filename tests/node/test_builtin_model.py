@@ -52,3 +52,13 @@ def test_a_built_folder_is_reused_as_it_is(tmp_path):
     weights = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert ensure_builtin_model(tmp_path) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == weights
+
+
+async def test_a_folder_of_an_older_version_is_rebuilt_with_the_tool_template(tmp_path):
+    folder = ensure_builtin_model(tmp_path)
+    (folder / "inferswarm-builtin.json").write_text(json.dumps({"version": 1, "seed": 1234}))  # before tools
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert ensure_builtin_model(tmp_path) == folder and _marker(folder)["version"] >= 2
+    backend = TransformersBackend("builtin", folder)
+    await backend.start()
+    assert "tools" in backend.features() and "<tool_call>" in backend._tokenizer.chat_template
