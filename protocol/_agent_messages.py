@@ -15,6 +15,7 @@ Rules this module owns (docs/PROTOCOL.md, "Agent calls"):
   The consumer never sends a request that breaks them; the provider refuses one (``CallError``
   ``bad_request``) without starting it.
 - A streamed tool call is a sequence of ``ToolCallDelta`` pieces (OpenAI's delta shape);
+  the delta that begins an index names the function (``unnamed_call``);
   ``accumulate_tool_calls`` is the one reading of them, and ``call_output_hash`` the one hash of
   what a v2 call produced. ``request_token_bound`` is the one prompt bound of every request kind.
 Pure: no clock, no I/O.
@@ -67,6 +68,7 @@ __all__ = [
     "metered_bytes",
     "is_plain",
     "request_problem",
+    "unnamed_call",
 ]
 
 #: the names a ``ModelOffer.features`` may carry (ModelOffer itself is unchanged)
@@ -309,3 +311,17 @@ def request_problem(request: Request | RequestV2 | EmbedRequest) -> str:
     if (request.response_format == "json_schema") != bool(request.json_schema):
         return "json_schema is given with response_format json_schema, and only then"
     return ""
+
+
+def unnamed_call(named: set[int], deltas: Iterable[ToolCallDelta]) -> int | None:
+    """The index of the first of ``deltas`` that begins a tool call (an index not in ``named``,
+    the indices begun so far) without naming the function, or None: then ``named`` gains the
+    indices ``deltas`` begin. So an accumulated call always has a name."""
+    begun = set(named)
+    for d in deltas:
+        if d.index not in begun:
+            if not d.name:
+                return d.index
+            begun.add(d.index)
+    named |= begun
+    return None

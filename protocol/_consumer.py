@@ -40,6 +40,7 @@ from ._agent_messages import (
     metered_bytes,
     request_problem,
     request_token_bound,
+    unnamed_call,
 )
 from ._errors import (
     Expired,
@@ -169,6 +170,7 @@ class ConsumerSession(_Machine):
         self._request = request
         self._text: list[str] = []  # each chunk's text, tool-call deltas, metered bytes and claim
         self._deltas: list[tuple[ToolCallDelta, ...]] = []
+        self._named: set[int] = set()  # the tool-call indices begun (with a name)
         self._sizes: list[int] = []
         self._claims: list[int] = []
         self._tokens_out = self._text_bytes = self._next_chunk = self._logprobs = 0
@@ -458,6 +460,8 @@ class ConsumerSession(_Machine):
         if self._tokens_out + msg.tokens > req.max_tokens:
             raise UnexpectedMessage("the provider streamed more tokens than max_tokens")
         deltas = msg.tool_calls if isinstance(msg, ChunkV2) else ()
+        if deltas and unnamed_call(self._named, deltas) is not None:
+            raise UnexpectedMessage("a tool call began without the function's name")
         size = metered_bytes(msg.text, deltas)
         if self._text_bytes + size > completion_byte_limit(req.max_tokens):
             raise UnexpectedMessage(f"the provider streamed more than {completion_byte_limit(req.max_tokens)} "

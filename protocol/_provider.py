@@ -35,6 +35,7 @@ from ._agent_messages import (
     metered_bytes,
     request_problem,
     request_token_bound,
+    unnamed_call,
 )
 from ._errors import (
     BadSignature,
@@ -128,6 +129,7 @@ class ProviderSession(_Machine):
         self._embedded: EmbedResult | None = None
         self._deltas: list[tuple[ToolCallDelta, ...]] = []  # each chunk's tool-call deltas and metered bytes
         self._sizes: list[int] = []
+        self._named: set[int] = set()  # the tool-call indices begun (with a name)
         self._logprobs = 0
         self._limit = 0
         self._tokens_in = 0
@@ -317,6 +319,7 @@ class ProviderSession(_Machine):
             return self._refuse("over_budget", f"{self.cap - self.cumulative} µc left in this session")
         self._limit, self._tokens_in, self._text, self._claims, self._cut = limit, billed_in, [], [], None
         self._embedding, self._embedded, self._deltas, self._sizes, self._logprobs = embed, None, [], [], 0
+        self._named = set()
         self._input_hash = request_hash(req)
         self._tokens_out = self._generated = self._text_bytes = 0
         self.state = ProviderState.IN_CALL
@@ -375,6 +378,8 @@ class ProviderSession(_Machine):
             if self._logprobs + len(logprobs) > req.max_tokens or any(len(lp.top) > req.top_logprobs
                                                                      for lp in logprobs):
                 raise IllegalTransition(f"more logprobs than max_tokens, or more than {req.top_logprobs} top ones")
+        if tool_calls and unnamed_call(self._named, tool_calls) is not None:
+            raise IllegalTransition("a tool call's first delta names the function")
         if self._generated + tokens > self._limit:
             raise SpendLimitReached(f"completion would pass its {self._limit}-token limit")
         size = metered_bytes(text, tool_calls)

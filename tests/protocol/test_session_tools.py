@@ -190,9 +190,13 @@ deltas_strategy = st.lists(st.tuples(st.text(max_size=6), st.lists(st.tuples(
 def test_any_split_of_text_and_tool_call_deltas_is_countersigned(pieces, cut):
     pair = _opened()
     _start(pair)
-    sent = []
+    sent, begun = [], set()
     for text, ds in pieces:
-        deltas = tuple(ToolCallDelta(index=i, id=cid, name=name, arguments=a) for i, cid, name, a in ds)
+        deltas = []
+        for i, cid, name, a in ds:  # a call's first delta names its function; later ones may too
+            deltas.append(ToolCallDelta(index=i, id=cid, name=name or ("" if i in begun else "f"), arguments=a))
+            begun.add(i)
+        deltas = tuple(deltas)
         pair.provider.chunk(text, 1, tool_calls=deltas)
         sent.append((text, deltas))
     pair.to_consumer()
@@ -348,3 +352,18 @@ def test_a_whole_v2_receipt_crossing_the_cancel_is_replaced_by_the_prefix_receip
     _, settled = _settle(pair)
     assert settled.cancelled and settled.tool_calls == (ToolCall(id="c", name="get_weather", arguments='{"a'),)
     assert settled.receipt.tokens_out < whole.tokens_out
+
+
+def test_a_tool_call_that_begins_without_a_name_is_refused_on_both_sides():
+    pair = _opened()
+    _start(pair)
+    with pytest.raises(protocol.IllegalTransition, match="names the function"):
+        pair.provider.chunk("", 1, tool_calls=(ToolCallDelta(index=0, id="c", arguments="{}"),))
+    pair = _opened()
+    pair.consumer.request(USER, 8, tools=(TOOL,))
+    named = _forged_chunk(pair, tool_calls=(ToolCallDelta(index=0, id="c", name="f"),))
+    pair.consumer.receive(named, pair.now)
+    later = _forged_chunk(pair, index=1, tool_calls=(ToolCallDelta(index=0, arguments="{}"),
+                                                     ToolCallDelta(index=1, arguments="{}")))
+    with pytest.raises(protocol.UnexpectedMessage, match="without the function's name"):
+        pair.consumer.receive(later, pair.now)
