@@ -222,7 +222,6 @@ class ConsumerSession(_Machine):
         self.state = ConsumerState.OPENING
         return msg
 
-    @_guarded
     def request(
         self,
         messages: tuple[ChatMessage | Turn, ...],
@@ -248,11 +247,9 @@ class ConsumerSession(_Machine):
         Raises:
             IllegalTransition: not ready (not accepted yet, a call in flight, or closed).
             SpendLimitReached: not even a one-token prompt fits under the cap.
-            InvalidMessage: the request breaks its shape rules (``request_problem``) or a bound.
+            InvalidMessage: the request breaks its shape rules (``request_problem``); refused
+                before anything changed, the session stays as it was.
         """
-        self._expect(ConsumerState.READY)
-        if call_cost(self.price, 1, 0) > self.remaining:
-            raise SpendLimitReached(f"{self.remaining} µc left in this session")
         common = dict(session_id=self.session_id, call_seq=self.next_seq, max_tokens=max_tokens,
                       temperature_milli=temperature_milli, top_p_milli=top_p_milli, stop=tuple(stop), stream=stream)
         extras = dict(tools=tuple(tools), tool_choice=tool_choice, response_format=response_format,
@@ -269,17 +266,13 @@ class ConsumerSession(_Machine):
         self._send_call(msg)
         return msg
 
-    @_guarded
     def embed(self, inputs: tuple[str, ...], dimensions: int = 0) -> EmbedRequest:
         """Queue an embeddings call of ``inputs`` (``dimensions`` 0: the model's own size).
 
         Raises:
             IllegalTransition: not ready. SpendLimitReached: not even one input token fits.
-            InvalidMessage: no input, too many, or a bound broken.
+            InvalidMessage: no input, or too many; refused before anything changed.
         """
-        self._expect(ConsumerState.READY)
-        if call_cost(self.price, 1, 0) > self.remaining:
-            raise SpendLimitReached(f"{self.remaining} µc left in this session")
         if len(inputs) > MAX_EMBED_INPUTS:
             raise InvalidMessage(f"{len(inputs)} inputs in one embeddings call, at most {MAX_EMBED_INPUTS}")
         msg = EmbedRequest(session_id=self.session_id, call_seq=self.next_seq, inputs=tuple(inputs),
@@ -289,8 +282,15 @@ class ConsumerSession(_Machine):
 
     def _send_call(self, msg: Request | RequestV2 | EmbedRequest) -> None:
         problem = request_problem(msg)
-        if problem:
+        if problem:  # the caller's mistake, caught before any change: not the session's error
             raise InvalidMessage(problem)
+        self._queue_call(msg)
+
+    @_guarded
+    def _queue_call(self, msg: Request | RequestV2 | EmbedRequest) -> None:
+        self._expect(ConsumerState.READY)
+        if call_cost(self.price, 1, 0) > self.remaining:
+            raise SpendLimitReached(f"{self.remaining} µc left in this session")
         self._outbox.append(msg)
         self._new_call(msg)
         self.state = ConsumerState.IN_CALL

@@ -328,6 +328,7 @@ def test_a_malformed_v2_request_is_refused_by_the_consumer_and_the_provider(extr
     pair = _opened()
     with pytest.raises(protocol.InvalidMessage, match=says):
         pair.consumer.request(USER, 8, **extras)
+    assert pair.consumer.state is ConsumerState.READY and not pair.consumer.outgoing()  # nothing changed
     pair = _opened()
     forged = protocol.RequestV2(session_id=pair.consumer.session_id, call_seq=0, messages=USER, max_tokens=8, **extras)
     assert pair.provider.receive(forged, pair.now) == []
