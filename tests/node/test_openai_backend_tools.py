@@ -289,3 +289,35 @@ async def test_a_garbage_embeddings_answer_is_a_clean_backend_error(doc, message
                 await backend.embed(["a", "b"])
         finally:
             await backend.aclose()
+
+
+# ---- through a session: an openai: provider in front of the test upstream ------------------------
+
+
+async def test_tool_calls_and_embeddings_from_an_upstream_settle_through_a_session():
+    from node.provider._offers import Offer
+    from tests.node.session_rig import session_rig
+
+    with fast_upstream() as url:
+        chat = Offer(model="m", backend=f"openai:{url}", input_price=100_000, output_price=200_000)
+        emb = Offer(model="e", backend=f"openai:{url}", input_price=20_000, output_price=0, features=("embeddings",))
+        backends = {"m": open_openai(chat.backend, None, "m", chat.features),
+                    "e": open_openai(emb.backend, None, "e", emb.features)}
+        async with session_rig({"m": chat, "e": emb}, backends, tag="openai-agent") as rig:
+            async with rig.session(await rig.open_channel(cap=1_000_000), model="m") as session:
+                called = await session.call(USER, 100, options=CallOptions(tools=(WEATHER,)))
+                turns = USER + [{"role": "assistant", "content": "", "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in called.tool_calls]}, {"role": "tool", "content": "sunny", "tool_call_id": "call_0"}]
+                answered = await session.call(turns, 100, options=CallOptions(tools=(WEATHER,)))
+            async with rig.session(await rig.open_channel(cap=1_000_000), model="e") as session:
+                embedded = await session.embed(("the cat sat", "a dog"))
+        for b in backends.values():
+            await b.aclose()
+    assert called.finish_reason == "tool_calls" and [c.name for c in called.tool_calls] == ["get_weather"]
+    assert json.loads(called.tool_calls[0].arguments) == {"city": "w0", "days": 1}
+    assert called.receipt.tokens_in == PROMPT_TOKENS  # the upstream's count, under the admitted bound
+    assert answered.text == "the tool said sunny" and answered.finish_reason == "stop"
+    r = embedded.receipt
+    assert embedded.dims == EMBED_DIMS and r.tokens_in == 4 + 3 and r.tokens_out == 0
+    assert r.cost == protocol.call_cost(emb.to_model_offer().price, 7, 0)

@@ -213,3 +213,57 @@ async def test_closing_the_session_mid_embed_stops_the_wait_and_bills_nothing():
         assert _held(rig) == []
         debt: Any = rig.provider_service.book.on_channel(channel.channel_id)
         assert all(d.owed == 0 for d in debt)
+
+
+# ---- offers and listings -----------------------------------------------------------------------
+
+
+def test_offers_declare_features_within_protocol_features_and_kinds_do_not_mix():
+    assert EMB.kind == "embeddings" and EMB.to_model_offer().features == ("embeddings",)
+    assert CHAT.kind == "chat" and CHAT.to_model_offer().features == CHAT_FEATURES
+    upstream = Offer(model="u", backend="openai:http://h/v1#k", input_price=1, output_price=0, features=["embeddings"])
+    assert upstream.kind == "embeddings" and upstream.to_json()["features"] == ["embeddings"]
+    assert "features" not in CHAT.to_json()  # an offer declaring nothing keeps its config as it was
+    assert Offer(**upstream.to_json()) == upstream
+    assert Offer(model="l", backend="llamacpp:/m.gguf", input_price=1, output_price=1).to_model_offer().features == (
+        "streaming", "completions")
+    for bad, message in [
+        (dict(backend="builtin", features=("telepathy",)), "not one of"),
+        (dict(backend="builtin", features=("embeddings",)), "only an embeddings: or openai:"),
+        (dict(backend="embeddings:builtin", features=("tools",)), "serves only embeddings"),
+        (dict(backend="openai:http://h", features=("embeddings", "tools")), "serves only embeddings"),
+        (dict(backend="builtin", features=("tools", "tools")), "once"),
+        (dict(backend="builtin", features="tools"), "list of feature names"),
+        (dict(backend="embeddings:"), "is not one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Offer(model="x", input_price=1, output_price=1, **bad)
+
+
+def test_a_config_offer_declares_features(tmp_path):
+    from node._config import ConfigError, load_config
+
+    path = tmp_path / "config.toml"
+    path.write_text('[[offers]]\nmodel = "minilm"\nbackend = "embeddings:builtin"\ninput_price = 20000\n'
+                    'output_price = 0\n\n[[offers]]\nmodel = "gpt"\nbackend = "openai:https://api.example/v1#k"\n'
+                    'input_price = 1\noutput_price = 2\nfeatures = ["streaming", "tools"]\n')
+    offers = load_config(path).offers
+    assert [o.features for o in offers] == [(), ("streaming", "tools")] and offers[0].kind == "embeddings"
+    path.write_text('[[offers]]\nmodel = "gpt"\nbackend = "builtin"\ninput_price = 1\noutput_price = 2\n'
+                    'features = ["tools", "mind-reading"]\n')
+    with pytest.raises(ConfigError, match="mind-reading"):
+        load_config(path)
+
+
+async def test_the_listing_names_what_the_loaded_backend_serves():
+    offers = {"m": CHAT, "n": Offer(model="n", backend="builtin", input_price=1, output_price=1,
+                                    features=("streaming", "tools", "json")), "e": EMB}
+    backends: dict[str, Backend] = {"m": AgentBackend(claims=("streaming", "tools")),
+                                    "n": AgentBackend(), "e": Embedder()}
+    async with session_rig(offers, backends, tag="agent-listing") as rig:
+        store = rig.provider_service.storefront
+        assert store.features(CHAT) == CHAT_FEATURES  # not loaded yet: what a builtin model serves
+        for offer in offers.values():
+            await store.backend_for(offer)
+        by_name = {o.model: store.listed(o).features for o in offers.values()}
+        assert by_name == {"m": ("streaming", "tools"), "n": ("streaming", "tools", "json"), "e": ("embeddings",)}
