@@ -65,3 +65,36 @@ async def test_local_chat_backends_claim_their_features_and_count_tools(tmp_path
     assert await backend.count_prompt_tokens(messages, CallOptions()) == await backend.count_prompt_tokens(messages)
     assert await backend.count_prompt_tokens(messages, CallOptions(tools=(tool,))) > \
         await backend.count_prompt_tokens(messages)
+
+
+async def test_a_slow_consumer_holds_the_model_back_and_a_cancel_stops_it(tmp_path):
+    """More pieces than the hand-over buffer holds reach a slow consumer in full (the model waits);
+    cancelling mid-stream returns at once, the worker thread ended."""
+    import trio
+
+    backend = await open_backend(f"transformers:{ensure_builtin_model(_MODELS)}", tmp_path)
+    from node._calls import CallOptions
+
+    got = []
+
+    async def slow(text, tokens, **extras):
+        got.append(tokens)
+        await trio.sleep(0)
+
+    # seed 5 runs to ~350 single-token pieces here, past the 256-piece hand-over buffer
+    result = await backend.generate([{"role": "user", "content": "x"}], max_tokens=600, temperature_milli=1000,
+                                    top_p_milli=1000, stop=(), on_piece=slow, options=CallOptions(seed=5))
+    assert sum(got) == result.tokens_out
+
+    with trio.move_on_after(30) as scope:
+        async with trio.open_nursery() as nursery:
+            async def cancel_soon(text, tokens, **extras):
+                if len(got) > 3:
+                    nursery.cancel_scope.cancel()
+                got.append(tokens)
+
+            got.clear()
+            nursery.start_soon(lambda: backend.generate([{"role": "user", "content": "x"}], max_tokens=100000,
+                                                        temperature_milli=1000, top_p_milli=1000, stop=(),
+                                                        on_piece=cancel_soon, options=CallOptions(seed=2)))
+    assert not scope.cancelled_caught and 3 < len(got) < 1000

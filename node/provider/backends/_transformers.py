@@ -173,11 +173,18 @@ class TransformersBackend(Backend):
                         max_tokens: int, temperature_milli: int, top_p_milli: int, stop: Sequence[str],
                         on_piece: OnPiece) -> Generation:
         cancel = threading.Event()
-        send, receive = trio.open_memory_channel[tuple[str, int, tuple, tuple] | None](max_buffer_size=4096)
+        send, receive = trio.open_memory_channel[tuple[str, int, tuple, tuple] | None](max_buffer_size=256)
         token = trio.lowlevel.current_trio_token()
         parser = HermesParser() if self._hermes and options.tools and options.tool_choice != "none" else None
-        emitter = _Emitter(self._tokenizer, stop, parser,
-                           lambda item: trio.from_thread.run_sync(send.send_nowait, item, trio_token=token))
+
+        def push(item: tuple[str, int, tuple, tuple] | None) -> None:
+            """Hand a piece to the event loop; the model waits while the consumer is slow (backpressure)."""
+            try:
+                trio.from_thread.run(send.send, item, trio_token=token)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cancel.set()  # the receiving side is gone: stop at the next token
+
+        emitter = _Emitter(self._tokenizer, stop, parser, push)
         want = (options.logprobs, min(max(options.top_logprobs, 0), 20))
 
         def run() -> str:
@@ -185,7 +192,7 @@ class TransformersBackend(Backend):
                 return self._decode(self._prompt_ids(messages, options), constraint, max_tokens,
                                     temperature_milli / 1000, top_p_milli / 1000, options.seed, want, emitter, cancel)
             finally:
-                trio.from_thread.run_sync(send.send_nowait, None, trio_token=token)
+                push(None)
 
         result: dict[str, Any] = {}
 
@@ -210,8 +217,10 @@ class TransformersBackend(Backend):
                     await on_piece(text, tokens, **extras)
             finally:
                 # cancelled (the consumer cancelled or went away) or failed: stop the model at its
-                # next token, here, before the nursery waits for its thread
+                # next token, here, before the nursery waits for its thread (closing the channel
+                # frees a thread waiting to hand over a piece)
                 cancel.set()
+                receive.close()
         if "error" in result:
             if isinstance(result["error"], BackendError):
                 raise result["error"]
