@@ -123,9 +123,12 @@ class TransformersBackend(Backend):
         """
         if options.tools and options.tool_choice != "none" and not self._renders_tools:
             raise BackendUnsupported(f"{self.spec}: this model's chat template does not render tools")
-        if options.forced_tool() is not None and not self._hermes:
-            raise BackendUnsupported(f"{self.spec}: forcing a tool call needs a chat template in the Hermes "
-                                     "<tool_call> format")
+        forced = options.forced_tool()
+        if forced is not None:
+            if not self._hermes:
+                raise BackendUnsupported(f"{self.spec}: forcing a tool call needs a chat template in the Hermes "
+                                         "<tool_call> format")
+            tool_call_schema(options.tools, forced)  # the forced function is among the tools
         if options.json_schema() is not None:
             check_schema(options.json_schema())
 
