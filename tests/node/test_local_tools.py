@@ -146,3 +146,22 @@ async def test_a_forced_call_to_an_unknown_function_is_refused(builtin):
         await builtin.generate(CONVERSATION[:2], max_tokens=10, temperature_milli=0, top_p_milli=1000, stop=(),
                                on_piece=on_piece, options=CallOptions(
                                    tools=(WEATHER,), tool_choice={"type": "function", "function": {"name": "nope"}}))
+
+
+async def test_a_template_without_tools_claims_none_and_refuses_them(tmp_path):
+    import shutil
+
+    from node.provider.backends import BackendUnsupported
+
+    folder = tmp_path / "plain-chatml"
+    shutil.copytree(ensure_builtin_model(_MODELS), folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = TransformersBackend(f"transformers:{folder}", folder)
+    await backend.start()
+    assert "tools" not in backend.features() and "json" in backend.features()
+    with pytest.raises(BackendUnsupported, match="does not render tools"):
+        await backend.count_prompt_tokens(CONVERSATION[:2], CallOptions(tools=(WEATHER,)))
+    # tool_choice "none": the tools are not needed, so the call is served as plain chat
+    assert await backend.count_prompt_tokens(CONVERSATION[:2], CallOptions(tools=(WEATHER,), tool_choice="none")) > 0
