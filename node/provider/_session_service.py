@@ -30,7 +30,7 @@ the unused channel, which is completed when nothing is owed on it, so the refusa
 Agent calls (docs/PROTOCOL.md, "Agent calls"): a ``RequestV2`` is read back into OpenAI-shaped
 messages and ``CallOptions`` (``node._calls.from_request``) and handed to the backend whole; its
 tool-call deltas and logprobs go out in ``ChunkV2``s, each backend piece cut into chunks that fit
-a frame (``_wire_pieces``). A call needing a feature the offer's listing does not name, an option
+a frame (``_chunks.wire_pieces``). A call needing a feature the offer's listing does not name, an option
 the backend cannot serve (``BackendUnsupported``), chat on an embeddings offer or embeddings on a
 chat offer is a ``bad_request`` CallError. An ``EmbedRequest``: the inputs' exact token count, the
 machine's budget check, a slot in the model's job queue (as chat: the concurrency limits hold),
@@ -45,7 +45,6 @@ loses the session.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -66,6 +65,7 @@ from ..escrow import EscrowClient, EscrowUnreachable
 from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._admission import Admission, Refusal
 from ._channels import ChannelBook, SessionDebt
+from ._chunks import wire_pieces
 from ._health import HealthMonitor
 from ._offers import Offer
 from ._queue import JobQueue, QueueFull, QueueTimeout
@@ -84,55 +84,6 @@ OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us h
 # never got what it had (the whole answer for the prompt's price): it pays the prefix it named, the
 # session ends, and its sessions are refused for a while, as for an answer left unsigned.
 CANCEL_GRACE_S = 5.0
-# One backend piece becomes as many chunks as it takes for each to fit a frame with room to spare:
-# text and tool-call arguments cut at character boundaries, 16 deltas and 64 logprobs a chunk.
-_CHUNK_TEXT = 128 << 10
-_CHUNK_ARGS = 128 << 10
-_CHUNK_DELTAS = 16
-_CHUNK_LOGPROBS = 64
-
-
-def _split_utf8(text: str, size: int) -> list[str]:
-    """``text`` in pieces of at most ``size`` UTF-8 bytes, never half a character (``[""]`` for "")."""
-    data = text.encode("utf-8")
-    out, i = [], 0
-    while i < len(data):
-        j = min(i + size, len(data))
-        while j < len(data) and data[j] & 0xC0 == 0x80:
-            j -= 1
-        out.append(data[i:j].decode("utf-8"))
-        i = j
-    return out or [""]
-
-
-def _wire_pieces(text: str, tokens: int, tool_calls: tuple[protocol.ToolCallDelta, ...] = (),
-                 logprobs: tuple[protocol.TokenLogprob, ...] = ()) -> list[tuple[str, int, tuple[Any, ...], tuple[Any, ...]]]:
-    """One backend piece as ``(text, tokens, tool_calls, logprobs)`` chunks that each fit a frame; the
-    first carries the tokens, a long argument continues in deltas of the same index."""
-    deltas = []
-    for d in tool_calls:
-        parts = _split_utf8(d.arguments, _CHUNK_ARGS)
-        deltas.append(dataclasses.replace(d, arguments=parts[0]))
-        deltas += [protocol.ToolCallDelta(index=d.index, arguments=p) for p in parts[1:]]
-    groups: list[tuple[Any, ...]] = []
-    group: list[Any] = []
-    size = 0
-    for d in deltas:
-        n = len(d.arguments.encode("utf-8"))
-        if group and (len(group) == _CHUNK_DELTAS or size + n > _CHUNK_ARGS):
-            groups.append(tuple(group))
-            group, size = [], 0
-        group.append(d)
-        size += n
-    if group:
-        groups.append(tuple(group))
-    texts = _split_utf8(text, _CHUNK_TEXT)
-    lps = [tuple(logprobs[i:i + _CHUNK_LOGPROBS]) for i in range(0, len(logprobs), _CHUNK_LOGPROBS)]
-    count = max(len(texts), len(groups), len(lps))
-    return [(texts[i] if i < len(texts) else "", tokens if i == 0 else 0, groups[i] if i < len(groups) else (),
-             lps[i] if i < len(lps) else ()) for i in range(count)]
-
-
 class ProviderService:
     """What every provider session shares; ``handle`` serves one session per stream."""
 
@@ -553,7 +504,7 @@ class _StreamSession:
                 return  # cancelled: the backend stops at its next checkpoint; nothing more is sent
             if not first:
                 first.append(int((trio.current_time() - started) * 1000))
-            pieces = _wire_pieces(text, tokens, tuple(tool_calls) if v2 else (), tuple(logprobs) if v2 else ())
+            pieces = wire_pieces(text, tokens, tuple(tool_calls) if v2 else (), tuple(logprobs) if v2 else ())
             for piece_text, piece_tokens, deltas, lps in pieces:
                 if v2:
                     machine.chunk(piece_text, piece_tokens, tool_calls=deltas, logprobs=lps)

@@ -15,8 +15,8 @@ import trio
 import protocol
 from node._calls import CallOptions
 from node.consumer._session_client import CallRefused
+from node.provider._chunks import wire_pieces
 from node.provider._offers import Offer
-from node.provider._session_service import _wire_pieces
 from node.provider.backends._base import (
     CHAT_FEATURES,
     Backend,
@@ -144,7 +144,7 @@ async def test_logprobs_and_long_tool_arguments_cross_in_chunks_that_fit_a_frame
 def test_wire_pieces_cut_a_piece_to_frame_sized_chunks():
     delta = protocol.ToolCallDelta(index=3, id="c", name="f", arguments="é" * 200_000)  # 400 KB
     lps = tuple(protocol.TokenLogprob(token="t", neg_logprob_micro=1) for _ in range(130))
-    pieces = _wire_pieces("x" * 300_000, 7, (delta,) * 20, lps)
+    pieces = wire_pieces("x" * 300_000, 7, (delta,) * 20, lps)
     assert sum(p[1] for p in pieces) == 7 and pieces[0][1] == 7
     assert "".join(p[0] for p in pieces) == "x" * 300_000
     assert sum(len(p[3]) for p in pieces) == 130 and all(len(p[3]) <= 64 for p in pieces)
@@ -154,7 +154,7 @@ def test_wire_pieces_cut_a_piece_to_frame_sized_chunks():
         chunk = protocol.ChunkV2(session_id=bytes(16), call_seq=1, index=0, text=text, tokens=tokens,
                                  tool_calls=deltas, logprobs=logprobs)
         assert len(protocol.encode(chunk)) < protocol.DEFAULT_MAX_MESSAGE // 2
-    assert _wire_pieces("", 2) == [("", 2, (), ())]
+    assert wire_pieces("", 2) == [("", 2, (), ())]
 
 
 async def test_an_embeddings_call_settles_at_its_input_tokens_times_the_price():
