@@ -338,7 +338,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
     models = models_dir or home.path
 
     async def start_backend(offer: Offer) -> Backend:
-        return await open_backend(offer.backend, models, offer.model, api_key)
+        return await open_backend(offer.backend, models, offer.model, api_key, offer.features)
 
     trust = TrustBook(home.path / "trust.db")  # also what a full market view keeps listings by
     relay_clients: list[RelayClient] = []  # the relay client, once the DHT it asks exists
