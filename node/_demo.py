@@ -227,13 +227,14 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
         vectors = embedded.floats()
         console.print(f"\n[bold]paid embeddings[/] ({EMBED_MODEL}: {embedded.dims} dimensions a sentence, "
                       f"{len(embedded.receipts)} receipt)")
+        console.print(f"  1 {SENTENCES[0]!r}")
         for i, sentence in enumerate(SENTENCES[1:], 1):
-            console.print(f"  cosine({SENTENCES[0]!r}, {sentence!r}) = {cosine(vectors[0], vectors[i]):.3f}")
+            console.print(f"  {i + 1} {sentence!r}  cosine to 1: {cosine(vectors[0], vectors[i]):.3f}")
         price = embedded.receipts[0].price
         console.print(f"  {embedded.tokens} input tokens × {_fmt(price.input_per_1k)} credits per 1K = "
-                      f"{_fmt(embedded.cost)} credits (receipt {embedded.receipt_ids[-1][:16]}…, both signatures "
-                      f"verified)")
-        for r in embedded.receipts:
+                      f"{_fmt(embedded.cost)} credits")
+        console.print(f"  receipt {embedded.receipt_ids[-1]}", soft_wrap=True)
+        for r in embedded.receipts:  # both signatures, as the chat's
             protocol.verify(r, "provider_sig", protocol.public_key_from_peer_id(r.provider))
             protocol.verify(r, "consumer_sig", protocol.public_key_from_peer_id(r.consumer))
         summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider,
