@@ -11,10 +11,11 @@
     _storefront       Storefront: what this node sells now (offers, backends, health, schedule,
                       prices, contracts) and the listing that says so, republished as they move
     _session_service  the provider's side of ``protocol.SESSION_PROTOCOL``
+    _chunks           one backend piece cut into chunks that each fit a frame (text, tool calls, logprobs)
     _channels         ChannelBook: what each escrow channel owes this provider, and when to claim (pure)
     _settlement       SettlementWorker: claims it from the agents (margin before expiry, backoff,
                       restarts) and records their confirmed payments in receipts.db
-    backends/         the models themselves (transformers, builtin, openai upstream, llama.cpp)
+    backends/         the models themselves (transformers, builtin, embeddings, openai upstream, llama.cpp)
 
 Imports ``net`` and ``escrow`` (to be paid), never ``consumer`` or ``api``.
 """

@@ -8,7 +8,9 @@ prompt tokens. Model compute never runs on the trio event loop (worker threads).
     _tool_format     Hermes <tool_call> tool calls: template input, parsing the output as it streams
     _constrained     JSON / JSON-schema / forced tool call constrained decoding (lm-format-enforcer)
     _embeddings      embeddings:builtin (all-MiniLM-L6-v2, shipped in a package) and embeddings:PATH
-    _openai          openai:BASE_URL[#KEYNAME]: an upstream server; the key stays in the keystore
+    _openai          openai:BASE_URL[#KEYNAME]: an upstream server (chat, or embeddings when the offer
+                     declares them); the key stays in the keystore
+    _openai_wire     what an upstream sends, read and bounded (tool calls, logprobs, embeddings)
     _llamacpp        llamacpp:PATH: a GGUF file through llama-cpp-python (optional extra)
     _factory         open_backend(SPEC): the only module that knows every kind
 
