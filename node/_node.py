@@ -37,8 +37,23 @@ from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .consumer._delivery import ReceiptDelivery, attach
 from .escrow import EscrowClient, EscrowOps, serve_escrow
-from .net import (AddressBook, Market, MarketConfig, PeerInfo, Relay, RelayClient, RelayLimits, autonat_server,
-                  connection_manager, keep_alive, open_host, open_market, parse_peer_addr, peer_addrs, serve_relay)
+from .net import (
+    AddressBook,
+    Market,
+    MarketConfig,
+    PeerInfo,
+    Relay,
+    RelayClient,
+    RelayLimits,
+    autonat_server,
+    connection_manager,
+    keep_alive,
+    open_host,
+    open_market,
+    parse_peer_addr,
+    peer_addrs,
+    serve_relay,
+)
 from .provider import HealthMonitor, Offer, ProviderService, SlaTracker, probe_capabilities
 from .provider._admission import Admission
 from .provider._receipt_intake import ReceiptIntake

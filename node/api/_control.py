@@ -28,8 +28,8 @@ import protocol
 from .._config import save_accept_escrow
 from .._errors import InvalidRequest, NotFound
 from .._receipts import FORFEITED, PAID, receipt_json
-from ..consumer._results import CancelledCall
 from ..consumer._request_check import check_call
+from ..consumer._results import CancelledCall
 from ..consumer._routing import SORTS, Preferences
 from ..escrow._ops import _decode_hex, _hex_id
 from ..provider import Offer

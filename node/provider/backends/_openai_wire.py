@@ -212,8 +212,9 @@ def _event(data: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     return (usage if isinstance(usage, dict) else None), [c for c in choices if c.get("index", 0) == 0]
 
 
-class ErrorEvent(BackendError):
-    """An error sent as an event of a 200 answer (the caller summarises it, redacted)."""
+class ErrorEvent(Exception):
+    """An error sent as an event of a 200 answer: a signal, not a node error — the backend catches
+    it and raises its own redacted ``BackendError`` summary in its place."""
 
 
 def _finish(choice: dict[str, Any]) -> str | None:
@@ -241,7 +242,8 @@ def chat_event(data: str, calls: ToolCallReader, top: int | None) -> tuple[dict[
         top: alternatives per token when the call asked for logprobs, else None (any sent are dropped).
 
     Raises:
-        BackendError: garbage or out of bounds (``ErrorEvent``: an error event).
+        BackendError: garbage or out of bounds.
+        ErrorEvent: the upstream sent an error event.
     """
     usage, choices = _event(data)
     return usage, [_chat_piece(c, "delta", calls, top) for c in choices]
