@@ -9,9 +9,10 @@ Beyond the OpenAI format: an optional ``provider`` object carries routing prefer
 ``sort`` (cheapest | fastest | best_trust), ``max_price`` ({"input", "output"} in µc per 1K
 tokens), ``only`` and ``ignore`` (peer ids), ``allow_fallbacks`` (default true) — and optional
 top-level ``escrow`` (agent) and ``budget`` (µc for this call). Every response adds ``provider``
-(who served it), ``cost`` (µc) and ``receipt_id``; streams send them in a last chunk
-(``choices: []``) that also carries ``usage`` — always, since it carries the receipt, whatever
-``stream_options.include_usage`` says (a client that did not ask reads it as one more chunk).
+(who served it), ``cost`` (µc) and ``receipt_id``; streams send them on the chunk that carries
+the ``finish_reason`` — and, as OpenAI does, ``usage`` in one more chunk (``choices: []``, with
+them again) only when ``stream_options.include_usage`` asks for it: a client that indexes
+``choices[0]`` on every chunk never meets an empty one it did not ask for.
 A call is routed only to offers whose listed features hold what it needs (tools, json, logprobs,
 completions, embeddings); when none does the answer is a 400 ``unsupported_feature`` naming the
 field. Streamed tool calls arrive as OpenAI sends them: the first delta of an index carries its
@@ -178,9 +179,10 @@ def openai_routes(service: "Node", token: str, keyless: bool) -> list[Route]:
 
             done = await service.renter.run(model_name, messages, on_delta=on_delta, **kwargs)
             await begin()
-            await emit(chunk({}, done.finish_reason))
-            await emit({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [], "usage": usage(done), **paid(done)})
+            await emit({**chunk({}, done.finish_reason), **paid(done)})
+            if q.include_usage():
+                await emit({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
+                            "model": model_name, "choices": [], "usage": usage(done), **paid(done)})
 
         return SSEStream(produce, _shape)  # an error mid-stream: OpenAI's error body as the last event
 

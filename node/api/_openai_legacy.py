@@ -78,9 +78,10 @@ def completions_route(service: "Node", endpoint: Callable[..., Any], shape: Shap
                     await emit(chunk(d.text, logprobs=lps))
 
             done = await service.renter.run(q.model, [], on_delta=on_delta, **kwargs)
-            await emit(chunk("", done.finish_reason))
-            await emit({"id": chunk_id, "object": "text_completion", "created": created, "model": q.model,
-                        "choices": [], "usage": usage(done), **paid(done)})
+            await emit({**chunk("", done.finish_reason), **paid(done)})
+            if q.include_usage():
+                await emit({"id": chunk_id, "object": "text_completion", "created": created, "model": q.model,
+                            "choices": [], "usage": usage(done), **paid(done)})
 
         return SSEStream(produce, shape)
 

@@ -175,6 +175,11 @@ class _Paid(Body):
     def prefs(self) -> Preferences:
         return (self.provider or ProviderPrefs()).preferences()
 
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a ``usage`` chunk (``stream_options.include_usage``)."""
+        options = getattr(self, "stream_options", None)
+        return bool(options is not None and options.include_usage)
+
 
 # ---- chat ------------------------------------------------------------------------------------------
 

@@ -49,7 +49,8 @@ def test_streaming_ends_with_usage(market):
     with _client(consumer, token) as http:
         with http.stream("POST", "/v1/chat/completions", json={
                 "model": "tiny", "messages": [{"role": "user", "content": "Stream please"}], "max_tokens": 10,
-                "stream": True, "escrow": aid, "provider": {"sort": "cheapest", "allow_fallbacks": False}}) as r:
+                "stream": True, "stream_options": {"include_usage": True}, "escrow": aid,
+                "provider": {"sort": "cheapest", "allow_fallbacks": False}}) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -58,6 +59,7 @@ def test_streaming_ends_with_usage(market):
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-2]["receipt_id"] == chunks[-1]["receipt_id"]  # the finish chunk names the receipt too
     usage = chunks[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] <= 10 and usage["cost"] > 0
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"])

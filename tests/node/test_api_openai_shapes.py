@@ -74,7 +74,7 @@ def test_a_tool_call_whole():
 def test_tool_calls_streamed_as_openai_streams_them():
     client = _app(TOOL_DELTAS, dict(text="", finish_reason="tool_calls", tool_calls=(CALL,)), [])
     r = client.post("/v1/chat/completions", headers=AUTH, json={"model": "m", "messages": ASK, "tools": [TOOL],
-                                                                "stream": True})
+                                                                "stream": True, "stream_options": {"include_usage": True}})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     assert deltas[0] == {"role": "assistant", "content": ""}
@@ -85,6 +85,21 @@ def test_tool_calls_streamed_as_openai_streams_them():
     assert deltas[-1] == {} and events[-2]["choices"][0]["finish_reason"] == "tool_calls"
     assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 8 and events[-1]["cost"] == 7
     assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_usage_chunk_only_when_asked():
+    client = _app(TOOL_DELTAS, dict(text="", finish_reason="tool_calls", tool_calls=(CALL,)), [])
+    for stream_options, with_usage in ((None, False), ({"include_usage": False}, False),
+                                       ({"include_usage": True}, True)):
+        body = {"model": "m", "messages": ASK, "tools": [TOOL], "stream": True}
+        if stream_options is not None:
+            body["stream_options"] = stream_options
+        r = client.post("/v1/chat/completions", headers=AUTH, json=body)
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert all(e["choices"] for e in events[:-1])  # a client may index choices[0] on every chunk
+        finish = events[-2] if with_usage else events[-1]
+        assert finish["choices"][0]["finish_reason"] == "tool_calls" and finish["cost"] == 7  # the receipt, always
+        assert (events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 8) is with_usage
 
 
 def test_logprobs_whole_and_streamed():
@@ -109,7 +124,8 @@ def test_legacy_completions():
                                              "top_logprobs": [{"Hi": -0.25}], "text_offset": [0]}
     model, messages, kwargs = seen[0]
     assert messages == [] and kwargs["options"].prompt == "Say" and kwargs["max_tokens"] == 16
-    r = client.post("/v1/completions", headers=AUTH, json={"model": "m", "prompt": ["Say"], "stream": True})
+    r = client.post("/v1/completions", headers=AUTH, json={"model": "m", "prompt": ["Say"], "stream": True,
+                                                           "stream_options": {"include_usage": True}})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "Hi there"
     assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-1]["choices"] == []
