@@ -111,3 +111,38 @@ async def test_a_legacy_prompt_is_continued_as_raw_text(builtin):
     result, text, _ = await _run(builtin, options, messages=[], max_tokens=20)
     assert result.tokens_out <= 20 and text.isascii()
     assert await builtin.count_prompt_tokens([], CallOptions(prompt="")) == 1  # continued from the start token
+
+
+def test_an_integer_takes_no_decimal_point_or_exponent():
+    """lm-format-enforcer 0.11.3 let an integer take ``e8`` (and ``-0`` a ``.``): json.loads then
+    gave a float for a schema's integer. _constrained._fix_integers removes them."""
+    from lmformatenforcer import JsonSchemaParser
+
+    from node.provider.backends._constrained import _fix_integers
+
+    _fix_integers()
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}}}
+    parser = JsonSchemaParser(schema)
+    for ch in '{"n":8':
+        parser = parser.add_character(ch)
+    assert not set(".eE+") & set(parser.get_allowed_characters()) and "9" in parser.get_allowed_characters()
+    parser = JsonSchemaParser(schema)
+    for ch in '{"n":-0':
+        parser = parser.add_character(ch)
+    assert "." not in parser.get_allowed_characters()
+    parser = JsonSchemaParser(schema)
+    for ch in '{"x":8':  # a number keeps its decimal point and exponent
+        parser = parser.add_character(ch)
+    assert {".", "e"} <= set(parser.get_allowed_characters())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_an_integer_field_parses_as_an_int(builtin, seed):
+    schema = {"type": "object", "properties": {"degrees": {"type": "integer"}}, "required": ["degrees"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    result, text, _ = await _run(builtin, CallOptions(response_format=fmt, seed=seed), max_tokens=60)
+    if result.finish_reason == "stop":
+        assert isinstance(json.loads(text)["degrees"], int), text
+    else:
+        assert not set(".eE") & set(text), text

@@ -10,6 +10,10 @@ tokenizer data itself and asks its ``TokenEnforcer`` for the allowed tokens at e
 decoding loop masks every other token. Tokens the model's generation config suppresses (the
 builtin model's non-printable bytes) are never offered, so output stays valid text.
 
+A trap in the library (0.11.3), fixed here once (``_fix_integers``): an ``integer`` may take an
+exponent (``8.784418e8``) and ``-0`` a decimal point, so "schema-valid" output parsed as a float.
+Integers now allow digits (and a leading minus) only.
+
 Limits: the schema subset lm-format-enforcer implements (types, properties, required, enum,
 const, anyOf/allOf/oneOf, $ref to $defs, string min/maxLength and pattern, array min/maxItems).
 A constraint decides only which tokens may come next; it cannot make random weights stop: an
@@ -87,6 +91,29 @@ def tool_call_schema(tools: Sequence[dict[str, Any]], forced: str) -> dict[str, 
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
+_FIXED = False
+
+
+def _fix_integers() -> None:
+    """Make lm-format-enforcer's integer parsing refuse ``.``, ``e`` and ``E`` (see the module docstring)."""
+    global _FIXED
+    with _DATA_LOCK:
+        if _FIXED:
+            return
+        from lmformatenforcer.jsonschemaparser import NumberParsingState
+
+        original = NumberParsingState.get_allowed_characters
+
+        def get_allowed_characters(self: Any) -> str:
+            allowed = original(self)
+            if self.allow_floating_point:
+                return allowed
+            return "".join(c for c in allowed if c not in ".eE+")  # "+" only ever follows an exponent
+
+        NumberParsingState.get_allowed_characters = get_allowed_characters
+        _FIXED = True
+
+
 class Constraint:
     """The allowed next tokens of one constrained generation (fed the tokens generated so far)."""
 
@@ -100,6 +127,7 @@ class Constraint:
             TokenEnforcer,
         )
 
+        _fix_integers()
         try:
             if tool_schema is not None:
                 # "name" before "arguments", as the template writes calls
