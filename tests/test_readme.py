@@ -24,3 +24,4 @@ def test_library_example_runs(tmp_path):
               and "Traceback" not in line]
     assert out.returncode == 0, "\n".join(leaves[-5:]) + "\n" + out.stderr[-2000:]
     assert "cost:" in out.stdout and "µc so far" in out.stdout and "'available'" in out.stdout
+    assert "tool call: {'name': 'get_weather'" in out.stdout and "384 dims" in out.stdout, out.stdout
