@@ -73,7 +73,9 @@ class CallOptions:
         if fmt.get("type") == "json_object":
             return {}
         if fmt.get("type") == "json_schema":
-            return dict((fmt.get("json_schema") or {}).get("schema") or {})
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return dict(schema) if isinstance(schema, dict) else {}
         return None
 
     def tool_named(self, name: str) -> dict[str, Any] | None:
@@ -171,7 +173,7 @@ def _openai_tool(t: Any) -> dict[str, Any]:
     if t.description:
         fn["description"] = t.description
     if t.parameters:
-        fn["parameters"] = json.loads(t.parameters)
+        fn["parameters"] = _json_object(t.parameters, f"tool {t.name}'s parameters")
     if t.strict:
         fn["strict"] = True
     return {"type": "function", "function": fn}
@@ -181,8 +183,24 @@ def from_request(request: Any) -> tuple[list[dict[str, Any]], CallOptions]:
     """A v1 or v2 call request as OpenAI-shaped messages and the options it asks for.
 
     Raises:
-        ValueError: JSON text in the request (a tool's parameters, the schema) does not parse.
+        ValueError: JSON text in the request (a tool's parameters, the schema) does not parse, is
+            nested too deep, or is not an object where one is needed: a remote consumer sent it,
+            so every such shape is this one error, never another exception.
     """
+    try:
+        return _from_request(request)
+    except (TypeError, AttributeError, KeyError, RecursionError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the request's JSON is malformed: {type(exc).__name__}: {str(exc)[:120]}") from exc
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return value
+
+
+def _from_request(request: Any) -> tuple[list[dict[str, Any]], CallOptions]:
     messages = [_openai_message(m) for m in request.messages]
     if not isinstance(request, protocol.RequestV2):
         return messages, CallOptions()
@@ -193,11 +211,11 @@ def from_request(request: Any) -> tuple[list[dict[str, Any]], CallOptions]:
     if request.response_format == "json_object":
         fmt = {"type": "json_object"}
     elif request.response_format == "json_schema":
-        fmt = {"type": "json_schema", "json_schema": json.loads(request.json_schema)}
-    try:
-        tools = tuple(_openai_tool(t) for t in request.tools)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"a tool's parameters are not JSON: {exc}") from exc
+        spec = _json_object(request.json_schema, "the json_schema format")
+        if not isinstance(spec.get("schema", {}), dict):
+            raise ValueError("the json_schema format's schema is not a JSON object")
+        fmt = {"type": "json_schema", "json_schema": spec}
+    tools = tuple(_openai_tool(t) for t in request.tools)
     return messages, CallOptions(tools=tools, tool_choice=choice, response_format=fmt, seed=request.seed,
                                  logprobs=request.logprobs, top_logprobs=request.top_logprobs, user=request.user,
                                  prompt=request.prompt)

@@ -238,10 +238,11 @@ def endpoint(fn: Handler, shape: Shape, token: str | None) -> Handler:
             if token is not None:
                 check_bearer(request, token)
             result = await _unless_the_client_goes(request, fn)
+            # rendered here, so a value JSON cannot carry is an error body too, not a bare 500
+            return result if isinstance(result, (Response, EventStream)) else JSONResponse(result)
         except Exception as exc:
             problem = problem_of(exc)
             return JSONResponse(shape(problem), status_code=problem.status, headers=problem.headers)
-        return result if isinstance(result, (Response, EventStream)) else JSONResponse(result)
 
     return handler
 

@@ -95,3 +95,21 @@ def test_results_in_openai_shape():
     doc = openai_logprobs([lp])
     assert doc["content"][0]["logprob"] == -0.25 and doc["content"][0]["bytes"] == [72, 105]
     assert json.dumps(doc)  # plain JSON
+
+
+@pytest.mark.parametrize("json_schema, tool_parameters", [
+    ("[1]", ""),  # not an object
+    ('{"name": "x", "schema": 5}', ""),  # a schema that is not an object
+    ("[" * 70_000, ""),  # nested past the parser's recursion limit
+    ("", "[1]"),  # tool parameters that are not an object
+    ("", "{not json"),
+])
+def test_malformed_json_from_a_remote_consumer_is_one_value_error(json_schema, tool_parameters):
+    """A provider reads these from a stranger's request: each is a ValueError (a free bad_request), never a
+    TypeError, AttributeError or RecursionError that would break the session."""
+    request = protocol.RequestV2(
+        session_id=bytes(16), call_seq=0, max_tokens=8, messages=(protocol.Turn(role="user", content="hi"),),
+        tools=(protocol.Tool(name="f", parameters=tool_parameters),) if tool_parameters else (),
+        response_format="json_schema" if json_schema else "", json_schema=json_schema)
+    with pytest.raises(ValueError):
+        from_request(request)
