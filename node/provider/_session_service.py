@@ -49,7 +49,7 @@ import datetime as dt
 import logging
 import math
 import secrets
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -440,6 +440,28 @@ class _StreamSession:
             self.machine.report_queue(position)
             await self._flush()
 
+    async def _attempt(self, run: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """``run()`` (a backend's work in a queue slot) while the session is listened to: ``(True,
+        its result)``; a full queue, a queue timeout or a backend failure fails the call instead
+        (its CallError queued, nothing charged): ``(False, None)``. An option the backend cannot
+        serve is the caller's to change (``bad_request``), not a failure of the model."""
+        assert self.offer is not None and self.backend is not None
+        service, offer, machine = self.service, self.offer, self.machine
+        try:
+            return True, await self._while_listening(run)
+        except QueueFull as exc:
+            machine.fail_call("capacity", str(exc))
+        except QueueTimeout as exc:
+            service.sla.record(offer.model, None, False)
+            machine.fail_call("timeout", str(exc))
+        except BackendUnsupported as exc:
+            machine.fail_call("bad_request", str(exc))
+        except BackendError as exc:
+            _logger.warning("backend %s failed: %s", self.backend.spec, exc)
+            service.record_outcome(offer.model, False, None)
+            machine.fail_call("backend_error", str(exc))
+        return False, None
+
     async def _embed(self, request: protocol.EmbedRequest) -> None:
         """An embeddings call: count, admit, embed in a queue slot, send the vectors, bill the input."""
         assert self.offer is not None and self.backend is not None and self.machine.open_msg is not None
@@ -458,22 +480,8 @@ class _StreamSession:
                                                               self._on_position):
                 return await backend.embed(request.inputs, request.dimensions)  # type: ignore[attr-defined]
 
-        try:
-            result = await self._while_listening(run)
-        except QueueFull as exc:
-            machine.fail_call("capacity", str(exc))
-            return
-        except QueueTimeout as exc:
-            service.sla.record(offer.model, None, False)
-            machine.fail_call("timeout", str(exc))
-            return
-        except BackendUnsupported as exc:
-            machine.fail_call("bad_request", str(exc))
-            return
-        except BackendError as exc:
-            _logger.warning("backend %s failed: %s", backend.spec, exc)
-            service.record_outcome(offer.model, False, None)
-            machine.fail_call("backend_error", str(exc))
+        ok, result = await self._attempt(run)
+        if not ok:
             return
         if machine.state is not protocol.ProviderState.IN_CALL:  # the consumer closed the session: nothing billed
             return
@@ -527,24 +535,11 @@ class _StreamSession:
                                               options=options)
 
         try:
-            result = await self._while_listening(run)
+            ok, result = await self._attempt(run)
         except StreamClosed:
             self.walked_away = self.walked_away or bool(first)  # part of an answer, and gone
             raise
-        except QueueFull as exc:
-            machine.fail_call("capacity", str(exc))
-            return
-        except QueueTimeout as exc:
-            service.sla.record(offer.model, None, False)
-            machine.fail_call("timeout", str(exc))
-            return
-        except BackendUnsupported as exc:  # an option it cannot serve: the caller's to change, not a failure
-            machine.fail_call("bad_request", str(exc))
-            return
-        except BackendError as exc:
-            _logger.warning("backend %s failed: %s", backend.spec, exc)
-            service.record_outcome(offer.model, False, None)
-            machine.fail_call("backend_error", str(exc))
+        if not ok:
             return
         if machine.state is protocol.ProviderState.CANCELLING:  # bill the prefix the consumer received
             _logger.info("call %d cancelled by the consumer after %s chunks", request.call_seq, machine.cancelled_after)
