@@ -40,7 +40,14 @@ import protocol
 
 from ..._calls import CallOptions
 from ._base import CHAT_FEATURES, Backend, BackendError, BackendUnsupported, Generation, OnPiece
-from ._constrained import Constraint, TokenizerData, check_schema, tool_call_schema
+from ._constrained import (
+    Constraint,
+    ConstraintFailed,
+    ConstraintStopped,
+    TokenizerData,
+    check_call_schema,
+    tool_call_schema,
+)
 from ._tool_format import HermesParser, ParsedCall, new_call_id, template_messages, uses_hermes
 
 __all__ = ["TransformersBackend"]
@@ -128,9 +135,7 @@ class TransformersBackend(Backend):
             if not self._hermes:
                 raise BackendUnsupported(f"{self.spec}: forcing a tool call needs a chat template in the Hermes "
                                          "<tool_call> format")
-            tool_call_schema(options.tools, forced)  # the forced function is among the tools
-        if options.json_schema() is not None:
-            check_schema(options.json_schema())
+        check_call_schema(options)  # the forced function is among the tools; the schema is cheap and satisfiable
 
     def _prompt_ids(self, messages: Sequence[dict[str, Any]], options: CallOptions) -> list[int]:
         tok = self._tokenizer
@@ -252,9 +257,21 @@ class TransformersBackend(Backend):
                     if self._suppressed:
                         logits[self._suppressed] = -math.inf
                     if constraint is not None:
+                        try:
+                            allowed = constraint.allowed(cancel.is_set)
+                        except ConstraintStopped:
+                            finish = "stop"
+                            break
+                        except ConstraintFailed as exc:  # the output cannot be completed: not a clean stop
+                            _logger.warning("%s: constrained decoding ended the output early: %s", self.spec, exc)
+                            break
                         mask = torch.full_like(logits, -math.inf)
-                        mask[constraint.allowed(generated)] = 0.0
+                        mask[allowed] = 0.0
                         logits = logits + mask
+                        if not bool(torch.isfinite(logits).any()):  # every allowed token is suppressed
+                            _logger.warning("%s: constrained decoding ended the output early: only suppressed "
+                                            "tokens may follow", self.spec)
+                            break
                     if temperature > 0:
                         logits = _top_p(logits / temperature, top_p)
                         choice = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
@@ -268,6 +285,12 @@ class TransformersBackend(Backend):
                     if emitter.step(generated, lp):
                         finish = "stop"  # a stop string
                         break
+                    if constraint is not None:
+                        try:
+                            constraint.feed(choice)
+                        except ConstraintFailed as exc:
+                            _logger.warning("%s: constrained decoding ended the output early: %s", self.spec, exc)
+                            break
                     if step + 1 < max_tokens:
                         out = self._model(input_ids=torch.tensor([[choice]], device=device), use_cache=True,
                                           **{self._cache_arg: _cache_of(out)})
@@ -329,14 +352,42 @@ def _top_p(logits: Any, top_p: float) -> Any:
     return out
 
 
+class _Detokenizer:
+    """Incremental decoding (as vLLM's): each step decodes a window of the newest tokens only,
+    from a checkpoint (``_prefix``) whose text is already known, so a step costs its window, not
+    the whole output. Both decodes of a step start at the checkpoint, so what a tokenizer does at
+    the start of a text (a dropped leading space) cancels out. Text that ends inside a UTF-8
+    character waits for the rest, for at most ``_MAX_PENDING`` tokens (then it goes out as is)."""
+
+    _MAX_PENDING = 16
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._prefix = 0  # the window starts here
+        self._read = 0  # tokens before this are text already given out
+
+    def step(self, ids: list[int], final: bool) -> str:
+        """The new text that ``ids`` (the whole output so far) settles."""
+        if len(ids) == self._read:
+            return ""
+        known = self._tok.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        text = self._tok.decode(ids[self._prefix:], skip_special_tokens=True)
+        pending = len(ids) - self._read
+        if not final and pending < self._MAX_PENDING and (text.endswith("\ufffd") or len(text) <= len(known)):
+            return ""  # an unfinished character, or tokens with no text yet
+        self._prefix, self._read = self._read, len(ids)
+        return text[len(known):]
+
+
 class _Emitter:
     """Turns the growing token list into pieces (worker thread): incremental text that never ends
     inside a UTF-8 character, cut at a stop string, split into text and tool calls by the Hermes
     parser when the call offers tools; each piece carries the tokens (and logprobs) since the last."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str], parser: HermesParser | None, send: Any) -> None:
-        self._tok, self._stop, self._parser, self._send = tokenizer, tuple(s for s in stop if s), parser, send
-        self._text = ""  # the decoded text already handed to the parser
+        self._detok, self._stop, self._parser, self._send = _Detokenizer(tokenizer), tuple(s for s in stop if s), \
+            parser, send
+        self._held = ""  # decoded text held back: it may be the start of a stop string
         self._tokens = 0  # tokens not yet claimed by a piece
         self._lps: list[protocol.TokenLogprob] = []
         self.sent_tokens = 0
@@ -356,19 +407,15 @@ class _Emitter:
             self._emit(generated, final=True)
 
     def _emit(self, generated: list[int], final: bool) -> None:
-        text = self._tok.decode(generated, skip_special_tokens=True)
-        for s in self._stop:
-            at = text.find(s, max(0, len(self._text) - len(s) + 1))
-            if at >= 0:
-                text, self._stopped = text[:at], True
+        text = self._held + self._detok.step(generated, final)
+        cut = min((at for at in (text.find(s) for s in self._stop) if at >= 0), default=-1)
+        if cut >= 0:  # the held text was searched before: it holds no whole stop string, so this one is new
+            text, self._stopped = text[:cut], True
         final = final or self._stopped
-        if not final and text.endswith("\ufffd"):
-            return  # an unfinished multi-byte character: wait for its other bytes
-        if not final:  # an end that may yet become a stop string waits for the next token
-            text = text[:len(text) - _stop_prefix(text, self._stop)]
-            if len(text) <= len(self._text):
-                return
-        new, self._text = text[len(self._text):], text
+        keep = 0 if final else _stop_prefix(text, self._stop)  # an end that may yet become a stop string waits
+        new, self._held = text[:len(text) - keep], text[len(text) - keep:]
+        if not new and not final and self._tokens < _FLUSH_TOKENS:
+            return
         if self._parser is None:
             events: list[str | ParsedCall] = [new] if new else []
         else:
