@@ -11,21 +11,30 @@ Rules this module owns (docs/PROTOCOL.md, "Agent calls"):
 - A v2 request's shape (``request_problem``): a legacy ``prompt`` comes without messages or
   tools, and some prompt or message is there; ``tool_choice`` is "", "none", "auto",
   "required" (tools needed) or "function:NAME" naming one of the tools; ``json_schema`` is
-  given iff ``response_format`` is "json_schema". An embed request has at least one input.
-  The consumer never sends a request that breaks them; the provider refuses one (``CallError``
+  given iff ``response_format`` is "json_schema", and is a JSON object with a string ``name``
+  and an object ``schema``; a tool's ``parameters`` ("" or) a JSON object; no JSON text nests
+  deeper than ``MAX_JSON_DEPTH`` (32). An embed request has at least one input. The consumer
+  never sends a request that breaks them; the provider refuses one (``CallError``
   ``bad_request``) without starting it.
-- A streamed tool call is a sequence of ``ToolCallDelta`` pieces (OpenAI's delta shape);
-  the delta that begins an index names the function (``unnamed_call``);
+- A streamed tool call is a sequence of ``ToolCallDelta`` pieces (OpenAI's delta shape), only on
+  a call that offered tools, whose ``tool_choice`` is not "none", without a ``prompt``
+  (``tool_call_problem``): the delta that begins an index gives a non-empty ``id`` and the name
+  of one of the tools (the forced one for "function:NAME"); a later delta of the index gives
+  neither (so id and name are metered once, and every billed byte is in the accumulated call).
   ``accumulate_tool_calls`` is the one reading of them, and ``call_output_hash`` the one hash of
   what a v2 call produced. ``request_token_bound`` is the one prompt bound of every request kind.
+- Embedding vectors are finite (``finite_vectors``): no NaN or infinity is produced or paid for.
 Pure: no clock, no I/O.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import json
+import math
+import sys
 from typing import Any, Iterable, Sequence
 
 from ._codec import (
@@ -43,12 +52,20 @@ from ._codec import (
     wire,
 )
 from ._messages import ChatMessage, Request
-from ._metering import EMBED_INPUT_OVERHEAD, MESSAGE_OVERHEAD, PROMPT_OVERHEAD, TOOLS_OVERHEAD, prompt_token_bound
+from ._metering import (
+    EMBED_INPUT_OVERHEAD,
+    MESSAGE_OVERHEAD,
+    PROMPT_OVERHEAD,
+    TOOL_OVERHEAD,
+    TOOLS_OVERHEAD,
+    prompt_token_bound,
+)
 
 __all__ = [
     "FEATURES",
     "MAX_EMBED_INPUTS",
     "MAX_EMBED_DIMS",
+    "MAX_JSON_DEPTH",
     "RESPONSE_FORMATS",
     "ToolCall",
     "Turn",
@@ -68,13 +85,15 @@ __all__ = [
     "metered_bytes",
     "is_plain",
     "request_problem",
-    "unnamed_call",
+    "tool_call_problem",
+    "finite_vectors",
 ]
 
 #: the names a ``ModelOffer.features`` may carry (ModelOffer itself is unchanged)
 FEATURES = ("streaming", "tools", "json", "logprobs", "embeddings", "completions")
 MAX_EMBED_INPUTS = 64  # texts in one embed_request
 MAX_EMBED_DIMS = 3072  # dimensions of one vector
+MAX_JSON_DEPTH = 32  # nesting of a request's JSON texts (a schema, tool parameters)
 RESPONSE_FORMATS = ("", "json_object", "json_schema")
 _ROLES = ("system", "user", "assistant", "tool")
 _ID = Bytes(16)
@@ -262,22 +281,33 @@ def _b(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def request_token_bound(request: Request | RequestV2 | EmbedRequest) -> int:
-    """The most input tokens a call of ``request`` may bill (docs/PROTOCOL.md, "Metering")."""
+def request_token_bound(request: Request | RequestV2 | EmbedRequest, max_context: int | None = None) -> int:
+    """The most input tokens a call of ``request`` may bill (docs/PROTOCOL.md, "Metering").
+
+    Args:
+        max_context: the session's accepted context. It caps each input of an embeddings call
+            (the model truncates an input past it): both session machines pass it. Without it
+            (a caller with no session yet, estimating a cost) the bound is the uncapped one,
+            never below the capped one. A chat call's bound does not depend on it (its whole
+            prompt is checked against the context apart).
+    """
     if isinstance(request, Request):
         return prompt_token_bound((m.role, m.content) for m in request.messages)
     if isinstance(request, EmbedRequest):
-        return sum(EMBED_INPUT_OVERHEAD + _b(t) for t in request.inputs)
+        cap = max_context if max_context is not None else 1 << 62
+        return sum(min(EMBED_INPUT_OVERHEAD + _b(t), cap) for t in request.inputs)
     turns = sum(MESSAGE_OVERHEAD + _b(t.role) + _b(t.content) + _b(t.name) + _b(t.tool_call_id)
                 + sum(_b(c.id) + _b(c.name) + _b(c.arguments) for c in t.tool_calls) for t in request.messages)
-    tools = (TOOLS_OVERHEAD + sum(MESSAGE_OVERHEAD + _b(t.name) + _b(t.description) + _b(t.parameters)
+    # a template renders each tool as spaced JSON in a wrapper: up to twice its compact bytes
+    tools = (TOOLS_OVERHEAD + sum(TOOL_OVERHEAD + 2 * (_b(t.name) + _b(t.description) + _b(t.parameters))
                                   for t in request.tools)) if request.tools else 0
     return PROMPT_OVERHEAD + turns + tools + _b(request.json_schema) + _b(request.prompt or "")
 
 
 def metered_bytes(text: str, tool_calls: Iterable[ToolCallDelta] = ()) -> int:
     """A chunk's "text bytes" for every rule that counts them: its text and its deltas' id, name
-    and arguments (UTF-8)."""
+    and arguments (UTF-8). Only the delta that begins a tool call may give an id and a name
+    (``tool_call_problem``), so they are metered once per call."""
     return _b(text) + sum(_b(d.id) + _b(d.name) + _b(d.arguments) for d in tool_calls)
 
 
@@ -310,18 +340,82 @@ def request_problem(request: Request | RequestV2 | EmbedRequest) -> str:
         return "tool_choice required needs tools"
     if (request.response_format == "json_schema") != bool(request.json_schema):
         return "json_schema is given with response_format json_schema, and only then"
+    if request.json_schema:
+        schema, problem = _json_object(request.json_schema, "json_schema")
+        if problem:
+            return problem
+        if not isinstance(schema.get("name"), str) or not isinstance(schema.get("schema"), dict):
+            return "json_schema is not an object with a string name and an object schema"
+    for tool in request.tools:
+        if tool.parameters:
+            _, problem = _json_object(tool.parameters, f"the parameters of tool {tool.name!r:.70}")
+            if problem:
+                return problem
     return ""
 
 
-def unnamed_call(named: set[int], deltas: Iterable[ToolCallDelta]) -> int | None:
-    """The index of the first of ``deltas`` that begins a tool call (an index not in ``named``,
-    the indices begun so far) without naming the function, or None: then ``named`` gains the
-    indices ``deltas`` begin. So an accumulated call always has a name."""
-    begun = set(named)
+def _json_object(text: str, what: str) -> tuple[dict, str]:
+    """``text`` parsed when it is a JSON object nesting at most ``MAX_JSON_DEPTH`` levels, else
+    ``({}, why)``. Deep nesting never recurses here: the parser's own limit is caught, and the
+    depth is measured with an explicit stack."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return {}, f"{what} nests deeper than {MAX_JSON_DEPTH} levels"
+    except ValueError:
+        return {}, f"{what} is not JSON"
+    if not isinstance(obj, dict):
+        return {}, f"{what} is not a JSON object"
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return {}, f"{what} nests deeper than {MAX_JSON_DEPTH} levels"
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return obj, ""
+
+
+def tool_call_problem(request: RequestV2, begun: set[int], deltas: Iterable[ToolCallDelta]) -> str:
+    """Why ``deltas`` cannot stream on a call of ``request`` whose tool-call indices ``begun`` so
+    far have begun ("" when they can: then ``begun`` gains the indices they begin).
+
+    Tool calls come only on a call that offered tools, whose ``tool_choice`` is not "none" and
+    that has no ``prompt``. The delta that begins an index gives a non-empty ``id`` and the name
+    of one of the tools (exactly the forced one for "function:NAME"); a later delta of the same
+    index gives neither. So every accumulated call has an id and an offered name, and every
+    billed byte of it is in what the consumer is shown."""
+    deltas = tuple(deltas)
+    if not deltas:
+        return ""
+    if not request.tools or request.tool_choice == "none" or request.prompt is not None:
+        return "tool calls on a call that offered no tools (or tool_choice none, or a completion prompt)"
+    forced = request.tool_choice.startswith("function:")
+    names = {request.tool_choice.removeprefix("function:")} if forced else {t.name for t in request.tools}
+    new: set[int] = set()
     for d in deltas:
-        if d.index not in begun:
-            if not d.name:
-                return d.index
-            begun.add(d.index)
-    named |= begun
-    return None
+        if d.index in begun or d.index in new:
+            if d.id or d.name:
+                return f"tool call {d.index} gives its id or name again"
+        elif not d.name:
+            return f"tool call {d.index} began without the function's name"
+        elif not d.id:
+            return f"tool call {d.index} began without an id"
+        elif d.name not in names:
+            return f"tool call {d.index} calls {d.name!r:.70}, which is not " + (
+                "the function tool_choice forces" if forced else "one of the tools offered")
+        else:
+            new.add(d.index)
+    begun |= new
+    return ""
+
+
+def finite_vectors(vectors: bytes) -> bool:
+    """True when every float32 (little-endian) of ``vectors`` is finite: no NaN, no infinity.
+    ``len(vectors)`` is a multiple of 4."""
+    floats = array.array("f")
+    floats.frombytes(vectors)
+    if sys.byteorder != "little":
+        floats.byteswap()
+    return all(map(math.isfinite, floats))
+

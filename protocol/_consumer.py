@@ -12,10 +12,12 @@ receipt is refused.
 A call with any agent extra (tools, a response format, a seed, logprobs, a user, a completion
 prompt, or a turn with a name, tool call id or tool calls) goes out as a ``RequestV2`` and takes
 only ``ChunkV2``s; a plain one stays a v1 ``Request`` taking only v1 ``Chunk``s, so old providers
-keep working. Tool-call deltas count as text for every metering rule (``metered_bytes``) and the
-receipt's output hash covers them (``call_output_hash``). An embeddings call (``embed``) takes one
-``EmbedResult`` and then a receipt billing its input only (``tokens_out`` 0, ``embedding_hash``);
-it cannot be cancelled.
+keep working. Tool-call deltas come only as ``tool_call_problem`` allows (offered tools, an id and
+an offered name once per call); they count as text for every metering rule (``metered_bytes``)
+and the receipt's output hash covers them (``call_output_hash``). A call's logprobs never
+outnumber the tokens its chunks claimed plus ``TOKEN_SLACK`` (nor ``max_tokens``). An embeddings call (``embed``) takes one
+``EmbedResult`` of finite vectors and then a receipt billing its input only (``tokens_out`` 0,
+``embedding_hash``, each input at most the accepted context); it cannot be cancelled.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from ._agent_messages import (
     accumulate_tool_calls,
     call_output_hash,
     embedding_hash,
+    finite_vectors,
     is_plain,
     metered_bytes,
     request_problem,
     request_token_bound,
-    unnamed_call,
+    tool_call_problem,
 )
 from ._errors import (
     Expired,
@@ -75,6 +78,7 @@ from ._messages import (
 )
 from ._metering import (
     MAX_BYTES_PER_TOKEN,
+    TOKEN_SLACK,
     billable_output_tokens,
     cancelled_output_tokens,
     completion_byte_limit,
@@ -460,8 +464,11 @@ class ConsumerSession(_Machine):
         if self._tokens_out + msg.tokens > req.max_tokens:
             raise UnexpectedMessage("the provider streamed more tokens than max_tokens")
         deltas = msg.tool_calls if isinstance(msg, ChunkV2) else ()
-        if deltas and unnamed_call(self._named, deltas) is not None:
-            raise UnexpectedMessage("a tool call began without the function's name")
+        if deltas:
+            assert isinstance(req, RequestV2)
+            problem = tool_call_problem(req, self._named, deltas)
+            if problem:
+                raise UnexpectedMessage(problem)
         size = metered_bytes(msg.text, deltas)
         if self._text_bytes + size > completion_byte_limit(req.max_tokens):
             raise UnexpectedMessage(f"the provider streamed more than {completion_byte_limit(req.max_tokens)} "
@@ -470,8 +477,10 @@ class ConsumerSession(_Machine):
             assert isinstance(req, RequestV2)
             if not req.logprobs:
                 raise UnexpectedMessage("logprobs on a call that did not ask for them")
-            if self._logprobs + len(msg.logprobs) > req.max_tokens:
-                raise UnexpectedMessage("the provider sent logprobs of more tokens than max_tokens")
+            most = min(req.max_tokens, self._tokens_out + msg.tokens + TOKEN_SLACK)
+            if self._logprobs + len(msg.logprobs) > most:
+                raise UnexpectedMessage(f"logprobs of {self._logprobs + len(msg.logprobs)} tokens, over the {most} "
+                                        "the call's claimed tokens (plus slack) and max_tokens allow")
             if any(len(lp.top) > req.top_logprobs for lp in msg.logprobs):
                 raise UnexpectedMessage(f"more than the {req.top_logprobs} top logprobs asked for")
             self._logprobs += len(msg.logprobs)
@@ -499,6 +508,8 @@ class ConsumerSession(_Machine):
         if len(msg.vectors) != want:
             raise UnexpectedMessage(f"embed_result of {len(msg.vectors)} bytes, expected {want} "
                                     f"({len(req.inputs)} vectors of {msg.dims} float32)")
+        if not finite_vectors(msg.vectors):
+            raise UnexpectedMessage("embed_result holds a NaN or an infinity")
         self._embedded = msg
         return EmbeddingsReceived(msg)
 
@@ -558,7 +569,7 @@ class ConsumerSession(_Machine):
                                        f"{MAX_BYTES_PER_TOKEN} bytes per token")
         if not embed and r.tokens_in > self.accept.max_context:  # embedded inputs are each their own context
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the context")
-        bound = request_token_bound(req)
+        bound = request_token_bound(req, self.accept.max_context)
         if r.tokens_in > bound:
             raise ReceiptPriceMismatch(f"receipt bills {r.tokens_in} input tokens, over the {bound} this prompt "
                                        "can take")

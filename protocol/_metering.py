@@ -17,10 +17,15 @@ the consumer refuses, and a dishonest one is never paid past what the consumer c
   (``cancelled_output_tokens``), so a backend that counts tokens only at the end (an upstream
   server's usage) still bills received text within the rules above.
 - **Agent calls** (``request_token_bound``, protocol/_agent_messages.py): a v2 request's bound
-  adds each turn's ``name``, ``tool_call_id`` and tool calls, ``TOOLS_OVERHEAD`` plus each tool
-  when there are tools, the JSON schema and a legacy ``prompt``; an embeddings request bounds at
-  ``EMBED_INPUT_OVERHEAD`` plus the bytes of each input. A v2 chunk's "text bytes" are its text
-  plus its tool-call deltas' id, name and arguments, for every rule above that counts them.
+  adds each turn's ``name``, ``tool_call_id`` and tool calls, the JSON schema and a legacy
+  ``prompt``; when there are tools, ``TOOLS_OVERHEAD`` plus, per tool, ``TOOL_OVERHEAD`` and
+  twice the bytes of its name, description and parameters (a template renders each tool as
+  spaced JSON inside a wrapper object, which can double its compact bytes). An embeddings
+  request bounds each input at ``min(EMBED_INPUT_OVERHEAD + bytes(input), max_context)`` (the
+  accepted context: the model truncates past it). A v2 chunk's "text bytes" are its text plus
+  the id and name of each delta that begins a tool call and every delta's arguments, for every
+  rule above that counts them; a call's logprobs never outnumber its claimed tokens plus
+  ``TOKEN_SLACK``.
 - **Context**: ``max_context`` is the one in the signed listing the consumer chose from; an
   Accept naming more is refused.
 Pure arithmetic on integers: no clock, no I/O.
@@ -37,6 +42,7 @@ __all__ = [
     "MAX_BYTES_PER_TOKEN",
     "MAX_COMPLETION_BYTES",
     "TOOLS_OVERHEAD",
+    "TOOL_OVERHEAD",
     "EMBED_INPUT_OVERHEAD",
     "prompt_token_bound",
     "completion_byte_limit",
@@ -50,6 +56,7 @@ TOKEN_SLACK = 16  # completion tokens per call that may decode to no text
 MAX_BYTES_PER_TOKEN = 32  # no vocabulary's tokens average more over a whole completion
 MAX_COMPLETION_BYTES = 8 << 20  # one call's text, whatever max_tokens says
 TOOLS_OVERHEAD = 512  # a chat template's tool preamble, when a request offers tools
+TOOL_OVERHEAD = 64  # per tool: its wrapper ({"type": "function", "function": {...}}) and layout
 EMBED_INPUT_OVERHEAD = 8  # per embedded text: its special tokens
 
 

@@ -9,12 +9,14 @@ whole call had already gone out, the prefix's receipt is queued in its place (th
 only that one).
 
 A ``RequestV2`` call streams ``ChunkV2``s (``chunk(..., tool_calls=, logprobs=)``), a v1 call
-v1 ``Chunk``s and no extras; tool-call deltas are metered as text (``metered_bytes``) and the
-receipt's output hash is ``call_output_hash`` of the text and accumulated calls (of the prefix
-when cancelled). An ``EmbedRequest`` call sends one ``embed_result`` and bills its input only
-(``tokens_out`` 0, ``embedding_hash``); a ``Cancel`` of it is a protocol error. A request that
+v1 ``Chunk``s and no extras; tool-call deltas only as ``tool_call_problem`` allows, metered as
+text (``metered_bytes``), and logprobs no more than the claimed tokens plus ``TOKEN_SLACK``: the
+machine refuses to produce what the consumer would refuse. The receipt's output hash is ``call_output_hash`` of the text and accumulated calls (of the prefix
+when cancelled). An ``EmbedRequest`` call sends one ``embed_result`` of finite vectors and bills its input
+only (``tokens_out`` 0, ``embedding_hash``); a ``Cancel`` of it is a protocol error. A request that
 breaks its kind's shape rules (``request_problem``) is refused with a ``CallError``
-``bad_request`` before any event. Every call bills at most ``request_token_bound`` input tokens."""
+``bad_request`` before any event. Every call bills at most ``request_token_bound`` input tokens
+(of the accepted context)."""
 
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ from ._agent_messages import (
     accumulate_tool_calls,
     call_output_hash,
     embedding_hash,
+    finite_vectors,
     metered_bytes,
     request_problem,
     request_token_bound,
-    unnamed_call,
+    tool_call_problem,
 )
 from ._errors import (
     BadSignature,
@@ -65,7 +68,7 @@ from ._messages import (
     Reject,
     Request,
 )
-from ._metering import billable_output_tokens, cancelled_output_tokens, completion_byte_limit
+from ._metering import TOKEN_SLACK, billable_output_tokens, cancelled_output_tokens, completion_byte_limit
 from ._pricing import Price, call_cost, discounted, max_output_tokens_within
 from ._session import (
     CallCancelled,
@@ -313,7 +316,7 @@ class ProviderSession(_Machine):
         if not embed and tokens_in > self.accept.max_context:
             return self._refuse("context_too_long", f"{tokens_in} prompt tokens, limit {self.accept.max_context}")
         ceiling = 0 if embed else min(req.max_tokens, max(0, self.accept.max_context - tokens_in))
-        billed_in = min(tokens_in, request_token_bound(req))
+        billed_in = min(tokens_in, request_token_bound(req, self.accept.max_context))
         limit = max_output_tokens_within(self.accept.price, billed_in, self.cap - self.cumulative, ceiling)
         if limit < 0:
             return self._refuse("over_budget", f"{self.cap - self.cumulative} µc left in this session")
@@ -360,8 +363,10 @@ class ProviderSession(_Machine):
             SpendLimitReached: more tokens than ``start_call`` admitted, or more text (deltas
                 included) than the admitted limit (or ``max_tokens``, the smaller) allows.
             IllegalTransition: no call running, the consumer cancelled it (CANCELLING), an
-                embeddings call, extras on a v1 call, logprobs the call did not ask for (or more
-                than ``max_tokens`` of them, or more alternatives than ``top_logprobs``).
+                embeddings call, extras on a v1 call, tool-call deltas ``tool_call_problem``
+                refuses, logprobs the call did not ask for (or more alternatives than
+                ``top_logprobs``, or in all more than ``max_tokens`` or the claimed tokens plus
+                ``TOKEN_SLACK``).
         """
         self._expect(ProviderState.IN_CALL)
         req = self._request
@@ -375,11 +380,14 @@ class ProviderSession(_Machine):
             assert isinstance(req, RequestV2)
             if not req.logprobs:
                 raise IllegalTransition("logprobs on a call that did not ask for them")
-            if self._logprobs + len(logprobs) > req.max_tokens or any(len(lp.top) > req.top_logprobs
-                                                                     for lp in logprobs):
-                raise IllegalTransition(f"more logprobs than max_tokens, or more than {req.top_logprobs} top ones")
-        if tool_calls and unnamed_call(self._named, tool_calls) is not None:
-            raise IllegalTransition("a tool call's first delta names the function")
+            if any(len(lp.top) > req.top_logprobs for lp in logprobs):
+                raise IllegalTransition(f"more than the {req.top_logprobs} top logprobs asked for")
+        named = set(self._named)
+        if tool_calls:
+            assert isinstance(req, RequestV2)
+            problem = tool_call_problem(req, named, tool_calls)
+            if problem:
+                raise IllegalTransition(problem)
         if self._generated + tokens > self._limit:
             raise SpendLimitReached(f"completion would pass its {self._limit}-token limit")
         size = metered_bytes(text, tool_calls)
@@ -388,10 +396,15 @@ class ProviderSession(_Machine):
         byte_limit = completion_byte_limit(min(req.max_tokens, self._limit))
         if self._text_bytes + size > byte_limit:
             raise SpendLimitReached(f"completion would pass {byte_limit} bytes")
+        claimed = billable_output_tokens(self._generated + tokens, self._text_bytes + size) - self._tokens_out
+        most = min(req.max_tokens, self._tokens_out + claimed + TOKEN_SLACK)
+        if self._logprobs + len(logprobs) > most:
+            raise IllegalTransition(f"logprobs of {self._logprobs + len(logprobs)} tokens, over the {most} the "
+                                    "call's claimed tokens (plus slack) and max_tokens allow")
+        self._named = named
         self._generated += tokens
         self._text_bytes += size
         self._logprobs += len(logprobs)
-        claimed = billable_output_tokens(self._generated, self._text_bytes) - self._tokens_out
         common = dict(session_id=self.session_id, call_seq=self.next_seq, index=len(self._text), text=text,
                       tokens=claimed)
         msg: Chunk | ChunkV2 = (ChunkV2(**common, tool_calls=tuple(tool_calls), logprobs=tuple(logprobs)) if v2
@@ -410,8 +423,8 @@ class ProviderSession(_Machine):
 
         Raises:
             IllegalTransition: no embeddings call running, or its result was sent already.
-            InvalidMessage: ``dims`` is 0 or not the dimensions asked, or ``vectors`` is not
-                ``len(inputs) * dims * 4`` bytes.
+            InvalidMessage: ``dims`` is 0 or not the dimensions asked, ``vectors`` is not
+                ``len(inputs) * dims * 4`` bytes, or holds a NaN or an infinity.
         """
         self._expect(ProviderState.IN_CALL)
         req = self._request
@@ -423,6 +436,8 @@ class ProviderSession(_Machine):
             raise InvalidMessage(f"{dims} dimensions, the call asked {req.dimensions or 'any (>= 1)'}")
         if len(vectors) != len(req.inputs) * dims * 4:
             raise InvalidMessage(f"{len(vectors)} bytes of vectors, expected {len(req.inputs) * dims * 4}")
+        if not finite_vectors(vectors):
+            raise InvalidMessage("the vectors hold a NaN or an infinity")
         msg = EmbedResult(session_id=self.session_id, call_seq=self.next_seq, dims=dims, vectors=vectors)
         self._embedded = msg
         self._outbox.append(msg)

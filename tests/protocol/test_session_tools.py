@@ -82,12 +82,14 @@ def test_request_token_bound_of_each_kind():
                                       Turn(role="tool", content="ok", name="f", tool_call_id="c1")),
                             response_format="json_schema", json_schema='{"name":"x"}')
     turns = (8 + 9 + 0 + 0 + 0 + (2 + 1 + 2)) + (8 + 4 + 2 + 1 + 2)
-    tools = protocol.TOOLS_OVERHEAD + 8 + 1 + 0 + 2
+    tools = protocol.TOOLS_OVERHEAD + protocol.TOOL_OVERHEAD + 2 * (1 + 0 + 2)
     assert protocol.request_token_bound(v2) == 16 + turns + tools + len('{"name":"x"}')
     completion = protocol.RequestV2(session_id=b"s" * 16, call_seq=0, messages=(), max_tokens=5, prompt="once upon")
     assert protocol.request_token_bound(completion) == 16 + 9
     embed = protocol.EmbedRequest(session_id=b"s" * 16, call_seq=0, inputs=("ab", "ü"))
     assert protocol.request_token_bound(embed) == (8 + 2) + (8 + 2)
+    assert protocol.request_token_bound(embed, max_context=9) == 9 + 9  # an input is at most the context
+    assert protocol.request_token_bound(v2, max_context=9) == protocol.request_token_bound(v2)
 
 
 # ---- round trips ----------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def test_a_completion_prompt_call_travels_as_v2():
 
 
 deltas_strategy = st.lists(st.tuples(st.text(max_size=6), st.lists(st.tuples(
-    st.integers(0, 2), st.text("abc", max_size=3), st.text("fg", max_size=3), st.text('{}":x', max_size=8)),
+    st.integers(0, 2), st.text("abc", min_size=1, max_size=3), st.text('{}":x', max_size=8)),
     max_size=2)), min_size=1, max_size=8)
 
 
@@ -193,11 +195,14 @@ def test_any_split_of_text_and_tool_call_deltas_is_countersigned(pieces, cut):
     sent, begun = [], set()
     for text, ds in pieces:
         deltas = []
-        for i, cid, name, a in ds:  # a call's first delta names its function; later ones may too
-            deltas.append(ToolCallDelta(index=i, id=cid, name=name or ("" if i in begun else "f"), arguments=a))
+        for i, cid, a in ds:  # a call's first delta gives its id and function, later ones neither
+            first = i not in begun
+            deltas.append(ToolCallDelta(index=i, id=cid if first else "", name="get_weather" if first else "",
+                                        arguments=a))
             begun.add(i)
         deltas = tuple(deltas)
-        pair.provider.chunk(text, 1, tool_calls=deltas)
+        tokens = max(1, -(-protocol.metered_bytes(text, deltas) // protocol.MAX_BYTES_PER_TOKEN))  # an honest count
+        pair.provider.chunk(text, tokens, tool_calls=deltas)
         sent.append((text, deltas))
     pair.to_consumer()
     cut = min(cut, len(sent))
@@ -236,7 +241,7 @@ def test_a_v1_chunk_on_a_v2_call_and_a_v2_chunk_on_a_v1_call_are_refused():
 def test_tool_call_bytes_count_against_the_byte_limit():
     pair = _opened()
     pair.consumer.request(USER, 2, tools=(TOOL,))  # at most 64 bytes of text and tool calls
-    big = (ToolCallDelta(index=0, id="c", name="f", arguments="x" * 63),)
+    big = (ToolCallDelta(index=0, id="c", name="get_weather", arguments="x" * 53),)
     with pytest.raises(protocol.UnexpectedMessage, match="bytes of text and tool calls"):
         pair.consumer.receive(_forged_chunk(pair, text="", tool_calls=big), pair.now)
 
@@ -258,10 +263,11 @@ def test_a_receipt_billing_too_few_tokens_for_the_tool_call_bytes_is_refused():
     pair = _opened()
     pair.consumer.request(USER, 64, tools=(TOOL,))
     args = "x" * 100
-    chunk = _forged_chunk(pair, text="", tokens=1, tool_calls=(ToolCallDelta(index=0, id="c", name="f", arguments=args),))
+    chunk = _forged_chunk(pair, text="", tokens=1,
+                          tool_calls=(ToolCallDelta(index=0, id="c", name="get_weather", arguments=args),))
     pair.consumer.receive(chunk, pair.now)
-    r = _forged_receipt(pair, tokens_out=1, output_hash=protocol.call_output_hash("", (ToolCall(id="c", name="f",
-                                                                                                 arguments=args),)))
+    call = ToolCall(id="c", name="get_weather", arguments=args)
+    r = _forged_receipt(pair, tokens_out=1, output_hash=protocol.call_output_hash("", (call,)))
     with pytest.raises(protocol.ReceiptPriceMismatch, match="bytes per token"):
         pair.consumer.receive(r, pair.now)
 
@@ -358,11 +364,11 @@ def test_a_whole_v2_receipt_crossing_the_cancel_is_replaced_by_the_prefix_receip
 def test_a_tool_call_that_begins_without_a_name_is_refused_on_both_sides():
     pair = _opened()
     _start(pair)
-    with pytest.raises(protocol.IllegalTransition, match="names the function"):
+    with pytest.raises(protocol.IllegalTransition, match="without the function's name"):
         pair.provider.chunk("", 1, tool_calls=(ToolCallDelta(index=0, id="c", arguments="{}"),))
     pair = _opened()
     pair.consumer.request(USER, 8, tools=(TOOL,))
-    named = _forged_chunk(pair, tool_calls=(ToolCallDelta(index=0, id="c", name="f"),))
+    named = _forged_chunk(pair, tool_calls=(ToolCallDelta(index=0, id="c", name="get_weather"),))
     pair.consumer.receive(named, pair.now)
     later = _forged_chunk(pair, index=1, tool_calls=(ToolCallDelta(index=0, arguments="{}"),
                                                      ToolCallDelta(index=1, arguments="{}")))
