@@ -98,3 +98,42 @@ async def test_a_slow_consumer_holds_the_model_back_and_a_cancel_stops_it(tmp_pa
                                                         temperature_milli=1000, top_p_milli=1000, stop=(),
                                                         on_piece=cancel_soon, options=CallOptions(seed=2)))
     assert not scope.cancelled_caught and 3 < len(got) < 1000
+
+
+class _CountingTokenizer:
+    """The builtin model's tokenizer, counting the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("stop", [(), ("本 🙂 h",), ("zz", "wörld 日")])
+def test_output_is_decoded_incrementally_whole_characters_and_cut_at_stop_strings(stop):
+    """Each step decodes a few tokens, not the whole output (that was quadratic: 23 s of CPU at
+    8192 tokens); the pieces still join to the exact text, never split a UTF-8 character, and
+    end before the first stop string."""
+    from transformers import AutoTokenizer
+
+    from node.provider.backends._transformers import _Emitter
+
+    tok = _CountingTokenizer(AutoTokenizer.from_pretrained(ensure_builtin_model(_MODELS), local_files_only=True))
+    text = "héllo wörld 日本 🙂 " * 200
+    ids = tok.tok.encode(text, add_special_tokens=False)
+    pieces, generated = [], []
+    emitter = _Emitter(tok, stop, None, pieces.append)
+    for token in ids:
+        generated.append(token)
+        if emitter.step(generated, None):
+            break
+    emitter.finish(generated)
+    out = "".join(p[0] for p in pieces)
+    cuts = [text.find(s) for s in stop if s in text]
+    assert out == (text[:min(cuts)] if cuts else text)
+    assert not any("\ufffd" in p[0] for p in pieces)
+    assert sum(p[1] for p in pieces) == len(generated)
+    if not stop:
+        assert len(generated) > 4000 and tok.decoded <= 40 * len(generated)  # decoding it all each step: ~n²/2

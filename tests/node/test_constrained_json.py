@@ -146,3 +146,134 @@ async def test_an_integer_field_parses_as_an_int(builtin, seed):
         assert isinstance(json.loads(text)["degrees"], int), text
     else:
         assert not set(".eE") & set(text), text
+
+
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels - 1):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _fan_out(width: int, levels: int) -> dict:
+    """Definitions that each use the next one ``width`` times: small as text, ``width ** levels`` expanded."""
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}] * width} for i in range(levels)}
+    defs[f"d{levels}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+REFUSED = [
+    ({"type": "string", "pattern": "^([a-z]{1,100}){1,100}x$"}, "patterns are not supported"),
+    ({"type": "object", "properties": {"p": {"type": "string", "pattern": "a+"}}}, "patterns are not supported"),
+    ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patterns are not supported"),
+    (_nested(17), "deeper than 16"),
+    ({"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(2000)}}, "more than 2000 nodes"),
+    (_fan_out(16, 3), "more than 2000 nodes"),
+    ({"enum": [f"v{i}" for i in range(257)]}, "enum has 257 members"),
+    ({"anyOf": [{"type": "integer"}] * 257}, "anyOf has 257 members"),
+    ({"type": "string", "maxLength": 4097}, "maxLength is an integer from 0 to 4096"),
+    ({"type": "array", "minItems": 10 ** 9}, "minItems is an integer"),
+    ({"$defs": {"n": {"type": "object", "properties": {"c": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}},
+      "$ref": "#/$defs/n"}, "recursive"),
+    ({"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"}, "recursive"),
+    ({"$defs": {}, "$ref": "#/$defs/missing"}, "names no definition"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "never be satisfied: minLength 5 > maxLength 2"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "never be satisfied: minItems 3 > maxItems 1"),
+    ({"type": "integer", "minimum": 10, "maximum": 1}, "never be satisfied: minimum 10 > maximum 1"),
+    ({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, "never be satisfied: exclusiveMinimum 1 >= maximum 1"),
+    ({"enum": []}, "never be satisfied: an empty enum"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "never be satisfied: allOf"),
+    ({"enum": [True, False]}, "all strings or all numbers"),
+    ({"const": 'say "hi"'}, "quote"),
+    ({"type": "object", "properties": {"x": {"type": "frobnicate"}}}, "type"),
+    ({"type": "array", "items": [{"type": "integer"}]}, "not a list"),
+    ([1], "is an object"),
+]
+
+
+@pytest.mark.parametrize("schema,match", REFUSED)
+def test_a_costly_or_unsatisfiable_schema_is_refused_up_front(schema, match):
+    """Checked before anything is built: the enforcer would compile a regex into an automaton a
+    26-byte pattern makes exponential (minutes, GBs, on the model's thread), expand a recursive
+    $ref forever, or log a traceback and end an unsatisfiable value early, invalid."""
+    from node.provider.backends._constrained import check_schema
+
+    with pytest.raises(BackendUnsupported, match=match):
+        check_schema(schema)
+
+
+@pytest.mark.parametrize("schema", [
+    SCHEMA, _nested(16), _fan_out(6, 3), {"type": "string", "format": "date-time"},
+    {"type": "string", "minLength": 2, "maxLength": 2}, {"enum": [f"v{i}" for i in range(256)]}, {"enum": [1, 2.5]},
+    {"allOf": [{"type": "number"}, {"type": "integer"}]}, {"type": "string", "maxLength": 4096},
+    {"$defs": {"p": {"type": "object", "properties": {"n": {"type": "integer"}}}}, "type": "object",
+     "properties": {"a": {"$ref": "#/$defs/p"}, "b": {"$ref": "#/$defs/p"}}}])
+def test_a_reasonable_schema_passes_the_check(schema):
+    from node.provider.backends._constrained import check_schema
+
+    check_schema(schema)
+
+
+async def test_a_pattern_is_refused_by_the_backend_before_anything_runs(builtin):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"p": {"type": "string", "pattern": "^([a-z]{1,50}){1,50}x$"}}}}}
+    with pytest.raises(BackendUnsupported, match="patterns are not supported"):
+        await builtin.count_prompt_tokens(USER, CallOptions(response_format=fmt))
+    with pytest.raises(BackendUnsupported, match="patterns are not supported"):
+        await _run(builtin, CallOptions(response_format=fmt))
+
+
+async def test_a_constraint_step_over_its_time_fails_the_call(builtin, monkeypatch):
+    from node.provider.backends import BackendError, _constrained
+
+    monkeypatch.setattr(_constrained, "STEP_SECONDS", -1.0)  # every step is over its time
+    pieces = []
+
+    async def on_piece(text, tokens, **extras):
+        pieces.append(text)
+
+    with pytest.raises(BackendError, match="constrained decoding step took over"):
+        await builtin.generate(USER, max_tokens=20, temperature_milli=0, top_p_milli=1000, stop=(),
+                               on_piece=on_piece, options=CallOptions(response_format={"type": "json_object"}))
+    assert pieces == []
+
+
+def test_the_stop_flag_is_checked_inside_one_step(builtin):
+    """Cancellation reaches into a step's search (not only between tokens)."""
+    from node.provider.backends._constrained import Constraint, ConstraintStopped
+
+    constraint, asked = Constraint(builtin._tokdata, schema={"type": "object"}), []
+
+    def stop():
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(ConstraintStopped):
+        constraint.allowed(stop)
+    assert len(asked) == 3
+
+
+def test_an_enforcer_that_gives_up_raises_instead_of_allowing_only_eos(builtin, monkeypatch):
+    """lm-format-enforcer, on a state it cannot continue, logs a traceback and allows eos only:
+    the output would end as a clean 'stop', invalid. Here it raises."""
+    from node.provider.backends import _constrained
+
+    monkeypatch.setattr(_constrained, "check_schema", lambda schema: None)  # past the up-front check
+    constraint = _constrained.Constraint(builtin._tokdata, schema={"type": "string", "minLength": 5, "maxLength": 2})
+    quote = builtin._tokenizer.encode('"', add_special_tokens=False)[-1]
+    assert quote in constraint.allowed()
+    constraint.feed(quote)
+    with pytest.raises(_constrained.ConstraintFailed):
+        constraint.allowed()
+
+
+@pytest.mark.parametrize("temperature", [0, 1000])
+async def test_a_call_the_enforcer_gives_up_on_ends_with_length_not_stop(builtin, monkeypatch, temperature):
+    from node.provider.backends import _constrained
+
+    monkeypatch.setattr(_constrained, "check_schema", lambda schema: None)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "minLength": 5, "maxLength": 2}}}
+    result, text, _ = await _run(builtin, CallOptions(response_format=fmt, seed=1), max_tokens=20,
+                                 temperature=temperature)
+    assert result.finish_reason == "length" and text.strip() == '"'

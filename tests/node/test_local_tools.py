@@ -165,3 +165,37 @@ async def test_a_template_without_tools_claims_none_and_refuses_them(tmp_path):
         await backend.count_prompt_tokens(CONVERSATION[:2], CallOptions(tools=(WEATHER,)))
     # tool_choice "none": the tools are not needed, so the call is served as plain chat
     assert await backend.count_prompt_tokens(CONVERSATION[:2], CallOptions(tools=(WEATHER,), tool_choice="none")) > 0
+
+
+@pytest.mark.parametrize("properties", [0, 30])
+async def test_128_tools_stay_within_the_request_bound(builtin, properties):
+    """Many tools: the template's per-tool wrapper and spacing stay within the bound's per-tool
+    share (the 512-token preamble share hid this with two tools)."""
+    props = {f"p{i}": {"type": "integer"} for i in range(properties)}
+    params = {"parameters": {"type": "object", "properties": props}} if properties else {}
+    tools = tuple({"type": "function", "function": {"name": f"f{i}", **params}} for i in range(128))
+    messages = [{"role": "user", "content": "hi"}]
+    options = CallOptions(tools=tools)
+    counted = await builtin.count_prompt_tokens(messages, options)
+    request = protocol.RequestV2(session_id=bytes(16), call_seq=0, max_tokens=8, stop=(), stream=True,
+                                 **request_fields(messages, options))
+    assert counted <= protocol.request_token_bound(request)
+
+
+async def test_a_forced_call_whose_parameters_have_a_pattern_is_refused_before_anything_runs(builtin):
+    from node.provider.backends import BackendUnsupported
+
+    costly = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"p": {"type": "string", "pattern": "^([a-z]{1,100}){1,100}x$"}}}}}
+    options = CallOptions(tools=(costly,), tool_choice="required")
+    with pytest.raises(BackendUnsupported, match="patterns are not supported"):
+        await builtin.count_prompt_tokens(CONVERSATION[:2], options)
+
+    async def on_piece(text, tokens, **extras):
+        raise AssertionError("nothing is generated")
+
+    with pytest.raises(BackendUnsupported, match="patterns are not supported"):
+        await builtin.generate(CONVERSATION[:2], max_tokens=10, temperature_milli=0, top_p_milli=1000, stop=(),
+                               on_piece=on_piece, options=options)
+    # the same tool offered, not forced: its schema only reaches the template, never the enforcer
+    assert await builtin.count_prompt_tokens(CONVERSATION[:2], CallOptions(tools=(costly,))) > 0

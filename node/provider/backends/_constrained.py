@@ -177,7 +177,7 @@ class Constraint:
     ``feed(token)`` once the token is chosen (worker thread; see the module's rules)."""
 
     def __init__(self, data: TokenizerData, *, schema: dict[str, Any] | None = None,
-                 tool_schema: dict[str, Any] | None = None, step_seconds: float = STEP_SECONDS) -> None:
+                 tool_schema: dict[str, Any] | None = None, step_seconds: float | None = None) -> None:
         from lmformatenforcer import (
             CharacterLevelParserConfig,
             JsonSchemaParser,
@@ -201,7 +201,7 @@ class Constraint:
         except Exception as exc:  # the library rejects a schema with several exception types
             raise BackendUnsupported(f"the JSON schema cannot be enforced: {str(exc)[:200]}") from exc
         self._parser, self._word = parser, []
-        self._step_seconds = step_seconds
+        self._step_seconds = STEP_SECONDS if step_seconds is None else step_seconds
 
     def allowed(self, stop: Callable[[], bool] = lambda: False) -> list[int]:
         """The token ids that may come next (eos among them once the output may end).
