@@ -21,7 +21,13 @@ What a call may ask (``CallOptions``), and how it is served:
 The decoding loop is our own (a forward pass with the KV cache per token): its sampler is
 temperature and top_p, the generation config's ``suppress_tokens`` are never drawn, and its
 eos tokens end the output. Cancellation: a cancelled ``generate`` (the consumer cancelled the
-call or went away) stops the model at its next token and returns once the worker thread has ended.
+call or went away) stops the model before its next token, or inside a constrained step's search
+for the allowed tokens (``_constrained``), and returns once the worker thread has ended; one
+forward pass of the model is not interrupted. A constrained step over its time fails the call
+(``BackendError``); a constraint that cannot continue ends the output with finish "length".
+
+Text is decoded incrementally (``_Detokenizer``): each step decodes a window of the newest
+tokens from a checkpoint, so a step costs its new tokens, not the whole output.
 """
 
 from __future__ import annotations
