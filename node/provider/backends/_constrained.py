@@ -186,7 +186,9 @@ class Constraint:
         )
 
         _fix_integers()
-        check_schema(tool_schema if tool_schema is not None else schema or {"type": "object"})
+        if schema == {} or (schema is None and tool_schema is None):
+            schema = {"type": "object"}  # json_object: any object
+        check_schema(tool_schema if tool_schema is not None else schema)
         try:
             if tool_schema is not None:
                 # "name" before "arguments", as the template writes calls
@@ -194,7 +196,7 @@ class Constraint:
                 parser: Any = SequenceParser([StringParser("<tool_call>\n"), JsonSchemaParser(tool_schema, ordered),
                                               StringParser("\n</tool_call>")])
             else:
-                parser = JsonSchemaParser(schema or {"type": "object"})
+                parser = JsonSchemaParser(schema)
             self._enforcer = _enforcer_class()(data.get(), parser)
         except BackendUnsupported:
             raise
@@ -306,7 +308,7 @@ def check_call_schema(options: Any) -> None:
     if forced is not None:
         check_schema(tool_call_schema(options.tools, forced))
     elif options.json_schema() is not None:
-        check_schema(options.json_schema() or {"type": "object"})
+        check_schema(options.json_schema())
 
 
 MAX_SCHEMA_DEPTH = 16  # nested subschemas, $ref targets included
