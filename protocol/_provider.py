@@ -453,16 +453,16 @@ class ProviderSession(_Machine):
 
         Args:
             tokens_in: the prompt's actual token count when the admitted one was an upper bound
-                (an upstream server's usage); never more than what ``start_call`` admitted.
+                (an upstream server's usage). A count over what ``start_call`` admitted bills
+                the admitted one (``request_token_bound``, of the context), as ``start_call``
+                bills a tokenizer that counts more than the bound.
         """
         self._expect(ProviderState.IN_CALL, ProviderState.CANCELLING)
         assert self._request is not None
         if self._embedding and self._embedded is None:
             raise IllegalTransition("an embeddings call is billed after its embed_result")
-        if tokens_in is not None:
-            if tokens_in > self._tokens_in:
-                raise SpendLimitReached(f"billing {tokens_in} prompt tokens, {self._tokens_in} were admitted")
-            self._tokens_in = tokens_in
+        if tokens_in is not None:  # never past what start_call admitted: the bound the consumer signs
+            self._tokens_in = min(tokens_in, self._tokens_in)
         receipt = self._bill(self._tokens_in, now, discount_permille, finish_reason)
         if receipt.cumulative > self.cap:  # start_call's clamp makes this unreachable
             raise SpendLimitReached("receipt would pass the spend cap")

@@ -190,6 +190,24 @@ def test_an_embedded_input_bills_at_most_the_context_on_both_sides():
         pair.consumer.receive(over, pair.now)
 
 
+def test_a_final_count_over_the_admitted_one_bills_the_admitted_one():
+    """An upstream's usage (or a tokenizer) counting more than the bound bills the bound, on an
+    embeddings call (whose inputs are capped at the context) as on a chat call: the provider
+    never produces a receipt the consumer refuses."""
+    pair = _opened(max_context=4096)
+    sent = pair.consumer.embed(("x" * 10_000,))
+    pair.to_provider()
+    pair.provider.start_call(10_008, pair.now)
+    pair.provider.embed_result(1, bytes(4))
+    pair.provider.finish_call("stop", pair.now, tokens_in=10_008)
+    events = pair.to_consumer()
+    assert events[-1].receipt.tokens_in == protocol.request_token_bound(sent, 4096) == 4096
+    pair = _provider_call()
+    pair.provider.chunk("ok", 1)
+    pair.provider.finish_call("stop", pair.now, tokens_in=5000)
+    assert pair.to_consumer()[-1].receipt.tokens_in == 10  # what start_call admitted
+
+
 # ---- #6: vectors are finite ------------------------------------------------------------------------
 
 
