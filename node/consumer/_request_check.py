@@ -125,6 +125,11 @@ def check_call(messages: Sequence[dict[str, Any]], max_tokens: int, temperature_
         m = _PATH.match(str(exc))
         field = _field(m.group(1)) if m else None
         raise InvalidRequest(f"{field}: {m.group(2)}" if m else str(exc), field) from exc
+    problem = protocol.request_problem(request)  # the shape rules the machines hold a call to
+    if problem:
+        raise InvalidRequest(problem, "tool_choice" if "tool_choice" in problem else
+                             "response_format" if "json_schema" in problem or "format" in problem else
+                             "tools" if "tool" in problem else None)
     _encoded(request)
     return request
 

@@ -487,10 +487,11 @@ class _StreamSession:
             return
         n = len(request.inputs)
         if not 1 <= result.dims <= protocol.MAX_EMBED_DIMS or len(result.vectors) != n * result.dims * 4 \
-                or (request.dimensions and result.dims != request.dimensions):
+                or (request.dimensions and result.dims != request.dimensions) \
+                or not protocol.finite_vectors(result.vectors):  # the consumer refuses NaN and inf
             service.record_outcome(offer.model, False, None)
             machine.fail_call("backend_error", f"the model answered {len(result.vectors)} bytes of {result.dims} "
-                                               f"dimensions for {n} inputs")
+                                               f"dimensions for {n} inputs (or values that are not finite)")
             return
         machine.embed_result(result.dims, result.vectors)
         service.record_outcome(offer.model, True, int((trio.current_time() - started) * 1000))

@@ -139,8 +139,9 @@ async def test_prompt_bound_is_the_wire_bound_of_the_same_call():
     options = CallOptions(tools=(WEATHER,), response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object"}}})
     bound = prompt_bound(USER, options)
-    assert bound == prompt_bound(USER) + protocol.TOOLS_OVERHEAD + protocol.MESSAGE_OVERHEAD + len("get_weather") \
-        + len(WEATHER["function"]["description"]) + len(protocol.canonical_json(WEATHER["function"]["parameters"])) \
+    assert bound == prompt_bound(USER) + protocol.TOOLS_OVERHEAD + protocol.TOOL_OVERHEAD + 2 * (
+        len("get_weather") + len(WEATHER["function"]["description"])
+        + len(protocol.canonical_json(WEATHER["function"]["parameters"]))) \
         + len(protocol.canonical_json(options.response_format["json_schema"]))
 
 

@@ -376,7 +376,11 @@ class OpenAIBackend(_Upstream, Backend):
         path, body = self._request(messages, max_tokens, temperature_milli, top_p_milli, stop, options)
         legacy = options.prompt is not None
         top = options.top_logprobs if options.logprobs else None
-        calls = ToolCallReader(allowed=bool(options.tools) and options.tool_choice != "none")
+        forced = options.forced_tool()
+        offered = frozenset((t.get("function") or {}).get("name") for t in options.tools)
+        calls = ToolCallReader(allowed=bool(options.tools) and options.tool_choice != "none"
+                               and options.prompt is None,
+                               names=offered if forced in (None, "*") else frozenset({forced}))
         meter = _Meter(on_piece, max_tokens)
         state: dict[str, Any] = {"finish": "stop", "usage": None}
 

@@ -78,8 +78,10 @@ class ToolCallReader:
     every call an id (a synthetic ``call_…`` when the upstream names none) and drops repeated ids
     and names (the first piece of an index names them; ``accumulate_tool_calls`` keeps the first)."""
 
-    def __init__(self, allowed: bool) -> None:
-        self.allowed = allowed
+    def __init__(self, allowed: bool, names: frozenset[str] | None = None) -> None:
+        """``names``: the functions a call may name (the offered tools, or only the forced one);
+        None: any (a reader of a call whose tools are unknown here)."""
+        self.allowed, self.names = allowed, names
         self._args: dict[int, int] = {}  # index -> argument bytes so far
 
     @property
@@ -118,6 +120,8 @@ class ToolCallReader:
             if index not in self._args:
                 if not name:
                     raise _bad("a tool call that names no function")
+                if self.names is not None and name not in self.names:
+                    raise _bad(f"a tool call of {name[:64]!r}, a function the call did not offer")
                 self._args[index] = 0
                 delta = protocol.ToolCallDelta(index=index, id=call_id or "call_" + secrets.token_hex(12),
                                                name=name, arguments=args)
