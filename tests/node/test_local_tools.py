@@ -199,3 +199,39 @@ async def test_a_forced_call_whose_parameters_have_a_pattern_is_refused_before_a
                                on_piece=on_piece, options=options)
     # the same tool offered, not forced: its schema only reaches the template, never the enforcer
     assert await builtin.count_prompt_tokens(CONVERSATION[:2], CallOptions(tools=(costly,))) > 0
+
+
+def test_a_call_of_a_function_not_offered_stays_text():
+    """The wire carries only calls of offered tools (the forced one when named): a model naming another
+    function wrote text, and it goes out as text, markup included."""
+    parser = HermesParser(frozenset({"get_time"}))
+    events = parser.feed(OUTPUT) + parser.close()
+    assert [e.name for e in events if isinstance(e, ParsedCall)] == ["get_time"]
+    assert '<tool_call>\n{"name": "get_weather"' in "".join(e for e in events if isinstance(e, str))
+
+
+NOTE = {"type": "function", "function": {"name": "take_note", "parameters": {
+    "type": "object", "properties": {"note": {"type": "string", "minLength": 300, "maxLength": 320}},
+    "required": ["note"]}}}  # a call longer than the 256 tokens held inside an unfinished call
+
+
+@pytest.mark.parametrize("tool", [WEATHER, NOTE], ids=["short", "long"])
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_logprobs_of_a_tool_call_stay_within_what_the_call_bills(builtin, seed, tool):
+    """A forced call's markup tokens bill nothing (no wire bytes): their logprobs wait for bytes that
+    bill them and the rest are dropped, so the consumer's rule (logprobs <= claimed + TOKEN_SLACK)
+    holds after every piece."""
+    sent = {"tokens": 0, "bytes": 0, "lps": 0}
+
+    async def on_piece(text, tokens, *, tool_calls=(), logprobs=()):
+        sent["tokens"] += tokens
+        sent["bytes"] += len(text.encode()) + sum(len((d.id + d.name + d.arguments).encode()) for d in tool_calls)
+        sent["lps"] += len(logprobs)
+        claimed = protocol.billable_output_tokens(sent["tokens"], sent["bytes"])
+        assert sent["lps"] <= claimed + protocol.TOKEN_SLACK, sent
+
+    result = await builtin.generate(CONVERSATION[:2], max_tokens=600, temperature_milli=1000, top_p_milli=1000,
+                                    stop=(), on_piece=on_piece,
+                                    options=CallOptions(tools=(tool,), tool_choice="required", seed=seed,
+                                                        logprobs=True, top_logprobs=2))
+    assert result.finish_reason == "stop" and sent["lps"] > 0

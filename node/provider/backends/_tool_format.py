@@ -119,7 +119,10 @@ def _skip_space(text: str, at: int) -> int:
 class HermesParser:
     """Splits streamed model text into text and tool calls (see the module's rules)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] | None = None) -> None:
+        """``names``: the functions a call may name (the offered tools, or only the forced one); a
+        call of any other stays text, markup included (the wire carries only offered calls)."""
+        self._names = names
         self._buf = ""
         self._inside = False
         self._held_space = ""  # whitespace after a call, given out only if text follows
@@ -136,7 +139,7 @@ class HermesParser:
                     return out
                 body, self._buf, self._inside = self._buf[:at], self._buf[at + len(CLOSE):], False
                 call = parse_call(body)
-                if call is None:
+                if call is None or (self._names is not None and call.name not in self._names):
                     self._text(out, OPEN + body + CLOSE)
                 else:
                     self._held_space = ""

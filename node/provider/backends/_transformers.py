@@ -189,7 +189,11 @@ class TransformersBackend(Backend):
         cancel = threading.Event()
         send, receive = trio.open_memory_channel[tuple[str, int, tuple, tuple] | None](max_buffer_size=256)
         token = trio.lowlevel.current_trio_token()
-        parser = HermesParser() if self._hermes and options.tools and options.tool_choice != "none" else None
+        forced = options.forced_tool()
+        offered = frozenset((t.get("function") or {}).get("name") for t in options.tools)
+        parser = (HermesParser(offered if forced in (None, "*") else frozenset({forced}))
+                  if self._hermes and options.tools and options.tool_choice != "none" and options.prompt is None
+                  else None)
 
         def push(item: tuple[str, int, tuple, tuple] | None) -> None:
             """Hand a piece to the event loop; the model waits while the consumer is slow (backpressure)."""
@@ -397,6 +401,8 @@ class _Emitter:
         self._tokens = 0  # tokens not yet claimed by a piece
         self._lps: list[protocol.TokenLogprob] = []
         self.sent_tokens = 0
+        self._sent_bytes = 0  # metered bytes sent (text, and a call's id, name and arguments)
+        self._sent_lps = 0
         self._calls = 0
         self._stopped = False
 
@@ -438,9 +444,17 @@ class _Emitter:
             self._piece("", ())
 
     def _piece(self, text: str, calls: tuple) -> None:
-        lps, self._lps = tuple(self._lps), []
+        """Send a piece with the tokens since the last and their logprobs — as many as the consumer
+        takes: a call's logprobs never pass its billed tokens + ``TOKEN_SLACK`` (billed tokens are at
+        most the metered bytes + ``TOKEN_SLACK``). Those of tokens that bill nothing yet (inside an
+        unfinished tool call) wait for the bytes that bill them; what never gets billed (markup,
+        tokens that decode to nothing) is dropped at the end."""
         tokens, self._tokens = self._tokens, 0
         self.sent_tokens += tokens
+        self._sent_bytes += len(text.encode()) + sum(len((d.id + d.name + d.arguments).encode()) for d in calls)
+        room = min(self.sent_tokens, self._sent_bytes + protocol.TOKEN_SLACK) + protocol.TOKEN_SLACK - self._sent_lps
+        lps, self._lps = tuple(self._lps[:max(0, room)]), self._lps[max(0, room):]
+        self._sent_lps += len(lps)
         for at in range(0, max(len(lps), 1), 1024):  # a chunk carries at most 1024 logprobs
             self._send((text if at == 0 else "", tokens if at == 0 else 0, calls if at == 0 else (),
                         lps[at:at + 1024]))
