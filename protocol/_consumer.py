@@ -166,6 +166,7 @@ class ConsumerSession(_Machine):
         self.accept: Accept | None = None
         self.rejected = False
         self.unacked: Receipt | None = None  # counter-signed, not yet acknowledged by the provider
+        self._expect_dims = 0  # the running embeddings call's vector size, when it is known
         self._request: Request | RequestV2 | EmbedRequest | None = None
         self._cut = 0  # once cancelled: the chunks the receipt may bill
         self._new_call(None)
@@ -270,8 +271,11 @@ class ConsumerSession(_Machine):
         self._send_call(msg)
         return msg
 
-    def embed(self, inputs: tuple[str, ...], dimensions: int = 0) -> EmbedRequest:
+    def embed(self, inputs: tuple[str, ...], dimensions: int = 0, expect_dims: int = 0) -> EmbedRequest:
         """Queue an embeddings call of ``inputs`` (``dimensions`` 0: the model's own size).
+
+        ``expect_dims`` (not sent): the size its vectors must have though the model's own was asked
+        — a later batch of one request must match the first, or it is refused, not paid.
 
         Raises:
             IllegalTransition: not ready. SpendLimitReached: not even one input token fits.
@@ -282,6 +286,7 @@ class ConsumerSession(_Machine):
         msg = EmbedRequest(session_id=self.session_id, call_seq=self.next_seq, inputs=tuple(inputs),
                            dimensions=dimensions)
         self._send_call(msg)
+        self._expect_dims = dimensions or expect_dims
         return msg
 
     def _send_call(self, msg: Request | RequestV2 | EmbedRequest) -> None:
@@ -502,8 +507,9 @@ class ConsumerSession(_Machine):
             raise UnexpectedMessage(f"embed_result for call {msg.call_seq}, expected {self.next_seq}")
         if self._embedded is not None:
             raise UnexpectedMessage("embed_result sent twice for one call")
-        if msg.dims < 1 or (req.dimensions and msg.dims != req.dimensions):
-            raise UnexpectedMessage(f"embed_result of {msg.dims} dimensions, asked {req.dimensions or 'any (>= 1)'}")
+        expected = self._expect_dims
+        if msg.dims < 1 or (expected and msg.dims != expected):
+            raise UnexpectedMessage(f"embed_result of {msg.dims} dimensions, expected {expected or 'any (>= 1)'}")
         want = len(req.inputs) * msg.dims * 4
         if len(msg.vectors) != want:
             raise UnexpectedMessage(f"embed_result of {len(msg.vectors)} bytes, expected {want} "

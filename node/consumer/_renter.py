@@ -449,8 +449,8 @@ class Renter:
             try:
                 async with self.pacing.slot(c), \
                         self._session(c, model, budget_here, _RUN_CHANNEL_S) as (session, paid_from):
-                    for batch in batches:
-                        results.append(await session.embed(batch, dimensions))
+                    for batch in batches:  # a later batch must match the first's size, or it is refused unpaid
+                        results.append(await session.embed(batch, dimensions, results[0].dims if results else 0))
             except Busy as exc:
                 attempts.append(Attempt(c.provider, str(exc), CAPACITY))
                 retry_after = max(retry_after, exc.retry_after_s)

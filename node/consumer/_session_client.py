@@ -312,7 +312,7 @@ class ConsumerSessionHandle:
                 elif isinstance(event, SessionClosed):
                     raise ProviderFailed(f"the provider closed the session ({event.close.reason})")
 
-    async def embed(self, inputs: tuple[str, ...], dimensions: int = 0) -> EmbedResult:
+    async def embed(self, inputs: tuple[str, ...], dimensions: int = 0, expect_dims: int = 0) -> EmbedResult:
         """One embeddings call of at most ``protocol.MAX_EMBED_INPUTS`` inputs: their vectors and
         the call's doubly-signed receipt (the machine checks both: sizes, ``embedding_hash``, price).
 
@@ -329,7 +329,7 @@ class ConsumerSessionHandle:
             try:
                 with trio.move_on_after(self._call_timeout) as deadline:
                     self._deadline = deadline
-                    result = await self._embed(inputs, dimensions)
+                    result = await self._embed(inputs, dimensions, expect_dims)
                 if deadline.cancelled_caught:
                     late = ProviderFailed(f"the embeddings call did not finish within {self._call_timeout:.0f}s")
                     if self.machine.unacked is not None:
@@ -342,8 +342,8 @@ class ConsumerSessionHandle:
                 self._trust.completed(self.provider, result.duration_s, 0, result.duration_s)
             return result
 
-    async def _embed(self, inputs: tuple[str, ...], dimensions: int) -> EmbedResult:
-        self.machine.embed(tuple(inputs), dimensions)
+    async def _embed(self, inputs: tuple[str, ...], dimensions: int, expect_dims: int) -> EmbedResult:
+        self.machine.embed(tuple(inputs), dimensions, expect_dims)
         start = trio.current_time()
         try:
             await self._framed.send_all(self.machine.outgoing())

@@ -148,7 +148,7 @@ def _result(pair: Pair, dims: int = 4, n: int = 2, **changes) -> protocol.EmbedR
     (0, dict(dims=4, n=3), "expected 32"),
     (0, dict(dims=4, n=1), "expected 32"),
     (0, dict(dims=0, n=2), "0 dimensions"),
-    (8, dict(dims=4, n=2), "asked 8"),
+    (8, dict(dims=4, n=2), "expected 8"),
     (0, dict(call_seq=5), "for call 5"),
 ])
 def test_vectors_of_the_wrong_size_or_call_are_refused(dimensions, result, says):
@@ -210,3 +210,17 @@ def test_a_dishonest_embeddings_receipt_is_refused(tamper, error, says):
         pair.consumer.receive(_resign(receipt, **tamper(receipt)), pair.now)
     assert pair.consumer.state is ConsumerState.ERROR and not pair.consumer.receipts
     assert pair.provider.state is ProviderState.AWAITING_COUNTERSIGN
+
+
+def test_a_later_batch_of_another_size_is_refused_unpaid():
+    """``expect_dims`` (not on the wire): a request split into calls pins the first call's size on the
+    rest, so a provider that changes size half-way is refused before the consumer signs for it."""
+    pair = _opened()
+    sent = pair.consumer.embed(INPUTS, 0, expect_dims=4)
+    assert sent.dimensions == 0  # the model's own size is still what is asked
+    pair.to_provider()
+    pair.provider.start_call(12, pair.now)
+    pair.provider.embed_result(3, _vectors(2, 3))
+    with pytest.raises(protocol.UnexpectedMessage, match="3 dimensions, expected 4"):
+        pair.to_consumer()
+    assert not pair.consumer.receipts
