@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import threading
 from typing import Any, Protocol, Sequence
 
 from ..._calls import CallOptions
 from ..._errors import LocalError
 
 __all__ = ["Backend", "BackendError", "BackendUnsupported", "Embedded", "EmbeddingBackend", "Generation", "OnPiece",
-           "CHAT_FEATURES"]
+           "CHAT_FEATURES", "MODEL_LOADING"]
+
+# transformers builds a model under a process-wide context (weights first on the "meta" device):
+# two loads in two threads at once break each other ("Cannot copy out of meta tensor; no data!",
+# seen when the demo's providers loaded the builtin model, and MiniLM, together). Every backend
+# that loads weights in-process holds this lock while it does: one load at a time.
+MODEL_LOADING = threading.Lock()
 
 #: what a local chat model serves (tools through its template, JSON by constrained decoding)
 CHAT_FEATURES = ("streaming", "tools", "json", "logprobs", "completions")

@@ -35,7 +35,7 @@ before it admits the call):
   values other than all strings or all numbers, strings that need escapes, ``items`` as a list,
   unknown types) is refused: the library would log a traceback and end the output early, invalid.
 At each decoding step (``Constraint.allowed``) the search for the allowed tokens checks, at every
-node of the token tree it visits, a deadline (``STEP_SECONDS``: ``ConstraintTimeout``, a
+node of the token tree it visits, a deadline (``STEP_SECONDS``: over it, a
 ``BackendError``) and the caller's stop flag (``ConstraintStopped``). Not bounded: one
 ``add_character`` of the library's parsers (small once patterns are refused) and the first build
 of the tokenizer tables (once per model, seconds). When the library finds no token that may
@@ -53,9 +53,9 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 from typing import Any, Callable, Sequence
 
+from ..._clock import THREAD_CLOCK
 from ._base import BackendError, BackendUnsupported
 
 __all__ = [
@@ -67,7 +67,6 @@ __all__ = [
     "Constraint",
     "ConstraintFailed",
     "ConstraintStopped",
-    "ConstraintTimeout",
     "TokenizerData",
     "check_call_schema",
     "check_schema",
@@ -168,10 +167,6 @@ class ConstraintStopped(Exception):
     """The caller's stop flag was set during a step's search."""
 
 
-class ConstraintTimeout(BackendError):
-    """One step's search for the allowed tokens took longer than ``STEP_SECONDS``."""
-
-
 class Constraint:
     """The allowed next tokens of one constrained generation: ``allowed()`` for the next step,
     ``feed(token)`` once the token is chosen (worker thread; see the module's rules)."""
@@ -209,7 +204,7 @@ class Constraint:
         """The token ids that may come next (eos among them once the output may end).
 
         Raises:
-            ConstraintTimeout: the search took longer than ``step_seconds``.
+            BackendError: the search took longer than ``step_seconds``.
             ConstraintStopped: ``stop()`` became true during the search.
             ConstraintFailed: no token may come next.
         """
@@ -219,13 +214,13 @@ class Constraint:
         key = parser.cache_key()
         if key is not None and key in enf.allowed_token_cache:
             return enf.allowed_token_cache[key]
-        deadline = time.monotonic() + self._step_seconds
+        deadline = THREAD_CLOCK() + self._step_seconds
 
         def check() -> None:
             if stop():
                 raise ConstraintStopped("stopped")
-            if time.monotonic() > deadline:
-                raise ConstraintTimeout(f"a constrained decoding step took over {self._step_seconds:g} s: "
+            if THREAD_CLOCK() > deadline:
+                raise BackendError(f"a constrained decoding step took over {self._step_seconds:g} s: "
                                         "the JSON schema is too costly for this provider")
 
         found = TokenList(False, enf.vocab_size)
@@ -233,7 +228,7 @@ class Constraint:
         try:
             enf._collect_allowed_tokens(parser, enf.tokenizer_tree.root, found, parser.shortcut_key())
             done = parser.can_end()
-        except (ConstraintStopped, ConstraintTimeout):
+        except (ConstraintStopped, BackendError):
             raise
         except Exception as exc:  # the library's parsers raise many types on states they cannot continue
             raise ConstraintFailed(f"the enforcer cannot continue: {str(exc)[:200]}") from exc

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import trio
 
-from ._base import BackendError, BackendUnsupported, Embedded, EmbeddingBackend
+from ._base import MODEL_LOADING, BackendError, BackendUnsupported, Embedded, EmbeddingBackend
 
 __all__ = ["SentenceEmbeddingBackend", "builtin_embedding_folder"]
 
@@ -63,7 +63,8 @@ class SentenceEmbeddingBackend(EmbeddingBackend):
             transformers.utils.logging.disable_progress_bar()
 
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = SentenceTransformer(str(self.folder), device=device, local_files_only=True)
+            with MODEL_LOADING:  # never beside another load in this process (see _base)
+                model = SentenceTransformer(str(self.folder), device=device, local_files_only=True)
             size = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
             self.dims = int(size())
             self._device, self._model = device, model

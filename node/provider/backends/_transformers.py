@@ -45,7 +45,7 @@ import trio
 import protocol
 
 from ..._calls import CallOptions
-from ._base import CHAT_FEATURES, Backend, BackendError, BackendUnsupported, Generation, OnPiece
+from ._base import CHAT_FEATURES, MODEL_LOADING, Backend, BackendError, BackendUnsupported, Generation, OnPiece
 from ._constrained import (
     Constraint,
     ConstraintFailed,
@@ -64,10 +64,7 @@ _MAX_NEG_MICRO = (1 << 40) - 1
 _FLUSH_TOKENS = 256  # tokens held back (inside an unfinished tool call) before they are claimed anyway
 
 
-# transformers builds a model under a process-wide context (weights first on the "meta" device):
-# two loads in two threads at once break each other ("Cannot copy out of meta tensor; no data!",
-# seen when the demo's three providers loaded the builtin model together). One load at a time.
-_LOADING = threading.Lock()
+_LOADING = MODEL_LOADING  # one load at a time in the process (see _base)
 
 
 class TransformersBackend(Backend):
