@@ -263,6 +263,13 @@ def fast_upstream(*, stream: bool = True, seen: list[tuple[str, dict[str, Any]]]
     """
     server = _Server(("127.0.0.1", 0), _Handler)
     server.stream, server.seen = stream, seen
+    with serving(server) as url:
+        yield url
+
+
+@contextmanager
+def serving(server: http.server.HTTPServer) -> Iterator[str]:
+    """Serve ``server`` from a thread for the block (its base URL), then stop it and its thread."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -8,7 +8,6 @@ import http.server
 import json
 import socketserver
 import struct
-import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -18,7 +17,7 @@ import protocol
 from node._calls import CallOptions
 from node.provider.backends._base import BackendError, BackendUnsupported
 from node.provider.backends._openai import OpenAIBackend, OpenAIEmbeddingBackend, open_openai, prompt_bound
-from tests.e2e.fast_upstream import EMBED_DIMS, PROMPT_TOKENS, WORDS, embedding, fast_upstream, schema_instance
+from tests.e2e.fast_upstream import EMBED_DIMS, PROMPT_TOKENS, WORDS, embedding, fast_upstream, schema_instance, serving
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                             "parameters": {"type": "object", "required": ["city"],
@@ -211,14 +210,8 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 def scripted(answer: bytes, as_json: bool = False) -> Iterator[str]:
     server = _Server(("127.0.0.1", 0), _Scripted)
     server.answer, server.json = answer, as_json
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(server) as url:
+        yield url
 
 
 def _sse(*events: Any) -> bytes:
