@@ -565,8 +565,8 @@ class _StreamSession:
         if not isinstance(msg, protocol.Cancel) or cut is None or cut >= len(self._flushed_at):
             return
         if trio.current_time() - self._flushed_at[cut] > CANCEL_GRACE_S:
-            _logger.info("a Cancel disowned chunk %d, sent %.1f s before it: the session ends", cut,
-                         trio.current_time() - self._flushed_at[cut])
+            _logger.warning("a Cancel disowned chunk %d, sent %.1f s before it: the session ends", cut,
+                            trio.current_time() - self._flushed_at[cut])
             self.stale_cut = self.walked_away = True
 
     async def _while_listening(self, run: Any) -> Any:
