@@ -8,7 +8,7 @@ its final place and renamed into it, with its marker file written last, under an
 (an older version, a folder cut short by a kill) is never loaded: it is rebuilt. Two processes
 asking at once both end with the one good folder; the second waits for the first and builds nothing.
 
-Its weights are random, so its words are noise; what it proves is the whole path: real
+Its weights are random (drawn from ``seed``: another seed is another model), so its words are noise; what it proves is the whole path: real
 tokenization, real generation, exact token counts, streaming, metering. Generation is limited
 to printable ASCII (``suppress_tokens`` in its generation config), so output is always valid text.
 """
@@ -27,7 +27,12 @@ __all__ = ["BUILTIN_MODEL", "ensure_builtin_model"]
 
 BUILTIN_MODEL = "inferswarm-tiny"
 _MARKER = "inferswarm-builtin.json"
-_VERSION = 2  # 2: the chat template renders tools (Hermes format)
+_VERSION = 3  # 2: the chat template renders tools (Hermes format); 3: weights drawn wide enough to differ
+# The weights' spread: at transformers' default (0.02) the logits are nearly flat and the tied
+# embeddings make greedy decoding repeat the prompt's last token, so two seeds' models answer
+# alike; at 0.3 each seed is a model of its own (greedy outputs differ, as do the distributions),
+# which is what a spot check telling one model from another needs.
+_INIT_RANGE = 0.3
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML with tools in the Hermes / Qwen2.5 format (see _tool_format): the tools as JSON inside
 # <tools></tools> in the system turn, calls as <tool_call> JSON, results as a tool turn. Without
@@ -102,7 +107,7 @@ def _build(folder: Path, seed: int) -> None:
     config = LlamaConfig(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=None, eos_token_id=eos,
-        pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=True,
+        pad_token_id=vocab["<|endoftext|>"], tie_word_embeddings=True, initializer_range=_INIT_RANGE,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=vocab["<|endoftext|>"],
