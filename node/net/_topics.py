@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from typing import Any, Callable
 
 import trio
@@ -35,7 +34,7 @@ _logger = logging.getLogger(__name__)
 class RateLimit:
     """Token buckets per key: ``burst`` at once, refilled at ``per_s`` a second; at most ``max_keys`` keys."""
 
-    def __init__(self, burst: int, per_s: float, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, burst: int, per_s: float, clock: Callable[[], float] = trio.current_time,
                  max_keys: int = 10_000) -> None:
         self.burst, self.per_s, self.clock, self.max_keys = burst, per_s, clock, max_keys
         self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
