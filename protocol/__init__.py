@@ -9,6 +9,8 @@
     _pricing    Price and integer micro-credit costs
     _metering   the bounds on every count a consumer counter-signs (prompt, completion, text)
     _terms      session_terms: the one owner of a session's price, from the offer as listed
+    _commitments  which model served a call: commitments in listings (v2), Accept v2 and receipts
+    _evidence   evidence bundles of failed spot checks, and the check anyone can run on them
     _listing    the market's acceptance rule for listings: signed, unexpired, within the TTL
     _session    what both session machines share: their events, hashes and guarded base
     _consumer   ConsumerSession, the consumer's sans-IO session machine
@@ -47,6 +49,19 @@ from ._agent_messages import (
     tool_call_problem,
 )
 from ._codec import DEFAULT_MAX_MESSAGE, decode, encode, registered_kinds
+from ._commitments import (
+    ACCEPT_TYPES,
+    COMMITMENT_KINDS,
+    LISTING_TYPES,
+    AcceptV2,
+    ListingV2,
+    ModelCommitment,
+    ModelOfferV2,
+    accepted_commitment,
+    commitment_id,
+    committed_input_hash,
+    offer_commitment,
+)
 from ._consumer import ConsumerSession, ConsumerState
 from ._errors import (
     BadSignature,
@@ -76,9 +91,10 @@ from ._errors import (
     UnknownVersion,
     WrongFieldType,
 )
+from ._evidence import EVIDENCE_MODES, MAX_EVIDENCE_BYTES, Evidence, check_evidence, evidence_request, outputs_agree
 from ._framing import FrameReader, decode_varint, encode_varint, frame
 from ._identity import peer_id_from_public_key, public_key_from_peer_id
-from ._ids import DHT_NAMESPACE, ESCROW_PROTOCOL, LISTING_TOPIC, RECEIPT_PROTOCOL, SESSION_PROTOCOL
+from ._ids import DHT_NAMESPACE, ESCROW_PROTOCOL, EVIDENCE_TOPIC, LISTING_TOPIC, RECEIPT_PROTOCOL, SESSION_PROTOCOL
 from ._listing import CLOCK_SKEW_S, MAX_LISTING_BYTES, MAX_LISTING_TTL_S, check_listing, decode_listing, supersedes
 from ._messages import (
     CALL_ERROR_REASONS,
@@ -178,6 +194,24 @@ from ._signing import Signer, body_hash, domain_tag, sign, signed_bytes, verify
 from ._terms import session_terms
 
 __all__ = [
+    "EVIDENCE_TOPIC",
+    "EVIDENCE_MODES",
+    "MAX_EVIDENCE_BYTES",
+    "Evidence",
+    "check_evidence",
+    "evidence_request",
+    "outputs_agree",
+    "ACCEPT_TYPES",
+    "COMMITMENT_KINDS",
+    "LISTING_TYPES",
+    "AcceptV2",
+    "ListingV2",
+    "ModelCommitment",
+    "ModelOfferV2",
+    "accepted_commitment",
+    "commitment_id",
+    "committed_input_hash",
+    "offer_commitment",
     "Accept",
     "Accepted",
     "accumulate_tool_calls",

@@ -45,6 +45,7 @@ from ._agent_messages import (
     request_token_bound,
     tool_call_problem,
 )
+from ._commitments import ACCEPT_TYPES, AcceptV2, accepted_commitment, committed_input_hash
 from ._errors import (
     Expired,
     IllegalTransition,
@@ -60,6 +61,7 @@ from ._errors import (
 )
 from ._identity import public_key_from_peer_id
 from ._messages import (
+    ZERO_HASH,
     Accept,
     CallError,
     CallQueued,
@@ -142,14 +144,18 @@ class ConsumerSession(_Machine):
         max_context: int,
         tier: str = "",
         batch_calls: int = 0,
+        commitment: bytes = ZERO_HASH,
     ) -> None:
         """
         Args:
             price, max_context: the terms of the signed listing (``session_terms`` of its model
                 offer) this session answers: the Accept must not name a larger context.
+            commitment: the ``commitment_id`` of the model that listing names (``ZERO_HASH``:
+                none): the Accept must sign the same (any, when it names none), and every
+                receipt's input hash binds the one accepted.
         """
         super().__init__(signer)
-        self.tier, self.batch_calls = tier, batch_calls
+        self.tier, self.batch_calls, self.commitment = tier, batch_calls, commitment
         if channel.consumer != self.me or channel.provider != provider:
             raise InvalidMessage("the channel is not from this consumer to this provider")
         self.state = ConsumerState.IDLE
@@ -386,7 +392,7 @@ class ConsumerSession(_Machine):
             raise self._unexpected(msg)
         if isinstance(msg, Close):
             return [self._on_close(msg)]
-        if isinstance(msg, Accept) and self.state is ConsumerState.OPENING:
+        if isinstance(msg, ACCEPT_TYPES) and self.state is ConsumerState.OPENING:
             return [self._on_accept(msg)]
         if isinstance(msg, Reject) and self.state is ConsumerState.OPENING:
             self._check_session(msg, self.session_id)
@@ -441,7 +447,7 @@ class ConsumerSession(_Machine):
             self.unacked = None
         return [CountersignConfirmed(prior, None), *events]
 
-    def _on_accept(self, msg: Accept) -> Accepted:
+    def _on_accept(self, msg: Accept | AcceptV2) -> Accepted:
         self._check_session(msg, self.session_id)
         if msg.provider != self.provider or msg.model != self.model:
             raise TermsMismatch("accept names another provider or model")
@@ -452,6 +458,10 @@ class ConsumerSession(_Machine):
             raise TermsMismatch(f"accepted spend cap {msg.spend_cap}, expected {self.cap}")
         if msg.max_context > self.max_context:
             raise TermsMismatch(f"accepted a context of {msg.max_context} tokens, the listing says {self.max_context}")
+        named = accepted_commitment(msg)
+        if self.commitment != ZERO_HASH and named != self.commitment:
+            raise TermsMismatch("accepted under another model commitment than the listing names")
+        self.commitment = named  # a listing that named none promised nothing: the Accept's binds
         self.accept = msg
         self.state = ConsumerState.READY
         return Accepted(msg)
@@ -558,7 +568,7 @@ class ConsumerSession(_Machine):
             ch.channel_id,
         ):
             raise TermsMismatch("receipt names another model, party or channel")
-        if r.input_hash != request_hash(req):
+        if r.input_hash != committed_input_hash(request_hash(req), self.commitment):
             raise ReceiptHashMismatch("input hash is not the hash of the request sent")
         if r.output_hash != out_hash:
             raise ReceiptHashMismatch("output hash is not the hash of the " + (

@@ -2,7 +2,7 @@
 change that an old peer cannot follow is a new id, never an edit of one of these.
 """
 
-__all__ = ["SESSION_PROTOCOL", "RECEIPT_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "DHT_NAMESPACE"]
+__all__ = ["SESSION_PROTOCOL", "RECEIPT_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "EVIDENCE_TOPIC", "DHT_NAMESPACE"]
 
 #: consumer -> provider: Open, Accept/Reject, Request, Chunk…, Receipt, CounterSign, CounterSignAck, Close
 SESSION_PROTOCOL = "/inferswarm/session/1.0.0"
@@ -13,5 +13,6 @@ RECEIPT_PROTOCOL = "/inferswarm/receipt/1.0.0"
 ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
 #: GossipSub topic carrying signed listings (the fast path; the DHT is the source of truth)
 LISTING_TOPIC = "inferswarm/listings/1"
+EVIDENCE_TOPIC = "inferswarm/evidence/1"  # failed spot checks (protocol/_evidence.py)
 #: the DHT namespace of listing records: /isw/<first 40 hex digits of sha256("inferswarm/listing/" + peer id)>
 DHT_NAMESPACE = "isw"

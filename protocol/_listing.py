@@ -9,6 +9,7 @@ maximum TTL. Between two valid listings of one provider the higher ``seq`` wins;
 from __future__ import annotations
 
 from ._codec import DEFAULT_MAX_MESSAGE, decode
+from ._commitments import LISTING_TYPES
 from ._errors import Expired, FrameTooLarge, TermsMismatch
 from ._identity import public_key_from_peer_id
 from ._messages import Listing
@@ -49,7 +50,7 @@ def decode_listing(data: bytes, now: int) -> Listing:
     """
     if len(data) > MAX_LISTING_BYTES:
         raise FrameTooLarge(f"listing of {len(data)} bytes is over {MAX_LISTING_BYTES}")
-    listing = decode(data, max_size=min(MAX_LISTING_BYTES, DEFAULT_MAX_MESSAGE), expect=(Listing,))
+    listing = decode(data, max_size=min(MAX_LISTING_BYTES, DEFAULT_MAX_MESSAGE), expect=LISTING_TYPES)
     check_listing(listing, now)
     return listing
 

@@ -40,6 +40,7 @@ from ._agent_messages import (
     request_token_bound,
     tool_call_problem,
 )
+from ._commitments import AcceptV2, committed_input_hash
 from ._errors import (
     BadSignature,
     Expired,
@@ -55,6 +56,7 @@ from ._errors import (
 from ._identity import public_key_from_peer_id
 from ._messages import (
     CANCELLED_FINISH,
+    ZERO_HASH,
     Accept,
     CallError,
     CallQueued,
@@ -126,6 +128,7 @@ class ProviderSession(_Machine):
         self.state = ProviderState.AWAITING_OPEN
         self.open_msg: Open | None = None
         self.accept: Accept | None = None
+        self.commitment = ZERO_HASH  # the commitment id the Accept signed
         self._consumer_key = b""
         self._request: Request | RequestV2 | EmbedRequest | None = None
         self._embedding = False  # the current (or last billed) call is an embeddings call
@@ -238,8 +241,9 @@ class ProviderSession(_Machine):
         return OpenReceived(msg)
 
     @_guarded
-    def accept_open(self, price: Price, max_context: int, now: int) -> Accept:
-        """Pin ``price`` for the session and queue the signed ``Accept``.
+    def accept_open(self, price: Price, max_context: int, now: int, commitment: bytes = ZERO_HASH) -> Accept:
+        """Pin ``price`` for the session and queue the signed ``Accept`` (``AcceptV2`` naming
+        ``commitment``, the ``commitment_id`` of the model serving it, unless that is ``ZERO_HASH``).
 
         Raises:
             IllegalTransition: no open to decide on, or ``price`` is not the price the
@@ -249,19 +253,12 @@ class ProviderSession(_Machine):
         assert self.open_msg is not None
         if price != self.open_msg.price:
             raise IllegalTransition("the consumer did not offer this price: reject with price_changed")
-        msg = sign(
-            Accept(
-                session_id=self.open_msg.session_id,
-                provider=self.me,
-                model=self.open_msg.model,
-                price=price,
-                max_context=max_context,
-                spend_cap=min(self.open_msg.spend_limit, self.open_msg.channel.cap),
-                accepted_at=now,
-            ),
-            "sig",
-            self._signer,
-        )
+        terms = dict(session_id=self.open_msg.session_id, provider=self.me, model=self.open_msg.model,
+                     price=price, max_context=max_context,
+                     spend_cap=min(self.open_msg.spend_limit, self.open_msg.channel.cap), accepted_at=now)
+        accept = Accept(**terms) if commitment == ZERO_HASH else AcceptV2(**terms, commitment=commitment)
+        msg = sign(accept, "sig", self._signer)
+        self.commitment = commitment
         self.accept = msg
         self._outbox.append(msg)
         self.state = ProviderState.READY
@@ -323,7 +320,7 @@ class ProviderSession(_Machine):
         self._limit, self._tokens_in, self._text, self._claims, self._cut = limit, billed_in, [], [], None
         self._embedding, self._embedded, self._deltas, self._sizes, self._logprobs = embed, None, [], [], 0
         self._named = set()
-        self._input_hash = request_hash(req)
+        self._input_hash = committed_input_hash(request_hash(req), self.commitment)
         self._tokens_out = self._generated = self._text_bytes = 0
         self.state = ProviderState.IN_CALL
         return limit

@@ -81,10 +81,14 @@ class Pair:
     every message, as the real stream does."""
 
     def __init__(self, price: protocol.Price = PRICE, cap: int = 10_000_000, spend_limit: int | None = None,
-                 max_context: int = 4096) -> None:
+                 max_context: int = 4096, commitment: bytes = protocol.ZERO_HASH,
+                 served: bytes | None = None) -> None:
+        """``commitment``: the one the consumer's listing named; ``served``: the one the provider
+        accepts under (default: the same)."""
         self.now = 100
         self.price = price
         self.max_context = max_context
+        self.served = commitment if served is None else served
         self.consumer = protocol.ConsumerSession(
             CONSUMER,
             session_id=b"s" * 16,
@@ -95,6 +99,7 @@ class Pair:
             channel=channel(cap),
             spend_limit=cap if spend_limit is None else spend_limit,
             max_context=max_context,
+            commitment=commitment,
         )
         self.provider = protocol.ProviderSession(PROVIDER)
         self.provider_events: list[Any] = []
@@ -124,7 +129,7 @@ class Pair:
         self.consumer.open(self.now)
         (ev,) = self.to_provider()
         assert isinstance(ev, protocol.OpenReceived)
-        self.provider.accept_open(self.price, self.max_context, self.now)
+        self.provider.accept_open(self.price, self.max_context, self.now, commitment=self.served)
         (ev,) = self.to_consumer()
         assert isinstance(ev, protocol.Accepted)
 

@@ -48,7 +48,7 @@ from ._pacing import RETRY_AFTER_S, Busy, Pacing
 from ._request_check import check_call, embed_batches
 from ._results import Attempt, Completion, Delta, Embeddings
 from ._routing import Candidate, Preferences, missing_feature, rank, serves, why_none
-from ._session_client import ConsumerSessionHandle, SessionError, open_session, reach
+from ._session_client import CallResult, ConsumerSessionHandle, SessionError, open_session, reach
 from ._trust import TrustBook
 
 __all__ = ["RentError", "AtCapacity", "Renter", "estimate_prompt_tokens"]
@@ -124,6 +124,8 @@ class Renter:
         self.contracts = contracts  # fixed-rate contracts this node holds as a client
         self.pacing = pacing or Pacing()  # this node's own bound on sessions at once per provider
         self._spares: dict[tuple[str, str], list[protocol.ChannelGrant]] = {}  # (agent, provider): unused channels
+        # each settled call with the offer it was rented on, at once (the node's spot checks); must not block
+        self.on_settled: Callable[[Listing, ModelOffer, CallResult], None] | None = None
 
     async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
         rows = self.market.view.rows(self.market.now(), model)
@@ -268,6 +270,8 @@ class Renter:
                                     channel=channel, spend_limit=min(spend, channel.cap),
                                     max_context=c.offer.max_context, receipts=self.receipts, clock=self.clock,
                                     tier=c.tier, batch_calls=c.batch_calls, trust=self.trust,
+                                    commitment=protocol.commitment_id(protocol.offer_commitment(c.offer)),
+                                    on_settled=self._settled_hook(c),
                                     withdraw_on_reject=given is None) as handle:
                 opened = True
                 try:
@@ -282,6 +286,12 @@ class Renter:
             if not opened and given is None:  # no Accept, nothing offered back: the next attempt takes it
                 self._keep_spare(c, channel)
             raise
+
+    def _settled_hook(self, c: Candidate) -> Callable[[CallResult], None] | None:
+        hook = self.on_settled
+        if hook is None:
+            return None
+        return lambda result: hook(c.listing, c.offer, result)
 
     async def _open_channel(self, c: Candidate, spend: int, ttl_s: int) -> protocol.ChannelGrant:
         """A new channel of ``spend`` µc to ``c``'s provider through ``c``'s agent.

@@ -96,6 +96,7 @@ class CallResult:
     duration_s: float
     tool_calls: tuple[protocol.ToolCall, ...] = ()
     logprobs: tuple[protocol.TokenLogprob, ...] | None = None
+    request: protocol.Request | protocol.RequestV2 | None = None  # what went on the wire
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +117,10 @@ class ConsumerSessionHandle:
     def __init__(self, machine: ConsumerSession, framed: FramedStream, receipts: ReceiptStore | None,
                  clock: Callable[[], float], idle_timeout_s: float, trust: TrustBook | None = None,
                  call_timeout_s: float = 600.0, delivery: ReceiptDelivery | None = None,
-                 ack_timeout_s: float = 15.0, cancel_timeout_s: float = 5.0) -> None:
+                 ack_timeout_s: float = 15.0, cancel_timeout_s: float = 5.0,
+                 on_settled: Callable[[CallResult], None] | None = None) -> None:
         self.machine = machine
+        self._on_settled = on_settled
         self._framed = framed
         self._receipts = receipts
         self._delivery = delivery
@@ -247,6 +250,8 @@ class ConsumerSessionHandle:
                 raise
             if self._trust is not None:
                 self._trust.completed(self.provider, result.ttft_s, result.receipt.tokens_out, result.duration_s)
+            if self._on_settled is not None:
+                self._on_settled(result)
             return result
 
     async def _call(self, messages: list[dict[str, Any]], max_tokens: int, temperature_milli: int, top_p_milli: int,
@@ -256,15 +261,16 @@ class ConsumerSessionHandle:
         seq = self.machine.next_seq
         knobs = dict(temperature_milli=temperature_milli, top_p_milli=top_p_milli, stop=stop)
         if options == CallOptions() and all(set(m) <= {"role", "content"} for m in messages):  # plain chat: v1
-            self.machine.request(tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages),
-                                 max_tokens, **knobs)
+            request = self.machine.request(tuple(ChatMessage(role=m["role"], content=m["content"]) for m in messages),
+                                           max_tokens, **knobs)
         else:
             fields = request_fields(messages, options)
-            self.machine.request(fields.pop("messages"), max_tokens, **knobs, **fields)
+            request = self.machine.request(fields.pop("messages"), max_tokens, **knobs, **fields)
         start = trio.current_time()
         given = [0]  # chunks handed to the caller: a cancelled call pays for these only
         try:
-            return await self._answer(start, on_text, on_queue, given, on_delta, options.logprobs)
+            result = await self._answer(start, on_text, on_queue, given, on_delta, options.logprobs)
+            return dataclasses.replace(result, request=request)
         except trio.Cancelled:
             if self._deadline is None or not self._deadline.cancel_called:  # our caller's, not our own timeout
                 with trio.CancelScope(shield=True):
@@ -469,6 +475,7 @@ async def open_session(
     clock: WallClock = SYSTEM_WALL_CLOCK,
     tier: str = "",
     batch_calls: int = 0,
+    commitment: bytes = protocol.ZERO_HASH,
     connect_timeout_s: float = 5.0,
     open_timeout_s: float = 15.0,
     idle_timeout_s: float = 60.0,
@@ -478,6 +485,7 @@ async def open_session(
     delivery: ReceiptDelivery | None = None,
     ack_timeout_s: float = 15.0,
     cancel_timeout_s: float = 5.0,
+    on_settled: Callable[[CallResult], None] | None = None,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """Open a session with ``provider``; it is closed (and the channel settled) when the block ends.
 
@@ -497,10 +505,11 @@ async def open_session(
     async with open_session_on(stream, identity, provider=provider, model=model, price=price,
                                listing_seq=listing_seq, channel=channel, spend_limit=spend_limit,
                                max_context=max_context, receipts=receipts, clock=clock, tier=tier,
-                               batch_calls=batch_calls, open_timeout_s=open_timeout_s,
+                               batch_calls=batch_calls, commitment=commitment, open_timeout_s=open_timeout_s,
                                idle_timeout_s=idle_timeout_s, call_timeout_s=call_timeout_s, trust=trust,
                                withdraw_on_reject=withdraw_on_reject, delivery=delivery,
-                               ack_timeout_s=ack_timeout_s, cancel_timeout_s=cancel_timeout_s) as handle:
+                               ack_timeout_s=ack_timeout_s, cancel_timeout_s=cancel_timeout_s,
+                               on_settled=on_settled) as handle:
         yield handle
 
 
@@ -520,6 +529,7 @@ async def open_session_on(
     clock: WallClock = SYSTEM_WALL_CLOCK,
     tier: str = "",
     batch_calls: int = 0,
+    commitment: bytes = protocol.ZERO_HASH,
     open_timeout_s: float = 15.0,
     idle_timeout_s: float = 60.0,
     call_timeout_s: float = 600.0,
@@ -528,12 +538,15 @@ async def open_session_on(
     delivery: ReceiptDelivery | None = None,
     ack_timeout_s: float = 15.0,
     cancel_timeout_s: float = 5.0,
+    on_settled: Callable[[CallResult], None] | None = None,
 ) -> AsyncIterator[ConsumerSessionHandle]:
     """``open_session`` on a stream already open to ``provider`` (anything with libp2p's
     ``read``/``write``/``close``/``reset``); the stream is closed when the block ends.
 
     Args:
-        price, max_context: the terms of the listed offer the session answers.
+        price, max_context: the terms of the listed offer the session answers. commitment: the
+            ``commitment_id`` of the model it names (the Accept must sign the same).
+        on_settled: given each settled call's result, at once (it must not block: a spot check queues it).
         withdraw_on_reject: after a Reject, offer the provider a close of the channel (when the
             channel was opened for this session only): the refusal then locks nothing.
         delivery: where counter-signed receipts wait for the provider's acknowledgement (default:
@@ -551,10 +564,10 @@ async def open_session_on(
     framed = FramedStream(stream)
     machine = ConsumerSession(identity, session_id=secrets.token_bytes(16), provider=provider, model=model,
                               listing_seq=listing_seq, price=price, channel=channel, spend_limit=spend_limit,
-                              max_context=max_context, tier=tier, batch_calls=batch_calls)
+                              max_context=max_context, tier=tier, batch_calls=batch_calls, commitment=commitment)
     delivery = delivery if delivery is not None else delivery_for(receipts)
     handle = ConsumerSessionHandle(machine, framed, receipts, clock, idle_timeout_s, trust, call_timeout_s,
-                                   delivery, ack_timeout_s, cancel_timeout_s)
+                                   delivery, ack_timeout_s, cancel_timeout_s, on_settled)
     if delivery is not None:
         delivery.wake(provider)  # we reach it again: what it has not acknowledged goes now
     try:

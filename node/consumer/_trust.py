@@ -11,6 +11,7 @@ The score starts at 100 and stays within [0, 200]:
     capacity: refused for capacity / rate limit / unavailable, or its queue timed out   -2,
         held apart and forgiven quickly: at most -20 in all, halved every minute after the last one
     bad receipt or any other protocol violation   -50
+    caught serving another model than it committed to (a failed spot check)   to 0, not probed for 30 days
     observed uptime: listed continuously        +0.5 per hour
     not the provider's doing: 0 — a stale view of its listing (unknown_model), our own request
         (over_budget, bad_request, context_too_long, max_tokens_too_large), a third party (the
@@ -46,6 +47,7 @@ COMPLETED, SLOW, LISTED, FAILURE, VIOLATION, PER_HOUR = 1.0, -2.0, -2.0, -10.0, 
 BUSY, BUSY_MAX, BUSY_HALF_LIFE_S = 2.0, 20.0, 60  # capacity: a small, quickly forgiven penalty
 PROBE_BASE_S, PROBE_MAX_S = 60, 3600
 VIOLATION_MEMORY_S = 86_400  # a violator is not probed for a day
+CAUGHT_MEMORY_S = 30 * 86_400  # a provider caught substituting its model: not for a month
 _ALIVE_GAP_S = 180  # a listing seen again within this counts as continuous uptime
 
 # how a refusal's reason code is attributed (anything unlisted is the provider's fault)
@@ -75,7 +77,8 @@ class ProviderStats:
     violations: int = 0
     strikes: int = 0  # provider faults in a row
     probe_due: bool = False  # under the floor, it may be probed now (back-off over, no recent violation)
-    violator: bool = False  # a protocol violation in the last day: never probed
+    violator: bool = False  # a protocol violation in the last day (caught: in the last month): never probed
+    caught: int = 0  # failed spot checks
 
     @property
     def measured(self) -> bool:
@@ -83,7 +86,8 @@ class ProviderStats:
 
 
 _COLUMNS = {"busy": "REAL NOT NULL DEFAULT 0", "busy_at": "INTEGER", "strikes": "INTEGER NOT NULL DEFAULT 0",
-            "fault_at": "INTEGER", "violated_at": "INTEGER"}
+            "fault_at": "INTEGER", "violated_at": "INTEGER",
+            "caught": "INTEGER NOT NULL DEFAULT 0", "caught_at": "INTEGER"}
 
 
 class TrustBook:
@@ -119,14 +123,17 @@ class TrustBook:
         now = self._now()
         with self._lock:
             row = self.db.execute("SELECT score, ttft_s, tps, calls, failures, violations, busy, busy_at, strikes, "
-                                  "fault_at, violated_at FROM providers WHERE peer_id = ?", (peer_id,)).fetchone()
+                                  "fault_at, violated_at, caught, caught_at FROM providers WHERE peer_id = ?",
+                                  (peer_id,)).fetchone()
         if row is None:
             return ProviderStats(peer_id)
-        score, ttft, tps, calls, failures, violations, busy, busy_at, strikes, fault_at, violated_at = row
-        violator = violated_at is not None and now - violated_at < VIOLATION_MEMORY_S
+        score, ttft, tps, calls, failures, violations, busy, busy_at, strikes, fault_at, violated_at, caught, \
+            caught_at = row
+        violator = ((violated_at is not None and now - violated_at < VIOLATION_MEMORY_S)
+                    or (caught_at is not None and now - caught_at < CAUGHT_MEMORY_S))
         rested = fault_at is None or now - fault_at >= probe_backoff(strikes)
         return ProviderStats(peer_id, max(LOW, score - self._busy_now(busy, busy_at, now)), ttft, tps, calls,
-                             failures, violations, strikes, rested and not violator, violator)
+                             failures, violations, strikes, rested and not violator, violator, caught)
 
     def _update(self, peer_id: str, delta: float, sets: str = "", args: tuple[object, ...] = (),
                 **counters: int) -> None:
@@ -186,6 +193,13 @@ class TrustBook:
         now = self._now()
         self._update(peer_id, VIOLATION, "strikes = strikes + 1, fault_at = ?, violated_at = ?", (now, now),
                      violations=1)
+
+    def caught(self, peer_id: str) -> None:
+        """A failed spot check: it served another model than it committed to. Score to 0, never
+        probed for ``CAUGHT_MEMORY_S``."""
+        now = self._now()
+        self._update(peer_id, -HIGH, "strikes = strikes + 1, fault_at = ?, violated_at = ?, caught_at = ?",
+                     (now, now, now), violations=1, caught=1)
 
     def observe_alive(self, peer_ids: list[str], now: int) -> None:
         """Credit uptime to providers whose listings are alive at ``now``."""

@@ -122,7 +122,7 @@ class _ListingValidator(Validator):
         best, best_seq = 0, -1
         for i, value in enumerate(values):
             try:
-                listing = protocol.decode(value, max_size=protocol.MAX_LISTING_BYTES, expect=(Listing,))
+                listing = protocol.decode(value, max_size=protocol.MAX_LISTING_BYTES, expect=protocol.LISTING_TYPES)
                 protocol.verify(listing, "sig", protocol.public_key_from_peer_id(listing.provider))
             except protocol.ProtocolError:
                 continue

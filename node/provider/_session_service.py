@@ -241,7 +241,8 @@ class _StreamSession:
         close = None
         with self.service.admission.seat(first.consumer, self.offer.model, first.tier):
             try:
-                self.machine.accept_open(first.price, self.offer.max_context, self.service.now())
+                self.machine.accept_open(first.price, self.offer.max_context, self.service.now(),
+                                         commitment=protocol.commitment_id(self.backend.commitment()))
                 await self._flush()
                 close = await self._serve()
             finally:

@@ -122,6 +122,12 @@ class LiveBackend(Backend):
     def features(self) -> tuple[str, ...]:
         return self._current.features() if self._current is not None else ()
 
+    def commitment(self) -> protocol.ModelCommitment | None:
+        return self._current.commitment() if self._current is not None else None
+
+    def reproducible(self) -> bool:
+        return self._current.reproducible() if self._current is not None else False
+
     def swap(self, backend: Backend | None) -> Backend | None:
         """Serve ``backend`` from the next call on (None: no longer offered; calls then fail).
 
@@ -275,11 +281,17 @@ class Storefront:
             claimed = tuple(f for f in claimed if f in offer.features)
         return tuple(dict.fromkeys(claimed))[:16]
 
-    def listed(self, offer: Offer) -> protocol.ModelOffer:
+    def listed(self, offer: Offer) -> protocol.ModelOfferV2:
         """The offer as listed now: the dynamic price at current utilization (or the base price),
-        the measured tokens/s, the concurrency the memory allows (never above the configured), and
-        what it serves (``features``)."""
-        listed = dataclasses.replace(offer.to_model_offer(), features=self.features(offer))
+        the measured tokens/s, the concurrency the memory allows (never above the configured),
+        what it serves (``features``), and the commitment to the model its loaded backend serves
+        (none until it is loaded)."""
+        live = self._backends.get(offer.model)
+        committed = live.commitment() if live is not None else None
+        listed = protocol.ModelOfferV2(**{f.name: getattr(offer.to_model_offer(), f.name)
+                                          for f in dataclasses.fields(protocol.ModelOffer)},
+                                       commitment=committed, reproducible=committed is not None and live.reproducible())
+        listed = dataclasses.replace(listed, features=self.features(offer))
         bench = self.benchmarks.get(offer.model)
         if bench is not None:
             listed = dataclasses.replace(listed, tokens_per_s=min(bench.tokens_per_s, 1 << 24),
@@ -452,12 +464,12 @@ class Storefront:
         if changed:
             self.publish()
 
-    def listing(self) -> protocol.Listing | None:
+    def listing(self) -> protocol.ListingV2 | None:
         """The listing to publish now (seq and times are the market's), or None: nothing to sell."""
         if not self._offers or not self.available():
             return None
         host = self._market.host if self._market is not None else None
-        return protocol.Listing(
+        return protocol.ListingV2(
             provider=self.peer_id,
             addrs=tuple(peer_addrs(host))[:16] if host is not None else (),
             seq=0,

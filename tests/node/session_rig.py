@@ -98,14 +98,14 @@ class Rig:
         return await self.consumer_ops.open_grant(self.agent_addr, self.provider_id, cap, ttl)
 
     def session(self, channel: protocol.ChannelGrant, model: str = "m", price: protocol.Price | None = None,
-                spend_limit: int | None = None) -> Any:
+                spend_limit: int | None = None, commitment: bytes = protocol.ZERO_HASH, **options: Any) -> Any:
         offer = self.offers.get(model)
         price = price or (offer.to_model_offer().price if offer else protocol.Price(input_per_1k=1, output_per_1k=1))
         return open_session(self.consumer_host, self.consumer_ops.identity, provider=self.provider_id,
                             addrs=tuple(peer_addrs(self.provider_host)), model=model, price=price, listing_seq=1,
                             channel=channel, spend_limit=spend_limit if spend_limit is not None else channel.cap,
                             max_context=offer.max_context if offer else 4096, receipts=self.consumer_receipts,
-                            clock=self.clock, idle_timeout_s=30)
+                            clock=self.clock, idle_timeout_s=30, commitment=commitment, **options)
 
 
 @asynccontextmanager

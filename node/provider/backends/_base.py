@@ -16,6 +16,8 @@ import dataclasses
 import threading
 from typing import Any, Protocol, Sequence
 
+import protocol
+
 from ..._calls import CallOptions
 from ..._errors import LocalError
 
@@ -92,6 +94,16 @@ class Backend(abc.ABC):
     def features(self) -> tuple[str, ...]:
         """The listing features (``protocol.FEATURES``) this backend serves."""
         return ("streaming",)
+
+    def commitment(self) -> protocol.ModelCommitment | None:
+        """The model this backend serves, as its listing commits to it (known once started;
+        None: it cannot name one)."""
+        return None
+
+    def reproducible(self) -> bool:
+        """Whether greedy decoding gives the same tokens on every run here (so a spot check can
+        compare them exactly); False: compare top-k agreement instead."""
+        return False
 
     @abc.abstractmethod
     async def count_prompt_tokens(self, messages: Sequence[dict[str, Any]], options: CallOptions = _NO_OPTIONS) -> int:

@@ -17,7 +17,10 @@ from typing import Any, Sequence
 
 import trio
 
+import protocol
+
 from ..._calls import CallOptions
+from ...verify._commitment import file_commitment
 from ._base import Backend, BackendError, BackendUnsupported, Generation, OnPiece
 
 __all__ = ["LlamaCppBackend"]
@@ -33,6 +36,10 @@ class LlamaCppBackend(Backend):
         self._llm: Any = None
         self._format: Any = None
         self._lock = trio.Lock()
+        self._commitment: protocol.ModelCommitment | None = None
+
+    def commitment(self) -> protocol.ModelCommitment | None:
+        return self._commitment
 
     async def start(self) -> None:
         try:
@@ -51,6 +58,7 @@ class LlamaCppBackend(Backend):
             bos = llm.detokenize([bos_id], special=True).decode(errors="replace") if bos_id >= 0 else ""
             self._format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
             self._llm = llm
+            self._commitment = file_commitment(self.path)
 
         try:
             await trio.to_thread.run_sync(load)

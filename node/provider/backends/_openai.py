@@ -46,6 +46,7 @@ import httpx
 import protocol
 
 from ..._calls import CallOptions, request_fields
+from ...verify._commitment import upstream_commitment
 from ._base import (
     CHAT_FEATURES,
     Backend,
@@ -197,6 +198,9 @@ class _Upstream:
             except KeyError as exc:
                 raise BackendError(f"no API key named {key_name!r} in the keystore (add it with `node key add`)") from exc
         return cls(spec, base_url, model, key, **kwargs)
+
+    def commitment(self) -> protocol.ModelCommitment | None:
+        return upstream_commitment(self.model, self.base_url)
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,

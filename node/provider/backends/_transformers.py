@@ -45,6 +45,7 @@ import trio
 import protocol
 
 from ..._calls import CallOptions
+from ...verify._commitment import folder_commitment
 from ._base import CHAT_FEATURES, MODEL_LOADING, Backend, BackendError, BackendUnsupported, Generation, OnPiece
 from ._constrained import (
     Constraint,
@@ -83,6 +84,7 @@ class TransformersBackend(Backend):
         self._tokdata: TokenizerData | None = None
         self._cache_arg = "past_key_values"
         self._lock = trio.Lock()  # one generation at a time on this model
+        self._commitment: protocol.ModelCommitment | None = None
 
     async def start(self) -> None:
         def load() -> None:
@@ -108,6 +110,7 @@ class TransformersBackend(Backend):
             self._renders_tools = "tools" in str(template or "")
             self._hermes = self._renders_tools and uses_hermes(template)
             self._tokdata = TokenizerData(self._tokenizer, sorted(self._eos), self._suppressed)
+            self._commitment = folder_commitment(self.folder)
 
         try:
             await trio.to_thread.run_sync(load)
@@ -124,6 +127,14 @@ class TransformersBackend(Backend):
 
     def on_gpu(self) -> bool:
         return self._device == "cuda"
+
+    def commitment(self) -> protocol.ModelCommitment | None:
+        return self._commitment
+
+    def reproducible(self) -> bool:
+        # greedy decoding on the CPU runs the same kernels in the same order every time; GPU
+        # kernels may reduce in another order (and flip a near-tie), so a GPU says no
+        return self._device == "cpu"
 
     def _check(self, options: CallOptions) -> None:
         """Refuse what this model cannot serve, before anything runs.
@@ -304,6 +315,33 @@ class TransformersBackend(Backend):
             finally:
                 emitter.finish(generated)
         return finish
+
+    async def topk_agreement(self, messages: Sequence[dict[str, Any]], text: str, k: int) -> tuple[int, int]:
+        """How many of ``text``'s tokens (as this tokenizer splits it) are, each after the prompt and
+        the tokens before it, among this model's ``k`` most likely next tokens (suppressed tokens
+        never are): ``(agreeing, total)``. One forward pass, no sampling: a spot check's comparison
+        where greedy decoding is not reproducible bit for bit."""
+        if self._model is None:
+            raise BackendError(f"{self.spec} is not started")
+
+        def score() -> tuple[int, int]:
+            import torch
+
+            prompt = self._prompt_ids(messages, _NO_OPTIONS)
+            output = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not output:
+                return 0, 0
+            with torch.inference_mode():
+                out = self._model(input_ids=torch.tensor([prompt + output], device=self._device))
+                logits = out.logits[0, len(prompt) - 1:-1, :].float()
+                if self._suppressed:
+                    logits[:, self._suppressed] = -math.inf
+                top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices
+                hits = (top == torch.tensor(output, device=self._device).unsqueeze(-1)).any(-1)
+            return int(hits.sum()), len(output)
+
+        async with self._lock:
+            return await trio.to_thread.run_sync(score)
 
     def _logprob(self, logits: Any, choice: int, top: int) -> protocol.TokenLogprob:
         import torch
