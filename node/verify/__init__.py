@@ -1,1 +1,18 @@
-"""Keeping providers honest: model commitments, spot checks that re-run sampled calls, and evidence bundles anyone can re-check."""
+"""Keeping providers honest: model commitments, spot checks that re-run sampled calls, and evidence bundles anyone can re-check.
+
+    _commitment     commitments computed from model files (weights and tokenizer hashed apart) or an upstream's id
+    _rerun          re-running a paid call on the committed weights: exact or top-k comparison, the Verdict
+    _spot           SpotChecker: samples settled calls, re-runs them within a budget, acts on a failure
+    _evidence_book  the evidence bundles this node holds (its own and gossiped ones), bounded
+    _service        a node's verification: checker, book, the evidence topic and confirmation re-runs
+"""
+
+from ._commitment import file_commitment, folder_commitment, upstream_commitment
+from ._evidence_book import EvidenceBook
+from ._rerun import Verdict, checkable, rerun
+from ._service import Verification, checked_call, open_verification
+from ._spot import CheckedCall, SpotCheckConfig, SpotChecker
+
+__all__ = ["file_commitment", "folder_commitment", "upstream_commitment", "EvidenceBook", "Verdict", "checkable",
+           "rerun", "Verification", "checked_call", "open_verification", "CheckedCall", "SpotCheckConfig",
+           "SpotChecker"]
