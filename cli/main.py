@@ -33,6 +33,7 @@ from ._common import CliError, emit_json, home_option, json_option, set_verbose
 from ._escrow import COMMANDS as ESCROW_COMMANDS
 from ._market import COMMANDS
 from ._renting import COMMANDS as RENTING_COMMANDS
+from ._verify import COMMANDS as VERIFY_COMMANDS
 
 #: exit status of an internal error (BSD's EX_SOFTWARE)
 EXIT_INTERNAL = 70
@@ -170,7 +171,7 @@ def id_(home: str | None, as_json: bool) -> None:
         click.echo(peer_id)
 
 
-for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS:
+for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS + VERIFY_COMMANDS:
     cli.add_command(_command)
 
 

@@ -33,11 +33,12 @@ from .provider._offers import Offer
 from .provider._pricing_models import DynamicPricing, parse_dynamic
 from .provider._schedule import Schedule, parse_schedule
 from .provider._sla import SlaConfig, parse_sla
+from .verify._spot import SPOT_CHECK_KEYS, SpotCheckConfig, parse_spot_checks
 
 __all__ = ["NodeConfig", "load_config", "save_accept_escrow", "save_offers", "check_announce_addr"]
 
 #: the top-level tables config.toml may hold, and the keys of [node]
-_TABLES = ("node", "offers", "schedule", "health", "pricing", "sla", "contracts")
+_TABLES = ("node", "offers", "schedule", "health", "pricing", "sla", "contracts", "spot_checks")
 _NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s", "announce", "relay")
 #: the keys of the tables that do not parse straight into a dataclass, with their types
 _SCHEDULE_KEYS: dict[str, Any] = {"timezone": str, "hours": dict, "maintenance": list}
@@ -60,6 +61,7 @@ class NodeConfig:
     claim_margin_s: int = 30  # [node] claim_margin_s: claim everything this long before a channel expires
     announce: tuple[str, ...] = ()  # [node] announce: addresses published first (a port forwarded by hand, a DNS name)
     relay: bool = False  # [node] relay: also relay circuits for peers behind NAT (public nodes only)
+    spot_checks: SpotCheckConfig = SpotCheckConfig()  # [spot_checks]: re-running sampled calls
 
 
 class _Where:
@@ -248,7 +250,11 @@ def load_config(path: Path) -> NodeConfig:
     client_contracts = _section(where, "[[contracts]]", parse_contracts,
                                 [c for c in raw_contracts if "client" not in c], "client")
     sla = _section(where, "[sla]", parse_sla, data.get("sla"))
+    if data.get("spot_checks") is not None:
+        _check_table(where, "spot_checks", data["spot_checks"], SPOT_CHECK_KEYS)
+    spot_checks = _section(where, "[spot_checks]", parse_spot_checks, data.get("spot_checks"))
     return NodeConfig(
+        spot_checks=spot_checks,
         sla=sla,
         contracts=contracts,
         client_contracts=client_contracts,

@@ -8,6 +8,8 @@ Who gets what (nothing else is shared):
     escrow     EscrowClient -> EscrowOps; the agent role when asked
     provider   Admission -> Storefront (offers, backends, listing) -> HealthMonitor, ProviderService
     consumer   TrustBook, Renter (market, escrow, receipts, trust), HeldSessions
+    verify     SpotChecker (trust, evidence book, its own backends), the evidence topic (market);
+               hooked into the renter, which offers it every settled call
     shared     ReceiptStore (both sides' receipts), the config, the home
 
 The HTTP faces (``node.api``) are not built here: the daemon serves them over a ``Node``.
@@ -59,6 +61,7 @@ from .provider._admission import Admission
 from .provider._receipt_intake import ReceiptIntake
 from .provider._storefront import OfferUnloadable, Storefront
 from .provider.backends import Backend, open_backend
+from .verify._service import Verification, checked_call, evidence_json, open_verification
 
 __all__ = ["Node", "ApiBinding", "open_node", "resolve_config"]
 
@@ -104,6 +107,7 @@ class Node:
     relay_client: RelayClient
     api: ApiBinding = dataclasses.field(default_factory=ApiBinding)
     relay: list[Relay] = dataclasses.field(default_factory=list)  # the relay role, once started (--relay)
+    verification: Verification | None = None  # spot checks and evidence (node/verify)
 
     @property
     def host(self) -> Any:
@@ -171,7 +175,16 @@ class Node:
                                  **(dataclasses.asdict(store.benchmarks[o.model]) if o.model in store.benchmarks
                                     else {})}
                        for o in store.offers()},
+            "verification": self.verification.status() if self.verification is not None else None,
         }
+
+    def evidence(self, provider: str | None = None) -> list[dict[str, Any]]:
+        """The evidence bundles this node holds (against ``provider``, or all), newest first."""
+        if self.verification is None:
+            return []
+        book = self.verification.evidence
+        providers = [provider] if provider is not None else sorted(book.counts())
+        return [evidence_json(e, confirmed) for p in providers for e, confirmed in book.against(p)]
 
     def reach(self) -> dict[str, Any]:
         """How peers reach this node: reachability (AutoNAT), the addresses published and where each
@@ -327,6 +340,17 @@ async def open_node(
             yield node
 
 
+def _spot_check(verification: Verification) -> Callable[[Any, Any, Any], None]:
+    """The renter's hook: every settled call goes to the spot checker (which samples)."""
+
+    def offer(listing: Any, offer: Any, result: Any) -> None:
+        call = checked_call(listing, offer, result)
+        if call is not None:
+            verification.checker.offer(call)
+
+    return offer
+
+
 @asynccontextmanager
 async def _open_network(home: Home, identity: Identity, config: NodeConfig, mdns: bool, market_config: MarketConfig,
                         wall_clock: WallClock, trust: TrustBook, relay_addrs: Callable[[], list[str]],
@@ -386,7 +410,12 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                         sessions=HeldSessions(renter), started_at=wall_clock(), wall_clock=wall_clock,
                         addresses=addresses, relay_client=relay_client)
             try:
-                async with trio.open_nursery() as nursery:
+                async with open_verification(identity, config.spot_checks, home.path, trust=trust,
+                                             wall_clock=wall_clock, market=market,
+                                             open_backend=lambda spec: open_backend(spec, models, api_key=api_key)
+                                             ) as verification, trio.open_nursery() as nursery:
+                    node.verification = verification
+                    renter.on_settled = _spot_check(verification)
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent, wall_clock)
                     await nursery.start(provider.serve_settlement)

@@ -133,10 +133,12 @@ class Pair:
         (ev,) = self.to_consumer()
         assert isinstance(ev, protocol.Accepted)
 
-    def call(self, prompt: str, pieces: list[tuple[str, int]], tokens_in: int = 10, max_tokens: int = 64) -> Any:
-        """One full call; returns the consumer's ReceiptSettled (or CallFailed) event."""
+    def call(self, prompt: str, pieces: list[tuple[str, int]], tokens_in: int = 10, max_tokens: int = 64,
+             **knobs: Any) -> Any:
+        """One full call (``knobs``: the request's sampling knobs); returns the consumer's
+        ReceiptSettled (or CallFailed) event."""
         msgs = (protocol.ChatMessage(role="user", content=prompt),)
-        self.consumer.request(msgs, max_tokens)
+        self.consumer.request(msgs, max_tokens, **knobs)
         (ev,) = self.to_provider()
         assert isinstance(ev, protocol.CallRequested)
         limit = self.provider.start_call(tokens_in, self.now)

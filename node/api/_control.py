@@ -276,6 +276,9 @@ def _market_routes(service: "Node") -> Routes:
     async def market(request: Request) -> Any:
         return service.market_stats()
 
+    async def evidence(request: Request) -> Any:
+        return service.evidence(request.query_params.get("provider") or None)
+
     return [
         ("GET", "/api/v1/status", status),
         ("GET", "/api/v1/offers", offers),
@@ -283,6 +286,7 @@ def _market_routes(service: "Node") -> Routes:
         ("DELETE", "/api/v1/offers/{model:path}", remove_offer),
         ("GET", "/api/v1/providers", providers),
         ("GET", "/api/v1/market", market),
+        ("GET", "/api/v1/evidence", evidence),
     ]
 
 

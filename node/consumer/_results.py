@@ -249,6 +249,14 @@ class SessionSummary:
         return dataclasses.asdict(self)
 
 
+def _commitment_json(offer: Any) -> dict[str, Any] | None:
+    committed = protocol.offer_commitment(offer)
+    if committed is None:
+        return None
+    return {"id": protocol.commitment_id(committed).hex(), "kind": committed.kind, "upstream": committed.upstream,
+            "reproducible": bool(getattr(offer, "reproducible", False))}
+
+
 @dataclasses.dataclass(frozen=True)
 class ProviderRow:
     """One provider of one model as this node sees it: the listing's terms and this node's figures."""
@@ -268,6 +276,8 @@ class ProviderRow:
             "rate_limit": offer.rate_limit_rpm,
             "max_concurrent": offer.max_concurrent,
             "trust": round(s.score, 1),
+            "caught": s.caught,
+            "commitment": _commitment_json(offer),
             "latency_ms": None if s.ttft_s is None else int(s.ttft_s * 1000),
             "tokens_per_s": None if s.tps is None else round(s.tps, 1),
             "benchmark_tokens_per_s": offer.tokens_per_s or None,

@@ -5,14 +5,25 @@
     _spot           SpotChecker: samples settled calls, re-runs them within a budget, acts on a failure
     _evidence_book  the evidence bundles this node holds (its own and gossiped ones), bounded
     _service        a node's verification: checker, book, the evidence topic and confirmation re-runs
+                    (imported by the composition root only: it pulls in the network stack)
 """
 
 from ._commitment import file_commitment, folder_commitment, upstream_commitment
 from ._evidence_book import EvidenceBook
-from ._rerun import Verdict, checkable, rerun
-from ._service import Verification, checked_call, open_verification
+from ._rerun import Recheck, Verdict, checkable, recheck, rerun
 from ._spot import CheckedCall, SpotCheckConfig, SpotChecker
 
-__all__ = ["file_commitment", "folder_commitment", "upstream_commitment", "EvidenceBook", "Verdict", "checkable",
-           "rerun", "Verification", "checked_call", "open_verification", "CheckedCall", "SpotCheckConfig",
-           "SpotChecker"]
+__all__ = [
+    "checkable",
+    "CheckedCall",
+    "EvidenceBook",
+    "file_commitment",
+    "folder_commitment",
+    "Recheck",
+    "recheck",
+    "rerun",
+    "SpotCheckConfig",
+    "SpotChecker",
+    "upstream_commitment",
+    "Verdict",
+]

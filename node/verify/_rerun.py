@@ -26,7 +26,7 @@ import protocol
 
 from ..provider.backends import Backend
 
-__all__ = ["Verdict", "checkable", "rerun", "DEFAULT_TOPK", "DEFAULT_THRESHOLD_PERMILLE"]
+__all__ = ["Verdict", "Recheck", "checkable", "rerun", "recheck", "DEFAULT_TOPK", "DEFAULT_THRESHOLD_PERMILLE"]
 
 DEFAULT_TOPK = 5
 DEFAULT_THRESHOLD_PERMILLE = 900
@@ -83,3 +83,41 @@ async def rerun(backend: Backend, request: protocol.Request, provider_text: str,
     share = 1000 if total == 0 else agree * 1000 // total
     return Verdict(share >= threshold_permille, "topk", agreement_permille=share, topk=topk,
                    threshold_permille=threshold_permille, tokens=prompt + total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recheck:
+    """An evidence bundle re-checked: the bundle, its request, and (given the weights) this
+    machine's own verdict on the call and whether it confirms the bundle."""
+
+    evidence: protocol.Evidence
+    request: protocol.Request
+    verdict: Verdict | None = None
+
+    @property
+    def confirmed(self) -> bool | None:
+        """True: the re-run here fails too; False: it agrees with the provider; None: not re-run."""
+        return None if self.verdict is None else not self.verdict.ok
+
+
+async def recheck(data: bytes, backend: Backend | None = None) -> Recheck:
+    """Check a bundle's bytes (``protocol.check_evidence``) and, with ``backend`` (holding the
+    committed weights), re-run its call the way the bundle says it was compared.
+
+    Raises:
+        protocol.ProtocolError: the bundle is malformed, forged, tampered or proves nothing.
+        ValueError: ``backend`` holds another model than the bundle's commitment.
+        BackendError: the re-run failed.
+    """
+    evidence = protocol.decode(data, max_size=protocol.MAX_EVIDENCE_BYTES, expect=(protocol.Evidence,))
+    request = protocol.check_evidence(evidence)
+    if backend is None:
+        return Recheck(evidence, request)
+    held = backend.commitment()
+    if held is None or protocol.commitment_id(held) != protocol.commitment_id(evidence.commitment):
+        raise ValueError("this backend holds another model than the one the provider committed to")
+    verdict = await rerun(backend, request, evidence.provider_text, evidence.receipt,
+                          exact=evidence.mode == "exact" and backend.reproducible(),
+                          topk=evidence.topk or DEFAULT_TOPK,
+                          threshold_permille=evidence.threshold_permille or DEFAULT_THRESHOLD_PERMILLE)
+    return Recheck(evidence, request, verdict)

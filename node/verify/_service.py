@@ -35,7 +35,7 @@ from ._evidence_book import EvidenceBook
 from ._rerun import rerun
 from ._spot import CheckedCall, SpotCheckConfig, SpotChecker
 
-__all__ = ["Verification", "open_verification", "checked_call", "EVIDENCE_BURST", "EVIDENCE_EVERY_S"]
+__all__ = ["Verification", "open_verification", "checked_call", "evidence_json", "EVIDENCE_BURST", "EVIDENCE_EVERY_S"]
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ def checked_call(listing: protocol.Listing, offer: protocol.ModelOffer, result: 
     return CheckedCall(provider=listing.provider, model=offer.name, commitment=commitment,
                        reproducible=bool(getattr(offer, "reproducible", False)), request=result.request,
                        text=result.text, receipt=result.receipt)
+
+
+def evidence_json(evidence: protocol.Evidence, confirmed: bool) -> dict[str, Any]:
+    """A bundle as ``node evidence --json`` shows it (``data``: its canonical bytes, hex)."""
+    r = evidence.receipt
+    return {"id": protocol.body_hash(evidence).hex(), "provider": r.provider, "verifier": evidence.verifier,
+            "model": r.model, "commitment": protocol.commitment_id(evidence.commitment).hex(),
+            "mode": evidence.mode, "agreement_permille": evidence.agreement_permille,
+            "issued_at": evidence.issued_at, "confirmed": confirmed,
+            "data": protocol.encode(evidence, max_size=protocol.MAX_EVIDENCE_BYTES).hex()}
 
 
 @dataclasses.dataclass

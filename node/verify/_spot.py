@@ -30,7 +30,7 @@ from ..provider.backends import Backend, BackendError
 from ._evidence_book import EvidenceBook
 from ._rerun import DEFAULT_THRESHOLD_PERMILLE, DEFAULT_TOPK, Verdict, checkable, rerun
 
-__all__ = ["SpotCheckConfig", "CheckedCall", "SpotChecker"]
+__all__ = ["SpotCheckConfig", "CheckedCall", "SpotChecker", "parse_spot_checks", "SPOT_CHECK_KEYS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +52,21 @@ class SpotCheckConfig:
             raise ValueError("rate_permille and threshold_permille are 0..1000")
         if self.tokens_per_hour < 0 or not 1 <= self.topk <= 1000 or not 1 <= self.queue <= 4096:
             raise ValueError("tokens_per_hour >= 0, topk 1..1000, queue 1..4096")
+
+
+#: the ``[spot_checks]`` keys and their TOML types
+SPOT_CHECK_KEYS: dict[str, Any] = {"rate_permille": int, "tokens_per_hour": int, "topk": int,
+                                   "threshold_permille": int, "backends": list, "queue": int}
+
+
+def parse_spot_checks(raw: dict[str, Any] | None) -> SpotCheckConfig:
+    """A ``[spot_checks]`` table (its keys' types already checked). Raises ValueError for a value
+    out of range or a backend that is not a string."""
+    raw = dict(raw or {})
+    backends = raw.pop("backends", [])
+    if not all(isinstance(b, str) and b for b in backends):
+        raise ValueError("backends is a list of backend specs (e.g. \"builtin\", \"transformers:/models/x\")")
+    return SpotCheckConfig(**raw, backends=tuple(backends))
 
 
 @dataclasses.dataclass(frozen=True)
