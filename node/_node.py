@@ -404,18 +404,18 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                             contracts=config.client_contracts)
             relay_client = RelayClient(host, dht=market.dht, own_addrs=addresses.published)
             relay_clients.append(relay_client)
-            node = Node(home=home, identity=identity, config=config, capabilities=capabilities, market=market,
-                        storefront=storefront, health=health, provider=provider, escrow=escrow_ops,
-                        escrow_agent=agent, receipts=receipts, trust=trust, renter=renter,
-                        sessions=HeldSessions(renter), started_at=wall_clock(), wall_clock=wall_clock,
-                        addresses=addresses, relay_client=relay_client)
             try:
                 async with open_verification(identity, config.spot_checks, home.path, trust=trust,
                                              wall_clock=wall_clock, market=market,
                                              open_backend=lambda spec: open_backend(spec, models, api_key=api_key)
                                              ) as verification, trio.open_nursery() as nursery:
-                    node.verification = verification
                     renter.on_settled = _spot_check(verification)
+                    node = Node(home=home, identity=identity, config=config, capabilities=capabilities,
+                                market=market, storefront=storefront, health=health, provider=provider,
+                                escrow=escrow_ops, escrow_agent=agent, receipts=receipts, trust=trust,
+                                renter=renter, sessions=HeldSessions(renter), started_at=wall_clock(),
+                                wall_clock=wall_clock, addresses=addresses, relay_client=relay_client,
+                                verification=verification)
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent, wall_clock)
                     await nursery.start(provider.serve_settlement)
