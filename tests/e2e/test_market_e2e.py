@@ -33,6 +33,8 @@ def test_three_daemons_offer_and_providers(daemons):
     rows = poll(listed, 10, "the offer to reach the third daemon")
     bench = rows[0].pop("benchmark_tokens_per_s")  # the provider's own benchmark, republished when done
     assert bench is None or bench > 0
+    commitment = rows[0].pop("commitment")  # the builtin model's weights, hashed when the offer loaded
+    assert commitment["kind"] == "weights" and len(commitment["id"]) == 64 and commitment["reproducible"]
     assert rows == [
         {
             "peer_id": second.info["peer_id"],
@@ -44,6 +46,7 @@ def test_three_daemons_offer_and_providers(daemons):
             "rate_limit": 0,
             "max_concurrent": 4,
             "trust": 100.0,  # a provider this node has no experience with yet
+            "caught": 0,
             "latency_ms": None,
             "tokens_per_s": None,
             "escrows": [],
