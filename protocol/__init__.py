@@ -11,6 +11,7 @@
     _terms      session_terms: the one owner of a session's price, from the offer as listed
     _commitments  which model served a call: commitments in listings (v2), Accept v2 and receipts
     _evidence   evidence bundles of failed spot checks, and the check anyone can run on them
+    _attestation  consumers' signed accounts of a session, backed by a receipt and a settlement
     _listing    the market's acceptance rule for listings: signed, unexpired, within the TTL
     _session    what both session machines share: their events, hashes and guarded base
     _consumer   ConsumerSession, the consumer's sans-IO session machine
@@ -48,6 +49,7 @@ from ._agent_messages import (
     request_token_bound,
     tool_call_problem,
 )
+from ._attestation import MAX_ATTESTATION_BYTES, Attestation, Backing, attestation_quality, check_attestation
 from ._codec import DEFAULT_MAX_MESSAGE, decode, encode, registered_kinds
 from ._commitments import (
     ACCEPT_TYPES,
@@ -94,7 +96,16 @@ from ._errors import (
 from ._evidence import EVIDENCE_MODES, MAX_EVIDENCE_BYTES, Evidence, check_evidence, evidence_request, outputs_agree
 from ._framing import FrameReader, decode_varint, encode_varint, frame
 from ._identity import peer_id_from_public_key, public_key_from_peer_id
-from ._ids import DHT_NAMESPACE, ESCROW_PROTOCOL, EVIDENCE_TOPIC, LISTING_TOPIC, RECEIPT_PROTOCOL, SESSION_PROTOCOL
+from ._ids import (
+    ATTESTATION_NAMESPACE,
+    ATTESTATION_TOPIC,
+    DHT_NAMESPACE,
+    ESCROW_PROTOCOL,
+    EVIDENCE_TOPIC,
+    LISTING_TOPIC,
+    RECEIPT_PROTOCOL,
+    SESSION_PROTOCOL,
+)
 from ._listing import CLOCK_SKEW_S, MAX_LISTING_BYTES, MAX_LISTING_TTL_S, check_listing, decode_listing, supersedes
 from ._messages import (
     CALL_ERROR_REASONS,
@@ -224,6 +235,8 @@ __all__ = [
     "ChatMessage",
     "check_delivered",
     "check_evidence",
+    "check_attestation",
+    "attestation_quality",
     "check_listing",
     "Chunk",
     "ChunkReceived",
@@ -272,6 +285,11 @@ __all__ = [
     "EVIDENCE_MODES",
     "evidence_request",
     "EVIDENCE_TOPIC",
+    "ATTESTATION_TOPIC",
+    "ATTESTATION_NAMESPACE",
+    "MAX_ATTESTATION_BYTES",
+    "Attestation",
+    "Backing",
     "expected_call_cost",
     "Expired",
     "ExtraField",

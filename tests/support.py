@@ -158,3 +158,30 @@ class Pair:
         (acked,) = self.to_consumer()  # the provider's acknowledgement: the call is done
         assert isinstance(acked, protocol.CountersignConfirmed) and acked.ack is not None
         return settled
+
+
+def attestation(attester: Identity = CONSUMER, provider: Identity = PROVIDER, agent: Identity = AGENT, *,
+                paid: int = 1_000_000, claimed: int | None = None, calls: int = 10, failures: int = 0,
+                settled: bool = True, issued_at: int = 1_000, model: str = "tiny") -> protocol.Attestation:
+    """A signed attestation of a session between ``attester`` and ``provider``: its last receipt
+    signed by both, and (``settled``) ``agent``'s signed state of the channel, ``claimed`` µc claimed."""
+    cid = hashlib.sha256(f"{attester.peer_id}/{provider.peer_id}".encode()).digest()[:16]
+    grant = protocol.sign(protocol.ChannelGrant(agent=agent.peer_id, channel_id=cid, consumer=attester.peer_id,
+                                                provider=provider.peer_id, cap=max(paid, 1), expires_at=10_000),
+                          "sig", agent)
+    receipt = protocol.Receipt(
+        session_id=cid, call_seq=calls - 1, model=model, provider=provider.peer_id, consumer=attester.peer_id,
+        agent=attester.peer_id, channel_id=cid, input_hash=b"i" * 32, output_hash=b"o" * 32, tokens_in=10,
+        tokens_out=20, finish_reason="stop", price=PRICE, cost=paid // max(calls, 1), cumulative=paid,
+        prev_hash=protocol.ZERO_HASH, issued_at=issued_at)
+    receipt = protocol.sign(protocol.sign(receipt, "provider_sig", provider), "consumer_sig", attester)
+    settlement = None
+    if settled:
+        state = protocol.ChannelState(channel=grant, claimed=paid if claimed is None else claimed, status="closed")
+        settlement = protocol.sign(protocol.EscrowResponse(request_id=b"q" * 16, agent=agent.peer_id, ok=True,
+                                                           channels=(state,), issued_at=issued_at), "sig", agent)
+    body = protocol.Attestation(attester=attester.peer_id, provider=provider.peer_id, model=model,
+                                commitment=b"m" * 32, calls=calls, failures=failures, tokens=30 * calls,
+                                p50_latency_ms=120, value_paid=paid, last_receipt=receipt, settlement=settlement,
+                                issued_at=issued_at)
+    return protocol.sign(body, "sig", attester)
