@@ -254,12 +254,17 @@ def providers(home: str | None, as_json: bool, model: str | None, sort: str) -> 
         click.echo("no providers known" + (f" for {model}" if model else ""), err=True)
         return
     now = time.time()
-    print_rows(("provider", "model", "in/1K", "out/1K", "context", "trust", "latency", "GPUs", "listing expires"),
+    print_rows(("provider", "model", "in/1K", "out/1K", "context", "trust", "network", "latency", "GPUs",
+                "listing expires"),
                [(show_id(r["peer_id"]), r["model"], amount(r["input_price"]), amount(r["output_price"]),
-                 str(r["max_context"]), "-" if r["trust"] is None else str(r["trust"]),
+                 str(r["max_context"]), _trust(r.get("local_trust", r["trust"])), _trust(r.get("network_trust")),
                  "-" if r["latency_ms"] is None else f"{r['latency_ms']} ms",
                  ", ".join(g["name"] for g in r["gpus"]) or "-", when(r["expires_at"], now)) for r in rows])
     click.echo("prices in credits per 1K tokens", err=True)
+
+
+def _trust(score: float | None) -> str:
+    return "-" if score is None else str(score)
 
 
 COMMANDS = [start, status, offer, providers]

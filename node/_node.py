@@ -61,6 +61,7 @@ from .provider._admission import Admission
 from .provider._receipt_intake import ReceiptIntake
 from .provider._storefront import OfferUnloadable, Storefront
 from .provider.backends import Backend, open_backend
+from .reputation import Reputation, blend, open_reputation
 from .verify._service import Verification, checked_call, evidence_json, open_verification
 
 __all__ = ["Node", "ApiBinding", "open_node", "resolve_config"]
@@ -108,6 +109,7 @@ class Node:
     api: ApiBinding = dataclasses.field(default_factory=ApiBinding)
     relay: list[Relay] = dataclasses.field(default_factory=list)  # the relay role, once started (--relay)
     verification: Verification | None = None  # spot checks and evidence (node/verify)
+    reputation: Reputation | None = None  # attestations and network trust (node/reputation)
 
     @property
     def host(self) -> Any:
@@ -176,6 +178,7 @@ class Node:
                                     else {})}
                        for o in store.offers()},
             "verification": self.verification.status() if self.verification is not None else None,
+            "reputation": self.reputation.status() if self.reputation is not None else None,
         }
 
     def evidence(self, provider: str | None = None) -> list[dict[str, Any]]:
@@ -340,6 +343,19 @@ async def open_node(
             yield node
 
 
+def _trusted_agents(config: NodeConfig, agent: EscrowAgent | None) -> list[str]:
+    """The agents whose settlements make attestations count here: this node's own and the ones it
+    accepts as a provider (and, added by the reputation service, those it paid through itself)."""
+    return ([agent.identity.peer_id] if agent is not None else []) + list(config.accept_escrow)
+
+
+def _network_blend(reputation: Reputation) -> Callable[[Any], tuple[float, float, int]]:
+    def routed(local: Any) -> tuple[float, float, int]:
+        view = reputation.view(local.peer_id)
+        return blend(local.score, local.calls, view, local.violator), view.score, view.weight
+    return routed
+
+
 def _spot_check(verification: Verification) -> Callable[[Any, Any, Any], None]:
     """The renter's hook: every settled call goes to the spot checker (which samples)."""
 
@@ -408,14 +424,19 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                 async with open_verification(identity, config.spot_checks, home.path, trust=trust,
                                              wall_clock=wall_clock, market=market,
                                              open_backend=lambda spec: open_backend(spec, models, api_key=api_key)
-                                             ) as verification, trio.open_nursery() as nursery:
+                                             ) as verification, \
+                        open_reputation(identity, home.path, market=market, escrow=escrow_ops, wall_clock=wall_clock,
+                                        trusted_agents=lambda: _trusted_agents(config, agent)) as reputation, \
+                        trio.open_nursery() as nursery:
                     renter.on_settled = _spot_check(verification)
+                    renter.on_session_end = reputation.report
+                    trust.network = _network_blend(reputation)
                     node = Node(home=home, identity=identity, config=config, capabilities=capabilities,
                                 market=market, storefront=storefront, health=health, provider=provider,
                                 escrow=escrow_ops, escrow_agent=agent, receipts=receipts, trust=trust,
                                 renter=renter, sessions=HeldSessions(renter), started_at=wall_clock(),
                                 wall_clock=wall_clock, addresses=addresses, relay_client=relay_client,
-                                verification=verification)
+                                verification=verification, reputation=reputation)
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent, wall_clock)
                     await nursery.start(provider.serve_settlement)
@@ -444,6 +465,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
+                trust.network = None  # the reputation book is closed with its block
                 with trio.CancelScope(shield=True):
                     await storefront.aclose()
                     delivery.close()

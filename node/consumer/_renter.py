@@ -43,7 +43,7 @@ from ..escrow._ops import EscrowOps, EscrowRefused
 from ..net._dial import describe
 from ..net._market import Market
 from ._delivery import SettlementUnconfirmed
-from ._failures import CAPACITY, SessionRejected, fault
+from ._failures import CAPACITY, PROVIDER, VIOLATION, SessionRejected, fault
 from ._pacing import RETRY_AFTER_S, Busy, Pacing
 from ._request_check import check_call, embed_batches
 from ._results import Attempt, Completion, Delta, Embeddings
@@ -51,7 +51,7 @@ from ._routing import Candidate, Preferences, missing_feature, rank, serves, why
 from ._session_client import CallResult, ConsumerSessionHandle, SessionError, open_session, reach
 from ._trust import TrustBook
 
-__all__ = ["RentError", "AtCapacity", "Renter", "estimate_prompt_tokens"]
+__all__ = ["RentError", "AtCapacity", "Renter", "SessionReport", "estimate_prompt_tokens"]
 
 _logger = logging.getLogger(__name__)
 _RUN_CHANNEL_S = 600
@@ -107,6 +107,19 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]], options: CallOptions 
     return protocol.request_token_bound(check_call(messages, 1, 1000, 1000, (), options))
 
 
+@dataclasses.dataclass
+class SessionReport:
+    """One finished session as this node's attestation of it sees it: its settled calls (their
+    results, the last one's receipt among them) and the provider faults that ended it."""
+
+    listing: Listing
+    offer: ModelOffer
+    agent: str
+    settled_by_close: bool  # the channel was this session's own, settled at its close
+    results: list[CallResult] = dataclasses.field(default_factory=list)
+    failures: int = 0
+
+
 class Renter:
     """Rents on this node's behalf: ranks providers, opens a channel, runs the session with failover."""
 
@@ -126,6 +139,8 @@ class Renter:
         self._spares: dict[tuple[str, str], list[protocol.ChannelGrant]] = {}  # (agent, provider): unused channels
         # each settled call with the offer it was rented on, at once (the node's spot checks); must not block
         self.on_settled: Callable[[Listing, ModelOffer, CallResult], None] | None = None
+        # each session that settled at least one call, once it is over (the node's attestations); must not block
+        self.on_session_end: Callable[[SessionReport], None] | None = None
 
     async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
         rows = self.market.view.rows(self.market.now(), model)
@@ -264,6 +279,7 @@ class Renter:
         else:
             channel = self._spare(c, spend, ttl_s) or await self._open_channel(c, spend, ttl_s)
         opened = False
+        report = SessionReport(c.listing, c.offer, channel.agent, settled_by_close=given is None)
         try:
             async with open_session(self.market.host, self.market.identity, provider=c.provider,
                                     addrs=c.listing.addrs, model=model, price=c.terms, listing_seq=c.listing.seq,
@@ -271,11 +287,15 @@ class Renter:
                                     max_context=c.offer.max_context, receipts=self.receipts, clock=self.clock,
                                     tier=c.tier, batch_calls=c.batch_calls, trust=self.trust,
                                     commitment=protocol.commitment_id(protocol.offer_commitment(c.offer)),
-                                    on_settled=self._settled_hook(c),
+                                    on_settled=self._settled_hook(c, report),
                                     withdraw_on_reject=given is None) as handle:
                 opened = True
                 try:
                     yield handle, channel
+                except SessionError as exc:
+                    if fault(exc) in (PROVIDER, VIOLATION):
+                        report.failures += 1
+                    raise
                 finally:
                     if given is not None:  # end it before open_session would settle (close) the channel
                         with trio.CancelScope(shield=True):
@@ -286,12 +306,19 @@ class Renter:
             if not opened and given is None:  # no Accept, nothing offered back: the next attempt takes it
                 self._keep_spare(c, channel)
             raise
+        finally:
+            if report.results and self.on_session_end is not None:
+                self.on_session_end(report)
 
-    def _settled_hook(self, c: Candidate) -> Callable[[CallResult], None] | None:
+    def _settled_hook(self, c: Candidate, report: SessionReport) -> Callable[[CallResult], None]:
         hook = self.on_settled
-        if hook is None:
-            return None
-        return lambda result: hook(c.listing, c.offer, result)
+
+        def settled(result: CallResult) -> None:
+            report.results.append(result)
+            if hook is not None:
+                hook(c.listing, c.offer, result)
+
+        return settled
 
     async def _open_channel(self, c: Candidate, spend: int, ttl_s: int) -> protocol.ChannelGrant:
         """A new channel of ``spend`` µc to ``c``'s provider through ``c``'s agent.

@@ -275,7 +275,10 @@ class ProviderRow:
             "min_charge": offer.price.min_charge,
             "rate_limit": offer.rate_limit_rpm,
             "max_concurrent": offer.max_concurrent,
-            "trust": round(s.score, 1),
+            "trust": round(s.score, 1),  # what routing uses: local trust moved by the network's view
+            "local_trust": round(s.score if s.local_score is None else s.local_score, 1),
+            "network_trust": None if s.network_score is None else round(s.network_score, 1),
+            "network_weight": s.network_weight,  # µc of settled value behind it
             "caught": s.caught,
             "commitment": _commitment_json(offer),
             "latency_ms": None if s.ttft_s is None else int(s.ttft_s * 1000),

@@ -79,6 +79,9 @@ class ProviderStats:
     probe_due: bool = False  # under the floor, it may be probed now (back-off over, no recent violation)
     violator: bool = False  # a protocol violation in the last day (caught: in the last month): never probed
     caught: int = 0  # failed spot checks
+    local_score: float | None = None  # this node's own score, when ``score`` is blended with the network's
+    network_score: float | None = None  # what other consumers' settled attestations say (node/reputation)
+    network_weight: int = 0  # µc of settled value behind ``network_score``
 
     @property
     def measured(self) -> bool:
@@ -106,6 +109,8 @@ class TrustBook:
             if name not in have:
                 self.db.execute(f"ALTER TABLE providers ADD COLUMN {name} {decl}")
         self._lock = threading.Lock()
+        # (local stats) -> (routing score, network score, its weight): set by the node's reputation service
+        self.network: Callable[[ProviderStats], tuple[float, float, int]] | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -120,6 +125,18 @@ class TrustBook:
         return busy * 0.5 ** (max(0, now - busy_at) // BUSY_HALF_LIFE_S)
 
     def get(self, peer_id: str) -> ProviderStats:
+        """``peer_id``'s stats; ``score`` is what routing uses: local trust, moved by the network's
+        view when a reputation service is attached (``local_score`` then keeps the local one)."""
+        local = self._local(peer_id)
+        if self.network is None:
+            return local
+        routed, network, weight = self.network(local)
+        if weight == 0:
+            return dataclasses.replace(local, local_score=local.score)
+        return dataclasses.replace(local, score=routed, local_score=local.score, network_score=network,
+                                   network_weight=weight)
+
+    def _local(self, peer_id: str) -> ProviderStats:
         now = self._now()
         with self._lock:
             row = self.db.execute("SELECT score, ttft_s, tps, calls, failures, violations, busy, busy_at, strikes, "

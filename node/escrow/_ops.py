@@ -129,6 +129,18 @@ class EscrowOps:
                                                                                  "channel_id")))
         return ChannelInfo(r.channels[0])
 
+    async def channel_proof(self, agent: str, channel_id: bytes) -> EscrowResponse:
+        """The agent's signed answer about channel ``channel_id`` (one ``ChannelState``): what an
+        attestation carries as proof of what was settled.
+
+        Raises:
+            EscrowRefused: the agent said no. EscrowUnreachable: it could not be asked.
+        """
+        r = await self._call(agent, self._signed(EscrowQuery, channel_id=channel_id))
+        if len(r.channels) != 1:
+            raise EscrowUnreachable(f"escrow agent {r.agent} answered a channel query without that channel")
+        return r
+
     async def open(self, agent: str | None, provider: str, cap: int, ttl_s: int,
                    budget_id: str | None = None) -> ChannelOpened:
         r = await self._call(agent, self._signed(

@@ -105,6 +105,7 @@ class NetworkTrust:
         its canonical bytes). False: an attestation as new from this attester on this provider is held."""
         now = int(self.clock())
         a = attestation
+        starts_history = backing.settled > 0 and backing.agent in set(self.trusted_agents())
         with self._lock:
             row = self.db.execute("SELECT issued_at FROM attestations WHERE attester = ? AND provider = ?",
                                   (a.attester, a.provider)).fetchone()
@@ -113,7 +114,7 @@ class NetworkTrust:
             self.db.execute("INSERT OR REPLACE INTO attestations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (a.attester, a.provider, a.issued_at, now, protocol.attestation_quality(a),
                              backing.agent, backing.settled, data))
-            if backing.settled > 0 and backing.agent in set(self.trusted_agents()):  # history starts here
+            if starts_history:  # the attester's first settled business through an agent we trust
                 self.db.execute("INSERT OR IGNORE INTO attesters VALUES (?, ?)", (a.attester, now))
             self._trim(a.provider)
             self._cache.pop(a.provider, None)
@@ -164,6 +165,18 @@ class NetworkTrust:
             self._cache.clear()
         self._cache[provider] = (now, result)
         return result
+
+    def has_history(self, attester: str) -> bool:
+        """Whether ``attester`` has had a backed attestation taken in here (however long ago)."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM attesters WHERE peer_id = ?", (attester,)).fetchone() is not None
+
+    def own_agents(self) -> set[str]:
+        """The agents this node's own attestations were settled by: agents it paid through itself."""
+        with self._lock:
+            rows = self.db.execute("SELECT DISTINCT agent FROM attestations WHERE attester = ? AND settled > 0",
+                                   (self.me,)).fetchall()
+        return {agent for (agent,) in rows}
 
     def attestations(self, provider: str | None = None, limit: int = 200) -> list[protocol.Attestation]:
         """Attestations held (about ``provider``), newest first."""

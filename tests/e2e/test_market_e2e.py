@@ -46,6 +46,9 @@ def test_three_daemons_offer_and_providers(daemons):
             "rate_limit": 0,
             "max_concurrent": 4,
             "trust": 100.0,  # a provider this node has no experience with yet
+            "local_trust": 100.0,
+            "network_trust": None,  # nobody has attested it
+            "network_weight": 0,
             "caught": 0,
             "latency_ms": None,
             "tokens_per_s": None,

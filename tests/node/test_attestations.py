@@ -1,0 +1,108 @@
+"""Attestations between real nodes, and on gossip: a settled session is attested with the agent's
+proof and counts where that agent is trusted; a flood of fresh identities is cut at one shared rate
+while an attester with history still gets through, and the rest is refused wherever it arrives."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import trio
+
+import protocol
+from node import open_swarm
+from node.net import MarketConfig, open_host, open_market, parse_peer_addr, peer_addrs
+from node.reputation import _service
+from node.reputation._service import open_reputation
+from tests.node.helpers import LOOPBACK, wait_until
+from tests.support import AGENT, attestation, identity
+
+
+async def _poll(predicate, what: str, timeout: float = 60.0):
+    with trio.fail_after(timeout):
+        while not (value := predicate()):
+            await trio.sleep(0.05)
+    return value
+
+
+async def test_a_settled_session_is_attested_with_the_agents_proof_and_weighs_where_the_agent_is_trusted(tmp_path):
+    async with open_swarm(tmp_path / "agent", passphrase="pw", escrow=True) as agent:
+        a = agent.peer_id
+        async with open_swarm(tmp_path / "provider", passphrase="pw", bootstrap=agent.addrs,
+                              accept_escrow=(a,)) as provider, \
+                open_swarm(tmp_path / "consumer", passphrase="pw", bootstrap=agent.addrs) as consumer:
+            await provider.offer("tiny", input_price=100_000, output_price=200_000)
+            await consumer.wait_for("tiny")
+            await agent.mint(consumer.peer_id, 5_000_000)
+            await consumer.service.renter.run("tiny", [{"role": "user", "content": "hi"}], max_tokens=4,
+                                              temperature_milli=0, escrow=a)
+            mine = consumer.service.reputation
+            await _poll(lambda: mine.attested == 1, "the consumer attested its session")
+            (own,) = mine.book.attestations(provider.peer_id)
+            backing = protocol.check_attestation(own)
+            assert own.attester == consumer.peer_id and own.calls == 1 and own.failures == 0
+            assert backing.agent == a and backing.settled == own.value_paid > 0
+            # the provider (which accepts that agent) and the agent itself take it in over gossip
+            for node in (provider, agent):
+                book = node.service.reputation.book
+                await _poll(lambda: book.attestations(provider.peer_id), f"{node.peer_id} took the attestation in")
+                assert book.view(provider.peer_id).weight == backing.settled  # a newcomer: the fresh pool
+            assert provider.service.trust.get(provider.peer_id).network_weight == backing.settled
+            # this node's own attestation is its local trust already: no network weight at home
+            assert consumer.service.trust.get(provider.peer_id).network_score is None
+
+
+async def _drain(subscription) -> None:
+    async for _ in subscription:
+        pass
+
+
+async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters_still_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(_service, "FRESH_BURST", 3)
+    bad, honest = identity("attested-bad"), identity("attested-honest")
+    alice = identity("alice-with-history")
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        markets, reps = [], {}
+        for name in ("a", "b", "c"):  # a line a - b - c; a floods raw, validating nothing
+            ident = identity(f"attest-{name}")
+            host = await stack.enter_async_context(open_host(ident, LOOPBACK))
+            market = await stack.enter_async_context(open_market(host, ident, MarketConfig(max_peers_per_subnet=0)))
+            if markets:
+                await host.connect(parse_peer_addr(peer_addrs(markets[-1].host)[0]))
+            markets.append(market)
+            if name == "a":
+                nursery.start_soon(_drain, await market.pubsub.subscribe(protocol.ATTESTATION_TOPIC))
+                continue
+            (tmp_path / name).mkdir()
+            rep = await stack.enter_async_context(open_reputation(
+                ident, tmp_path / name, market=market, escrow=None, trusted_agents=lambda: [AGENT.peer_id],
+                wall_clock=lambda: 2_000_000.0))
+            earlier = attestation(alice, honest, issued_at=100)  # alice has history on both
+            rep.book.add(earlier, protocol.check_attestation(earlier), protocol.encode(earlier))
+            reps[name] = rep
+        ma, mb, mc = markets
+        topic = protocol.ATTESTATION_TOPIC
+        await wait_until(lambda: mb.host.get_id() in ma.pubsub.router.mesh.get(topic, set())
+                         and mc.host.get_id() in mb.pubsub.router.mesh.get(topic, set()), what="the line's mesh formed")
+
+        async def send(a: protocol.Attestation) -> None:
+            await ma.pubsub.publish(topic, protocol.encode(a))
+
+        # six fresh identities praise the bad provider, one attestation is tampered, then alice reports
+        # (nine in all: py-libp2p itself drops more than 10 messages a second from one peer)
+        for i in range(6):
+            await send(attestation(identity(f"attest-sybil-{i}"), bad, calls=100))
+        forged = attestation(identity("attest-forger"), bad)
+        await send(protocol.Attestation(**{**{f: getattr(forged, f) for f in forged.__dataclass_fields__},
+                                          "calls": 1000}))
+        await send(attestation(alice, honest, issued_at=200, calls=50))
+        rb, rc = reps["b"], reps["c"]
+        held = 3 + 1  # three Sybils within the shared rate, and alice's newer word in place of her older
+        await wait_until(lambda: len(rc.book.attestations()) == held and rc.topic.accepted == 4,
+                         what="c holds what b let through")
+        assert len(rb.book.attestations()) == held and rb.topic.refused == 4  # three over the shared rate, one forged
+        # c holds no more than b let through (a may also reach c directly: c's own checks refuse the same)
+        for rep in (rb, rc):
+            assert rep.book.attestations(honest.peer_id)[0].calls == 50  # alice's new word arrived
+            assert rep.book.view(bad.peer_id).backed == 3
