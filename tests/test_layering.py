@@ -69,14 +69,16 @@ def _role(module: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in ROLES else ""
 
 
-ROLES = ("net", "provider", "consumer", "escrow", "api")
+ROLES = ("net", "provider", "consumer", "escrow", "verify", "reputation", "api")
 # role -> the roles it may import (a role may always import itself and node's shared top-level modules)
 ALLOWED = {
     "net": set(),
     "escrow": {"net"},
     "provider": {"net", "escrow"},
     "consumer": {"net", "escrow"},
-    "api": {"net", "escrow", "provider", "consumer"},
+    "verify": {"net", "provider"},  # it re-runs calls on the provider's backends
+    "reputation": {"net", "escrow", "consumer"},  # it attests the renter's sessions with the agent's proof
+    "api": {"net", "escrow", "provider", "consumer", "verify", "reputation"},
 }
 
 

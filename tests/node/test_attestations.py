@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+import pytest
 import trio
 
 import protocol
@@ -94,8 +95,7 @@ async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters
         for i in range(6):
             await send(attestation(identity(f"attest-sybil-{i}"), bad, calls=100))
         forged = attestation(identity("attest-forger"), bad)
-        await send(protocol.Attestation(**{**{f: getattr(forged, f) for f in forged.__dataclass_fields__},
-                                          "calls": 1000}))
+        await send(protocol.Attestation(**{**_fields(forged), "calls": 1000}))
         await send(attestation(alice, honest, issued_at=200, calls=50))
         rb, rc = reps["b"], reps["c"]
         held = 3 + 1  # three Sybils within the shared rate, and alice's newer word in place of her older
@@ -106,3 +106,42 @@ async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters
         for rep in (rb, rc):
             assert rep.book.attestations(honest.peer_id)[0].calls == 50  # alice's new word arrived
             assert rep.book.view(bad.peer_id).backed == 3
+
+
+async def test_an_attestation_put_in_the_dht_is_found_by_a_node_that_missed_the_gossip(tmp_path):
+    provider, writer = identity("dht-attested"), identity("attest-writer")
+    async with AsyncExitStack() as stack:
+        reps = []
+        for name, subscribe in (("w", True), ("r", False)):  # the reader never hears the gossip
+            ident = writer if name == "w" else identity("attest-reader")
+            host = await stack.enter_async_context(open_host(ident, LOOPBACK))
+            market = await stack.enter_async_context(open_market(
+                host, ident, MarketConfig(max_peers_per_subnet=0, subscribe=subscribe)))
+            if reps:
+                await host.connect(parse_peer_addr(peer_addrs(reps[0].market.host)[0]))
+            (tmp_path / name).mkdir()
+            reps.append(await stack.enter_async_context(open_reputation(
+                ident, tmp_path / name, market=market, escrow=None, trusted_agents=lambda: [AGENT.peer_id],
+                wall_clock=lambda: 2_000_000.0)))
+        w, r = reps
+        await wait_until(lambda: w.market.dht.routing_table.size() > 0 and r.market.dht.routing_table.size() > 0,
+                         what="the two DHTs know each other")
+        own = attestation(writer, provider, paid=300_000)
+        await w._publish(own, protocol.encode(own))
+        assert await r.fetch(provider.peer_id) == 1
+        (held,) = r.book.attestations(provider.peer_id)
+        assert held == own and r.book.view(provider.peer_id).weight == 300_000
+        # the DHT's validator refuses a record under another pair's key, and a forged one
+        validator = _service._AttestationValidator()
+        other = attestation(identity("attest-other"), provider)
+        with pytest.raises(protocol.TermsMismatch):
+            validator.validate(_service.attestation_key(writer.peer_id, provider.peer_id), protocol.encode(other))
+        with pytest.raises(protocol.BadSignature):
+            validator.validate(_service.attestation_key(writer.peer_id, provider.peer_id),
+                               protocol.encode(protocol.Attestation(**{**_fields(own), "calls": 999})))
+        newer = attestation(writer, provider, issued_at=5_000)
+        assert validator.select("k", [protocol.encode(own), protocol.encode(newer), b"junk"]) == 1
+
+
+def _fields(a: protocol.Attestation) -> dict:
+    return {f: getattr(a, f) for f in a.__dataclass_fields__}

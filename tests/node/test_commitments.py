@@ -7,7 +7,7 @@ from pathlib import Path
 
 import protocol
 from node.provider._offers import Offer
-from node.verify._commitment import file_commitment, folder_commitment, upstream_commitment
+from node.provider.backends._commitment import file_commitment, folder_commitment, upstream_commitment
 from tests.node.impostor import SEED_A, SEED_B, builtin_folder
 from tests.node.session_rig import builtin_backend, session_rig
 

@@ -13,8 +13,10 @@ prompt tokens. Model compute never runs on the trio event loop (worker threads).
     _openai_wire     what an upstream sends, read and bounded (tool calls, logprobs, embeddings)
     _llamacpp        llamacpp:PATH: a GGUF file through llama-cpp-python (optional extra)
     _factory         open_backend(SPEC): the only module that knows every kind
+    _commitment      the commitment a backend names when it loads: model files hashed (weights and
+                     tokenizer apart) or an upstream's id
 
-Each backend imports only ``_base``; torch and transformers are imported by the backends
+Each backend imports only ``_base`` and ``_commitment``; torch and transformers are imported by the backends
 that need them, when they load.
 """
 

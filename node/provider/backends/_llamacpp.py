@@ -20,8 +20,8 @@ import trio
 import protocol
 
 from ..._calls import CallOptions
-from ...verify._commitment import file_commitment
 from ._base import Backend, BackendError, BackendUnsupported, Generation, OnPiece
+from ._commitment import file_commitment
 
 __all__ = ["LlamaCppBackend"]
 

@@ -46,7 +46,6 @@ import httpx
 import protocol
 
 from ..._calls import CallOptions, request_fields
-from ...verify._commitment import upstream_commitment
 from ._base import (
     CHAT_FEATURES,
     Backend,
@@ -57,6 +56,7 @@ from ._base import (
     Generation,
     OnPiece,
 )
+from ._commitment import upstream_commitment
 from ._openai_wire import (
     ErrorEvent,
     Piece,

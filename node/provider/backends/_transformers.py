@@ -45,8 +45,8 @@ import trio
 import protocol
 
 from ..._calls import CallOptions
-from ...verify._commitment import folder_commitment
 from ._base import CHAT_FEATURES, MODEL_LOADING, Backend, BackendError, BackendUnsupported, Generation, OnPiece
+from ._commitment import folder_commitment
 from ._constrained import (
     Constraint,
     ConstraintFailed,
