@@ -31,6 +31,7 @@ from node import Home, init_home, resolve_home
 
 from ._common import CliError, emit_json, home_option, json_option, set_verbose
 from ._escrow import COMMANDS as ESCROW_COMMANDS
+from ._insight import COMMANDS as INSIGHT_COMMANDS
 from ._market import COMMANDS
 from ._renting import COMMANDS as RENTING_COMMANDS
 from ._verify import COMMANDS as VERIFY_COMMANDS
@@ -171,7 +172,7 @@ def id_(home: str | None, as_json: bool) -> None:
         click.echo(peer_id)
 
 
-for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS + VERIFY_COMMANDS:
+for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS + VERIFY_COMMANDS + INSIGHT_COMMANDS:
     cli.add_command(_command)
 
 

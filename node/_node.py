@@ -33,12 +33,14 @@ from wallet import EscrowAgent, Identity, Ledger
 
 from ._clock import SYSTEM_WALL_CLOCK, WallClock
 from ._config import NodeConfig, check_announce_addr, load_config, save_offers
-from ._errors import InvalidRequest
+from ._errors import InvalidRequest, NotFound
 from ._home import Home, hold_home, private_file
 from ._receipts import ReceiptStore
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .consumer._delivery import ReceiptDelivery, attach
 from .escrow import EscrowClient, EscrowOps, serve_escrow
+from .insight import OfferedModel
+from .insight._service import Insight, open_insight
 from .net import (
     AddressBook,
     Market,
@@ -110,6 +112,7 @@ class Node:
     relay: list[Relay] = dataclasses.field(default_factory=list)  # the relay role, once started (--relay)
     verification: Verification | None = None  # spot checks and evidence (node/verify)
     reputation: Reputation | None = None  # attestations and network trust (node/reputation)
+    insight: Insight | None = None  # market observations, figures and advice (node/insight)
 
     @property
     def host(self) -> Any:
@@ -179,6 +182,7 @@ class Node:
                        for o in store.offers()},
             "verification": self.verification.status() if self.verification is not None else None,
             "reputation": self.reputation.status() if self.reputation is not None else None,
+            "insight": self.insight.status() if self.insight is not None else None,
         }
 
     def evidence(self, provider: str | None = None) -> list[dict[str, Any]]:
@@ -188,6 +192,18 @@ class Node:
         book = self.verification.evidence
         providers = [provider] if provider is not None else sorted(book.counts())
         return [evidence_json(e, confirmed) for p in providers for e, confirmed in book.against(p)]
+
+    def market_figures(self, model: str, hours: int) -> dict[str, Any]:
+        """``node market --model M``: the market's prices, trend, completion and demand over ``hours``."""
+        if self.insight is None:
+            raise NotFound("this node keeps no market data")
+        return self.insight.market(model, hours).to_json()
+
+    def advice(self, hours: int) -> dict[str, Any]:
+        """``node advise``: this node's offers against the market over ``hours``."""
+        if self.insight is None:
+            raise NotFound("this node keeps no market data")
+        return self.insight.advise(hours).to_json()
 
     def reach(self) -> dict[str, Any]:
         """How peers reach this node: reachability (AutoNAT), the addresses published and where each
@@ -349,6 +365,17 @@ def _trusted_agents(config: NodeConfig, agent: EscrowAgent | None) -> list[str]:
     return ([agent.identity.peer_id] if agent is not None else []) + list(config.accept_escrow)
 
 
+def _offered(offers: list[Offer]) -> list[OfferedModel]:
+    return [OfferedModel(o.model, o.input_price, o.output_price, o.max_concurrent) for o in offers]
+
+
+def _session_ended(reputation: Reputation, insight: Insight) -> Callable[[Any], None]:
+    def ended(report: Any) -> None:
+        reputation.report(report)
+        insight.failed(report.offer.name, report.failures)
+    return ended
+
+
 def _network_blend(reputation: Reputation) -> Callable[[Any], tuple[float, float, int]]:
     def routed(local: Any) -> tuple[float, float, int]:
         view = reputation.view(local.peer_id)
@@ -427,16 +454,20 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                                              ) as verification, \
                         open_reputation(identity, home.path, market=market, escrow=escrow_ops, wall_clock=wall_clock,
                                         trusted_agents=lambda: _trusted_agents(config, agent)) as reputation, \
+                        open_insight(identity, home.path, receipts=receipts, market=market, wall_clock=wall_clock,
+                                     turned_away=lambda: provider.turned_away,
+                                     offers=lambda: _offered(storefront.offers()),
+                                     has_history=reputation.book.has_history) as insight, \
                         trio.open_nursery() as nursery:
                     renter.on_settled = _spot_check(verification)
-                    renter.on_session_end = reputation.report
+                    renter.on_session_end = _session_ended(reputation, insight)
                     trust.network = _network_blend(reputation)
                     node = Node(home=home, identity=identity, config=config, capabilities=capabilities,
                                 market=market, storefront=storefront, health=health, provider=provider,
                                 escrow=escrow_ops, escrow_agent=agent, receipts=receipts, trust=trust,
                                 renter=renter, sessions=HeldSessions(renter), started_at=wall_clock(),
                                 wall_clock=wall_clock, addresses=addresses, relay_client=relay_client,
-                                verification=verification, reputation=reputation)
+                                verification=verification, reputation=reputation, insight=insight)
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent, wall_clock)
                     await nursery.start(provider.serve_settlement)

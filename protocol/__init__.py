@@ -12,6 +12,7 @@
     _commitments  which model served a call: commitments in listings (v2), Accept v2 and receipts
     _evidence   evidence bundles of failed spot checks, and the check anyone can run on them
     _attestation  consumers' signed accounts of a session, backed by a receipt and a settlement
+    _observation  hourly market figures a node signs for one model: prices, volume, completion, demand
     _listing    the market's acceptance rule for listings: signed, unexpired, within the TTL
     _session    what both session machines share: their events, hashes and guarded base
     _consumer   ConsumerSession, the consumer's sans-IO session machine
@@ -103,6 +104,7 @@ from ._ids import (
     ESCROW_PROTOCOL,
     EVIDENCE_TOPIC,
     LISTING_TOPIC,
+    OBSERVATION_TOPIC,
     RECEIPT_PROTOCOL,
     SESSION_PROTOCOL,
 )
@@ -166,6 +168,7 @@ from ._metering import (
     completion_byte_limit,
     prompt_token_bound,
 )
+from ._observation import HOUR_S, MAX_OBSERVATION_BYTES, OBSERVATION_ROLES, Observation, PricePoint, check_observation
 from ._pricing import (
     MICRO_PER_CREDIT,
     Price,
@@ -242,6 +245,7 @@ __all__ = [
     "check_delivered",
     "check_evidence",
     "check_listing",
+    "check_observation",
     "Chunk",
     "ChunkReceived",
     "ChunkV2",
@@ -301,6 +305,7 @@ __all__ = [
     "FrameTooLarge",
     "Gpu",
     "Hardware",
+    "HOUR_S",
     "IllegalTransition",
     "InvalidMessage",
     "Listing",
@@ -318,6 +323,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_LISTING_BYTES",
     "MAX_LISTING_TTL_S",
+    "MAX_OBSERVATION_BYTES",
     "max_output_tokens_within",
     "MESSAGE_OVERHEAD",
     "MessageTooLarge",
@@ -327,6 +333,9 @@ __all__ = [
     "ModelCommitment",
     "ModelOffer",
     "ModelOfferV2",
+    "Observation",
+    "OBSERVATION_ROLES",
+    "OBSERVATION_TOPIC",
     "offer_commitment",
     "Open",
     "OpenReceived",
@@ -335,6 +344,7 @@ __all__ = [
     "parse_credits",
     "peer_id_from_public_key",
     "Price",
+    "PricePoint",
     "PROMPT_OVERHEAD",
     "prompt_token_bound",
     "ProtocolError",

@@ -2,8 +2,8 @@
 change that an old peer cannot follow is a new id, never an edit of one of these.
 """
 
-__all__ = ["SESSION_PROTOCOL", "RECEIPT_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "EVIDENCE_TOPIC", "ATTESTATION_TOPIC",
-           "DHT_NAMESPACE", "ATTESTATION_NAMESPACE"]
+__all__ = ["SESSION_PROTOCOL", "RECEIPT_PROTOCOL", "ESCROW_PROTOCOL", "LISTING_TOPIC", "EVIDENCE_TOPIC",
+           "ATTESTATION_TOPIC", "OBSERVATION_TOPIC", "DHT_NAMESPACE", "ATTESTATION_NAMESPACE"]
 
 #: consumer -> provider: Open, Accept/Reject, Request, Chunk…, Receipt, CounterSign, CounterSignAck, Close
 SESSION_PROTOCOL = "/inferswarm/session/1.0.0"
@@ -16,6 +16,7 @@ ESCROW_PROTOCOL = "/inferswarm/escrow/1.0.0"
 LISTING_TOPIC = "inferswarm/listings/1"
 EVIDENCE_TOPIC = "inferswarm/evidence/1"  # failed spot checks (protocol/_evidence.py)
 ATTESTATION_TOPIC = "inferswarm/attestation/1"  # consumers' accounts of their sessions (protocol/_attestation.py)
+OBSERVATION_TOPIC = "inferswarm/observation/1"  # hourly market figures (protocol/_observation.py)
 #: the DHT namespace of listing records: /isw/<first 40 hex digits of sha256("inferswarm/listing/" + peer id)>
 DHT_NAMESPACE = "isw"
 #: the DHT namespace of attestation records: /isa/<40 hex digits of sha256 of the attester and provider>

@@ -69,7 +69,7 @@ def _role(module: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in ROLES else ""
 
 
-ROLES = ("net", "provider", "consumer", "escrow", "verify", "reputation", "api")
+ROLES = ("net", "provider", "consumer", "escrow", "verify", "reputation", "insight", "api")
 # role -> the roles it may import (a role may always import itself and node's shared top-level modules)
 ALLOWED = {
     "net": set(),
@@ -78,7 +78,8 @@ ALLOWED = {
     "consumer": {"net", "escrow"},
     "verify": {"net", "provider"},  # it re-runs calls on the provider's backends
     "reputation": {"net", "escrow", "consumer"},  # it attests the renter's sessions with the agent's proof
-    "api": {"net", "escrow", "provider", "consumer", "verify", "reputation"},
+    "insight": {"net"},  # it reads the receipts and is handed the provider's counters and the offers
+    "api": {"net", "escrow", "provider", "consumer", "verify", "reputation", "insight"},
 }
 
 

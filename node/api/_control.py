@@ -279,6 +279,15 @@ def _market_routes(service: "Node") -> Routes:
     async def evidence(request: Request) -> Any:
         return service.evidence(request.query_params.get("provider") or None)
 
+    async def market_figures(request: Request) -> Any:
+        model = request.query_params.get("model") or ""
+        if not model:
+            raise InvalidRequest("name the model (model=NAME)", "model")
+        return service.market_figures(model, _count(request.query_params.get("hours"), "hours", 24, 1, 720))
+
+    async def advice(request: Request) -> Any:
+        return service.advice(_count(request.query_params.get("hours"), "hours", 24, 1, 720))
+
     return [
         ("GET", "/api/v1/status", status),
         ("GET", "/api/v1/offers", offers),
@@ -287,6 +296,8 @@ def _market_routes(service: "Node") -> Routes:
         ("GET", "/api/v1/providers", providers),
         ("GET", "/api/v1/market", market),
         ("GET", "/api/v1/evidence", evidence),
+        ("GET", "/api/v1/market/prices", market_figures),
+        ("GET", "/api/v1/advise", advice),
     ]
 
 

@@ -45,6 +45,7 @@ loses the session.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import math
@@ -78,6 +79,7 @@ from .backends._base import BackendUnsupported, Embedded
 __all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
 _logger = logging.getLogger(__name__)
+_BUSY_REASONS = frozenset({"capacity", "rate_limited"})  # refusals that are demand turned away
 OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us hold a 1 MiB frame
 # A Cancel names the chunks the consumer received; chunks sent after it can only be the ones still
 # on their way. One that drops a chunk this node handed to the stream longer ago than this says it
@@ -140,6 +142,8 @@ class ProviderService:
         self.countersign_timeout_s = countersign_timeout_s
         self.write_timeout_s = write_timeout_s
         self.queues: dict[str, JobQueue] = {}
+        # demand turned away for capacity, per model, since start (market observations read it)
+        self.turned_away: collections.Counter[str] = collections.Counter()
 
     @property
     def active(self) -> Any:
@@ -232,6 +236,8 @@ class _StreamSession:
             raise
         refusal = await self._decide(first)
         if refusal is not None:
+            if refusal.reason in _BUSY_REASONS:
+                self.service.turned_away[first.model] += 1
             self.machine.reject_open(refusal.reason, refusal.detail, refusal.retry_after_s)
             await self._flush()
             await self._release_unused(first)
@@ -451,8 +457,10 @@ class _StreamSession:
         try:
             return True, await self._while_listening(run)
         except QueueFull as exc:
+            service.turned_away[offer.model] += 1
             machine.fail_call("capacity", str(exc))
         except QueueTimeout as exc:
+            service.turned_away[offer.model] += 1
             service.sla.record(offer.model, None, False)
             machine.fail_call("timeout", str(exc))
         except BackendUnsupported as exc:

@@ -22,7 +22,7 @@ PEER_LIKE = "12D3KooWGarbageGarbageGarbageGarbageGarbageGarbage"
 BAD_VALUES = ["garbage", PEER_LIKE, -1, 10**40, [], None]
 BAD_QUERY = ["garbage", PEER_LIKE, "-1", "1e99", "", "99999999999999999999999"]
 QUERY_NAMES = ["escrow", "agent", "model", "sort", "period", "by", "limit", "offset", "provider", "channel",
-               "channel_id", "peer", "since", "export", "format"]
+               "channel_id", "peer", "since", "export", "format", "hours"]
 BAD_SEGMENTS = ["garbage", "0" * 32, "zz" * 16, "%00", "12D3KooW", "x" * 300]
 
 
