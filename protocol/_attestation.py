@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 
 from ._codec import Bytes, Nested, Optional, PeerId, Str, UInt, message, wire
-from ._errors import BadSignature, TermsMismatch
+from ._errors import TermsMismatch
 from ._identity import public_key_from_peer_id
 from ._messages import EscrowResponse, Receipt
-from ._session import receipt_hash, verify_channel
+from ._session import receipt_hash, verify_channel, verify_doubly_signed
 from ._signing import verify
 
 __all__ = ["MAX_ATTESTATION_BYTES", "Attestation", "Backing", "attestation_quality",
@@ -87,10 +87,7 @@ def check_attestation(attestation: Attestation) -> Backing:
     """
     verify(attestation, "sig", public_key_from_peer_id(attestation.attester))
     r = attestation.last_receipt
-    verify(r, "provider_sig", public_key_from_peer_id(r.provider))
-    if len(r.consumer_sig) != 64:
-        raise BadSignature("the last receipt is not counter-signed")
-    verify(r, "consumer_sig", public_key_from_peer_id(r.consumer))
+    verify_doubly_signed(r)
     if r.provider != attestation.provider or r.consumer != attestation.attester:
         raise TermsMismatch("the last receipt is not between this attester and this provider")
     if attestation.attester == attestation.provider:

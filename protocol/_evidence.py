@@ -28,10 +28,10 @@ import dataclasses
 
 from ._codec import Bytes, Nested, PeerId, Str, UInt, decode, message, wire
 from ._commitments import ModelCommitment, commitment_id, committed_input_hash
-from ._errors import BadSignature, TermsMismatch
+from ._errors import TermsMismatch
 from ._identity import public_key_from_peer_id
 from ._messages import Receipt, Request
-from ._session import output_hash, request_hash
+from ._session import output_hash, request_hash, verify_doubly_signed
 from ._signing import verify
 
 __all__ = ["EVIDENCE_MODES", "MAX_EVIDENCE_BYTES", "Evidence", "check_evidence", "evidence_request", "outputs_agree"]
@@ -85,10 +85,7 @@ def check_evidence(evidence: Evidence) -> Request:
     """
     verify(evidence, "sig", public_key_from_peer_id(evidence.verifier))
     r = evidence.receipt
-    verify(r, "provider_sig", public_key_from_peer_id(r.provider))
-    if len(r.consumer_sig) != 64:
-        raise BadSignature("the receipt is not counter-signed")
-    verify(r, "consumer_sig", public_key_from_peer_id(r.consumer))
+    verify_doubly_signed(r)
     request = evidence_request(evidence)
     if r.input_hash != committed_input_hash(request_hash(request), commitment_id(evidence.commitment)):
         raise TermsMismatch("the receipt does not bind this request under this commitment")

@@ -29,6 +29,7 @@ from typing import Any, Callable, TypeVar
 
 from ._agent_messages import ChunkV2, EmbedRequest, EmbedResult, RequestV2, ToolCall
 from ._errors import (
+    BadSignature,
     IllegalTransition,
     ProtocolError,
     ReceiptHashMismatch,
@@ -127,6 +128,18 @@ def verify_ack(ack: CounterSignAck, receipt: Receipt) -> None:
                                                              receipt_hash(receipt)):
         raise ReceiptHashMismatch("the acknowledgement names another receipt")
     verify(ack, "sig", public_key_from_peer_id(receipt.provider))
+
+
+def verify_doubly_signed(receipt: Receipt) -> None:
+    """Check that ``receipt`` carries its provider's signature and its consumer's counter-signature.
+
+    Raises:
+        BadSignature: either signature is missing or does not verify.
+    """
+    verify(receipt, "provider_sig", public_key_from_peer_id(receipt.provider))
+    if len(receipt.consumer_sig) != 64:
+        raise BadSignature("the receipt is not counter-signed")
+    verify(receipt, "consumer_sig", public_key_from_peer_id(receipt.consumer))
 
 
 def check_delivered(receipt: Receipt, me: str, sender: str | None = None) -> None:

@@ -118,3 +118,25 @@ async def until_found_by_a_late_node(stack: AsyncExitStack, via: Market, provide
 
     await wait_until_async(lookup_finds, what=what)
     return late
+
+
+async def gossip_line(stack: AsyncExitStack, prefix: str, names: tuple[str, ...] = ("a", "b", "c"),
+                      **config: object) -> list[Market]:
+    """Markets joined in a line a - b - c (``names`` in order, identities ``identity(f"{prefix}-{name}")``),
+    held by ``stack``. Subscribe them to a topic, then ``wait_mesh`` for it."""
+    markets: list[Market] = []
+    for name in names:
+        ident = identity(f"{prefix}-{name}")
+        host = await stack.enter_async_context(open_host(ident, LOOPBACK))
+        market = await stack.enter_async_context(open_market(host, ident, MarketConfig(max_peers_per_subnet=0,
+                                                                                       **config)))  # type: ignore[arg-type]
+        if markets:
+            await host.connect(parse_peer_addr(peer_addrs(markets[-1].host)[0]))
+        markets.append(market)
+    return markets
+
+
+async def wait_mesh(markets: list[Market], topic: str) -> None:
+    """Wait until each market of a line has the next one in its gossip mesh for ``topic``."""
+    await wait_until(lambda: all(b.host.get_id() in a.pubsub.router.mesh.get(topic, set())
+                                 for a, b in zip(markets, markets[1:])), what="the line's mesh formed")

@@ -14,7 +14,7 @@ from node import open_swarm
 from node.net import MarketConfig, open_host, open_market, parse_peer_addr, peer_addrs
 from node.reputation import _service
 from node.reputation._service import open_reputation
-from tests.node.helpers import LOOPBACK, wait_until
+from tests.node.helpers import LOOPBACK, gossip_line, wait_mesh, wait_until
 from tests.support import AGENT, attestation, identity
 
 
@@ -64,28 +64,20 @@ async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
-        markets, reps = [], {}
-        for name in ("a", "b", "c"):  # a line a - b - c; a floods raw, validating nothing
-            ident = identity(f"attest-{name}")
-            host = await stack.enter_async_context(open_host(ident, LOOPBACK))
-            market = await stack.enter_async_context(open_market(host, ident, MarketConfig(max_peers_per_subnet=0)))
-            if markets:
-                await host.connect(parse_peer_addr(peer_addrs(markets[-1].host)[0]))
-            markets.append(market)
-            if name == "a":
-                nursery.start_soon(_drain, await market.pubsub.subscribe(protocol.ATTESTATION_TOPIC))
-                continue
+        markets = await gossip_line(stack, "attest")
+        reps = {}
+        nursery.start_soon(_drain, await markets[0].pubsub.subscribe(protocol.ATTESTATION_TOPIC))  # a floods raw
+        for name, market in zip("bc", markets[1:]):
             (tmp_path / name).mkdir()
             rep = await stack.enter_async_context(open_reputation(
-                ident, tmp_path / name, market=market, escrow=None, trusted_agents=lambda: [AGENT.peer_id],
+                market.identity, tmp_path / name, market=market, escrow=None, trusted_agents=lambda: [AGENT.peer_id],
                 wall_clock=lambda: 2_000_000.0))
             earlier = attestation(alice, honest, issued_at=100)  # alice has history on both
             rep.book.add(earlier, protocol.check_attestation(earlier), protocol.encode(earlier))
             reps[name] = rep
-        ma, mb, mc = markets
+        ma = markets[0]
         topic = protocol.ATTESTATION_TOPIC
-        await wait_until(lambda: mb.host.get_id() in ma.pubsub.router.mesh.get(topic, set())
-                         and mc.host.get_id() in mb.pubsub.router.mesh.get(topic, set()), what="the line's mesh formed")
+        await wait_mesh(markets, topic)
 
         async def send(a: protocol.Attestation) -> None:
             await ma.pubsub.publish(topic, protocol.encode(a))

@@ -18,8 +18,7 @@ from node._receipts import ReceiptStore
 from node.insight import MarketData, OfferedModel, advise, figures
 from node.insight import _service as insight_service
 from node.insight._service import open_insight
-from node.net import MarketConfig, open_host, open_market, parse_peer_addr, peer_addrs
-from tests.node.helpers import LOOPBACK, wait_until
+from tests.node.helpers import gossip_line, wait_mesh, wait_until
 from tests.support import PRICE, identity
 
 H = protocol.HOUR_S
@@ -207,27 +206,19 @@ async def test_observations_travel_checked_and_a_fresh_flood_is_cut(tmp_path, mo
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
-        markets, nodes = [], {}
-        for name in ("a", "b", "c"):
-            ident = identity(f"obs-{name}")
-            host = await stack.enter_async_context(open_host(ident, LOOPBACK))
-            market = await stack.enter_async_context(open_market(host, ident, MarketConfig(max_peers_per_subnet=0)))
-            if markets:
-                await host.connect(parse_peer_addr(peer_addrs(markets[-1].host)[0]))
-            markets.append(market)
-            if name == "a":
-                nursery.start_soon(_drain, await market.pubsub.subscribe(protocol.OBSERVATION_TOPIC))
-                continue
+        markets = await gossip_line(stack, "obs")
+        nodes = {}
+        nursery.start_soon(_drain, await markets[0].pubsub.subscribe(protocol.OBSERVATION_TOPIC))  # a floods raw
+        for name, market in zip("bc", markets[1:]):
             (tmp_path / name).mkdir()
             receipts = ReceiptStore(tmp_path / name / "receipts.db")
             stack.callback(receipts.close)
             nodes[name] = await stack.enter_async_context(open_insight(
-                ident, tmp_path / name, receipts=receipts, market=market, wall_clock=lambda: T0 + 5 * H,
+                market.identity, tmp_path / name, receipts=receipts, market=market, wall_clock=lambda: T0 + 5 * H,
                 turned_away=collections.Counter, offers=list, has_history=lambda peer: peer == known.peer_id))
-        ma, mb, mc = markets
+        ma = markets[0]
         topic = protocol.OBSERVATION_TOPIC
-        await wait_until(lambda: mb.host.get_id() in ma.pubsub.router.mesh.get(topic, set())
-                         and mc.host.get_id() in mb.pubsub.router.mesh.get(topic, set()), what="the line's mesh formed")
+        await wait_mesh(markets, topic)
 
         async def send(o) -> None:
             await ma.pubsub.publish(topic, protocol.encode(o))
