@@ -39,7 +39,7 @@ def market(home: str | None, as_json: bool, model: str, hours: int) -> None:
     if trend:
         click.echo(f"median output price {amount(trend['first'])} -> {amount(trend['last'])} "
                    f"({trend['change_permille'] / 10:+.1f}%) since {local_time(trend['from_hour'])}")
-    click.echo(f"calls {doc['calls']}, completed {_permille(doc['completion_permille'])}; "
+    click.echo(f"calls {doc['calls']}, median completion {_permille(doc['completion_permille'])}; "
                f"served {doc['served']}, turned away for capacity {doc['turned_away']}")
     print_rows(("hour", "observers", "median in", "median out", "calls", "completed", "turned away"),
                [(local_time(h["hour"]), str(h["observers"]),

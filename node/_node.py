@@ -193,17 +193,17 @@ class Node:
         providers = [provider] if provider is not None else sorted(book.counts())
         return [evidence_json(e, confirmed) for p in providers for e, confirmed in book.against(p)]
 
-    def market_figures(self, model: str, hours: int) -> dict[str, Any]:
+    async def market_figures(self, model: str, hours: int) -> dict[str, Any]:
         """``node market --model M``: the market's prices, trend, completion and demand over ``hours``."""
         if self.insight is None:
             raise NotFound("this node keeps no market data")
-        return self.insight.market(model, hours).to_json()
+        return (await self.insight.market(model, hours)).to_json()
 
-    def advice(self, hours: int) -> dict[str, Any]:
+    async def advice(self, hours: int) -> dict[str, Any]:
         """``node advise``: this node's offers against the market over ``hours``."""
         if self.insight is None:
             raise NotFound("this node keeps no market data")
-        return self.insight.advise(hours).to_json()
+        return (await self.insight.advise(hours)).to_json()
 
     def reach(self) -> dict[str, Any]:
         """How peers reach this node: reachability (AutoNAT), the addresses published and where each
@@ -360,8 +360,9 @@ async def open_node(
 
 
 def _trusted_agents(config: NodeConfig, agent: EscrowAgent | None) -> list[str]:
-    """The agents whose settlements make attestations count here: this node's own and the ones it
-    accepts as a provider (and, added by the reputation service, those it paid through itself)."""
+    """The agents whose settlements make attestations count here: this node's own and the ones its
+    operator accepted (``node escrow accept``). Not the agents it merely paid through: a provider
+    names those, and one that runs its own agent could sign settlements for its Sybils."""
     return ([agent.identity.peer_id] if agent is not None else []) + list(config.accept_escrow)
 
 

@@ -283,10 +283,10 @@ def _market_routes(service: "Node") -> Routes:
         model = request.query_params.get("model") or ""
         if not model:
             raise InvalidRequest("name the model (model=NAME)", "model")
-        return service.market_figures(model, _count(request.query_params.get("hours"), "hours", 24, 1, 720))
+        return await service.market_figures(model, _count(request.query_params.get("hours"), "hours", 24, 1, 720))
 
     async def advice(request: Request) -> Any:
-        return service.advice(_count(request.query_params.get("hours"), "hours", 24, 1, 720))
+        return await service.advice(_count(request.query_params.get("hours"), "hours", 24, 1, 720))
 
     return [
         ("GET", "/api/v1/status", status),

@@ -139,7 +139,8 @@ class Renter:
         self._spares: dict[tuple[str, str], list[protocol.ChannelGrant]] = {}  # (agent, provider): unused channels
         # each settled call with the offer it was rented on, at once (the node's spot checks); must not block
         self.on_settled: Callable[[Listing, ModelOffer, CallResult], None] | None = None
-        # each session that settled at least one call, once it is over (the node's attestations); must not block
+        # each session that settled a call or failed by the provider's fault, once it is over (the node's
+        # attestations and market observations); must not block
         self.on_session_end: Callable[[SessionReport], None] | None = None
 
     async def rows(self, model: str) -> list[tuple[Listing, ModelOffer]]:
@@ -307,7 +308,7 @@ class Renter:
                 self._keep_spare(c, channel)
             raise
         finally:
-            if report.results and self.on_session_end is not None:
+            if (report.results or report.failures) and self.on_session_end is not None:
                 self.on_session_end(report)
 
     def _settled_hook(self, c: Candidate, report: SessionReport) -> Callable[[CallResult], None]:

@@ -13,8 +13,8 @@ For each model this node offers, over the last ``hours`` whole hours:
 
 The suggestion, in this order (integers throughout):
 
-1. demand over capacity — turned away at least a tenth of what it served, or utilization at least
-   ``BUSY_PERMILLE``: ask 10% more, but not past the market's p75 (already at or past it: keep the
+1. demand over capacity — turned away at least ``MIN_TURNED_AWAY`` calls and at least a tenth of
+   what it served, or utilization at least ``BUSY_PERMILLE``: ask 10% more, but not past the market's p75 (already at or past it: keep the
    price; what is missing is capacity);
 2. idle and dear — utilization under ``IDLE_PERMILLE`` and the output price over the market's
    median: ask the market's median (input and output);
@@ -31,9 +31,10 @@ import protocol
 
 from ._market_data import PriceSpread, price_sample
 
-__all__ = ["Advice", "ModelAdvice", "OfferedModel", "advise", "BUSY_PERMILLE", "IDLE_PERMILLE"]
+__all__ = ["Advice", "ModelAdvice", "OfferedModel", "advise", "BUSY_PERMILLE", "IDLE_PERMILLE", "MIN_TURNED_AWAY"]
 
 BUSY_PERMILLE, IDLE_PERMILLE = 800, 200
+MIN_TURNED_AWAY = 5  # one refused call is not a trend
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,10 +87,9 @@ def _suggest(offer: OfferedModel, spread: PriceSpread | None, served: int, turne
     if spread is None:
         return (*keep, "no market observations of this model in the window: keep the price")
     p50, p75 = spread.output[50], spread.output[75]
-    busy = (turned_away > 0 and turned_away * 10 >= served) or utilization >= BUSY_PERMILLE
-    if busy:
-        why = (f"turned away {turned_away} against {served} served" if turned_away > 0 and turned_away * 10 >= served
-               else f"utilization {utilization}‰")
+    over = turned_away >= MIN_TURNED_AWAY and turned_away * 10 >= served
+    if over or utilization >= BUSY_PERMILLE:
+        why = f"turned away {turned_away} against {served} served" if over else f"utilization {utilization}‰"
         if offer.output_per_1k >= p75:
             return (*keep, f"demand over capacity ({why}), but already at or above the market's p75 "
                            f"({protocol.format_credits(p75)}): keep the price, add capacity")

@@ -10,8 +10,10 @@ observers, not the volumes they claim:
   output prices, in µc per 1K tokens: ``sorted[ceil(p * n / 100) - 1]``, integers.
 - **trend**: the same median per hour, oldest first, and the change from the first hour with
   samples to the last (µc, and permille of the first).
-- **completion**: completed / calls, permille, summed over consumer observations; **demand**:
-  calls served and turned away for capacity, summed over provider observations.
+- **completion**: the median (nearest rank) of each consumer observation's completed / calls,
+  permille — one vote per observer-hour, so a claim of millions of calls weighs as one; **demand**:
+  calls served and turned away for capacity, summed over provider observations (claimed volumes:
+  shown as totals, not used for prices).
 
 Held in ``HOME/market.db``: one row per (observer, role, model, hour), at most ``KEEP_DAYS`` days
 and ``MAX_ROWS`` rows (the oldest hours go first).
@@ -104,9 +106,7 @@ class MarketFigures:
     served: int
     turned_away: int
 
-    @property
-    def completion_permille(self) -> int | None:
-        return self.completed * 1000 // self.calls if self.calls else None
+    completion_permille: int | None = None  # the median of the observations' completion, permille
 
     def trend(self) -> dict[str, int] | None:
         """The change of the hourly median output price from the first hour with samples to the last."""
@@ -146,10 +146,11 @@ def figures(model: str, observations: Iterable[protocol.Observation], since: int
             spread.input[50] if spread else None, spread.output[50] if spread else None,
             sum(o.calls for o in consumers), sum(o.completed for o in consumers),
             sum(o.completed for o in providers), sum(o.turned_away for o in providers)))
+    ratios = sorted(o.completed * 1000 // o.calls for o in rows if o.role == "consumer" and o.calls)
     return MarketFigures(model, since, until, len({o.observer for o in rows}), PriceSpread.of(samples),
                          tuple(h for h in hours if h.observers), sum(h.calls for h in hours),
                          sum(h.completed for h in hours), sum(h.served for h in hours),
-                         sum(h.turned_away for h in hours))
+                         sum(h.turned_away for h in hours), percentile(ratios, 50) if ratios else None)
 
 
 class MarketData:
@@ -164,9 +165,12 @@ class MarketData:
             "model TEXT NOT NULL, hour INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (observer, role, model, hour))")
         self.db.execute("CREATE INDEX IF NOT EXISTS observations_model ON observations(model, hour)")
         self._lock = threading.Lock()
+        self._closed = False  # gossip may still arrive while the node stops: refused once closed
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self._closed = True
+            self.db.close()
 
     def add(self, o: protocol.Observation, data: bytes) -> bool:
         """Hold a checked observation; False when one for its (observer, role, model, hour) is held
@@ -176,6 +180,8 @@ class MarketData:
         if o.hour < oldest:
             return False
         with self._lock:
+            if self._closed:
+                return False
             cur = self.db.execute("INSERT OR IGNORE INTO observations VALUES (?, ?, ?, ?, ?)",
                                   (o.observer, o.role, o.model, o.hour, data))
             if cur.rowcount != 1:
@@ -189,11 +195,15 @@ class MarketData:
 
     def has(self, observer: str, role: str, model: str, hour: int) -> bool:
         with self._lock:
+            if self._closed:
+                return True  # closed: take nothing in
             return self.db.execute("SELECT 1 FROM observations WHERE observer = ? AND role = ? AND model = ? AND "
                                    "hour = ?", (observer, role, model, hour)).fetchone() is not None
 
     def observations(self, model: str | None, since: int, until: int) -> list[protocol.Observation]:
         with self._lock:
+            if self._closed:
+                return []
             if model is None:
                 rows = self.db.execute("SELECT data FROM observations WHERE hour >= ? AND hour < ?",
                                        (since, until)).fetchall()

@@ -9,8 +9,8 @@ observed (a restart) is not observed again. At most 16 price points per observat
 used; calls at rarer prices are left out of that observation's counts.
 
 **Taking in.** A gossiped observation is refused (not relayed) unless it is at most
-``MAX_OBSERVATION_BYTES``, decodes strictly, passes ``protocol.check_observation`` and is within
-its rate: an observer with attestation history here (``node/reputation``) has its own bucket
+``MAX_OBSERVATION_BYTES``, decodes strictly, is signed by its observer and not held yet (a forgery
+or a replay spends no one's rate), is within its rate and passes ``protocol.check_observation``: an observer with attestation history here (``node/reputation``) has its own bucket
 (``KNOWN_BURST``, refilled over an hour); all others share one (``FRESH_BURST``, one every
 ``FRESH_EVERY_S``), so a flood of fresh identities is cut at a fixed rate.
 """
@@ -91,18 +91,22 @@ class Insight:
 
     # ---- this node's observations --------------------------------------------------------------
 
-    def compile(self, hour: int) -> list[protocol.Observation]:
-        """This node's observations of the hour starting at ``hour`` (unsigned)."""
+    def compile(self, hour: int, failures: dict[tuple[str, int], int] | None = None,
+                away: dict[tuple[str, int], int] | None = None) -> list[protocol.Observation]:
+        """This node's observations of the hour starting at ``hour`` (unsigned). Safe in a worker
+        thread when given snapshots of the counters (``failures``, ``away``)."""
+        failures = dict(self._failures) if failures is None else failures
+        away = dict(self._away) if away is None else away
         rows = self.receipts.query("SELECT role, model, receipt FROM receipts WHERE stored_at >= ? AND stored_at < ? "
                                    "LIMIT 1000000", (hour, hour + HOUR))
         trade: dict[tuple[str, str], list[protocol.Receipt]] = {}
         for role, model, blob in rows:
             receipt = protocol.decode(bytes(blob), expect=(protocol.Receipt,))
             trade.setdefault((role, model), []).append(receipt)
-        for (model, h), n in self._failures.items():
-            if h == hour:
+        for (model, h), n in failures.items():
+            if h == hour and n:
                 trade.setdefault(("consumer", model), [])
-        for (model, h), n in self._away.items():
+        for (model, h), n in away.items():
             if h == hour and n:
                 trade.setdefault(("provider", model), [])
         out = []
@@ -110,13 +114,13 @@ class Insight:
             prices = collections.Counter((r.price.input_per_1k, r.price.output_per_1k) for r in receipts)
             kept = dict(sorted(prices.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_POINTS])
             counted = [r for r in receipts if (r.price.input_per_1k, r.price.output_per_1k) in kept]
-            failures = self._failures[(model, hour)] if role == "consumer" else 0
+            failed = failures.get((model, hour), 0) if role == "consumer" else 0
             out.append(protocol.Observation(
                 observer=self.identity.peer_id, role=role, model=model, hour=hour,
-                calls=len(counted) + failures, completed=len(counted),
+                calls=len(counted) + failed, completed=len(counted),
                 tokens_in=sum(r.tokens_in for r in counted), tokens_out=sum(r.tokens_out for r in counted),
                 value=sum(r.cost for r in counted),
-                turned_away=self._away[(model, hour)] if role == "provider" else 0,
+                turned_away=away.get((model, hour), 0) if role == "provider" else 0,
                 prices=tuple(protocol.PricePoint(i, o, n) for (i, o), n in sorted(kept.items())),
                 issued_at=self.now()))
         return out
@@ -124,7 +128,8 @@ class Insight:
     async def observe(self, hour: int) -> list[protocol.Observation]:
         """Sign, hold and gossip this node's observations of ``hour`` not held yet."""
         signed = []
-        for o in self.compile(hour):
+        compiled = await trio.to_thread.run_sync(self.compile, hour, dict(self._failures), dict(self._away))
+        for o in compiled:
             if self.data.has(o.observer, o.role, o.model, o.hour):
                 continue
             o = protocol.sign(o, "sig", self.identity)
@@ -149,22 +154,26 @@ class Insight:
 
     # ---- what the node shows -------------------------------------------------------------------
 
-    def market(self, model: str, hours: int) -> MarketFigures:
-        return self.data.figures(model, hours)
-
-    def advise(self, hours: int) -> Advice:
+    async def advise(self, hours: int) -> Advice:
+        """``node advise`` over the last ``hours`` (its reads and sums run in a worker thread)."""
         self.tick()
+        return await trio.to_thread.run_sync(self._advise, hours, dict(self._away))
+
+    async def market(self, model: str, hours: int) -> MarketFigures:
+        return await trio.to_thread.run_sync(self.data.figures, model, hours)
+
+    def _advise(self, hours: int, away_by_hour: dict[tuple[str, int], int]) -> Advice:
         until = self.now() // HOUR * HOUR + HOUR  # the hour in progress counts for what this node did
         since = until - hours * HOUR
         served = self.receipts.query("SELECT model, cost, latency_ms, stored_at FROM receipts WHERE role = 'provider' "
                                      "AND stored_at >= ? AND stored_at < ? LIMIT 1000000", (since, until))
         away: collections.Counter[str] = collections.Counter()
-        for (model, hour), n in self._away.items():
+        for (model, hour), n in away_by_hour.items():
             if since <= hour < until:
                 away[model] += n
         for o in self.data.observations(None, since, until):  # refusals of hours before a restart
             if o.observer == self.identity.peer_id and o.role == "provider" \
-                    and (o.model, o.hour) not in self._away:
+                    and (o.model, o.hour) not in away_by_hour:
                 away[o.model] += o.turned_away
         return advise(self.offers(), served, dict(away), self.data.observations(None, since, until), since, until)
 
@@ -202,6 +211,10 @@ async def _join(insight: Insight, market: Market, has_history: Callable[[str], b
     def accept(data: bytes, now: int) -> tuple[protocol.Observation, bytes] | None:
         o = protocol.decode(data, max_size=protocol.MAX_OBSERVATION_BYTES, expect=(protocol.Observation,))
         if o.observer != me:
+            # neither a forgery naming someone nor a replay of what is held spends anyone's tokens
+            protocol.verify(o, "sig", protocol.public_key_from_peer_id(o.observer))
+            if insight.data.has(o.observer, o.role, o.model, o.hour):
+                return None
             limit, key = (known, o.observer) if has_history(o.observer) else (fresh, _FRESH)
             if not limit.take(key):
                 return None

@@ -79,7 +79,6 @@ from .backends._base import BackendUnsupported, Embedded
 __all__ = ["ProviderService", "OPEN_MAX_BYTES"]
 
 _logger = logging.getLogger(__name__)
-_BUSY_REASONS = frozenset({"capacity", "rate_limited"})  # refusals that are demand turned away
 OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us hold a 1 MiB frame
 # A Cancel names the chunks the consumer received; chunks sent after it can only be the ones still
 # on their way. One that drops a chunk this node handed to the stream longer ago than this says it
@@ -142,7 +141,9 @@ class ProviderService:
         self.countersign_timeout_s = countersign_timeout_s
         self.write_timeout_s = write_timeout_s
         self.queues: dict[str, JobQueue] = {}
-        # demand turned away for capacity, per model, since start (market observations read it)
+        # calls of admitted sessions (their channel confirmed) refused for capacity: a full queue or a
+        # queue timeout, per model, since start (market observations and advice read it); refusals at
+        # open are not counted: a stranger without money could inflate them
         self.turned_away: collections.Counter[str] = collections.Counter()
 
     @property
@@ -236,8 +237,6 @@ class _StreamSession:
             raise
         refusal = await self._decide(first)
         if refusal is not None:
-            if refusal.reason in _BUSY_REASONS:
-                self.service.turned_away[first.model] += 1
             self.machine.reject_open(refusal.reason, refusal.detail, refusal.retry_after_s)
             await self._flush()
             await self._release_unused(first)

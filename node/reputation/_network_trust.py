@@ -12,8 +12,9 @@ per (attester, provider), in ``HOME/reputation.db``. A provider's network trust 
 
 So: an attestation without settled value has no weight at all (words cost nothing; a doubly
 signed receipt alone costs nothing either, between a provider and a consumer it controls); only
-value an agent *this node* trusts (its own agent and the agents of its ``[escrow]`` config) says was
-claimed counts, and an attester counts for at most ``ATTESTER_CAP`` µc however much it spent; an
+value an agent *this node* trusts (its own agent and its ``accept_escrow`` agents: ``node escrow
+accept PEER``) says was claimed counts — never merely an agent it was offered or paid through, since
+a provider names the agents its consumers pay through, and an attester counts for at most ``ATTESTER_CAP`` µc however much it spent; an
 attester with no history here (first seen backed less than ``MATURE_S`` ago) shares one small pool
 with every other newcomer, so a swarm of fresh identities adds at most ``FRESH_POOL_CAP`` µc of
 weight however many there are. Confidence grows with weight (``HALF_WEIGHT`` is where half of
@@ -54,8 +55,8 @@ FRESH_POOL_CAP = ATTESTER_CAP // 2  # all attesters without history, together, p
 MATURE_S = 7 * 86_400  # an attester first seen backed this long ago has history
 HALF_WEIGHT = 2 * ATTESTER_CAP  # total weight at which a score has moved half of SPAN
 LOCAL_HALF = 20  # calls of our own experience at which the network's view counts half
-MAX_ATTESTATIONS = 50_000  # held in all (the oldest are dropped)
-MAX_PER_PROVIDER = 512  # held per provider (the lightest are dropped)
+MAX_ATTESTATIONS = 50_000  # held in all (the unweighted, then the oldest, are dropped)
+MAX_PER_PROVIDER = 512  # held per provider (the unweighted, then the lightest, are dropped)
 CACHE_S = 60  # a view is recomputed when an attestation about its provider arrives, or after this
 
 
@@ -95,18 +96,24 @@ class NetworkTrust:
         self.db.execute("CREATE INDEX IF NOT EXISTS attestations_provider ON attestations(provider)")
         self.db.execute("CREATE TABLE IF NOT EXISTS attesters (peer_id TEXT PRIMARY KEY, first_backed INTEGER NOT NULL)")
         self._lock = threading.Lock()
+        self._closed = False  # gossip may still arrive while the node stops: refused once closed
         self._cache: dict[str, tuple[int, NetworkView]] = {}  # provider: (computed at, view)
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self._closed = True
+            self.db.close()
 
     def add(self, attestation: protocol.Attestation, backing: protocol.Backing, data: bytes) -> bool:
         """Hold a checked attestation (``backing``: what ``check_attestation`` returned, ``data``:
         its canonical bytes). False: an attestation as new from this attester on this provider is held."""
         now = int(self.clock())
         a = attestation
-        starts_history = backing.settled > 0 and backing.agent in set(self.trusted_agents())
+        trusted = set(self.trusted_agents())
+        starts_history = backing.settled > 0 and backing.agent in trusted
         with self._lock:
+            if self._closed:
+                return False
             row = self.db.execute("SELECT issued_at FROM attestations WHERE attester = ? AND provider = ?",
                                   (a.attester, a.provider)).fetchone()
             if row is not None and row[0] >= a.issued_at:
@@ -116,29 +123,39 @@ class NetworkTrust:
                              backing.agent, backing.settled, data))
             if starts_history:  # the attester's first settled business through an agent we trust
                 self.db.execute("INSERT OR IGNORE INTO attesters VALUES (?, ?)", (a.attester, now))
-            self._trim(a.provider)
+            self._trim(a.provider, trusted)
             self._cache.pop(a.provider, None)
         return True
 
-    def _trim(self, provider: str) -> None:
+    def _trim(self, provider: str, trusted: set[str]) -> None:
+        """Drop what counts least first: unweighted rows (no settlement, or not by a trusted agent),
+        then the lightest and oldest; so a flood of unbacked or self-settled praise never evicts
+        the attestations that carry weight here."""
+        agents = sorted(trusted)
+        counts = f"(settled > 0 AND agent IN ({', '.join('?' * len(agents))}))"
         (n,) = self.db.execute("SELECT COUNT(*) FROM attestations WHERE provider = ?", (provider,)).fetchone()
-        if n > MAX_PER_PROVIDER:  # the lightest first, the oldest among equals
-            self.db.execute("DELETE FROM attestations WHERE rowid IN (SELECT rowid FROM attestations WHERE "
-                            "provider = ? ORDER BY settled, issued_at LIMIT ?)", (provider, n - MAX_PER_PROVIDER))
+        if n > MAX_PER_PROVIDER:
+            self.db.execute(f"DELETE FROM attestations WHERE rowid IN (SELECT rowid FROM attestations WHERE "
+                            f"provider = ? ORDER BY {counts}, MIN(settled, ?), issued_at LIMIT ?)",
+                            (provider, *agents, ATTESTER_CAP, n - MAX_PER_PROVIDER))
         (total,) = self.db.execute("SELECT COUNT(*) FROM attestations").fetchone()
         if total > MAX_ATTESTATIONS:
-            self.db.execute("DELETE FROM attestations WHERE rowid IN (SELECT rowid FROM attestations "
-                            "ORDER BY received_at LIMIT ?)", (total - MAX_ATTESTATIONS,))
+            self.db.execute(f"DELETE FROM attestations WHERE rowid IN (SELECT rowid FROM attestations "
+                            f"ORDER BY {counts}, received_at LIMIT ?)", (*agents, total - MAX_ATTESTATIONS))
             self._cache.clear()
 
     def view(self, provider: str) -> NetworkView:
         """``provider``'s network trust now (the module's model)."""
+        if self._closed:
+            return NetworkView()
         now = int(self.clock())
         cached = self._cache.get(provider)
         if cached is not None and now - cached[0] < CACHE_S:
             return cached[1]
         trusted = set(self.trusted_agents())
         with self._lock:
+            if self._closed:
+                return NetworkView()
             rows = self.db.execute(
                 "SELECT a.attester, a.quality, a.agent, a.settled, t.first_backed FROM attestations a "
                 "LEFT JOIN attesters t ON t.peer_id = a.attester WHERE a.provider = ?", (provider,)).fetchall()
@@ -167,20 +184,28 @@ class NetworkTrust:
         return result
 
     def has_history(self, attester: str) -> bool:
-        """Whether ``attester`` has had a backed attestation taken in here (however long ago)."""
+        """Whether ``attester`` is out of the fresh pool: its first attestation backed through a trusted
+        agent was taken in here at least ``MATURE_S`` ago."""
         with self._lock:
-            return self.db.execute("SELECT 1 FROM attesters WHERE peer_id = ?", (attester,)).fetchone() is not None
+            if self._closed:
+                return False
+            row = self.db.execute("SELECT first_backed FROM attesters WHERE peer_id = ?", (attester,)).fetchone()
+        return row is not None and int(self.clock()) - row[0] >= MATURE_S
 
-    def own_agents(self) -> set[str]:
-        """The agents this node's own attestations were settled by: agents it paid through itself."""
+    def is_newer(self, attestation: protocol.Attestation) -> bool:
+        """Whether ``attestation`` is newer than the one held from its attester on its provider."""
         with self._lock:
-            rows = self.db.execute("SELECT DISTINCT agent FROM attestations WHERE attester = ? AND settled > 0",
-                                   (self.me,)).fetchall()
-        return {agent for (agent,) in rows}
+            if self._closed:
+                return False
+            row = self.db.execute("SELECT issued_at FROM attestations WHERE attester = ? AND provider = ?",
+                                  (attestation.attester, attestation.provider)).fetchone()
+        return row is None or row[0] < attestation.issued_at
 
     def attestations(self, provider: str | None = None, limit: int = 200) -> list[protocol.Attestation]:
         """Attestations held (about ``provider``), newest first."""
         with self._lock:
+            if self._closed:
+                return []
             if provider is None:
                 rows = self.db.execute("SELECT data FROM attestations ORDER BY issued_at DESC LIMIT ?",
                                        (limit,)).fetchall()
@@ -193,6 +218,8 @@ class NetworkTrust:
     def own(self, limit: int = 64) -> list[bytes]:
         """This node's own attestations (canonical bytes), newest first: what it republishes."""
         with self._lock:
+            if self._closed:
+                return []
             rows = self.db.execute("SELECT data FROM attestations WHERE attester = ? ORDER BY issued_at DESC "
                                    "LIMIT ?", (self.me, limit)).fetchall()
         return [bytes(d) for (d,) in rows]

@@ -1,8 +1,8 @@
 """A node's reputation service: it attests its own sessions and takes in everyone else's.
 
 **Attesting.** When a session that settled at least one call ends (``Renter.on_session_end``),
-its report is queued (bounded by ``ATTEST_QUEUE``; a full queue drops the report, logged). The
-worker asks the channel's agent for its signed channel state — after a close the provider claims
+its report is queued (bounded by ``ATTEST_QUEUE``; a full queue drops the report, logged) for one
+of ``ATTEST_WORKERS`` workers. The worker asks the channel's agent for its signed channel state — after a close the provider claims
 within seconds, so it asks again at ``SETTLEMENT_DELAYS_S`` until the claim covers the session —
 signs an ``Attestation`` with the proof it got (none: an unbacked attestation, still published:
 its counts are the attester's word, with no weight), holds it and publishes it: on
@@ -11,8 +11,10 @@ with a provider record on ``attested_key(provider)``; its own are put again ever
 ``REPUBLISH_S``.
 
 **Taking in.** A gossiped attestation is refused (not relayed) unless it is at most
-``MAX_ATTESTATION_BYTES``, decodes strictly, passes ``protocol.check_attestation`` and is within
-its rate: an attester with history here has its own bucket (``KNOWN_BURST`` then one per
+``MAX_ATTESTATION_BYTES``, decodes strictly, is signed by its attester, is newer than what is held
+from that attester on that provider (a forgery or a replay spends no one's rate), is within its
+rate and passes ``protocol.check_attestation``: an attester with history here (first backed through
+a trusted agent at least ``MATURE_S`` ago) has its own bucket (``KNOWN_BURST`` then one per
 ``KNOWN_EVERY_S``); every attester without history shares one (``FRESH_BURST``, one per
 ``FRESH_EVERY_S``), so a flood of fresh identities is cut at a fixed rate and cannot starve the
 attesters this node already knows, nor any other topic. Every ``FETCH_EVERY_S`` the providers in
@@ -48,6 +50,7 @@ __all__ = ["Reputation", "open_reputation", "attestation_key", "attested_key", "
 _logger = logging.getLogger(__name__)
 
 ATTEST_QUEUE = 64
+ATTEST_WORKERS = 4  # sessions attested at once (each waits up to ~44 s for the agent's proof)
 SETTLEMENT_DELAYS_S = (1.0, 3.0, 10.0, 30.0)
 KNOWN_BURST, KNOWN_EVERY_S = 5, 60.0
 FRESH_BURST, FRESH_EVERY_S = 20, 5.0
@@ -123,7 +126,10 @@ class Reputation:
         return self.book.view(provider)
 
     def report(self, report: SessionReport) -> None:
-        """Queue a finished session for attestation (never blocks)."""
+        """Queue a finished session for attestation (never blocks). One without a settled call has
+        no receipt to prove the business: it is not attested."""
+        if not report.results:
+            return
         try:
             self._send.send_nowait(report)
         except trio.WouldBlock:
@@ -150,6 +156,9 @@ class Reputation:
             except (EscrowRefused, EscrowUnreachable, ValueError) as exc:
                 _logger.info("no settlement proof from %s yet: %s", report.agent, exc)
                 continue
+            if proof.channels[0].channel.channel_id != channel_id:
+                _logger.warning("escrow agent %s answered about another channel: no settlement proof", report.agent)
+                return None
             if proof.channels[0].claimed > 0:
                 best = proof
             if proof.channels[0].claimed >= value:
@@ -171,18 +180,31 @@ class Reputation:
         return protocol.sign(body, "sig", self.identity)
 
     async def _attest_loop(self, receive: trio.MemoryReceiveChannel[SessionReport]) -> None:
-        async with trio.open_nursery() as nursery:
+        async def worker() -> None:
             async for report in receive:
-                nursery.start_soon(self._attest, report)
+                try:
+                    await self._attest(report)
+                except Exception:  # one session's attestation must not take the node down
+                    _logger.exception("attesting the session with %s failed", report.listing.provider)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(ATTEST_WORKERS):
+                nursery.start_soon(worker)
 
     async def _attest(self, report: SessionReport) -> None:
         value = report.results[-1].receipt.cumulative
         settlement = await self._settlement(report, value)
         attestation = self.sign(report, settlement)
+        try:
+            backing = protocol.check_attestation(attestation)
+        except protocol.ProtocolError as exc:  # the agent's answer does not back this session: attest without it
+            _logger.warning("escrow agent %s's channel state does not back the session with %s (%s): attested "
+                            "without a settlement", report.agent, report.listing.provider, exc)
+            attestation, backing = self.sign(report, None), protocol.Backing()
         data = protocol.encode(attestation, max_size=protocol.MAX_ATTESTATION_BYTES)
-        self.book.add(attestation, protocol.check_attestation(attestation), data)
+        self.book.add(attestation, backing, data)
         self.attested += 1
-        self.backed += settlement is not None
+        self.backed += backing.settled > 0
         await self._publish(attestation, data)
 
     async def _publish(self, attestation: protocol.Attestation, data: bytes) -> None:
@@ -256,26 +278,12 @@ class Reputation:
             await trio.sleep(60.0)
 
 
-def _trusted(agents: Callable[[], Iterable[str]], book_ref: list[NetworkTrust]) -> Callable[[], set[str]]:
-    """The agents whose settlements count here: the node's own and configured ones, and those it
-    paid through itself (the agents named by its own attestations)."""
-    def trusted() -> set[str]:
-        found = set(agents())
-        if book_ref:
-            found |= book_ref[0].own_agents()
-        return found
-    return trusted
-
-
 @asynccontextmanager
 async def open_reputation(identity: Identity, home: Path, *, market: Market | None, escrow: EscrowOps | None,
                           trusted_agents: Callable[[], Iterable[str]], wall_clock: WallClock,
                           ) -> AsyncIterator[Reputation]:
     """Run a node's reputation service for the block's duration (the book closed at its end)."""
-    ref: list[NetworkTrust] = []
-    book = NetworkTrust(home / "reputation.db", _trusted(trusted_agents, ref), clock=wall_clock,
-                        me=identity.peer_id)
-    ref.append(book)
+    book = NetworkTrust(home / "reputation.db", trusted_agents, clock=wall_clock, me=identity.peer_id)
     reputation = Reputation(identity, book, market, escrow, wall_clock)
     send, receive = trio.open_memory_channel[SessionReport](ATTEST_QUEUE)
     reputation._send = send
@@ -303,6 +311,10 @@ async def _join(reputation: Reputation, market: Market, nursery: trio.Nursery) -
     def accept(data: bytes, now: int) -> tuple[protocol.Attestation, protocol.Backing, bytes] | None:
         a = _decode(data)
         if a.attester != me:
+            # neither a forgery naming someone nor a replay of what is held spends anyone's tokens
+            protocol.verify(a, "sig", protocol.public_key_from_peer_id(a.attester))
+            if not reputation.book.is_newer(a):
+                return None
             limit, key = (known, a.attester) if reputation.book.has_history(a.attester) else (fresh, _FRESH)
             if not limit.take(key):
                 return None

@@ -42,7 +42,7 @@ def test_market_prints_the_spread_trend_and_hours(monkeypatch):
     out = _run(monkeypatch, _insight.market, MARKET, "--model", "tiny").output
     assert "0.60" in out and "0.90" in out  # p50, p75 of output
     assert "median output price 0.30 -> 0.60 (+100.0%)" in out
-    assert "completed 90.0%" in out and "turned away for capacity 2" in out
+    assert "median completion 90.0%" in out and "turned away for capacity 2" in out
     assert json.loads(_run(monkeypatch, _insight.market, MARKET, "--model", "tiny", "--json").output) == MARKET
 
 

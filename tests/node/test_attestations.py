@@ -13,6 +13,7 @@ import protocol
 from node import open_swarm
 from node.net import MarketConfig, open_host, open_market, parse_peer_addr, peer_addrs
 from node.reputation import _service
+from node.reputation._network_trust import MATURE_S
 from node.reputation._service import open_reputation
 from tests.node.helpers import LOOPBACK, gossip_line, wait_mesh, wait_until
 from tests.support import AGENT, attestation, identity
@@ -59,22 +60,25 @@ async def _drain(subscription) -> None:
 
 async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters_still_pass(tmp_path, monkeypatch):
     monkeypatch.setattr(_service, "FRESH_BURST", 3)
+    monkeypatch.setattr(_service, "KNOWN_BURST", 2)
     bad, honest = identity("attested-bad"), identity("attested-honest")
     alice = identity("alice-with-history")
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         markets = await gossip_line(stack, "attest")
+        clock = [2_000_000.0]
         reps = {}
         nursery.start_soon(_drain, await markets[0].pubsub.subscribe(protocol.ATTESTATION_TOPIC))  # a floods raw
         for name, market in zip("bc", markets[1:]):
             (tmp_path / name).mkdir()
             rep = await stack.enter_async_context(open_reputation(
                 market.identity, tmp_path / name, market=market, escrow=None, trusted_agents=lambda: [AGENT.peer_id],
-                wall_clock=lambda: 2_000_000.0))
-            earlier = attestation(alice, honest, issued_at=100)  # alice has history on both
+                wall_clock=lambda: clock[0]))
+            earlier = attestation(alice, honest, issued_at=100)  # alice has history on both (a week on)
             rep.book.add(earlier, protocol.check_attestation(earlier), protocol.encode(earlier))
             reps[name] = rep
+        clock[0] += MATURE_S
         ma = markets[0]
         topic = protocol.ATTESTATION_TOPIC
         await wait_mesh(markets, topic)
@@ -82,18 +86,24 @@ async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters
         async def send(a: protocol.Attestation) -> None:
             await ma.pubsub.publish(topic, protocol.encode(a))
 
-        # six fresh identities praise the bad provider, one attestation is tampered, then alice reports
-        # (nine in all: py-libp2p itself drops more than 10 messages a second from one peer)
-        for i in range(6):
+        # four fresh identities praise the bad provider; forgeries (one tampered, three naming alice) and a
+        # replay of alice's held attestation spend no one's tokens; then alice reports (ten in all:
+        # py-libp2p itself drops more than 10 messages a second from one peer)
+        for i in range(4):
             await send(attestation(identity(f"attest-sybil-{i}"), bad, calls=100))
         forged = attestation(identity("attest-forger"), bad)
         await send(protocol.Attestation(**{**_fields(forged), "calls": 1000}))
-        await send(attestation(alice, honest, issued_at=200, calls=50))
+        real = attestation(alice, honest, issued_at=200, calls=50)
+        for n in range(3):  # alice's name, not her signature: her bucket (burst 2 here) stays full
+            await send(protocol.Attestation(**{**_fields(real), "failures": n + 1}))
+        await send(attestation(alice, honest, issued_at=100))  # a replay of what b and c hold
+        await send(real)
         rb, rc = reps["b"], reps["c"]
         held = 3 + 1  # three Sybils within the shared rate, and alice's newer word in place of her older
         await wait_until(lambda: len(rc.book.attestations()) == held and rc.topic.accepted == 4,
                          what="c holds what b let through")
-        assert len(rb.book.attestations()) == held and rb.topic.refused == 4  # three over the shared rate, one forged
+        # one over the shared rate, four forged, one replayed
+        assert len(rb.book.attestations()) == held and rb.topic.refused == 6
         # c holds no more than b let through (a may also reach c directly: c's own checks refuse the same)
         for rep in (rb, rc):
             assert rep.book.attestations(honest.peer_id)[0].calls == 50  # alice's new word arrived
