@@ -86,15 +86,15 @@ async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters
         async def send(a: protocol.Attestation) -> None:
             await ma.pubsub.publish(topic, protocol.encode(a))
 
-        # four fresh identities praise the bad provider; forgeries (one tampered, three naming alice) and a
-        # replay of alice's held attestation spend no one's tokens; then alice reports (ten in all:
+        # four fresh identities praise the bad provider; forgeries (one tampered, two naming alice) and a
+        # replay of alice's held attestation spend no one's tokens; then alice reports (nine in all:
         # py-libp2p itself drops more than 10 messages a second from one peer)
         for i in range(4):
             await send(attestation(identity(f"attest-sybil-{i}"), bad, calls=100))
         forged = attestation(identity("attest-forger"), bad)
         await send(protocol.Attestation(**{**_fields(forged), "calls": 1000}))
         real = attestation(alice, honest, issued_at=200, calls=50)
-        for n in range(3):  # alice's name, not her signature: her bucket (burst 2 here) stays full
+        for n in range(2):  # alice's name, not her signature: her bucket (burst 2 here) stays full
             await send(protocol.Attestation(**{**_fields(real), "failures": n + 1}))
         await send(attestation(alice, honest, issued_at=100))  # a replay of what b and c hold
         await send(real)
@@ -102,8 +102,8 @@ async def test_a_flood_of_fresh_attesters_is_cut_at_one_rate_and_known_attesters
         held = 3 + 1  # three Sybils within the shared rate, and alice's newer word in place of her older
         await wait_until(lambda: len(rc.book.attestations()) == held and rc.topic.accepted == 4,
                          what="c holds what b let through")
-        # one over the shared rate, four forged, one replayed
-        assert len(rb.book.attestations()) == held and rb.topic.refused == 6
+        # one over the shared rate, three forged, one replayed
+        assert len(rb.book.attestations()) == held and rb.topic.refused == 5
         # c holds no more than b let through (a may also reach c directly: c's own checks refuse the same)
         for rep in (rb, rc):
             assert rep.book.attestations(honest.peer_id)[0].calls == 50  # alice's new word arrived
