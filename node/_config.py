@@ -39,7 +39,7 @@ __all__ = ["NodeConfig", "load_config", "save_accept_escrow", "save_offers", "ch
 
 #: the top-level tables config.toml may hold, and the keys of [node]
 _TABLES = ("node", "offers", "schedule", "health", "pricing", "sla", "contracts", "spot_checks")
-_NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s", "announce", "relay")
+_NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s", "announce", "relay", "standing_idle_s")
 #: the keys of the tables that do not parse straight into a dataclass, with their types
 _SCHEDULE_KEYS: dict[str, Any] = {"timezone": str, "hours": dict, "maintenance": list}
 _CONTRACT_KEYS: dict[str, Any] = {"client": str, "provider": str, "model": str, "input_price": int,
@@ -61,6 +61,8 @@ class NodeConfig:
     claim_margin_s: int = 30  # [node] claim_margin_s: claim everything this long before a channel expires
     announce: tuple[str, ...] = ()  # [node] announce: addresses published first (a port forwarded by hand, a DNS name)
     relay: bool = False  # [node] relay: also relay circuits for peers behind NAT (public nodes only)
+    # [node] standing_idle_s: a one-shot call's session (and channel) stays open this long for the next (0: off)
+    standing_idle_s: int = 5
     spot_checks: SpotCheckConfig = SpotCheckConfig()  # [spot_checks]: re-running sampled calls
 
 
@@ -267,6 +269,7 @@ def load_config(path: Path) -> NodeConfig:
         accept_escrow=_strings(where, node, "accept_escrow", ()),
         offers=tuple(offers),
         claim_margin_s=_claim_margin(where, node.get("claim_margin_s", NodeConfig.claim_margin_s)),
+        standing_idle_s=_standing_idle(where, node.get("standing_idle_s", NodeConfig.standing_idle_s)),
         announce=announce,
         relay=relay,
     )
@@ -301,6 +304,15 @@ def _claim_margin(where: _Where, value: Any) -> int:
     channel is admitted with at least 120 s to live, and no call starts inside the margin)."""
     if not isinstance(value, int) or isinstance(value, bool) or not 5 <= value <= 100:
         raise ConfigError(f"{where('node', 'claim_margin_s')}: [node] claim_margin_s must be a whole number of seconds from 5 to 100")
+    return value
+
+
+def _standing_idle(where: _Where, value: Any) -> int:
+    """Seconds a one-shot call's session waits open for the next call (``consumer/_standing.py``):
+    0 (every call opens and settles its own channel) to 120 (well inside a provider's idle limit)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 120:
+        raise ConfigError(f"{where('node', 'standing_idle_s')}: [node] standing_idle_s must be a whole number of "
+                          "seconds from 0 (off) to 120")
     return value
 
 

@@ -446,6 +446,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                                        claim_margin_s=config.claim_margin_s)
             renter = Renter(market, escrow_ops, agent, receipts, trust, clock=wall_clock,
                             contracts=config.client_contracts)
+            renter.standing.idle_s = config.standing_idle_s
             relay_client = RelayClient(host, dht=market.dht, own_addrs=addresses.published)
             relay_clients.append(relay_client)
             try:
@@ -476,6 +477,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                     host.set_stream_handler(RECEIPT_PROTOCOL, ReceiptIntake(provider).handle)
                     await nursery.start(delivery.serve, host)
                     await nursery.start(node.sessions.serve)
+                    await nursery.start(renter.standing.serve)
                     if config.relay:
                         node.relay.append(await nursery.start(
                             lambda task_status: serve_relay(host, RelayLimits(), dht=market.dht, task_status=task_status)))

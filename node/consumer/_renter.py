@@ -48,7 +48,8 @@ from ._pacing import RETRY_AFTER_S, Busy, Pacing
 from ._request_check import check_call, embed_batches
 from ._results import Attempt, Completion, Delta, Embeddings
 from ._routing import Candidate, Preferences, missing_feature, rank, serves, why_none
-from ._session_client import CallResult, ConsumerSessionHandle, SessionError, open_session, reach
+from ._session_client import CallResult, ConsumerSessionHandle, ProviderFailed, SessionError, open_session, reach
+from ._standing import StandingSessions
 from ._trust import TrustBook
 
 __all__ = ["RentError", "AtCapacity", "Renter", "SessionReport", "estimate_prompt_tokens"]
@@ -137,6 +138,8 @@ class Renter:
         self.contracts = contracts  # fixed-rate contracts this node holds as a client
         self.pacing = pacing or Pacing()  # this node's own bound on sessions at once per provider
         self._spares: dict[tuple[str, str], list[protocol.ChannelGrant]] = {}  # (agent, provider): unused channels
+        # one-shot calls' sessions, kept open between calls once ``standing.serve`` runs (``_standing``)
+        self.standing = StandingSessions(self._standing_session, clock)
         # each settled call with the offer it was rented on, at once (the node's spot checks); must not block
         self.on_settled: Callable[[Listing, ModelOffer, CallResult], None] | None = None
         # each session that settled a call or failed by the provider's fault, once it is over (the node's
@@ -265,20 +268,21 @@ class Renter:
 
     @asynccontextmanager
     async def _session(self, c: Candidate, model: str, budget: int, ttl_s: int,
-                       given: protocol.ChannelGrant | None = None
+                       given: protocol.ChannelGrant | None = None, opened: protocol.ChannelGrant | None = None
                        ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
         """Open a session with ``c`` on the terms it was ranked on (``c.terms``, ``c.tier``,
         ``c.batch_calls``), over a new channel of ``budget`` µc — or over ``given``, the caller's
         own channel (``node escrow open``), spending at most ``budget`` of it: that one is never
         closed here (the session ends without settling it: the provider claims what it is owed and
-        the rest stays in the channel for the next session), never offered back, never kept as a spare."""
+        the rest stays in the channel for the next session), never offered back, never kept as a spare.
+        ``opened``: a channel just opened for this session (``_standing_session``), settled like a new one."""
         # dial first: a provider that cannot be reached never gets a channel (and locks no money)
         await reach(self.market.host, c.provider, c.listing.addrs, trust=self.trust)
         spend = max(1, budget)
         if given is not None:
             channel = given
         else:
-            channel = self._spare(c, spend, ttl_s) or await self._open_channel(c, spend, ttl_s)
+            channel = opened or self._spare(c, spend, ttl_s) or await self._open_channel(c, spend, ttl_s)
         opened = False
         report = SessionReport(c.listing, c.offer, channel.agent, settled_by_close=given is None)
         try:
@@ -310,6 +314,24 @@ class Renter:
         finally:
             if (report.results or report.failures) and self.on_session_end is not None:
                 self.on_session_end(report)
+
+    @asynccontextmanager
+    async def _standing_session(self, c: Candidate, model: str, lock: int
+                                ) -> AsyncIterator[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]:
+        """A session for ``StandingSessions``: its pacing slot held for its life, over a channel of
+        ``lock`` µc — or of one call's expected cost when the credits do not cover ``lock``."""
+        async with self.pacing.slot(c):
+            await reach(self.market.host, c.provider, c.listing.addrs, trust=self.trust)  # before money is locked
+            channel = self._spare(c, lock, _RUN_CHANNEL_S)
+            if channel is None:
+                try:
+                    channel = await self._open_channel(c, lock, _RUN_CHANNEL_S)
+                except EscrowRefused as exc:
+                    if exc.code != "insufficient_funds" or lock <= c.expected_cost:
+                        raise
+                    channel = await self._open_channel(c, c.expected_cost, _RUN_CHANNEL_S)
+            async with self._session(c, model, channel.cap, _RUN_CHANNEL_S, opened=channel) as pair:
+                yield pair
 
     def _settled_hook(self, c: Candidate, report: SessionReport) -> Callable[[CallResult], None]:
         hook = self.on_settled
@@ -420,16 +442,33 @@ class Renter:
                 if on_delta is not None:
                     await on_delta(delta)
 
+            # a standing session (``_standing``) when the call may spend its whole expected cost
+            standing = self.standing.active and given is None and (budget is None or budget >= c.expected_cost)
             try:
-                # ranked on this very request: its expected cost is one full call at the session's terms
-                budget_here = budget if budget is not None else c.expected_cost
-                if left is not None:
-                    budget_here = min(budget_here, left)
-                async with self.pacing.slot(c), \
-                        self._session(c, model, budget_here, _RUN_CHANNEL_S, given) as (session, paid_from):
-                    result = await session.call(messages, max_tokens, temperature_milli=temperature_milli,
-                                                top_p_milli=top_p_milli, stop=stop, on_text=relay, options=options,
-                                                on_delta=relay_delta)
+                for fresh in (False, True):
+                    reused = False
+                    try:
+                        if standing:
+                            async with self.standing.session(c, model) as (session, paid_from, reused):
+                                result = await session.call(
+                                    messages, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
+                                    stop=stop, on_text=relay, options=options, on_delta=relay_delta)
+                        else:
+                            # ranked on this very request: its expected cost is one full call at the session's terms
+                            budget_here = budget if budget is not None else c.expected_cost
+                            if left is not None:
+                                budget_here = min(budget_here, left)
+                            async with self.pacing.slot(c), \
+                                    self._session(c, model, budget_here, _RUN_CHANNEL_S, given) as (session, paid_from):
+                                result = await session.call(
+                                    messages, max_tokens, temperature_milli=temperature_milli, top_p_milli=top_p_milli,
+                                    stop=stop, on_text=relay, options=options, on_delta=relay_delta)
+                        break
+                    except ProviderFailed:
+                        # a standing session the provider dropped while it idled (a restart): once more, on a new one
+                        if not reused or streamed or fresh:
+                            raise
+                        _logger.info("the standing session with %s was gone; opening a new one", c.provider)
             except Busy as exc:  # nothing was dialled or locked for it
                 attempts.append(Attempt(c.provider, str(exc), CAPACITY))
                 retry_after = max(retry_after, exc.retry_after_s)

@@ -12,7 +12,7 @@ from typing import Any
 
 import protocol
 
-__all__ = ["wire_pieces"]
+__all__ = ["merge_pieces", "wire_pieces"]
 
 _CHUNK_TEXT = 128 << 10
 _CHUNK_ARGS = 128 << 10
@@ -59,3 +59,13 @@ def wire_pieces(text: str, tokens: int, tool_calls: tuple[protocol.ToolCallDelta
     count = max(len(texts), len(groups), len(lps))
     return [(texts[i] if i < len(texts) else "", tokens if i == 0 else 0, groups[i] if i < len(groups) else (),
              lps[i] if i < len(lps) else ()) for i in range(count)]
+
+
+def merge_pieces(pieces: list[tuple[str, int, tuple[Any, ...], tuple[Any, ...]]]
+                 ) -> tuple[str, int, tuple[Any, ...], tuple[Any, ...]]:
+    """Backend pieces that waited for the stream, as one: text joined, tokens summed, tool-call
+    deltas and logprobs in order (``protocol.accumulate_tool_calls`` joins deltas of one index)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return ("".join(p[0] for p in pieces), sum(p[1] for p in pieces),
+            tuple(d for p in pieces for d in p[2]), tuple(lp for p in pieces for lp in p[3]))

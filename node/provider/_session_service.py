@@ -66,6 +66,7 @@ from ..escrow import EscrowClient, EscrowUnreachable
 from ..net._streams import FramedStream, StreamClosed, StreamTimeout
 from ._admission import Admission, Refusal
 from ._channels import ChannelBook, SessionDebt
+from ._chunk_writer import ChunkWriter
 from ._chunks import wire_pieces
 from ._health import HealthMonitor
 from ._offers import Offer
@@ -516,12 +517,12 @@ class _StreamSession:
         v2 = isinstance(request, protocol.RequestV2)  # a v1 call's chunks carry text only
         self._flushed_at = []
 
-        async def on_piece(text: str, tokens: int, *, tool_calls: Any = (), logprobs: Any = ()) -> None:
+        async def send(piece: tuple[str, int, tuple[Any, ...], tuple[Any, ...]]) -> None:
+            """One merged piece (``ChunkWriter``) to the stream, as the chunks that fit a frame."""
             if machine.state is not protocol.ProviderState.IN_CALL:
                 return  # cancelled: the backend stops at its next checkpoint; nothing more is sent
-            if not first:
-                first.append(int((trio.current_time() - started) * 1000))
-            pieces = wire_pieces(text, tokens, tuple(tool_calls) if v2 else (), tuple(logprobs) if v2 else ())
+            text, tokens, tool_calls, logprobs = piece
+            pieces = wire_pieces(text, tokens, tool_calls if v2 else (), logprobs if v2 else ())
             for piece_text, piece_tokens, deltas, lps in pieces:
                 if v2:
                     machine.chunk(piece_text, piece_tokens, tool_calls=deltas, logprobs=lps)
@@ -534,14 +535,23 @@ class _StreamSession:
                 self.walked_away = True  # it has part of an answer and will not sign for it
                 raise
 
+        writer = ChunkWriter(send)
+
+        async def on_piece(text: str, tokens: int, *, tool_calls: Any = (), logprobs: Any = ()) -> None:
+            if machine.state is not protocol.ProviderState.IN_CALL:
+                return  # cancelled: the backend stops at its next checkpoint; nothing more is sent
+            if not first:
+                first.append(int((trio.current_time() - started) * 1000))
+            await writer.put(text, tokens, tuple(tool_calls), tuple(logprobs))
+
         async def run() -> Generation:
             nonlocal running
             async with service.queue_for(offer, backend).slot(machine.open_msg.consumer, self.weight,  # type: ignore[union-attr]
                                                               self._on_position):
                 running = True
-                return await backend.generate(messages, max_tokens=limit, temperature_milli=request.temperature_milli,
-                                              top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece,
-                                              options=options)
+                return await self._generate_while_writing(writer, lambda: backend.generate(
+                    messages, max_tokens=limit, temperature_milli=request.temperature_milli,
+                    top_p_milli=request.top_p_milli, stop=request.stop, on_piece=on_piece, options=options))
 
         try:
             ok, result = await self._attempt(run)
@@ -564,6 +574,40 @@ class _StreamSession:
         actual_in = min(result.tokens_in, tokens_in) if result.tokens_in is not None else None
         machine.finish_call(result.finish_reason, service.now(), tokens_in=actual_in,
                             discount_permille=service.sla.discount(offer.model))
+
+    @staticmethod
+    async def _generate_while_writing(writer: ChunkWriter, generate: Callable[[], Awaitable[Generation]]) -> Generation:
+        """``generate()`` while ``writer`` streams its pieces; returns once every piece is written.
+
+        Raises:
+            StreamClosed: the consumer went away (the generation is stopped). Whatever ``generate`` raises.
+        """
+        failed: list[BaseException] = []
+        result: list[Generation] = []
+
+        async def write(generation: trio.CancelScope) -> None:
+            try:
+                await writer.run()
+            except StreamClosed as exc:
+                failed.append(exc)
+                generation.cancel()
+
+        async with trio.open_nursery() as nursery:
+            generation = trio.CancelScope()
+            nursery.start_soon(write, generation)
+            try:
+                with generation:
+                    result.append(await generate())
+            except Exception as exc:  # raised as itself below, not inside the nursery's group
+                failed.append(exc)
+                nursery.cancel_scope.cancel()
+            finally:
+                writer.close()
+        if failed:
+            raise failed[0]
+        if not result:  # the writer stopped it: the consumer is gone
+            raise StreamClosed("the consumer stopped reading")
+        return result[0]
 
     def _judge_cut(self, msg: Any) -> None:
         """After ``msg`` reached the machine: a Cancel that disowns a chunk handed to the stream more
