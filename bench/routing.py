@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench._goals import goal  # noqa: E402
 from node._home import Home, init_home  # noqa: E402
 from node._node import open_node, resolve_config  # noqa: E402
 from node.consumer._routing import Preferences  # noqa: E402
@@ -117,6 +118,7 @@ async def main(base_url: str, model: str, tmp: Path) -> None:
     print(f"direct upstream   p50 {d50 * 1000:7.1f} ms  p95 {pct(direct, 95) * 1000:7.1f} ms")
     print(f"gateway (HTTP->P2P->backend, paid and settled) p50 {g50 * 1000:7.1f} ms  p95 {pct(gateway, 95) * 1000:7.1f} ms")
     print(f"gateway overhead ratio: p50 {g50 / d50:.2f}  p95 {pct(gateway, 95) / pct(direct, 95):.2f}")
+    goal("one-shot gateway call vs direct (p50)", g50 / d50, 1.1, at_most=True)
     n50, f50 = statistics.median(normal), statistics.median(failover)
     print(f"run, cheapest alive   p50 {n50 * 1000:7.1f} ms")
     print(f"run, cheapest dead    p50 {f50 * 1000:7.1f} ms  (failover adds {max(0.0, f50 - n50) * 1000:.1f} ms, "

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench._goals import goal  # noqa: E402
 from node.provider._offers import Offer  # noqa: E402
 from node.provider.backends._openai import OpenAIBackend  # noqa: E402
 from tests.node.session_rig import session_rig  # noqa: E402
@@ -78,6 +79,9 @@ def main() -> None:
               f"  streamed {statistics.median(rate):7.1f} tokens/s")
     print(f"ratio P2P/direct: latency p50 {statistics.median(p_lat) / statistics.median(d_lat):.2f}"
           f"  p95 {pct(p_lat, 95) / pct(d_lat, 95):.2f}  tokens/s {statistics.median(p_rate) / statistics.median(d_rate):.2f}")
+    goal("session tokens/s vs direct", statistics.median(p_rate) / statistics.median(d_rate), 0.97)
+    goal("session p50 latency over direct", (statistics.median(p_lat) - statistics.median(d_lat)) * 1000, 1.0,
+         at_most=True, unit=" ms")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ._escrow import (
     STORAGE_REFUSALS,
     EscrowAgent,
     EscrowError,
+    Prepared,
     budget_account,
     channel_account,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "check_ledger_file",
     "ESCROW_REQUESTS",
     "EscrowAgent",
+    "Prepared",
     "EscrowError",
     "FileCheck",
     "hold_exclusive",

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import protocol
 from protocol import (
@@ -157,6 +157,15 @@ def _source_key(source: str | None) -> str | None:
     return None if source is None else f"via:{source}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request that passed ``EscrowAgent.prepare``, waiting for ``apply_many``."""
+
+    request: Any
+    now: int
+    keys: tuple[str, str | None]
+
+
 class EscrowAgent:
     """Applies escrow requests to a ledger and answers them, signed."""
 
@@ -244,6 +253,22 @@ class EscrowAgent:
             source: who carried the request (the remote peer id; ``None`` for this node's own),
                 whose refusals are counted and limited like a party's.
         """
+        prepared = self.prepare(request, now, source)
+        if isinstance(prepared, EscrowResponse):
+            return prepared
+        try:
+            return self._apply_once(request, now, prepared.keys)
+        except LedgerError as exc:
+            self.damaged = self.ledger.damage is not None
+            return self._storage_refusal(request.request_id, now, exc.code)
+
+    def prepare(self, request: Any, now: int, source: str | None = None) -> "EscrowResponse | Prepared":
+        """Everything ``handle`` does before the ledger is written: screen, check the party's
+        signature, answer a query. Thread-safe, and may run while another thread commits.
+
+        Returns:
+            The answer (a refusal, a query's answer), or the request ready for ``apply_many``.
+        """
         early = self.screen(request, now, source)
         if early is not None:
             return early
@@ -264,12 +289,42 @@ class EscrowAgent:
                 except EscrowError:
                     self.refusals.note(keys, now)
                     raise
-            return self._apply_once(request, now, keys)
         except EscrowError as exc:
             return self._answer(request.request_id, now, None, exc)
         except LedgerError as exc:
             self.damaged = self.ledger.damage is not None
             return self._storage_refusal(request.request_id, now, exc.code)
+        return Prepared(request, now, keys)
+
+    def apply_many(self, prepared: Sequence["Prepared"]) -> list[EscrowResponse]:
+        """Apply prepared requests (``prepare``) with one commit — group commit: each is applied
+        at most once, as ``handle`` would, in its own savepoint and in order; all become durable
+        together, and the answers are given only after the commit. When the commit fails none was
+        applied, and each gets the storage refusal (the same request applies once the disk takes
+        writes again)."""
+        answers: list[EscrowResponse] = []
+        horizons: list[int] = []
+        remembered: list[bytes] = []
+        try:
+            with self.ledger.batch() as batch:
+                for p in prepared:
+                    try:
+                        with batch.each(p.request.request_id) as tx:
+                            answer, horizon = self._apply_recorded(tx, p.request, self._digest(p.request), p.now,
+                                                                   p.keys, remembered)
+                    except _Forget as forgotten:
+                        answer, horizon = forgotten.answer, None
+                    answers.append(answer)
+                    if horizon is not None:
+                        horizons.append(horizon)
+        except LedgerError as exc:
+            for request_id in remembered:  # never given out: as if never seen
+                self.refusals.forget(request_id)
+            self.damaged = self.ledger.damage is not None
+            return [self._storage_refusal(p.request.request_id, p.now, exc.code) for p in prepared]
+        if horizons:  # committed: later refusals issued up to here need no write
+            self._refused_through = max(self._refused_through, *horizons)
+        return answers
 
     def _storage_refusal(self, request_id: bytes, now: int, code: str) -> EscrowResponse:
         """The answer to a request the ledger could not serve: not the party's doing, not counted."""

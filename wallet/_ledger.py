@@ -302,6 +302,25 @@ class Tx:
         return read_balance(self.db, account)
 
 
+class Batch:
+    """The requests of one group commit (``Ledger.batch``), each in a savepoint of its own."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    @contextmanager
+    def each(self, request_id: bytes) -> Iterator[Tx]:
+        """One request's part: undone alone (and re-raised) when its block raises."""
+        self.db.execute("SAVEPOINT request")
+        try:
+            yield Tx(self.db, request_id)
+        except BaseException:
+            self.db.execute("ROLLBACK TO request")
+            self.db.execute("RELEASE request")
+            raise
+        self.db.execute("RELEASE request")
+
+
 class Ledger:
     """The ledger file. Thread-safe: one connection, one lock, one transaction at a time."""
 
@@ -431,13 +450,31 @@ class Ledger:
             LedgerDamaged: the ledger is damaged (nothing is tried), or a damaged page was read.
             StorageError: the disk refused (full, read-only, I/O error); nothing was applied.
         """
+        with self._committing() as db:
+            yield Tx(db, request_id)
+
+    @contextmanager
+    def batch(self) -> Iterator["Batch"]:
+        """Group commit: several requests' transactions (``Batch.each``) in one SQLite transaction,
+        so one fsync makes them all durable. All or nothing as a whole: when the block raises or
+        the commit fails, none of them was applied; a request that fails inside its own
+        ``each`` is undone alone.
+
+        Raises:
+            As ``transaction``.
+        """
+        with self._committing() as db:
+            yield Batch(db)
+
+    @contextmanager
+    def _committing(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self.damage is not None:
                 raise LedgerDamaged(self.damage)
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield Tx(self.db, request_id)
+                    yield self.db
                 except BaseException:
                     self._rollback()
                     raise

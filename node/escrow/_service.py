@@ -25,15 +25,18 @@ from one peer cannot starve the others:
   ahead, in the same read as its previous request, wait under the idle deadline.)
 - ``EscrowAgent.screen`` answers what needs no signature check and no ledger (a stale request,
   a replay of a remembered refusal, a party or peer over its refusal rate limit) at once, in the
-  event loop, without the lock or a thread. Everything else queues for the lock with at most one
-  request per remote peer waiting or running, so a peer with many streams holds one place in the
-  queue, not one per stream. The agent counts refusals per remote peer as well as per party.
+  event loop, without the lock or a thread. Everything else has its signatures checked in a
+  worker thread (``EscrowAgent.prepare``) and queues for the next group commit (``_GroupCommit``)
+  with at most one request per remote peer waiting or running, so a peer with many streams holds
+  one place in the queue, not one per stream. The agent counts refusals per remote peer as well
+  as per party.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any, AsyncIterator, Callable
 
 import trio
@@ -41,7 +44,7 @@ from libp2p.abc import IHost
 
 import protocol
 from protocol import ESCROW_PROTOCOL
-from wallet import ESCROW_REQUESTS, EscrowAgent, LedgerError, list_ledger_backups
+from wallet import ESCROW_REQUESTS, EscrowAgent, LedgerError, Prepared, list_ledger_backups
 
 from .._clock import SYSTEM_WALL_CLOCK, WallClock
 from ..net._streams import FramedStream, StreamClosed
@@ -117,6 +120,40 @@ async def _next_request(inbound: FramedStream, arrivals: _Arrivals, idle_s: floa
     raise _Stalled(f"no whole request within {idle_s:g}s, or {frame_s:g}s of its first bytes")
 
 
+class _GroupCommit:
+    """Group commit: the requests that queued while a commit ran are applied together, in order of
+    arrival, in one transaction with one fsync (``EscrowAgent.apply_many``), and each is answered
+    only after that commit. At most one request per remote peer queues (``_Arrivals``), so the
+    queue is bounded by the connections; a batch takes at most ``max_batch``."""
+
+    def __init__(self, agent: EscrowAgent, lock: trio.Lock, max_batch: int = 256) -> None:
+        self.agent, self.lock, self.max_batch = agent, lock, max_batch
+        self._send, self._receive = trio.open_memory_channel[list[Any]](math.inf)
+        self.batches = self.applied = 0  # for the benches and the tests
+
+    async def submit(self, prepared: Prepared) -> protocol.EscrowResponse:
+        slot: list[Any] = [prepared, None, trio.Event()]
+        self._send.send_nowait(slot)
+        await slot[2].wait()
+        return slot[1]
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._receive.receive()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            async with self.lock:  # not abandoned if cancelled: what committed is answered
+                answers = await trio.to_thread.run_sync(self.agent.apply_many, [s[0] for s in batch])
+            self.batches += 1
+            self.applied += len(batch)
+            for slot, answer in zip(batch, answers):
+                slot[1] = answer
+                slot[2].set()
+
+
 async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTEM_WALL_CLOCK,
                        sweep_interval_s: float = 1.0, *, idle_timeout_s: float = IDLE_TIMEOUT_S,
                        frame_timeout_s: float = FRAME_TIMEOUT_S, send_timeout_s: float = SEND_TIMEOUT_S,
@@ -137,12 +174,18 @@ async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTE
     lock = trio.Lock()  # one ledger transaction at a time, in order of arrival
     turns = _Turns()
 
+    commits = _GroupCommit(agent, lock)
+
     async def run(request: Any, peer: str | None) -> protocol.EscrowResponse:
         early = agent.screen(request, int(clock()), peer)
         if early is not None:
             return early
-        async with turns.turn(peer or "?"), lock:
-            return await trio.to_thread.run_sync(agent.handle, request, int(clock()), peer)
+        async with turns.turn(peer or "?"):
+            # signatures are checked in a worker thread, beside the commit in progress
+            prepared = await trio.to_thread.run_sync(agent.prepare, request, int(clock()), peer)
+            if isinstance(prepared, protocol.EscrowResponse):
+                return prepared
+            return await commits.submit(prepared)
 
     async def handler(stream: Any) -> None:
         peer = _remote_peer(stream)
@@ -202,6 +245,7 @@ async def serve_escrow(host: IHost, agent: EscrowAgent, clock: WallClock = SYSTE
     host.set_stream_handler(ESCROW_PROTOCOL, handler)
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(commits.run)
             nursery.start_soon(sweeps)
             nursery.start_soon(checks)
             if backup_interval_s > 0:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import httpx
+
 from cli._common import DaemonClient
 from tests.e2e.daemons import ROOT, node, node_env, poll, start_market
 
@@ -77,3 +79,32 @@ def test_a_receipt_store_that_cannot_be_opened_stops_the_start_with_one_line(tmp
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"Error: cannot open the receipt store {home / 'receipts.db'}: "
                                                "is a directory"]
+
+
+def test_a_consumer_killed_between_gateway_requests_on_a_standing_session_loses_nothing(daemons):
+    """Standing sessions (one-shot calls reuse one session and channel): kill -9 the consumer while
+    its session stands between requests; the provider is paid every counter-signed call without
+    anyone's help, and after the restart the consumer's credits plus what is still locked (until
+    the channel expires) are exactly the mint less what was paid."""
+    base, started = daemons
+    agent, provider, consumer, aid = start_market(base, started)
+    consumer.stop()
+    config = consumer.home / "config.toml"
+    config.write_text(config.read_text().replace("[node]\n", "[node]\nstanding_idle_s = 120\n", 1))
+    consumer.start()
+    poll(lambda: json.loads(consumer.cli("providers", "--model", "tiny", "--json").stdout), 20, "the listing")
+    token = (consumer.home / "api.token").read_text().strip()
+    costs = []
+    with httpx.Client(base_url=consumer.info["api_url"], headers={"Authorization": f"Bearer {token}"},
+                      timeout=60) as http:
+        for i in range(3):
+            r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": f"hi {i}"}],
+                                                        "max_tokens": 4, "escrow": aid})
+            assert r.status_code == 200, r.text
+            costs.append(r.json()["cost"])
+    consumer.kill()  # between requests: the standing session and its channel are open
+    poll(lambda: balance(provider, aid) == sum(costs), 60, "the provider's claim of every counter-signed call")
+    consumer.start()
+    doc = json.loads(consumer.cli("wallet", "balance", "--escrow", aid, "--json").stdout)
+    assert doc["available"] + doc["locked"] == 2_000_000 - sum(costs)
+    assert doc["locked"] > 0  # the standing channel's rest, refunded at its expiry

@@ -37,6 +37,7 @@ async def test_a_settled_session_is_attested_with_the_agents_proof_and_weighs_wh
             await agent.mint(consumer.peer_id, 5_000_000)
             await consumer.service.renter.run("tiny", [{"role": "user", "content": "hi"}], max_tokens=4,
                                               temperature_milli=0, escrow=a)
+            consumer.service.renter.standing.retire_all()  # a session is attested once it ends
             mine = consumer.service.reputation
             await _poll(lambda: mine.attested == 1, "the consumer attested its session")
             (own,) = mine.book.attestations(provider.peer_id)

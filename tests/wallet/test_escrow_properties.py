@@ -50,8 +50,9 @@ op = st.one_of(
 
 
 class World:
-    def __init__(self, agent):
+    def __init__(self, agent, grouped: bool = False):
         self.agent = agent
+        self.grouped = grouped  # each request goes through group commit (``apply_many``), with company
         self.now = START
         self.channels: list[protocol.ChannelGrant] = []
         self.budgets: list[bytes] = []
@@ -62,13 +63,27 @@ class World:
 
     def send(self, request):
         self.sent.append(request)
-        response = self.agent.handle(request, self.now)
+        response = self._grouped(request) if self.grouped else self.agent.handle(request, self.now)
         protocol.verify(response, "sig", AGENT.public_key)
         if response.ok and isinstance(request, EscrowMint):
             self.minted[request.to] += request.amount
         if response.ok and isinstance(request, EscrowWithdraw):
             self.withdrawn[request.party] += request.amount
         return response
+
+    def _grouped(self, request):
+        """``request`` in one group commit with itself again and the two requests sent before it:
+        the copy and the earlier ones are answered as replays, and nothing applies twice."""
+        prepared = self.agent.prepare(request, self.now)
+        if isinstance(prepared, protocol.EscrowResponse):
+            return prepared
+        company = [p for p in (self.agent.prepare(r, self.now) for r in self.sent[-3:-1])
+                   if not isinstance(p, protocol.EscrowResponse)]
+        first, again, *earlier = self.agent.apply_many([prepared, prepared, *company])
+        assert not again.ok and again.error in ("replayed", "stale_request", first.error), again.error
+        for answer in earlier:
+            assert not answer.ok and answer.error in ("replayed", "stale_request"), answer.error
+        return first
 
     def check(self):
         self.agent.check()
@@ -182,10 +197,20 @@ def run_sequence(world: World, sequence) -> None:
 @settings(max_examples=100)
 @given(st.lists(op, min_size=20, max_size=60))
 def test_random_escrow_sequences_keep_the_invariant_and_pay_no_one_too_much(sequence):
+    _run(sequence, grouped=False)
+
+
+@settings(max_examples=50)
+@given(st.lists(op, min_size=20, max_size=60))
+def test_the_same_sequences_through_group_commit_apply_each_request_at_most_once(sequence):
+    _run(sequence, grouped=True)
+
+
+def _run(sequence, grouped: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         agent = new_agent(Path(tmp))
         try:
-            world = World(agent)
+            world = World(agent, grouped)
             for p in PARTIES[:2] + [FUNDER]:  # a little money to start with, so opens can succeed
                 world.send(signed(EscrowMint, AGENT, world.now, to=p.peer_id, amount=5_000))
             run_sequence(world, sequence)
