@@ -4,7 +4,8 @@
     _keystore       the encrypted keystore: the identity seed and upstream API keys, at rest
     _ledger         the durable double-entry ledger (SQLite): transfers, request records, invariant,
                     storage faults translated once, integrity checks, backups and restore
-    _escrow         EscrowAgent: the escrow's rules (signatures, freshness, caps, expiry, claims)
+    _escrow         EscrowAgent: the escrow's rules (signatures, freshness, caps, expiry, claims); Prepared:
+                    a request checked outside the ledger, for group commit (``apply_many``)
     _escrow_store   the only SQL about channels, budgets and request records; it decides nothing
     _refusals       RefusalBook: refused requests remembered in memory while fresh, and the rate limit
     _errors         WalletError and the keystore's errors
@@ -67,7 +68,6 @@ __all__ = [
     "check_ledger_file",
     "ESCROW_REQUESTS",
     "EscrowAgent",
-    "Prepared",
     "EscrowError",
     "FileCheck",
     "hold_exclusive",
@@ -88,6 +88,7 @@ __all__ = [
     "PASSPHRASE_ENV",
     "PassphraseUnavailable",
     "peer_account",
+    "Prepared",
     "read_public_identity",
     "RECOVERY",
     "RefusalBook",

@@ -164,6 +164,8 @@ class Prepared:
     request: Any
     now: int
     keys: tuple[str, str | None]
+    digest: bytes  # of the request's canonical bytes (its idempotency record)
+    receipt_signed: bool | None = None  # the receipt's two signatures hold (None: no receipt, or unchecked)
 
 
 class EscrowAgent:
@@ -196,6 +198,7 @@ class EscrowAgent:
         self.max_lifetime_s = max_lifetime_s
         self.min_lifetime_s = min_lifetime_s
         self.refusals = refusals if refusals is not None else RefusalBook()
+        self._signed_receipt: tuple[Receipt, bool] | None = None  # set by apply_many, under the ledger lock
         try:
             with ledger.reading() as db:
                 # refusals up to here may have been kept only by an earlier process: see the restart rule
@@ -294,7 +297,19 @@ class EscrowAgent:
         except LedgerError as exc:
             self.damaged = self.ledger.damage is not None
             return self._storage_refusal(request.request_id, now, exc.code)
-        return Prepared(request, now, keys)
+        receipt = getattr(request, "receipt", None) if isinstance(request, (EscrowClaim, EscrowClose)) else None
+        return Prepared(request, now, keys, self._digest(request),
+                        None if receipt is None else self._receipt_signed(receipt))
+
+    @staticmethod
+    def _receipt_signed(receipt: Receipt) -> bool:
+        """Both of the receipt's signatures hold, by the parties it names (pure: no ledger)."""
+        try:
+            protocol.verify(receipt, "provider_sig", protocol.public_key_from_peer_id(receipt.provider))
+            protocol.verify(receipt, "consumer_sig", protocol.public_key_from_peer_id(receipt.consumer))
+        except protocol.ProtocolError:
+            return False
+        return True
 
     def apply_many(self, prepared: Sequence["Prepared"]) -> list[EscrowResponse]:
         """Apply prepared requests (``prepare``) with one commit — group commit: each is applied
@@ -308,12 +323,14 @@ class EscrowAgent:
         try:
             with self.ledger.batch() as batch:
                 for p in prepared:
+                    self._signed_receipt = (p.request.receipt, p.receipt_signed) if p.receipt_signed is not None else None
                     try:
                         with batch.each(p.request.request_id) as tx:
-                            answer, horizon = self._apply_recorded(tx, p.request, self._digest(p.request), p.now,
-                                                                   p.keys, remembered)
+                            answer, horizon = self._apply_recorded(tx, p.request, p.digest, p.now, p.keys, remembered)
                     except _Forget as forgotten:
                         answer, horizon = forgotten.answer, None
+                    finally:
+                        self._signed_receipt = None
                     answers.append(answer)
                     if horizon is not None:
                         horizons.append(horizon)
@@ -509,11 +526,10 @@ class EscrowAgent:
         return b
 
     def _verify_receipt(self, ch: ChannelRow, receipt: Receipt) -> None:
-        try:
-            protocol.verify(receipt, "provider_sig", protocol.public_key_from_peer_id(receipt.provider))
-            protocol.verify(receipt, "consumer_sig", protocol.public_key_from_peer_id(receipt.consumer))
-        except protocol.ProtocolError as exc:
-            raise EscrowError("bad_receipt", "the receipt must carry valid provider and consumer signatures") from exc
+        checked = self._signed_receipt  # checked by ``prepare``, outside the commit (``apply_many``)
+        signed = checked[1] if checked is not None and checked[0] is receipt else self._receipt_signed(receipt)
+        if not signed:
+            raise EscrowError("bad_receipt", "the receipt must carry valid provider and consumer signatures")
         if receipt.agent != self.identity.peer_id:
             raise EscrowError("wrong_agent", "the receipt names another escrow agent")
         if receipt.provider != ch.provider or receipt.consumer != ch.consumer:

@@ -10,6 +10,7 @@
     _results          Completion (with its Attempts, tool calls, logprobs), Delta, Embeddings, SessionInfo, SessionSummary, ProviderRow: what
                       renting gives back, typed; CancelledCall: what a cancelled call cost
     _held_sessions    sessions held open across API calls (``node chat``), expired when idle
+    _standing         StandingSessions: one-shot calls reuse an open session and its many-call channel
     _request_check    check_call: a call fits the wire's Request (v1 or v2) and one frame; embed_batches:
                       an embeddings request's calls (pure), before money moves
 

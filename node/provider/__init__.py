@@ -11,7 +11,10 @@
     _storefront       Storefront: what this node sells now (offers, backends, health, schedule,
                       prices, contracts) and the listing that says so, republished as they move
     _session_service  the provider's side of ``protocol.SESSION_PROTOCOL``
-    _chunks           one backend piece cut into chunks that each fit a frame (text, tool calls, logprobs)
+    _chunks           one backend piece cut into chunks that each fit a frame (text, tool calls, logprobs);
+                      merge_pieces: pieces that waited for the stream, as one
+    _chunk_writer     ChunkWriter: a call's output streamed by one task while the backend generates,
+                      the first piece at once, what waits merged
     _channels         ChannelBook: what each escrow channel owes this provider, and when to claim (pure)
     _settlement       SettlementWorker: claims it from the agents (margin before expiry, backoff,
                       restarts) and records their confirmed payments in receipts.db

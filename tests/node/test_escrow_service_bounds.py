@@ -131,8 +131,8 @@ async def test_the_largest_legitimate_request_fits_and_a_stream_serves_request_a
 
 async def test_a_peer_over_its_refusal_limit_is_answered_without_the_ledger_lock(agent, autojump_clock, monkeypatch):
     handled = []
-    real = agent.handle
-    monkeypatch.setattr(agent, "handle", lambda request, now, source=None: handled.append(source) or real(
+    real = agent.prepare  # the first step after the event loop's screen: a worker thread
+    monkeypatch.setattr(agent, "prepare", lambda request, now, source=None: handled.append(source) or real(
         request, now, source))
     async with escrow_service(agent) as connect:
         flood = connect(MALLORY.peer_id)
@@ -147,9 +147,9 @@ async def test_a_peer_over_its_refusal_limit_is_answered_without_the_ledger_lock
 async def test_a_peer_with_many_streams_holds_one_place_in_the_queue(agent, autojump_clock, monkeypatch):
     order = []
 
-    async def slow_thread(fn, *args, **_options):  # each ledger transaction takes a virtual second
+    async def slow_thread(fn, *args, **_options):  # each request's checks take a virtual second
         await trio.sleep(1)
-        if fn == agent.handle:
+        if fn == agent.prepare:
             order.append(args[2])
         return fn(*args)
 
