@@ -442,8 +442,9 @@ class Renter:
                 if on_delta is not None:
                     await on_delta(delta)
 
-            # a standing session (``_standing``) when the call may spend its whole expected cost
-            standing = self.standing.active and given is None and (budget is None or budget >= c.expected_cost)
+            # a standing session (``_standing``), unless the caller named a channel or a budget (which
+            # bounds what may be locked for it, not only what it may spend)
+            standing = self.standing.active and given is None and budget is None
             try:
                 for fresh in (False, True):
                     reused = False
