@@ -536,25 +536,9 @@ _original_window_update = YamuxStream._auto_tune_and_send_window_update
 
 
 async def _window_update_uncancelled(self: YamuxStream, *, bytes_read: int = 0) -> None:
-    """The window update a read sends after taking its bytes, shielded from the reader's cancel;
-    none while less than half the window is owed back (fix 15)."""
-    if bytes_read > 0 and not _window_update_due(self):
-        return
+    """The window update a read sends after taking its bytes, shielded from the reader's cancel."""
     with trio.CancelScope(shield=True), trio.move_on_after(WINDOW_UPDATE_TIMEOUT_S):
         await _original_window_update(self, bytes_read=bytes_read)
-
-
-# ---- 15. Yamux: window updates at half the window, not after every read
-#
-# py-libp2p 0.8.1 sends a WINDOW_UPDATE after nearly every read (its "partial slack" and
-# "release on read" branches), so each small message costs a second frame back: a Noise
-# encryption and a Yamux frame on the reader, a frame to parse on the writer — per streamed
-# token. go-yamux sends one once half the window has been consumed; so do we: the writer always
-# has at least half the window to write into, and a reader that stops reading still holds it back.
-
-def _window_update_due(stream: YamuxStream) -> bool:
-    buffered = len(stream.conn.stream_buffers.get(stream.stream_id, b""))
-    return stream.target_recv_window - (stream.recv_window + buffered) >= max(1, stream.target_recv_window // 2)
 
 
 # ---- 13. per-peer trim: direct and relayed connections apart

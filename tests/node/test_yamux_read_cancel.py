@@ -21,7 +21,6 @@ async def test_the_window_update_after_a_read_is_not_cut_by_the_readers_cancel(m
         sent.append(bytes_read)
 
     monkeypatch.setattr(fixes, "_original_window_update", update)
-    monkeypatch.setattr(fixes, "_window_update_due", lambda stream: True)  # half the window is owed (fix 15)
     async with trio.open_nursery() as nursery:
         reader = trio.CancelScope()
 
