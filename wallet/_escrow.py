@@ -311,6 +311,11 @@ class EscrowAgent:
             return False
         return True
 
+    def refuse_unapplied(self, prepared: "Prepared") -> EscrowResponse:
+        """The answer to a prepared request whose group commit failed unexpectedly: nothing was
+        applied (``storage_error``: the very same request may be sent again)."""
+        return self._storage_refusal(prepared.request.request_id, prepared.now, "storage_error")
+
     def apply_many(self, prepared: Sequence["Prepared"]) -> list[EscrowResponse]:
         """Apply prepared requests (``prepare``) with one commit — group commit: each is applied
         at most once, as ``handle`` would, in its own savepoint and in order; all become durable
@@ -334,10 +339,12 @@ class EscrowAgent:
                     answers.append(answer)
                     if horizon is not None:
                         horizons.append(horizon)
-        except LedgerError as exc:
+        except BaseException as exc:
             for request_id in remembered:  # never given out: as if never seen
                 self.refusals.forget(request_id)
             self.damaged = self.ledger.damage is not None
+            if not isinstance(exc, LedgerError):
+                raise  # the caller answers each with ``refuse_unapplied``
             return [self._storage_refusal(p.request.request_id, p.now, exc.code) for p in prepared]
         if horizons:  # committed: later refusals issued up to here need no write
             self._refused_through = max(self._refused_through, *horizons)

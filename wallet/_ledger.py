@@ -315,8 +315,9 @@ class Batch:
         try:
             yield Tx(self.db, request_id)
         except BaseException:
-            self.db.execute("ROLLBACK TO request")
-            self.db.execute("RELEASE request")
+            if self.db.in_transaction:  # SQLite may have rolled the whole transaction back itself (full disk)
+                self.db.execute("ROLLBACK TO request")
+                self.db.execute("RELEASE request")
             raise
         self.db.execute("RELEASE request")
 

@@ -49,6 +49,7 @@ from ._request_check import check_call, embed_batches
 from ._results import Attempt, Completion, Delta, Embeddings
 from ._routing import Candidate, Preferences, missing_feature, rank, serves, why_none
 from ._session_client import CallResult, ConsumerSessionHandle, ProviderFailed, SessionError, open_session, reach
+from ._standing import CHANNEL_S as STANDING_CHANNEL_S
 from ._standing import StandingSessions
 from ._trust import TrustBook
 
@@ -139,7 +140,7 @@ class Renter:
         self.pacing = pacing or Pacing()  # this node's own bound on sessions at once per provider
         self._spares: dict[tuple[str, str], list[protocol.ChannelGrant]] = {}  # (agent, provider): unused channels
         # one-shot calls' sessions, kept open between calls once ``standing.serve`` runs (``_standing``)
-        self.standing = StandingSessions(self._standing_session, clock)
+        self.standing = StandingSessions(self._standing_session, clock, waiting=self.pacing.waiting)
         # each settled call with the offer it was rented on, at once (the node's spot checks); must not block
         self.on_settled: Callable[[Listing, ModelOffer, CallResult], None] | None = None
         # each session that settled a call or failed by the provider's fault, once it is over (the node's
@@ -322,15 +323,17 @@ class Renter:
         ``lock`` µc — or of one call's expected cost when the credits do not cover ``lock``."""
         async with self.pacing.slot(c):
             await reach(self.market.host, c.provider, c.listing.addrs, trust=self.trust)  # before money is locked
-            channel = self._spare(c, lock, _RUN_CHANNEL_S)
-            if channel is None:
-                try:
-                    channel = await self._open_channel(c, lock, _RUN_CHANNEL_S)
-                except EscrowRefused as exc:
-                    if exc.code != "insufficient_funds" or lock <= c.expected_cost:
-                        raise
-                    channel = await self._open_channel(c, c.expected_cost, _RUN_CHANNEL_S)
-            async with self._session(c, model, channel.cap, _RUN_CHANNEL_S, opened=channel) as pair:
+            try:  # a standing channel never takes more than a quarter of what this node holds there
+                lock = max(c.expected_cost, min(lock, (await self.escrow.balance(c.agent)).available // 4))
+            except (EscrowRefused, EscrowUnreachable):
+                lock = c.expected_cost
+            try:
+                channel = await self._open_channel(c, lock, STANDING_CHANNEL_S)
+            except EscrowRefused as exc:
+                if exc.code != "insufficient_funds" or lock <= c.expected_cost:
+                    raise
+                channel = await self._open_channel(c, c.expected_cost, STANDING_CHANNEL_S)
+            async with self._session(c, model, channel.cap, STANDING_CHANNEL_S, opened=channel) as pair:
                 yield pair
 
     def _settled_hook(self, c: Candidate, report: SessionReport) -> Callable[[CallResult], None]:

@@ -8,16 +8,18 @@ an attestation, per call. In the steady state a call costs one request/receipt e
   one), is its only user while it runs, and gives it back only when it ended cleanly; a call
   that failed or was cancelled retires its session (closed in the background, its channel
   settled), so a session in doubt is never reused.
-- Its channel locks ``calls`` times the first call's expected cost (at most ``max_lock`` µc,
-  never less than one call): the money at risk with the provider is still one call, since
+- Its channel locks ``calls`` times the first call's expected cost (at most ``max_lock`` µc and a
+  quarter of the balance at the agent, never less than one call), for ``CHANNEL_S``: the money at risk with the provider is still one call, since
   every call is counter-signed before the next starts; what is locked and unspent comes back
   at the cooperative close. Without the credits for that, the channel pays for one call.
-- It is reused while its channel lives ``min_life_s`` more and has the next call's expected
-  cost left; it is closed (settling and refunding its channel) after ``idle_s`` without a
+- It is reused while its channel lives ``min_life_s`` more (longer than any call and the claim
+  after it) and has the next call's expected cost left; it is closed (settling and refunding its channel) after ``idle_s`` without a
   call, and when the node stops. The provider claims while it runs (``claim_interval_s``), so
   no escrow round trip is on the request path.
-- A pooled session holds its pacing slot for its life, like any session; at most ``max_idle``
-  idle sessions are kept per key, ``max_sessions`` in all.
+- A pooled session holds its pacing slot for its life, like any session, so one is not kept
+  idle while another caller waits for a slot with that provider; at most ``max_idle`` idle
+  sessions are kept per key, ``max_sessions`` in all. A call's failure is raised again in the
+  session's own task, so the session's report (attestations, market data) counts it.
 """
 
 from __future__ import annotations
@@ -40,11 +42,18 @@ _logger = logging.getLogger(__name__)
 Opener = Callable[[Candidate, str, int], AbstractAsyncContextManager[tuple[ConsumerSessionHandle, protocol.ChannelGrant]]]
 
 
+CHANNEL_S = 1800  # a standing channel's life
+# reused only while its channel outlives the longest call (call_timeout_s, 600 s), the provider's
+# claim margin (at most 100 s) and some slack: a call's receipt is always claimed before expiry
+MIN_LIFE_S = 600 + 100 + 60
+
+
 class _Standing:
     def __init__(self, key: tuple[Any, ...], handle: ConsumerSessionHandle, channel: protocol.ChannelGrant) -> None:
         self.key, self.handle, self.channel = key, handle, channel
         self.busy = True  # its opener's call runs first
         self.retired = False
+        self.failed: BaseException | None = None  # the error a call on it ended with (its session's report counts it)
         self.idle_since = trio.current_time()
         self.wake = trio.Event()
 
@@ -61,9 +70,11 @@ class StandingSessions:
     """Sessions kept open between one-shot calls (module docstring); ``serve`` owns their tasks."""
 
     def __init__(self, opener: Opener, clock: Callable[[], float], *, idle_s: float = 5.0, calls: int = 64,
-                 max_lock: int = 5_000_000, min_life_s: int = 180, max_idle: int = 4, max_sessions: int = 64) -> None:
+                 max_lock: int = 5_000_000, min_life_s: int = MIN_LIFE_S, max_idle: int = 4, max_sessions: int = 64,
+                 waiting: Callable[[str], int] = lambda provider: 0) -> None:
         self._opener = opener
         self._clock = clock
+        self._waiting = waiting  # callers waiting for a pacing slot with a provider
         self.idle_s, self.calls, self.max_lock, self.min_life_s = idle_s, calls, max_lock, min_life_s
         self.max_idle, self.max_sessions = max_idle, max_sessions
         self._idle: dict[tuple[Any, ...], list[_Standing]] = {}
@@ -141,14 +152,20 @@ class StandingSessions:
         try:
             yield s.handle, s.channel, reused
             ok = True
+        except BaseException as exc:
+            s.failed = exc
+            raise
         finally:
             s.busy = False
             s.idle_since = trio.current_time()
             kept = self._idle.setdefault(key, [])
-            if ok and self._usable(s, 1) and len(kept) < self.max_idle:
+            # a caller waiting for a pacing slot with this provider gets this session's slot at once
+            if ok and self._usable(s, 1) and len(kept) < self.max_idle and not self._waiting(c.provider):
                 kept.append(s)
             else:
                 s.retired = True
+                if not kept:
+                    self._idle.pop(key, None)
             s.poke()
 
     async def _hold(self, c: Candidate, model: str, key: tuple[Any, ...],
@@ -179,6 +196,8 @@ class StandingSessions:
                 kept = self._idle.get(key, [])
                 if s in kept:
                     kept.remove(s)
+                if s.failed is not None and isinstance(s.failed, Exception):
+                    raise s.failed  # through the session's block, so its report counts the failure
         except Exception as exc:
             if s is None:
                 raise  # the caller's: opening failed
