@@ -497,6 +497,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                     try:
                         yield node
                     finally:
+                        provider.stop_settling()
                         nursery.cancel_scope.cancel()
             finally:
                 trust.network = None  # the reputation book is closed with its block

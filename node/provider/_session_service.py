@@ -86,6 +86,7 @@ OPEN_MAX_BYTES = 16 << 10  # an Open is ~700 bytes; nobody unadmitted makes us h
 # never got what it had (the whole answer for the prompt's price): it pays the prefix it named, the
 # session ends, and its sessions are refused for a while, as for an answer left unsigned.
 CANCEL_GRACE_S = 5.0
+STOP_SETTLE_S = 5.0  # how long a session cut by the node's stop may spend settling
 class ProviderService:
     """What every provider session shares; ``handle`` serves one session per stream."""
 
@@ -139,6 +140,8 @@ class ProviderService:
         self.job_timeout_s = job_timeout_s
         self.open_timeout_s = open_timeout_s
         self.session_idle_s = session_idle_s
+        self.stopping = False  # the node is stopping (``stop_settling``)
+        self.settling: set[trio.CancelScope] = set()  # sessions settling now
         self.countersign_timeout_s = countersign_timeout_s
         self.write_timeout_s = write_timeout_s
         self.queues: dict[str, JobQueue] = {}
@@ -154,6 +157,13 @@ class ProviderService:
 
     def now(self) -> int:
         return int(self.wall_clock())
+
+    def stop_settling(self) -> None:
+        """The node stops: sessions still open (a consumer's standing session) settle for at most
+        ``STOP_SETTLE_S`` more; what they could not claim is claimed from receipts.db at the next start."""
+        self.stopping = True
+        for scope in self.settling:
+            scope.deadline = min(scope.deadline, trio.current_time() + STOP_SETTLE_S)
 
     async def send(self, framed: FramedStream, msgs: list[Any]) -> None:
         """Every message to a consumer leaves through here.
@@ -252,8 +262,14 @@ class _StreamSession:
                 await self._flush()
                 close = await self._serve()
             finally:
-                with trio.CancelScope(shield=True):
-                    await self._settle(close)
+                with trio.CancelScope(shield=True) as settling:
+                    self.service.settling.add(settling)
+                    if self.service.stopping:  # see ``ProviderService.stop_settling``
+                        settling.deadline = trio.current_time() + STOP_SETTLE_S
+                    try:
+                        await self._settle(close)
+                    finally:
+                        self.service.settling.discard(settling)
 
     async def _decide(self, msg: Open) -> Refusal | None:
         """Admission, then the agent's word on the channel, then the backend; None: accept."""

@@ -127,7 +127,11 @@ class SettlementWorker:
         if receipt is None:  # nothing signed yet: nothing to claim
             debt.claiming = False
             return True
-        outcome = await self.claim(receipt)
+        try:
+            outcome = await self.claim(receipt)
+        except BaseException:  # cut short (the node is stopping): retried later, or from receipts.db after a restart
+            self.book.failed(receipt, self.now())
+            raise
         if outcome:
             self.book.paid(receipt)
             self._requests.pop(receipt.session_id, None)
