@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from node.consumer._routing import Preferences  # noqa: E402
 from node.daemon import serve_node_api  # noqa: E402
 from tests.node.upstream import transformers_serve  # noqa: E402
 
-N = int(__import__("os").environ.get("BENCH_N", "12"))
+N = int(os.environ.get("BENCH_N", "12"))
 BODY = {"messages": [{"role": "user", "content": "Route me to the cheapest provider, please."}], "max_tokens": 24,
         "temperature": 0.0}
 
