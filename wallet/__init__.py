@@ -6,6 +6,7 @@
                     storage faults translated once, integrity checks, backups and restore
     _escrow         EscrowAgent: the escrow's rules (signatures, freshness, caps, expiry, claims); Prepared:
                     a request checked outside the ledger, for group commit (``apply_many``)
+    _escrow_terms   the escrow's vocabulary: request kinds, storage refusals, EscrowError, account names, Prepared
     _escrow_store   the only SQL about channels, budgets and request records; it decides nothing
     _refusals       RefusalBook: refused requests remembered in memory while fresh, and the rate limit
     _errors         WalletError and the keystore's errors

@@ -64,7 +64,6 @@ from protocol import (
     Balance,
     BudgetState,
     ChannelGrant,
-    ChannelState,
     EscrowBudgetCreate,
     EscrowBudgetRefund,
     EscrowClaim,
@@ -79,7 +78,6 @@ from protocol import (
     Receipt,
 )
 
-from ._errors import WalletError
 from ._escrow_store import BudgetRow, ChannelRow, EscrowStore, RequestRecord
 from ._keys import Identity
 from ._ledger import MINT, WITHDRAWN, InvariantViolation, Ledger, LedgerDamaged, LedgerError, Tx, peer_account
@@ -87,85 +85,23 @@ from ._refusals import RefusalBook, Remembered
 
 __all__ = ["EscrowAgent", "EscrowError", "ESCROW_REQUESTS", "STORAGE_REFUSALS", "channel_account", "budget_account"]
 
-ESCROW_REQUESTS = (
-    EscrowMint, EscrowOpen, EscrowTopUp, EscrowClaim, EscrowClose, EscrowRefund, EscrowWithdraw,
-    EscrowBudgetCreate, EscrowBudgetRefund, EscrowQuery,
+from ._escrow_terms import (  # noqa: E402,F401  (re-exported: the package's names)
+    _HORIZON_LEAD_S,
+    _STORAGE_DETAILS,
+    ESCROW_REQUESTS,
+    MAX_LISTED_BUDGETS,
+    MAX_LISTED_CHANNELS,
+    STORAGE_REFUSALS,
+    EscrowError,
+    Prepared,
+    _derive_id,
+    _Forget,
+    _party_key,
+    _Result,
+    _source_key,
+    budget_account,
+    channel_account,
 )
-MAX_LISTED_CHANNELS = 1024
-STORAGE_REFUSALS = ("ledger_damaged", "ledger_unavailable", "storage_full", "storage_readonly", "storage_error")
-_STORAGE_DETAILS = {  # what a client is told (the operator's log has the file and SQLite's words)
-    "ledger_damaged": "the agent's ledger is damaged: money operations are stopped until its operator restores it "
-                      "(`node escrow check`); nothing was applied",
-    "storage_full": "the agent's disk is full: nothing was applied; try again later",
-    "storage_readonly": "the agent's ledger is read-only: nothing was applied; try again later",
-    "storage_error": "the agent's disk failed a read or write: nothing was applied; try again later",
-    "ledger_unavailable": "the agent's ledger cannot be used now: nothing was applied; try again later",
-}
-MAX_LISTED_BUDGETS = 256
-
-
-_HORIZON_LEAD_S = 5  # how far ahead of our clock a refusal may date and still only be remembered
-
-
-class EscrowError(WalletError):
-    """A request the rules refuse; ``code`` is the answer's error code."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code, self.detail = code, detail
-
-
-def channel_account(channel_id: bytes) -> str:
-    return f"channel:{channel_id.hex()}"
-
-
-def budget_account(budget_id: bytes) -> str:
-    return f"budget:{budget_id.hex()}"
-
-
-def _derive_id(tag: bytes, request_id: bytes) -> bytes:
-    return hashlib.sha256(tag + request_id).digest()[:16]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Result:
-    paid: int = 0
-    channels: tuple[ChannelState, ...] = ()
-    budgets: tuple[BudgetState, ...] = ()
-    budget_id: bytes | None = None
-    balance_of: str | None = None
-
-
-class _Forget(Exception):
-    """Raised inside a refused request's transaction to roll it back: the refusal is kept in
-    memory instead (``answer`` is what the caller gets)."""
-
-    def __init__(self, answer: EscrowResponse) -> None:
-        super().__init__("refusal kept in memory")
-        self.answer = answer
-
-
-def _party_key(request: Any) -> str:
-    """Who a request's refusals count against: its signing party; a cooperative close (signed by
-    both parties of one channel) counts against its channel."""
-    if isinstance(request, EscrowClose):
-        return f"close:{request.channel_id.hex()}"
-    return f"party:{request.party}"
-
-
-def _source_key(source: str | None) -> str | None:
-    return None if source is None else f"via:{source}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """A request that passed ``EscrowAgent.prepare``, waiting for ``apply_many``."""
-
-    request: Any
-    now: int
-    keys: tuple[str, str | None]
-    digest: bytes  # of the request's canonical bytes (its idempotency record)
-    receipt_signed: bool | None = None  # the receipt's two signatures hold (None: no receipt, or unchecked)
 
 
 class EscrowAgent:
