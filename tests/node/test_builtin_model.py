@@ -62,3 +62,18 @@ async def test_a_folder_of_an_older_version_is_rebuilt_with_the_tool_template(tm
     backend = TransformersBackend("builtin", folder)
     await backend.start()
     assert "tools" in backend.features() and "<tool_call>" in backend._tokenizer.chat_template
+
+
+def test_a_folder_built_by_other_library_releases_is_rebuilt_to_the_same_bytes_as_everywhere(tmp_path):
+    """Another transformers release writes another config.json (so another commitment): a folder
+    built under other libraries is rebuilt, or two nodes with the same libraries would disagree."""
+    from node.provider.backends._commitment import folder_commitment
+
+    folder = ensure_builtin_model(tmp_path / "a")
+    fresh = folder_commitment(folder)
+    stale = _marker(folder) | {"transformers": "0.0.1"}
+    (folder / "inferswarm-builtin.json").write_text(json.dumps(stale))
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")  # as another release would
+    assert ensure_builtin_model(tmp_path / "a") == folder
+    assert _marker(folder)["transformers"] != "0.0.1"
+    assert folder_commitment(folder) == fresh == folder_commitment(ensure_builtin_model(tmp_path / "b"))

@@ -129,10 +129,26 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _is_built(folder: Path) -> bool:
-    """The folder holds a complete build of this version (its marker is written last)."""
+def _recipe(seed: int) -> dict[str, object]:
+    """What the built bytes depend on: this recipe's version, the seed, and the libraries that draw
+    and write the weights (another transformers release writes another ``config.json``, so another
+    commitment). A folder built under another recipe is rebuilt, so every node that builds the
+    builtin model with the same libraries holds the same bytes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    made: dict[str, object] = {"version": _VERSION, "seed": seed}
+    for package in ("torch", "transformers", "tokenizers"):
+        try:
+            made[package] = version(package)
+        except PackageNotFoundError:
+            made[package] = None
+    return made
+
+
+def _is_built(folder: Path, seed: int) -> bool:
+    """The folder holds a complete build of this recipe (its marker is written last)."""
     try:
-        return json.loads((folder / _MARKER).read_text()).get("version") == _VERSION
+        return json.loads((folder / _MARKER).read_text()) == _recipe(seed)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -147,19 +163,19 @@ def ensure_builtin_model(models_dir: Path, seed: int = 1234) -> Path:
         OSError: ``models_dir`` cannot be written.
     """
     folder = models_dir / BUILTIN_MODEL
-    if _is_built(folder):
+    if _is_built(folder, seed):
         return folder
     models_dir.mkdir(parents=True, exist_ok=True)
     with open(models_dir / f".{BUILTIN_MODEL}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
-        if _is_built(folder):  # another process built it while this one waited
+        if _is_built(folder, seed):  # another process built it while this one waited
             return folder
         _clear_leftovers(models_dir)
         _logger.warning("building the builtin model into %s (first use)", folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL}.build-", dir=models_dir))
         try:
             _build(tmp, seed)
-            (tmp / _MARKER).write_text(json.dumps({"version": _VERSION, "seed": seed}))
+            (tmp / _MARKER).write_text(json.dumps(_recipe(seed)))
             if folder.exists() or folder.is_symlink():  # incomplete or outdated: out of the way first
                 old = models_dir / f".{BUILTIN_MODEL}.old-{os.getpid()}"
                 os.replace(folder, old)
