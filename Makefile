@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export INFERSWARM_PASSPHRASE ?= inferswarm-demo
 
-.PHONY: install run test bench clean netns-tools
+.PHONY: install run test bench clean netns-tools contracts
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ netns-tools:
 		{ apt-get install -y -q iproute2 iptables || { apt-get update -q && apt-get install -y -q iproute2 iptables; }; } \
 			> $(VENV)/apt.log 2>&1 || echo "  could not install them (see $(VENV)/apt.log): the namespace tests will skip"; \
 	fi
+
+# After editing wallet/chain/contracts/*.vy: recompile with the pinned vyper and rewrite the
+# checked-in ABI and bytecode (tests/wallet/test_chain_artifacts.py fails until this is run).
+contracts: install
+	@$(PY) -c 'from wallet.chain import write_artifacts; print(*write_artifacts(), sep="\n")'
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

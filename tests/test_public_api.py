@@ -39,7 +39,7 @@ def test_every_protocol_error_and_message_is_exported():
     assert kinds <= set(protocol.__all__)
 
 
-PINNED = ["protocol", "wallet", "node", "node.daemon", "node.net", "node.provider", "node.provider.backends",
+PINNED = ["protocol", "wallet", "wallet.chain", "node", "node.daemon", "node.net", "node.provider", "node.provider.backends",
           "node.consumer", "node.escrow", "node.api", "node.reputation", "node.insight"]
 
 

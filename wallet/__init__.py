@@ -9,12 +9,18 @@
     _escrow_terms   the escrow's vocabulary: request kinds, storage refusals, EscrowError, account names, Prepared
     _escrow_store   the only SQL about channels, budgets and request records; it decides nothing
     _refusals       RefusalBook: refused requests remembered in memory while fresh, and the rate limit
-    _errors         WalletError and the keystore's errors
+    _errors         WalletError, the keystore's errors and the chain's
+    chain/          settlement on a chain: the contracts, their EIP-712 vouchers, a web3 client (imported
+                    on its own: ``wallet.chain``)
 
 Imports ``protocol``; never trio, libp2p or ``node``.
 """
 
 from ._errors import (
+    BadVoucher,
+    ChainError,
+    ChainReverted,
+    ChainUnreachable,
     KeystoreCorrupt,
     KeystoreError,
     KeystoreExists,
@@ -64,7 +70,11 @@ from ._refusals import RefusalBook
 
 __all__ = [
     "Backup",
+    "BadVoucher",
     "budget_account",
+    "ChainError",
+    "ChainReverted",
+    "ChainUnreachable",
     "channel_account",
     "check_ledger_file",
     "ESCROW_REQUESTS",

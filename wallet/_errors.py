@@ -7,6 +7,10 @@
         ├── KeystoreCorrupt        truncated, not a keystore, or tampered with
         ├── WrongPassphrase        decryption failed with the passphrase given
         └── PassphraseUnavailable  no INFERSWARM_PASSPHRASE and no terminal to ask on
+    └── ChainError                 settlement on a chain failed (``wallet.chain``)
+        ├── ChainReverted          the contract refused: ``reason`` is its revert string
+        ├── ChainUnreachable       the JSON-RPC node did not answer, or answered nonsense
+        └── BadVoucher             a voucher or authorization is malformed or not signed by whom it must be
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ __all__ = [
     "KeystoreCorrupt",
     "WrongPassphrase",
     "PassphraseUnavailable",
+    "ChainError",
+    "ChainReverted",
+    "ChainUnreachable",
+    "BadVoucher",
 ]
 
 
@@ -51,3 +59,27 @@ class WrongPassphrase(KeystoreError):
 class PassphraseUnavailable(KeystoreError):
     """No usable passphrase: ``INFERSWARM_PASSPHRASE`` is unset and there is no terminal to ask on,
     the two entries at creation differ, or it is empty."""
+
+
+class ChainError(WalletError):
+    """Settlement on a chain failed (the base of the reasons below)."""
+
+
+class ChainReverted(ChainError):
+    """The contract refused the transaction (or the call): nothing changed on the chain.
+
+    Attributes:
+        reason: the contract's revert string ("bad voucher", "over cap", ...), or "reverted".
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the contract refused: {reason}")
+        self.reason = reason
+
+
+class ChainUnreachable(ChainError):
+    """The chain's JSON-RPC node did not answer, answered nonsense, or is another chain than expected."""
+
+
+class BadVoucher(ChainError):
+    """A voucher or transfer authorization is malformed, or was not signed by the key it must be."""

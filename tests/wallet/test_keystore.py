@@ -34,6 +34,17 @@ def test_round_trip_keeps_identity_and_api_keys(path):
         again.api_key("nope")
 
 
+def test_the_keystore_holds_a_chain_account_derived_from_the_seed(path):
+    from eth_account import Account
+
+    ks = Keystore.create(path, "correct horse", **FAST)
+    again = Keystore.open(path, "correct horse")
+    assert again.identity.eth_address == ks.identity.eth_address == Account.from_key(ks.identity.eth_key).address
+    assert ks.identity.eth_key != ks.identity.seed and len(ks.identity.eth_key) == 32
+    assert Keystore.create(path.with_name("other.json"), "pw", **FAST).identity.eth_address != ks.identity.eth_address
+    assert ks.identity.eth_key.hex().encode() not in path.read_bytes()
+
+
 def test_secrets_are_not_in_the_file_or_repr(path):
     passphrase = "pass-0-phrase"  # '-' and '0' are not base58: it cannot turn up inside a peer id by chance
     ks = Keystore.create(path, passphrase, **FAST)
