@@ -39,7 +39,8 @@ __all__ = ["NodeConfig", "load_config", "save_accept_escrow", "save_offers", "ch
 
 #: the top-level tables config.toml may hold, and the keys of [node]
 _TABLES = ("node", "offers", "schedule", "health", "pricing", "sla", "contracts", "spot_checks")
-_NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s", "announce", "relay", "standing_idle_s")
+_NODE_KEYS = ("listen", "bootstrap", "api", "accept_escrow", "claim_margin_s", "announce", "relay", "standing_idle_s",
+              "chain", "x402")
 #: the keys of the tables that do not parse straight into a dataclass, with their types
 _SCHEDULE_KEYS: dict[str, Any] = {"timezone": str, "hours": dict, "maintenance": list}
 _CONTRACT_KEYS: dict[str, Any] = {"client": str, "provider": str, "model": str, "input_price": int,
@@ -63,6 +64,8 @@ class NodeConfig:
     relay: bool = False  # [node] relay: also relay circuits for peers behind NAT (public nodes only)
     # [node] standing_idle_s: a one-shot call's session (and channel) stays open this long for the next (0: off)
     standing_idle_s: int = 5
+    chain: str = ""  # [node] chain: evm:embedded or evm:URL#ESCROW, the chain this node pays and is paid on ("": none)
+    x402: bool = False  # [node] x402: the OpenAI API serves callers without the token who pay each request (x402)
     spot_checks: SpotCheckConfig = SpotCheckConfig()  # [spot_checks]: re-running sampled calls
 
 
@@ -231,6 +234,7 @@ def load_config(path: Path) -> NodeConfig:
     relay = node.get("relay", False)
     if not isinstance(relay, bool):
         raise ConfigError(f"{where('node', 'relay')}: [node] relay must be true or false, not {relay!r}")
+    chain, x402 = _chain(where, node.get("chain", ""), node.get("x402", False))
     pricing = _check_table(where, "pricing", data.get("pricing") or {}, {"dynamic": dict})
     raw_contracts = _array_of_tables(where, "contracts", data.get("contracts"))
     for i, raw in enumerate(raw_contracts):
@@ -272,6 +276,8 @@ def load_config(path: Path) -> NodeConfig:
         standing_idle_s=_standing_idle(where, node.get("standing_idle_s", NodeConfig.standing_idle_s)),
         announce=announce,
         relay=relay,
+        chain=chain,
+        x402=x402,
     )
 
 
@@ -305,6 +311,25 @@ def _claim_margin(where: _Where, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 5 <= value <= 100:
         raise ConfigError(f"{where('node', 'claim_margin_s')}: [node] claim_margin_s must be a whole number of seconds from 5 to 100")
     return value
+
+
+def _chain(where: _Where, chain: Any, x402: Any) -> tuple[str, bool]:
+    """``[node] chain`` (``evm:embedded`` or ``evm:URL#ESCROW``) and ``[node] x402`` (which needs a chain)."""
+    from .chain import parse_chain_spec
+
+    if not isinstance(chain, str):
+        raise ConfigError(f"{where('node', 'chain')}: [node] chain must be a string, not {chain!r}")
+    if chain:
+        try:
+            parse_chain_spec(chain)
+        except ValueError as exc:
+            raise ConfigError(f"{where('node', 'chain')}: [node] chain: {exc}") from exc
+    if not isinstance(x402, bool):
+        raise ConfigError(f"{where('node', 'x402')}: [node] x402 must be true or false, not {x402!r}")
+    if x402 and not chain:
+        raise ConfigError(f"{where('node', 'x402')}: [node] x402 takes payments on a chain: set [node] chain too "
+                          "(evm:embedded, or evm:URL#ESCROW)")
+    return chain, x402
 
 
 def _standing_idle(where: _Where, value: Any) -> int:

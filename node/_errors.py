@@ -6,6 +6,7 @@ closings or breakages.
     │   ├── InvalidRequest           a request field is missing, malformed or out of range (.field, .code)
     │   │   └── UnsupportedFeature   no offer of the model lists a feature the call needs (.field; code unsupported_feature)
     │   ├── NotAuthorized            the caller did not show this node's API token
+    │   ├── PaymentRequired          a caller without the token must pay this request with x402 (.reason, .header)
     │   ├── NotFound                 the request names something this node does not hold (an offer)
     │   │   └── UnknownSession       [closed] no open session with that id: never opened, or closed since
     │   ├── ConfigError              the config file is unreadable or holds a value of the wrong shape
@@ -37,7 +38,7 @@ closings or breakages.
 it. [broken]: the peer or the network ended it mid-way. Nothing else is either.
 
 The first six classes and ``DemoError`` live here. Every other one lives beside the code that raises it
-(``consumer/_failures``, ``consumer/_renter``, ``consumer/_routing``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
+(``api/_x402``, ``consumer/_failures``, ``consumer/_renter``, ``consumer/_routing``, ``consumer/_pacing``, ``consumer/_held_sessions``, ``escrow/_ops``,
 ``escrow/_client``, ``net/_streams``, ``provider/_queue``, ``provider/_storefront``, ``provider/backends/_base``,
 ``_home``, ``_daemon_files``, ``_receipts``) and only its base comes from here, so this module imports nothing: ``node.net``
 and the light ``node/__init__`` may both use it.

@@ -36,6 +36,7 @@ from ._config import NodeConfig, check_announce_addr, load_config, save_offers
 from ._errors import InvalidRequest, NotFound
 from ._home import Home, hold_home, private_file
 from ._receipts import ReceiptStore
+from .chain import ChainLink, open_chain_link, parse_chain_spec
 from .consumer import HeldSessions, Preferences, ProviderRow, Renter, TrustBook, rank
 from .consumer._delivery import ReceiptDelivery, attach
 from .escrow import EscrowClient, EscrowOps, serve_escrow
@@ -113,6 +114,7 @@ class Node:
     verification: Verification | None = None  # spot checks and evidence (node/verify)
     reputation: Reputation | None = None  # attestations and network trust (node/reputation)
     insight: Insight | None = None  # market observations, figures and advice (node/insight)
+    chain: ChainLink | None = None  # the chain of [node] chain (node/chain): x402 payments are settled on it
 
     @property
     def host(self) -> Any:
@@ -306,7 +308,7 @@ async def _join_discovered(host: Any, interval_s: float = 1.0) -> None:
 
 def resolve_config(home: Home, listen: tuple[str, ...] | None = None, bootstrap: tuple[str, ...] = (),
                    api: str | None = None, accept_escrow: tuple[str, ...] = (), announce: tuple[str, ...] = (),
-                   relay: bool = False) -> NodeConfig:
+                   relay: bool = False, chain: str | None = None, x402: bool = False) -> NodeConfig:
     """The config file with command-line overrides applied, checked.
 
     Raises:
@@ -321,7 +323,13 @@ def resolve_config(home: Home, listen: tuple[str, ...] | None = None, bootstrap:
         accept_escrow=tuple(dict.fromkeys(config.accept_escrow + tuple(accept_escrow))),
         announce=tuple(dict.fromkeys(tuple(check_announce_addr(a) for a in announce) + config.announce)),
         relay=relay or config.relay,
+        chain=chain or config.chain,
+        x402=x402 or config.x402,
     )
+    if chain:
+        parse_chain_spec(chain)  # ValueError, saying what a chain is
+    if config.x402 and not config.chain:
+        raise ValueError("--x402 takes payments on a chain: name one with --chain (evm:embedded, or evm:URL#ESCROW)")
     for agent_id in config.accept_escrow:
         protocol.public_key_from_peer_id(agent_id)
     return config
@@ -423,6 +431,8 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
     async def start_backend(offer: Offer) -> Backend:
         return await open_backend(offer.backend, models, offer.model, api_key, offer.features)
 
+    # before the network: a chain that cannot be reached stops the start with one line
+    chain = await open_chain_link(parse_chain_spec(config.chain), identity) if config.chain else None
     trust = TrustBook(home.path / "trust.db")  # also what a full market view keeps listings by
     relay_clients: list[RelayClient] = []  # the relay client, once the DHT it asks exists
     try:
@@ -469,7 +479,7 @@ async def _run_node(home: Home, identity: Identity, config: NodeConfig, *, escro
                                 escrow=escrow_ops, escrow_agent=agent, receipts=receipts, trust=trust,
                                 renter=renter, sessions=HeldSessions(renter), started_at=wall_clock(),
                                 wall_clock=wall_clock, addresses=addresses, relay_client=relay_client,
-                                verification=verification, reputation=reputation, insight=insight)
+                                verification=verification, reputation=reputation, insight=insight, chain=chain)
                     if agent is not None:
                         await nursery.start(serve_escrow, host, agent, wall_clock)
                     await nursery.start(provider.serve_settlement)

@@ -529,12 +529,14 @@ def _count(value: str | None, field: str, default: int, low: int, high: int) -> 
     return int(value)
 
 
-def build_app(service: "Node", token: str, openai_keyless: bool = False, hosts: tuple[str, ...] = ()) -> Starlette:
+def build_app(service: "Node", token: str, openai_keyless: bool = False, hosts: tuple[str, ...] = (),
+              x402: bool = False) -> Starlette:
     """The ASGI app of both faces (and ``/metrics``), bound to one running node, behind ``WebGuard``.
 
     Args:
         token: the bearer token both faces ask for (the OpenAI face does not with ``openai_keyless``).
         hosts: ``Host`` names accepted besides localhost, 127.0.0.1 and [::1] (the host the API binds).
+        x402: chat completions without the token may be paid with x402 on ``service.chain`` (``_x402``).
     """
     routes = _market_routes(service) + _escrow_routes(service) + _renting_routes(service)
     registry = metrics_registry(service)
@@ -546,5 +548,5 @@ def build_app(service: "Node", token: str, openai_keyless: bool = False, hosts: 
 
     guard = Middleware(WebGuard, faces=(("/v1/", openai_shape),), default=_shape, hosts=hosts)
     return Starlette(routes=[Route(path, endpoint(fn, _shape, token), methods=[method]) for method, path, fn in routes]
-                     + openai_routes(service, token, openai_keyless) + [Route("/metrics", metrics, methods=["GET"])],
+                     + openai_routes(service, token, openai_keyless, x402) + [Route("/metrics", metrics, methods=["GET"])],
                      middleware=[guard])

@@ -46,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import protocol
+from wallet import ChainUnreachable
 
 from .._daemon_files import DaemonNotRunning
 from .._errors import DemoError, InvalidRequest, NotAuthorized, NotFound
@@ -64,6 +65,7 @@ from ..net._streams import StreamClosed, StreamTimeout
 from ..provider._queue import QueueFull, QueueTimeout
 from ..provider._storefront import OfferUnloadable
 from ..provider.backends._base import BackendError, BackendUnsupported
+from ._x402 import PaymentRequired
 
 __all__ = ["Problem", "TABLE", "problem_of", "Shape", "Handler", "endpoint", "check_bearer", "Body", "read_body",
            "invalid_request", "checked_agent", "PeerId", "Sort", "Amount", "Budget", "MaxTokens", "PricePer1K",
@@ -116,10 +118,12 @@ class Problem:
     message: str
     param: str | None = None  # the offending request field (OpenAI's ``param``)
     retry_after_s: int | None = None  # sent as ``Retry-After`` (a 429: when trying again may work)
+    extra_headers: tuple[tuple[str, str], ...] = ()  # e.g. x402's PAYMENT-REQUIRED on a 402
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        out = {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        return out | dict(self.extra_headers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +136,14 @@ class _Row:
     prefix: str = ""  # put before the exception's own message
     param: str | None = None
     retry_after: Callable[[Any], int] | None = None  # seconds, read off the exception
+    headers: Callable[[Any], dict[str, str]] | None = None  # more response headers, read off the exception
 
     def problem(self, exc: BaseException) -> Problem:
         code = self.code if isinstance(self.code, str) else self.code(exc)
         param = exc.field if isinstance(exc, InvalidRequest) else self.param
         retry = max(1, int(self.retry_after(exc))) if self.retry_after is not None else None
-        return Problem(self.status, self.type, code, self.prefix + str(exc), param, retry)
+        extra = tuple(self.headers(exc).items()) if self.headers is not None else ()
+        return Problem(self.status, self.type, code, self.prefix + str(exc), param, retry, extra)
 
 
 # One status per case. First match wins, so a subclass (or a ``when`` case) comes before its base.
@@ -154,7 +160,10 @@ TABLE: tuple[_Row, ...] = (
     _Row(NotAuthorized, 401, "authentication_error", "invalid_api_key"),
     _Row(UnknownSession, 404, "invalid_request_error", "unknown_session"),  # never opened, or closed since
     _Row(NotFound, 404, "invalid_request_error", "not_found"),
-    # money: 402 where paying more (a bigger budget, more credits) would make the same request work
+    # money: 402 where paying more (a bigger budget, more credits) would make the same request work;
+    # x402: a caller without the token pays the request on the chain (the requirements in a header)
+    _Row(PaymentRequired, 402, "payment_required", lambda e: e.reason,
+         headers=lambda e: {"payment-required": e.header}),
     _Row(protocol.SpendLimitReached, 402, "insufficient_quota", "spend_limit_reached", prefix="over budget: "),
     _Row(EscrowRefused, 402, "insufficient_quota", "insufficient_funds", when=lambda e: e.code == "insufficient_funds",
          prefix="not enough credits at the escrow agent: "),
@@ -196,6 +205,7 @@ TABLE: tuple[_Row, ...] = (
     _Row(DemoError, 500, "server_error", "demo_failed"),  # raised by run_demo only, never in a handler
     _Row(ConfigError, 500, "server_error", "config_error"),
     _Row(ReceiptStoreError, 507, "server_error", "storage_error"),  # its disk is full or read-only
+    _Row(ChainUnreachable, 503, "server_error", "chain_unreachable"),  # the chain of [node] chain did not answer
 )
 
 _BUG = Problem(500, "server_error", "internal_error", "internal error: the node hit a bug (its log has the details)")
@@ -555,8 +565,10 @@ class EventStream:
 
     def __init__(self, produce: Callable[[Emit], Awaitable[None]], error_event: Callable[[Problem], Any], *,
                  calls: RunningCalls | None = None, started_event: Callable[[str], Any] | None = None,
-                 cancelled_event: Callable[[CancelledCall | None], Any] | None = None) -> None:
+                 cancelled_event: Callable[[CancelledCall | None], Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         self.produce, self.error_event = produce, error_event
+        self.extra_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
         self.calls, self.started_event, self.cancelled_event = calls, started_event, cancelled_event
 
     @staticmethod
@@ -565,7 +577,8 @@ class EventStream:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", self.media_type), (b"cache-control", b"no-cache")]})
+                    "headers": [(b"content-type", self.media_type), (b"cache-control", b"no-cache"),
+                                *self.extra_headers]})
 
         async def emit(doc: Any) -> None:
             await send({"type": "http.response.body", "body": self.frame(doc), "more_body": True})

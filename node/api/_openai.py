@@ -20,7 +20,9 @@ field. Streamed tool calls arrive as OpenAI sends them: the first delta of an in
 the arguments; the last chunk's ``finish_reason`` is ``tool_calls``.
 Errors use OpenAI's shape ``{"error": {message, type, param, code}}`` with the status of
 ``_http.TABLE`` (the same as the control face's); ``param`` names the offending field.
-Auth: the node's bearer token, or none when the daemon runs with ``--openai-keyless`` (the API
+Auth: the node's bearer token, or none when the daemon runs with ``--openai-keyless``, or (with
+``--x402``) an x402 payment per chat completion from a caller without the token (``_x402``: a 402
+with the requirements, then the request again with a signed EIP-3009 authorization) (the API
 listens on loopback only, and ``_http.WebGuard`` refuses what a web page could send it: a foreign
 ``Host`` or ``Origin``, a body that is not JSON). Every field is bounded as the wire bounds it, and the
 call is checked whole (``check_call``) before any channel opens: bad input costs nothing.
@@ -34,13 +36,15 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .._calls import openai_logprobs
 from ..consumer import Completion, Delta, RentError
 from ..consumer._request_check import check_call
-from ._http import Problem, SSEStream, checked_agent, endpoint, read_body
+from ._http import Problem, SSEStream, check_bearer, checked_agent, endpoint, read_body
 from ._openai_models import ChatMessage, ChatRequest, MaxPrice, ProviderPrefs
+from ._x402 import PAYMENT_RESPONSE_HEADER, Paid, X402Gate
 
 if TYPE_CHECKING:
     from .._node import Node
@@ -118,8 +122,10 @@ def model_card(name: str, rows: list[Any]) -> dict[str, Any]:
     }
 
 
-def openai_routes(service: "Node", token: str, keyless: bool) -> list[Route]:
+def openai_routes(service: "Node", token: str, keyless: bool, x402: bool = False) -> list[Route]:
     from ._openai_legacy import completions_route, embeddings_route
+
+    gate = X402Gate(service.chain, service.wall_clock) if x402 else None
 
     def offered() -> dict[str, list[Any]]:
         me = service.identity.peer_id
@@ -150,8 +156,24 @@ def openai_routes(service: "Node", token: str, keyless: bool) -> list[Route]:
         kwargs = dict(max_tokens=q.limit(), temperature_milli=milli(q.temperature, 1.0),
                       top_p_milli=milli(q.top_p, 1.0), stop=q.stop, prefs=q.prefs(), budget=q.budget,
                       escrow=checked_agent(service.escrow, q.escrow) if q.escrow else None, options=options)
+        payment: Paid | None = None
+        if gate is not None and "authorization" not in request.headers:  # x402: paid before the call
+            quote = await service.renter.quote(
+                model_name, messages, max_tokens=q.limit(), temperature_milli=milli(q.temperature, 1.0),
+                top_p_milli=milli(q.top_p, 1.0), stop=q.stop, prefs=q.prefs(), options=options)
+            payment = await gate.collect(request, quote)
+            kwargs["budget"] = quote if q.budget is None else min(quote, q.budget)
+        elif gate is not None:
+            check_bearer(request, token)
+        paid_headers = {PAYMENT_RESPONSE_HEADER: payment.header} if payment is not None else {}
         if not q.stream:
-            return _completion(await service.renter.run(model_name, messages, **kwargs), created)
+            try:
+                done = await service.renter.run(model_name, messages, **kwargs)
+            except Exception:
+                if payment is not None:
+                    await gate.refund(payment)  # the call failed: the caller paid for nothing
+                raise
+            return JSONResponse(_completion(done, created), headers=paid_headers)
         chunk_id = "chatcmpl-" + str(created)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
@@ -177,18 +199,25 @@ def openai_routes(service: "Node", token: str, keyless: bool) -> list[Route]:
                 for piece in calls.deltas(d.tool_calls):
                     await emit(chunk({"tool_calls": [piece]}))
 
-            done = await service.renter.run(model_name, messages, on_delta=on_delta, **kwargs)
+            try:
+                done = await service.renter.run(model_name, messages, on_delta=on_delta, **kwargs)
+            except Exception:
+                if payment is not None and not started:
+                    await gate.refund(payment)  # nothing was streamed: the caller paid for nothing
+                raise
             await begin()
             await emit({**chunk({}, done.finish_reason), **paid(done)})
             if q.include_usage():
                 await emit({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                             "model": model_name, "choices": [], "usage": usage(done), **paid(done)})
 
-        return SSEStream(produce, _shape)  # an error mid-stream: OpenAI's error body as the last event
+        # an error mid-stream: OpenAI's error body as the last event
+        return SSEStream(produce, _shape, headers=paid_headers)
 
     auth = None if keyless else token
-    return [Route("/v1/models", endpoint(models, _shape, auth), methods=["GET"]),
-            Route("/v1/models/{model_id:path}", endpoint(model, _shape, auth), methods=["GET"]),
-            Route("/v1/chat/completions", endpoint(chat, _shape, auth), methods=["POST"]),
+    return [Route("/v1/models", endpoint(models, _shape, None if x402 else auth), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", endpoint(model, _shape, None if x402 else auth), methods=["GET"]),
+            # with x402 the handler checks the token itself: a request without one may pay instead
+            Route("/v1/chat/completions", endpoint(chat, _shape, None if x402 else auth), methods=["POST"]),
             completions_route(service, endpoint, _shape, auth),
             embeddings_route(service, endpoint, _shape, auth)]

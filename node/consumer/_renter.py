@@ -395,6 +395,21 @@ class Renter:
         if len(kept) < _SPARES_PER_PROVIDER and sum(map(len, self._spares.values())) < _SPARES_MAX:
             kept.append(channel)
 
+    async def quote(self, model: str, messages: list[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
+                    prefs: Preferences = Preferences(), top_p_milli: int = 1000, stop: tuple[str, ...] = (),
+                    options: CallOptions = CallOptions()) -> int:
+        """The most one call of this request may cost (µc) at any provider ``run`` would try for it: its
+        whole prompt (as the wire bounds it) and a full ``max_tokens`` answer at each one's terms. What
+        a caller who pays before the call (x402) is asked for; ``run(..., budget=quote)`` never spends more.
+
+        Raises:
+            UnsupportedFeature, RentError: no provider could serve it; InvalidRequest: it cannot go on the wire.
+        """
+        request = check_call(messages, max_tokens, temperature_milli, top_p_milli, stop, options)
+        ranked = await self.candidates(model, prefs, prompt_tokens=protocol.request_token_bound(request),
+                                       max_tokens=max_tokens, needs=options.needs())
+        return max(c.expected_cost for c in ranked[:_MAX_ATTEMPTS])
+
     async def run(self, model: str, messages: list[dict[str, Any]], *, max_tokens: int, temperature_milli: int,
                   prefs: Preferences = Preferences(), budget: int | None = None, escrow: str | None = None,
                   top_p_milli: int = 1000, stop: tuple[str, ...] = (), tier: str = "",

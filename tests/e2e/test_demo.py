@@ -39,6 +39,8 @@ async def test_demo_once_five_times_in_a_row_on_one_home(tmp_path, monkeypatch):
         emb = summary["embeddings"]  # the real MiniLM: a paraphrase ranks above an unrelated sentence
         assert emb.dims == 384 and len(emb.vectors) == 3 and summary["similarity"][0] > summary["similarity"][1] + 0.3
         assert emb.cost == sum(protocol.call_cost(r.price, r.tokens_in, 0) for r in emb.receipts) > 0
+        x402 = summary["x402"]  # a caller with only a key paid one chat on the embedded chain
+        assert x402["tx_hash"].startswith("0x") and len(x402["tx_hash"]) == 66 and x402["amount"] >= x402["cost"] > 0
         spent.append(summary["spent"])
         embedded.append(summary["embeddings"].cost)
     assert sorted(p.name for p in (home / "models" / "models").iterdir() if p.is_dir()) == [BUILTIN_MODEL]
@@ -53,7 +55,7 @@ async def test_demo_once_five_times_in_a_row_on_one_home(tmp_path, monkeypatch):
     text = done.stdout
     for needle in ("escrow agent", "provider 3", "providers of tiny (cheapest first)", "balances before",
                    "receipts (both signatures verified, chained)", "balances after", "the chat cost",
-                   "paid embeddings", "input tokens ×"):
+                   "paid embeddings", "input tokens ×", "x402", "settled in transaction 0x"):
         assert needle in text, needle
     # no dial of the last run's ports (now another node's, or nobody's): libp2p's handshake errors
     assert "Traceback" not in done.stderr and "Failed to open stream" not in done.stderr, done.stderr[-3000:]

@@ -91,3 +91,26 @@ def test_announce_on_the_command_line_comes_first_and_is_checked(home):
     assert config.announce == ("/ip4/198.51.100.1/tcp/9", "/ip4/203.0.113.7/tcp/4001") and config.relay
     with pytest.raises(ValueError, match="0.0.0.0"):
         resolve_config(home, announce=("/ip4/0.0.0.0/tcp/9",))
+
+
+def test_the_chain_and_x402_are_read_and_checked(home):
+    from node._node import resolve_config
+
+    escrow = "0x" + "ab" * 20
+    home.config.write_text(f'[node]\nchain = "evm:http://127.0.0.1:8545#{escrow}"\nx402 = true\n')
+    config = load_config(home.config)
+    assert (config.chain, config.x402) == (f"evm:http://127.0.0.1:8545#{escrow}", True)
+    for bad, says in (('"evm:ftp://host#' + escrow + '"', "http:// or https://"), ('"evm:http://h:1#0x12"', "40 hex"),
+                      ('"ethereum"', "evm:embedded")):
+        home.config.write_text(f"[node]\nchain = {bad}\n")
+        with pytest.raises(ConfigError, match=rf"config.toml:2: \[node\] chain: .*{says}"):
+            load_config(home.config)
+    home.config.write_text("[node]\nx402 = true\n")
+    with pytest.raises(ConfigError, match=r"x402 takes payments on a chain"):
+        load_config(home.config)
+    home.config.write_text("")
+    assert resolve_config(home, chain="evm:embedded", x402=True).chain == "evm:embedded"
+    with pytest.raises(ValueError, match="--chain"):
+        resolve_config(home, x402=True)
+    with pytest.raises(ValueError, match="a chain is"):
+        resolve_config(home, chain="evm:nowhere")

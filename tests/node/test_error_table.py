@@ -21,6 +21,7 @@ from node._home import ConfigError, HomeInUse
 from node._receipts import ReceiptStoreError
 from node.api import build_app
 from node.api._http import TABLE, problem_of
+from node.api._x402 import PaymentRequired
 from node.consumer._delivery import SettlementUnconfirmed
 from node.consumer._held_sessions import UnknownSession
 from node.consumer._pacing import Busy
@@ -44,6 +45,7 @@ CASES = [
     (UnsupportedFeature("no provider of 'm' supports tools", "tools"), 400, "unsupported_feature"),
     (BackendUnsupported("this backend cannot serve logprobs"), 502, "backend_unsupported"),
     (NotAuthorized("who are you"), 401, "invalid_api_key"),
+    (PaymentRequired("this request costs 5 µc", "payment_required", "e30="), 402, "payment_required"),
     (NotFound("no offer for model 'x'"), 404, "not_found"),
     (UnknownSession("no open session ab"), 404, "unknown_session"),
     (protocol.SpendLimitReached("the next call may cost 9 of 5 left"), 402, "spend_limit_reached"),
@@ -178,8 +180,10 @@ def test_every_domain_error_has_a_row_and_a_case():
 def test_one_status_the_same_on_both_faces(error, status, code):
     problem = problem_of(error)
     assert (problem.status, problem.code) == (status, code)
-    if isinstance(error, NotAuthorized):
-        return  # raised by the faces themselves: see test_the_token_is_checked_alike
+    if isinstance(error, PaymentRequired):
+        assert problem.headers == {"payment-required": error.header}  # x402's requirements travel in it
+    if isinstance(error, NotAuthorized | PaymentRequired):
+        return  # raised by the faces themselves: see test_the_token_is_checked_alike (and tests/node/test_x402.py)
     control, openai = _both(_app(error))
     assert control == openai == (status, problem.type, code, problem.message)
     assert str(error) in problem.message

@@ -5,14 +5,16 @@ channels, vouchers, claims, refunds, funded budgets), their EIP-712 messages and
     _vouchers    Voucher and TransferAuthorization: EIP-712 typed data, signing and recovery
     _contracts   Chain: views and signed, mined transactions on one deployment; deploy()
     _devnet      the in-process EVM (eth-tester) and gas from a devnet's funded account
+    _facilitator x402's "exact" scheme: verify an EIP-3009 payment against what was asked, settle it
 
 Imports web3.py and eth-account (synchronous: callers on trio use worker threads); never trio,
 libp2p or ``node``. Not imported by ``wallet`` itself: web3 takes a second to import.
 """
 
 from ._artifacts import CONTRACTS, Artifact, compile_artifact, load_artifact, write_artifacts
-from ._contracts import BudgetState, Chain, ChannelState, ClaimItem, Deployment, Sent, deploy
+from ._contracts import BudgetState, Chain, ChannelState, ClaimItem, Deployment, Sent, deploy, find_deployment
 from ._devnet import GAS_ALLOWANCE_WEI, fund_gas, in_process_web3
+from ._facilitator import VALID_MARGIN_S, PaymentAsked, PaymentRefused, settle_payment, verify_payment
 from ._vouchers import (
     ESCROW_DOMAIN_NAME,
     ESCROW_DOMAIN_VERSION,
@@ -37,14 +39,20 @@ __all__ = [
     "Deployment",
     "ESCROW_DOMAIN_NAME",
     "ESCROW_DOMAIN_VERSION",
+    "find_deployment",
     "fund_gas",
     "GAS_ALLOWANCE_WEI",
     "in_process_web3",
     "load_artifact",
+    "PaymentAsked",
+    "PaymentRefused",
     "Sent",
+    "settle_payment",
     "sign_authorization",
     "sign_voucher",
     "TransferAuthorization",
+    "VALID_MARGIN_S",
+    "verify_payment",
     "Voucher",
     "voucher_signer",
     "write_artifacts",

@@ -25,7 +25,7 @@ from web3.logs import DISCARD
 from .._errors import ChainError, ChainReverted, ChainUnreachable
 from ._artifacts import load_artifact
 
-__all__ = ["Chain", "Deployment", "ChannelState", "BudgetState", "ClaimItem", "Sent", "deploy"]
+__all__ = ["Chain", "Deployment", "ChannelState", "BudgetState", "ClaimItem", "Sent", "deploy", "find_deployment"]
 
 _WAIT_S = 120
 
@@ -127,6 +127,27 @@ def deploy(w3: Web3, deployer_key: bytes, *, token_name: str = "Inferswarm USD",
     return Deployment(chain_id=chain.deployment.chain_id, token=token, escrow=escrow)
 
 
+def find_deployment(w3: Web3, escrow: str) -> Deployment:
+    """The deployment whose escrow contract is at ``escrow`` (its token is what the escrow holds).
+
+    Raises:
+        ChainUnreachable: the node did not answer, or no escrow of ours is at that address.
+    """
+    chain_id = _translated("chain id", lambda: w3.eth.chain_id)
+    try:
+        address = Web3.to_checksum_address(escrow)
+    except ValueError as exc:
+        raise ChainUnreachable(f"{escrow!r} is not a contract address (0x and 40 hex digits)") from exc
+    contract = w3.eth.contract(address=address, abi=load_artifact("Escrow").abi)
+    try:
+        token = _translated("escrow token", contract.functions.token().call)
+    except ChainError as exc:
+        raise ChainUnreachable(f"no Inferswarm escrow contract at {address} on chain {chain_id}: {exc}") from exc
+    chain = Chain(w3, Deployment(chain_id=chain_id, token=token, escrow=address))
+    chain.check()
+    return chain.deployment
+
+
 class Chain:
     """Our contracts on one chain. Amounts are token units: 1 unit = 1 µc."""
 
@@ -157,6 +178,10 @@ class Chain:
     def now(self) -> int:
         """The latest block's timestamp: the contracts' clock."""
         return int(_translated("latest block", lambda: self.w3.eth.get_block("latest"))["timestamp"])
+
+    def token_name(self) -> str:
+        """The token's EIP-712 domain name (what EIP-3009 authorizations are signed under)."""
+        return str(self._view(self.token.functions.name()))
 
     def token_balance(self, address: str) -> int:
         return int(self._view(self.token.functions.balanceOf(address)))
