@@ -47,12 +47,13 @@ from ._common import (
 @click.option("--mdns", is_flag=True, help="find and join peers on the local network (mDNS)")
 @click.option("--chain", metavar="SPEC", help="the chain to take payments on: evm:embedded, or evm:URL#ESCROW")
 @click.option("--x402", is_flag=True, help="let callers without the token pay each chat completion with x402 "
-                                           "(needs --chain)")
+                                           "(needs --chain or --devnet)")
+@click.option("--devnet", is_flag=True, help="also serve a development chain (JSON-RPC on loopback) and settle on it")
 @click.option("-v", "--verbose", is_flag=True, callback=set_verbose,
               help="log progress (libp2p's too) to stderr; a failure prints its traceback")
 def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...], api: str | None,
           accept_escrow: tuple[str, ...], escrow: bool, announce: tuple[str, ...], relay: bool, openai_keyless: bool,
-          mdns: bool, chain: str | None, x402: bool, verbose: bool) -> None:
+          mdns: bool, chain: str | None, x402: bool, devnet: bool, verbose: bool) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM (then exit 0)."""
     from node.daemon import run_daemon
 
@@ -70,10 +71,12 @@ def start(home: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                     lambda task_status: run_daemon(h, keystore.identity, listen=listen or None, bootstrap=bootstrap,
                                                    api=api, accept_escrow=accept_escrow, escrow=escrow,
                                                    announce=announce, relay=relay, api_key=keystore.api_key, openai_keyless=openai_keyless, mdns=mdns,
-                                                   chain=chain, x402=x402, task_status=task_status)
+                                                   chain=chain, x402=x402, devnet=devnet, task_status=task_status)
                 )
                 click.echo(f"node {info['peer_id']} ready; API {info['api_url']} "
                            f"(OpenAI-compatible: {info['api_url']}/v1)", err=True)
+                if info.get("chain"):
+                    click.echo(f"  settling on {info['chain']}", err=True)
                 if info.get("x402"):
                     click.echo(f"  x402: chat completions without the token are paid on {info['x402']}", err=True)
                 for addr in info["addrs"]:

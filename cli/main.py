@@ -29,6 +29,7 @@ import click
 import wallet
 from node import Home, init_home, resolve_home
 
+from ._chain import COMMANDS as CHAIN_COMMANDS
 from ._common import CliError, emit_json, home_option, json_option, set_verbose
 from ._escrow import COMMANDS as ESCROW_COMMANDS
 from ._insight import COMMANDS as INSIGHT_COMMANDS
@@ -172,7 +173,7 @@ def id_(home: str | None, as_json: bool) -> None:
         click.echo(peer_id)
 
 
-for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS + VERIFY_COMMANDS + INSIGHT_COMMANDS:
+for _command in COMMANDS + ESCROW_COMMANDS + RENTING_COMMANDS + VERIFY_COMMANDS + INSIGHT_COMMANDS + CHAIN_COMMANDS:
     cli.add_command(_command)
 
 

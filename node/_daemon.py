@@ -12,6 +12,7 @@ wrote, and releases the lock (the lock file stays).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -87,6 +88,7 @@ async def run_daemon(
     mdns: bool = False,
     chain: str | None = None,
     x402: bool = False,
+    devnet: bool = False,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node and its HTTP API until cancelled. ``task_status.started`` receives the daemon info.
@@ -101,15 +103,25 @@ async def run_daemon(
     """
     from ._node import open_node, resolve_config
 
-    config = resolve_config(home, listen, bootstrap, api, accept_escrow, announce, relay, chain, x402)
+    if devnet and chain:
+        raise ValueError("--devnet runs the chain this node settles on: it cannot go with --chain")
+    config = resolve_config(home, listen, bootstrap, api, accept_escrow, announce, relay,
+                            chain or ("evm:embedded" if devnet else None), x402)
     _check_loopback_api(config.api)
     if openai_keyless and config.x402:
         raise ValueError("--openai-keyless serves every call without payment: it cannot go with --x402 "
                          "(x402 is for callers without the token)")
-    async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
-        token = api_token(home, create=True)  # under open_node's hold of the home's lock
-        await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
-                             task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        if devnet:  # a JSON-RPC chain for other daemons and wallets to share; this node settles on it too
+            from .chain import Devnet, serve_devnet
+
+            shared = await trio.to_thread.run_sync(Devnet, identity)
+            await nursery.start(serve_devnet, shared)
+            config = dataclasses.replace(config, chain=shared.spec)
+        async with open_node(home, identity, config, escrow=escrow, api_key=api_key, mdns=mdns) as service:
+            token = api_token(home, create=True)  # under open_node's hold of the home's lock
+            await serve_node_api(service, config.api, token, openai_keyless=openai_keyless, info_file=True,
+                                 task_status=task_status)
 
 
 async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyless: bool = False,
@@ -128,6 +140,8 @@ async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyles
         service.api.url = binds[0]
         info = {"peer_id": service.identity.peer_id, "addrs": peer_addrs(service.host), "api_url": service.api_url,
                 "pid": os.getpid()}
+        if service.chain is not None:
+            info["chain"] = str(service.chain.spec)
         if service.config.x402 and service.chain is not None and not openai_keyless:
             info["x402"] = f"{service.chain.network} (token {service.chain.chain.deployment.token}, paid to " \
                            f"{service.chain.address})"

@@ -37,7 +37,7 @@ def test_every_cited_document_exists():
 # every package a library user imports: a protocol error says when it is raised, a wire message who
 # sends it and when, an event or a state what it means
 PACKAGES = ["protocol", "wallet", "wallet.chain", "node", "node.net", "node.provider", "node.provider.backends", "node.consumer",
-            "node.escrow", "node.api", "node.daemon"]
+            "node.escrow", "node.api", "node.daemon", "node.chain"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -69,17 +69,18 @@ def _role(module: str) -> str:
     return parts[1] if len(parts) > 1 and parts[1] in ROLES else ""
 
 
-ROLES = ("net", "provider", "consumer", "escrow", "verify", "reputation", "insight", "api")
+ROLES = ("net", "provider", "consumer", "escrow", "verify", "reputation", "insight", "api", "chain")
 # role -> the roles it may import (a role may always import itself and node's shared top-level modules)
 ALLOWED = {
     "net": set(),
+    "chain": set(),  # the chain link and the devnet: wallet.chain over web3, nothing of the swarm
     "escrow": {"net"},
     "provider": {"net", "escrow"},
     "consumer": {"net", "escrow"},
     "verify": {"net", "provider"},  # it re-runs calls on the provider's backends
     "reputation": {"net", "escrow", "consumer"},  # it attests the renter's sessions with the agent's proof
     "insight": {"net"},  # it reads the receipts and is handed the provider's counters and the offers
-    "api": {"net", "escrow", "provider", "consumer", "verify", "reputation", "insight"},
+    "api": {"net", "escrow", "provider", "consumer", "verify", "reputation", "insight", "chain"},
 }
 
 

@@ -40,7 +40,7 @@ def test_every_protocol_error_and_message_is_exported():
 
 
 PINNED = ["protocol", "wallet", "wallet.chain", "node", "node.daemon", "node.net", "node.provider", "node.provider.backends",
-          "node.consumer", "node.escrow", "node.api", "node.reputation", "node.insight"]
+          "node.consumer", "node.escrow", "node.api", "node.reputation", "node.insight", "node.chain"]
 
 
 @pytest.mark.parametrize("name", PINNED)

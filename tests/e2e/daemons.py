@@ -93,18 +93,49 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_market(base: Path, started: list["Daemon"], mint: str = "2") -> tuple["Daemon", "Daemon", "Daemon", str]:
+def start_market(base: Path, started: list["Daemon"], mint: str = "2",
+                 consumer_args: tuple[str, ...] = ()) -> tuple["Daemon", "Daemon", "Daemon", str]:
     """An escrow agent, a provider selling `tiny` on `builtin` (0.50/1.50) that accepts it, and a
-    consumer holding ``mint`` credits there, with the listing already in the consumer's view."""
+    consumer (started with ``consumer_args`` too) holding ``mint`` credits there, with the listing
+    already in the consumer's view."""
     agent = Daemon(base / "agent", "--escrow")
     started.append(agent)
     aid = agent.info["peer_id"]
     provider = Daemon(base / "provider", "--bootstrap", agent.addr, "--accept-escrow", aid)
     started.append(provider)
-    consumer = Daemon(base / "consumer", "--bootstrap", agent.addr)
+    consumer = Daemon(base / "consumer", "--bootstrap", agent.addr, *consumer_args)
     started.append(consumer)
     agent.cli("escrow", "mint", "--to", consumer.info["peer_id"], "--amount", mint)
     provider.cli("offer", "add", "--model", "tiny", "--backend", "builtin", "--input-price", "0.50",
                  "--output-price", "1.50", "--max-context", "2048")
     poll(lambda: json.loads(consumer.cli("providers", "--model", "tiny", "--json").stdout), 20, "the listing")
     return agent, provider, consumer, aid
+
+
+class DevnetProcess:
+    """One ``node devnet`` process on a free loopback port; ``spec`` is its ``evm:URL#ESCROW``."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "devnet", "--rpc", "127.0.0.1:0"], cwd=ROOT,
+                                     env=node_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, text=True)
+        self.spec = self.url = ""
+        for line in self.proc.stdout:  # its banner, then nothing more on stdout
+            if " on http://" in line:
+                self.url = line.rsplit(" on ", 1)[1].strip()
+            if "--chain " in line:
+                self.spec = line.rsplit("--chain ", 1)[1].strip()
+                break
+        if not self.spec:
+            raise AssertionError(f"node devnet exited with {self.proc.wait()} before serving")
+        self.escrow = self.spec.rsplit("#", 1)[1]
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self.proc.stdout.close()
