@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export INFERSWARM_PASSPHRASE ?= inferswarm-demo
 
-.PHONY: install run test bench clean netns-tools contracts
+.PHONY: install run test bench clean netns-tools chain-tools contracts
 
 install: $(STAMP)
 
@@ -44,8 +44,19 @@ run: install
 # The multi-host tests (tests/netns) build networks of namespaces with `ip` and `iptables`; as root
 # on Debian/Ubuntu, missing ones are installed here. Elsewhere (not root, no apt-get) they skip,
 # saying why.
-test: install netns-tools
+test: install netns-tools chain-tools
 	$(PY) -m pytest -q
+
+# The JSON-RPC integration test (tests/wallet/test_chain_jsonrpc.py) also runs the contracts on
+# ganache, an EVM of its own, from the npm registry into $(VENV)/npm (once); without npm it skips,
+# saying why.
+GANACHE := $(VENV)/npm/node_modules/ganache
+chain-tools:
+	@if [ ! -d $(GANACHE) ] && command -v npm >/dev/null 2>&1; then \
+		echo "installing ganache (npm) for the JSON-RPC chain test…"; \
+		npm install --prefix $(VENV)/npm --no-audit --no-fund --silent ganache@7.9.2 > $(VENV)/npm.log 2>&1 \
+			|| echo "  could not install it (see $(VENV)/npm.log): that test will run on the devnet only"; \
+	fi
 
 netns-tools:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

@@ -6,7 +6,8 @@ The endpoint speaks Ethereum JSON-RPC 2.0 over HTTP POST (one call or a batch of
 ``MAX_BATCH``; bodies of at most ``MAX_BODY`` bytes): what eth-tester answers, in the wire's
 encoding (quantities and data as 0x-hex, camelCase keys), and a contract's refusal as error code 3
 ``execution reverted: <reason>`` with the ABI-encoded ``Error(string)`` as data, as geth and
-ganache send it. Two methods of its own:
+ganache send it; ``evm_increaseTime`` and ``evm_mine`` move its clock as on ganache and hardhat.
+Two methods of its own:
 
 - ``inferswarm_deployment`` → ``{chainId, token, escrow, spec}``: where the contracts are, and the
   ``evm:URL#ESCROW`` to give ``node start --chain``;
@@ -96,6 +97,12 @@ class Devnet:
             return {"chainId": hex(d.chain_id), "token": d.token, "escrow": d.escrow, "spec": self.spec}
         if method == "inferswarm_faucet":
             return self._faucet(params)
+        if method == "evm_increaseTime":  # as ganache and hardhat: move the chain's clock on (and mine)
+            seconds = int(params[0], 16) if params and isinstance(params[0], str) else int(params[0] if params else 0)
+            if not 0 <= seconds <= 10 * 365 * 86_400:
+                raise _RpcError({"code": -32602, "message": "evm_increaseTime takes 0 to ten years of seconds"})
+            self.w3.provider.ethereum_tester.time_travel(self.chain.now() + seconds)
+            return hex(seconds)
         if method in ("eth_call", "eth_estimateGas", "eth_createAccessList") and params and \
                 isinstance(params[0], dict) and not params[0].get("from"):
             params = [{**params[0], "from": self._caller}, *params[1:]]  # eth-tester needs a sender; calls may omit it
