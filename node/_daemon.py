@@ -145,6 +145,8 @@ async def serve_node_api(service: "Node", api: str, token: str, *, openai_keyles
         if service.config.x402 and service.chain is not None and not openai_keyless:
             info["x402"] = f"{service.chain.network} (token {service.chain.chain.deployment.token}, paid to " \
                            f"{service.chain.address})"
+            if service.chain.faucet:
+                info["x402"] += "; a devnet: anyone who reaches it can mint the tokens that pay you"
         if info_file:
             write_private(info_path, json.dumps(info, indent=2).encode() + b"\n")
         try:

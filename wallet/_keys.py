@@ -51,8 +51,10 @@ class Identity:
     def eth_address(self) -> str:
         """This node's chain account: the checksummed address of ``eth_key``."""
         if self._eth_address is None:
-            from eth_account import Account  # half a second to import: only nodes that settle on a chain pay it
+            from ._eth import kept_recursion_limit
 
+            with kept_recursion_limit():  # half a second to import: only nodes that settle on a chain pay it
+                from eth_account import Account
             self._eth_address = Account.from_key(self.eth_key).address
         return self._eth_address
 

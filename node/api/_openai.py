@@ -40,11 +40,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .._calls import openai_logprobs
+from .._errors import InvalidRequest
 from ..consumer import Completion, Delta, RentError
 from ..consumer._request_check import check_call
 from ._http import Problem, SSEStream, check_bearer, checked_agent, endpoint, read_body
 from ._openai_models import ChatMessage, ChatRequest, MaxPrice, ProviderPrefs
-from ._x402 import PAYMENT_RESPONSE_HEADER, Paid, X402Gate
+from ._x402 import PAYMENT_RESPONSE_HEADER, Paid, X402Gate, refundable
 
 if TYPE_CHECKING:
     from .._node import Node
@@ -147,6 +148,9 @@ def openai_routes(service: "Node", token: str, keyless: bool, x402: bool = False
         return model_card(name, rows)
 
     async def chat(request: Request) -> Any:
+        token_shown = "authorization" in request.headers
+        if gate is not None and token_shown:
+            check_bearer(request, token)  # before anything else, as on every other route
         q = await read_body(request, ChatRequest)
         model_name = q.model
         messages = q.wire_messages()
@@ -157,21 +161,22 @@ def openai_routes(service: "Node", token: str, keyless: bool, x402: bool = False
                       top_p_milli=milli(q.top_p, 1.0), stop=q.stop, prefs=q.prefs(), budget=q.budget,
                       escrow=checked_agent(service.escrow, q.escrow) if q.escrow else None, options=options)
         payment: Paid | None = None
-        if gate is not None and "authorization" not in request.headers:  # x402: paid before the call
+        if gate is not None and not token_shown:  # x402: paid before the call
+            if q.budget is not None:
+                raise InvalidRequest("a call paid with x402 has its payment as its budget: leave budget out", "budget")
             quote = await service.renter.quote(
                 model_name, messages, max_tokens=q.limit(), temperature_milli=milli(q.temperature, 1.0),
                 top_p_milli=milli(q.top_p, 1.0), stop=q.stop, prefs=q.prefs(), options=options)
-            payment = await gate.collect(request, quote)
-            kwargs["budget"] = quote if q.budget is None else min(quote, q.budget)
-        elif gate is not None:
-            check_bearer(request, token)
+            if quote > 0:  # a call that costs nothing (free providers) costs the node nothing either
+                payment = await gate.collect(request, quote)
+            kwargs["budget"] = quote
         paid_headers = {PAYMENT_RESPONSE_HEADER: payment.header} if payment is not None else {}
         if not q.stream:
             try:
                 done = await service.renter.run(model_name, messages, **kwargs)
-            except Exception:
-                if payment is not None:
-                    await gate.refund(payment)  # the call failed: the caller paid for nothing
+            except Exception as exc:
+                if payment is not None and refundable(exc):
+                    await gate.refund(payment)  # the call failed unpaid: the caller paid for nothing
                 raise
             return JSONResponse(_completion(done, created), headers=paid_headers)
         chunk_id = "chatcmpl-" + str(created)
@@ -201,9 +206,9 @@ def openai_routes(service: "Node", token: str, keyless: bool, x402: bool = False
 
             try:
                 done = await service.renter.run(model_name, messages, on_delta=on_delta, **kwargs)
-            except Exception:
-                if payment is not None and not started:
-                    await gate.refund(payment)  # nothing was streamed: the caller paid for nothing
+            except Exception as exc:
+                if payment is not None and not started and refundable(exc):
+                    await gate.refund(payment)  # nothing was streamed nor paid: the caller paid for nothing
                 raise
             await begin()
             await emit({**chunk({}, done.finish_reason), **paid(done)})

@@ -16,8 +16,12 @@ cost less than the quote: it sells at the worst case, as "exact" asks.
 
 One payment pays one request: the token refuses a second use of an authorization, and while one
 settles, the same authorization on another request is refused at once. A call that fails after its
-payment settled (no provider could serve it) is refunded by a token transfer; one the caller
-abandons (it closed the connection) is not — it was served as far as the caller read.
+payment settled with an error proving this node paid nothing for it (``refundable``: no provider
+could serve it, nothing streamed) is refunded by a token transfer (this node pays that gas); one
+that was answered and counter-signed is not, acknowledged or not, nor one the caller abandons (it
+closed the connection): it was served as far as the caller read. A call that would cost nothing
+(free providers) is served without payment. With x402 on, ``GET /v1/models`` needs no token either:
+what is for sale is public.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._errors import LocalError
+from .._errors import InvalidRequest, LocalError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
     from ..chain import ChainLink
 
-__all__ = ["PaymentRequired", "Paid", "X402Gate", "PAYMENT_HEADER", "PAYMENT_RESPONSE_HEADER"]
+__all__ = ["PaymentRequired", "Paid", "X402Gate", "PAYMENT_HEADER", "PAYMENT_RESPONSE_HEADER", "refundable"]
 
 PAYMENT_HEADER = "payment-signature"
 REQUIRED_HEADER = "payment-required"
@@ -41,6 +45,28 @@ PAYMENT_RESPONSE_HEADER = "payment-response"
 MAX_TIMEOUT_S = 300  # how long an authorization for a quote may stay valid
 _MAX_HEADER = 8192  # bytes: a payment header is ~1 KiB
 _logger = logging.getLogger(__name__)
+
+
+def refundable(exc: BaseException) -> bool:
+    """Whether a failed call's error proves this node counter-signed nothing for it, so the x402
+    payment goes back: no provider could serve it (each failure of a session is unpaid), the escrow
+    agent or this node's own bounds refused it first. Never a call that was answered and
+    counter-signed (``SettlementUnconfirmed``: its provider may claim it, acknowledged or not), a
+    receipt this node could not store, or an error it does not know (a bug: the operator decides)."""
+    import protocol
+
+    from ..consumer import RentError
+    from ..consumer._delivery import SettlementUnconfirmed
+    from ..consumer._pacing import Busy
+    from ..consumer._session_client import SessionError
+    from ..escrow import EscrowRefused, EscrowUnreachable
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, SettlementUnconfirmed):
+        return False
+    return isinstance(exc, RentError | SessionError | EscrowRefused | EscrowUnreachable | Busy | InvalidRequest
+                      | protocol.SpendLimitReached | protocol.MessageTooLarge)
 
 
 class PaymentRequired(LocalError):

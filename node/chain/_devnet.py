@@ -3,8 +3,11 @@ a JSON-RPC endpoint on loopback, with our contracts deployed (``node devnet``; `
 --devnet`` runs one inside the daemon and settles on it).
 
 The endpoint speaks Ethereum JSON-RPC 2.0 over HTTP POST (one call or a batch of at most
-``MAX_BATCH``; bodies of at most ``MAX_BODY`` bytes): what eth-tester answers, in the wire's
-encoding (quantities and data as 0x-hex, camelCase keys), and a contract's refusal as error code 3
+``MAX_BATCH``; bodies of at most ``MAX_BODY`` bytes, read no further; ``application/json`` only,
+and only to a loopback ``Host`` with no foreign ``Origin``: a web page cannot use it; an
+``eth_call`` or estimate burns at most ``CALL_GAS_MAX``): what eth-tester answers, in the wire's
+encoding (quantities and data as 0x-hex, camelCase keys, a creation's ``to`` null, blooms
+whole), and a contract's refusal as error code 3
 ``execution reverted: <reason>`` with the ABI-encoded ``Error(string)`` as data, as geth and
 ganache send it; ``evm_increaseTime`` and ``evm_mine`` move its clock as on ganache and hardhat.
 Two methods of its own:
@@ -20,6 +23,7 @@ mint. It listens on loopback only. eth-tester is not thread-safe: calls run one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -29,25 +33,31 @@ import trio
 
 from wallet import Identity
 
-__all__ = ["Devnet", "serve_devnet", "FAUCET_MAX", "MAX_BATCH", "MAX_BODY"]
+__all__ = ["Devnet", "serve_devnet", "CALL_GAS_MAX", "FAUCET_MAX", "MAX_BATCH", "MAX_BODY"]
 
 FAUCET_MAX = 10**9  # µc a faucet call may mint: a thousand credits
+CALL_GAS_MAX = 6_000_000  # gas an eth_call or estimate may burn (a batch of 64 claims takes 2.4 M)
 MAX_BATCH = 100
 MAX_BODY = 1 << 20
 _ERROR_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 _logger = logging.getLogger(__name__)
 
 
-def _wire(value: Any) -> Any:
-    """A result of eth-tester's in the JSON-RPC encoding: integers as 0x-hex quantities, bytes as 0x-hex data."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+def _wire(value: Any, key: str = "") -> Any:
+    """A result of eth-tester's in the JSON-RPC encoding: integers as 0x-hex quantities, bytes as
+    0x-hex data, a bloom as its 256 bytes, a contract creation's ``to`` as null."""
+    if key == "to" and value == "":
+        return None
+    if key == "logsBloom" and isinstance(value, int):
+        return "0x" + value.to_bytes(256, "big").hex()
+    if isinstance(value, bool) or value is None or isinstance(value, str | float):
         return value
     if isinstance(value, int):
         return hex(value)
     if isinstance(value, bytes | bytearray):
         return "0x" + bytes(value).hex()
     if isinstance(value, dict):
-        return {k: _wire(v) for k, v in value.items()}
+        return {k: _wire(v, k) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_wire(v) for v in value]
     return str(value)
@@ -101,11 +111,20 @@ class Devnet:
             seconds = int(params[0], 16) if params and isinstance(params[0], str) else int(params[0] if params else 0)
             if not 0 <= seconds <= 10 * 365 * 86_400:
                 raise _RpcError({"code": -32602, "message": "evm_increaseTime takes 0 to ten years of seconds"})
-            self.w3.provider.ethereum_tester.time_travel(self.chain.now() + seconds)
+            if seconds:
+                self.w3.provider.ethereum_tester.time_travel(self.chain.now() + seconds)
             return hex(seconds)
-        if method in ("eth_call", "eth_estimateGas", "eth_createAccessList") and params and \
-                isinstance(params[0], dict) and not params[0].get("from"):
-            params = [{**params[0], "from": self._caller}, *params[1:]]  # eth-tester needs a sender; calls may omit it
+        if method == "evm_mine":
+            self.w3.provider.ethereum_tester.mine_blocks(1)
+            return "0x0"
+        if method in ("eth_call", "eth_estimateGas", "eth_createAccessList") and params and isinstance(params[0], dict):
+            call = dict(params[0])
+            call.setdefault("from", self._caller)  # eth-tester needs a sender; calls may omit it
+            gas = call.get("gas")
+            limit = int(gas, 16) if isinstance(gas, str) else int(gas or 0)
+            if not 0 < limit <= CALL_GAS_MAX:
+                call["gas"] = hex(CALL_GAS_MAX)  # one call holds the chain: a bounded run (about a second)
+            params = [call, *params[1:]]
         formatter = self._requests.get(method)
         if formatter is not None:
             params = formatter(params)
@@ -114,7 +133,15 @@ class Devnet:
             raise _RpcError(response["error"])
         result = response.get("result")
         formatter = self._results.get(method)
-        return _wire(formatter(result) if formatter is not None else result)
+        result = formatter(result) if formatter is not None else result
+        if method in ("eth_getBlockByNumber", "eth_getBlockByHash") and isinstance(result, dict):
+            result = {**result, "transactions": [self._transaction(t) if isinstance(t, dict) else t
+                                                 for t in result.get("transactions", [])]}
+        return _wire(result)
+
+    def _transaction(self, tx: dict[str, Any]) -> dict[str, Any]:
+        """A block's full transaction as eth_getTransactionByHash words it (camelCase keys)."""
+        return self._results["eth_getTransactionByHash"](tx)
 
     def _faucet(self, params: list[Any]) -> str:
         from web3 import Web3
@@ -174,11 +201,27 @@ async def serve_devnet(devnet: Devnet, bind: str = "127.0.0.1:0", *,
     _check_loopback_api(bind)
     limiter = trio.CapacityLimiter(1)
 
+    def refused(status: int, message: str) -> Response:
+        return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}},
+                            status_code=status)
+
     async def rpc(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "body too large"}},
-                                status_code=413)
+        # what a web page could send it: another Host (DNS rebinding), another Origin, a form's body
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            return refused(421, "this devnet answers only to 127.0.0.1, localhost or [::1]")
+        origin = request.headers.get("origin")
+        if origin is not None and origin.rsplit(":", 1)[0] not in ("http://127.0.0.1", "http://localhost",
+                                                                     "http://[::1]"):
+            return refused(403, "requests from web pages are refused")
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return refused(415, "JSON-RPC bodies are application/json")
+        body = b""
+        async with contextlib.aclosing(request.stream()) as pieces:
+            async for piece in pieces:
+                body += piece
+                if len(body) > MAX_BODY:
+                    return refused(413, f"a body holds at most {MAX_BODY} bytes")
         try:
             doc = json.loads(body)
         except ValueError:

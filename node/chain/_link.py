@@ -70,8 +70,9 @@ def parse_chain_spec(text: str) -> ChainSpec:
 class ChainLink:
     """The chain this node settles on: the client of its contracts, and this node's account there."""
 
-    def __init__(self, spec: ChainSpec, chain: Any, identity: Identity, token_name: str) -> None:
+    def __init__(self, spec: ChainSpec, chain: Any, identity: Identity, token_name: str, faucet: bool = False) -> None:
         self.spec = spec
+        self.faucet = faucet  # a devnet whose faucet anyone reaching it may mint from: its tokens are worth nothing
         self.chain = chain  # wallet.chain.Chain
         self.key = identity.eth_key
         self.address = identity.eth_address
@@ -97,6 +98,7 @@ def _connect(spec: ChainSpec, identity: Identity) -> ChainLink:
 
     from wallet.chain import Chain, deploy, find_deployment, fund_gas, in_process_web3
 
+    faucet = False  # only a devnet answers inferswarm_deployment
     if spec.embedded:
         w3 = in_process_web3()
         fund_gas(w3, identity.eth_address)
@@ -107,13 +109,17 @@ def _connect(spec: ChainSpec, identity: Identity) -> ChainLink:
         if not w3.is_connected():
             raise ChainUnreachable(f"no JSON-RPC node answers at {spec.url}: is the chain running? ({spec})")
         chain = Chain(w3, find_deployment(w3, spec.escrow))
+        try:
+            faucet = "result" in w3.provider.make_request("inferswarm_deployment", [])
+        except Exception:  # a real node refuses the method, or answers nonsense: no faucet either way
+            faucet = False
         if w3.eth.get_balance(identity.eth_address) == 0:
             try:
                 fund_gas(w3, identity.eth_address)
             except ChainError as exc:  # a real chain: the operator pays for gas
                 _logger.warning("this node's chain account %s holds no ether for gas (%s): fund it to settle "
                                 "on %s", identity.eth_address, exc, spec)
-    return ChainLink(spec, chain, identity, chain.token_name())
+    return ChainLink(spec, chain, identity, chain.token_name(), faucet=faucet)
 
 
 async def open_chain_link(spec: ChainSpec, identity: Identity) -> ChainLink:

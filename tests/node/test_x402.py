@@ -22,7 +22,8 @@ from x402.mechanisms.evm.exact import ExactEvmScheme
 import protocol
 from node.api import build_app
 from node.chain import EMBEDDED, open_chain_link, parse_chain_spec
-from node.consumer import Completion, RentError
+from node.consumer import Attempt, Completion, Delta, RentError
+from node.consumer._delivery import SettlementUnconfirmed
 from tests.support import identity
 from tests.wallet.chain_rig import key
 
@@ -48,22 +49,25 @@ def rig():
     link = trio.run(open_chain_link, parse_chain_spec(EMBEDDED), node_id)
     payer = Account.from_key(key("x402-payer"))
     link.chain.mint(node_id.eth_key, payer.address, 1_000_000)
-    calls, fail = [], []
+    calls, fail, quotes = [], [], []
 
     async def quote(model, messages, **kwargs):
-        return QUOTE
+        return quotes[-1] if quotes else QUOTE
 
     async def run(model, messages, **kwargs):
         calls.append(kwargs)
         if fail:
-            raise RentError("every provider failed", attempts=[("p", "went away")])
+            raise fail[-1]
+        if kwargs.get("on_delta") is not None:
+            await kwargs["on_delta"](Delta("hel"))
+            await kwargs["on_delta"](Delta("lo"))
         return Completion(id="ab", provider="p", model=model, receipt=_receipt(), latency_ms=1, text="hello",
                           finish_reason="stop")
 
     service = types.SimpleNamespace(escrow=None, chain=link, wall_clock=lambda: link.chain.now(),
                                     renter=types.SimpleNamespace(run=run, quote=quote))
     client = TestClient(build_app(service, TOKEN, x402=True), backend="trio", base_url="http://127.0.0.1")
-    return types.SimpleNamespace(client=client, link=link, payer=payer, calls=calls, fail=fail)
+    return types.SimpleNamespace(client=client, link=link, payer=payer, calls=calls, fail=fail, quotes=quotes)
 
 
 def _pay(rig, required_header: str, amount: str | None = None) -> str:
@@ -137,10 +141,61 @@ def test_an_underpaid_forged_or_malformed_payment_is_refused_and_settles_nothing
 def test_a_call_that_fails_after_payment_is_refunded(rig):
     before = _balances(rig)
     header = _pay(rig, rig.client.post("/v1/chat/completions", json=ASK).headers["payment-required"])
-    rig.fail.append(True)
+    rig.fail.append(RentError("every provider failed", attempts=(Attempt("p", "went away", "provider"),)))
     try:
         r = rig.client.post("/v1/chat/completions", json=ASK, headers={"PAYMENT-SIGNATURE": header})
     finally:
         rig.fail.clear()
     assert r.status_code == 502, r.text
     assert _balances(rig) == before  # paid, then sent back
+
+
+def test_a_call_answered_and_counter_signed_is_never_refunded(rig):
+    """A provider that withholds its acknowledgement still holds a counter-signed receipt it can
+    claim: refunding then would let a colluding provider be paid by the node for free calls."""
+    before_payer, before_node = _balances(rig)
+    header = _pay(rig, rig.client.post("/v1/chat/completions", json=ASK).headers["payment-required"])
+    rig.fail.append(SettlementUnconfirmed(_receipt(), None, queued=True))
+    try:
+        r = rig.client.post("/v1/chat/completions", json=ASK, headers={"PAYMENT-SIGNATURE": header})
+    finally:
+        rig.fail.clear()
+    assert r.status_code == 502 and r.json()["error"]["code"] == "settlement_unconfirmed", r.text
+    assert _balances(rig) == (before_payer - QUOTE, before_node + QUOTE)
+
+
+def test_a_budget_field_a_free_call_and_a_wrong_token_are_answered_before_any_payment(rig):
+    before = _balances(rig)
+    r = rig.client.post("/v1/chat/completions", json={**ASK, "budget": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "budget", r.text
+    rig.quotes.append(0)  # free providers: nothing to pay, nothing the node pays
+    try:
+        free = rig.client.post("/v1/chat/completions", json=ASK)
+    finally:
+        rig.quotes.clear()
+    assert free.status_code == 200 and "payment-response" not in free.headers, free.text
+    bad = rig.client.post("/v1/chat/completions", content=b"{not json", headers={"Authorization": "Bearer nope",
+                                                                                "content-type": "application/json"})
+    assert bad.status_code == 401, bad.text  # the token first, as on every other route
+    assert _balances(rig) == before
+
+
+def test_a_streamed_completion_is_paid_the_same_way(rig):
+    before_payer, before_node = _balances(rig)
+    ask = {**ASK, "stream": True}
+    header = _pay(rig, rig.client.post("/v1/chat/completions", json=ask).headers["payment-required"])
+    r = rig.client.post("/v1/chat/completions", json=ask, headers={"PAYMENT-SIGNATURE": header})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    assert decode_payment_response_header(r.headers["payment-response"]).success
+    assert "hel" in r.text and r.text.rstrip().endswith("data: [DONE]")
+    assert _balances(rig) == (before_payer - QUOTE, before_node + QUOTE)
+
+
+def test_the_token_still_works_and_a_wrong_one_is_refused_not_asked_to_pay(rig):
+    before = _balances(rig)
+    ok = rig.client.post("/v1/chat/completions", json=ASK, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and "payment-response" not in ok.headers
+    assert rig.calls[-1]["budget"] is None  # the node's own call: no x402 budget
+    wrong = rig.client.post("/v1/chat/completions", json=ASK, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "payment-required" not in wrong.headers
+    assert _balances(rig) == before

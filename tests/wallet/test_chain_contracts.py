@@ -235,3 +235,23 @@ def test_only_the_minter_mints_and_a_wrong_chain_is_reported(rig):
         wrong.check()
     rig.chain.check()
     assert Account.from_key(key("alice")).address == address("alice")
+
+
+def test_a_look_alike_deployment_is_refused(rig):
+    """An escrow of ours over a token that is not ours (any code answering like one could "pay"
+    without moving value) is no deployment to settle on; neither is an address with no escrow."""
+    from wallet import ChainUnreachable
+    from wallet.chain import find_deployment, load_artifact
+
+    assert find_deployment(rig.w3, rig.deployment.escrow) == rig.deployment
+    artifact = load_artifact("Escrow")
+    factory = rig.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+    fake_token = rig.deployment.escrow  # code that is not the stablecoin's
+    tx = factory.constructor(fake_token).build_transaction({
+        "from": address("alice"), "nonce": rig.w3.eth.get_transaction_count(address("alice"))})
+    signed = Account.from_key(key("alice")).sign_transaction(tx)
+    escrow = rig.w3.eth.wait_for_transaction_receipt(rig.w3.eth.send_raw_transaction(signed.raw_transaction))
+    with pytest.raises(ChainUnreachable, match="not Inferswarm's Stablecoin"):
+        find_deployment(rig.w3, escrow["contractAddress"])
+    with pytest.raises(ChainUnreachable, match="no Inferswarm escrow"):
+        find_deployment(rig.w3, rig.deployment.token)

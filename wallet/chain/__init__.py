@@ -11,11 +11,30 @@ Imports web3.py and eth-account (synchronous: callers on trio use worker threads
 libp2p or ``node``. Not imported by ``wallet`` itself: web3 takes a second to import.
 """
 
-from ._artifacts import CONTRACTS, Artifact, compile_artifact, load_artifact, write_artifacts
-from ._contracts import BudgetState, Chain, ChannelState, ClaimItem, Deployment, Sent, deploy, find_deployment
-from ._devnet import GAS_ALLOWANCE_WEI, fund_gas, in_process_web3
-from ._facilitator import VALID_MARGIN_S, PaymentAsked, PaymentRefused, settle_payment, verify_payment
-from ._vouchers import (
+from .._eth import load_eth_libraries as _load_eth_libraries
+
+_load_eth_libraries()  # before any of ours imports them: the recursion limit stays as it was (wallet/_eth.py)
+
+from ._artifacts import CONTRACTS, Artifact, compile_artifact, load_artifact, write_artifacts  # noqa: E402
+from ._contracts import (  # noqa: E402
+    BudgetState,
+    Chain,
+    ChannelState,
+    ClaimItem,
+    Deployment,
+    Sent,
+    deploy,
+    find_deployment,
+)
+from ._devnet import GAS_ALLOWANCE_WEI, fund_gas, in_process_web3  # noqa: E402
+from ._facilitator import (  # noqa: E402
+    VALID_MARGIN_S,
+    PaymentAsked,
+    PaymentRefused,
+    settle_payment,
+    verify_payment,
+)
+from ._vouchers import (  # noqa: E402
     ESCROW_DOMAIN_NAME,
     ESCROW_DOMAIN_VERSION,
     TransferAuthorization,

@@ -31,12 +31,13 @@ class Artifact:
     name: str
     abi: list[dict[str, Any]]
     bytecode: str  # 0x-prefixed init code
+    runtime: str  # 0x-prefixed code a deployment holds (before its immutables, which Vyper appends)
     source_sha256: str
     compiler: str
 
     def as_json(self) -> dict[str, Any]:
         return {"contract": self.name, "compiler": self.compiler, "source_sha256": self.source_sha256,
-                "abi": self.abi, "bytecode": self.bytecode}
+                "abi": self.abi, "bytecode": self.bytecode, "bytecode_runtime": self.runtime}
 
 
 def _source(name: str) -> bytes:
@@ -54,7 +55,7 @@ def load_artifact(name: str) -> Artifact:
         raise ValueError(f"no contract named {name!r} (there are: {', '.join(CONTRACTS)})")
     data = json.loads((_FOLDER / f"{name}.json").read_text())
     return Artifact(name=data["contract"], abi=data["abi"], bytecode=data["bytecode"],
-                    source_sha256=data["source_sha256"], compiler=data["compiler"])
+                    runtime=data["bytecode_runtime"], source_sha256=data["source_sha256"], compiler=data["compiler"])
 
 
 def compile_artifact(name: str) -> Artifact:
@@ -68,8 +69,9 @@ def compile_artifact(name: str) -> Artifact:
     if f"vyper {vyper.__version__}" != COMPILER:
         raise RuntimeError(f"the contracts are built with {COMPILER}; this is vyper {vyper.__version__}")
     source = _source(name)
-    out = vyper.compile_code(source.decode(), output_formats=["abi", "bytecode"], contract_path=f"{name}.vy")
-    return Artifact(name=name, abi=out["abi"], bytecode=out["bytecode"],
+    out = vyper.compile_code(source.decode(), output_formats=["abi", "bytecode", "bytecode_runtime"],
+                             contract_path=f"{name}.vy")
+    return Artifact(name=name, abi=out["abi"], bytecode=out["bytecode"], runtime=out["bytecode_runtime"],
                     source_sha256=hashlib.sha256(source).hexdigest(), compiler=COMPILER)
 
 

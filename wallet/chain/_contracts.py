@@ -128,10 +128,11 @@ def deploy(w3: Web3, deployer_key: bytes, *, token_name: str = "Inferswarm USD",
 
 
 def find_deployment(w3: Web3, escrow: str) -> Deployment:
-    """The deployment whose escrow contract is at ``escrow`` (its token is what the escrow holds).
+    """The deployment whose escrow contract is at ``escrow`` (its token is what the escrow holds),
+    checked to run this release's code (both contracts' runtime bytecode, Vyper's immutables after it).
 
     Raises:
-        ChainUnreachable: the node did not answer, or no escrow of ours is at that address.
+        ChainUnreachable: the node did not answer, or no escrow of ours (and its token) is at that address.
     """
     chain_id = _translated("chain id", lambda: w3.eth.chain_id)
     try:
@@ -145,6 +146,12 @@ def find_deployment(w3: Web3, escrow: str) -> Deployment:
         raise ChainUnreachable(f"no Inferswarm escrow contract at {address} on chain {chain_id}: {exc}") from exc
     chain = Chain(w3, Deployment(chain_id=chain_id, token=token, escrow=address))
     chain.check()
+    # the code must be ours, not merely answer like it: a look-alike token could "pay" without moving value
+    for where, name in ((address, "Escrow"), (token, "Stablecoin")):
+        code = "0x" + bytes(_translated("code", lambda a=where: w3.eth.get_code(a))).hex()
+        if not code.startswith(load_artifact(name).runtime):
+            raise ChainUnreachable(f"the contract at {where} on chain {chain_id} is not Inferswarm's {name} "
+                                   "(its code differs from this release's)")
     return chain.deployment
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from web3 import EthereumTesterProvider, Web3
 
 from .._errors import ChainUnreachable
+from .._eth import kept_recursion_limit
 
 __all__ = ["in_process_web3", "fund_gas", "GAS_ALLOWANCE_WEI"]
 
@@ -18,7 +19,8 @@ GAS_ALLOWANCE_WEI = 10**20  # 100 ether: enough gas for any test or demo, on a c
 
 def in_process_web3() -> Web3:
     """A fresh EVM in this process: its own chain, blocks mined on each transaction, time from the clock."""
-    return Web3(EthereumTesterProvider())
+    with kept_recursion_limit():  # py-evm's first import would raise it (wallet/_eth.py)
+        return Web3(EthereumTesterProvider())
 
 
 def fund_gas(w3: Web3, address: str, wei: int = GAS_ALLOWANCE_WEI) -> None:
