@@ -147,7 +147,7 @@ async def _x402_call(consumer: Node, console: Console) -> dict[str, Any]:
     doc = answer.json()
     console.print(f"\n[bold]x402[/]: a caller with only a key ({payer.address}) paid "
                   f"{_fmt(int(required.accepts[0].amount))} credits on {link.network} for one chat, "
-                  f"served by {doc['provider'][:16]}… for {_fmt(doc['cost'])} credits")
+                  f"served by {doc['provider']} for {_fmt(doc['cost'])} credits", soft_wrap=True)
     console.print(f"  402 first, then the request again with its signed EIP-3009 authorization; settled in "
                   f"transaction {settled.transaction}", soft_wrap=True)
     return {"tx_hash": settled.transaction, "payer": payer.address, "amount": int(required.accepts[0].amount),

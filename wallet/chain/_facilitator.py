@@ -19,7 +19,9 @@ from ._vouchers import TransferAuthorization, authorization_signer
 
 __all__ = ["PaymentAsked", "PaymentRefused", "verify_payment", "settle_payment", "VALID_MARGIN_S"]
 
-VALID_MARGIN_S = 6  # an authorization must stay valid this long after it is checked (x402 allows the same)
+# an authorization must stay valid this long after it is checked: time to wait for the send lock and
+# a block on a real chain (x402's reference takes 6 s; its clients sign for max_timeout_seconds, 300)
+VALID_MARGIN_S = 30
 
 
 class PaymentRefused(BadVoucher):
